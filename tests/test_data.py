@@ -1,0 +1,200 @@
+"""Calibration data: named sets, local files, sample choice, tokenisation and prompt masking."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from wandacli.data import (
+    IGNORE_INDEX,
+    Columns,
+    build_calibration_set,
+    load_raw,
+    select_rows,
+    select_windows,
+    strip_llama2_tags,
+)
+from wandacli.errors import DataError
+
+
+class TestNamedSets:
+    def test_align_short_reads_the_shared_file(self, shared_data):
+        raw = load_raw("align_short")
+        assert raw.kind == "pairs"
+        assert len(raw.pairs) == 1015
+        assert raw.pairs[0].prompt.startswith("[INST] ")
+        assert raw.source == str(shared_data / "align_short.csv")
+
+    def test_utility_becomes_llama2_pairs(self, shared_data):
+        raw = load_raw("utility")
+        assert len(raw.pairs) == 175
+        first = raw.pairs[0]
+        assert first.prompt.startswith(
+            "[INST] Is there anything I can eat"
+        ) and first.prompt.endswith(" [/INST]")
+        assert first.response.startswith(" Yes, you can have")
+        with_input = raw.pairs[1]
+        assert "\n\nNight : Day :: Right : Left [/INST]" in with_input.prompt
+
+    def test_wikitext_is_plain_text(self, shared_data):
+        raw = load_raw("wikitext")
+        assert raw.kind == "text" and len(raw.texts) == 1 and "Robert Boulter" in raw.texts[0]
+
+    def test_attack_prompts_are_not_calibration_data(self, shared_data):
+        with pytest.raises(DataError, match="not calibration data"):
+            load_raw("advbench")
+
+    def test_set_missing_from_the_data_dir(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("WANDACLI_DATA_DIR", str(tmp_path))
+        with pytest.raises(DataError, match="not in data directory"):
+            load_raw("align_short")
+
+    def test_unknown_set(self):
+        with pytest.raises(DataError, match="unknown data set 'nonsense'"):
+            load_raw("nonsense")
+
+
+class TestLocalFiles:
+    def test_csv_pairs(self, pairs_csv):
+        raw = load_raw(str(pairs_csv))
+        assert raw.name == "pairs" and len(raw.pairs) == 12
+
+    def test_json_jsonl_parquet_and_custom_columns(self, tmp_path):
+        rows = [{"q": f"question {i}", "a": f"answer {i}"} for i in range(3)]
+        (tmp_path / "d.json").write_text(json.dumps(rows))
+        (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.Table.from_pylist(rows), tmp_path / "d.parquet")
+        for name in ("d.json", "d.jsonl", "d.parquet"):
+            raw = load_raw(str(tmp_path / name), columns=Columns(prompt="q", response="a"))
+            assert [p.response for p in raw.pairs] == ["answer 0", "answer 1", "answer 2"], name
+
+    def test_text_file(self, tmp_path):
+        path = tmp_path / "t.txt"
+        path.write_text("some text\nmore text\n")
+        raw = load_raw(str(path))
+        assert raw.kind == "text" and raw.texts == ["some text\nmore text\n"]
+
+    def test_unknown_column_names_the_columns(self, pairs_csv):
+        with pytest.raises(DataError, match=r"columns: prompt, response\).*--prompt-column"):
+            load_raw(
+                str(pairs_csv), columns=Columns(prompt="question", response="answer", text="body")
+            )
+
+    def test_directory_is_an_error(self, tmp_path):
+        with pytest.raises(DataError, match="is a directory"):
+            load_raw(str(tmp_path))
+
+    def test_empty_file(self, tmp_path):
+        path = tmp_path / "empty.csv"
+        path.write_text("prompt,response\n")
+        with pytest.raises(DataError):
+            load_raw(str(path))
+
+
+class TestSampleChoice:
+    def test_rows_match_the_reference_shuffle(self):
+        from datasets import Dataset
+
+        dataset = Dataset.from_dict({"i": list(range(50))})
+        reference = dataset.shuffle(seed=3).select(range(7))["i"]
+        assert select_rows(50, 7, 3) == reference
+
+    def test_windows_match_the_reference_random_calls(self):
+        random.seed(5)
+        reference = [random.randint(0, 1000 - 64 - 1) for _ in range(4)]
+        assert select_windows(1000, 4, 5, 64) == reference
+
+    def test_too_many_samples_is_an_error(self, pairs_csv, tokenizer):
+        raw = load_raw(str(pairs_csv))
+        with pytest.raises(DataError, match="has only 12 rows"):
+            build_calibration_set(raw, tokenizer, nsamples=13, seed=0, seqlen=128)
+
+    def test_deterministic(self, pairs_csv, tokenizer):
+        raw = load_raw(str(pairs_csv))
+        a = build_calibration_set(raw, tokenizer, nsamples=5, seed=1, seqlen=128)
+        b = build_calibration_set(raw, tokenizer, nsamples=5, seed=1, seqlen=128)
+        assert a.indices == b.indices
+        assert all(
+            torch.equal(x.input_ids, y.input_ids) for x, y in zip(a.samples, b.samples, strict=True)
+        )
+
+
+class TestTokenisation:
+    def test_disentangled_masks_the_prompt(self, pairs_csv, tokenizer):
+        raw = load_raw(str(pairs_csv))
+        calibration = build_calibration_set(raw, tokenizer, nsamples=3, seed=0, seqlen=128)
+        for index, sample in zip(calibration.indices, calibration.samples, strict=True):
+            pair = raw.pairs[index]
+            prompt_ids = tokenizer(pair.prompt)["input_ids"]
+            response_ids = tokenizer(pair.response, add_special_tokens=False)["input_ids"]
+            assert prompt_ids[0] == tokenizer.bos_token_id
+            assert sample.input_ids[0].tolist() == prompt_ids + response_ids
+            assert (sample.labels[0, : len(prompt_ids)] == IGNORE_INDEX).all()
+            assert sample.labels[0, len(prompt_ids) :].tolist() == response_ids
+            assert sample.num_counted == len(response_ids)
+
+    def test_no_bos_is_dropped_from_responses(self, pairs_csv, tokenizer):
+        # The reference slices off the response's first token, assuming a BOS; we add none.
+        raw = load_raw(str(pairs_csv))
+        sample = build_calibration_set(raw, tokenizer, nsamples=1, seed=0, seqlen=128).samples[0]
+        counted = sample.input_ids[sample.counted]
+        assert tokenizer.bos_token_id not in counted.tolist()
+
+    def test_truncation_warns_and_cuts(self, pairs_csv, tokenizer, capsys):
+        raw = load_raw(str(pairs_csv))
+        calibration = build_calibration_set(raw, tokenizer, nsamples=4, seed=0, seqlen=10)
+        assert all(s.input_ids.shape[1] <= 10 for s in calibration.samples)
+        assert calibration.truncated == 4
+
+    def test_entangled_windows_count_every_token(self, pairs_csv, tokenizer):
+        raw = load_raw(str(pairs_csv))
+        calibration = build_calibration_set(
+            raw, tokenizer, nsamples=3, seed=0, seqlen=16, disentangle=False
+        )
+        assert not calibration.disentangle
+        for sample in calibration.samples:
+            assert sample.input_ids.shape == (1, 16)
+            assert sample.num_counted == 16
+
+    def test_text_too_short_for_seqlen(self, tmp_path, tokenizer):
+        path = tmp_path / "short.txt"
+        path.write_text("tiny")
+        with pytest.raises(DataError, match="fewer than --seqlen"):
+            build_calibration_set(load_raw(str(path)), tokenizer, nsamples=1, seed=0, seqlen=64)
+
+    def test_chat_template_strips_llama2_tags(self, pairs_csv, tokenizer):
+        raw = load_raw(str(pairs_csv))
+        calibration = build_calibration_set(
+            raw, tokenizer, nsamples=1, seed=0, seqlen=256, template="chat"
+        )
+        pair = raw.pairs[calibration.indices[0]]
+        text = tokenizer.decode(calibration.samples[0].input_ids[0])
+        assert "[INST]" not in text
+        assert text.startswith("<|user|>" + strip_llama2_tags(pair.prompt)[1])
+        assert "<|assistant|>" + pair.response.lstrip() in text
+
+    def test_strip_llama2_tags_keeps_the_system_prompt(self):
+        system, user = strip_llama2_tags(
+            "[INST] <<SYS>>\nBe nice.\n<</SYS>>\n\nHello there [/INST]"
+        )
+        assert (system, user) == ("Be nice.", "Hello there")
+
+    def test_chat_template_needs_one(self, pairs_csv):
+        from tests.conftest import build_tokenizer
+
+        raw = load_raw(str(pairs_csv))
+        with pytest.raises(DataError, match="no chat template"):
+            build_calibration_set(
+                raw,
+                build_tokenizer(with_chat_template=False),
+                nsamples=1,
+                seed=0,
+                seqlen=64,
+                template="chat",
+            )

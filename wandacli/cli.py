@@ -1,0 +1,348 @@
+"""The `wandacli` command line. Each command parses its options, calls one library function and
+renders the result; `WandacliGroup` is the one place an error becomes a user message."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import traceback
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import typer
+from typer.core import TyperGroup
+
+from wandacli import __version__, render
+from wandacli.config import ScoreConfig, config_path_from_args, default_map, read_config_file
+from wandacli.console import console, progress_reporter
+from wandacli.data import Columns, describe_named_sets
+from wandacli.errors import ConfigError, Terminated, WandacliError
+from wandacli.models import DEFAULT_MODEL_ALIAS
+from wandacli.options import (
+    CacheDirOption,
+    ConfigOption,
+    DataDirOption,
+    DeviceMapOption,
+    DeviceOption,
+    DtypeOption,
+    JsonOption,
+    ModelOption,
+    NoProgressOption,
+    OverwriteOption,
+    SeedOption,
+    StoreOption,
+    model_spec,
+)
+from wandacli.store import DEFAULT_STORE, summarize_store
+
+# Exit codes: 2 for usage and input errors (click's convention), 130/143 for SIGINT/SIGTERM.
+EXIT_USAGE = 2
+EXIT_SIGINT = 130
+EXIT_SIGTERM = 143
+
+
+def _report(message: str) -> None:
+    console.print(
+        f"[bold red]error:[/bold red] {message}", markup=True, highlight=False, soft_wrap=True
+    )
+
+
+def _debug_enabled() -> bool:
+    return os.environ.get("WANDACLI_DEBUG") == "1"
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+class WandacliGroup(TyperGroup):
+    """Converts every error into one line on stderr and an exit code, for the console script
+    and for CliRunner alike. A traceback only with --debug (or WANDACLI_DEBUG=1)."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            previous = signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread: leave SIGTERM alone
+            previous = None
+        try:
+            return super().invoke(ctx)
+        except WandacliError as exc:
+            _report_error(exc)
+            raise typer.Exit(exc.exit_code) from None
+        except KeyboardInterrupt:
+            _report("interrupted")
+            raise typer.Exit(EXIT_SIGINT) from None
+        except Terminated:
+            _report("terminated")
+            raise typer.Exit(EXIT_SIGTERM) from None
+        except (typer.Exit, typer.Abort, typer.TyperException):
+            raise
+        except Exception as exc:  # a bug: say so in one line, keep the trace for --debug
+            _report_error(exc)
+            raise typer.Exit(1) from None
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+
+    def options_by_command(self) -> dict[str, set[str]]:
+        return {name: {p.name for p in cmd.params if p.name} for name, cmd in self.commands.items()}
+
+    def main(  # type: ignore[override]
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        try:
+            config_path = config_path_from_args(argv)
+            if config_path is not None:
+                extra["default_map"] = default_map(
+                    read_config_file(config_path), self.options_by_command()
+                )
+            result = super().main(
+                args=argv,
+                prog_name=prog_name,
+                complete_var=complete_var,
+                standalone_mode=False,
+                **extra,
+            )
+        except WandacliError as exc:
+            _report_error(exc)
+            code = exc.exit_code
+        except typer.TyperException as exc:  # click's usage errors
+            _report(_usage_message(exc))
+            code = getattr(exc, "exit_code", EXIT_USAGE)
+        except typer.Abort:
+            _report("aborted")
+            code = EXIT_SIGINT
+        else:
+            code = result if isinstance(result, int) else 0
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+
+def _usage_message(exc: Any) -> str:
+    message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+    message = " ".join(str(message).split())  # one line
+    ctx = getattr(exc, "ctx", None)
+    if ctx is not None:
+        return f"{message} (see `{ctx.command_path} --help`)"
+    return message
+
+
+def _report_error(exc: BaseException) -> None:
+    if _debug_enabled():
+        traceback.print_exception(exc)
+    if isinstance(exc, WandacliError):
+        _report(str(exc))
+    else:
+        detail = str(exc).splitlines()[0] if str(exc) else ""
+        _report(
+            f"internal error: {type(exc).__name__}: {detail} "
+            "(rerun with --debug for the traceback, and please report it)"
+        )
+
+
+app = typer.Typer(
+    cls=WandacliGroup,
+    name="wandacli",
+    help=(
+        "Find which weights of a chat model carry its safety behaviour: score every weight of "
+        "every linear layer, keep the scores in an HDF5 store, prune from them, compare masks, "
+        "and measure attack success and utility."
+    ),
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    pretty_exceptions_show_locals=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"wandacli {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
+    version: Annotated[
+        bool | None,
+        typer.Option(
+            "--version", callback=_version, is_eager=True, help="Print the version and exit."
+        ),
+    ] = None,
+) -> None:
+    """wandacli: safety attribution by pruning."""
+    if debug:
+        os.environ["WANDACLI_DEBUG"] = "1"
+
+
+@app.command()
+def score(
+    ctx: typer.Context,
+    method: Annotated[
+        Literal["wanda", "wandg", "magnitude", "random"] | None,
+        typer.Option(
+            "--method",
+            help="wanda: |W|·‖X‖₂ over calibration inputs; wandg (SNIP): |W|·Σ|∇W| of the "
+            "calibration loss; magnitude: |W|; random: seeded uniform.",
+        ),
+    ] = None,
+    data: Annotated[
+        str | None,
+        typer.Option(
+            "--data",
+            "-d",
+            help="Calibration set: a named set or a CSV/JSON/JSONL/Parquet/TXT file. Named: "
+            + describe_named_sets("calibration"),
+            rich_help_panel="Data",
+        ),
+    ] = None,
+    nsamples: Annotated[
+        int, typer.Option("--nsamples", "-n", help="Calibration samples.", rich_help_panel="Data")
+    ] = 128,
+    seed: SeedOption = 0,
+    store: StoreOption = DEFAULT_STORE,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name", help="Score set name [default: <method>-<data>].", rich_help_panel="Store"
+        ),
+    ] = None,
+    seqlen: Annotated[
+        int | None,
+        typer.Option(
+            "--seqlen",
+            help="Longest sample in tokens [default: min(2048, model context)].",
+            rich_help_panel="Data",
+        ),
+    ] = None,
+    template: Annotated[
+        Literal["raw", "chat"],
+        typer.Option(
+            "--template",
+            help="raw: prompts as stored (the reference's Llama-2 [INST] text); chat: strip "
+            "Llama-2 tags and apply the tokenizer's chat template.",
+            rich_help_panel="Data",
+        ),
+    ] = "raw",
+    entangle: Annotated[
+        bool,
+        typer.Option(
+            "--entangle",
+            help="Count every token of random seqlen-long windows instead of response tokens only.",
+            rich_help_panel="Data",
+        ),
+    ] = False,
+    prompt_column: Annotated[
+        str, typer.Option("--prompt-column", rich_help_panel="Data")
+    ] = "prompt",
+    response_column: Annotated[
+        str, typer.Option("--response-column", rich_help_panel="Data")
+    ] = "response",
+    text_column: Annotated[str, typer.Option("--text-column", rich_help_panel="Data")] = "text",
+    data_dir: DataDirOption = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            "--base-model",
+            help="The model before alignment, for --use-diff.",
+            rich_help_panel="Model",
+        ),
+    ] = None,
+    use_diff: Annotated[
+        bool,
+        typer.Option(
+            "--use-diff", help="Score |W - W_base| in place of |W|.", rich_help_panel="Model"
+        ),
+    ] = False,
+    layers_per_pass: Annotated[
+        int,
+        typer.Option(
+            "--layers-per-pass",
+            help="wandg: decoder layers per backward pass, to bound memory (0: all).",
+        ),
+    ] = 0,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(
+            "--checkpoint-every",
+            help="Samples between checkpoints (0: off) [default: wanda 8, wandg 32].",
+        ),
+    ] = None,
+    score_dtype: Annotated[
+        Literal["float32", "float16"],
+        typer.Option(
+            "--score-dtype",
+            help="Stored precision; float16 halves the size and refuses values above 65504.",
+            rich_help_panel="Store",
+        ),
+    ] = "float32",
+    model: ModelOption = DEFAULT_MODEL_ALIAS,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
+    device_map: DeviceMapOption = None,
+    cache_dir: CacheDirOption = None,
+    overwrite: OverwriteOption = False,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    no_progress: NoProgressOption = False,
+) -> None:
+    """Compute a score for every weight of every decoder linear layer and write a score set.
+
+    Resumable: an interrupted run keeps its finished work; the same command resumes it.
+    """
+    p = ctx.params  # defaults < --config file < flags, resolved by the parser
+    if p["method"] is None:
+        raise ConfigError("--method is required: wanda, wandg, magnitude or random")
+    score_config = ScoreConfig(
+        method=p["method"],
+        model=model_spec(p),
+        data=p["data"],
+        nsamples=p["nsamples"],
+        seed=p["seed"],
+        store=p["store"],
+        name=p["name"],
+        seqlen=p["seqlen"],
+        template=p["template"],
+        entangle=p["entangle"],
+        base_model=p["base_model"],
+        use_diff=p["use_diff"],
+        overwrite=p["overwrite"],
+        layers_per_pass=p["layers_per_pass"],
+        checkpoint_every=p["checkpoint_every"],
+        score_dtype=p["score_dtype"],
+        columns=Columns(p["prompt_column"], p["response_column"], p["text_column"]),
+        data_dir=p["data_dir"],
+    )
+    from wandacli.score_run import run_score
+
+    with progress_reporter(enabled=not p["no_progress"]) as reporter:
+        result = run_score(
+            score_config, reporter=reporter, command_line=["wandacli", *sys.argv[1:]]
+        )
+    render.score_result(result, as_json=p["json_output"])
+
+
+@app.command()
+def inspect(
+    store: Annotated[Path, typer.Argument(help="Store directory.")] = DEFAULT_STORE,
+    json_output: JsonOption = False,
+) -> None:
+    """List the score sets (finished or not) and masks in a store, with their metadata."""
+    sets, masks = summarize_store(store)
+    render.store_listing(sets, masks, as_json=json_output)
+
+
+def main() -> None:
+    """Console-script entry point."""
+    app()

@@ -1,0 +1,183 @@
+"""Settings per command: frozen dataclasses, validated in one place.
+
+Precedence: built-in defaults < config file (`--config FILE.toml`) < flags on the command line.
+A config file is TOML (read by the standard library's tomllib, no extra dependency): top-level
+keys apply to every command, a table named after a command (`[score]`, `[prune]`, ...) applies
+to that command only and wins over the top level. Keys are option names with dashes or
+underscores (`nsamples`, `sparsity-ratio`).
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wandacli.data import Columns
+from wandacli.errors import ConfigError
+from wandacli.models import ModelSpec
+from wandacli.scoring import DATA_METHODS, METHODS
+from wandacli.store import DEFAULT_STORE
+
+CALIBRATION_NSAMPLES = 128  # the reference's default
+CALIBRATION_SEED = 0  # the reference's default
+# The reference used the model's full context (4096 for Llama-2), a known cause of
+# out-of-memory errors; calibration samples are rarely longer than a few hundred tokens.
+DEFAULT_SEQLEN_CAP = 2048
+# Wanda statistics are small (one vector per layer): checkpoint often. wandg accumulators are
+# as large as the model's linear weights: checkpoint less often.
+DEFAULT_CHECKPOINT_EVERY = {"wanda": 8, "wandg": 32}
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files
+
+
+def read_config_file(path: Path) -> dict[str, Any]:
+    """The parsed TOML file, with a one-line error for anything wrong with it."""
+    if path.is_dir():
+        raise ConfigError(f"--config {path} is a directory: pass a .toml file")
+    if not path.is_file():
+        raise ConfigError(f"--config {path} does not exist")
+    if path.suffix.lower() != ".toml":
+        raise ConfigError(f"--config {path}: config files are TOML; use a .toml file")
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"--config {path} is not valid TOML: {exc}") from exc
+
+
+def _normalise(table: dict[str, Any]) -> dict[str, Any]:
+    return {key.replace("-", "_"): value for key, value in table.items()}
+
+
+# Tables a config file may hold for tools around wandacli (the Makefile pipeline reads them).
+FOREIGN_TABLES = frozenset({"pipeline"})
+
+
+def default_map(config: dict[str, Any], options_by_command: dict[str, set[str]]) -> dict[str, Any]:
+    """Click's `default_map` for the whole app: per command, the top-level keys it has overlaid
+    with its own table. Each value is then parsed and validated by the option itself, and flags
+    on the command line win. Unknown keys and tables are errors, so a typo never silently falls
+    back to a default."""
+    known_options = set().union(*options_by_command.values()) if options_by_command else set()
+    top = _normalise({k: v for k, v in config.items() if not isinstance(v, dict)})
+    for key in top:
+        if key not in known_options or key == "config":
+            raise ConfigError(
+                f"config: unknown key {key!r} (no wandacli command has --{key.replace('_', '-')})"
+            )
+    for table_name, value in config.items():
+        if isinstance(value, dict) and table_name not in set(options_by_command) | FOREIGN_TABLES:
+            raise ConfigError(
+                f"config: unknown table [{table_name}]: use one of {', '.join(sorted(options_by_command))}"
+            )
+    result: dict[str, Any] = {}
+    for command, options in options_by_command.items():
+        table = _normalise(config.get(command, {}))
+        for key in table:
+            if key not in options or key == "config":
+                raise ConfigError(
+                    f"config: unknown key {key!r} in [{command}]: `wandacli {command}` has no such option"
+                )
+        merged = {k: v for k, v in top.items() if k in options}
+        merged.update(table)
+        if merged:
+            result[command] = merged
+    return result
+
+
+def config_path_from_args(args: list[str]) -> Path | None:
+    """The value of `--config`/`-c` in a command line, read before parsing so that the file can
+    supply the defaults the parser then uses."""
+    for index, arg in enumerate(args):
+        if arg == "--":
+            return None
+        if arg.startswith("--config="):
+            return Path(arg.split("=", 1)[1])
+        if arg in ("--config", "-c") and index + 1 < len(args):
+            return Path(args[index + 1])
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# score
+
+
+@dataclass(frozen=True)
+class ScoreConfig:
+    """Everything `wandacli score` needs."""
+
+    method: str
+    model: ModelSpec = field(default_factory=ModelSpec)
+    data: str | None = None
+    nsamples: int = CALIBRATION_NSAMPLES
+    seed: int = CALIBRATION_SEED
+    store: Path = DEFAULT_STORE
+    name: str | None = None
+    seqlen: int | None = None
+    template: str = "raw"
+    entangle: bool = False
+    base_model: str | None = None
+    use_diff: bool = False
+    overwrite: bool = False
+    layers_per_pass: int = 0  # 0: every layer in one pass
+    checkpoint_every: int | None = None  # None: DEFAULT_CHECKPOINT_EVERY[method]
+    score_dtype: str = "float32"
+    columns: Columns = field(default_factory=Columns)
+    data_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"unknown --method {self.method!r}: use one of {', '.join(METHODS)}")
+        if self.method in DATA_METHODS and not self.data:
+            raise ConfigError(
+                f"--method {self.method} needs calibration data: pass --data (e.g. align_short)"
+            )
+        if self.nsamples < 1:
+            raise ConfigError(f"--nsamples must be at least 1 (got {self.nsamples})")
+        if self.seqlen is not None and self.seqlen <= 0:
+            raise ConfigError(f"--seqlen must be positive (got {self.seqlen})")
+        if self.template not in ("raw", "chat"):
+            raise ConfigError(f"unknown --template {self.template!r}: use raw or chat")
+        if self.use_diff and not self.base_model:
+            raise ConfigError("--use-diff needs --base-model (the model before alignment)")
+        if self.base_model and not self.use_diff:
+            raise ConfigError(
+                "--base-model is only used with --use-diff: add --use-diff or drop it"
+            )
+        if self.layers_per_pass < 0:
+            raise ConfigError(
+                f"--layers-per-pass must be 0 (all) or positive (got {self.layers_per_pass})"
+            )
+        if self.checkpoint_every is not None and self.checkpoint_every < 0:
+            raise ConfigError(
+                f"--checkpoint-every must be 0 (off) or positive (got {self.checkpoint_every})"
+            )
+        if self.score_dtype not in ("float32", "float16"):
+            raise ConfigError(f"unknown --score-dtype {self.score_dtype!r}: use float32 or float16")
+
+    @property
+    def needs_data(self) -> bool:
+        return self.method in DATA_METHODS
+
+    @property
+    def checkpoint_interval(self) -> int:
+        if self.checkpoint_every is not None:
+            return self.checkpoint_every
+        return DEFAULT_CHECKPOINT_EVERY.get(self.method, 0)
+
+    def default_name(self, data_name: str | None) -> str:
+        """`<method>-<dataset>` (a file's stem for files); `<method>` for data-free methods."""
+        if not self.needs_data or not data_name:
+            return f"{self.method}-seed{self.seed}" if self.method == "random" else self.method
+        return f"{self.method}-{data_name}"
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["store"] = str(self.store)
+        data["data_dir"] = str(self.data_dir) if self.data_dir else None
+        data["model"]["cache_dir"] = str(self.model.cache_dir) if self.model.cache_dir else None
+        return data

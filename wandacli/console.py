@@ -1,0 +1,104 @@
+"""The terminal: one Rich console on stderr for progress and logs, one on stdout for results.
+
+Results (tables, --json) go to stdout so they can be piped; everything else goes to stderr.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Protocol
+
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
+
+# stderr: progress bars, warnings, log lines.
+console = Console(stderr=True, highlight=False)
+# stdout: tables and machine-readable output.
+out = Console(highlight=False, soft_wrap=True)
+
+
+def warn(message: str) -> None:
+    """A warning line on stderr."""
+    console.print(f"[yellow]warning:[/yellow] {message}", markup=True)
+
+
+def info(message: str) -> None:
+    """A log line on stderr (silenced by WANDACLI_QUIET=1)."""
+    if os.environ.get("WANDACLI_QUIET") != "1":
+        console.print(message, markup=False)
+
+
+class Reporter(Protocol):
+    """What long-running library code needs from a progress display."""
+
+    def start(self, description: str, total: int, completed: int = 0) -> None: ...
+
+    def advance(self, steps: int = 1) -> None: ...
+
+    def finish(self) -> None: ...
+
+
+class NullReporter:
+    """Reports nothing (library use, tests)."""
+
+    def start(self, description: str, total: int, completed: int = 0) -> None:
+        pass
+
+    def advance(self, steps: int = 1) -> None:
+        pass
+
+    def finish(self) -> None:
+        pass
+
+
+class RichReporter:
+    """A Rich progress bar on stderr; one task at a time."""
+
+    def __init__(self, progress: Progress) -> None:
+        self._progress = progress
+        self._task: TaskID | None = None
+
+    def start(self, description: str, total: int, completed: int = 0) -> None:
+        self.finish()
+        self._task = self._progress.add_task(description, total=total, completed=completed)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._task is not None:
+            self._progress.advance(self._task, steps)
+
+    def finish(self) -> None:
+        if self._task is not None:
+            self._progress.stop_task(self._task)
+            self._task = None
+
+
+@contextmanager
+def progress_reporter(enabled: bool = True) -> Iterator[Reporter]:
+    """A Reporter showing a Rich progress bar on stderr while the block runs."""
+    if not enabled:
+        yield NullReporter()
+        return
+    progress = Progress(
+        SpinnerColumn(),
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TextColumn("eta"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    with progress:
+        yield RichReporter(progress)

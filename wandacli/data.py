@@ -1,0 +1,601 @@
+"""Calibration and evaluation data: named sets, local files, sample selection, tokenisation and
+prompt masking.
+
+Named sets resolve to files in a data directory when one is configured (`--data-dir` or
+`$WANDACLI_DATA_DIR`), and to their public sources (hub datasets, the reference code's CSVs)
+otherwise. Local files of any format `datasets` reads (CSV, JSON, JSONL, Parquet) or plain text
+work everywhere a set name does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import torch
+
+from wandacli.console import warn
+from wandacli.errors import DataError
+
+# Labels at positions that must not count (prompt tokens), as in Hugging Face losses.
+IGNORE_INDEX = -100
+
+# The reference code's data files, for real users with no data directory.
+_REFERENCE_DATA_URL = (
+    "https://raw.githubusercontent.com/boyiwei/alignment-attribution-code/main/data"
+)
+
+SetKind = Literal["pairs", "text", "prompts"]
+
+
+@dataclass(frozen=True)
+class Pair:
+    """A calibration example: prompt (does not count) and response (counts)."""
+
+    prompt: str
+    response: str
+
+
+def _pair_from_prompt_response(row: dict[str, Any]) -> Pair:
+    return Pair(str(row["prompt"]), str(row["response"]))
+
+
+def _pair_from_instruction(row: dict[str, Any]) -> Pair:
+    """Alpaca-style rows (instruction/input/output, or Self-Instruct's `instances` list) in the
+    Llama-2 `[INST] ... [/INST]` form the reference's CSVs use, response with a leading space."""
+    instruction = str(row["instruction"]).strip()
+    if "instances" in row and row["instances"]:
+        instance = row["instances"][0]
+        extra, output = str(instance.get("input", "")), str(instance.get("output", ""))
+    else:
+        extra, output = str(row.get("input", "") or ""), str(row["output"])
+    body = f"{instruction}\n\n{extra.strip()}" if extra.strip() else instruction
+    return Pair(f"[INST] {body} [/INST]", " " + output.strip())
+
+
+@dataclass(frozen=True)
+class NamedSet:
+    """A data set users name instead of giving a path."""
+
+    name: str
+    kind: SetKind
+    description: str
+    local_files: tuple[str, ...]  # candidates inside the data directory, first found wins
+    remote: str  # hub id, or a URL of a file
+    remote_config: str | None = None
+    remote_split: str = "train"
+    column: str | None = None  # the prompt column of prompt sets
+    to_pair: Callable[[dict[str, Any]], Pair] | None = None
+    aliases: tuple[str, ...] = field(default=())
+
+
+NAMED_SETS: tuple[NamedSet, ...] = (
+    NamedSet(
+        "align",
+        "pairs",
+        "safety: harmful prompts with Llama-2-7b-chat's refusals (the reference's full set)",
+        ("align.csv", "SFT_aligned_llama2-7b-chat-hf_train.csv"),
+        f"{_REFERENCE_DATA_URL}/SFT_aligned_llama2-7b-chat-hf_train.csv",
+        to_pair=_pair_from_prompt_response,
+    ),
+    NamedSet(
+        "align_short",
+        "pairs",
+        "safety: harmful prompts with Llama-2-7b-chat's short refusals",
+        ("align_short.csv", "SFT_aligned_llama2-7b-chat-hf_train_short.csv"),
+        f"{_REFERENCE_DATA_URL}/SFT_aligned_llama2-7b-chat-hf_train_short.csv",
+        to_pair=_pair_from_prompt_response,
+    ),
+    NamedSet(
+        "alpaca_cleaned_no_safety",
+        "pairs",
+        "utility: Alpaca-cleaned with safety-related rows removed (the reference's set)",
+        ("alpaca_cleaned_no_safety_train.csv",),
+        f"{_REFERENCE_DATA_URL}/alpaca_cleaned_no_safety_train.csv",
+        to_pair=_pair_from_prompt_response,
+    ),
+    NamedSet(
+        "utility",
+        "pairs",
+        "utility: benign instructions with responses (Self-Instruct seeds here, Alpaca on the hub)",
+        ("utility_seed_tasks.jsonl", "utility.jsonl"),
+        "yahma/alpaca-cleaned",
+        to_pair=_pair_from_instruction,
+    ),
+    NamedSet(
+        "wikitext",
+        "text",
+        "plain text: WikiText-2 raw, test split (also the perplexity text)",
+        ("wikitext2_test.txt",),
+        "wikitext",
+        remote_config="wikitext-2-raw-v1",
+        remote_split="test",
+        column="text",
+    ),
+    NamedSet(
+        "advbench",
+        "prompts",
+        "attack prompts: AdvBench harmful behaviours (the reference uses the first 100)",
+        ("advbench.txt",),
+        "walledai/AdvBench",
+        column="prompt",
+    ),
+    NamedSet(
+        "jailbreakbench",
+        "prompts",
+        "attack prompts: JailbreakBench harmful behaviours",
+        ("jailbreakbench.json",),
+        "JailbreakBench/JBB-Behaviors",
+        remote_config="behaviors",
+        remote_split="harmful",
+        column="Goal",
+    ),
+)
+
+
+def named_set(name: str) -> NamedSet | None:
+    for entry in NAMED_SETS:
+        if name == entry.name or name in entry.aliases:
+            return entry
+    return None
+
+
+def data_display_name(data: str) -> str:
+    """The name a data argument goes by in set names: the set's name, or a file's stem."""
+    entry = named_set(data)
+    return entry.name if entry is not None else Path(data).stem
+
+
+def data_dir(explicit: Path | None = None) -> Path | None:
+    """The data directory named sets are read from, or None to use their public sources."""
+    value = explicit if explicit is not None else os.environ.get("WANDACLI_DATA_DIR") or None
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    if not path.is_dir():
+        raise DataError(
+            f"data directory {path} does not exist: fix --data-dir / WANDACLI_DATA_DIR, "
+            "or unset it to use the public sources"
+        )
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading rows
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Column names for local files (`--prompt-column`, `--response-column`, `--text-column`)."""
+
+    prompt: str = "prompt"
+    response: str = "response"
+    text: str = "text"
+
+
+@dataclass
+class RawData:
+    """A data set as read: pairs, one text, or prompts, and where it came from."""
+
+    name: str  # set name, or the file's stem
+    source: str  # the file or hub id actually read
+    kind: SetKind
+    content_hash: str
+    pairs: list[Pair] = field(default_factory=list)
+    texts: list[str] = field(default_factory=list)  # rows (text sets and prompt sets)
+
+
+_DATASETS_BUILDERS = {
+    ".csv": "csv",
+    ".tsv": "csv",
+    ".json": "json",
+    ".jsonl": "json",
+    ".parquet": "parquet",
+}
+_TEXT_SUFFIXES = {".txt", ".text", ".md"}
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _load_table(path: Path) -> list[dict[str, Any]]:
+    """Rows of a CSV/JSON/JSONL/Parquet file, read through `datasets`."""
+    builder = _DATASETS_BUILDERS.get(path.suffix.lower())
+    if builder is None:
+        raise DataError(
+            f"cannot read {path}: unknown file type {path.suffix!r}; "
+            "use CSV, TSV, JSON, JSONL, Parquet or TXT"
+        )
+    from datasets import load_dataset
+    from datasets.utils.logging import disable_progress_bar
+
+    disable_progress_bar()
+    kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
+    try:
+        dataset = load_dataset(builder, data_files=str(path), split="train", **kwargs)
+    except Exception as exc:  # datasets raises many types for malformed files
+        raise DataError(
+            f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
+        ) from exc
+    return [dict(row) for row in dataset]
+
+
+def _load_remote(entry: NamedSet) -> tuple[list[dict[str, Any]], str]:
+    """Rows of a named set from its public source (hub dataset or URL)."""
+    from datasets import load_dataset
+
+    try:
+        if entry.remote.startswith("https://"):
+            dataset = load_dataset("csv", data_files=entry.remote, split="train")
+        else:
+            dataset = load_dataset(entry.remote, entry.remote_config, split=entry.remote_split)
+    except Exception as exc:
+        raise DataError(
+            f"cannot fetch named set {entry.name!r} from {entry.remote}: "
+            f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
+            "set WANDACLI_DATA_DIR to a folder holding its file, or pass a local file"
+        ) from exc
+    return [dict(row) for row in dataset], str(getattr(dataset, "_fingerprint", entry.remote))
+
+
+def _check_columns(
+    rows: list[dict[str, Any]], needed: Sequence[str], source: str, flags: str
+) -> None:
+    if not rows:
+        raise DataError(f"{source} has no rows: pass a file with data")
+    available = list(rows[0].keys())
+    for column in needed:
+        if column not in rows[0]:
+            raise DataError(
+                f"column {column!r} not in {source} (columns: {', '.join(available)}): pass {flags}"
+            )
+
+
+def load_raw(
+    data: str,
+    *,
+    purpose: Literal["calibration", "prompts"] = "calibration",
+    columns: Columns | None = None,
+    directory: Path | None = None,
+) -> RawData:
+    """Read a named set or a local file. Calibration data becomes pairs or text; prompt data
+    becomes a list of prompts."""
+    columns = columns or Columns()
+    entry = named_set(data)
+    if entry is not None:
+        return _load_named(entry, purpose, directory)
+    path = Path(data).expanduser()
+    if path.is_dir():
+        raise DataError(
+            f"--data {data} is a directory: pass a file (CSV, JSON, JSONL, Parquet, TXT)"
+        )
+    if not path.is_file():
+        names = ", ".join(
+            e.name for e in NAMED_SETS if (e.kind == "prompts") == (purpose == "prompts")
+        )
+        raise DataError(f"unknown data set {data!r}: not a file and not one of {names}")
+    return _load_file(path, purpose, columns)
+
+
+def _load_named(entry: NamedSet, purpose: str, directory: Path | None) -> RawData:
+    if (entry.kind == "prompts") != (purpose == "prompts"):
+        wanted = "attack prompts" if purpose == "prompts" else "calibration data"
+        raise DataError(f"{entry.name!r} is not {wanted} ({entry.description})")
+    folder = data_dir(directory)
+    if folder is not None:
+        for candidate in entry.local_files:
+            path = folder / candidate
+            if path.is_file():
+                raw = _load_file(path, purpose, _named_columns(entry), to_pair=entry.to_pair)
+                raw.name = entry.name
+                return raw
+        raise DataError(
+            f"named set {entry.name!r} is not in data directory {folder} (looked for "
+            f"{', '.join(entry.local_files)}): add the file, unset WANDACLI_DATA_DIR to fetch "
+            f"it from {entry.remote}, or pass a local file"
+        )
+    rows, fingerprint = _load_remote(entry)
+    return _rows_to_raw(
+        entry.name,
+        entry.remote,
+        fingerprint,
+        rows,
+        entry.kind,
+        _named_columns(entry),
+        entry.to_pair,
+    )
+
+
+def _named_columns(entry: NamedSet) -> Columns:
+    if entry.kind == "prompts":
+        return Columns(prompt=entry.column or "prompt")
+    return Columns(text=entry.column or "text")
+
+
+def _load_file(
+    path: Path,
+    purpose: str,
+    columns: Columns,
+    to_pair: Callable[[dict[str, Any]], Pair] | None = None,
+) -> RawData:
+    content_hash = _sha256_file(path)
+    suffix = path.suffix.lower()
+    if suffix in _TEXT_SUFFIXES:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        if purpose == "prompts":
+            prompts = [line.strip() for line in text.splitlines() if line.strip()]
+            if not prompts:
+                raise DataError(f"{path} has no prompts (no non-empty lines)")
+            return RawData(path.stem, str(path), "prompts", content_hash, texts=prompts)
+        if not text.strip():
+            raise DataError(f"{path} is empty: pass a file with text")
+        return RawData(path.stem, str(path), "text", content_hash, texts=[text])
+    rows = _load_table(path)
+    if purpose == "prompts":
+        return _rows_to_raw(path.stem, str(path), content_hash, rows, "prompts", columns, None)
+    if to_pair is not None:
+        kind: SetKind = "pairs"
+    elif rows and columns.prompt in rows[0] and columns.response in rows[0]:
+        kind = "pairs"
+    elif rows and columns.text in rows[0]:
+        kind = "text"
+    else:
+        available = ", ".join(rows[0].keys()) if rows else "none"
+        raise DataError(
+            f"{path} has neither columns {columns.prompt!r}+{columns.response!r} nor "
+            f"{columns.text!r} (columns: {available}): pass --prompt-column and "
+            "--response-column, or --text-column"
+        )
+    return _rows_to_raw(path.stem, str(path), content_hash, rows, kind, columns, to_pair)
+
+
+def _rows_to_raw(
+    name: str,
+    source: str,
+    content_hash: str,
+    rows: list[dict[str, Any]],
+    kind: SetKind,
+    columns: Columns,
+    to_pair: Callable[[dict[str, Any]], Pair] | None,
+) -> RawData:
+    raw = RawData(name, source, kind, content_hash)
+    if kind == "prompts":
+        if rows and isinstance(rows[0], dict) and columns.prompt not in rows[0]:
+            # Prompt files commonly use one of these; take the first present.
+            for fallback in ("prompt", "goal", "Goal", "instruction", "behavior", "text"):
+                if fallback in rows[0]:
+                    columns = Columns(prompt=fallback)
+                    break
+        _check_columns(rows, [columns.prompt], source, "--prompt-column")
+        raw.texts = [str(row[columns.prompt]) for row in rows]
+    elif kind == "text":
+        _check_columns(rows, [columns.text], source, "--text-column")
+        # Rows joined as the reference joins WikiText's ("\n\n") for perplexity.
+        raw.texts = ["\n\n".join(str(row[columns.text]) for row in rows)]
+    elif to_pair is not None:
+        if not rows:
+            raise DataError(f"{source} has no rows: pass a file with data")
+        try:
+            raw.pairs = [to_pair(row) for row in rows]
+        except (KeyError, IndexError, TypeError) as exc:
+            raise DataError(
+                f"{source} does not have the columns of {name!r}: missing {exc}"
+            ) from exc
+    else:
+        _check_columns(
+            rows, [columns.prompt, columns.response], source, "--prompt-column/--response-column"
+        )
+        raw.pairs = [Pair(str(row[columns.prompt]), str(row[columns.response])) for row in rows]
+        if columns.text in rows[0]:
+            raw.texts = [str(row[columns.text]) for row in rows]
+    return raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration samples
+
+
+@dataclass(frozen=True)
+class CalibrationSample:
+    """One sample: token ids and labels, both [1, T]; labels are IGNORE_INDEX where a token
+    does not count (prompt tokens in disentangled mode)."""
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+
+    @property
+    def counted(self) -> torch.Tensor:
+        """Boolean [1, T]: the positions whose activations and loss count."""
+        return self.labels.ne(IGNORE_INDEX)
+
+    @property
+    def num_counted(self) -> int:
+        return int(self.counted.sum())
+
+
+@dataclass
+class CalibrationSet:
+    """Tokenised calibration samples and how they were chosen."""
+
+    name: str
+    source: str
+    content_hash: str
+    samples: list[CalibrationSample]
+    indices: list[int]  # rows (disentangled) or window starts in tokens (entangled)
+    disentangle: bool
+    seqlen: int
+    template: str
+    truncated: int = 0  # samples cut at seqlen
+
+
+def select_rows(num_rows: int, nsamples: int, seed: int) -> list[int]:
+    """The reference's choice of rows: `Dataset.shuffle(seed).select(range(nsamples))`, i.e. the
+    first nsamples of numpy's default_rng(seed) permutation."""
+    permutation = np.random.default_rng(seed).permutation(num_rows)
+    return [int(i) for i in permutation[:nsamples]]
+
+
+def select_windows(num_tokens: int, nsamples: int, seed: int, seqlen: int) -> list[int]:
+    """The reference's entangled windows: Python `random` seeded with the seed, one
+    `randint(0, num_tokens - seqlen - 1)` per sample."""
+    rng = random.Random(seed)
+    return [rng.randint(0, num_tokens - seqlen - 1) for _ in range(nsamples)]
+
+
+_LLAMA2_SYS = re.compile(r"<<SYS>>\s*(.*?)\s*<</SYS>>", re.DOTALL)
+_LLAMA2_TAGS = re.compile(r"\[/?INST\]")
+
+
+def strip_llama2_tags(prompt: str) -> tuple[str | None, str]:
+    """(system prompt or None, user text) of a Llama-2 `[INST] <<SYS>>...<</SYS>> ... [/INST]`
+    string; text without tags comes back unchanged."""
+    system = None
+    match = _LLAMA2_SYS.search(prompt)
+    if match:
+        system = match.group(1).strip()
+        prompt = prompt[: match.start()] + prompt[match.end() :]
+    return system, _LLAMA2_TAGS.sub("", prompt).strip()
+
+
+def apply_chat_template(tokenizer: Any, user: str, system: str | None) -> str:
+    """The tokenizer's chat template around one user turn, ending with the assistant cue.
+    A system prompt becomes a system turn, or is prepended to the user turn when the template
+    rejects system turns."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError("the tokenizer has no chat template: use --template raw (or llama2)")
+    messages = [{"role": "user", "content": user}]
+    if system:
+        try:
+            return str(
+                tokenizer.apply_chat_template(
+                    [{"role": "system", "content": system}, *messages],
+                    tokenize=False,
+                    add_generation_prompt=True,
+                )
+            )
+        except Exception:  # templates that reject system turns raise from Jinja
+            messages = [{"role": "user", "content": f"{system}\n\n{user}"}]
+    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+
+
+def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
+    return list(tokenizer(text, add_special_tokens=special)["input_ids"])
+
+
+def build_calibration_set(
+    raw: RawData,
+    tokenizer: Any,
+    *,
+    nsamples: int,
+    seed: int,
+    seqlen: int,
+    disentangle: bool = True,
+    template: str = "raw",
+) -> CalibrationSet:
+    """Choose and tokenise calibration samples exactly as the reference does (see REFERENCE.md),
+    except that the response is encoded without special tokens instead of dropping its first
+    token, which is only a BOS for tokenizers that add one."""
+    if nsamples <= 0:
+        raise DataError(f"--nsamples must be at least 1 (got {nsamples})")
+    if seqlen <= 0:
+        raise DataError(f"--seqlen must be positive (got {seqlen})")
+    if template not in ("raw", "chat"):
+        raise DataError(f"unknown --template {template!r}: use raw or chat")
+    if disentangle and raw.kind == "text":
+        disentangle = False  # plain text has no prompt/response split: every token counts
+    if disentangle:
+        return _disentangled(raw, tokenizer, nsamples, seed, seqlen, template)
+    return _entangled(raw, tokenizer, nsamples, seed, seqlen, template)
+
+
+def _disentangled(
+    raw: RawData, tokenizer: Any, nsamples: int, seed: int, seqlen: int, template: str
+) -> CalibrationSet:
+    if nsamples > len(raw.pairs):
+        raise DataError(
+            f"--nsamples {nsamples} but {raw.name} has only {len(raw.pairs)} rows: "
+            f"use --nsamples {len(raw.pairs)} or fewer"
+        )
+    indices = select_rows(len(raw.pairs), nsamples, seed)
+    samples: list[CalibrationSample] = []
+    truncated = empty = 0
+    for index in indices:
+        pair = raw.pairs[index]
+        if template == "chat":
+            system, user = strip_llama2_tags(pair.prompt)
+            prompt_ids = _encode(
+                tokenizer, apply_chat_template(tokenizer, user, system), special=False
+            )
+            response_ids = _encode(tokenizer, pair.response.lstrip(), special=False)
+        else:
+            prompt_ids = _encode(tokenizer, pair.prompt, special=True)
+            response_ids = _encode(tokenizer, pair.response, special=False)
+        ids = prompt_ids + response_ids
+        if len(ids) > seqlen:
+            ids = ids[:seqlen]
+            truncated += 1
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        labels = input_ids.clone()
+        labels[:, : len(prompt_ids)] = IGNORE_INDEX
+        sample = CalibrationSample(input_ids, labels)
+        if sample.num_counted == 0:
+            empty += 1
+        samples.append(sample)
+    if truncated:
+        warn(f"{truncated} of {nsamples} samples were longer than --seqlen {seqlen} and were cut")
+    if empty:
+        warn(
+            f"{empty} samples have no response tokens left (prompt ≥ --seqlen); they count for nothing"
+        )
+    return CalibrationSet(
+        raw.name, raw.source, raw.content_hash, samples, indices, True, seqlen, template, truncated
+    )
+
+
+def _entangled(
+    raw: RawData, tokenizer: Any, nsamples: int, seed: int, seqlen: int, template: str
+) -> CalibrationSet:
+    if raw.kind == "pairs":
+        texts = raw.texts or [f"{pair.prompt} {pair.response}" for pair in raw.pairs]
+        # The reference joins the rows' text with single spaces.
+        joined = " ".join(texts)
+    else:
+        joined = "\n\n".join(raw.texts)
+    ids = _encode(tokenizer, joined, special=True)
+    if len(ids) < seqlen + 1:
+        raise DataError(
+            f"{raw.name} has {len(ids)} tokens, fewer than --seqlen {seqlen} + 1: "
+            f"use --seqlen {max(1, len(ids) - 1)} or less"
+        )
+    starts = select_windows(len(ids), nsamples, seed, seqlen)
+    all_ids = torch.tensor(ids, dtype=torch.long)
+    samples = []
+    for start in starts:
+        window = all_ids[start : start + seqlen].unsqueeze(0)
+        samples.append(CalibrationSample(window, window.clone()))
+    return CalibrationSet(
+        raw.name, raw.source, raw.content_hash, samples, starts, False, seqlen, template
+    )
+
+
+def describe_named_sets(purpose: Literal["calibration", "prompts"] = "calibration") -> str:
+    """One line per named set, for --help."""
+    wanted = {"calibration": ("pairs", "text"), "prompts": ("prompts",)}[purpose]
+    return "; ".join(f"{e.name}: {e.description}" for e in NAMED_SETS if e.kind in wanted)
+
+
+def indices_digest(indices: list[int]) -> str:
+    return hashlib.sha256(json.dumps(indices).encode()).hexdigest()[:16]

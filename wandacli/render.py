@@ -1,0 +1,126 @@
+"""Results on stdout: Rich tables for people, JSON for machines."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from rich.table import Table
+
+from wandacli.console import out
+from wandacli.score_run import ScoreResult
+from wandacli.store import ScoreSetSummary
+
+
+def human_bytes(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.1f} {unit}"
+        n = n / 1024  # type: ignore[assignment]
+    return str(n)
+
+
+def print_json(payload: Any) -> None:
+    out.print_json(json.dumps(payload, default=str))
+
+
+def score_result(result: ScoreResult, as_json: bool) -> None:
+    if as_json:
+        print_json(result.to_json())
+        return
+    memory = human_bytes(result.peak_memory_bytes)
+    if result.peak_gpu_memory_bytes:
+        memory += f" (GPU {human_bytes(result.peak_gpu_memory_bytes)})"
+    rows = [
+        ("score set", result.name + (" (resumed)" if result.resumed else "")),
+        ("method", result.method),
+        ("samples", str(result.nsamples) if result.nsamples else "-"),
+        ("modules", f"{result.modules} in {result.layers} layers"),
+        ("weights scored", f"{result.parameters:,}"),
+        ("time", f"{result.seconds:.1f} s"),
+        ("peak memory", memory),
+        ("file", str(result.path)),
+    ]
+    out.print(key_value_table("score set written", rows))
+
+
+def key_value_table(title: str, rows: list[tuple[str, str]]) -> Table:
+    """A two-column table for a single result (readable at 80 columns)."""
+    table = Table(title=title, title_justify="left", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in rows:
+        table.add_row(key, value)
+    return table
+
+
+def _describe_data(meta: dict[str, Any]) -> str:
+    data = meta.get("data")
+    if not data:
+        return "-"
+    mode = "" if meta.get("disentangle") else ", entangled"
+    template = "" if meta.get("template", "raw") == "raw" else f", {meta.get('template')}"
+    return f"{data.get('name')}{mode}{template}"
+
+
+def store_listing(sets: list[ScoreSetSummary], masks: list[ScoreSetSummary], as_json: bool) -> None:
+    if as_json:
+        print_json(
+            {
+                "score_sets": [_summary_json(s) for s in sets],
+                "masks": [_summary_json(m) for m in masks],
+            }
+        )
+        return
+    table = Table(title="score sets", title_justify="left")
+    table.add_column("set", no_wrap=True)
+    for column in ("status", "method", "data", "samples", "seed", "model"):
+        table.add_column(column, overflow="fold")
+    for entry in sets:
+        meta = entry.meta
+        settings = meta.get("settings", {}) if not entry.complete else {}
+        status = (
+            "[green]complete[/green]"
+            if entry.complete
+            else f"[yellow]{entry.error or entry.progress}[/yellow]"
+        )
+        model = meta.get("model")
+        table.add_row(
+            entry.name,
+            status,
+            str(meta.get("method") or settings.get("method") or "-"),
+            _describe_data(meta) if entry.complete else str(settings.get("data", "-")),
+            str(meta.get("nsamples") or settings.get("nsamples") or "-"),
+            str(meta.get("seed", settings.get("seed", "-"))),
+            str(model.get("id") if isinstance(model, dict) else settings.get("model", "-")),
+        )
+    out.print(table)
+    if masks:
+        mask_table = Table(title="masks", title_justify="left")
+        for column in ("mask", "status", "mode", "scores", "sparsity"):
+            mask_table.add_column(column, overflow="fold")
+        for entry in masks:
+            meta = entry.meta
+            status = "[green]complete[/green]" if entry.complete else f"[red]{entry.error}[/red]"
+            sparsity = meta.get("actual_sparsity")
+            mask_table.add_row(
+                entry.name,
+                status,
+                str(meta.get("mode", "-")),
+                ", ".join(s.get("name", "?") for s in meta.get("score_sets", [])) or "-",
+                f"{sparsity:.4f}" if isinstance(sparsity, float) else "-",
+            )
+        out.print(mask_table)
+
+
+def _summary_json(entry: ScoreSetSummary) -> dict[str, Any]:
+    return {
+        "name": entry.name,
+        "path": str(entry.path),
+        "complete": entry.complete,
+        "progress": entry.progress,
+        "error": entry.error,
+        "meta": entry.meta,
+    }

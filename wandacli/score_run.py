@@ -1,0 +1,579 @@
+"""A resumable `score` run: load, gather statistics sample by sample with checkpoints, assemble
+the score set, clean up.
+
+Work in progress lives in `scores/<set>.parts/` (see store.py). Killing a run keeps what it
+finished; running the same command again resumes and produces a score set bitwise identical to
+an uninterrupted run (statistics are summed in the same order from the same checkpoints).
+"""
+
+from __future__ import annotations
+
+import platform
+import resource
+import shlex
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+import wandacli
+from wandacli.config import DEFAULT_SEQLEN_CAP, ScoreConfig
+from wandacli.console import NullReporter, Reporter, info, warn
+from wandacli.data import (
+    CalibrationSet,
+    build_calibration_set,
+    data_display_name,
+    indices_digest,
+    load_raw,
+)
+from wandacli.errors import InterruptedRun, ModelError, NonFiniteScoresError, StoreError, Terminated
+from wandacli.models import LinearLayer, LoadedModel, ModelSpec, load_model, model_max_length
+from wandacli.scoring import (
+    ActivationStatistics,
+    GradientAccumulator,
+    random_scores,
+    snip_scores,
+    wanda_scores,
+    weight_magnitude,
+)
+from wandacli.store import (
+    SCORES_FORMAT,
+    STATS_GROUP,
+    Store,
+    atomic_h5,
+    check_free_space,
+    check_resumable,
+    ensure_writable_directory,
+    format_non_finite,
+    non_finite_counts,
+    now_iso,
+    read_part,
+    set_root_attrs,
+    to_float16_checked,
+    write_array,
+    write_manifest,
+    write_part,
+    writer_lock,
+)
+
+
+@dataclass
+class ScoreResult:
+    """What a finished run reports."""
+
+    name: str
+    path: Path
+    method: str
+    nsamples: int
+    seconds: float
+    peak_memory_bytes: int
+    peak_gpu_memory_bytes: int | None
+    resumed: bool
+    layers: int
+    modules: int
+    parameters: int
+    meta: dict[str, Any]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "method": self.method,
+            "nsamples": self.nsamples,
+            "seconds": round(self.seconds, 3),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "peak_gpu_memory_bytes": self.peak_gpu_memory_bytes,
+            "resumed": self.resumed,
+            "layers": self.layers,
+            "modules": self.modules,
+            "parameters": self.parameters,
+        }
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(peak if sys.platform == "darwin" else peak * 1024)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    return {
+        "wandacli": wandacli.__version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+@contextmanager
+def _interruptible(what_is_kept: Any) -> Iterator[None]:
+    """Turn Ctrl-C and SIGTERM into a one-line InterruptedRun naming what was kept."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise InterruptedRun(f"interrupted: {what_is_kept()}", 130) from None
+    except Terminated:
+        raise InterruptedRun(f"terminated: {what_is_kept()}", 143) from None
+
+
+class ScoreRun:
+    """One `wandacli score` invocation."""
+
+    def __init__(
+        self,
+        config: ScoreConfig,
+        *,
+        reporter: Reporter | None = None,
+        command_line: list[str] | None = None,
+        loaded: LoadedModel | None = None,
+    ) -> None:
+        self.config = config
+        self.reporter = reporter or NullReporter()
+        self.command_line = command_line if command_line is not None else sys.argv
+        self._loaded = loaded  # tests and benchmarks may pass a model already in memory
+        self.store = Store(Path(config.store))
+        self.name = ""
+        self.parts_dir = Path()
+        self.resumed = False
+
+    # -- the whole run --------------------------------------------------------------------
+
+    def run(self) -> ScoreResult:
+        config = self.config
+        started_at, started = now_iso(), time.monotonic()
+        if config.needs_data is False and config.data:
+            warn(f"--method {config.method} uses no calibration data; --data is ignored")
+        ensure_writable_directory(self.store.root)
+        data_name = data_display_name(config.data) if config.needs_data and config.data else None
+        self.name = config.name or config.default_name(data_name)
+        final = self.store.score_set_path(self.name)
+        self.parts_dir = self.store.parts_dir(self.name)
+        with writer_lock(self.store.root, shlex.join(self.command_line)):
+            # Refuse before the expensive part: loading the model and data.
+            if final.exists() and not config.overwrite:
+                raise_exists(self.name, self.store.root)
+            loaded = self._loaded or load_model(config.model)
+            calibration = self._calibration(loaded) if config.needs_data else None
+            base_layers = self._base_layers(loaded) if config.use_diff else None
+            settings = self._settings(loaded, calibration, base_layers)
+            if config.overwrite and self.parts_dir.exists():
+                shutil.rmtree(self.parts_dir)
+            self.resumed = check_resumable(self.parts_dir, settings, self.name)
+            self._check_space(loaded, final)
+            groups = self._groups(loaded.linear_layers)
+            write_manifest(self.parts_dir, settings, {"groups": len(groups), "started": started_at})
+            if self.resumed:
+                info(f"resuming unfinished score set {self.name!r} from {self.parts_dir}")
+            with _interruptible(self._what_is_kept):
+                meta = self._meta(loaded, calibration, base_layers, started_at)
+                self._compute_and_assemble(loaded, calibration, base_layers, groups, final, meta)
+            shutil.rmtree(self.parts_dir, ignore_errors=True)
+        seconds = time.monotonic() - started
+        gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
+        return ScoreResult(
+            name=self.name,
+            path=final,
+            method=config.method,
+            nsamples=len(calibration.samples) if calibration else 0,
+            seconds=seconds,
+            peak_memory_bytes=peak_rss_bytes(),
+            peak_gpu_memory_bytes=gpu_peak,
+            resumed=self.resumed,
+            layers=loaded.fingerprint.num_layers,
+            modules=len(loaded.linear_layers),
+            parameters=sum(a * b for a, b in loaded.fingerprint.shapes.values()),
+            meta=meta,
+        )
+
+    def _what_is_kept(self) -> str:
+        kept = (
+            sorted(p.name for p in self.parts_dir.glob("*.h5")) if self.parts_dir.is_dir() else []
+        )
+        if not kept:
+            return "nothing was finished yet; run the same command again to start over"
+        return f"kept {', '.join(kept)} in {self.parts_dir}; run the same command again to resume"
+
+    # -- inputs ---------------------------------------------------------------------------
+
+    def _calibration(self, loaded: LoadedModel) -> CalibrationSet:
+        config = self.config
+        assert config.data is not None
+        raw = load_raw(config.data, columns=config.columns, directory=config.data_dir)
+        max_len = model_max_length(loaded.model)
+        seqlen = config.seqlen or min(DEFAULT_SEQLEN_CAP, max_len or DEFAULT_SEQLEN_CAP)
+        if max_len is not None and seqlen > max_len:
+            raise ModelError(
+                f"--seqlen {seqlen} exceeds the model's context of {max_len}: use --seqlen {max_len} or less"
+            )
+        return build_calibration_set(
+            raw,
+            loaded.tokenizer,
+            nsamples=config.nsamples,
+            seed=config.seed,
+            seqlen=seqlen,
+            disentangle=not config.entangle,
+            template=config.template,
+        )
+
+    def _base_layers(self, loaded: LoadedModel) -> dict[str, LinearLayer]:
+        config = self.config
+        assert config.base_model is not None
+        # The base model stays on the CPU: only its weights are read, one layer at a time.
+        base = load_model(
+            ModelSpec(
+                model=config.base_model,
+                dtype=config.model.dtype,
+                device="cpu",
+                cache_dir=config.model.cache_dir,
+            )
+        )
+        mismatch = loaded.fingerprint.first_mismatch(
+            base.fingerprint, mine="model", theirs="base model"
+        )
+        if mismatch:
+            raise ModelError(f"--base-model {config.base_model} does not match --model: {mismatch}")
+        return {lin.key: lin for lin in base.linear_layers}
+
+    def _settings(
+        self,
+        loaded: LoadedModel,
+        calibration: CalibrationSet | None,
+        base_layers: dict[str, LinearLayer] | None,
+    ) -> dict[str, Any]:
+        """Everything that changes the numbers: a resume must match all of it."""
+        config = self.config
+        settings: dict[str, Any] = {
+            "method": config.method,
+            "model": loaded.model_id,
+            "model_fingerprint": loaded.fingerprint.digest,
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "device": loaded.device.type,
+            "score_dtype": config.score_dtype,
+            "use_diff": config.use_diff,
+            "base_model": config.base_model,
+        }
+        if calibration is not None:
+            settings.update(
+                {
+                    "data": calibration.name,
+                    "data_sha256": calibration.content_hash,
+                    "nsamples": len(calibration.samples),
+                    "seed": config.seed,
+                    "seqlen": calibration.seqlen,
+                    "disentangle": calibration.disentangle,
+                    "template": calibration.template,
+                    "sample_indices": indices_digest(calibration.indices),
+                }
+            )
+        elif config.method == "random":
+            settings["seed"] = config.seed
+        if config.method == "wandg":
+            settings["layers_per_pass"] = config.layers_per_pass
+        return settings
+
+    def _meta(
+        self,
+        loaded: LoadedModel,
+        calibration: CalibrationSet | None,
+        base_layers: dict[str, LinearLayer] | None,
+        started_at: str,
+    ) -> dict[str, Any]:
+        config = self.config
+        meta: dict[str, Any] = {
+            "method": config.method,
+            "name": self.name,
+            "model": {
+                "id": loaded.model_id,
+                "source": loaded.source.kind,
+                "fingerprint": loaded.fingerprint.to_json(),
+            },
+            "dtype": str(loaded.dtype).removeprefix("torch."),
+            "device": str(loaded.device),
+            "score_dtype": config.score_dtype,
+            "use_diff": config.use_diff,
+            "base_model": config.base_model,
+            "seed": config.seed,
+            "versions": versions(),
+            "command_line": shlex.join(self.command_line),
+            "config": config.to_json(),
+            "started": started_at,
+        }
+        if calibration is not None:
+            meta["data"] = {
+                "name": calibration.name,
+                "source": calibration.source,
+                "sha256": calibration.content_hash,
+                "indices": calibration.indices,
+                "indices_are": "rows" if calibration.disentangle else "token window starts",
+                "truncated_samples": calibration.truncated,
+                "counted_tokens": sum(s.num_counted for s in calibration.samples),
+            }
+            meta.update(
+                nsamples=len(calibration.samples),
+                seqlen=calibration.seqlen,
+                disentangle=calibration.disentangle,
+                template=calibration.template,
+            )
+        if config.method == "wandg":
+            meta["layers_per_pass"] = config.layers_per_pass
+        return meta
+
+    def _groups(self, layers: list[LinearLayer]) -> list[list[LinearLayer]]:
+        """wandg's layer groups: `--layers-per-pass` decoder layers each (all in one by default)."""
+        if self.config.method != "wandg" or self.config.layers_per_pass == 0:
+            return [layers]
+        per = self.config.layers_per_pass
+        groups: dict[int, list[LinearLayer]] = {}
+        for lin in layers:
+            groups.setdefault(lin.layer // per, []).append(lin)
+        return [groups[k] for k in sorted(groups)]
+
+    def _check_space(self, loaded: LoadedModel, final: Path) -> None:
+        itemsize = 2 if self.config.score_dtype == "float16" else 4
+        total = sum(a * b for a, b in loaded.fingerprint.shapes.values())
+        # wandg keeps each group's scores as a part until assembly: twice the set's size.
+        factor = 2 if self.config.method == "wandg" else 1
+        check_free_space(self.store.root, total * itemsize * factor, f"score set {self.name!r}")
+
+    # -- computation ----------------------------------------------------------------------
+
+    def _compute_and_assemble(
+        self,
+        loaded: LoadedModel,
+        calibration: CalibrationSet | None,
+        base_layers: dict[str, LinearLayer] | None,
+        groups: list[list[LinearLayer]],
+        final: Path,
+        meta: dict[str, Any],
+    ) -> None:
+        method = self.config.method
+        stats: dict[str, torch.Tensor] | None = None
+        if method == "wanda":
+            assert calibration is not None
+            stats = self._gather_wanda(loaded, calibration)
+        elif method == "wandg":
+            assert calibration is not None
+            for index, group in enumerate(groups):
+                self._gather_wandg_group(
+                    loaded, calibration, group, index, len(groups), base_layers
+                )
+        self._assemble(loaded, calibration, base_layers, stats, len(groups), final, meta)
+
+    def _samples_on_device(
+        self, loaded: LoadedModel, calibration: CalibrationSet
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        device = loaded.input_device
+        for sample in calibration.samples:
+            yield sample.input_ids.to(device), sample.labels.to(device)
+
+    def _gather_wanda(
+        self, loaded: LoadedModel, calibration: CalibrationSet
+    ) -> dict[str, torch.Tensor]:
+        statistics = ActivationStatistics(loaded.linear_layers)
+        done = self._restore_wanda(statistics)
+        total = len(calibration.samples)
+        interval = self.config.checkpoint_interval
+        self.reporter.start("wanda: samples", total=total, completed=done)
+        with statistics.recording():
+            for index, sample in enumerate(calibration.samples):
+                if index < done:
+                    continue
+                counted = (
+                    sample.counted.to(loaded.input_device) if calibration.disentangle else None
+                )
+                statistics.observe(loaded.model, sample.input_ids.to(loaded.input_device), counted)
+                self.reporter.advance()
+                finished = index + 1
+                if finished < total and interval and finished % interval == 0:
+                    self._checkpoint_wanda(statistics, finished)
+        self.reporter.finish()
+        if done < total:
+            self._checkpoint_wanda(statistics, total)  # keep all statistics before assembly
+        return statistics.sums
+
+    def _restore_wanda(self, statistics: ActivationStatistics) -> int:
+        """Load the latest readable statistics checkpoint; returns the samples it covers."""
+        for path in sorted(self.parts_dir.glob("stats-*.h5"), reverse=True):
+            part = read_part(path)
+            if part is None:
+                warn(f"damaged part file {path}: removed, recomputing what it held")
+                continue
+            arrays, attrs = part
+            statistics.load({k: torch.from_numpy(v) for k, v in arrays.items()})
+            return int(attrs["samples"])
+        return 0
+
+    def _checkpoint_wanda(self, statistics: ActivationStatistics, samples: int) -> None:
+        path = self.parts_dir / f"stats-{samples:06d}.h5"
+        arrays = {k: v.detach().cpu().numpy() for k, v in statistics.sums.items()}
+        write_part(path, arrays, {"samples": samples, "kind": "wanda-sums"})
+        # Keep only the newest two checkpoints: the previous one covers a damaged newest one.
+        for older in sorted(self.parts_dir.glob("stats-*.h5"))[:-2]:
+            older.unlink(missing_ok=True)
+
+    def _gather_wandg_group(
+        self,
+        loaded: LoadedModel,
+        calibration: CalibrationSet,
+        group: list[LinearLayer],
+        index: int,
+        count: int,
+        base_layers: dict[str, LinearLayer] | None,
+    ) -> None:
+        group_path = self.parts_dir / f"group-{index:04d}.h5"
+        if group_path.exists():
+            if read_part(group_path) is not None:
+                return
+            warn(f"damaged part file {group_path}: removed, recomputing layer group {index}")
+        accumulator = GradientAccumulator(group)
+        done = self._restore_wandg(accumulator, index)
+        total = len(calibration.samples)
+        interval = self.config.checkpoint_interval
+        first, last = group[0].layer, group[-1].layer
+        label = (
+            "wandg: samples"
+            if count == 1
+            else f"wandg: layers {first}-{last} ({index + 1}/{count})"
+        )
+        self.reporter.start(label, total=total, completed=done)
+        with accumulator.recording():
+            for sample_index, sample in enumerate(calibration.samples):
+                if sample_index < done:
+                    continue
+                if sample.num_counted > 0:  # a sample with no counted token has no loss
+                    input_ids = sample.input_ids.to(loaded.input_device)
+                    labels = sample.labels.to(loaded.input_device)
+                    accumulator.observe(loaded.model, input_ids, labels)
+                self.reporter.advance()
+                finished = sample_index + 1
+                if finished < total and interval and finished % interval == 0:
+                    self._checkpoint_wandg(accumulator, index, finished)
+        self.reporter.finish()
+        scores = {}
+        for lin in group:
+            base = base_layers[lin.key].weight_matrix() if base_layers else None
+            magnitude = weight_magnitude(lin.weight_matrix(), base)
+            scores[lin.key] = snip_scores(magnitude, accumulator.scores_layout(lin)).cpu().numpy()
+        write_part(group_path, scores, {"group": index, "kind": "wandg-scores"})
+        for stale in self.parts_dir.glob(f"accum-g{index:04d}-*.h5"):
+            stale.unlink(missing_ok=True)
+
+    def _restore_wandg(self, accumulator: GradientAccumulator, group: int) -> int:
+        for path in sorted(self.parts_dir.glob(f"accum-g{group:04d}-*.h5"), reverse=True):
+            part = read_part(path)
+            if part is None:
+                warn(f"damaged part file {path}: removed, recomputing what it held")
+                continue
+            arrays, attrs = part
+            accumulator.load({k: torch.from_numpy(v) for k, v in arrays.items()})
+            return int(attrs["samples"])
+        return 0
+
+    def _checkpoint_wandg(self, accumulator: GradientAccumulator, group: int, samples: int) -> None:
+        path = self.parts_dir / f"accum-g{group:04d}-{samples:06d}.h5"
+        arrays = {k: v.detach().cpu().numpy() for k, v in accumulator.sums.items()}
+        write_part(path, arrays, {"samples": samples, "group": group, "kind": "wandg-accumulators"})
+        for older in sorted(self.parts_dir.glob(f"accum-g{group:04d}-*.h5"))[:-2]:
+            older.unlink(missing_ok=True)
+
+    # -- assembly -------------------------------------------------------------------------
+
+    def _assemble(
+        self,
+        loaded: LoadedModel,
+        calibration: CalibrationSet | None,
+        base_layers: dict[str, LinearLayer] | None,
+        stats: dict[str, torch.Tensor] | None,
+        group_count: int,
+        final: Path,
+        meta: dict[str, Any],
+    ) -> None:
+        """Write the score set to a temporary file, refuse NaN/Inf, rename it into place."""
+        config = self.config
+        group_scores: dict[str, np.ndarray] = {}
+        if config.method == "wandg":
+            for index in range(group_count):
+                part = read_part(self.parts_dir / f"group-{index:04d}.h5")
+                if part is None:
+                    raise StoreError(
+                        f"layer group {index} of {self.name!r} was damaged before assembly and "
+                        "removed: run the same command again to recompute it"
+                    )
+                group_scores.update(part[0])
+        non_finite: dict[str, tuple[int, int]] = {}
+        nsamples = len(calibration.samples) if calibration else 0
+        self.reporter.start("writing score set", total=len(loaded.linear_layers))
+        with atomic_h5(final) as handle:
+            for lin in loaded.linear_layers:
+                scores = self._layer_scores(lin, base_layers, stats, group_scores, nsamples)
+                nan, inf = non_finite_counts(scores)
+                if nan or inf:
+                    non_finite[lin.key] = (nan, inf)
+                    continue
+                if config.score_dtype == "float16":
+                    write_array(handle, lin.key, to_float16_checked(scores, lin.key), "float16")
+                else:
+                    write_array(handle, lin.key, scores)
+                if stats is not None:
+                    mean_sq = (stats[lin.key].float() / float(nsamples)).cpu().numpy()
+                    write_array(handle, f"{STATS_GROUP}/{lin.key}", mean_sq)
+                self.reporter.advance()
+            if non_finite:
+                raise NonFiniteScoresError(
+                    f"score set {self.name!r} not written: non-finite scores in "
+                    f"{len(non_finite)} modules ({format_non_finite(non_finite)}); "
+                    "use --dtype float32, or check the model and data"
+                )
+            meta["finished"] = now_iso()
+            meta["format"] = SCORES_FORMAT
+            set_root_attrs(handle, SCORES_FORMAT, meta)
+        self.reporter.finish()
+
+    def _layer_scores(
+        self,
+        lin: LinearLayer,
+        base_layers: dict[str, LinearLayer] | None,
+        stats: dict[str, torch.Tensor] | None,
+        group_scores: dict[str, np.ndarray],
+        nsamples: int,
+    ) -> np.ndarray:
+        method = self.config.method
+        if method == "wandg":
+            return group_scores[lin.key]
+        if method == "random":
+            return random_scores(lin.shape, self.config.seed, lin.key).numpy()
+        base = base_layers[lin.key].weight_matrix() if base_layers else None
+        magnitude = weight_magnitude(lin.weight_matrix(), base)
+        if method == "wanda":
+            assert stats is not None
+            return (
+                wanda_scores(magnitude, stats[lin.key].to(magnitude.device), nsamples).cpu().numpy()
+            )
+        return magnitude.cpu().numpy()
+
+
+def raise_exists(name: str, root: Path) -> None:
+    raise StoreError(
+        f"score set {name!r} already exists in {root}: pass --overwrite to recompute it, "
+        "or --name to write another set"
+    )
+
+
+def run_score(
+    config: ScoreConfig,
+    *,
+    reporter: Reporter | None = None,
+    command_line: list[str] | None = None,
+    loaded: LoadedModel | None = None,
+) -> ScoreResult:
+    """Compute a score set as `config` says and write it to the store."""
+    return ScoreRun(config, reporter=reporter, command_line=command_line, loaded=loaded).run()

@@ -1,0 +1,191 @@
+"""Score math as pure tensor functions, and the hooks that gather the statistics it needs.
+
+Every score is shaped like the weight it scores, [out_features, in_features], float32.
+
+- wanda:     |W| · sqrt(s),  s_j = (1/N) Σ_samples Σ_counted tokens x_j²  (x: the layer's input)
+- wandg:     |W| · Σ_samples |∂L_n/∂W|  (SNIP; L_n: mean cross-entropy over sample n's
+             counted tokens)
+- magnitude: |W|
+- random:    uniform [0, 1), seeded per (seed, layer, module) so any subset can be recomputed
+
+`|W|` is `|W - W_base|` under `--use-diff`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+
+from wandacli.models import LinearLayer
+
+METHODS = ("wanda", "wandg", "magnitude", "random")
+DATA_METHODS = ("wanda", "wandg")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure math
+
+
+def weight_magnitude(weight: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """|W| (or |W - W_base|) in float32."""
+    weight = weight.detach().float()
+    if base_weight is not None:
+        return (weight - base_weight.detach().to(weight.device).float()).abs_()
+    return weight.abs()
+
+
+def wanda_scores(magnitude: torch.Tensor, sq_norm_sum: torch.Tensor, nsamples: int) -> torch.Tensor:
+    """Wanda: |W| · sqrt(s) with s = (sum over samples of squared input norms per column) / N."""
+    mean_sq_norm = sq_norm_sum.float() / float(nsamples)
+    return magnitude * torch.sqrt(mean_sq_norm).reshape(1, -1)
+
+
+def snip_scores(magnitude: torch.Tensor, grad_abs_sum: torch.Tensor) -> torch.Tensor:
+    """SNIP (wandg): |W| · Σ|∂L/∂W|."""
+    return magnitude * grad_abs_sum.float()
+
+
+def random_scores(shape: tuple[int, int], seed: int, key: str) -> torch.Tensor:
+    """Uniform [0, 1) scores from a generator seeded by (seed, layer/module), so a layer's scores
+    do not depend on which layers were computed before it (resume, filters)."""
+    digest = hashlib.sha256(f"{seed}:{key}".encode()).digest()
+    generator = torch.Generator().manual_seed(
+        int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    )
+    return torch.rand(shape, generator=generator, dtype=torch.float32)
+
+
+def count_non_finite(scores: torch.Tensor) -> tuple[int, int]:
+    """(NaN count, ±Inf count)."""
+    return int(torch.isnan(scores).sum()), int(torch.isinf(scores).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Wanda: squared input norms through forward pre-hooks
+
+
+class ActivationStatistics:
+    """Sums of squared inputs per column, per linear layer, over the counted tokens.
+
+    One forward pass over a sample updates every layer at once. Layers that share an input
+    (q/k/v, gate/up) compute it once per sample.
+    """
+
+    def __init__(self, layers: list[LinearLayer]) -> None:
+        self.layers = layers
+        self.sums: dict[str, torch.Tensor] = {
+            lin.key: torch.zeros(lin.shape[1], dtype=torch.float32, device=lin.weight.device)
+            for lin in layers
+        }
+        self._counted: torch.Tensor | None = None  # [T] bool, or None when every token counts
+        # The last input seen and its column sums; held strongly so that `is` cannot match a
+        # new tensor allocated at a freed address.
+        self._last_input: torch.Tensor | None = None
+        self._last_sum: torch.Tensor | None = None
+
+    def load(self, sums: dict[str, torch.Tensor]) -> None:
+        """Restore sums from a checkpoint (keys and lengths must match)."""
+        for key, value in sums.items():
+            self.sums[key].copy_(value.to(self.sums[key].device))
+
+    def _hook(self, key: str) -> Any:
+        def pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            if x is not self._last_input or self._last_sum is None:
+                flat = x.detach().reshape(-1, x.shape[-1])
+                if self._counted is not None:
+                    flat = flat[self._counted.to(flat.device)]
+                flat = flat.float()
+                self._last_sum = (flat * flat).sum(dim=0)
+                self._last_input = x
+            accumulator = self.sums[key]
+            accumulator.add_(self._last_sum.to(accumulator.device))
+
+        return pre_hook
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Hooks attached for the duration of the block."""
+        handles = [lin.module.register_forward_pre_hook(self._hook(lin.key)) for lin in self.layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            self._last_input = self._last_sum = None
+
+    def observe(self, model: Any, input_ids: torch.Tensor, counted: torch.Tensor | None) -> None:
+        """One forward pass over one sample; `counted` ([1, T] bool) selects the tokens that count."""
+        self._counted = counted.reshape(-1) if counted is not None else None
+        self._last_input = self._last_sum = None
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+        self._counted = None
+
+
+# ---------------------------------------------------------------------------------------------
+# wandg: |grad| summed as each gradient arrives
+
+
+class GradientAccumulator:
+    """Σ_samples |∂L_n/∂W| in float32 for a group of linear layers.
+
+    Each weight's gradient is added to its accumulator the moment autograd finishes it and is
+    then freed, so peak memory stays near weights + accumulators + one gradient.
+    """
+
+    def __init__(self, layers: list[LinearLayer]) -> None:
+        self.layers = layers
+        # Accumulators in the module's own weight layout (Conv1D: transposed); see `scores_layout`.
+        self.sums: dict[str, torch.Tensor] = {
+            lin.key: torch.zeros_like(lin.weight, dtype=torch.float32) for lin in layers
+        }
+
+    def load(self, sums: dict[str, torch.Tensor]) -> None:
+        for key, value in sums.items():
+            self.sums[key].copy_(value.to(self.sums[key].device))
+
+    def _hook(self, key: str) -> Any:
+        accumulator = self.sums[key]
+
+        def post_accumulate(param: torch.Tensor) -> None:
+            grad = param.grad
+            assert grad is not None
+            accumulator.add_(grad.abs_())
+            param.grad = None
+
+        return post_accumulate
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        """Gradients enabled for exactly this group's weights while the block runs."""
+        handles = []
+        for lin in self.layers:
+            weight = lin.weight
+            weight.requires_grad_(True)
+            weight.grad = None
+            handles.append(weight.register_post_accumulate_grad_hook(self._hook(lin.key)))
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+            for lin in self.layers:
+                lin.weight.requires_grad_(False)
+                lin.weight.grad = None
+
+    def observe(self, model: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
+        """One forward and backward over one sample; the loss is the model's mean cross-entropy
+        over the tokens whose label is not -100."""
+        with torch.enable_grad():
+            loss = model(input_ids=input_ids, labels=labels, use_cache=False).loss
+            loss.backward()
+
+    def scores_layout(self, lin: LinearLayer) -> torch.Tensor:
+        """The accumulator as [out_features, in_features]."""
+        total = self.sums[lin.key]
+        return total.t() if lin.transposed else total

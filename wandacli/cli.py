@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import typer
+from rich.markup import escape
 from typer.core import TyperGroup
 
 from wandacli import __version__, render
@@ -44,8 +45,12 @@ EXIT_SIGTERM = 143
 
 
 def _report(message: str) -> None:
+    # Messages name things like [score] tables: escape them so Rich prints them verbatim.
     console.print(
-        f"[bold red]error:[/bold red] {message}", markup=True, highlight=False, soft_wrap=True
+        f"[bold red]error:[/bold red] {escape(message)}",
+        markup=True,
+        highlight=False,
+        soft_wrap=True,
     )
 
 

@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Protocol
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -30,7 +31,7 @@ out = Console(highlight=False, soft_wrap=True)
 
 def warn(message: str) -> None:
     """A warning line on stderr."""
-    console.print(f"[yellow]warning:[/yellow] {message}", markup=True)
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True)
 
 
 def info(message: str) -> None:

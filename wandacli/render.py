@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from rich.markup import escape
 from rich.table import Table
 
 from wandacli.console import out
@@ -84,7 +85,7 @@ def store_listing(sets: list[ScoreSetSummary], masks: list[ScoreSetSummary], as_
         status = (
             "[green]complete[/green]"
             if entry.complete
-            else f"[yellow]{entry.error or entry.progress}[/yellow]"
+            else f"[yellow]{escape(entry.error or entry.progress)}[/yellow]"
         )
         model = meta.get("model")
         table.add_row(
@@ -103,7 +104,11 @@ def store_listing(sets: list[ScoreSetSummary], masks: list[ScoreSetSummary], as_
             mask_table.add_column(column, overflow="fold")
         for entry in masks:
             meta = entry.meta
-            status = "[green]complete[/green]" if entry.complete else f"[red]{entry.error}[/red]"
+            status = (
+                "[green]complete[/green]"
+                if entry.complete
+                else f"[red]{escape(entry.error or '')}[/red]"
+            )
             sparsity = meta.get("actual_sparsity")
             mask_table.add_row(
                 entry.name,

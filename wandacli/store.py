@@ -503,8 +503,9 @@ class StoredFile:
             )
         version = attrs.get("format_version")
         if not isinstance(version, (int, np.integer)) or int(version) != FORMAT_VERSION:
+            shown = int(version) if isinstance(version, (int, np.integer)) else repr(version)
             raise StoreError(
-                f"{self.path} has format_version {version!r}; this wandacli reads version "
+                f"{self.path} has format_version {shown}; this wandacli reads version "
                 f"{FORMAT_VERSION}: upgrade wandacli or recompute it"
             )
         raw_meta = attrs.get("meta")

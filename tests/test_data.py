@@ -58,6 +58,27 @@ class TestNamedSets:
 
 
 class TestLocalFiles:
+    def test_csv_rows_equal_what_datasets_reads(self, shared_data):
+        """The standard-library CSV reader yields the reference loader's rows."""
+        from datasets import load_dataset
+
+        reference = load_dataset(
+            "csv", data_files=str(shared_data / "align_short.csv"), split="train"
+        )
+        raw = load_raw("align_short")
+        assert [p.prompt for p in raw.pairs] == reference["prompt"]
+        assert [p.response for p in raw.pairs] == reference["response"]
+
+    def test_json_rows_equal_what_datasets_reads(self, shared_data):
+        from datasets import load_dataset
+
+        from wandacli.data import _load_table
+
+        for name in ("utility_seed_tasks.jsonl", "jailbreakbench.json"):
+            reference = load_dataset("json", data_files=str(shared_data / name), split="train")
+            rows = _load_table(shared_data / name)
+            assert rows == [dict(row) for row in reference], name
+
     def test_csv_pairs(self, pairs_csv):
         raw = load_raw(str(pairs_csv))
         assert raw.name == "pairs" and len(raw.pairs) == 12

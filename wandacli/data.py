@@ -9,6 +9,7 @@ work everywhere a set name does.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import json
 import os
@@ -193,7 +194,7 @@ class RawData:
     texts: list[str] = field(default_factory=list)  # rows (text sets and prompt sets)
 
 
-_DATASETS_BUILDERS = {
+_DATASETS_BUILDERS = {  # file types and the `datasets` builder that reads each
     ".csv": "csv",
     ".tsv": "csv",
     ".json": "json",
@@ -212,25 +213,50 @@ def _sha256_file(path: Path) -> str:
 
 
 def _load_table(path: Path) -> list[dict[str, Any]]:
-    """Rows of a CSV/JSON/JSONL/Parquet file, read through `datasets`."""
-    builder = _DATASETS_BUILDERS.get(path.suffix.lower())
-    if builder is None:
+    """Rows of a CSV/TSV/JSON/JSONL/Parquet file.
+
+    CSV, TSV and JSON are parsed with the standard library: the same rows `datasets` yields
+    for these files (a test checks it on the reference CSV), without importing pandas and
+    pyarrow, which add ~100 MB to every scoring process. Parquet goes through `datasets`.
+    """
+    suffix = path.suffix.lower()
+    if suffix not in _DATASETS_BUILDERS:
         raise DataError(
             f"cannot read {path}: unknown file type {path.suffix!r}; "
             "use CSV, TSV, JSON, JSONL, Parquet or TXT"
         )
+    try:
+        if suffix in (".csv", ".tsv"):
+            with path.open(newline="", encoding="utf-8") as handle:
+                return list(csv.DictReader(handle, delimiter="\t" if suffix == ".tsv" else ","))
+        if suffix in (".json", ".jsonl"):
+            return _read_json_rows(path)
+    except (OSError, UnicodeDecodeError, csv.Error, json.JSONDecodeError) as exc:
+        raise DataError(f"cannot read {path}: {exc}") from exc
     from datasets import load_dataset
     from datasets.utils.logging import disable_progress_bar
 
     disable_progress_bar()
-    kwargs: dict[str, Any] = {"delimiter": "\t"} if path.suffix.lower() == ".tsv" else {}
     try:
-        dataset = load_dataset(builder, data_files=str(path), split="train", **kwargs)
+        dataset = load_dataset("parquet", data_files=str(path), split="train")
     except Exception as exc:  # datasets raises many types for malformed files
         raise DataError(
             f"cannot read {path}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}"
         ) from exc
     return [dict(row) for row in dataset]
+
+
+def _read_json_rows(path: Path) -> list[dict[str, Any]]:
+    """A JSON list of objects, or JSON lines (one object per line), as `datasets` accepts."""
+    text = path.read_text(encoding="utf-8")
+    stripped = text.lstrip()
+    if stripped.startswith("["):
+        rows = json.loads(stripped)
+    else:
+        rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+    if not isinstance(rows, list) or not all(isinstance(row, dict) for row in rows):
+        raise DataError(f"cannot read {path}: expected a JSON list of objects or JSON lines")
+    return rows
 
 
 def _load_remote(entry: NamedSet) -> tuple[list[dict[str, Any]], str]:

@@ -8,8 +8,8 @@ an uninterrupted run (statistics are summed in the same order from the same chec
 
 from __future__ import annotations
 
+import contextlib
 import platform
-import resource
 import shlex
 import shutil
 import sys
@@ -34,6 +34,7 @@ from wandacli.data import (
     load_raw,
 )
 from wandacli.errors import InterruptedRun, ModelError, NonFiniteScoresError, StoreError, Terminated
+from wandacli.memory import peak_gpu_bytes, peak_rss_bytes, return_freed_memory_promptly
 from wandacli.models import LinearLayer, LoadedModel, ModelSpec, load_model, model_max_length
 from wandacli.scoring import (
     ActivationStatistics,
@@ -47,6 +48,7 @@ from wandacli.store import (
     SCORES_FORMAT,
     STATS_GROUP,
     Store,
+    StoredFile,
     atomic_h5,
     check_free_space,
     check_resumable,
@@ -54,6 +56,7 @@ from wandacli.store import (
     format_non_finite,
     non_finite_counts,
     now_iso,
+    open_part,
     read_part,
     set_root_attrs,
     to_float16_checked,
@@ -95,12 +98,6 @@ class ScoreResult:
             "modules": self.modules,
             "parameters": self.parameters,
         }
-
-
-def peak_rss_bytes() -> int:
-    """The process's peak resident set size (ru_maxrss is KiB on Linux, bytes on macOS)."""
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
 def versions() -> dict[str, str]:
@@ -150,6 +147,7 @@ class ScoreRun:
     def run(self) -> ScoreResult:
         config = self.config
         started_at, started = now_iso(), time.monotonic()
+        return_freed_memory_promptly()
         if config.needs_data is False and config.data:
             warn(f"--method {config.method} uses no calibration data; --data is ignored")
         ensure_writable_directory(self.store.root)
@@ -178,7 +176,6 @@ class ScoreRun:
                 self._compute_and_assemble(loaded, calibration, base_layers, groups, final, meta)
             shutil.rmtree(self.parts_dir, ignore_errors=True)
         seconds = time.monotonic() - started
-        gpu_peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else None
         return ScoreResult(
             name=self.name,
             path=final,
@@ -186,7 +183,7 @@ class ScoreRun:
             nsamples=len(calibration.samples) if calibration else 0,
             seconds=seconds,
             peak_memory_bytes=peak_rss_bytes(),
-            peak_gpu_memory_bytes=gpu_peak,
+            peak_gpu_memory_bytes=peak_gpu_bytes(),
             resumed=self.resumed,
             layers=loaded.fingerprint.num_layers,
             modules=len(loaded.linear_layers),
@@ -357,16 +354,17 @@ class ScoreRun:
     ) -> None:
         method = self.config.method
         stats: dict[str, torch.Tensor] | None = None
+        last_group: GradientAccumulator | None = None
         if method == "wanda":
             assert calibration is not None
             stats = self._gather_wanda(loaded, calibration)
         elif method == "wandg":
             assert calibration is not None
             for index, group in enumerate(groups):
-                self._gather_wandg_group(
+                last_group = self._gather_wandg_group(
                     loaded, calibration, group, index, len(groups), base_layers
                 )
-        self._assemble(loaded, calibration, base_layers, stats, len(groups), final, meta)
+        self._assemble(loaded, calibration, base_layers, stats, groups, last_group, final, meta)
 
     def _samples_on_device(
         self, loaded: LoadedModel, calibration: CalibrationSet
@@ -414,7 +412,7 @@ class ScoreRun:
 
     def _checkpoint_wanda(self, statistics: ActivationStatistics, samples: int) -> None:
         path = self.parts_dir / f"stats-{samples:06d}.h5"
-        arrays = {k: v.detach().cpu().numpy() for k, v in statistics.sums.items()}
+        arrays = ((k, v.detach().cpu().numpy()) for k, v in statistics.sums.items())
         write_part(path, arrays, {"samples": samples, "kind": "wanda-sums"})
         # Keep only the newest two checkpoints: the previous one covers a damaged newest one.
         for older in sorted(self.parts_dir.glob("stats-*.h5"))[:-2]:
@@ -428,21 +426,28 @@ class ScoreRun:
         index: int,
         count: int,
         base_layers: dict[str, LinearLayer] | None,
-    ) -> None:
-        group_path = self.parts_dir / f"group-{index:04d}.h5"
-        if group_path.exists():
-            if read_part(group_path) is not None:
-                return
+    ) -> GradientAccumulator | None:
+        """Sum |grad| for one layer group. Every group but the last is saved as a part and
+        freed; the last one stays in memory and goes straight into the score set (its
+        accumulator checkpoints cover it until the set is in place), saving a write and a
+        read of up to the whole set's size."""
+        last = index == count - 1
+        group_path = self._group_part(index)
+        if not last and group_path.exists():
+            part = open_part(group_path)
+            if part is not None:
+                part.close()
+                return None
             warn(f"damaged part file {group_path}: removed, recomputing layer group {index}")
         accumulator = GradientAccumulator(group)
         done = self._restore_wandg(accumulator, index)
         total = len(calibration.samples)
         interval = self.config.checkpoint_interval
-        first, last = group[0].layer, group[-1].layer
+        first_layer, last_layer = group[0].layer, group[-1].layer
         label = (
             "wandg: samples"
             if count == 1
-            else f"wandg: layers {first}-{last} ({index + 1}/{count})"
+            else f"wandg: layers {first_layer}-{last_layer} ({index + 1}/{count})"
         )
         self.reporter.start(label, total=total, completed=done)
         with accumulator.recording():
@@ -458,14 +463,29 @@ class ScoreRun:
                 if finished < total and interval and finished % interval == 0:
                     self._checkpoint_wandg(accumulator, index, finished)
         self.reporter.finish()
-        scores = {}
-        for lin in group:
-            base = base_layers[lin.key].weight_matrix() if base_layers else None
-            magnitude = weight_magnitude(lin.weight_matrix(), base)
-            scores[lin.key] = snip_scores(magnitude, accumulator.scores_layout(lin)).cpu().numpy()
+        if last:
+            return accumulator
+        scores = (
+            (lin.key, self._snip(lin, accumulator, base_layers).cpu().numpy()) for lin in group
+        )
         write_part(group_path, scores, {"group": index, "kind": "wandg-scores"})
         for stale in self.parts_dir.glob(f"accum-g{index:04d}-*.h5"):
             stale.unlink(missing_ok=True)
+        return None
+
+    def _group_part(self, index: int) -> Path:
+        return self.parts_dir / f"group-{index:04d}.h5"
+
+    @staticmethod
+    def _snip(
+        lin: LinearLayer,
+        accumulator: GradientAccumulator,
+        base_layers: dict[str, LinearLayer] | None,
+    ) -> torch.Tensor:
+        base = base_layers[lin.key].weight_matrix() if base_layers else None
+        return snip_scores(
+            weight_magnitude(lin.weight_matrix(), base), accumulator.scores_layout(lin)
+        )
 
     def _restore_wandg(self, accumulator: GradientAccumulator, group: int) -> int:
         for path in sorted(self.parts_dir.glob(f"accum-g{group:04d}-*.h5"), reverse=True):
@@ -480,7 +500,7 @@ class ScoreRun:
 
     def _checkpoint_wandg(self, accumulator: GradientAccumulator, group: int, samples: int) -> None:
         path = self.parts_dir / f"accum-g{group:04d}-{samples:06d}.h5"
-        arrays = {k: v.detach().cpu().numpy() for k, v in accumulator.sums.items()}
+        arrays = ((k, v.detach().cpu().numpy()) for k, v in accumulator.sums.items())
         write_part(path, arrays, {"samples": samples, "group": group, "kind": "wandg-accumulators"})
         for older in sorted(self.parts_dir.glob(f"accum-g{group:04d}-*.h5"))[:-2]:
             older.unlink(missing_ok=True)
@@ -493,28 +513,26 @@ class ScoreRun:
         calibration: CalibrationSet | None,
         base_layers: dict[str, LinearLayer] | None,
         stats: dict[str, torch.Tensor] | None,
-        group_count: int,
+        groups: list[list[LinearLayer]],
+        last_group: GradientAccumulator | None,
         final: Path,
         meta: dict[str, Any],
     ) -> None:
-        """Write the score set to a temporary file, refuse NaN/Inf, rename it into place."""
+        """Write the score set to a temporary file one layer at a time, refuse NaN/Inf, rename
+        it into place."""
         config = self.config
-        group_scores: dict[str, np.ndarray] = {}
-        if config.method == "wandg":
-            for index in range(group_count):
-                part = read_part(self.parts_dir / f"group-{index:04d}.h5")
-                if part is None:
-                    raise StoreError(
-                        f"layer group {index} of {self.name!r} was damaged before assembly and "
-                        "removed: run the same command again to recompute it"
-                    )
-                group_scores.update(part[0])
         non_finite: dict[str, tuple[int, int]] = {}
         nsamples = len(calibration.samples) if calibration else 0
         self.reporter.start("writing score set", total=len(loaded.linear_layers))
-        with atomic_h5(final) as handle:
+        with atomic_h5(final) as handle, contextlib.ExitStack() as parts:
+            group_parts = self._open_group_parts(groups, last_group, parts)
             for lin in loaded.linear_layers:
-                scores = self._layer_scores(lin, base_layers, stats, group_scores, nsamples)
+                if lin.key in group_parts:
+                    scores = group_parts[lin.key].read_raw(lin.key)
+                elif last_group is not None:
+                    scores = self._snip(lin, last_group, base_layers).cpu().numpy()
+                else:
+                    scores = self._layer_scores(lin, base_layers, stats, nsamples)
                 nan, inf = non_finite_counts(scores)
                 if nan or inf:
                     non_finite[lin.key] = (nan, inf)
@@ -534,21 +552,39 @@ class ScoreRun:
                     "use --dtype float32, or check the model and data"
                 )
             meta["finished"] = now_iso()
-            meta["format"] = SCORES_FORMAT
             set_root_attrs(handle, SCORES_FORMAT, meta)
         self.reporter.finish()
+
+    def _open_group_parts(
+        self,
+        groups: list[list[LinearLayer]],
+        last_group: GradientAccumulator | None,
+        stack: contextlib.ExitStack,
+    ) -> dict[str, StoredFile]:
+        """key -> the open part file holding it, for the wandg groups saved as parts."""
+        if self.config.method != "wandg":
+            return {}
+        by_key: dict[str, StoredFile] = {}
+        for index, group in enumerate(groups[:-1] if last_group is not None else groups):
+            part = open_part(self._group_part(index))
+            if part is None:
+                raise StoreError(
+                    f"layer group {index} of {self.name!r} was damaged before assembly and "
+                    "removed: run the same command again to recompute it"
+                )
+            stack.enter_context(part)
+            by_key.update({lin.key: part for lin in group})
+        return by_key
 
     def _layer_scores(
         self,
         lin: LinearLayer,
         base_layers: dict[str, LinearLayer] | None,
         stats: dict[str, torch.Tensor] | None,
-        group_scores: dict[str, np.ndarray],
         nsamples: int,
     ) -> np.ndarray:
+        """Scores computed at assembly: wanda from its statistics, magnitude, random."""
         method = self.config.method
-        if method == "wandg":
-            return group_scores[lin.key]
         if method == "random":
             return random_scores(lin.shape, self.config.seed, lin.key).numpy()
         base = base_layers[lin.key].weight_matrix() if base_layers else None

@@ -14,12 +14,14 @@ Every score is shaped like the weight it scores, [out_features, in_features], fl
 from __future__ import annotations
 
 import hashlib
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
 import torch
 
+from wandacli.data import IGNORE_INDEX
 from wandacli.models import LinearLayer
 
 METHODS = ("wanda", "wandg", "magnitude", "random")
@@ -62,6 +64,34 @@ def random_scores(shape: tuple[int, int], seed: int, key: str) -> torch.Tensor:
 def count_non_finite(scores: torch.Tensor) -> tuple[int, int]:
     """(NaN count, ±Inf count)."""
     return int(torch.isnan(scores).sum()), int(torch.isinf(scores).sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Forward passes
+
+
+_FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the model can compute logits for chosen positions only (transformers ≥ 4.50)."""
+    cls = type(model)
+    if cls not in _FORWARD_PARAMETERS:
+        _FORWARD_PARAMETERS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return "logits_to_keep" in _FORWARD_PARAMETERS[cls]
+
+
+def sample_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the tokens whose label is not -100: the loss transformers
+    computes from `labels`, with logits computed only at the positions that predict a counted
+    token (prompt positions would cost a vocabulary projection each and count for nothing)."""
+    if not accepts_logits_to_keep(model):
+        return model(input_ids=input_ids, labels=labels, use_cache=False).loss
+    # Position t predicts token t+1: keep the positions whose next label counts.
+    positions = torch.nonzero(labels[0, 1:].ne(IGNORE_INDEX)).squeeze(1)
+    targets = labels[0, positions + 1]
+    logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=positions).logits
+    return torch.nn.functional.cross_entropy(logits[0].float(), targets)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -122,8 +152,11 @@ class ActivationStatistics:
         """One forward pass over one sample; `counted` ([1, T] bool) selects the tokens that count."""
         self._counted = counted.reshape(-1) if counted is not None else None
         self._last_input = self._last_sum = None
+        # Only the linear layers' inputs matter: skip the vocabulary projection (a fifth of a
+        # small model's forward pass) by asking for a single position's logits.
+        extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         with torch.no_grad():
-            model(input_ids=input_ids, use_cache=False)
+            model(input_ids=input_ids, use_cache=False, **extra)
         self._counted = None
 
 
@@ -182,8 +215,7 @@ class GradientAccumulator:
         """One forward and backward over one sample; the loss is the model's mean cross-entropy
         over the tokens whose label is not -100."""
         with torch.enable_grad():
-            loss = model(input_ids=input_ids, labels=labels, use_cache=False).loss
-            loss.backward()
+            sample_loss(model, input_ids, labels).backward()
 
     def scores_layout(self, lin: LinearLayer) -> torch.Tensor:
         """The accumulator as [out_features, in_features]."""

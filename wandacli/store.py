@@ -41,7 +41,7 @@ import re
 import shutil
 import socket
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -552,7 +552,7 @@ class StoredFile:
                 raise ChecksumError(f"checksum mismatch in {self.path}:/{key}") from exc
             raise StoreError(f"cannot read {self.path}:/{key} ({_first_line(exc)})") from exc
 
-    def dataset_keys(self, prefix: str = "") -> list[str]:
+    def dataset_keys(self) -> list[str]:
         """`<layer>/<module>` keys of the arrays (the stats group excluded)."""
         keys: list[str] = []
         for layer in self.handle:
@@ -745,25 +745,36 @@ def describe_parts(parts_dir: Path) -> str:
     return "unfinished: " + (", ".join(done) if done else "nothing kept yet")
 
 
-def write_part(path: Path, arrays: dict[str, np.ndarray], attrs: dict[str, Any]) -> None:
-    """A part file: arrays under their keys, attributes as meta; atomic and checksummed."""
+def write_part(path: Path, arrays: Iterable[tuple[str, np.ndarray]], attrs: dict[str, Any]) -> None:
+    """A part file: arrays under their keys (consumed one at a time, so a generator keeps
+    memory at one array), attributes as meta; atomic and checksummed."""
     with atomic_h5(path) as handle:
-        set_root_attrs(handle, PART_FORMAT, attrs)
-        for key, array in arrays.items():
+        for key, array in arrays:
             write_array(handle, key, array)
+        set_root_attrs(handle, PART_FORMAT, attrs)
 
 
 def read_part(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None:
     """A part's arrays and attributes, or None (and the file removed) when it is damaged."""
+    part = open_part(path)
+    if part is None:
+        return None
+    with part:
+        try:
+            arrays = {key: part.read_raw(key) for key in part.dataset_keys()}
+        except StoreError:
+            part.close()
+            with contextlib.suppress(OSError):
+                path.unlink()
+            return None
+        return arrays, part.meta
+
+
+def open_part(path: Path) -> StoredFile | None:
+    """A part file opened for reading one array at a time, or None (and the file removed)
+    when it cannot be opened: a truncated part is recomputed, never trusted."""
     try:
-        with StoredFile(path, PART_FORMAT, ("float32",)) as part:
-            arrays = {}
-            for layer in part.handle:
-                group = part.handle[layer]
-                for module in group:
-                    key = f"{layer}/{module}"
-                    arrays[key] = part.read_raw(key)
-            return arrays, part.meta
+        return StoredFile(path, PART_FORMAT, ("float32",))
     except StoreError:
         with contextlib.suppress(OSError):
             path.unlink()

@@ -22,6 +22,10 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 
 .PHONY: install test test-fast lint demo bench clean
 
+DEMO_CONFIG := configs/smollm2-demo.toml
+DEMO_STORE  := demo/store
+WANDACLI    := $(BIN)/wandacli
+
 $(STAMP): pyproject.toml Makefile
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "error: $(PYTHON) not found; run make PYTHON=python3"; exit 1; }
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
@@ -48,5 +52,15 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
+# The demo pipeline: targets are files, so a re-run skips finished steps.
+$(DEMO_STORE)/scores/%.h5: $(STAMP) $(DEMO_CONFIG)
+	$(WANDACLI) score --config $(DEMO_CONFIG) --method $(word 1,$(subst -, ,$*)) \
+		--data $(word 2,$(subst -, ,$*)) --name $*
+
+DEMO_SCORES := $(addprefix $(DEMO_STORE)/scores/,wanda-align_short.h5 wandg-align_short.h5 wanda-utility.h5 wandg-utility.h5)
+
+demo: $(DEMO_SCORES)
+	$(WANDACLI) inspect $(DEMO_STORE)
+
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo bench/work

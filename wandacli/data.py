@@ -260,21 +260,48 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]]:
 
 
 def _load_remote(entry: NamedSet) -> tuple[list[dict[str, Any]], str]:
-    """Rows of a named set from its public source (hub dataset or URL)."""
+    """Rows of a named set from its public source: a file URL (downloaded once into the
+    cache) or a hub dataset."""
+    if entry.remote.startswith("https://"):
+        path = _download_once(entry.remote)
+        return _load_table(path), _sha256_file(path)
     from datasets import load_dataset
 
     try:
-        if entry.remote.startswith("https://"):
-            dataset = load_dataset("csv", data_files=entry.remote, split="train")
-        else:
-            dataset = load_dataset(entry.remote, entry.remote_config, split=entry.remote_split)
-    except Exception as exc:
+        dataset = load_dataset(entry.remote, entry.remote_config, split=entry.remote_split)
+    except Exception as exc:  # hub errors come in many types
         raise DataError(
             f"cannot fetch named set {entry.name!r} from {entry.remote}: "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
             "set WANDACLI_DATA_DIR to a folder holding its file, or pass a local file"
         ) from exc
     return [dict(row) for row in dataset], str(getattr(dataset, "_fingerprint", entry.remote))
+
+
+def _download_once(url: str) -> Path:
+    """A URL's file in the wandacli cache, downloaded atomically the first time."""
+    import urllib.error
+    import urllib.request
+
+    from wandacli.models import cache_root
+
+    target = cache_root() / "data" / url.rsplit("/", 1)[-1]
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as handle:
+            while block := response.read(1 << 20):
+                handle.write(block)
+        os.replace(tmp, target)
+    except (urllib.error.URLError, OSError, TimeoutError) as exc:
+        tmp.unlink(missing_ok=True)
+        raise DataError(
+            f"cannot download {url}: {exc}; set WANDACLI_DATA_DIR to a folder holding the "
+            "file, or pass a local file"
+        ) from exc
+    return target
 
 
 def _check_columns(

@@ -69,7 +69,8 @@ _result = {{"parameters": result.parameters}}
 
 
 def run() -> list[Row]:
-    from wandacli.models import ModelSpec, load_model
+    from wandacli.config import ModelSpec
+    from wandacli.models import load_model
 
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))

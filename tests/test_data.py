@@ -8,9 +8,9 @@ import random
 import pytest
 import torch
 
+from wandacli.config import Columns
 from wandacli.data import (
     IGNORE_INDEX,
-    Columns,
     build_calibration_set,
     load_raw,
     select_rows,

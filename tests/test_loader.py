@@ -10,8 +10,9 @@ import torch
 
 from tests.conftest import build_tokenizer
 from wandacli import models
+from wandacli.config import ModelSpec
 from wandacli.errors import ModelError
-from wandacli.models import ModelSpec, iter_linear_layers, load_model, resolve_source
+from wandacli.models import iter_linear_layers, load_model, resolve_source
 
 LLAMA_MODULES = [
     "self_attn.q_proj",

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from wandacli.config import ScoreConfig
+from wandacli.config import ModelSpec, ScoreConfig
 from wandacli.data import build_calibration_set, load_raw
-from wandacli.models import ModelSpec, load_model
+from wandacli.models import load_model
 from wandacli.score_run import run_score
 from wandacli.scoring import random_scores
 from wandacli.store import ScoreSet

@@ -10,9 +10,9 @@ import h5py
 import numpy as np
 import pytest
 
-from wandacli.config import ScoreConfig
+from wandacli.config import ModelSpec, ScoreConfig
 from wandacli.errors import ChecksumError, NonFiniteScoresError, StoreError, StoreLockedError
-from wandacli.models import ModelSpec, load_model
+from wandacli.models import load_model
 from wandacli.score_run import run_score
 from wandacli.store import (
     FORMAT_VERSION,

@@ -16,11 +16,18 @@ from rich.markup import escape
 from typer.core import TyperGroup
 
 from wandacli import __version__, render
-from wandacli.config import ScoreConfig, config_path_from_args, default_map, read_config_file
+from wandacli.config import (
+    DEFAULT_MODEL_ALIAS,
+    DEFAULT_STORE,
+    Columns,
+    ScoreConfig,
+    config_path_from_args,
+    default_map,
+    read_config_file,
+)
 from wandacli.console import console, progress_reporter
-from wandacli.data import Columns, describe_named_sets
+from wandacli.data import describe_named_sets
 from wandacli.errors import ConfigError, Terminated, WandacliError
-from wandacli.models import DEFAULT_MODEL_ALIAS
 from wandacli.options import (
     CacheDirOption,
     ConfigOption,
@@ -36,7 +43,7 @@ from wandacli.options import (
     StoreOption,
     model_spec,
 )
-from wandacli.store import DEFAULT_STORE, summarize_store
+from wandacli.store import summarize_store
 
 # Exit codes: 2 for usage and input errors (click's convention), 130/143 for SIGINT/SIGTERM.
 EXIT_USAGE = 2

@@ -14,11 +14,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wandacli.data import Columns
 from wandacli.errors import ConfigError
-from wandacli.models import ModelSpec
-from wandacli.scoring import DATA_METHODS, METHODS
-from wandacli.store import DEFAULT_STORE
+
+DEFAULT_MODEL_ALIAS = "smollm2"
+DEFAULT_STORE = Path("wandacli-store")
+METHODS = ("wanda", "wandg", "magnitude", "random")
+DATA_METHODS = ("wanda", "wandg")
 
 CALIBRATION_NSAMPLES = 128  # the reference's default
 CALIBRATION_SEED = 0  # the reference's default
@@ -28,6 +29,31 @@ DEFAULT_SEQLEN_CAP = 2048
 # Wanda statistics are small (one vector per layer): checkpoint often. wandg accumulators are
 # as large as the model's linear weights: checkpoint less often.
 DEFAULT_CHECKPOINT_EVERY = {"wanda": 8, "wandg": 32}
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared settings
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What the user asked for: `--model`, `--dtype`, `--device`, `--device-map`."""
+
+    model: str = DEFAULT_MODEL_ALIAS
+    dtype: str = "auto"
+    device: str = "auto"
+    device_map: str | None = None
+    max_memory: dict[str, str] | None = None
+    cache_dir: Path | None = None
+
+
+@dataclass(frozen=True)
+class Columns:
+    """Column names for local files (`--prompt-column`, `--response-column`, `--text-column`)."""
+
+    prompt: str = "prompt"
+    response: str = "response"
+    text: str = "text"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,13 +18,16 @@ import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
-import torch
 
+from wandacli.config import Columns
 from wandacli.console import warn
 from wandacli.errors import DataError
+
+if TYPE_CHECKING:
+    import torch
 
 # Labels at positions that must not count (prompt tokens), as in Hugging Face losses.
 IGNORE_INDEX = -100
@@ -171,15 +174,6 @@ def data_dir(explicit: Path | None = None) -> Path | None:
 
 # ---------------------------------------------------------------------------------------------
 # Loading rows
-
-
-@dataclass(frozen=True)
-class Columns:
-    """Column names for local files (`--prompt-column`, `--response-column`, `--text-column`)."""
-
-    prompt: str = "prompt"
-    response: str = "response"
-    text: str = "text"
 
 
 @dataclass
@@ -577,6 +571,8 @@ def build_calibration_set(
 def _disentangled(
     raw: RawData, tokenizer: Any, nsamples: int, seed: int, seqlen: int, template: str
 ) -> CalibrationSet:
+    import torch
+
     if nsamples > len(raw.pairs):
         raise DataError(
             f"--nsamples {nsamples} but {raw.name} has only {len(raw.pairs)} rows: "
@@ -621,6 +617,8 @@ def _disentangled(
 def _entangled(
     raw: RawData, tokenizer: Any, nsamples: int, seed: int, seqlen: int, template: str
 ) -> CalibrationSet:
+    import torch
+
     if raw.kind == "pairs":
         texts = raw.texts or [f"{pair.prompt} {pair.response}" for pair in raw.pairs]
         # The reference joins the rows' text with single spaces.

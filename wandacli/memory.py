@@ -6,8 +6,6 @@ import ctypes
 import resource
 import sys
 
-import torch
-
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_ARENA_MAX = -8
@@ -20,6 +18,8 @@ def peak_rss_bytes() -> int:
 
 
 def peak_gpu_bytes() -> int | None:
+    import torch
+
     return int(torch.cuda.max_memory_allocated()) if torch.cuda.is_available() else None
 
 

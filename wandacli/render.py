@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.table import Table
 
 from wandacli.console import out
-from wandacli.score_run import ScoreResult
 from wandacli.store import ScoreSetSummary
+
+if TYPE_CHECKING:
+    from wandacli.score_run import ScoreResult
 
 
 def human_bytes(n: int | None) -> str:

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import wandacli
-from wandacli.config import DEFAULT_SEQLEN_CAP, ScoreConfig
+from wandacli.config import DEFAULT_SEQLEN_CAP, ModelSpec, ScoreConfig
 from wandacli.console import NullReporter, Reporter, info, warn
 from wandacli.data import (
     CalibrationSet,
@@ -35,7 +35,7 @@ from wandacli.data import (
 )
 from wandacli.errors import InterruptedRun, ModelError, NonFiniteScoresError, StoreError, Terminated
 from wandacli.memory import peak_gpu_bytes, peak_rss_bytes, return_freed_memory_promptly
-from wandacli.models import LinearLayer, LoadedModel, ModelSpec, load_model, model_max_length
+from wandacli.models import LinearLayer, LoadedModel, load_model, model_max_length
 from wandacli.scoring import (
     ActivationStatistics,
     GradientAccumulator,

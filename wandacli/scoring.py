@@ -24,10 +24,6 @@ import torch
 from wandacli.data import IGNORE_INDEX
 from wandacli.models import LinearLayer
 
-METHODS = ("wanda", "wandg", "magnitude", "random")
-DATA_METHODS = ("wanda", "wandg")
-
-
 # ---------------------------------------------------------------------------------------------
 # Pure math
 

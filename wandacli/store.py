@@ -56,7 +56,7 @@ from wandacli.errors import (
     StoreError,
     StoreLockedError,
 )
-from wandacli.models import ModelFingerprint
+from wandacli.fingerprint import ModelFingerprint
 
 FORMAT_VERSION = 1
 SCORES_FORMAT = "wandacli-scores"
@@ -71,7 +71,6 @@ LOCK_NAME = ".wandacli.lock"
 LOCK_HOLDER_NAME = ".wandacli.lock.json"
 TMP_MARKER = ".tmp-"
 
-DEFAULT_STORE = Path("wandacli-store")
 STATS_GROUP = "stats"
 # HDF5 filters a store file may use: deflate (1), shuffle (2), fletcher32 (3). Anything else
 # could be a plugin we do not want to load for a file someone handed us.

@@ -20,6 +20,8 @@ from wandacli.config import (
     DEFAULT_MODEL_ALIAS,
     DEFAULT_STORE,
     Columns,
+    ModelSpec,
+    PruneConfig,
     ScoreConfig,
     config_path_from_args,
     default_map,
@@ -343,6 +345,190 @@ def score(
             score_config, reporter=reporter, command_line=["wandacli", *sys.argv[1:]]
         )
     render.score_result(result, as_json=p["json_output"])
+
+
+@app.command()
+def prune(
+    scores: Annotated[
+        str,
+        typer.Option(
+            "--scores",
+            help="Score set to prune from, by name (in --store) or as a path to its .h5 file. "
+            "With --utility-scores: the safety set.",
+        ),
+    ],
+    store: Annotated[
+        Path | None,
+        typer.Option(
+            "--store",
+            "-s",
+            help="Store to read names from and write the mask to [default: the store holding "
+            "--scores, else ./wandacli-store].",
+            rich_help_panel="Store",
+        ),
+    ] = None,
+    sparsity_ratio: Annotated[
+        float | None,
+        typer.Option(
+            "--sparsity-ratio", "-r", help="Fraction of each row (or matrix) to prune, in [0, 1)."
+        ),
+    ] = None,
+    sparsity_type: Annotated[
+        str,
+        typer.Option(
+            "--sparsity-type",
+            help="unstructured, or N:M (2:4, 4:8, ...): N of every M consecutive inputs.",
+        ),
+    ] = "unstructured",
+    prune_highest: Annotated[
+        bool,
+        typer.Option(
+            "--prune-highest",
+            "--neg-prune",
+            help="Prune the highest-scored weights instead of the lowest (the reference's --neg_prune).",
+        ),
+    ] = False,
+    variant: Annotated[
+        bool,
+        typer.Option(
+            "--variant",
+            help="The Wanda variant: per-row cumulative-score threshold (the reference's --use_variant).",
+        ),
+    ] = False,
+    scope: Annotated[
+        Literal["row", "matrix"],
+        typer.Option(
+            "--scope",
+            help="row: each row prunes its share (the reference); matrix: rank a whole matrix at once.",
+        ),
+    ] = "row",
+    utility_scores: Annotated[
+        str | None,
+        typer.Option(
+            "--utility-scores",
+            help="Set difference: prune the top-q safety weights (--scores) that are not in the "
+            "top-p utility weights (this set), per matrix. Ignores --prune-highest, as the reference does.",
+            rich_help_panel="Set difference",
+        ),
+    ] = None,
+    p: Annotated[
+        float | None,
+        typer.Option(
+            "--p",
+            help="Top fraction of utility scores kept safe, in (0, 1].",
+            rich_help_panel="Set difference",
+        ),
+    ] = None,
+    q: Annotated[
+        float | None,
+        typer.Option(
+            "--q",
+            help="Top fraction of safety scores considered, in (0, 1].",
+            rich_help_panel="Set difference",
+        ),
+    ] = None,
+    layers: Annotated[
+        str | None,
+        typer.Option(
+            "--layers", help="Only these decoder layers, e.g. 0-3,10.", rich_help_panel="Filters"
+        ),
+    ] = None,
+    modules: Annotated[
+        str | None,
+        typer.Option(
+            "--modules",
+            help="Only modules matching this glob, e.g. 'mlp.*'.",
+            rich_help_panel="Filters",
+        ),
+    ] = None,
+    name: Annotated[
+        str | None,
+        typer.Option(
+            "--name",
+            help="Mask name [default: derived from the settings].",
+            rich_help_panel="Store",
+        ),
+    ] = None,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Check the scores against this model's shapes (config only); required by --save-model.",
+            rich_help_panel="Model",
+        ),
+    ] = None,
+    save_model: Annotated[
+        Path | None,
+        typer.Option(
+            "--save-model",
+            help="Save the pruned model here (safetensors, atomic).",
+            rich_help_panel="Outputs",
+        ),
+    ] = None,
+    recover_from_base: Annotated[
+        str | None,
+        typer.Option(
+            "--recover-from-base",
+            help="With --save-model: copy this base model's weights into the pruned positions instead of zeros.",
+            rich_help_panel="Outputs",
+        ),
+    ] = None,
+    export_mask: Annotated[
+        Path | None,
+        typer.Option(
+            "--export-mask",
+            help="Also write the reference's fine-tuning mask (.pt: module name → bool tensor; "
+            "True = pruned with --prune-highest, True = kept otherwise).",
+            rich_help_panel="Outputs",
+        ),
+    ] = None,
+    dtype: Annotated[
+        Literal["auto", "float32", "bfloat16", "float16"],
+        typer.Option(
+            "--dtype",
+            help="With --save-model: auto keeps the checkpoint's dtype.",
+            rich_help_panel="Model",
+        ),
+    ] = "auto",
+    device: DeviceOption = "auto",
+    cache_dir: CacheDirOption = None,
+    overwrite: OverwriteOption = False,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    no_progress: NoProgressOption = False,
+) -> None:
+    """Build a pruning mask from stored scores, keep it in the store, and optionally save the
+    pruned model. Never computes scores: run `wandacli score` first."""
+    prune_config = PruneConfig(
+        scores=scores,
+        store=store,
+        sparsity_ratio=sparsity_ratio,
+        sparsity_type=sparsity_type,
+        prune_highest=prune_highest,
+        variant=variant,
+        scope=scope,
+        utility_scores=utility_scores,
+        p=p,
+        q=q,
+        layers=layers,
+        modules=modules,
+        name=name,
+        model=ModelSpec(model=model, dtype=dtype, device=device, cache_dir=cache_dir)
+        if model
+        else None,
+        save_model=save_model,
+        recover_from_base=recover_from_base,
+        export_mask=export_mask,
+        overwrite=overwrite,
+    )
+    from wandacli.prune_run import run_prune
+
+    with progress_reporter(enabled=not no_progress) as reporter:
+        result = run_prune(
+            prune_config, reporter=reporter, command_line=["wandacli", *sys.argv[1:]]
+        )
+    render.prune_result(result, as_json=json_output)
 
 
 @app.command()

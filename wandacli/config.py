@@ -207,3 +207,124 @@ class ScoreConfig:
         data["data_dir"] = str(self.data_dir) if self.data_dir else None
         data["model"]["cache_dir"] = str(self.model.cache_dir) if self.model.cache_dir else None
         return data
+
+
+# ---------------------------------------------------------------------------------------------
+# prune
+
+
+@dataclass(frozen=True)
+class PruneConfig:
+    """Everything `wandacli prune` needs. `scores` is the safety set in set-difference mode."""
+
+    scores: str
+    store: Path | None = None  # None: the store holding `scores`, else DEFAULT_STORE
+    sparsity_ratio: float | None = None
+    sparsity_type: str = "unstructured"
+    prune_highest: bool = False
+    variant: bool = False
+    scope: str = "row"
+    utility_scores: str | None = None
+    p: float | None = None
+    q: float | None = None
+    layers: str | None = None
+    modules: str | None = None
+    name: str | None = None
+    model: ModelSpec | None = None
+    save_model: Path | None = None
+    recover_from_base: str | None = None
+    export_mask: Path | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        from wandacli.pruning import parse_nm
+
+        if self.scope not in ("row", "matrix"):
+            raise ConfigError(f"unknown --scope {self.scope!r}: use row or matrix")
+        if self.set_difference:
+            if self.p is None or self.q is None:
+                raise ConfigError(
+                    "--utility-scores needs --p and --q (the top fractions to compare)"
+                )
+            for flag, value in (("--p", self.p), ("--q", self.q)):
+                if not 0 < value <= 1:
+                    raise ConfigError(f"{flag} must be in (0, 1] (got {value})")
+            for given, flag in (
+                (self.sparsity_ratio is not None, "--sparsity-ratio"),
+                (self.sparsity_type != "unstructured", "--sparsity-type"),
+                (self.variant, "--variant"),
+                (self.scope != "row", "--scope"),
+            ):
+                if given:
+                    raise ConfigError(
+                        f"{flag} does not apply to the set difference (--utility-scores with "
+                        "--p/--q chooses what is pruned): drop one of them"
+                    )
+        else:
+            if self.p is not None or self.q is not None:
+                raise ConfigError("--p and --q need --utility-scores (the set difference)")
+            try:
+                nm = parse_nm(self.sparsity_type)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+            if nm is not None:
+                n, m = nm
+                if self.sparsity_ratio is not None and abs(self.sparsity_ratio - n / m) > 1e-9:
+                    raise ConfigError(
+                        f"--sparsity-type {n}:{m} prunes {n / m:g} of the weights; "
+                        f"--sparsity-ratio {self.sparsity_ratio:g} contradicts it: drop it"
+                    )
+                if self.variant or self.scope != "row":
+                    raise ConfigError(
+                        f"--sparsity-type {n}:{m} cannot be combined with --variant or --scope matrix"
+                    )
+            else:
+                if self.sparsity_ratio is None:
+                    raise ConfigError(
+                        "--sparsity-ratio is required (e.g. 0.5), or use --sparsity-type N:M or --utility-scores"
+                    )
+                if not 0 <= self.sparsity_ratio < 1:
+                    raise ConfigError(
+                        f"--sparsity-ratio must be in [0, 1) (got {self.sparsity_ratio})"
+                    )
+            if self.variant and self.scope != "row":
+                raise ConfigError("--variant ranks rows: it cannot be combined with --scope matrix")
+        if self.save_model is not None and self.model is None:
+            raise ConfigError("--save-model needs --model (the model the scores were computed on)")
+        if self.recover_from_base is not None and self.save_model is None:
+            raise ConfigError(
+                "--recover-from-base only changes a saved model: add --save-model OUT"
+            )
+
+    @property
+    def set_difference(self) -> bool:
+        return self.utility_scores is not None
+
+    @property
+    def nm(self) -> tuple[int, int] | None:
+        from wandacli.pruning import parse_nm
+
+        return None if self.set_difference else parse_nm(self.sparsity_type)
+
+    @property
+    def mode(self) -> str:
+        if self.set_difference:
+            return "set-difference"
+        if self.nm is not None:
+            return "n:m"
+        if self.variant:
+            return "variant"
+        return "matrix" if self.scope == "matrix" else "row"
+
+    @property
+    def effective_ratio(self) -> float | None:
+        nm = self.nm
+        return nm[0] / nm[1] if nm else self.sparsity_ratio
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("store", "save_model", "export_mask"):
+            data[key] = str(data[key]) if data[key] is not None else None
+        if self.model is not None:
+            data["model"]["cache_dir"] = str(self.model.cache_dir) if self.model.cache_dir else None
+        return data

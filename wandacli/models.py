@@ -129,6 +129,15 @@ class LoadedModel:
         embeddings = self.model.get_input_embeddings()
         return embeddings.weight.device if embeddings is not None else self.device
 
+    @property
+    def layers_path(self) -> str:
+        """The decoder layers' module path, e.g. `model.layers` (Llama) or `transformer.h`."""
+        return decoder_layers_path(self.model)
+
+    def full_name(self, lin: LinearLayer) -> str:
+        """A linear layer's module name in the whole model, e.g. `model.layers.3.mlp.down_proj`."""
+        return f"{self.layers_path}.{lin.layer}.{lin.name}"
+
 
 def fingerprint_of(layers: list[LinearLayer]) -> ModelFingerprint:
     num_layers = 1 + max((lin.layer for lin in layers), default=-1)
@@ -199,8 +208,11 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """float32 on CPU and bfloat16 on CUDA unless asked otherwise."""
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
+    """float32 on CPU and bfloat16 on CUDA unless asked otherwise; "checkpoint" keeps the
+    dtype the weights are stored in."""
+    if dtype == "checkpoint":
+        return "auto"  # transformers' name for the checkpoint's own dtype
     if dtype == "auto":
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
@@ -362,6 +374,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         raise ModelError(f"cannot load model {spec.model!r}: {_first_line(exc)}; {hint}") from exc
     model.eval()
     model.requires_grad_(False)
+    dtype = model.dtype
     tokenizer = load_tokenizer(location, spec.model)
     layers = list(iter_linear_layers(model))
     if not layers:
@@ -374,6 +387,29 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         dtype=dtype,
         linear_layers=layers,
     )
+
+
+def model_structure(spec: ModelSpec) -> tuple[ModelSource, ModelFingerprint]:
+    """A model's source and fingerprint from its config alone: the model is built on the meta
+    device, so no weights are read or allocated (checking a store against a 70B model costs
+    nothing)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve_source(spec.model)
+    location = source.location
+    if source.kind == "gguf":
+        location = str(ensure_converted_gguf(Path(source.location), spec.cache_dir))
+    _quiet_transformers()
+    try:
+        config = AutoConfig.from_pretrained(location)
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+        raise ModelError(
+            f"cannot read the config of model {spec.model!r}: {_first_line(exc)}"
+        ) from exc
+    return source, fingerprint_of(list(iter_linear_layers(skeleton)))
 
 
 def _parse_device_map(device_map: str) -> Any:
@@ -456,6 +492,14 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         f"cannot find the decoder layers of {type(model).__name__}: wandacli knows Llama, "
         "Mistral, Qwen2, Gemma, GPT-2, OPT and GPT-NeoX layouts; please report this architecture"
     )
+
+
+def decoder_layers_path(model: nn.Module) -> str:
+    layers = decoder_layers(model)
+    for name, module in model.named_modules():
+        if module is layers:
+            return name
+    raise ModelError(f"cannot name the decoder layers of {type(model).__name__}")
 
 
 def iter_linear_layers(model: nn.Module) -> Iterator[LinearLayer]:

@@ -12,6 +12,7 @@ from wandacli.console import out
 from wandacli.store import ScoreSetSummary
 
 if TYPE_CHECKING:
+    from wandacli.prune_run import PruneResult
     from wandacli.score_run import ScoreResult
 
 
@@ -131,3 +132,71 @@ def _summary_json(entry: ScoreSetSummary) -> dict[str, Any]:
         "error": entry.error,
         "meta": entry.meta,
     }
+
+
+def sparsity_table(title: str, counts: dict[str, tuple[int, int]]) -> Table:
+    """Sparsity (%) per layer (rows) and module (columns), with totals."""
+    modules: list[str] = []
+    by_layer: dict[int, dict[str, tuple[int, int]]] = {}
+    for key, value in counts.items():
+        layer_text, module = key.split("/", 1)
+        if module not in modules:
+            modules.append(module)
+        by_layer.setdefault(int(layer_text), {})[module] = value
+    table = Table(title=title, title_justify="left")
+    table.add_column("layer", justify="right")
+    for module in modules:
+        table.add_column(module.rsplit(".", 1)[-1].removesuffix("_proj"), justify="right")
+    table.add_column("all", justify="right", style="bold")
+
+    def percent(pruned: int, total: int) -> str:
+        return f"{100 * pruned / total:.2f}" if total else "-"
+
+    for layer in sorted(by_layer):
+        row = by_layer[layer]
+        cells = [percent(*row[m]) if m in row else "-" for m in modules]
+        table.add_row(
+            str(layer),
+            *cells,
+            percent(sum(p for p, _ in row.values()), sum(t for _, t in row.values())),
+        )
+    column_totals = []
+    for module in modules:
+        pairs = [by_layer[layer][module] for layer in by_layer if module in by_layer[layer]]
+        column_totals.append(percent(sum(p for p, _ in pairs), sum(t for _, t in pairs)))
+    pruned = sum(p for p, _ in counts.values())
+    total = sum(t for _, t in counts.values())
+    table.add_section()
+    table.add_row("all", *column_totals, percent(pruned, total), style="bold")
+    return table
+
+
+def prune_result(result: PruneResult, as_json: bool) -> None:
+    if as_json:
+        print_json(result.to_json())
+        return
+    out.print(
+        sparsity_table(f"mask {result.name}: sparsity (%) by layer and module", result.counts)
+    )
+    rows = [
+        ("mask", result.name),
+        ("mode", result.mode),
+        ("pruned", f"{result.pruned:,} of {result.total:,} weights ({100 * result.sparsity:.4f}%)"),
+    ]
+    if result.model_zero_fraction is not None:
+        rows.append(
+            (
+                "model sparsity",
+                f"{100 * result.model_zero_fraction:.4f}% exact zeros in decoder linear weights",
+            )
+        )
+    if result.saved_model is not None:
+        rows.append(("saved model", str(result.saved_model)))
+    if result.exported_mask is not None:
+        rows.append(("exported mask", str(result.exported_mask)))
+    rows += [
+        ("time", f"{result.seconds:.1f} s"),
+        ("peak memory", human_bytes(result.peak_memory_bytes)),
+        ("file", str(result.path)),
+    ]
+    out.print(key_value_table("mask written", rows))

@@ -9,7 +9,6 @@ an uninterrupted run (statistics are summed in the same order from the same chec
 from __future__ import annotations
 
 import contextlib
-import platform
 import shlex
 import shutil
 import sys
@@ -23,7 +22,6 @@ from typing import Any
 import numpy as np
 import torch
 
-import wandacli
 from wandacli.config import DEFAULT_SEQLEN_CAP, ModelSpec, ScoreConfig
 from wandacli.console import NullReporter, Reporter, info, warn
 from wandacli.data import (
@@ -59,6 +57,7 @@ from wandacli.store import (
     open_part,
     read_part,
     set_root_attrs,
+    software_versions,
     to_float16_checked,
     write_array,
     write_manifest,
@@ -98,17 +97,6 @@ class ScoreResult:
             "modules": self.modules,
             "parameters": self.parameters,
         }
-
-
-def versions() -> dict[str, str]:
-    import transformers
-
-    return {
-        "wandacli": wandacli.__version__,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "python": platform.python_version(),
-    }
 
 
 @contextmanager
@@ -291,6 +279,7 @@ class ScoreRun:
             "model": {
                 "id": loaded.model_id,
                 "source": loaded.source.kind,
+                "layers_path": loaded.layers_path,
                 "fingerprint": loaded.fingerprint.to_json(),
             },
             "dtype": str(loaded.dtype).removeprefix("torch."),
@@ -299,7 +288,7 @@ class ScoreRun:
             "use_diff": config.use_diff,
             "base_model": config.base_model,
             "seed": config.seed,
-            "versions": versions(),
+            "versions": software_versions(),
             "command_line": shlex.join(self.command_line),
             "config": config.to_json(),
             "started": started_at,

@@ -44,7 +44,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import h5py
 import numpy as np
@@ -336,11 +336,12 @@ def writer_lock(root: Path, command: str | None = None) -> Iterator[Store]:
         lock.release()
 
 
-def ensure_writable_directory(root: Path) -> None:
+def ensure_writable_directory(root: Path, option: str = "--store") -> None:
     """Create `root` if needed and prove it writable (os.access is wrong for root users and
-    read-only mounts, so write a probe file)."""
+    read-only mounts, so write a probe file). `option` names the flag in the error."""
+    noun = "store directory" if option == "--store" else f"{option} directory"
     if root.exists() and not root.is_dir():
-        raise StoreError(f"store path {root} is a file, not a directory: choose another --store")
+        raise StoreError(f"{noun} {root} is a file, not a directory: choose another {option}")
     try:
         root.mkdir(parents=True, exist_ok=True)
         probe = root / f".probe{TMP_MARKER}{os.getpid()}"
@@ -348,13 +349,24 @@ def ensure_writable_directory(root: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise StoreError(
-            f"store directory {root} is not writable ({exc.strerror}): choose another --store "
+            f"{noun} {root} is not writable ({exc.strerror}): choose another {option} "
             "or fix its permissions"
         ) from exc
 
 
 def now_iso() -> str:
     return dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+
+
+def software_versions() -> dict[str, str]:
+    """Versions recorded in every file's meta, read from package metadata (no imports)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {"python": sys.version.split()[0]}
+    for package in ("wandacli", "torch", "transformers", "numpy", "h5py"):
+        with contextlib.suppress(PackageNotFoundError):
+            found[package] = version(package)
+    return found
 
 
 # ---------------------------------------------------------------------------------------------
@@ -531,7 +543,7 @@ class StoredFile:
         with contextlib.suppress(Exception):
             self.handle.close()
 
-    def __enter__(self) -> StoredFile:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -632,6 +644,62 @@ class ScoreSet(StoredFile):
             )
 
 
+class MaskFile(StoredFile):
+    """A finished mask: bit-packed rows per linear layer, read one layer at a time."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, MASK_FORMAT, ("uint8",))
+        try:
+            self.fingerprint = ModelFingerprint.from_json(self.meta["model"]["fingerprint"])
+        except (KeyError, TypeError, ValueError) as exc:
+            self.close()
+            raise StoreError(
+                f"{self.path} has no model fingerprint in its meta: not a complete mask"
+            ) from exc
+        missing = [k for k in self.fingerprint.shapes if not self.has(k)]
+        if missing:
+            self.close()
+            raise StoreError(f"{self.path} is incomplete: missing {describe_key(missing[0])}")
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def keys(self) -> list[str]:
+        return list(self.fingerprint.shapes)
+
+    def read(self, key: str) -> np.ndarray:
+        """One layer's mask as bool [out, in], True = pruned."""
+        packed = self.read_raw(key)
+        shape = self.fingerprint.shapes[key]
+        stored_shape = tuple(int(v) for v in self.handle[key].attrs.get("shape", ()))
+        if stored_shape != shape or packed.shape != (shape[0], (shape[1] + 7) // 8):
+            raise StoreError(
+                f"{self.path}:/{key} holds a {packed.shape} packed mask with shape attribute "
+                f"{stored_shape}, the meta says {shape}"
+            )
+        return np.unpackbits(packed, axis=-1, count=shape[1]).astype(bool)
+
+    def check_model(self, fingerprint: ModelFingerprint, model_id: str) -> None:
+        mismatch = self.fingerprint.first_mismatch(fingerprint, mine="stored", theirs="model")
+        if mismatch:
+            raise StoreError(
+                f"mask {self.path} was made for another model ({self.meta['model'].get('id')}) "
+                f"than {model_id}: {mismatch}"
+            )
+
+
+def write_mask_array(handle: h5py.File, key: str, mask: np.ndarray) -> None:
+    """One layer's mask: uint8 packbits(mask, axis=-1), True = pruned, with its shape."""
+    write_array(handle, key, np.packbits(mask, axis=-1), "uint8")
+    handle[key].attrs["shape"] = np.asarray(mask.shape, dtype=np.int64)
+
+
+def open_mask(reference: str, store_root: Path | None) -> MaskFile:
+    return MaskFile(resolve_file(reference, store_root, "mask"))
+
+
 @dataclass
 class ScoreSetSummary:
     """What `inspect` shows for one score set, finished or not."""
@@ -666,7 +734,7 @@ def summarize_store(root: Path) -> tuple[list[ScoreSetSummary], list[ScoreSetSum
     for name in store.mask_names():
         path = store.mask_path(name)
         try:
-            with StoredFile(path, MASK_FORMAT, ("uint8",)) as mask_file:
+            with MaskFile(path) as mask_file:
                 masks.append(ScoreSetSummary(name, path, True, mask_file.meta, "complete"))
         except StoreError as exc:
             masks.append(ScoreSetSummary(name, path, False, error=str(exc)))

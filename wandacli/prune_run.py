@@ -1,0 +1,535 @@
+"""A `prune` run: masks from stored scores, streamed one layer at a time into the store,
+optionally applied to the model and saved, or exported in the reference's `.pt` format.
+
+`prune` never computes scores, loads calibration data or takes gradients: it reads score sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import os
+import re
+import shlex
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from wandacli import pruning
+from wandacli.config import DEFAULT_STORE, ModelSpec, PruneConfig
+from wandacli.console import NullReporter, Reporter, info
+from wandacli.errors import ConfigError, InterruptedRun, StoreError, Terminated
+from wandacli.fingerprint import ModelFingerprint
+from wandacli.memory import peak_rss_bytes
+from wandacli.store import (
+    MASK_FORMAT,
+    SCORES_DIR,
+    ScoreSet,
+    Store,
+    atomic_h5,
+    check_free_space,
+    ensure_writable_directory,
+    now_iso,
+    open_score_set,
+    replace_directory_atomically,
+    set_root_attrs,
+    software_versions,
+    split_key,
+    temporary_path,
+    write_mask_array,
+    writer_lock,
+)
+
+if TYPE_CHECKING:
+    from wandacli.models import LoadedModel
+
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=,@-]")
+
+
+@dataclass
+class PruneResult:
+    """What a finished prune reports."""
+
+    name: str
+    path: Path
+    mode: str
+    counts: dict[str, tuple[int, int]]  # key -> (pruned, total)
+    seconds: float
+    peak_memory_bytes: int
+    model_zero_fraction: float | None = None  # exact zeros in the pruned model's linear weights
+    saved_model: Path | None = None
+    exported_mask: Path | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def pruned(self) -> int:
+        return sum(p for p, _ in self.counts.values())
+
+    @property
+    def total(self) -> int:
+        return sum(t for _, t in self.counts.values())
+
+    @property
+    def sparsity(self) -> float:
+        return self.pruned / self.total if self.total else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "path": str(self.path),
+            "mode": self.mode,
+            "pruned": self.pruned,
+            "total": self.total,
+            "sparsity": self.sparsity,
+            "model_zero_fraction": self.model_zero_fraction,
+            "saved_model": str(self.saved_model) if self.saved_model else None,
+            "exported_mask": str(self.exported_mask) if self.exported_mask else None,
+            "seconds": round(self.seconds, 3),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "modules": {k: {"pruned": p, "total": t} for k, (p, t) in self.counts.items()},
+        }
+
+
+def store_root_for(reference: str, explicit: Path | None) -> Path:
+    """--store, else the store holding a score set given by path, else the default store."""
+    if explicit is not None:
+        return explicit
+    path = Path(reference)
+    if path.suffix == ".h5" and path.parent.name == SCORES_DIR:
+        return path.parent.parent
+    return DEFAULT_STORE
+
+
+def default_mask_name(config: PruneConfig, safety: str, utility: str | None) -> str:
+    """A name that says how the mask was made, e.g. `wanda-align_short.r0.5.top`."""
+    if config.set_difference:
+        name = f"{safety}-minus-{utility}.q{config.q:g}.p{config.p:g}"
+    elif config.nm is not None:
+        name = f"{safety}.{config.nm[0]}of{config.nm[1]}"
+    else:
+        tag = {"variant": "v", "matrix": "m"}.get(config.mode, "r")
+        name = f"{safety}.{tag}{config.sparsity_ratio:g}"
+    if config.prune_highest and not config.set_difference:
+        name += ".top"
+    if config.layers:
+        name += ".L" + config.layers.replace(",", "_")
+    if config.modules:
+        name += ".M" + config.modules
+    return _UNSAFE_NAME_CHARS.sub("_", name)
+
+
+def selected_keys(config: PruneConfig, fingerprint: ModelFingerprint) -> list[str]:
+    """The modules `--layers` and `--modules` leave to prune (all by default)."""
+    keys = list(fingerprint.shapes)
+    if config.layers:
+        try:
+            layers = pruning.parse_layers(config.layers, fingerprint.num_layers)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        keys = [k for k in keys if split_key(k)[0] in layers]
+    if config.modules:
+        keys = [k for k in keys if fnmatch.fnmatchcase(split_key(k)[1], config.modules)]
+        if not keys:
+            names = sorted({split_key(k)[1] for k in fingerprint.shapes})
+            raise ConfigError(
+                f"--modules {config.modules!r} matches no module (modules: {', '.join(names)})"
+            )
+    return keys
+
+
+class PruneRun:
+    """One `wandacli prune` invocation."""
+
+    def __init__(
+        self,
+        config: PruneConfig,
+        *,
+        reporter: Reporter | None = None,
+        command_line: list[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.reporter = reporter or NullReporter()
+        self.command_line = command_line if command_line is not None else sys.argv
+
+    def run(self) -> PruneResult:
+        config = self.config
+        started = time.monotonic()
+        root = store_root_for(config.scores, config.store)
+        with contextlib.ExitStack() as stack:
+            safety = stack.enter_context(open_score_set(config.scores, root))
+            utility = None
+            if config.utility_scores is not None:
+                utility = stack.enter_context(open_score_set(config.utility_scores, root))
+                _check_same_model(safety, utility)
+            keys = selected_keys(config, safety.fingerprint)
+            if config.nm is not None:
+                _check_divisible(safety.fingerprint, keys, config.nm[1])
+            name = config.name or default_mask_name(
+                config, safety.name, utility.name if utility else None
+            )
+            path = Store(root).mask_path(name)
+            if path.exists() and not config.overwrite:
+                raise StoreError(
+                    f"mask {name!r} already exists in {root}: pass --overwrite to replace it, or --name"
+                )
+            self._check_outputs()
+            loaded = self._model_for(safety)
+            base = self._base_model(loaded) if config.recover_from_base else None
+            with writer_lock(root, shlex.join(self.command_line)):
+                packed_bytes = sum(
+                    o * ((i + 7) // 8) for o, i in safety.fingerprint.shapes.values()
+                )
+                check_free_space(root, packed_bytes, f"mask {name!r}")
+                try:
+                    counts = self._write_mask(path, safety, utility, keys, loaded, base, name)
+                except KeyboardInterrupt:
+                    raise InterruptedRun(
+                        "interrupted: no mask written; the store is unchanged", 130
+                    ) from None
+                except Terminated:
+                    raise InterruptedRun(
+                        "terminated: no mask written; the store is unchanged", 143
+                    ) from None
+            result = PruneResult(
+                name=name,
+                path=path,
+                mode=config.mode,
+                counts=counts,
+                seconds=0.0,
+                peak_memory_bytes=0,
+            )
+            if config.export_mask is not None:
+                result.exported_mask = self._export(path, loaded, safety)
+            if loaded is not None:
+                result.model_zero_fraction = _zero_fraction(loaded)
+                assert config.save_model is not None
+                result.saved_model = self._save(loaded, config.save_model, path)
+        result.seconds = time.monotonic() - started
+        result.peak_memory_bytes = peak_rss_bytes()
+        return result
+
+    # -- checks ---------------------------------------------------------------------------
+
+    def _check_outputs(self) -> None:
+        """Refuse unwritable or existing outputs before any work."""
+        config = self.config
+        if config.save_model is not None:
+            out = config.save_model
+            if out.exists() and not out.is_dir():
+                raise ConfigError(f"--save-model {out} is a file: pass a directory to create")
+            if out.exists() and any(out.iterdir()) and not config.overwrite:
+                raise ConfigError(
+                    f"--save-model {out} already exists: pass --overwrite to replace it"
+                )
+            ensure_writable_directory(out.parent, "--save-model")
+        if config.export_mask is not None:
+            target = config.export_mask
+            if target.is_dir():
+                raise ConfigError(
+                    f"--export-mask {target} is a directory: pass a file name such as mask.pt"
+                )
+            if target.exists() and not config.overwrite:
+                raise ConfigError(
+                    f"--export-mask {target} already exists: pass --overwrite to replace it"
+                )
+            ensure_writable_directory(target.parent, "--export-mask")
+
+    def _model_for(self, safety: ScoreSet) -> LoadedModel | None:
+        """The model to save (loaded in full), or only its structure to check shapes."""
+        config = self.config
+        if config.model is None:
+            return None
+        from wandacli import models
+
+        if config.save_model is None:
+            source, fingerprint = models.model_structure(config.model)
+            safety.check_model(fingerprint, source.model_id)
+            return None
+        spec = config.model
+        if spec.dtype == "auto":
+            # A saved model keeps its checkpoint's dtype (a float16 7B model saved as float32
+            # would double in size).
+            spec = ModelSpec(**{**spec.__dict__, "dtype": "checkpoint"})
+        loaded = models.load_model(spec)
+        safety.check_model(loaded.fingerprint, loaded.model_id)
+        return loaded
+
+    def _base_model(self, loaded: LoadedModel | None) -> LoadedModel:
+        from wandacli import models
+
+        assert loaded is not None and self.config.recover_from_base is not None
+        spec = self.config.model or ModelSpec()
+        base = models.load_model(
+            ModelSpec(
+                model=self.config.recover_from_base,
+                dtype=spec.dtype,
+                device="cpu",
+                cache_dir=spec.cache_dir,
+            )
+        )
+        mismatch = loaded.fingerprint.first_mismatch(
+            base.fingerprint, mine="model", theirs="base model"
+        )
+        if mismatch:
+            raise ConfigError(
+                f"--recover-from-base {self.config.recover_from_base} does not match --model: {mismatch}"
+            )
+        return base
+
+    # -- the mask -------------------------------------------------------------------------
+
+    def _mask(self, key: str, safety: ScoreSet, utility: ScoreSet | None) -> np.ndarray:
+        config = self.config
+        scores = safety.read(key)
+        if utility is not None:
+            assert config.p is not None and config.q is not None
+            return pruning.set_difference_mask(scores, utility.read(key), config.p, config.q)
+        highest = config.prune_highest
+        if config.nm is not None:
+            return pruning.nm_mask(scores, *config.nm, prune_highest=highest)
+        assert config.sparsity_ratio is not None
+        if config.variant:
+            return pruning.variant_mask(scores, config.sparsity_ratio, prune_highest=highest)
+        if config.scope == "matrix":
+            return pruning.matrix_mask(scores, config.sparsity_ratio, prune_highest=highest)
+        return pruning.row_mask(scores, config.sparsity_ratio, prune_highest=highest)
+
+    def _write_mask(
+        self,
+        path: Path,
+        safety: ScoreSet,
+        utility: ScoreSet | None,
+        keys: list[str],
+        loaded: LoadedModel | None,
+        base: LoadedModel | None,
+        name: str,
+    ) -> dict[str, tuple[int, int]]:
+        """Compute, write and (with a model) apply the mask, one layer at a time."""
+        selected = set(keys)
+        counts: dict[str, tuple[int, int]] = {}
+        layers = {lin.key: lin for lin in loaded.linear_layers} if loaded else {}
+        base_layers = {lin.key: lin for lin in base.linear_layers} if base else {}
+        self.reporter.start("pruning", total=len(safety.keys))
+        with atomic_h5(path) as handle:
+            for key in safety.keys:
+                shape = safety.fingerprint.shapes[key]
+                if key in selected:
+                    mask = self._mask(key, safety, utility)
+                else:
+                    mask = np.zeros(shape, dtype=bool)
+                write_mask_array(handle, key, mask)
+                counts[key] = (int(mask.sum()), mask.size)
+                if key in layers and key in selected:
+                    apply_mask(layers[key], mask, base_layers.get(key))
+                self.reporter.advance()
+            pruned = sum(p for p, _ in counts.values())
+            total = sum(t for _, t in counts.values())
+            set_root_attrs(handle, MASK_FORMAT, self._meta(safety, utility, name, pruned, total))
+        self.reporter.finish()
+        return counts
+
+    def _meta(
+        self, safety: ScoreSet, utility: ScoreSet | None, name: str, pruned: int, total: int
+    ) -> dict[str, Any]:
+        config = self.config
+        sets = [safety] + ([utility] if utility is not None else [])
+        return {
+            "name": name,
+            "mode": config.mode,
+            "sparsity_ratio": config.effective_ratio,
+            "sparsity_type": config.sparsity_type if not config.set_difference else None,
+            "prune_highest": config.prune_highest and not config.set_difference,
+            "variant": config.variant,
+            "scope": config.scope,
+            "p": config.p,
+            "q": config.q,
+            "layers": config.layers,
+            "modules": config.modules,
+            "tie_rule": pruning.TIE_RULE,
+            "actual_sparsity": pruned / total if total else 0.0,
+            "pruned": pruned,
+            "total": total,
+            "score_sets": [
+                {
+                    "role": role,
+                    "name": s.name,
+                    "path": str(s.path),
+                    "method": s.meta.get("method"),
+                    "data": (s.meta.get("data") or {}).get("name"),
+                    "fingerprint": s.fingerprint.digest,
+                    "finished": s.meta.get("finished"),
+                }
+                for role, s in zip(("scores", "utility"), sets, strict=False)
+            ],
+            "model": {
+                "id": safety.meta["model"].get("id"),
+                "layers_path": safety.meta["model"].get("layers_path"),
+                "fingerprint": safety.fingerprint.to_json(),
+            },
+            "config": config.to_json(),
+            "command_line": shlex.join(self.command_line),
+            "versions": software_versions(),
+            "created": now_iso(),
+        }
+
+    # -- outputs --------------------------------------------------------------------------
+
+    def _export(self, mask_path: Path, loaded: LoadedModel | None, safety: ScoreSet) -> Path:
+        """The reference's fine-tuning mask: {module name: bool tensor}, True = pruned when
+        pruning highest, True = kept otherwise (its `get_mask`). With a model loaded, every
+        module with a weight is listed, as the reference lists them; without, the decoder's
+        linear layers."""
+        import torch
+
+        from wandacli.store import MaskFile
+
+        config = self.config
+        assert config.export_mask is not None
+        true_means_pruned = config.prune_highest
+        layers_path = (
+            loaded.layers_path
+            if loaded
+            else safety.meta["model"].get("layers_path") or "model.layers"
+        )
+        exported: dict[str, torch.Tensor] = {}
+        with MaskFile(mask_path) as mask_file:
+            linear_names = {}
+            for key in mask_file.keys:
+                layer, module = split_key(key)
+                linear_names[f"{layers_path}.{layer}.{module}"] = key
+            if loaded is not None:
+                for module_name, module in loaded.model.named_modules():
+                    weight = getattr(module, "weight", None)
+                    if module_name in linear_names or not isinstance(weight, torch.Tensor):
+                        continue
+                    unpruned = torch.zeros(weight.shape, dtype=torch.bool)
+                    exported[module_name] = unpruned if true_means_pruned else ~unpruned
+            for module_name, key in linear_names.items():
+                mask = torch.from_numpy(mask_file.read(key))
+                if loaded is not None:
+                    lin = next(lin for lin in loaded.linear_layers if lin.key == key)
+                    if lin.transposed:  # the module's own layout, as the reference saves it
+                        mask = mask.t().contiguous()
+                exported[module_name] = mask if true_means_pruned else ~mask
+        target = config.export_mask
+        tmp = temporary_path(target)
+        try:
+            torch.save(exported, tmp)
+            os.replace(tmp, target)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return target
+
+    def _save(self, loaded: LoadedModel, out: Path, mask_path: Path) -> Path:
+        """save_pretrained into a temporary directory renamed into place: an interrupted save
+        never leaves a half-written model at OUT."""
+        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        self.reporter.start("saving model", total=1)
+        try:
+            loaded.model.save_pretrained(str(tmp), safe_serialization=True)
+            if loaded.tokenizer is not None:
+                loaded.tokenizer.save_pretrained(str(tmp))
+            (tmp / "wandacli-mask.json").write_text(
+                _provenance_json(mask_path, self.command_line), encoding="utf-8"
+            )
+            replace_directory_atomically(tmp, out)
+        except KeyboardInterrupt:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise InterruptedRun(
+                f"interrupted while saving the model: {out} is unchanged; the mask {mask_path} is kept",
+                130,
+            ) from None
+        except Terminated:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise InterruptedRun(
+                f"terminated while saving the model: {out} is unchanged; the mask {mask_path} is kept",
+                143,
+            ) from None
+        except OSError as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise StoreError(f"cannot save the model to {out}: {exc.strerror or exc}") from exc
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.reporter.advance()
+        self.reporter.finish()
+        info(f"saved the pruned model to {out}")
+        return out
+
+
+def apply_mask(lin: Any, mask: np.ndarray, base: Any | None = None) -> None:
+    """Zero the masked weights of one linear layer in place, or copy the base model's weights
+    into them (`--recover-from-base`)."""
+    import torch
+
+    weight = lin.weight_matrix()
+    selector = torch.from_numpy(mask).to(weight.device)
+    with torch.no_grad():
+        if base is None:
+            weight[selector] = 0
+        else:
+            weight[selector] = base.weight_matrix().to(weight.device, weight.dtype)[selector]
+
+
+def _zero_fraction(loaded: LoadedModel) -> float:
+    """The reference's sparsity check: exact zeros over all decoder linear weights."""
+    zeros = total = 0
+    for lin in loaded.linear_layers:
+        weight = lin.weight
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    return zeros / total if total else 0.0
+
+
+def _provenance_json(mask_path: Path, command_line: list[str]) -> str:
+    import json
+
+    from wandacli.store import MaskFile
+
+    with MaskFile(mask_path) as mask_file:
+        meta = dict(mask_file.meta)
+    meta.pop("model", None)  # the fingerprint is the saved model itself
+    meta["mask_file"] = str(mask_path)
+    meta["saved_by"] = shlex.join(command_line)
+    return json.dumps(meta, indent=1, default=str)
+
+
+def _check_same_model(safety: ScoreSet, utility: ScoreSet) -> None:
+    mismatch = safety.fingerprint.first_mismatch(
+        utility.fingerprint, mine="safety scores", theirs="utility scores"
+    )
+    if mismatch:
+        raise StoreError(
+            f"the safety and utility score sets come from different models: {mismatch}"
+        )
+    safety_id, utility_id = safety.meta["model"].get("id"), utility.meta["model"].get("id")
+    if safety_id != utility_id:
+        raise StoreError(
+            f"the safety and utility score sets come from different models ({safety_id} vs "
+            f"{utility_id}): score both on the same model"
+        )
+
+
+def _check_divisible(fingerprint: ModelFingerprint, keys: list[str], m: int) -> None:
+    for key in keys:
+        in_features = fingerprint.shapes[key][1]
+        if in_features % m:
+            layer, module = split_key(key)
+            raise ConfigError(
+                f"N:M with M={m} needs in_features divisible by {m}: layer {layer} {module} has {in_features}"
+            )
+
+
+def run_prune(
+    config: PruneConfig, *, reporter: Reporter | None = None, command_line: list[str] | None = None
+) -> PruneResult:
+    """Build a mask from stored scores as `config` says, write it to the store, and save or
+    export what was asked."""
+    return PruneRun(config, reporter=reporter, command_line=command_line).run()

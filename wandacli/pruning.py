@@ -1,0 +1,187 @@
+"""Masks from scores, as pure array functions, and their bit-packed storage form.
+
+A mask is a bool array shaped like the weight, [out_features, in_features]; True = pruned.
+Selections run on numpy arrays with introselect (`np.partition`, O(n)) instead of a full sort,
+and break ties the way a stable sort does: among equal scores the lower index is chosen first,
+on every run. (`torch.topk`, which the reference uses for N:M and the set difference, leaves
+the order of ties unspecified.) numpy rather than torch keeps `prune` free of torch's ~270 MB
+of memory; only `--variant`, which must repeat the reference's torch arithmetic, imports it.
+"""
+
+from __future__ import annotations
+
+import re
+
+import numpy as np
+
+TIE_RULE = "among equal scores the lower index is selected first (as a stable sort orders them)"
+
+
+# ---------------------------------------------------------------------------------------------
+# Selection
+
+
+def select_extreme(values: np.ndarray, k: int, *, highest: bool) -> np.ndarray:
+    """Boolean mask of the k lowest (or highest) entries along the last axis, ties broken by
+    lower index first; every leading index (row, group) selects its own k."""
+    n = values.shape[-1]
+    if k <= 0:
+        return np.zeros(values.shape, dtype=bool)
+    if k >= n:
+        return np.ones(values.shape, dtype=bool)
+    pivot = n - k if highest else k - 1
+    kth = np.partition(values, pivot, axis=-1)[..., pivot : pivot + 1]
+    beyond = values > kth if highest else values < kth
+    equal = values == kth
+    need = k - beyond.sum(axis=-1, keepdims=True)
+    # Among the entries equal to the k-th value, take the first `need` of each row by index.
+    flat_equal = equal.reshape(-1, n)
+    rows, cols = np.nonzero(flat_equal)  # row-major: columns ascend within each row
+    first_of_row = np.searchsorted(rows, rows, side="left")
+    rank_in_row = np.arange(rows.size) - first_of_row
+    take = rank_in_row < need.reshape(-1)[rows]
+    mask = beyond.reshape(-1, n)
+    mask[rows[take], cols[take]] = True
+    return mask.reshape(values.shape)
+
+
+def row_mask(
+    scores: np.ndarray, sparsity_ratio: float, *, prune_highest: bool = False
+) -> np.ndarray:
+    """Per-row unstructured: each row prunes its int(in_features × ratio) lowest (or highest)
+    scores, as the reference's stable per-row sort does."""
+    k = int(scores.shape[1] * sparsity_ratio)
+    return select_extreme(scores, k, highest=prune_highest)
+
+
+def matrix_mask(
+    scores: np.ndarray, sparsity_ratio: float, *, prune_highest: bool = False
+) -> np.ndarray:
+    """All weights of the matrix ranked together: int(numel × ratio) lowest (or highest)."""
+    k = int(scores.size * sparsity_ratio)
+    return select_extreme(scores.reshape(1, -1), k, highest=prune_highest).reshape(scores.shape)
+
+
+def nm_mask(scores: np.ndarray, n: int, m: int, *, prune_highest: bool = False) -> np.ndarray:
+    """N:M structured: in every group of M consecutive inputs of a row, the N lowest (or
+    highest) scores."""
+    out_features, in_features = scores.shape
+    groups = scores.reshape(out_features, in_features // m, m)
+    return select_extreme(groups, n, highest=prune_highest).reshape(scores.shape)
+
+
+def top_fraction(scores: np.ndarray, fraction: float, *, per_row: bool = False) -> np.ndarray:
+    """The top `fraction` of scores, largest first: int(fraction · numel) over the flattened
+    matrix (the set difference's rule), or int(fraction · in_features) per row."""
+    if per_row:
+        return select_extreme(scores, int(fraction * scores.shape[1]), highest=True)
+    # The reference computes int(p * in_features * out_features), left to right.
+    k = int(fraction * scores.shape[1] * scores.shape[0])
+    return select_extreme(scores.reshape(1, -1), k, highest=True).reshape(scores.shape)
+
+
+def set_difference_mask(safety: np.ndarray, utility: np.ndarray, p: float, q: float) -> np.ndarray:
+    """Weights in the top q fraction of the safety scores that are not in the top p fraction of
+    the utility scores, per matrix (the reference's `wandg_set_difference`)."""
+    return top_fraction(safety, q) & ~top_fraction(utility, p)
+
+
+def variant_mask(
+    scores: np.ndarray,
+    sparsity_ratio: float,
+    *,
+    prune_highest: bool = False,
+    alpha_start: float = 0.4,
+    alpha_bracket: tuple[float, float] = (0.0, 0.8),
+    tolerance: float = 0.001,
+) -> np.ndarray:
+    """The Wanda variant (the reference's `--use_variant`): per row, prune every score at or
+    below the largest sorted score whose cumulative sum is within alpha × the row's sum; alpha
+    found by the reference's bisection until the matrix's sparsity is within `tolerance` of the
+    target or the bracket is narrower than `tolerance`.
+
+    Computed with torch, as the reference, so cumulative sums round the same way. Differs in
+    one edge: a row where no score fits under alpha × sum prunes nothing, where the reference
+    indexes position -1 (an error on CPU, the row's largest score on some devices).
+    """
+    import torch
+
+    metric = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
+    if prune_highest:
+        metric = -metric
+    sorted_values, _ = torch.sort(metric, dim=-1, stable=True)
+    cumulative = torch.cumsum(sorted_values, dim=1)
+    row_sums = metric.sum(dim=1)
+
+    def mask_for(alpha: float) -> tuple[torch.Tensor, float]:
+        fits = cumulative <= (row_sums * alpha).reshape(-1, 1)
+        count = fits.sum(dim=1, keepdim=True)
+        thresholds = torch.gather(sorted_values, 1, (count - 1).clamp(min=0))
+        thresholds = torch.where(count > 0, thresholds, torch.full_like(thresholds, -torch.inf))
+        mask = metric <= thresholds
+        return mask, float(mask.sum()) / mask.numel()
+
+    alpha = alpha_start
+    low, high = alpha_bracket
+    mask, sparsity = mask_for(alpha)
+    while abs(sparsity - sparsity_ratio) > tolerance and high - low >= tolerance:
+        if sparsity > sparsity_ratio:
+            alpha, high = (alpha + low) / 2.0, alpha
+        else:
+            alpha, low = (alpha + high) / 2.0, alpha
+        mask, sparsity = mask_for(alpha)
+    return mask.numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage form
+
+
+def pack(mask: np.ndarray) -> np.ndarray:
+    """uint8 `numpy.packbits(mask, axis=-1)`: 8 weights a byte along each row."""
+    return np.packbits(mask, axis=-1)
+
+
+def unpack(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The bool mask back from its packed rows."""
+    return np.unpackbits(packed, axis=-1, count=shape[1]).astype(bool).reshape(shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# Parsing the options that choose what is pruned
+
+
+_NM = re.compile(r"^(\d+):(\d+)$")
+
+
+def parse_nm(sparsity_type: str) -> tuple[int, int] | None:
+    """(N, M) for 'N:M', None for 'unstructured'; ValueError otherwise."""
+    if sparsity_type == "unstructured":
+        return None
+    match = _NM.match(sparsity_type)
+    if not match:
+        raise ValueError(f"--sparsity-type {sparsity_type!r}: use unstructured or N:M (e.g. 2:4)")
+    n, m = int(match.group(1)), int(match.group(2))
+    if not 0 < n < m:
+        raise ValueError(f"--sparsity-type {sparsity_type}: N must be at least 1 and less than M")
+    return n, m
+
+
+def parse_layers(spec: str, num_layers: int) -> set[int]:
+    """'0-3,10' → {0, 1, 2, 3, 10}; ValueError names what is wrong."""
+    chosen: set[int] = set()
+    for part in spec.split(","):
+        part = part.strip()
+        match = re.fullmatch(r"(\d+)(?:-(\d+))?", part)
+        if not match:
+            raise ValueError(f"--layers {spec!r}: {part!r} is not a layer index or range like 0-3")
+        first = int(match.group(1))
+        last = int(match.group(2)) if match.group(2) else first
+        if last < first:
+            raise ValueError(f"--layers {spec!r}: range {part} runs backwards")
+        if last >= num_layers:
+            raise ValueError(
+                f"--layers {spec!r}: layer {last} does not exist (the model has {num_layers}: 0-{num_layers - 1})"
+            )
+        chosen.update(range(first, last + 1))
+    return chosen

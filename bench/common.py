@@ -61,3 +61,35 @@ def peak_rss_of(code: str) -> tuple[int, dict]:
 
 def mib(n: float) -> str:
     return f"{n / (1 << 20):,.0f} MiB"
+
+
+def peak_rss_of_command(argv: list[str]) -> int:
+    """Peak RSS in bytes of a command run as a user would (a fresh process), measured by a
+    watcher process so nothing else is counted."""
+    watcher = (
+        "import resource, subprocess, sys\n"
+        f"done = subprocess.run({argv!r}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)\n"
+        "if done.returncode: sys.exit(done.stderr[-2000:])\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", watcher], capture_output=True, text=True, cwd=REPO)
+    if done.returncode != 0:
+        raise RuntimeError(f"benchmark command failed: {' '.join(argv)}\n{done.stderr}")
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+BENCH_NSAMPLES = 8  # scores for the prune/compare benchmarks: values matter, not quality
+
+
+def smollm2_store() -> Path:
+    """A store with SmolLM2 score sets (wanda and wandg on align_short, wandg on utility),
+    made once per benchmark run."""
+    from wandacli.config import ScoreConfig
+    from wandacli.score_run import run_score
+
+    store = WORK / "store"
+    for method, data in (("wanda", "align_short"), ("wandg", "align_short"), ("wandg", "utility")):
+        if not (store / "scores" / f"{method}-{data}.h5").is_file():
+            config = ScoreConfig(method=method, data=data, nsamples=BENCH_NSAMPLES, store=store)
+            run_score(config, command_line=["bench"])
+    return store

@@ -532,6 +532,72 @@ def prune(
 
 
 @app.command()
+def compare(
+    inputs: Annotated[
+        list[str],
+        typer.Argument(
+            help="Two or more masks or score sets: paths to .h5 files (or names, with --store)."
+        ),
+    ],
+    top: Annotated[
+        float,
+        typer.Option(
+            "--top", help="A score set takes part as its top fraction per matrix, in (0, 1]."
+        ),
+    ] = 0.01,
+    per_row: Annotated[
+        bool, typer.Option("--per-row", help="Rank score sets row by row instead of per matrix.")
+    ] = False,
+    sample: Annotated[
+        int,
+        typer.Option(
+            "--sample",
+            help="Spearman on this many seeded random entries of larger matrices (exact below).",
+        ),
+    ] = 100_000,
+    seed: SeedOption = 0,
+    store: Annotated[
+        Path | None,
+        typer.Option("--store", "-s", help="Store to look names up in.", rich_help_panel="Store"),
+    ] = None,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", help="Write every figure to this CSV file.")
+    ] = None,
+    json_file: Annotated[
+        Path | None, typer.Option("--json-file", help="Write every figure to this JSON file.")
+    ] = None,
+    plot: Annotated[
+        Path | None,
+        typer.Option("--plot", help="Draw the Jaccard heatmap to this PNG (needs matplotlib)."),
+    ] = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    no_progress: NoProgressOption = False,
+) -> None:
+    """How much do masks and score sets agree on which weights matter: sizes, intersections,
+    Jaccard index per layer and module, and Spearman's rank correlation between score sets."""
+    from wandacli.compare import compare_files, write_csv, write_json
+
+    with progress_reporter(enabled=not no_progress) as reporter:
+        result = compare_files(
+            inputs,
+            store_root=store,
+            top=top,
+            per_row=per_row,
+            sample=sample,
+            seed=seed,
+            reporter=reporter,
+        )
+    if csv_file is not None:
+        write_csv(result, csv_file)
+    if json_file is not None:
+        write_json(result, json_file)
+    if plot is not None:
+        render.save_heatmap_png(result, plot)
+    render.comparison(result, as_json=json_output)
+
+
+@app.command()
 def inspect(
     store: Annotated[Path, typer.Argument(help="Store directory.")] = DEFAULT_STORE,
     json_output: JsonOption = False,

@@ -7,7 +7,9 @@ from typing import TYPE_CHECKING, Any
 
 from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
+from wandacli.compare import Comparison, PairFigures
 from wandacli.console import out
 from wandacli.store import ScoreSetSummary
 
@@ -200,3 +202,183 @@ def prune_result(result: PruneResult, as_json: bool) -> None:
         ("file", str(result.path)),
     ]
     out.print(key_value_table("mask written", rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# compare
+
+# Viridis at five stops: dark (no overlap) to bright (identical); readable on dark and light
+# terminals, and for colour-blind readers.
+_VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]
+
+
+def _colour(value: float) -> tuple[int, int, int]:
+    value = min(1.0, max(0.0, value))
+    position = value * (len(_VIRIDIS) - 1)
+    low = min(int(position), len(_VIRIDIS) - 2)
+    frac = position - low
+    a, b = _VIRIDIS[low], _VIRIDIS[low + 1]
+    r, g, bl = (round(a[i] + (b[i] - a[i]) * frac) for i in range(3))
+    return r, g, bl
+
+
+def compact_count(n: int) -> str:
+    """12,345 → 12.3k, 1,061,550 → 1.06M: counts that fit a column at 80 characters."""
+    if n >= 1_000_000_000:
+        return f"{n / 1e9:.2f}G"
+    if n >= 1_000_000:
+        return f"{n / 1e6:.2f}M"
+    if n >= 10_000:
+        return f"{n / 1e3:.1f}k"
+    return str(n)
+
+
+def short_module_name(module: str) -> str:
+    """`self_attn.q_proj` → `q`, `mlp.down_proj` → `down`, `attn.c_attn` → `c_attn`."""
+    return module.rsplit(".", 1)[-1].removesuffix("_proj")
+
+
+def jaccard_heatmap(title: str, values: dict[str, float]) -> Table:
+    """Layers as rows, modules as columns, each cell the Jaccard index on a colour scale."""
+    import math
+
+    modules: list[str] = []
+    layers: dict[int, dict[str, float]] = {}
+    for key, value in values.items():
+        layer_text, module = key.split("/", 1)
+        if module not in modules:
+            modules.append(module)
+        layers.setdefault(int(layer_text), {})[module] = value
+    table = Table(title=title, title_justify="left", box=None, padding=(0, 0), show_edge=False)
+    table.add_column("layer", justify="right", min_width=5)
+    for module in modules:
+        table.add_column(short_module_name(module)[:6], justify="center", min_width=6)
+    for layer in sorted(layers):
+        cells: list[Any] = []
+        for module in modules:
+            value = layers[layer].get(module, math.nan)
+            if math.isnan(value):
+                cells.append("  -   ")
+                continue
+            r, g, b = _colour(value)
+            foreground = "black" if value > 0.45 else "white"
+            text = f"{value:.2f}".removeprefix("0") if value < 1 else "1.00"
+            cells.append(Text(f" {text:>4} ", style=f"{foreground} on rgb({r},{g},{b})"))
+        table.add_row(f"{layer} ", *cells)
+    return table
+
+
+def heatmap_legend() -> Text:
+    legend = Text("Jaccard  0 ")
+    for step in range(11):
+        r, g, b = _colour(step / 10)
+        legend.append("  ", style=f"on rgb({r},{g},{b})")
+    legend.append(" 1")
+    return legend
+
+
+def comparison(result: Comparison, as_json: bool) -> None:
+    import math
+
+    if as_json:
+        print_json(result.to_json())
+        return
+    kinds = ", ".join(
+        f"{i.label} ({'mask' if i.kind == 'mask' else f'top {result.top:g} of scores' + (' per row' if result.per_row else '')})"
+        for i in result.inputs
+    )
+    out.print(Text(f"comparing {kinds}", overflow="fold"))
+    for pair in result.pairs[:1] if len(result.inputs) > 2 else result.pairs:
+        out.print(_pair_summary(result, pair))
+        values = {m.key: m.overlap.jaccard for m in pair.modules}
+        out.print(jaccard_heatmap(f"Jaccard by layer and module: {pair.a} vs {pair.b}", values))
+        out.print(heatmap_legend())
+    if len(result.inputs) > 2:
+        out.print(Text("(per-layer detail shown for the first pair; --csv/--json hold every pair)"))
+        labels = [i.label for i in result.inputs]
+        matrix = Table(title="overall Jaccard, every pair", title_justify="left")
+        matrix.add_column("")
+        for label in labels:
+            matrix.add_column(label, justify="right", overflow="fold")
+        for label, row in zip(labels, result.jaccard_matrix(), strict=True):
+            matrix.add_row(label, *("-" if math.isnan(v) else f"{v:.3f}" for v in row))
+        out.print(matrix)
+
+
+def _pair_summary(result: Comparison, pair: PairFigures) -> Table:
+    import math
+
+    from wandacli.compare import Overlap
+
+    has_rank = any(m.spearman is not None for m in pair.modules)
+    table = Table(title=f"{pair.a} (A) vs {pair.b} (B), by module type", title_justify="left")
+    for column in ("module", "|A|", "|B|", "|A∩B|", "|A\\B|", "|B\\A|", "Jaccard"):
+        table.add_column(column, justify="right" if column != "module" else "left")
+    if has_rank:
+        table.add_column("Spearman", justify="right")
+    by_module: dict[str, list[Any]] = {}
+    for module_figures in pair.modules:
+        by_module.setdefault(module_figures.key.split("/", 1)[1], []).append(module_figures)
+
+    def cells(overlap: Overlap, rho: float | None) -> list[str]:
+        jaccard = "-" if math.isnan(overlap.jaccard) else f"{overlap.jaccard:.3f}"
+        row = [
+            compact_count(overlap.size_a),
+            compact_count(overlap.size_b),
+            compact_count(overlap.intersection),
+            compact_count(overlap.a_minus_b),
+            compact_count(overlap.b_minus_a),
+            jaccard,
+        ]
+        if has_rank:
+            row.append("-" if rho is None or math.isnan(rho) else f"{rho:.3f}")
+        return row
+
+    for module, group in by_module.items():
+        subset = PairFigures(pair.a, pair.b, group)
+        table.add_row(
+            short_module_name(module), *cells(subset.overall, subset.overall_spearman(result.sizes))
+        )
+    table.add_section()
+    table.add_row("all", *cells(pair.overall, pair.overall_spearman(result.sizes)), style="bold")
+    if has_rank:
+        methods = sorted({m.spearman_method for m in pair.modules if m.spearman_method})
+        table.caption = f"Spearman: {', '.join(methods)} per matrix; rows are size-weighted means"
+    return table
+
+
+def save_heatmap_png(result: Comparison, path: Any) -> None:
+    """The first pair's Jaccard heatmap as a PNG (matplotlib, an optional extra)."""
+    import math
+
+    from wandacli.errors import ConfigError
+
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise ConfigError(
+            "--plot needs matplotlib: pip install 'wandacli[plot]' (or pip install matplotlib)"
+        ) from None
+    pair = result.pairs[0]
+    modules: list[str] = []
+    layers: dict[int, dict[str, float]] = {}
+    for figures in pair.modules:
+        layer_text, module = figures.key.split("/", 1)
+        if module not in modules:
+            modules.append(module)
+        layers.setdefault(int(layer_text), {})[module] = figures.overlap.jaccard
+    grid = [[layers[layer].get(m, math.nan) for m in modules] for layer in sorted(layers)]
+    figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(modules), 1.5 + 0.28 * len(grid)))
+    image = axes.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
+    axes.set_xticks(range(len(modules)), [short_module_name(m) for m in modules])
+    axes.set_yticks(range(len(grid)), [str(layer) for layer in sorted(layers)])
+    axes.set_xlabel("module")
+    axes.set_ylabel("layer")
+    axes.set_title(f"Jaccard: {pair.a} vs {pair.b}", fontsize=9)
+    figure.colorbar(image, ax=axes, label="Jaccard index")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)

@@ -206,7 +206,7 @@ class PruneRun:
             if config.export_mask is not None:
                 result.exported_mask = self._export(path, loaded, safety)
             if loaded is not None:
-                result.model_zero_fraction = _zero_fraction(loaded)
+                result.model_zero_fraction = pruning.zero_fraction(loaded)
                 assert config.save_model is not None
                 result.saved_model = self._save(loaded, config.save_model, path)
         result.seconds = time.monotonic() - started
@@ -325,7 +325,7 @@ class PruneRun:
                 write_mask_array(handle, key, mask)
                 counts[key] = (int(mask.sum()), mask.size)
                 if key in layers and key in selected:
-                    apply_mask(layers[key], mask, base_layers.get(key))
+                    pruning.apply_mask(layers[key], mask, base_layers.get(key))
                 self.reporter.advance()
             pruned = sum(p for p, _ in counts.values())
             total = sum(t for _, t in counts.values())
@@ -462,30 +462,6 @@ class PruneRun:
         self.reporter.finish()
         info(f"saved the pruned model to {out}")
         return out
-
-
-def apply_mask(lin: Any, mask: np.ndarray, base: Any | None = None) -> None:
-    """Zero the masked weights of one linear layer in place, or copy the base model's weights
-    into them (`--recover-from-base`)."""
-    import torch
-
-    weight = lin.weight_matrix()
-    selector = torch.from_numpy(mask).to(weight.device)
-    with torch.no_grad():
-        if base is None:
-            weight[selector] = 0
-        else:
-            weight[selector] = base.weight_matrix().to(weight.device, weight.dtype)[selector]
-
-
-def _zero_fraction(loaded: LoadedModel) -> float:
-    """The reference's sparsity check: exact zeros over all decoder linear weights."""
-    zeros = total = 0
-    for lin in loaded.linear_layers:
-        weight = lin.weight
-        zeros += int((weight == 0).sum())
-        total += weight.numel()
-    return zeros / total if total else 0.0
 
 
 def _provenance_json(mask_path: Path, command_line: list[str]) -> str:

@@ -11,8 +11,11 @@ of memory; only `--variant`, which must repeat the reference's torch arithmetic,
 from __future__ import annotations
 
 import re
+from typing import Any
 
 import numpy as np
+
+from wandacli import reference
 
 TIE_RULE = "among equal scores the lower index is selected first (as a stable sort orders them)"
 
@@ -91,14 +94,15 @@ def variant_mask(
     sparsity_ratio: float,
     *,
     prune_highest: bool = False,
-    alpha_start: float = 0.4,
-    alpha_bracket: tuple[float, float] = (0.0, 0.8),
-    tolerance: float = 0.001,
+    alpha_start: float = reference.VARIANT_ALPHA_START,
+    alpha_bracket: tuple[float, float] = reference.VARIANT_ALPHA_BRACKET,
+    sparsity_tolerance: float = reference.VARIANT_SPARSITY_TOLERANCE,
+    bracket_tolerance: float = reference.VARIANT_BRACKET_TOLERANCE,
 ) -> np.ndarray:
     """The Wanda variant (the reference's `--use_variant`): per row, prune every score at or
     below the largest sorted score whose cumulative sum is within alpha × the row's sum; alpha
-    found by the reference's bisection until the matrix's sparsity is within `tolerance` of the
-    target or the bracket is narrower than `tolerance`.
+    found by the reference's bisection until the matrix's sparsity is within
+    `sparsity_tolerance` of the target or the bracket is narrower than `bracket_tolerance`.
 
     Computed with torch, as the reference, so cumulative sums round the same way. Differs in
     one edge: a row where no score fits under alpha × sum prunes nothing, where the reference
@@ -124,13 +128,49 @@ def variant_mask(
     alpha = alpha_start
     low, high = alpha_bracket
     mask, sparsity = mask_for(alpha)
-    while abs(sparsity - sparsity_ratio) > tolerance and high - low >= tolerance:
+    while abs(sparsity - sparsity_ratio) > sparsity_tolerance and high - low >= bracket_tolerance:
         if sparsity > sparsity_ratio:
             alpha, high = (alpha + low) / 2.0, alpha
         else:
             alpha, low = (alpha + high) / 2.0, alpha
         mask, sparsity = mask_for(alpha)
     return mask.numpy()
+
+
+# ---------------------------------------------------------------------------------------------
+# Applying masks to a model (torch, imported only here)
+
+
+def apply_mask(lin: Any, mask: np.ndarray, base: Any | None = None) -> None:
+    """Zero the masked weights of one linear layer in place, or copy the base model's weights
+    into them (`--recover-from-base`)."""
+    import torch
+
+    weight = lin.weight_matrix()
+    selector = torch.from_numpy(mask).to(weight.device)
+    with torch.no_grad():
+        if base is None:
+            weight[selector] = 0
+        else:
+            weight[selector] = base.weight_matrix().to(weight.device, weight.dtype)[selector]
+
+
+def zero_fraction(loaded: Any) -> float:
+    """The reference's sparsity check: exact zeros over all decoder linear weights."""
+    zeros = total = 0
+    for lin in loaded.linear_layers:
+        weight = lin.weight
+        zeros += int((weight == 0).sum())
+        total += weight.numel()
+    return zeros / total if total else 0.0
+
+
+def apply_mask_file(loaded: Any, mask: Any) -> None:
+    """Apply a stored mask (a MaskFile) to a loaded model in memory, one layer at a time,
+    after checking it was made for this model."""
+    mask.check_model(loaded.fingerprint, loaded.model_id)
+    for lin in loaded.linear_layers:
+        apply_mask(lin, mask.read(lin.key))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from wandacli.console import out
 from wandacli.store import ScoreSetSummary
 
 if TYPE_CHECKING:
+    from wandacli.attack import AttackResult
+    from wandacli.evaluate import UtilityResult
     from wandacli.prune_run import PruneResult
     from wandacli.score_run import ScoreResult
 
@@ -382,3 +384,82 @@ def save_heatmap_png(result: Comparison, path: Any) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+# ---------------------------------------------------------------------------------------------
+# eval-attack and eval-utility
+
+
+def _under_test_rows(under_test: dict[str, Any]) -> list[tuple[str, str]]:
+    rows = [("model", str(under_test.get("model")))]
+    if under_test.get("mask"):
+        rows.append(("mask", str(under_test["mask"])))
+    rows.append(("method", str(under_test.get("method"))))
+    rows.append(
+        ("actual sparsity", f"{100 * float(under_test.get('actual_sparsity') or 0):.4f}% zeros")
+    )
+    if under_test.get("p_q"):
+        p, q = under_test["p_q"]
+        rows.append(("p, q", f"{p:g}, {q:g}"))
+    return rows
+
+
+def attack_result(result: AttackResult, as_json: bool) -> None:
+    if as_json:
+        print_json(result.to_json())
+        return
+    table = Table(title="attack success rate (ASR)", title_justify="left")
+    for column, justify in (
+        ("configuration", "left"),
+        ("tags", "left"),
+        ("ASR", "right"),
+        ("also", "left"),
+        ("responses", "right"),
+    ):
+        table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    for summary in result.summaries:
+        also = ""
+        if summary.sample_mean is not None:
+            also = f"any of {summary.responses // max(1, summary.prompts)}; per-sample mean {summary.sample_mean:.4f} (reference)"
+        elif summary.per_suffix:
+            also = "max over suffixes " + ", ".join(f"{v:.2f}" for v in summary.per_suffix)
+        table.add_row(
+            summary.config,
+            "[INST]" if summary.inst else "none",
+            f"{summary.asr:.4f}",
+            also,
+            str(summary.responses),
+        )
+    out.print(table)
+    rows = _under_test_rows(result.under_test)
+    rows += [
+        (
+            "prompts",
+            f"{result.under_test.get('prompts')}, template {result.under_test.get('template')}, judge {result.under_test.get('judge')}",
+        ),
+        ("generated", f"{result.generated_tokens:,} tokens in {result.seconds:.1f} s"),
+        ("responses", str(result.out)),
+    ]
+    if result.reused:
+        rows.append(("reused", ", ".join(result.reused)))
+    out.print(key_value_table("model under test", rows))
+
+
+def utility_result(result: UtilityResult, as_json: bool) -> None:
+    if as_json:
+        print_json(result.to_json())
+        return
+    rows = _under_test_rows(result.under_test)
+    if result.perplexity is not None:
+        rows.append(
+            (
+                "perplexity",
+                f"{result.perplexity:.4f} ({result.windows} windows of {result.seqlen} tokens)",
+            )
+        )
+    for task, accuracy in result.zero_shot.items():
+        rows.append((task, f"{accuracy:.4f}"))
+    if result.zero_shot_mean is not None:
+        rows.append(("zero-shot mean", f"{result.zero_shot_mean:.4f}"))
+    rows += [("time", f"{result.seconds:.1f} s"), ("results", str(result.out))]
+    out.print(key_value_table("utility", rows))

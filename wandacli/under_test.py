@@ -1,0 +1,97 @@
+"""The model under test for the eval commands: loaded through the shared loader, a stored mask
+optionally applied in memory (no pruned copy on disk), and named as the reference's results
+log names it (`method  actual_sparsity  [p  q]  metric  score`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wandacli.config import ModelSpec
+from wandacli.store import open_mask
+
+
+@dataclass
+class ModelUnderTest:
+    loaded: Any  # LoadedModel
+    mask_path: Path | None = None
+    mask_meta: dict[str, Any] = field(default_factory=dict)
+    actual_sparsity: float = 0.0  # exact zeros in the decoder's linear weights
+
+    @property
+    def label(self) -> str:
+        """A short name for result folders: the mask's name, else the model's."""
+        if self.mask_path is not None:
+            return self.mask_path.stem
+        return Path(str(self.loaded.model_id)).name or "model"
+
+    @property
+    def method(self) -> str:
+        """The reference's `prune_method` for this model: `wanda`, `wandg`,
+        `wandg_set_difference`, ..., or `dense`."""
+        meta = self.mask_meta
+        if not meta:
+            return "dense"
+        sets = meta.get("score_sets") or [{}]
+        method = str(sets[0].get("method") or "unknown")
+        return f"{method}_set_difference" if meta.get("mode") == "set-difference" else method
+
+    @property
+    def p_q(self) -> tuple[float, float] | None:
+        if self.mask_meta.get("mode") == "set-difference":
+            return float(self.mask_meta["p"]), float(self.mask_meta["q"])
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "model": self.loaded.model_id,
+            "mask": str(self.mask_path) if self.mask_path else None,
+            "method": self.method,
+            "actual_sparsity": self.actual_sparsity,
+            "p_q": self.p_q,
+        }
+
+
+def load_model_under_test(spec: ModelSpec, mask: str | None, store: Path | None) -> ModelUnderTest:
+    """Load the model; with a mask, zero its masked weights in memory. A directory saved by
+    `prune --save-model` carries its mask's settings in wandacli-mask.json."""
+    from wandacli import pruning
+    from wandacli.models import load_model
+
+    mask_file = open_mask(mask, store) if mask is not None else None  # fail fast, before loading
+    try:
+        loaded = load_model(spec)
+        under_test = ModelUnderTest(loaded)
+        if mask_file is not None:
+            pruning.apply_mask_file(loaded, mask_file)
+            under_test.mask_path = mask_file.path
+            under_test.mask_meta = dict(mask_file.meta)
+        else:
+            provenance = Path(loaded.source.location) / "wandacli-mask.json"
+            if loaded.source.kind == "local" and provenance.is_file():
+                under_test.mask_meta = json.loads(provenance.read_text(encoding="utf-8"))
+        under_test.actual_sparsity = pruning.zero_fraction(loaded)
+        return under_test
+    finally:
+        if mask_file is not None:
+            mask_file.close()
+
+
+def append_reference_log(path: Path, under_test: ModelUnderTest, metric: str, score: float) -> None:
+    """One line of the reference's tab-separated results log, with its header when new."""
+    p_q = under_test.p_q
+    if not path.exists():
+        header = (
+            "method\tactual_sparsity\tp\tq\tmetric\tscore"
+            if p_q
+            else "method\tactual_sparsity\tmetric\tscore"
+        )
+        path.write_text(header + "\n", encoding="utf-8")
+    columns = [under_test.method, f"{under_test.actual_sparsity:.6f}"]
+    if p_q:
+        columns += [f"{p_q[0]}", f"{p_q[1]}"]
+    columns += [metric, f"{score:.4f}"]
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write("\t".join(columns) + "\n")

@@ -20,10 +20,8 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 
-.PHONY: install test test-fast lint demo bench clean
+.PHONY: install test test-fast lint demo paper bench clean
 
-DEMO_CONFIG := configs/smollm2-demo.toml
-DEMO_STORE  := demo/store
 WANDACLI    := $(BIN)/wandacli
 
 $(STAMP): pyproject.toml Makefile
@@ -52,15 +50,29 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
-# The demo pipeline: targets are files, so a re-run skips finished steps.
-$(DEMO_STORE)/scores/%.h5: $(STAMP) $(DEMO_CONFIG)
-	$(WANDACLI) score --config $(DEMO_CONFIG) --method $(word 1,$(subst -, ,$*)) \
-		--data $(word 2,$(subst -, ,$*)) --name $*
+# The study as a pipeline of files (python -m wandacli.pipeline writes the rules from the
+# config's [pipeline] table): score -> prune -> compare -> eval-attack/eval-utility -> report.
+# A re-run skips finished steps. OUT holds store/, results/, compare/ and results.txt.
+PIPELINE_CONFIG ?= configs/smollm2-demo.toml
+OUT             ?= demo
+MODEL           ?=
+# What the pipeline needs installed first (tests running inside an installed environment
+# pass NEEDS_INSTALL= to skip the install step).
+NEEDS_INSTALL   ?= $(STAMP)
 
-DEMO_SCORES := $(addprefix $(DEMO_STORE)/scores/,wanda-align_short.h5 wandg-align_short.h5 wanda-utility.h5 wandg-utility.h5)
+ifneq ($(filter pipeline,$(MAKECMDGOALS)),)
+$(OUT)/pipeline.mk: $(PIPELINE_CONFIG) $(NEEDS_INSTALL) wandacli/pipeline.py
+	@mkdir -p $(OUT)
+	$(BIN)/python -m wandacli.pipeline $(PIPELINE_CONFIG) $(OUT) $(WANDACLI) "$(MODEL)" > $@.tmp && mv $@.tmp $@
+include $(OUT)/pipeline.mk
+endif
 
-demo: $(DEMO_SCORES)
-	$(WANDACLI) inspect $(DEMO_STORE)
+demo: $(STAMP)
+	$(MAKE) --no-print-directory pipeline PIPELINE_CONFIG=configs/smollm2-demo.toml OUT=demo
+
+paper: $(STAMP)
+	@test -n "$(MODEL)" || { echo "usage: make paper MODEL=meta-llama/Llama-2-7b-chat-hf"; exit 2; }
+	$(MAKE) --no-print-directory pipeline PIPELINE_CONFIG=configs/llama2-7b-chat-paper.toml OUT=paper MODEL=$(MODEL)
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo bench/work

@@ -825,6 +825,135 @@ def eval_utility(
 
 
 @app.command()
+def report(
+    results: Annotated[
+        Path, typer.Argument(help="Results directory: one subdirectory per model under test.")
+    ] = Path("wandacli-results"),
+    markdown_file: Annotated[
+        Path | None, typer.Option("--markdown", help="Also write every figure as a Markdown table.")
+    ] = None,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+) -> None:
+    """One table of every model under test: sparsity, attack success rates, perplexity."""
+    from wandacli.report import collect, markdown
+
+    rows = collect(results)
+    if markdown_file is not None:
+        markdown_file.write_text(markdown(rows), encoding="utf-8")
+    render.report(rows, as_json=json_output)
+
+
+@app.command("import-legacy")
+def import_legacy_command(
+    directory: Annotated[
+        Path,
+        typer.Argument(
+            help="The reference's --save folder (or its wanda_score/) holding W_metric_*.pkl dumps."
+        ),
+    ],
+    model: Annotated[
+        str,
+        typer.Option(
+            "--model", "-m", help="The model the dumps were computed on (shapes are checked)."
+        ),
+    ],
+    store: StoreOption = DEFAULT_STORE,
+    name: Annotated[str, typer.Option("--name", help="Score set name to write.")] = "imported",
+    suffix: Annotated[
+        str | None,
+        typer.Option(
+            "--suffix",
+            help="Which dumps when several exist, e.g. weight or align_weight_only_disentangle.",
+        ),
+    ] = None,
+    method: Annotated[
+        str | None,
+        typer.Option(
+            "--method", help="Record this method [default: inferred from the file names]."
+        ),
+    ] = None,
+    negate: Annotated[
+        bool,
+        typer.Option(
+            "--negate", help="Flip the sign (dumps made with --neg_prune hold negated scores)."
+        ),
+    ] = False,
+    cache_dir: CacheDirOption = None,
+    overwrite: OverwriteOption = False,
+    config: ConfigOption = None,
+    json_output: JsonOption = False,
+    no_progress: NoProgressOption = False,
+) -> None:
+    """Import the reference code's pickled score dumps into a score set, keeping scores you
+    already paid for. Never runs code from a pickle: only tensors are rebuilt."""
+    from wandacli.legacy import import_legacy
+
+    with progress_reporter(enabled=not no_progress) as reporter:
+        result = import_legacy(
+            directory,
+            model=ModelSpec(model=model, cache_dir=cache_dir),
+            store=store,
+            name=name,
+            suffix=suffix,
+            method=method,
+            negate=negate,
+            overwrite=overwrite,
+            reporter=reporter,
+            command_line=["wandacli", *sys.argv[1:]],
+        )
+    if json_output:
+        render.print_json(result.to_json())
+    else:
+        render.out.print(
+            render.key_value_table(
+                "score set imported",
+                [
+                    ("score set", result.name),
+                    ("method", result.method),
+                    ("files", str(result.files)),
+                    ("file", str(result.path)),
+                ],
+            )
+        )
+
+
+@app.command("check-config")
+def check_config(
+    path: Annotated[Path, typer.Argument(help="A wandacli TOML config file.")],
+) -> None:
+    """Validate a config file: every key an option of its command, every value of the
+    option's type, and a [pipeline] table the Makefile's pipeline can run."""
+    from wandacli.pipeline import Plan
+
+    config_data = read_config_file(path)
+    group = typer.main.get_command(app)
+    assert isinstance(group, WandacliGroup)
+    sections = default_map(config_data, group.options_by_command())
+    checked = 0
+    for name, section in sections.items():
+        command = group.commands[name]
+        ctx = typer.Context(command, info_name=name)
+        params = {p.name: p for p in command.params if p.name}
+        for key, value in section.items():
+            try:
+                params[key].process_value(ctx, value)
+            except typer.TyperException as exc:
+                message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
+                raise ConfigError(
+                    f"{path}: [{name}] {key} = {value!r}: {' '.join(message.split())}"
+                ) from None
+            checked += 1
+    if "pipeline" in config_data:
+        Plan.from_config(config_data, path)
+    console.print(
+        f"{path}: {checked} settings for {len(sections)} commands are valid",
+        markup=False,
+        soft_wrap=True,
+    )
+
+
+@app.command()
 def inspect(
     store: Annotated[Path, typer.Argument(help="Store directory.")] = DEFAULT_STORE,
     json_output: JsonOption = False,

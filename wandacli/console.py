@@ -31,13 +31,13 @@ out = Console(highlight=False, soft_wrap=True)
 
 def warn(message: str) -> None:
     """A warning line on stderr."""
-    console.print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True)
+    console.print(f"[yellow]warning:[/yellow] {escape(message)}", markup=True, soft_wrap=True)
 
 
 def info(message: str) -> None:
     """A log line on stderr (silenced by WANDACLI_QUIET=1)."""
     if os.environ.get("WANDACLI_QUIET") != "1":
-        console.print(message, markup=False)
+        console.print(message, markup=False, soft_wrap=True)
 
 
 class Reporter(Protocol):

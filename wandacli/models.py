@@ -389,10 +389,19 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     )
 
 
-def model_structure(spec: ModelSpec) -> tuple[ModelSource, ModelFingerprint]:
-    """A model's source and fingerprint from its config alone: the model is built on the meta
-    device, so no weights are read or allocated (checking a store against a 70B model costs
-    nothing)."""
+@dataclass(frozen=True)
+class ModelStructure:
+    """What a model's config says about its linear layers, without its weights."""
+
+    source: ModelSource
+    fingerprint: ModelFingerprint
+    layers_path: str
+    transposed: frozenset[str]  # keys of Conv1D layers (weights stored [in, out])
+
+
+def model_structure(spec: ModelSpec) -> ModelStructure:
+    """A model's fingerprint from its config alone: the model is built on the meta device, so
+    no weights are read or allocated (checking a store against a 70B model costs nothing)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -409,7 +418,13 @@ def model_structure(spec: ModelSpec) -> tuple[ModelSource, ModelFingerprint]:
         raise ModelError(
             f"cannot read the config of model {spec.model!r}: {_first_line(exc)}"
         ) from exc
-    return source, fingerprint_of(list(iter_linear_layers(skeleton)))
+    layers = list(iter_linear_layers(skeleton))
+    return ModelStructure(
+        source=source,
+        fingerprint=fingerprint_of(layers),
+        layers_path=decoder_layers_path(skeleton),
+        transposed=frozenset(lin.key for lin in layers if lin.transposed),
+    )
 
 
 def _parse_device_map(device_map: str) -> Any:

@@ -247,8 +247,8 @@ class PruneRun:
         from wandacli import models
 
         if config.save_model is None:
-            source, fingerprint = models.model_structure(config.model)
-            safety.check_model(fingerprint, source.model_id)
+            structure = models.model_structure(config.model)
+            safety.check_model(structure.fingerprint, structure.source.model_id)
             return None
         spec = config.model
         if spec.dtype == "auto":

@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from wandacli.attack import AttackResult
     from wandacli.evaluate import UtilityResult
     from wandacli.prune_run import PruneResult
+    from wandacli.report import ResultRow
     from wandacli.score_run import ScoreResult
 
 
@@ -463,3 +464,46 @@ def utility_result(result: UtilityResult, as_json: bool) -> None:
         rows.append(("zero-shot mean", f"{result.zero_shot_mean:.4f}"))
     rows += [("time", f"{result.seconds:.1f} s"), ("results", str(result.out))]
     out.print(key_value_table("utility", rows))
+
+
+# ---------------------------------------------------------------------------------------------
+# report
+
+# The results table's ASR columns at 80 characters: the instruction-tag variant.
+REPORT_COLUMNS = (
+    ("basic", "inst_ASR_basic"),
+    ("no sys", "inst_ASR_basic_nosys"),
+    ("sampled", "inst_ASR_multiple_nosys"),
+    ("gcg", "ASR_gcg"),
+)
+
+
+def report(rows: list[ResultRow], as_json: bool) -> None:
+    if as_json:
+        print_json([row.to_json() for row in rows])
+        return
+    table = Table(
+        title="results: ASR with [INST] tags (sampled: any of n), perplexity", title_justify="left"
+    )
+    table.add_column("model under test", no_wrap=True)
+    table.add_column("sparse %", justify="right")
+    for title, _ in REPORT_COLUMNS:
+        table.add_column(title, justify="right")
+    table.add_column("PPL", justify="right")
+    for row in rows:
+        asr = []
+        for _, metric in REPORT_COLUMNS:
+            value = row.asr.get(metric)  # sampled: any of n; the per-sample mean is in --markdown
+            asr.append("-" if value is None else f"{value:.2f}")
+        table.add_row(
+            row.label,
+            "-" if row.actual_sparsity is None else f"{100 * row.actual_sparsity:.2f}",
+            *asr,
+            "-" if row.perplexity is None else _compact_float(row.perplexity),
+        )
+    out.print(table)
+
+
+def _compact_float(value: float) -> str:
+    """Perplexities of destroyed models run to millions: keep the column narrow."""
+    return f"{value:.2f}" if value < 1e5 else f"{value:.2e}"

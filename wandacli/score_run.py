@@ -31,7 +31,14 @@ from wandacli.data import (
     indices_digest,
     load_raw,
 )
-from wandacli.errors import InterruptedRun, ModelError, NonFiniteScoresError, StoreError, Terminated
+from wandacli.errors import (
+    InterruptedRun,
+    ModelError,
+    NonFiniteScoresError,
+    ResumeMismatchError,
+    StoreError,
+    Terminated,
+)
 from wandacli.memory import peak_gpu_bytes, peak_rss_bytes, return_freed_memory_promptly
 from wandacli.models import LinearLayer, LoadedModel, load_model, model_max_length
 from wandacli.scoring import (
@@ -151,9 +158,15 @@ class ScoreRun:
             calibration = self._calibration(loaded) if config.needs_data else None
             base_layers = self._base_layers(loaded) if config.use_diff else None
             settings = self._settings(loaded, calibration, base_layers)
-            if config.overwrite and self.parts_dir.exists():
+            try:
+                self.resumed = check_resumable(self.parts_dir, settings, self.name)
+            except ResumeMismatchError:
+                if not config.overwrite:
+                    raise
+                # --overwrite discards unfinished work made with other settings; work with
+                # the same settings is still resumed (it is what this run would compute).
                 shutil.rmtree(self.parts_dir)
-            self.resumed = check_resumable(self.parts_dir, settings, self.name)
+                self.resumed = False
             self._check_space(loaded, final)
             groups = self._groups(loaded.linear_layers)
             write_manifest(self.parts_dir, settings, {"groups": len(groups), "started": started_at})

@@ -1,0 +1,94 @@
+"""The shipped configs and the Makefile pipeline: every config validates, and the demo's
+pipeline runs end to end (with a tiny model in place of SmolLM2) and skips finished steps."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+from tests.test_score_cli import assert_one_line_error
+from wandacli.config import read_config_file
+from wandacli.pipeline import Plan, makefile
+
+CONFIGS = sorted((REPO / "configs").glob("*.toml"))
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.name for c in CONFIGS])
+def test_every_shipped_config_is_valid(cli, config):
+    result = cli("check-config", str(config))
+    assert result.exit_code == 0, result.stderr
+    assert "are valid" in result.stderr
+    plan = Plan.from_config(read_config_file(config), config)
+    assert plan.pq and plan.methods
+
+
+def test_check_config_names_a_bad_value(cli, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('[prune]\nsparsity-ratio = "half"\n')
+    assert_one_line_error(cli("check-config", str(path)), "[prune] sparsity_ratio = 'half'")
+
+
+def test_check_config_refuses_a_bad_pipeline(cli, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text("[pipeline]\npq = [[0.1, 2.0]]\n")
+    assert_one_line_error(cli("check-config", str(path)), "p and q must be in (0, 1]")
+
+
+def test_plan_targets_are_files(tmp_path):
+    config = REPO / "configs" / "smollm2-demo.toml"
+    text = makefile(
+        Plan.from_config(read_config_file(config), config), config, tmp_path, "wandacli", None
+    )
+    for target in (
+        "store/scores/wanda-safety.h5",
+        "store/masks/top0.01-wandg-safety.h5",
+        "store/masks/wandg-setdiff-q0.1-p0.1.h5",
+        "compare/wandg-safety-vs-utility.csv",
+        "results/dense/results.json",
+        "results/wandg-setdiff-q0.2-p0.05/utility.json",
+        "results.txt",
+    ):
+        assert f"{tmp_path / target}:" in text, target
+
+
+@pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
+def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(tiny_llama_dir, tmp_path, shared_data):
+    out = tmp_path / "demo"
+    bin_dir = str(Path(sys.executable).parent)
+    command = [
+        "make",
+        "-C",
+        str(REPO),
+        "--no-print-directory",
+        "pipeline",
+        "PIPELINE_CONFIG=configs/smollm2-demo.toml",
+        f"OUT={out}",
+        f"MODEL={tiny_llama_dir}",
+        # The interpreter running the tests, already installed: no install step inside the test.
+        f"BIN={bin_dir}",
+        "NEEDS_INSTALL=",
+    ]
+    env = {**os.environ, "WANDACLI_QUIET": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    table = (out / "results.txt").read_text()
+    for label in (
+        "dense",
+        "top0.01-wanda-safety",
+        "top0.01-wandg-safety",
+        "wandg-setdiff-q0.1-p0.1",
+        "wandg-setdiff-q0.2-p0.05",
+    ):
+        assert label in table, label
+    assert (out / "results.md").read_text().startswith("| model under test |")
+    assert (out / "compare" / "wandg-safety-vs-utility.csv").is_file()
+    # Everything is up to date now: a dry run would only print the table again.
+    again = subprocess.run([*command, "-n"], capture_output=True, text=True, env=env, timeout=300)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "wandacli" not in again.stdout, again.stdout

@@ -78,14 +78,14 @@ def build_tokenizer(with_chat_template: bool = True):
     return tokenizer
 
 
-def build_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2):
+def build_tiny_llama(vocab_size: int, seed: int = 0, layers: int = 2, intermediate: int = 48):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=vocab_size,
         hidden_size=32,
-        intermediate_size=48,
+        intermediate_size=intermediate,
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -136,6 +136,13 @@ def tiny_llama_3layer_dir(tmp_path_factory, tokenizer) -> Path:
     """A model with another layer count, for mismatch errors."""
     model = build_tiny_llama(len(tokenizer), layers=3)
     return save_model(model, tokenizer, tmp_path_factory.mktemp("models") / "tiny-llama-3")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_wide_dir(tmp_path_factory, tokenizer) -> Path:
+    """Same layer count, wider MLP: a model whose shapes differ from tiny_llama's."""
+    model = build_tiny_llama(len(tokenizer), intermediate=64)
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("models") / "tiny-llama-wide")
 
 
 @pytest.fixture(scope="session")

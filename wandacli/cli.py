@@ -963,6 +963,25 @@ def inspect(
     render.store_listing(sets, masks, as_json=json_output)
 
 
+def _quiet_unraisable(unraisable: Any) -> None:
+    """After a failed write, h5py retries closing the file when the object is freed and prints
+    the same I/O error again as an "exception ignored" traceback; the user already has the
+    one-line error. Shown with --debug."""
+    if _debug_enabled():
+        sys.__unraisablehook__(unraisable)
+
+
 def main() -> None:
     """Console-script entry point."""
-    app()
+    sys.unraisablehook = _quiet_unraisable
+    try:
+        app()
+    except SystemExit as exc:
+        if exc.code in (EXIT_SIGINT, EXIT_SIGTERM):
+            # A KeyboardInterrupt that crossed C code while importing (torch, transformers)
+            # leaves CPython resolved to re-kill itself with SIGINT at exit, whatever we
+            # return; the interruption is handled and reported, so exit with our code now.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(int(exc.code))
+        raise

@@ -39,6 +39,7 @@ from wandacli.store import (
     atomic_h5,
     check_free_space,
     describe_key,
+    expected_file_bytes,
     format_non_finite,
     non_finite_counts,
     now_iso,
@@ -273,7 +274,7 @@ def import_legacy(
         non_finite: dict[str, tuple[int, int]] = {}
         all_negative = True
         reporter.start("importing", total=len(keys))
-        with atomic_h5(target) as handle:
+        with atomic_h5(target, expected_file_bytes(total * 4, len(keys))) as handle:
             for key in keys:
                 array = load_score_array(dumps[key].path)
                 expected = structure.fingerprint.shapes[key]

@@ -34,8 +34,10 @@ from wandacli.store import (
     atomic_h5,
     check_free_space,
     ensure_writable_directory,
+    expected_file_bytes,
     now_iso,
     open_score_set,
+    recover_directory,
     replace_directory_atomically,
     set_root_attrs,
     software_versions,
@@ -315,7 +317,8 @@ class PruneRun:
         layers = {lin.key: lin for lin in loaded.linear_layers} if loaded else {}
         base_layers = {lin.key: lin for lin in base.linear_layers} if base else {}
         self.reporter.start("pruning", total=len(safety.keys))
-        with atomic_h5(path) as handle:
+        packed = sum(o * ((i + 7) // 8) for o, i in safety.fingerprint.shapes.values())
+        with atomic_h5(path, expected_file_bytes(packed, len(safety.keys))) as handle:
             for key in safety.keys:
                 shape = safety.fingerprint.shapes[key]
                 if key in selected:
@@ -429,6 +432,7 @@ class PruneRun:
     def _save(self, loaded: LoadedModel, out: Path, mask_path: Path) -> Path:
         """save_pretrained into a temporary directory renamed into place: an interrupted save
         never leaves a half-written model at OUT."""
+        recover_directory(out)  # a save killed mid-swap leaves the previous model aside
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         self.reporter.start("saving model", total=1)

@@ -58,6 +58,7 @@ from wandacli.store import (
     check_free_space,
     check_resumable,
     ensure_writable_directory,
+    expected_file_bytes,
     format_non_finite,
     non_finite_counts,
     now_iso,
@@ -150,10 +151,15 @@ class ScoreRun:
         self.name = config.name or config.default_name(data_name)
         final = self.store.score_set_path(self.name)
         self.parts_dir = self.store.parts_dir(self.name)
-        with writer_lock(self.store.root, shlex.join(self.command_line)):
-            # Refuse before the expensive part: loading the model and data.
-            if final.exists() and not config.overwrite:
-                raise_exists(self.name, self.store.root)
+        with (
+            writer_lock(self.store.root, shlex.join(self.command_line)),
+            _interruptible(self._what_is_kept),
+        ):
+            if final.exists():
+                # Parts beside a finished set are leftovers of a run killed while cleaning up.
+                shutil.rmtree(self.parts_dir, ignore_errors=True)
+                if not config.overwrite:  # refuse before loading the model and data
+                    raise_exists(self.name, self.store.root)
             loaded = self._loaded or load_model(config.model)
             calibration = self._calibration(loaded) if config.needs_data else None
             base_layers = self._base_layers(loaded) if config.use_diff else None
@@ -169,12 +175,14 @@ class ScoreRun:
                 self.resumed = False
             self._check_space(loaded, final)
             groups = self._groups(loaded.linear_layers)
-            write_manifest(self.parts_dir, settings, {"groups": len(groups), "started": started_at})
+            if config.needs_data:  # magnitude and random have nothing worth resuming
+                write_manifest(
+                    self.parts_dir, settings, {"groups": len(groups), "started": started_at}
+                )
             if self.resumed:
                 info(f"resuming unfinished score set {self.name!r} from {self.parts_dir}")
-            with _interruptible(self._what_is_kept):
-                meta = self._meta(loaded, calibration, base_layers, started_at)
-                self._compute_and_assemble(loaded, calibration, base_layers, groups, final, meta)
+            meta = self._meta(loaded, calibration, base_layers, started_at)
+            self._compute_and_assemble(loaded, calibration, base_layers, groups, final, meta)
             shutil.rmtree(self.parts_dir, ignore_errors=True)
         seconds = time.monotonic() - started
         return ScoreResult(
@@ -415,7 +423,10 @@ class ScoreRun:
     def _checkpoint_wanda(self, statistics: ActivationStatistics, samples: int) -> None:
         path = self.parts_dir / f"stats-{samples:06d}.h5"
         arrays = ((k, v.detach().cpu().numpy()) for k, v in statistics.sums.items())
-        write_part(path, arrays, {"samples": samples, "kind": "wanda-sums"})
+        size = expected_file_bytes(
+            sum(v.numel() * 4 for v in statistics.sums.values()), len(statistics.sums)
+        )
+        write_part(path, arrays, {"samples": samples, "kind": "wanda-sums"}, size)
         # Keep only the newest two checkpoints: the previous one covers a damaged newest one.
         for older in sorted(self.parts_dir.glob("stats-*.h5"))[:-2]:
             older.unlink(missing_ok=True)
@@ -470,7 +481,10 @@ class ScoreRun:
         scores = (
             (lin.key, self._snip(lin, accumulator, base_layers).cpu().numpy()) for lin in group
         )
-        write_part(group_path, scores, {"group": index, "kind": "wandg-scores"})
+        size = expected_file_bytes(
+            sum(lin.shape[0] * lin.shape[1] * 4 for lin in group), len(group)
+        )
+        write_part(group_path, scores, {"group": index, "kind": "wandg-scores"}, size)
         for stale in self.parts_dir.glob(f"accum-g{index:04d}-*.h5"):
             stale.unlink(missing_ok=True)
         return None
@@ -503,7 +517,12 @@ class ScoreRun:
     def _checkpoint_wandg(self, accumulator: GradientAccumulator, group: int, samples: int) -> None:
         path = self.parts_dir / f"accum-g{group:04d}-{samples:06d}.h5"
         arrays = ((k, v.detach().cpu().numpy()) for k, v in accumulator.sums.items())
-        write_part(path, arrays, {"samples": samples, "group": group, "kind": "wandg-accumulators"})
+        size = expected_file_bytes(
+            sum(v.numel() * 4 for v in accumulator.sums.values()), len(accumulator.sums)
+        )
+        write_part(
+            path, arrays, {"samples": samples, "group": group, "kind": "wandg-accumulators"}, size
+        )
         for older in sorted(self.parts_dir.glob(f"accum-g{group:04d}-*.h5"))[:-2]:
             older.unlink(missing_ok=True)
 
@@ -526,7 +545,13 @@ class ScoreRun:
         non_finite: dict[str, tuple[int, int]] = {}
         nsamples = len(calibration.samples) if calibration else 0
         self.reporter.start("writing score set", total=len(loaded.linear_layers))
-        with atomic_h5(final) as handle, contextlib.ExitStack() as parts:
+        itemsize = 2 if config.score_dtype == "float16" else 4
+        array_bytes = sum(a * b * itemsize for a, b in loaded.fingerprint.shapes.values())
+        if stats is not None:
+            array_bytes += sum(v.numel() * 4 for v in stats.values())
+        datasets = len(loaded.linear_layers) * (2 if stats is not None else 1)
+        reserve = expected_file_bytes(array_bytes, datasets)
+        with atomic_h5(final, reserve) as handle, contextlib.ExitStack() as parts:
             group_parts = self._open_group_parts(groups, last_group, parts)
             for lin in loaded.linear_layers:
                 if lin.key in group_parts:

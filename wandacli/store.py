@@ -209,23 +209,84 @@ def temporary_path(final: Path) -> Path:
     return final.with_name(f".{final.name}{TMP_MARKER}{os.getpid()}")
 
 
+class WriteFailed(StoreError):
+    """Writing to a store file failed (disk full, file size limit, I/O error)."""
+
+
+def expected_file_bytes(array_bytes: int, datasets: int) -> int:
+    """A generous size for an HDF5 file holding `datasets` arrays of `array_bytes` in all:
+    object headers and chunk indexes cost ~3 KiB per dataset (measured: 14 small vectors make
+    a 43 KB file), chunking and checksums ~1% of the data."""
+    return int(array_bytes * 1.02) + datasets * 3584 + (16 << 10)
+
+
+def _reserve(path: Path, size: int) -> None:
+    """Claim `size` bytes for `path` with plain file I/O, which fails cleanly on a full disk,
+    a quota or a file size limit; HDF5 itself may crash when a write fails midway."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        if hasattr(os, "posix_fallocate"):
+            os.posix_fallocate(fd, 0, size)
+        else:  # pragma: no cover - macOS, Windows
+            block = b"\0" * (1 << 20)
+            for start in range(0, size, len(block)):
+                os.write(fd, block[: min(len(block), size - start)])
+    finally:
+        os.close(fd)
+
+
 @contextlib.contextmanager
-def atomic_h5(final: Path) -> Iterator[h5py.File]:
-    """Write an HDF5 file under a temporary name; rename it into place only when complete."""
+def atomic_h5(final: Path, reserve_bytes: int | None = None) -> Iterator[h5py.File]:
+    """Write an HDF5 file under a temporary name; rename it into place only when complete.
+    With `reserve_bytes`, the space is claimed first so that a full disk or a file size limit
+    is reported before HDF5 writes anything. A failed write (see `write_array`) or a failed
+    close becomes one WriteFailed naming `final`; other errors of the caller pass through
+    unchanged. The temporary file is removed on any failure."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(final)
     tmp.unlink(missing_ok=True)
     try:
-        with h5py.File(tmp, "w", locking=False) as handle:
+        if reserve_bytes:
+            try:
+                _reserve(tmp, reserve_bytes)
+            except OSError as exc:
+                raise _write_failure(final, exc) from exc
+        try:
+            handle = h5py.File(tmp, "w", locking=False)
+        except OSError as exc:
+            raise _write_failure(final, exc) from exc
+        try:
             yield handle
+        except WriteFailed as exc:
+            with contextlib.suppress(Exception):
+                handle.close()
+            raise _write_failure(final, exc.__cause__ or exc) from exc
+        except BaseException:
+            with contextlib.suppress(Exception):
+                handle.close()
+            raise
+        try:
             handle.flush()
-        _fsync_file(tmp)
-        os.replace(tmp, final)
-        fsync_dir(final.parent)
+            handle.close()
+            _fsync_file(tmp)
+            os.replace(tmp, final)
+            fsync_dir(final.parent)
+        except (OSError, RuntimeError) as exc:  # h5py reports some write failures as RuntimeError
+            raise _write_failure(final, exc) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
+
+
+def _write_failure(final: Path, exc: BaseException) -> WriteFailed:
+    """A failed write as a one-line error; nothing partial is left visible and earlier files
+    are untouched."""
+    reason = getattr(exc, "strerror", None) or _first_line(exc)
+    return WriteFailed(
+        f"writing {final} failed ({reason}); nothing partial was kept and earlier finished "
+        "work is intact: free space (or raise the file size limit) and run the same command again"
+    )
 
 
 def atomic_write_text(final: Path, text: str) -> None:
@@ -238,22 +299,70 @@ def atomic_write_text(final: Path, text: str) -> None:
             os.fsync(handle.fileno())
         os.replace(tmp, final)
         fsync_dir(final.parent)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise _write_failure(final, exc) from exc
     except BaseException:
         with contextlib.suppress(OSError):
             tmp.unlink()
         raise
 
 
+_RENAME_EXCHANGE = 2  # linux/fs.h: swap two paths atomically (renameat2, Linux 3.15+)
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two existing paths; False where the system cannot."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        renameat2 = libc.renameat2
+    except (OSError, AttributeError):
+        return False
+    result = renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE)
+    return bool(result == 0)
+
+
 def replace_directory_atomically(tmp_dir: Path, final: Path) -> None:
-    """Move a finished directory into place. An existing `final` is moved aside first and only
-    removed after the new one is in place, so an interruption leaves the old or the new one."""
+    """Move a finished directory into place so that, at every instant, `final` is either the
+    old directory (or absent) or the new one: renameat2's exchange where the system has it;
+    elsewhere the old one is moved aside first and `recover_directory` restores it if the
+    process dies between the two renames."""
+    if not final.exists():
+        os.replace(tmp_dir, final)
+        fsync_dir(final.parent)
+        return
+    if _exchange(tmp_dir, final):  # tmp_dir now holds the old directory
+        fsync_dir(final.parent)
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        return
     aside = final.with_name(f".{final.name}.old{TMP_MARKER}{os.getpid()}")
-    if final.exists():
-        os.replace(final, aside)
+    os.replace(final, aside)
     os.replace(tmp_dir, final)
     fsync_dir(final.parent)
-    if aside.exists():
-        shutil.rmtree(aside, ignore_errors=True)
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def recover_directory(final: Path) -> None:
+    """Put back a directory moved aside by an interrupted `replace_directory_atomically`, and
+    remove temporaries a dead writer left beside it."""
+    asides = (
+        sorted(final.parent.glob(f".{final.name}.old{TMP_MARKER}*"))
+        if final.parent.is_dir()
+        else []
+    )
+    if asides and not final.exists():
+        os.replace(asides[0], final)
+        asides = asides[1:]
+    for leftover in (
+        [*asides, *final.parent.glob(f".{final.name}.tmp-*")] if final.parent.is_dir() else []
+    ):
+        shutil.rmtree(leftover, ignore_errors=True)
 
 
 def remove_orphan_temporaries(directory: Path) -> list[Path]:
@@ -398,7 +507,10 @@ def write_array(
     kwargs: dict[str, Any] = {"fletcher32": True}
     if array.ndim == 2 and array.size:
         kwargs["chunks"] = chunk_rows(array.shape, array.dtype.itemsize)
-    handle.create_dataset(name, data=array, **kwargs)
+    try:
+        handle.create_dataset(name, data=array, **kwargs)
+    except (OSError, RuntimeError) as exc:  # disk full, file size limit: HDF5's I/O errors
+        raise WriteFailed(str(exc)) from exc
 
 
 def to_float16_checked(array: np.ndarray, key: str) -> np.ndarray:
@@ -413,9 +525,12 @@ def to_float16_checked(array: np.ndarray, key: str) -> np.ndarray:
 
 
 def set_root_attrs(handle: h5py.File, fmt: str, meta: dict[str, Any]) -> None:
-    handle.attrs["format"] = fmt
-    handle.attrs["format_version"] = FORMAT_VERSION
-    handle.attrs["meta"] = json.dumps(meta, sort_keys=False, default=str)
+    try:
+        handle.attrs["format"] = fmt
+        handle.attrs["format_version"] = FORMAT_VERSION
+        handle.attrs["meta"] = json.dumps(meta, sort_keys=False, default=str)
+    except (OSError, RuntimeError) as exc:
+        raise WriteFailed(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------
@@ -812,10 +927,15 @@ def describe_parts(parts_dir: Path) -> str:
     return "unfinished: " + (", ".join(done) if done else "nothing kept yet")
 
 
-def write_part(path: Path, arrays: Iterable[tuple[str, np.ndarray]], attrs: dict[str, Any]) -> None:
+def write_part(
+    path: Path,
+    arrays: Iterable[tuple[str, np.ndarray]],
+    attrs: dict[str, Any],
+    reserve_bytes: int | None = None,
+) -> None:
     """A part file: arrays under their keys (consumed one at a time, so a generator keeps
     memory at one array), attributes as meta; atomic and checksummed."""
-    with atomic_h5(path) as handle:
+    with atomic_h5(path, reserve_bytes) as handle:
         for key, array in arrays:
             write_array(handle, key, array)
         set_root_attrs(handle, PART_FORMAT, attrs)

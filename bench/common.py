@@ -17,6 +17,9 @@ REPO = Path(__file__).resolve().parents[1]
 WORK = REPO / "bench" / "work"
 
 
+REPORT_ONLY = "report only"
+
+
 @dataclass
 class Row:
     """One benchmark figure: a ratio and its target."""
@@ -27,7 +30,10 @@ class Row:
     detail: str
 
     @property
-    def meets_target(self) -> bool:
+    def meets_target(self) -> bool | None:
+        """None for figures reported without a target."""
+        if self.target == REPORT_ONLY:
+            return None
         op, value = self.target.split()
         return self.ratio <= float(value) if op == "<=" else self.ratio >= float(value)
 

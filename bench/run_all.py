@@ -38,7 +38,7 @@ def main(selected: list[str]) -> int:
     for column in ("benchmark", "ratio", "target", "ok", "measured"):
         table.add_column(column, overflow="fold")
     for row in rows:
-        ok = "[green]yes[/green]" if row.meets_target else "[red]no[/red]"
+        ok = {True: "[green]yes[/green]", False: "[red]no[/red]", None: "-"}[row.meets_target]
         table.add_row(row.benchmark, f"{row.ratio:.2f}", row.target, ok, row.detail)
     console.print(table)
     results = {

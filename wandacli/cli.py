@@ -31,6 +31,7 @@ from wandacli.config import (
 )
 from wandacli.console import console, progress_reporter
 from wandacli.data import describe_named_sets
+from wandacli.distributed import rank_prefix
 from wandacli.errors import ConfigError, Terminated, WandacliError
 from wandacli.options import (
     CacheDirOption,
@@ -40,6 +41,7 @@ from wandacli.options import (
     DeviceOption,
     DtypeOption,
     JsonOption,
+    MaxMemoryOption,
     ModelOption,
     NoProgressOption,
     OverwriteOption,
@@ -56,6 +58,7 @@ EXIT_SIGTERM = 143
 
 
 def _report(message: str) -> None:
+    message = rank_prefix() + message
     # Messages name things like [score] tables: escape them so Rich prints them verbatim.
     console.print(
         f"[bold red]error:[/bold red] {escape(message)}",
@@ -307,6 +310,14 @@ def score(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
+    offload_accumulators: Annotated[
+        bool,
+        typer.Option(
+            "--offload-accumulators",
+            help="wandg: keep the |grad| sums in CPU memory (GPU memory ≈ the model alone).",
+        ),
+    ] = False,
     cache_dir: CacheDirOption = None,
     overwrite: OverwriteOption = False,
     config: ConfigOption = None,
@@ -339,6 +350,7 @@ def score(
         score_dtype=p["score_dtype"],
         columns=Columns(p["prompt_column"], p["response_column"], p["text_column"]),
         data_dir=p["data_dir"],
+        offload_accumulators=p["offload_accumulators"],
     )
     from wandacli.score_run import run_score
 
@@ -346,7 +358,8 @@ def score(
         result = run_score(
             score_config, reporter=reporter, command_line=["wandacli", *sys.argv[1:]]
         )
-    render.score_result(result, as_json=p["json_output"])
+    if result.rank == 0:  # one report for a multi-process run
+        render.score_result(result, as_json=p["json_output"])
 
 
 @app.command()
@@ -494,6 +507,8 @@ def prune(
         ),
     ] = "auto",
     device: DeviceOption = "auto",
+    device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
     cache_dir: CacheDirOption = None,
     overwrite: OverwriteOption = False,
     config: ConfigOption = None,
@@ -516,7 +531,14 @@ def prune(
         layers=layers,
         modules=modules,
         name=name,
-        model=ModelSpec(model=model, dtype=dtype, device=device, cache_dir=cache_dir)
+        model=ModelSpec(
+            model=model,
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            max_memory=max_memory,
+            cache_dir=cache_dir,
+        )
         if model
         else None,
         save_model=save_model,
@@ -709,6 +731,7 @@ def eval_attack(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
     cache_dir: CacheDirOption = None,
     data_dir: DataDirOption = None,
     overwrite: OverwriteOption = False,
@@ -722,7 +745,12 @@ def eval_attack(
 
     attack_config = AttackConfig(
         model=ModelSpec(
-            model=model, dtype=dtype, device=device, device_map=device_map, cache_dir=cache_dir
+            model=model,
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            max_memory=max_memory,
+            cache_dir=cache_dir,
         ),
         mask=mask,
         store=store,
@@ -786,6 +814,7 @@ def eval_utility(
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     device_map: DeviceMapOption = None,
+    max_memory: MaxMemoryOption = None,
     cache_dir: CacheDirOption = None,
     data_dir: DataDirOption = None,
     config: ConfigOption = None,
@@ -806,7 +835,12 @@ def eval_utility(
         )
     utility_config = UtilityConfig(
         model=ModelSpec(
-            model=model, dtype=dtype, device=device, device_map=device_map, cache_dir=cache_dir
+            model=model,
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            max_memory=max_memory,
+            cache_dir=cache_dir,
         ),
         mask=mask,
         store=store,

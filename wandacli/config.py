@@ -44,7 +44,7 @@ class ModelSpec:
     dtype: str = "auto"
     device: str = "auto"
     device_map: str | None = None
-    max_memory: dict[str, str] | None = None
+    max_memory: str | None = None  # "0=20GiB,1=20GiB,cpu=64GiB", with device_map
     cache_dir: Path | None = None
 
 
@@ -155,6 +155,7 @@ class ScoreConfig:
     score_dtype: str = "float32"
     columns: Columns = field(default_factory=Columns)
     data_dir: Path | None = None
+    offload_accumulators: bool = False
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:

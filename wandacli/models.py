@@ -199,13 +199,29 @@ def resolve_source(model: str) -> ModelSource:
 
 
 def resolve_device(device: str) -> torch.device:
-    if device not in DEVICE_CHOICES:
+    """`auto`, `cpu`, `cuda`, or `cuda:N` (each rank of a multi-GPU run uses its own)."""
+    if device not in DEVICE_CHOICES and not re.fullmatch(r"cuda:\d+", device):
         raise ModelError(f"unknown device {device!r}: use one of {', '.join(DEVICE_CHOICES)}")
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ModelError("--device cuda, but no CUDA device is available: use --device cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"--device {device}, but no CUDA device is available: use --device cpu")
+    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise ModelError(
+            f"--device {device}, but only {torch.cuda.device_count()} CUDA devices are visible"
+        )
     return torch.device(device)
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """`0=20GiB,1=20GiB,cpu=64GiB` → accelerate's max_memory (GPU indices as ints)."""
+    limits: dict[int | str, str] = {}
+    for part in text.split(","):
+        key, _, value = part.strip().partition("=")
+        if not key or not value:
+            raise ModelError(f"--max-memory {text!r}: use DEVICE=SIZE pairs like 0=20GiB,cpu=64GiB")
+        limits[int(key) if key.isdigit() else key] = value
+    return limits
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
@@ -360,7 +376,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     if spec.device_map:
         kwargs["device_map"] = _parse_device_map(spec.device_map)
         if spec.max_memory:
-            kwargs["max_memory"] = spec.max_memory
+            kwargs["max_memory"] = parse_max_memory(spec.max_memory)
     elif device.type == "cuda":
         kwargs["device_map"] = str(device)
     try:

@@ -41,6 +41,14 @@ DeviceMapOption = Annotated[
         rich_help_panel="Model",
     ),
 ]
+MaxMemoryOption = Annotated[
+    str | None,
+    typer.Option(
+        "--max-memory",
+        help="With --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.",
+        rich_help_panel="Model",
+    ),
+]
 CacheDirOption = Annotated[
     Path | None,
     typer.Option(
@@ -90,5 +98,6 @@ def model_spec(params: dict[str, Any], prefix: str = "") -> ModelSpec:
         dtype=params.get("dtype", "auto"),
         device=params.get("device", "auto"),
         device_map=params.get("device_map"),
+        max_memory=params.get("max_memory"),
         cache_dir=params.get("cache_dir"),
     )

@@ -9,6 +9,7 @@ an uninterrupted run (statistics are summed in the same order from the same chec
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import shlex
 import shutil
 import sys
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from wandacli import distributed
 from wandacli.config import DEFAULT_SEQLEN_CAP, ModelSpec, ScoreConfig
 from wandacli.console import NullReporter, Reporter, info, warn
 from wandacli.data import (
@@ -90,6 +92,8 @@ class ScoreResult:
     modules: int
     parameters: int
     meta: dict[str, Any]
+    rank: int = 0
+    world_size: int = 1
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -104,6 +108,7 @@ class ScoreResult:
             "layers": self.layers,
             "modules": self.modules,
             "parameters": self.parameters,
+            "world_size": self.world_size,
         }
 
 
@@ -137,6 +142,7 @@ class ScoreRun:
         self.name = ""
         self.parts_dir = Path()
         self.resumed = False
+        self.dist = distributed.SINGLE
 
     # -- the whole run --------------------------------------------------------------------
 
@@ -144,46 +150,43 @@ class ScoreRun:
         config = self.config
         started_at, started = now_iso(), time.monotonic()
         return_freed_memory_promptly()
+        self.dist = distributed.from_environment(config.model.device)
+        main = self.dist.is_main
+        if not main:
+            self.reporter = NullReporter()  # one progress bar: rank 0's
         if config.needs_data is False and config.data:
             warn(f"--method {config.method} uses no calibration data; --data is ignored")
-        ensure_writable_directory(self.store.root)
         data_name = data_display_name(config.data) if config.needs_data and config.data else None
         self.name = config.name or config.default_name(data_name)
         final = self.store.score_set_path(self.name)
         self.parts_dir = self.store.parts_dir(self.name)
-        with (
-            writer_lock(self.store.root, shlex.join(self.command_line)),
-            _interruptible(self._what_is_kept),
-        ):
-            if final.exists():
+        if main:
+            ensure_writable_directory(self.store.root)
+        # Only rank 0 touches the store: it holds the lock and writes every file.
+        lock = (
+            writer_lock(self.store.root, shlex.join(self.command_line))
+            if main
+            else contextlib.nullcontext()
+        )
+        with lock, _interruptible(self._what_is_kept):
+            if main and final.exists():
                 # Parts beside a finished set are leftovers of a run killed while cleaning up.
                 shutil.rmtree(self.parts_dir, ignore_errors=True)
                 if not config.overwrite:  # refuse before loading the model and data
                     raise_exists(self.name, self.store.root)
-            loaded = self._loaded or load_model(config.model)
+            loaded = self._loaded or load_model(self._rank_model_spec())
             calibration = self._calibration(loaded) if config.needs_data else None
             base_layers = self._base_layers(loaded) if config.use_diff else None
             settings = self._settings(loaded, calibration, base_layers)
-            try:
-                self.resumed = check_resumable(self.parts_dir, settings, self.name)
-            except ResumeMismatchError:
-                if not config.overwrite:
-                    raise
-                # --overwrite discards unfinished work made with other settings; work with
-                # the same settings is still resumed (it is what this run would compute).
-                shutil.rmtree(self.parts_dir)
-                self.resumed = False
-            self._check_space(loaded, final)
             groups = self._groups(loaded.linear_layers)
-            if config.needs_data:  # magnitude and random have nothing worth resuming
-                write_manifest(
-                    self.parts_dir, settings, {"groups": len(groups), "started": started_at}
-                )
-            if self.resumed:
-                info(f"resuming unfinished score set {self.name!r} from {self.parts_dir}")
+            if main:
+                self._prepare_parts(settings, loaded, final, len(groups), started_at)
+            self.resumed = bool(self.dist.broadcast_int(int(self.resumed)))
             meta = self._meta(loaded, calibration, base_layers, started_at)
             self._compute_and_assemble(loaded, calibration, base_layers, groups, final, meta)
-            shutil.rmtree(self.parts_dir, ignore_errors=True)
+            if main:
+                shutil.rmtree(self.parts_dir, ignore_errors=True)
+            self.dist.barrier()
         seconds = time.monotonic() - started
         return ScoreResult(
             name=self.name,
@@ -198,7 +201,46 @@ class ScoreRun:
             modules=len(loaded.linear_layers),
             parameters=sum(a * b for a, b in loaded.fingerprint.shapes.values()),
             meta=meta,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
         )
+
+    def _rank_model_spec(self) -> ModelSpec:
+        """Each rank of a multi-GPU run on its own GPU."""
+        spec = self.config.model
+        if (
+            self.dist.active
+            and spec.device_map is None
+            and torch.cuda.is_available()
+            and spec.device in ("auto", "cuda")
+        ):
+            return dataclasses.replace(spec, device=f"cuda:{self.dist.local_rank}")
+        return spec
+
+    def _prepare_parts(
+        self,
+        settings: dict[str, Any],
+        loaded: LoadedModel,
+        final: Path,
+        groups: int,
+        started_at: str,
+    ) -> None:
+        """Rank 0: resume or discard unfinished work, check space, record the settings."""
+        config = self.config
+        try:
+            self.resumed = check_resumable(self.parts_dir, settings, self.name)
+        except ResumeMismatchError:
+            if not config.overwrite:
+                raise
+            # --overwrite discards unfinished work made with other settings; work with the
+            # same settings is still resumed (it is what this run would compute).
+            shutil.rmtree(self.parts_dir)
+            self.resumed = False
+        self._check_space(loaded, final)
+        if config.needs_data:  # magnitude and random have nothing worth resuming
+            write_manifest(self.parts_dir, settings, {"groups": groups, "started": started_at})
+        if self.resumed:
+            info(f"resuming unfinished score set {self.name!r} from {self.parts_dir}")
 
     def _what_is_kept(self) -> str:
         kept = (
@@ -284,6 +326,8 @@ class ScoreRun:
             settings["seed"] = config.seed
         if config.method == "wandg":
             settings["layers_per_pass"] = config.layers_per_pass
+        if self.dist.active:  # each rank's partial sums are checkpointed together
+            settings["world_size"] = self.dist.world_size
         return settings
 
     def _meta(
@@ -332,6 +376,8 @@ class ScoreRun:
             )
         if config.method == "wandg":
             meta["layers_per_pass"] = config.layers_per_pass
+            meta["offload_accumulators"] = config.offload_accumulators
+        meta["world_size"] = self.dist.world_size
         return meta
 
     def _groups(self, layers: list[LinearLayer]) -> list[list[LinearLayer]]:
@@ -374,7 +420,8 @@ class ScoreRun:
                 last_group = self._gather_wandg_group(
                     loaded, calibration, group, index, len(groups), base_layers
                 )
-        self._assemble(loaded, calibration, base_layers, stats, groups, last_group, final, meta)
+        if self.dist.is_main:
+            self._assemble(loaded, calibration, base_layers, stats, groups, last_group, final, meta)
 
     def _samples_on_device(
         self, loaded: LoadedModel, calibration: CalibrationSet
@@ -383,52 +430,101 @@ class ScoreRun:
         for sample in calibration.samples:
             yield sample.input_ids.to(device), sample.labels.to(device)
 
+    def _sample_loop(
+        self,
+        calibration: CalibrationSet,
+        done: int,
+        label: str,
+        observe: Any,
+        checkpoint: Any,
+    ) -> int:
+        """Run `observe` on this rank's samples from step `done` on, calling `checkpoint(step)`
+        every --checkpoint-every steps; returns the number of steps. Every rank runs the same
+        number of steps (some without a sample), so that collective calls line up."""
+        total = len(calibration.samples)
+        local = self.dist.local_indices(total)
+        steps = self.dist.steps(total)
+        interval = self.config.checkpoint_interval
+        self.reporter.start(label, total=steps, completed=done)
+        for step in range(done, steps):
+            if step < len(local):
+                observe(calibration.samples[local[step]])
+            self.reporter.advance()
+            finished = step + 1
+            if finished < steps and interval and finished % interval == 0:
+                checkpoint(finished)
+        self.reporter.finish()
+        return steps
+
     def _gather_wanda(
         self, loaded: LoadedModel, calibration: CalibrationSet
     ) -> dict[str, torch.Tensor]:
         statistics = ActivationStatistics(loaded.linear_layers)
-        done = self._restore_wanda(statistics)
-        total = len(calibration.samples)
-        interval = self.config.checkpoint_interval
-        self.reporter.start("wanda: samples", total=total, completed=done)
+        done = self.dist.broadcast_int(self._restore_wanda(statistics) if self.dist.is_main else 0)
+
+        def observe(sample: Any) -> None:
+            counted = sample.counted.to(loaded.input_device) if calibration.disentangle else None
+            statistics.observe(loaded.model, sample.input_ids.to(loaded.input_device), counted)
+
         with statistics.recording():
-            for index, sample in enumerate(calibration.samples):
-                if index < done:
-                    continue
-                counted = (
-                    sample.counted.to(loaded.input_device) if calibration.disentangle else None
-                )
-                statistics.observe(loaded.model, sample.input_ids.to(loaded.input_device), counted)
-                self.reporter.advance()
-                finished = index + 1
-                if finished < total and interval and finished % interval == 0:
-                    self._checkpoint_wanda(statistics, finished)
-        self.reporter.finish()
-        if done < total:
-            self._checkpoint_wanda(statistics, total)  # keep all statistics before assembly
+            steps = self._sample_loop(
+                calibration,
+                done,
+                "wanda: samples",
+                observe,
+                lambda step: self._checkpoint(
+                    statistics.sums,
+                    f"stats-{step:06d}.h5",
+                    "stats-*.h5",
+                    {"samples": step, "kind": "wanda-sums"},
+                ),
+            )
+        self.dist.all_reduce_sum(statistics.sums.values())
+        if done < steps:  # keep every statistic before assembly
+            self._checkpoint(
+                statistics.sums,
+                f"stats-{steps:06d}.h5",
+                "stats-*.h5",
+                {"samples": steps, "kind": "wanda-sums"},
+                reduced=True,
+            )
         return statistics.sums
 
     def _restore_wanda(self, statistics: ActivationStatistics) -> int:
-        """Load the latest readable statistics checkpoint; returns the samples it covers."""
-        for path in sorted(self.parts_dir.glob("stats-*.h5"), reverse=True):
+        """Load the latest readable statistics checkpoint; returns the steps it covers."""
+        return self._restore(statistics.load, "stats-*.h5")
+
+    def _restore(self, load: Any, pattern: str) -> int:
+        for path in sorted(self.parts_dir.glob(pattern), reverse=True):
             part = read_part(path)
             if part is None:
                 warn(f"damaged part file {path}: removed, recomputing what it held")
                 continue
             arrays, attrs = part
-            statistics.load({k: torch.from_numpy(v) for k, v in arrays.items()})
+            load({k: torch.from_numpy(v) for k, v in arrays.items()})
             return int(attrs["samples"])
         return 0
 
-    def _checkpoint_wanda(self, statistics: ActivationStatistics, samples: int) -> None:
-        path = self.parts_dir / f"stats-{samples:06d}.h5"
-        arrays = ((k, v.detach().cpu().numpy()) for k, v in statistics.sums.items())
-        size = expected_file_bytes(
-            sum(v.numel() * 4 for v in statistics.sums.values()), len(statistics.sums)
-        )
-        write_part(path, arrays, {"samples": samples, "kind": "wanda-sums"}, size)
+    def _checkpoint(
+        self,
+        sums: dict[str, torch.Tensor],
+        name: str,
+        pattern: str,
+        attrs: dict[str, Any],
+        *,
+        reduced: bool = False,
+    ) -> None:
+        """Rank 0 writes the sums over every rank's samples so far (a collective call)."""
+        if self.dist.active and not reduced:
+            sums = {k: v.clone() for k, v in sums.items()}
+            self.dist.all_reduce_sum(sums.values())
+        if not self.dist.is_main:
+            return
+        arrays = ((k, v.detach().cpu().numpy()) for k, v in sums.items())
+        size = expected_file_bytes(sum(v.numel() * 4 for v in sums.values()), len(sums))
+        write_part(self.parts_dir / name, arrays, attrs, size)
         # Keep only the newest two checkpoints: the previous one covers a damaged newest one.
-        for older in sorted(self.parts_dir.glob("stats-*.h5"))[:-2]:
+        for older in sorted(self.parts_dir.glob(pattern))[:-2]:
             older.unlink(missing_ok=True)
 
     def _gather_wandg_group(
@@ -446,47 +542,59 @@ class ScoreRun:
         read of up to the whole set's size."""
         last = index == count - 1
         group_path = self._group_part(index)
-        if not last and group_path.exists():
+        finished = 0
+        if not last and self.dist.is_main and group_path.exists():
             part = open_part(group_path)
             if part is not None:
                 part.close()
-                return None
-            warn(f"damaged part file {group_path}: removed, recomputing layer group {index}")
-        accumulator = GradientAccumulator(group)
-        done = self._restore_wandg(accumulator, index)
-        total = len(calibration.samples)
-        interval = self.config.checkpoint_interval
+                finished = 1
+            else:
+                warn(f"damaged part file {group_path}: removed, recomputing layer group {index}")
+        if self.dist.broadcast_int(finished):
+            return None
+        accumulator = GradientAccumulator(group, offload=self.config.offload_accumulators)
+        pattern = f"accum-g{index:04d}-*.h5"
+        done = self.dist.broadcast_int(
+            self._restore(accumulator.load, pattern) if self.dist.is_main else 0
+        )
         first_layer, last_layer = group[0].layer, group[-1].layer
         label = (
             "wandg: samples"
             if count == 1
             else f"wandg: layers {first_layer}-{last_layer} ({index + 1}/{count})"
         )
-        self.reporter.start(label, total=total, completed=done)
+
+        def observe(sample: Any) -> None:
+            if sample.num_counted > 0:  # a sample with no counted token has no loss
+                input_ids = sample.input_ids.to(loaded.input_device)
+                accumulator.observe(loaded.model, input_ids, sample.labels.to(loaded.input_device))
+
         with accumulator.recording():
-            for sample_index, sample in enumerate(calibration.samples):
-                if sample_index < done:
-                    continue
-                if sample.num_counted > 0:  # a sample with no counted token has no loss
-                    input_ids = sample.input_ids.to(loaded.input_device)
-                    labels = sample.labels.to(loaded.input_device)
-                    accumulator.observe(loaded.model, input_ids, labels)
-                self.reporter.advance()
-                finished = sample_index + 1
-                if finished < total and interval and finished % interval == 0:
-                    self._checkpoint_wandg(accumulator, index, finished)
-        self.reporter.finish()
+            self._sample_loop(
+                calibration,
+                done,
+                label,
+                observe,
+                lambda step: self._checkpoint(
+                    accumulator.sums,
+                    f"accum-g{index:04d}-{step:06d}.h5",
+                    pattern,
+                    {"samples": step, "group": index, "kind": "wandg-accumulators"},
+                ),
+            )
+        self.dist.all_reduce_sum(accumulator.sums.values())
         if last:
             return accumulator
-        scores = (
-            (lin.key, self._snip(lin, accumulator, base_layers).cpu().numpy()) for lin in group
-        )
-        size = expected_file_bytes(
-            sum(lin.shape[0] * lin.shape[1] * 4 for lin in group), len(group)
-        )
-        write_part(group_path, scores, {"group": index, "kind": "wandg-scores"}, size)
-        for stale in self.parts_dir.glob(f"accum-g{index:04d}-*.h5"):
-            stale.unlink(missing_ok=True)
+        if self.dist.is_main:
+            scores = (
+                (lin.key, self._snip(lin, accumulator, base_layers).cpu().numpy()) for lin in group
+            )
+            size = expected_file_bytes(
+                sum(lin.shape[0] * lin.shape[1] * 4 for lin in group), len(group)
+            )
+            write_part(group_path, scores, {"group": index, "kind": "wandg-scores"}, size)
+            for stale in self.parts_dir.glob(pattern):
+                stale.unlink(missing_ok=True)
         return None
 
     def _group_part(self, index: int) -> Path:
@@ -499,32 +607,8 @@ class ScoreRun:
         base_layers: dict[str, LinearLayer] | None,
     ) -> torch.Tensor:
         base = base_layers[lin.key].weight_matrix() if base_layers else None
-        return snip_scores(
-            weight_magnitude(lin.weight_matrix(), base), accumulator.scores_layout(lin)
-        )
-
-    def _restore_wandg(self, accumulator: GradientAccumulator, group: int) -> int:
-        for path in sorted(self.parts_dir.glob(f"accum-g{group:04d}-*.h5"), reverse=True):
-            part = read_part(path)
-            if part is None:
-                warn(f"damaged part file {path}: removed, recomputing what it held")
-                continue
-            arrays, attrs = part
-            accumulator.load({k: torch.from_numpy(v) for k, v in arrays.items()})
-            return int(attrs["samples"])
-        return 0
-
-    def _checkpoint_wandg(self, accumulator: GradientAccumulator, group: int, samples: int) -> None:
-        path = self.parts_dir / f"accum-g{group:04d}-{samples:06d}.h5"
-        arrays = ((k, v.detach().cpu().numpy()) for k, v in accumulator.sums.items())
-        size = expected_file_bytes(
-            sum(v.numel() * 4 for v in accumulator.sums.values()), len(accumulator.sums)
-        )
-        write_part(
-            path, arrays, {"samples": samples, "group": group, "kind": "wandg-accumulators"}, size
-        )
-        for older in sorted(self.parts_dir.glob(f"accum-g{group:04d}-*.h5"))[:-2]:
-            older.unlink(missing_ok=True)
+        magnitude = weight_magnitude(lin.weight_matrix(), base)
+        return snip_scores(magnitude, accumulator.scores_layout(lin).to(magnitude.device))
 
     # -- assembly -------------------------------------------------------------------------
 

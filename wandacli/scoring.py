@@ -87,7 +87,8 @@ def sample_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> to
     positions = torch.nonzero(labels[0, 1:].ne(IGNORE_INDEX)).squeeze(1)
     targets = labels[0, positions + 1]
     logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=positions).logits
-    return torch.nn.functional.cross_entropy(logits[0].float(), targets)
+    # Under a device map the head may sit on another device than the inputs.
+    return torch.nn.functional.cross_entropy(logits[0].float(), targets.to(logits.device))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -167,11 +168,16 @@ class GradientAccumulator:
     then freed, so peak memory stays near weights + accumulators + one gradient.
     """
 
-    def __init__(self, layers: list[LinearLayer]) -> None:
+    def __init__(self, layers: list[LinearLayer], *, offload: bool = False) -> None:
         self.layers = layers
-        # Accumulators in the module's own weight layout (Conv1D: transposed); see `scores_layout`.
+        # Accumulators in the module's own weight layout (Conv1D: transposed); see
+        # `scores_layout`. With `offload`, in CPU memory: each gradient is copied there as it
+        # arrives (slower, but a GPU then holds only the model and one gradient).
         self.sums: dict[str, torch.Tensor] = {
-            lin.key: torch.zeros_like(lin.weight, dtype=torch.float32) for lin in layers
+            lin.key: torch.zeros_like(
+                lin.weight, dtype=torch.float32, device="cpu" if offload else None
+            )
+            for lin in layers
         }
 
     def load(self, sums: dict[str, torch.Tensor]) -> None:
@@ -184,7 +190,7 @@ class GradientAccumulator:
         def post_accumulate(param: torch.Tensor) -> None:
             grad = param.grad
             assert grad is not None
-            accumulator.add_(grad.abs_())
+            accumulator.add_(grad.abs_().to(accumulator.device))
             param.grad = None
 
         return post_accumulate

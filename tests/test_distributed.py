@@ -1,0 +1,191 @@
+"""Scaling out: data-parallel scoring with torchrun (gloo on the CPU) equals a single process,
+only rank 0 writes, a failing rank fails the run; device maps give the same scores."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.conftest import REPO
+from wandacli.store import ScoreSet
+
+RANK_RUNNER = REPO / "tests" / "faults" / "run_rank.py"
+
+
+def arrays(path: Path) -> dict[str, np.ndarray]:
+    with ScoreSet(path) as score_set:
+        return {key: score_set.read(key) for key in score_set.keys}
+
+
+def score_args(model_dir, data, store, method, *extra) -> list[str]:
+    return [
+        "score",
+        "--method",
+        method,
+        "--model",
+        str(model_dir),
+        "--data",
+        str(data),
+        "--nsamples",
+        "7",
+        "--seqlen",
+        "128",
+        "--store",
+        str(store),
+        "--device",
+        "cpu",
+        "--no-progress",
+        "--name",
+        "s",
+        *extra,
+    ]
+
+
+def torchrun(args: list[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        str(RANK_RUNNER),
+        *args,
+    ]
+    return subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "WANDACLI_QUIET": "1", **(env or {})},
+    )
+
+
+@pytest.mark.parametrize(
+    ("method", "extra"),
+    [
+        ("wanda", ["--checkpoint-every", "2"]),
+        ("wandg", ["--layers-per-pass", "1", "--checkpoint-every", "2"]),
+    ],
+)
+def test_two_processes_equal_one_and_only_rank_0_writes(
+    cli, method, extra, tiny_llama_dir, pairs_csv, tmp_path
+):
+    single = tmp_path / "single"
+    assert cli(*score_args(tiny_llama_dir, pairs_csv, single, method, *extra)).exit_code == 0
+    parallel = tmp_path / "parallel"
+    log = tmp_path / "writes.log"
+    done = torchrun(
+        [*score_args(tiny_llama_dir, pairs_csv, parallel, method, *extra), "--json"],
+        {"WANDACLI_TEST_WRITE_LOG": str(log)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert (
+        json.loads(done.stdout[done.stdout.index("{") :])["world_size"] == 2
+    )  # one report, rank 0's
+    a, b = arrays(single / "scores" / "s.h5"), arrays(parallel / "scores" / "s.h5")
+    for key in a:
+        np.testing.assert_allclose(
+            b[key], a[key], rtol=1e-6, atol=0, err_msg=key
+        )  # summation order differs
+    writers = {line.split()[0] for line in log.read_text().splitlines()}
+    assert writers == {"0"}
+    assert len(log.read_text().splitlines()) > 2  # checkpoints and the set itself
+    assert ScoreSet(parallel / "scores" / "s.h5").meta["world_size"] == 2
+
+
+def test_a_failing_rank_fails_the_run_and_nothing_is_marked_complete(
+    tiny_llama_dir, pairs_csv, tmp_path
+):
+    store = tmp_path / "store"
+    done = torchrun(
+        score_args(tiny_llama_dir, pairs_csv, store, "wandg"),
+        {"WANDACLI_TEST_FAIL_RANK": "1", "WANDACLI_TEST_FAIL_AFTER": "2"},
+    )
+    assert done.returncode != 0
+    assert "error: rank 1: internal error: RuntimeError: injected failure on rank 1" in done.stderr
+    assert not (store / "scores" / "s.h5").exists()
+
+
+def test_resuming_with_another_world_size_is_refused(
+    cli, monkeypatch, tiny_llama_dir, pairs_csv, tmp_path
+):
+    from tests.test_reliability import interrupt_after
+    from wandacli import scoring
+
+    store = tmp_path / "store"
+    args = score_args(tiny_llama_dir, pairs_csv, store, "wanda", "--checkpoint-every", "1")
+    with monkeypatch.context() as patch:
+        interrupt_after(patch, scoring.ActivationStatistics, 3)
+        assert cli(*args).exit_code == 130
+    done = torchrun(args)
+    assert done.returncode != 0
+    assert "world_size" in done.stderr and "other settings" in done.stderr
+
+
+def test_device_map_gives_the_same_scores(cli, tiny_llama_dir, pairs_csv, tmp_path):
+    """A manual map placing every module by name: the path a multi-GPU map takes (here every
+    device is the CPU, the only one a CPU machine has)."""
+    device_map = {
+        "model.embed_tokens": "cpu",
+        "model.layers.0": "cpu",
+        "model.layers.1": "cpu",
+        "model.norm": "cpu",
+        "model.rotary_emb": "cpu",
+        "lm_head": "cpu",
+    }
+    plain, mapped = tmp_path / "plain", tmp_path / "mapped"
+    for method in ("wanda", "wandg"):
+        assert (
+            cli(*score_args(tiny_llama_dir, pairs_csv, plain, method, "--name", method)).exit_code
+            == 0
+        )
+        result = cli(
+            *score_args(
+                tiny_llama_dir,
+                pairs_csv,
+                mapped,
+                method,
+                "--name",
+                method,
+                "--device-map",
+                json.dumps(device_map),
+            )
+        )
+        assert result.exit_code == 0, result.stderr
+        a, b = arrays(plain / "scores" / f"{method}.h5"), arrays(mapped / "scores" / f"{method}.h5")
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_offloaded_accumulators_give_the_same_scores(cli, tiny_llama_dir, pairs_csv, tmp_path):
+    a_store, b_store = tmp_path / "a", tmp_path / "b"
+    assert cli(*score_args(tiny_llama_dir, pairs_csv, a_store, "wandg")).exit_code == 0
+    assert (
+        cli(
+            *score_args(tiny_llama_dir, pairs_csv, b_store, "wandg", "--offload-accumulators")
+        ).exit_code
+        == 0
+    )
+    a, b = arrays(a_store / "scores" / "s.h5"), arrays(b_store / "scores" / "s.h5")
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+def test_max_memory_is_parsed_for_accelerate():
+    from wandacli.errors import ModelError
+    from wandacli.models import parse_max_memory
+
+    assert parse_max_memory("0=20GiB, 1=20GiB,cpu=64GiB") == {
+        0: "20GiB",
+        1: "20GiB",
+        "cpu": "64GiB",
+    }
+    with pytest.raises(ModelError, match="DEVICE=SIZE"):
+        parse_max_memory("20GiB")

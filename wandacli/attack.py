@@ -24,7 +24,7 @@ from typing import Any, Protocol
 from wandacli import reference
 from wandacli.config import RESULTS_DIR, AttackConfig, Columns, ModelSpec
 from wandacli.console import NullReporter, Reporter, info, warn
-from wandacli.errors import ConfigError, InterruptedRun, StoreError, Terminated
+from wandacli.errors import ConfigError, StoreError, interruptible
 from wandacli.store import atomic_write_text, now_iso, software_versions
 from wandacli.under_test import ModelUnderTest, append_reference_log, load_model_under_test
 
@@ -577,7 +577,9 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
                         texts.append(text)
                     samples = config.samples if setting.sampling else 1
                     reporter.start(f"{record.run_name}: prompts", total=len(texts))
-                    try:
+                    with interruptible(
+                        lambda: f"finished runs are kept in {out}; the same command resumes"
+                    ):
                         responses = generator.generate(
                             texts,
                             add_special_tokens=special,
@@ -586,16 +588,6 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
                             seed=config.seed,
                             temperature=config.temperature,
                         )
-                    except KeyboardInterrupt:
-                        raise InterruptedRun(
-                            f"interrupted: finished runs are kept in {out}; the same command resumes",
-                            130,
-                        ) from None
-                    except Terminated:
-                        raise InterruptedRun(
-                            f"terminated: finished runs are kept in {out}; the same command resumes",
-                            143,
-                        ) from None
                     reporter.finish()
                     flat = [r for group in responses for r in group]
                     behaviours = [

@@ -23,8 +23,8 @@ from wandacli.store import (
     MASK_FORMAT,
     SCORES_FORMAT,
     MaskFile,
+    ModelFile,
     ScoreSet,
-    StoredFile,
     resolve_file,
 )
 
@@ -116,7 +116,7 @@ class Input:
     label: str
     path: Path
     kind: str  # "mask" or "scores"
-    handle: StoredFile
+    handle: ModelFile
 
     def load(self, key: str, top: float, per_row: bool) -> tuple[np.ndarray, np.ndarray | None]:
         """(the selected weights, the scores or None for a mask) of one layer."""
@@ -163,8 +163,8 @@ def check_comparable(inputs: list[Input]) -> None:
     """All inputs from one model: same model id and the same layers and shapes."""
     first = inputs[0]
     for other in inputs[1:]:
-        mismatch = first.handle.fingerprint.first_mismatch(  # type: ignore[attr-defined]
-            other.handle.fingerprint,  # type: ignore[attr-defined]
+        mismatch = first.handle.fingerprint.first_mismatch(
+            other.handle.fingerprint,
             mine=first.label,
             theirs=other.label,
         )
@@ -356,7 +356,7 @@ def compare_files(
                 for n, i in enumerate(inputs, start=1)
             ]
         check_comparable(inputs)
-        fingerprint = inputs[0].handle.fingerprint  # type: ignore[attr-defined]
+        fingerprint = inputs[0].handle.fingerprint
         pairs = [
             PairFigures(inputs[i].label, inputs[j].label)
             for i in range(len(inputs))

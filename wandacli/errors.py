@@ -3,6 +3,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
 
 class WandacliError(Exception):
     """A problem the user can fix. The message names the problem and the fix."""
@@ -53,3 +56,15 @@ class InterruptedRun(WandacliError):
 class Terminated(BaseException):
     """Raised from the SIGTERM handler. A BaseException, like KeyboardInterrupt, so that
     `except Exception` blocks in library code do not swallow it."""
+
+
+@contextmanager
+def interruptible(what_is_kept: Callable[[], str]) -> Iterator[None]:
+    """Ctrl-C (exit 130) and SIGTERM (exit 143) inside the block become one InterruptedRun
+    whose line says what was kept and how to go on: `what_is_kept()`."""
+    try:
+        yield
+    except KeyboardInterrupt:
+        raise InterruptedRun(f"interrupted: {what_is_kept()}", 130) from None
+    except Terminated:
+        raise InterruptedRun(f"terminated: {what_is_kept()}", 143) from None

@@ -12,7 +12,7 @@ from typing import Any
 
 from wandacli.config import RESULTS_DIR, UtilityConfig
 from wandacli.console import NullReporter, Reporter
-from wandacli.errors import ConfigError, DataError, InterruptedRun, Terminated
+from wandacli.errors import ConfigError, DataError, interruptible
 from wandacli.models import model_max_length
 from wandacli.store import atomic_write_text, ensure_writable_directory, now_iso, software_versions
 from wandacli.under_test import ModelUnderTest, append_reference_log, load_model_under_test
@@ -144,7 +144,7 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
     result = UtilityResult(under_test=under_test.describe())
     out = config.out or RESULTS_DIR / under_test.label
     ensure_writable_directory(out, "--out")
-    try:
+    with interruptible(lambda: "nothing was written"):
         if raw is not None:
             model = under_test.loaded.model
             limit = model_max_length(model) or DEFAULT_PERPLEXITY_SEQLEN
@@ -163,10 +163,6 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
             result.zero_shot = zero_shot(
                 under_test, config.zero_shot, config.zero_shot_limit, config.batch_size
             )
-    except KeyboardInterrupt:
-        raise InterruptedRun("interrupted: nothing was written", 130) from None
-    except Terminated:
-        raise InterruptedRun("terminated: nothing was written", 143) from None
     result.out = out
     result.seconds = time.monotonic() - started
     payload = result.to_json() | {

@@ -23,7 +23,7 @@ import numpy as np
 from wandacli import pruning
 from wandacli.config import DEFAULT_STORE, ModelSpec, PruneConfig
 from wandacli.console import NullReporter, Reporter, info
-from wandacli.errors import ConfigError, InterruptedRun, StoreError, Terminated
+from wandacli.errors import ConfigError, StoreError, interruptible
 from wandacli.fingerprint import ModelFingerprint
 from wandacli.memory import peak_rss_bytes
 from wandacli.store import (
@@ -187,16 +187,8 @@ class PruneRun:
                     o * ((i + 7) // 8) for o, i in safety.fingerprint.shapes.values()
                 )
                 check_free_space(root, packed_bytes, f"mask {name!r}")
-                try:
+                with interruptible(lambda: "no mask written; the store is unchanged"):
                     counts = self._write_mask(path, safety, utility, keys, loaded, base, name)
-                except KeyboardInterrupt:
-                    raise InterruptedRun(
-                        "interrupted: no mask written; the store is unchanged", 130
-                    ) from None
-                except Terminated:
-                    raise InterruptedRun(
-                        "terminated: no mask written; the store is unchanged", 143
-                    ) from None
             result = PruneResult(
                 name=name,
                 path=path,
@@ -436,26 +428,16 @@ class PruneRun:
         tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
         shutil.rmtree(tmp, ignore_errors=True)
         self.reporter.start("saving model", total=1)
+        kept = f"while saving the model: {out} is unchanged; the mask {mask_path} is kept"
         try:
-            loaded.model.save_pretrained(str(tmp), safe_serialization=True)
-            if loaded.tokenizer is not None:
-                loaded.tokenizer.save_pretrained(str(tmp))
-            (tmp / "wandacli-mask.json").write_text(
-                _provenance_json(mask_path, self.command_line), encoding="utf-8"
-            )
-            replace_directory_atomically(tmp, out)
-        except KeyboardInterrupt:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise InterruptedRun(
-                f"interrupted while saving the model: {out} is unchanged; the mask {mask_path} is kept",
-                130,
-            ) from None
-        except Terminated:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise InterruptedRun(
-                f"terminated while saving the model: {out} is unchanged; the mask {mask_path} is kept",
-                143,
-            ) from None
+            with interruptible(lambda: kept):
+                loaded.model.save_pretrained(str(tmp), safe_serialization=True)
+                if loaded.tokenizer is not None:
+                    loaded.tokenizer.save_pretrained(str(tmp))
+                (tmp / "wandacli-mask.json").write_text(
+                    _provenance_json(mask_path, self.command_line), encoding="utf-8"
+                )
+                replace_directory_atomically(tmp, out)
         except OSError as exc:
             shutil.rmtree(tmp, ignore_errors=True)
             raise StoreError(f"cannot save the model to {out}: {exc.strerror or exc}") from exc

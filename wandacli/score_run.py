@@ -15,7 +15,6 @@ import shutil
 import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -34,12 +33,11 @@ from wandacli.data import (
     load_raw,
 )
 from wandacli.errors import (
-    InterruptedRun,
     ModelError,
     NonFiniteScoresError,
     ResumeMismatchError,
     StoreError,
-    Terminated,
+    interruptible,
 )
 from wandacli.memory import peak_gpu_bytes, peak_rss_bytes, return_freed_memory_promptly
 from wandacli.models import LinearLayer, LoadedModel, load_model, model_max_length
@@ -112,17 +110,6 @@ class ScoreResult:
         }
 
 
-@contextmanager
-def _interruptible(what_is_kept: Any) -> Iterator[None]:
-    """Turn Ctrl-C and SIGTERM into a one-line InterruptedRun naming what was kept."""
-    try:
-        yield
-    except KeyboardInterrupt:
-        raise InterruptedRun(f"interrupted: {what_is_kept()}", 130) from None
-    except Terminated:
-        raise InterruptedRun(f"terminated: {what_is_kept()}", 143) from None
-
-
 class ScoreRun:
     """One `wandacli score` invocation."""
 
@@ -168,7 +155,7 @@ class ScoreRun:
             if main
             else contextlib.nullcontext()
         )
-        with lock, _interruptible(self._what_is_kept):
+        with lock, interruptible(self._what_is_kept):
             if main and final.exists():
                 # Parts beside a finished set are leftovers of a run killed while cleaning up.
                 shutil.rmtree(self.parts_dir, ignore_errors=True)

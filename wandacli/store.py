@@ -701,17 +701,20 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
-class ScoreSet(StoredFile):
-    """A finished score set: meta, fingerprint and arrays read one at a time."""
+class ModelFile(StoredFile):
+    """A finished score set or mask: one array per linear layer of the model its meta's
+    fingerprint describes, every one present."""
 
-    def __init__(self, path: Path) -> None:
-        super().__init__(path, SCORES_FORMAT, ("float32", "float16"))
+    noun = "file"
+
+    def __init__(self, path: Path, fmt: str, array_dtypes: tuple[str, ...]) -> None:
+        super().__init__(path, fmt, array_dtypes)
         try:
             self.fingerprint = ModelFingerprint.from_json(self.meta["model"]["fingerprint"])
         except (KeyError, TypeError, ValueError) as exc:
             self.close()
             raise StoreError(
-                f"{self.path} has no model fingerprint in its meta: not a complete score set"
+                f"{self.path} has no model fingerprint in its meta: not a complete {self.noun}"
             ) from exc
         missing = [k for k in self.fingerprint.shapes if not self.has(k)]
         if missing:
@@ -729,6 +732,24 @@ class ScoreSet(StoredFile):
     def keys(self) -> list[str]:
         """Every `<layer>/<module>` in model order."""
         return list(self.fingerprint.shapes)
+
+    def check_model(self, fingerprint: ModelFingerprint, model_id: str) -> None:
+        """Refuse a file made for a model with other layers or shapes."""
+        mismatch = self.fingerprint.first_mismatch(fingerprint, mine="stored", theirs="model")
+        if mismatch:
+            raise StoreError(
+                f"{self.noun} {self.path} was made for another model "
+                f"({self.meta['model'].get('id')}) than {model_id}: {mismatch}"
+            )
+
+
+class ScoreSet(ModelFile):
+    """A finished score set: meta, fingerprint and arrays read one at a time."""
+
+    noun = "score set"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, SCORES_FORMAT, ("float32", "float16"))
 
     def read(self, key: str) -> np.ndarray:
         """One layer's scores as float32, refusing NaN/Inf and shapes that disagree with meta."""
@@ -749,40 +770,14 @@ class ScoreSet(StoredFile):
         name = f"{STATS_GROUP}/{key}"
         return self.read_raw(name) if name in self.handle else None
 
-    def check_model(self, fingerprint: ModelFingerprint, model_id: str) -> None:
-        """Refuse a score set made for a model with other layers or shapes."""
-        mismatch = self.fingerprint.first_mismatch(fingerprint, mine="stored", theirs="model")
-        if mismatch:
-            raise StoreError(
-                f"score set {self.path} was made for another model ({self.meta['model'].get('id')}) "
-                f"than {model_id}: {mismatch}"
-            )
 
-
-class MaskFile(StoredFile):
+class MaskFile(ModelFile):
     """A finished mask: bit-packed rows per linear layer, read one layer at a time."""
+
+    noun = "mask"
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, MASK_FORMAT, ("uint8",))
-        try:
-            self.fingerprint = ModelFingerprint.from_json(self.meta["model"]["fingerprint"])
-        except (KeyError, TypeError, ValueError) as exc:
-            self.close()
-            raise StoreError(
-                f"{self.path} has no model fingerprint in its meta: not a complete mask"
-            ) from exc
-        missing = [k for k in self.fingerprint.shapes if not self.has(k)]
-        if missing:
-            self.close()
-            raise StoreError(f"{self.path} is incomplete: missing {describe_key(missing[0])}")
-
-    @property
-    def name(self) -> str:
-        return self.path.stem
-
-    @property
-    def keys(self) -> list[str]:
-        return list(self.fingerprint.shapes)
 
     def read(self, key: str) -> np.ndarray:
         """One layer's mask as bool [out, in], True = pruned."""
@@ -795,14 +790,6 @@ class MaskFile(StoredFile):
                 f"{stored_shape}, the meta says {shape}"
             )
         return np.unpackbits(packed, axis=-1, count=shape[1]).astype(bool)
-
-    def check_model(self, fingerprint: ModelFingerprint, model_id: str) -> None:
-        mismatch = self.fingerprint.first_mismatch(fingerprint, mine="stored", theirs="model")
-        if mismatch:
-            raise StoreError(
-                f"mask {self.path} was made for another model ({self.meta['model'].get('id')}) "
-                f"than {model_id}: {mismatch}"
-            )
 
 
 def write_mask_array(handle: h5py.File, key: str, mask: np.ndarray) -> None:

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from wandacli import pruning
+from wandacli.store import pack_mask, unpack_mask
 
 
 def scores_with_ties(rng: np.random.Generator, shape, levels: int = 7) -> np.ndarray:
@@ -154,9 +155,9 @@ class TestPacking:
     @pytest.mark.parametrize("in_features", [1, 7, 8, 13, 64, 11008])
     def test_round_trip(self, in_features):
         mask = np.random.default_rng(in_features).random((5, in_features)) < 0.3
-        packed = pruning.pack(mask)
+        packed = pack_mask(mask)
         assert packed.dtype == np.uint8 and packed.shape == (5, (in_features + 7) // 8)
-        np.testing.assert_array_equal(pruning.unpack(packed, mask.shape), mask)
+        np.testing.assert_array_equal(unpack_mask(packed, mask.shape), mask)
 
 
 class TestParsing:
@@ -235,4 +236,4 @@ def test_set_difference_is_top_q_minus_top_p(shape, p, q, seed):
 )
 def test_packing_is_lossless(rows, in_features, seed):
     mask = np.random.default_rng(seed).random((rows, in_features)) < 0.5
-    np.testing.assert_array_equal(pruning.unpack(pruning.pack(mask), mask.shape), mask)
+    np.testing.assert_array_equal(unpack_mask(pack_mask(mask), mask.shape), mask)

@@ -38,19 +38,14 @@ class AttackSetting:
     system_prompt: bool
     sampling: bool
     gcg: bool
-    file_stem: str  # the reference's result file name
     metric: str  # the reference's log metric
 
 
 SETTINGS = {
-    "basic": AttackSetting("basic", True, False, False, "basic", "ASR_basic"),
-    "basic_nosys": AttackSetting(
-        "basic_nosys", False, False, False, "basic_no_sys", "ASR_basic_nosys"
-    ),
-    "multiple_nosys": AttackSetting(
-        "multiple_nosys", False, True, False, "multiple_no_sys", "ASR_multiple_nosys"
-    ),
-    "gcg": AttackSetting("gcg", False, False, True, "gcg", "ASR_gcg"),
+    "basic": AttackSetting("basic", True, False, False, "ASR_basic"),
+    "basic_nosys": AttackSetting("basic_nosys", False, False, False, "ASR_basic_nosys"),
+    "multiple_nosys": AttackSetting("multiple_nosys", False, True, False, "ASR_multiple_nosys"),
+    "gcg": AttackSetting("gcg", False, False, True, "ASR_gcg"),
 }
 
 

@@ -134,10 +134,6 @@ class LoadedModel:
         """The decoder layers' module path, e.g. `model.layers` (Llama) or `transformer.h`."""
         return decoder_layers_path(self.model)
 
-    def full_name(self, lin: LinearLayer) -> str:
-        """A linear layer's module name in the whole model, e.g. `model.layers.3.mlp.down_proj`."""
-        return f"{self.layers_path}.{lin.layer}.{lin.name}"
-
 
 def fingerprint_of(layers: list[LinearLayer]) -> ModelFingerprint:
     num_layers = 1 + max((lin.layer for lin in layers), default=-1)

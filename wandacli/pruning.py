@@ -174,20 +174,6 @@ def apply_mask_file(loaded: Any, mask: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# Storage form
-
-
-def pack(mask: np.ndarray) -> np.ndarray:
-    """uint8 `numpy.packbits(mask, axis=-1)`: 8 weights a byte along each row."""
-    return np.packbits(mask, axis=-1)
-
-
-def unpack(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """The bool mask back from its packed rows."""
-    return np.unpackbits(packed, axis=-1, count=shape[1]).astype(bool).reshape(shape)
-
-
-# ---------------------------------------------------------------------------------------------
 # Parsing the options that choose what is pruned
 
 

@@ -14,7 +14,6 @@ import shlex
 import shutil
 import sys
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -174,6 +173,8 @@ class ScoreRun:
             if main:
                 shutil.rmtree(self.parts_dir, ignore_errors=True)
             self.dist.barrier()
+        if self.dist.active:
+            distributed.shutdown()
         seconds = time.monotonic() - started
         return ScoreResult(
             name=self.name,
@@ -409,13 +410,6 @@ class ScoreRun:
                 )
         if self.dist.is_main:
             self._assemble(loaded, calibration, base_layers, stats, groups, last_group, final, meta)
-
-    def _samples_on_device(
-        self, loaded: LoadedModel, calibration: CalibrationSet
-    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        device = loaded.input_device
-        for sample in calibration.samples:
-            yield sample.input_ids.to(device), sample.labels.to(device)
 
     def _sample_loop(
         self,

@@ -57,11 +57,6 @@ def random_scores(shape: tuple[int, int], seed: int, key: str) -> torch.Tensor:
     return torch.rand(shape, generator=generator, dtype=torch.float32)
 
 
-def count_non_finite(scores: torch.Tensor) -> tuple[int, int]:
-    """(NaN count, ±Inf count)."""
-    return int(torch.isnan(scores).sum()), int(torch.isinf(scores).sum())
-
-
 # ---------------------------------------------------------------------------------------------
 # Forward passes
 

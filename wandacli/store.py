@@ -789,12 +789,22 @@ class MaskFile(ModelFile):
                 f"{self.path}:/{key} holds a {packed.shape} packed mask with shape attribute "
                 f"{stored_shape}, the meta says {shape}"
             )
-        return np.unpackbits(packed, axis=-1, count=shape[1]).astype(bool)
+        return unpack_mask(packed, shape)
+
+
+def pack_mask(mask: np.ndarray) -> np.ndarray:
+    """A mask's stored form: uint8 `numpy.packbits(mask, axis=-1)`, 8 weights a byte."""
+    return np.packbits(mask, axis=-1)
+
+
+def unpack_mask(packed: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """The bool mask back from its packed rows."""
+    return np.unpackbits(packed, axis=-1, count=shape[1]).astype(bool).reshape(shape)
 
 
 def write_mask_array(handle: h5py.File, key: str, mask: np.ndarray) -> None:
     """One layer's mask: uint8 packbits(mask, axis=-1), True = pruned, with its shape."""
-    write_array(handle, key, np.packbits(mask, axis=-1), "uint8")
+    write_array(handle, key, pack_mask(mask), "uint8")
     handle[key].attrs["shape"] = np.asarray(mask.shape, dtype=np.int64)
 
 

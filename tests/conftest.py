@@ -199,3 +199,17 @@ def cli():
         return result
 
     return invoke
+
+
+def interrupt_after(monkeypatch, cls, calls: int) -> None:
+    """Make `cls.observe` raise KeyboardInterrupt (Ctrl-C) once it has run `calls` times."""
+    original = cls.observe
+    count = {"n": 0}
+
+    def observe(self, *args, **kwargs):
+        if count["n"] == calls:
+            raise KeyboardInterrupt
+        count["n"] += 1
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "observe", observe)

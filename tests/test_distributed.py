@@ -116,7 +116,7 @@ def test_a_failing_rank_fails_the_run_and_nothing_is_marked_complete(
 def test_resuming_with_another_world_size_is_refused(
     cli, monkeypatch, tiny_llama_dir, pairs_csv, tmp_path
 ):
-    from tests.test_reliability import interrupt_after
+    from tests.conftest import interrupt_after
     from wandacli import scoring
 
     store = tmp_path / "store"

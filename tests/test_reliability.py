@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import REPO, interrupt_after
 from tests.test_score_cli import assert_one_line_error
 from wandacli import scoring
 from wandacli.config import ModelSpec, ScoreConfig
@@ -113,6 +113,21 @@ def start(command: list[str], store: Path | None = None, **kwargs) -> subprocess
     return subprocess.Popen(
         command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=run_env(), **kwargs
     )
+
+
+def magnitude_store(cli, model_dir: Path, store: Path) -> None:
+    """A store holding one quick score set, magnitude.h5."""
+    result = cli(
+        "score",
+        "--method",
+        "magnitude",
+        "--model",
+        str(model_dir),
+        "--store",
+        str(store),
+        "--no-progress",
+    )
+    assert result.exit_code == 0, result.stderr
 
 
 def tree_digest(root: Path) -> str:
@@ -357,19 +372,6 @@ def _zero_fraction(directory: Path) -> float:
 # 4-5. Resuming with other settings; damaged parts and sets (in-process: fast)
 
 
-def interrupt_after(monkeypatch, cls, calls: int) -> None:
-    original = cls.observe
-    count = {"n": 0}
-
-    def observe(self, *args, **kwargs):
-        if count["n"] == calls:
-            raise KeyboardInterrupt
-        count["n"] += 1
-        return original(self, *args, **kwargs)
-
-    monkeypatch.setattr(cls, "observe", observe)
-
-
 @pytest.fixture()
 def interrupted_wanda(cli, monkeypatch, tiny_llama_dir, pairs_csv, tmp_path):
     """A store holding an unfinished wanda set (5 of 8 samples, checkpoints every sample)."""
@@ -501,19 +503,7 @@ def test_only_the_damaged_wandg_group_is_recomputed(
 
 def test_truncated_score_set_is_named(cli, tiny_llama_dir, tmp_path):
     store = tmp_path / "store"
-    assert (
-        cli(
-            "score",
-            "--method",
-            "magnitude",
-            "--model",
-            str(tiny_llama_dir),
-            "--store",
-            str(store),
-            "--no-progress",
-        ).exit_code
-        == 0
-    )
+    magnitude_store(cli, tiny_llama_dir, store)
     path = store / "scores" / "magnitude.h5"
     path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
     result = cli(
@@ -528,19 +518,7 @@ def test_truncated_score_set_is_named(cli, tiny_llama_dir, tmp_path):
 
 def test_flipped_byte_is_a_checksum_mismatch_in_prune(cli, tiny_llama_dir, tmp_path):
     store = tmp_path / "store"
-    assert (
-        cli(
-            "score",
-            "--method",
-            "magnitude",
-            "--model",
-            str(tiny_llama_dir),
-            "--store",
-            str(store),
-            "--no-progress",
-        ).exit_code
-        == 0
-    )
+    magnitude_store(cli, tiny_llama_dir, store)
     path = store / "scores" / "magnitude.h5"
     with h5py.File(path) as handle:
         offset = handle["1/mlp.down_proj"].id.get_chunk_info(0).byte_offset
@@ -564,19 +542,7 @@ def test_orphan_temporaries_of_a_dead_process_are_cleaned(cli, tiny_llama_dir, t
     for orphan in orphans:
         orphan.parent.mkdir(parents=True, exist_ok=True)
         orphan.write_bytes(b"half")
-    assert (
-        cli(
-            "score",
-            "--method",
-            "magnitude",
-            "--model",
-            str(tiny_llama_dir),
-            "--store",
-            str(store),
-            "--no-progress",
-        ).exit_code
-        == 0
-    )
+    magnitude_store(cli, tiny_llama_dir, store)
     assert not any(o.exists() for o in orphans)
 
 
@@ -793,19 +759,7 @@ def test_float16_overflow_is_refused(cli, tiny_llama_dir, tokenizer, tmp_path):
 
 def test_store_with_inf_is_refused_on_read(cli, tiny_llama_dir, tmp_path):
     store = tmp_path / "store"
-    assert (
-        cli(
-            "score",
-            "--method",
-            "magnitude",
-            "--model",
-            str(tiny_llama_dir),
-            "--store",
-            str(store),
-            "--no-progress",
-        ).exit_code
-        == 0
-    )
+    magnitude_store(cli, tiny_llama_dir, store)
     with h5py.File(store / "scores" / "magnitude.h5", "a") as handle:
         data = handle["0/mlp.up_proj"][()]
         data[2, 2] = np.inf
@@ -825,19 +779,7 @@ def test_store_for_another_model_names_the_layer_and_shapes(
     cli, tiny_llama_dir, tiny_llama_wide_dir, tmp_path
 ):
     store = tmp_path / "store"
-    assert (
-        cli(
-            "score",
-            "--method",
-            "magnitude",
-            "--model",
-            str(tiny_llama_dir),
-            "--store",
-            str(store),
-            "--no-progress",
-        ).exit_code
-        == 0
-    )
+    magnitude_store(cli, tiny_llama_dir, store)
     result = cli(
         "prune",
         "--store",
@@ -859,19 +801,7 @@ def test_store_for_another_model_names_the_layer_and_shapes(
 
 def test_mask_from_an_incomplete_score_set_is_refused(cli, tiny_llama_dir, tmp_path):
     store = tmp_path / "store"
-    assert (
-        cli(
-            "score",
-            "--method",
-            "magnitude",
-            "--model",
-            str(tiny_llama_dir),
-            "--store",
-            str(store),
-            "--no-progress",
-        ).exit_code
-        == 0
-    )
+    magnitude_store(cli, tiny_llama_dir, store)
     with h5py.File(store / "scores" / "magnitude.h5", "a") as handle:
         del handle["1/mlp.down_proj"]
     result = cli(

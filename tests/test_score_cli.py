@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+from tests.conftest import interrupt_after
 from wandacli import models, scoring
 from wandacli.store import ScoreSet
 
@@ -120,19 +121,6 @@ class TestScoreCommand:
 
 
 class TestResume:
-    @staticmethod
-    def _interrupt_after(monkeypatch, cls, calls: int):
-        original = cls.observe
-        count = {"n": 0}
-
-        def observe(self, *args, **kwargs):
-            if count["n"] == calls:
-                raise KeyboardInterrupt
-            count["n"] += 1
-            return original(self, *args, **kwargs)
-
-        monkeypatch.setattr(cls, "observe", observe)
-
     @pytest.mark.parametrize(
         ("method", "cls", "extra"),
         [
@@ -154,7 +142,7 @@ class TestResume:
         store = tmp_path / "resumed"
         with monkeypatch.context() as patch:
             # wanda: 5 of 6 samples; wandg: group 0 (6 samples) done, then 3 of group 1.
-            self._interrupt_after(patch, cls, 5 if method == "wanda" else 9)
+            interrupt_after(patch, cls, 5 if method == "wanda" else 9)
             interrupted = cli(
                 *score_args(tiny_llama_dir, store, *extra, method=method, data=pairs_csv)
             )
@@ -178,7 +166,7 @@ class TestResume:
         self, cli, monkeypatch, tiny_llama_dir, pairs_csv, store
     ):
         with monkeypatch.context() as patch:
-            self._interrupt_after(patch, scoring.ActivationStatistics, 3)
+            interrupt_after(patch, scoring.ActivationStatistics, 3)
             cli(*score_args(tiny_llama_dir, store, "--checkpoint-every", "1", data=pairs_csv))
         result = cli(*score_args(tiny_llama_dir, store, "--seed", "1", data=pairs_csv))
         assert_one_line_error(result, "other settings", "seed: 0 → 1", "--overwrite")

@@ -189,3 +189,18 @@ def test_max_memory_is_parsed_for_accelerate():
     }
     with pytest.raises(ModelError, match="DEVICE=SIZE"):
         parse_max_memory("20GiB")
+
+
+def test_offloaded_weights_are_refused(tiny_llama_dir):
+    """accelerate leaves offloaded weights on the meta device: say so instead of failing later."""
+    import torch
+
+    from wandacli.config import ModelSpec
+    from wandacli.errors import ModelError
+    from wandacli.models import check_weights_resident, load_model
+
+    loaded = load_model(ModelSpec(model=str(tiny_llama_dir), device="cpu"))
+    layer = loaded.linear_layers[9]
+    layer.module.weight = torch.nn.Parameter(torch.empty(layer.module.weight.shape, device="meta"))
+    with pytest.raises(ModelError, match="offloaded 1 linear layers .*layer 1 self_attn.v_proj"):
+        check_weights_resident(loaded.linear_layers, ModelSpec(device_map="auto"))

@@ -391,6 +391,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     layers = list(iter_linear_layers(model))
     if not layers:
         raise ModelError(f"model {spec.model!r} has no linear layers inside its decoder layers")
+    check_weights_resident(layers, spec)
     return LoadedModel(
         model=model,
         tokenizer=tokenizer,
@@ -437,6 +438,19 @@ def model_structure(spec: ModelSpec) -> ModelStructure:
         layers_path=decoder_layers_path(skeleton),
         transposed=frozenset(lin.key for lin in layers if lin.transposed),
     )
+
+
+def check_weights_resident(layers: list[LinearLayer], spec: ModelSpec) -> None:
+    """Refuse weights a device map offloaded (accelerate leaves them on the meta device and
+    streams them in per forward pass): scores, masks and hooks need every weight in memory."""
+    offloaded = [lin for lin in layers if lin.weight.device.type == "meta"]
+    if offloaded:
+        first = offloaded[0]
+        raise ModelError(
+            f"--device-map {spec.device_map} offloaded {len(offloaded)} linear layers (first: layer "
+            f"{first.layer} {first.name}) to CPU or disk: give the GPUs more --max-memory, or use "
+            "fewer devices per rank with --layers-per-pass or --offload-accumulators"
+        )
 
 
 def _parse_device_map(device_map: str) -> Any:

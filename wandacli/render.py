@@ -473,7 +473,7 @@ def utility_result(result: UtilityResult, as_json: bool) -> None:
 REPORT_COLUMNS = (
     ("basic", "inst_ASR_basic"),
     ("no sys", "inst_ASR_basic_nosys"),
-    ("sampled", "inst_ASR_multiple_nosys"),
+    ("multi", "inst_ASR_multiple_nosys"),
     ("gcg", "ASR_gcg"),
 )
 
@@ -483,13 +483,14 @@ def report(rows: list[ResultRow], as_json: bool) -> None:
         print_json([row.to_json() for row in rows])
         return
     table = Table(
-        title="results: ASR with [INST] tags (sampled: any of n), perplexity", title_justify="left"
+        title="results: ASR with [INST] tags (multi: any of n samples), perplexity",
+        title_justify="left",
     )
     table.add_column("model under test", no_wrap=True)
     table.add_column("sparse %", justify="right")
     for title, _ in REPORT_COLUMNS:
         table.add_column(title, justify="right")
-    table.add_column("PPL", justify="right")
+    table.add_column("PPL", justify="right", no_wrap=True, min_width=8)
     for row in rows:
         asr = []
         for _, metric in REPORT_COLUMNS:

@@ -115,6 +115,23 @@ def start(command: list[str], store: Path | None = None, **kwargs) -> subprocess
     )
 
 
+def subprocess_magnitude_store(model_dir: Path, store: Path) -> None:
+    """magnitude.h5 written by a real `python -m wandacli` process."""
+    args = [
+        "score",
+        "--method",
+        "magnitude",
+        "--model",
+        model_dir,
+        "--store",
+        store,
+        "--device",
+        "cpu",
+        "--no-progress",
+    ]
+    assert subprocess.run(cli_command(*args), env=run_env()).returncode == 0
+
+
 def magnitude_store(cli, model_dir: Path, store: Path) -> None:
     """A store holding one quick score set, magnitude.h5."""
     result = cli(
@@ -283,19 +300,7 @@ def test_kill_during_score_set_assembly_keeps_the_previous_set(tiny_llama_dir, t
 
 def test_kill_during_mask_assembly_keeps_the_previous_mask(tiny_llama_dir, tmp_path):
     store = tmp_path / "store"
-    score = [
-        "score",
-        "--method",
-        "magnitude",
-        "--model",
-        tiny_llama_dir,
-        "--store",
-        store,
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
-    assert subprocess.run(cli_command(*score), env=run_env()).returncode == 0
+    subprocess_magnitude_store(tiny_llama_dir, store)
     prune = ["prune", "--store", store, "--scores", "magnitude", "--name", "m", "--no-progress"]
     assert subprocess.run(cli_command(*prune, "-r", "0.5"), env=run_env()).returncode == 0
     before = (store / "masks" / "m.h5").read_bytes()
@@ -318,19 +323,7 @@ def test_kill_during_mask_assembly_keeps_the_previous_mask(tiny_llama_dir, tmp_p
 )
 def test_kill_during_save_model_leaves_a_whole_model(spec, expect, tiny_llama_dir, tmp_path):
     store, out = tmp_path / "store", tmp_path / "pruned"
-    score = [
-        "score",
-        "--method",
-        "magnitude",
-        "--model",
-        tiny_llama_dir,
-        "--store",
-        store,
-        "--device",
-        "cpu",
-        "--no-progress",
-    ]
-    assert subprocess.run(cli_command(*score), env=run_env()).returncode == 0
+    subprocess_magnitude_store(tiny_llama_dir, store)
     prune = [
         "prune",
         "--store",

@@ -41,9 +41,12 @@ from wandacli.options import (
     DeviceOption,
     DtypeOption,
     JsonOption,
+    MaskOption,
+    MaskStoreOption,
     MaxMemoryOption,
     ModelOption,
     NoProgressOption,
+    OutOption,
     OverwriteOption,
     SeedOption,
     StoreOption,
@@ -619,28 +622,6 @@ def compare(
     if plot is not None:
         render.save_heatmap_png(result, plot)
     render.comparison(result, as_json=json_output)
-
-
-MaskOption = Annotated[
-    str | None,
-    typer.Option(
-        "--mask",
-        help="A mask (name in --store, or path to its .h5) applied in memory: no pruned copy on disk.",
-        rich_help_panel="Model",
-    ),
-]
-MaskStoreOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--store", "-s", help="Store to look the mask name up in.", rich_help_panel="Model"
-    ),
-]
-OutOption = Annotated[
-    Path | None,
-    typer.Option(
-        "--out", "-o", help="Results directory [default: wandacli-results/<mask or model>]."
-    ),
-]
 
 
 @app.command("eval-attack")

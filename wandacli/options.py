@@ -91,6 +91,28 @@ NoProgressOption = Annotated[
 ]
 
 
+MaskOption = Annotated[
+    str | None,
+    typer.Option(
+        "--mask",
+        help="A mask (name in --store, or path to its .h5) applied in memory: no pruned copy on disk.",
+        rich_help_panel="Model",
+    ),
+]
+MaskStoreOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--store", "-s", help="Store to look the mask name up in.", rich_help_panel="Model"
+    ),
+]
+OutOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--out", "-o", help="Results directory [default: wandacli-results/<mask or model>]."
+    ),
+]
+
+
 def model_spec(params: dict[str, Any], prefix: str = "") -> ModelSpec:
     """A ModelSpec from resolved command parameters."""
     return ModelSpec(

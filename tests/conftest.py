@@ -1,5 +1,5 @@
 """Shared fixtures: a tiny random Llama and a tiny GPT-2 with fixed weights, saved with a
-tokenizer built locally (no downloads), and the shared data folder."""
+tokenizer built locally (no downloads), and the data sets shipped in the package."""
 
 from __future__ import annotations
 
@@ -12,26 +12,15 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 
 # Nothing may reach the hub from the tests.
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
-def _find_shared_data() -> Path | None:
-    candidates = [
-        os.environ.get("WANDACLI_DATA_DIR"),
-        REPO.parent / "shared" / "data",
-        "/work/shared/data",
-    ]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / "align_short.csv").is_file():
-            return Path(candidate)
-    return None
+# Named sets come from the copies shipped in the package, whatever the developer's environment
+# says: a data directory set outside the tests must not change what they read.
+os.environ.pop("WANDACLI_DATA_DIR", None)
 
-
-SHARED_DATA = _find_shared_data()
-if SHARED_DATA is not None:
-    os.environ["WANDACLI_DATA_DIR"] = str(SHARED_DATA)
 
 # Text to train the tiny tokenizer on: enough to give every common character a token.
 _TOKENIZER_CORPUS = [
@@ -152,12 +141,11 @@ def tiny_gpt2_dir(tmp_path_factory, tokenizer) -> Path:
 
 
 @pytest.fixture(scope="session")
-def shared_data() -> Path:
-    if SHARED_DATA is None:
-        pytest.fail(
-            "the shared data folder (align_short.csv, ...) was not found: set WANDACLI_DATA_DIR"
-        )
-    return SHARED_DATA
+def shipped_data() -> Path:
+    """The package's own data folder (wandacli/datasets/)."""
+    from wandacli.data import shipped_data_dir
+
+    return shipped_data_dir()
 
 
 @pytest.fixture()

@@ -158,9 +158,7 @@ def responses(out: Path) -> dict[str, list[str]]:
 
 
 class TestRuns:
-    def test_all_configurations_with_both_tag_variants(
-        self, cli, tiny_llama_dir, tmp_path, shared_data
-    ):
+    def test_all_configurations_with_both_tag_variants(self, cli, tiny_llama_dir, tmp_path):
         out = tmp_path / "attack"
         result = cli(*attack_args(tiny_llama_dir, out, "--json"))
         assert result.exit_code == 0, result.stderr
@@ -196,14 +194,14 @@ class TestRuns:
         } <= set(metrics)
         assert json.loads((out / "results.json").read_text())["config"]["limit"] == 3
 
-    def test_greedy_generation_is_deterministic(self, cli, tiny_llama_dir, tmp_path, shared_data):
+    def test_greedy_generation_is_deterministic(self, cli, tiny_llama_dir, tmp_path):
         args = ["--configs", "basic,multiple_nosys", "--inst"]
         assert cli(*attack_args(tiny_llama_dir, tmp_path / "a", *args)).exit_code == 0
         assert cli(*attack_args(tiny_llama_dir, tmp_path / "b", *args)).exit_code == 0
         assert responses(tmp_path / "a") == responses(tmp_path / "b")
 
     def test_mask_in_memory_equals_a_saved_pruned_model(
-        self, cli, tiny_llama_dir, pairs_csv, tmp_path, shared_data
+        self, cli, tiny_llama_dir, pairs_csv, tmp_path
     ):
         store = tmp_path / "store"
         assert (
@@ -252,7 +250,7 @@ class TestRuns:
         )
 
     def test_rerun_reuses_finished_runs_and_refuses_other_settings(
-        self, cli, tiny_llama_dir, tmp_path, shared_data
+        self, cli, tiny_llama_dir, tmp_path
     ):
         out = tmp_path / "resume"
         args = ["--configs", "basic", "--inst"]
@@ -266,9 +264,7 @@ class TestRuns:
             == 0
         )
 
-    def test_set_difference_mask_logs_p_and_q(
-        self, cli, tiny_llama_dir, pairs_csv, tmp_path, shared_data
-    ):
+    def test_set_difference_mask_logs_p_and_q(self, cli, tiny_llama_dir, pairs_csv, tmp_path):
         store = tmp_path / "store"
         for name, seed in (("safety", "0"), ("utility", "4")):
             args = score_args(
@@ -320,15 +316,13 @@ class TestRuns:
 
 
 class TestBackendsAndJudges:
-    def test_vllm_missing_is_a_clear_error(
-        self, cli, tiny_llama_dir, tmp_path, monkeypatch, shared_data
-    ):
+    def test_vllm_missing_is_a_clear_error(self, cli, tiny_llama_dir, tmp_path, monkeypatch):
         monkeypatch.setitem(sys.modules, "vllm", None)
         result = cli(*attack_args(tiny_llama_dir, tmp_path / "v", "--backend", "vllm"))
         assert_one_line_error(result, "pip install 'wandacli[vllm]'")
 
     def test_vllm_glue_passes_token_ids_and_reads_outputs(
-        self, cli, tiny_llama_dir, tmp_path, monkeypatch, shared_data
+        self, cli, tiny_llama_dir, tmp_path, monkeypatch
     ):
         seen: dict = {}
 
@@ -395,13 +389,15 @@ class TestBadInput:
             (["--mask", "nope", "--store", "."], "no mask 'nope'"),
         ],
     )
-    def test_one_line_errors(self, cli, tiny_llama_dir, tmp_path, shared_data, args, fragment):
+    def test_one_line_errors(self, cli, tiny_llama_dir, tmp_path, args, fragment):
         assert_one_line_error(cli(*attack_args(tiny_llama_dir, tmp_path / "x", *args)), fragment)
 
 
-def test_reference_constants_match_the_shared_copy(shared_data):
+def test_reference_constants_match_the_pinned_copy():
+    """tests/data/reference_constants.json is the reference's constants as published with the
+    project's reference notes; the code's copies must not drift from it."""
     constants = json.loads(
-        (shared_data.parent / "reference" / "reference_constants.json").read_text()
+        (Path(__file__).parent / "data" / "reference_constants.json").read_text()
     )
     assert reference.SAFETY_SYSTEM_PROMPT == constants["safety_system_prompt"]
     assert list(reference.REFUSAL_PHRASES) == constants["refusal_phrases"]
@@ -435,7 +431,7 @@ def test_reference_constants_match_the_shared_copy(shared_data):
 
 
 @pytest.mark.slow
-def test_eval_attack_on_the_embedded_smollm2(cli, tmp_path, shared_data):
+def test_eval_attack_on_the_embedded_smollm2(cli, tmp_path):
     out = tmp_path / "smol"
     result = cli(
         "eval-attack",

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
+import re
 
 import pytest
 import torch
@@ -11,24 +13,163 @@ import torch
 from wandacli.config import Columns
 from wandacli.data import (
     IGNORE_INDEX,
+    NAMED_SETS,
     build_calibration_set,
     load_raw,
     select_rows,
     select_windows,
+    shipped_data_dir,
     strip_llama2_tags,
 )
 from wandacli.errors import DataError
 
 
-class TestNamedSets:
-    def test_align_short_reads_the_shared_file(self, shared_data):
-        raw = load_raw("align_short")
-        assert raw.kind == "pairs"
-        assert len(raw.pairs) == 1015
-        assert raw.pairs[0].prompt.startswith("[INST] ")
-        assert raw.source == str(shared_data / "align_short.csv")
+def _shipped_checksums() -> dict[str, str]:
+    """File → sha256 as the shipped folder's README records them."""
+    readme = (shipped_data_dir() / "README.md").read_text()
+    return dict(
+        re.findall(r"^\| `([^`]+)` \| `[^`]+` \|[^|]*\|[^|]*\| `([0-9a-f]{64})`", readme, re.M)
+    )
 
-    def test_utility_becomes_llama2_pairs(self, shared_data):
+
+class TestShippedSets:
+    """The small sets ship inside the package, so a fresh install needs no network."""
+
+    def test_every_shipped_file_matches_its_recorded_sha256(self, shipped_data):
+        recorded = _shipped_checksums()
+        shipped = {entry.shipped for entry in NAMED_SETS if entry.shipped}
+        assert set(recorded) == shipped
+        for name, digest in recorded.items():
+            assert hashlib.sha256((shipped_data / name).read_bytes()).hexdigest() == digest, name
+
+    @pytest.mark.parametrize(
+        ("name", "purpose", "count"),
+        [
+            ("align_short", "calibration", 1015),
+            ("utility", "calibration", 175),
+            ("advbench", "prompts", 520),
+            ("jailbreakbench", "prompts", 100),
+            ("wikitext", "calibration", 1),
+        ],
+    )
+    def test_named_sets_read_the_shipped_file(self, shipped_data, name, purpose, count):
+        raw = load_raw(name, purpose=purpose)
+        entry = next(e for e in NAMED_SETS if e.name == name)
+        assert raw.source == str(shipped_data / entry.shipped)
+        assert raw.content_hash == _shipped_checksums()[entry.shipped]
+        assert len(raw.pairs) + len(raw.texts) == count
+
+    def test_the_licence_notices_ship_beside_the_data(self, shipped_data):
+        notices = (shipped_data / "LICENSES.md").read_text()
+        for holder in (
+            "Andy Zou",
+            "Boyi Wei",
+            "JailbreakBench Team",
+            "Apache License",
+            "CC BY-SA 3.0",
+        ):
+            assert holder in notices
+
+
+class TestResolutionOrder:
+    """--data-dir / WANDACLI_DATA_DIR, then the shipped copy, then the public source."""
+
+    def test_a_data_dir_holding_the_set_wins(self, tmp_path, monkeypatch, pairs_csv):
+        (tmp_path / "align_short.csv").write_bytes(pairs_csv.read_bytes())
+        monkeypatch.setenv("WANDACLI_DATA_DIR", str(tmp_path))
+        raw = load_raw("align_short")
+        assert raw.source == str(tmp_path / "align_short.csv") and len(raw.pairs) == 12
+        assert raw.name == "align_short"
+
+    def test_the_explicit_data_dir_beats_the_environment(self, tmp_path, monkeypatch, pairs_csv):
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "align_short.csv").write_bytes(pairs_csv.read_bytes())
+        monkeypatch.setenv("WANDACLI_DATA_DIR", str(tmp_path))
+        raw = load_raw("align_short", directory=tmp_path / "mine")
+        assert raw.source == str(tmp_path / "mine" / "align_short.csv")
+
+    def test_a_set_missing_from_the_data_dir_falls_back_to_the_shipped_copy(
+        self, tmp_path, monkeypatch, shipped_data
+    ):
+        monkeypatch.setenv("WANDACLI_DATA_DIR", str(tmp_path))
+        assert load_raw("align_short").source == str(shipped_data / "align_short.csv")
+
+    def test_a_data_dir_that_does_not_exist_is_an_error(self, tmp_path):
+        with pytest.raises(DataError, match="data directory .* does not exist"):
+            load_raw("align_short", directory=tmp_path / "nowhere")
+
+    def test_an_unshipped_set_offline_says_how_to_supply_it(self, tmp_path, monkeypatch):
+        monkeypatch.setenv("WANDACLI_CACHE_DIR", str(tmp_path / "cache"))
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        with pytest.raises(DataError) as caught:
+            load_raw("align")
+        message = str(caught.value)
+        assert "'align' is not shipped" in message and "HF_HUB_OFFLINE" in message
+        assert "--data FILE" in message and "--data-dir as align.csv" in message
+        assert not (tmp_path / "cache" / "data").exists()
+
+    def test_an_unshipped_set_downloads_once_into_the_cache(self, tmp_path, monkeypatch, pairs_csv):
+        """The download path, with urlopen answered locally: the file lands in the cache
+        atomically, a second call reads the cache without a request."""
+        import io
+        import urllib.request
+
+        monkeypatch.setenv("WANDACLI_CACHE_DIR", str(tmp_path / "cache"))
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+        body = pairs_csv.read_bytes()
+        requests = []
+
+        class Response(io.BytesIO):
+            headers = {"Content-Length": str(len(body))}
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return False
+
+        def fake_urlopen(url, timeout):
+            requests.append(url)
+            return Response(body)
+
+        monkeypatch.setattr(urllib.request, "urlopen", fake_urlopen)
+        first = load_raw("align")
+        second = load_raw("align")
+        assert len(requests) == 1 and requests[0].endswith(
+            "SFT_aligned_llama2-7b-chat-hf_train.csv"
+        )
+        cached = tmp_path / "cache" / "data" / "SFT_aligned_llama2-7b-chat-hf_train.csv"
+        assert cached.read_bytes() == body
+        assert first.pairs == second.pairs and len(first.pairs) == 12
+        assert first.content_hash == hashlib.sha256(body).hexdigest()
+        assert [p.name for p in cached.parent.iterdir()] == [cached.name]  # no temp file left
+
+    def test_a_failed_download_leaves_nothing_and_says_how_to_supply_the_file(
+        self, tmp_path, monkeypatch
+    ):
+        import urllib.error
+        import urllib.request
+
+        monkeypatch.setenv("WANDACLI_CACHE_DIR", str(tmp_path / "cache"))
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.delenv("HF_DATASETS_OFFLINE", raising=False)
+        monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+
+        def no_network(url, timeout):
+            raise urllib.error.URLError("Name or service not known")
+
+        monkeypatch.setattr(urllib.request, "urlopen", no_network)
+        with pytest.raises(
+            DataError, match="cannot download named set 'alpaca_cleaned_no_safety'.*--data FILE"
+        ):
+            load_raw("alpaca_cleaned_no_safety")
+        assert list((tmp_path / "cache" / "data").iterdir()) == []
+
+
+class TestNamedSets:
+    def test_utility_becomes_llama2_pairs(self):
         raw = load_raw("utility")
         assert len(raw.pairs) == 175
         first = raw.pairs[0]
@@ -39,18 +180,13 @@ class TestNamedSets:
         with_input = raw.pairs[1]
         assert "\n\nNight : Day :: Right : Left [/INST]" in with_input.prompt
 
-    def test_wikitext_is_plain_text(self, shared_data):
+    def test_wikitext_is_plain_text(self):
         raw = load_raw("wikitext")
         assert raw.kind == "text" and len(raw.texts) == 1 and "Robert Boulter" in raw.texts[0]
 
-    def test_attack_prompts_are_not_calibration_data(self, shared_data):
+    def test_attack_prompts_are_not_calibration_data(self):
         with pytest.raises(DataError, match="not calibration data"):
             load_raw("advbench")
-
-    def test_set_missing_from_the_data_dir(self, tmp_path, monkeypatch):
-        monkeypatch.setenv("WANDACLI_DATA_DIR", str(tmp_path))
-        with pytest.raises(DataError, match="not in data directory"):
-            load_raw("align_short")
 
     def test_unknown_set(self):
         with pytest.raises(DataError, match="unknown data set 'nonsense'"):
@@ -58,25 +194,25 @@ class TestNamedSets:
 
 
 class TestLocalFiles:
-    def test_csv_rows_equal_what_datasets_reads(self, shared_data):
+    def test_csv_rows_equal_what_datasets_reads(self, shipped_data):
         """The standard-library CSV reader yields the reference loader's rows."""
         from datasets import load_dataset
 
         reference = load_dataset(
-            "csv", data_files=str(shared_data / "align_short.csv"), split="train"
+            "csv", data_files=str(shipped_data / "align_short.csv"), split="train"
         )
         raw = load_raw("align_short")
         assert [p.prompt for p in raw.pairs] == reference["prompt"]
         assert [p.response for p in raw.pairs] == reference["response"]
 
-    def test_json_rows_equal_what_datasets_reads(self, shared_data):
+    def test_json_rows_equal_what_datasets_reads(self, shipped_data):
         from datasets import load_dataset
 
         from wandacli.data import _load_table
 
         for name in ("utility_seed_tasks.jsonl", "jailbreakbench.json"):
-            reference = load_dataset("json", data_files=str(shared_data / name), split="train")
-            rows = _load_table(shared_data / name)
+            reference = load_dataset("json", data_files=str(shipped_data / name), split="train")
+            rows = _load_table(shipped_data / name)
             assert rows == [dict(row) for row in reference], name
 
     def test_csv_pairs(self, pairs_csv):

@@ -58,7 +58,7 @@ def test_cuda_scores_agree_with_the_cpu(cli, method, tiny_llama_dir, pairs_csv, 
         assert np.corrcoef(ranks_cpu, ranks_bf16)[0, 1] > 0.95, key
 
 
-def test_eval_attack_generates_on_cuda(cli, tiny_llama_dir, tmp_path, shared_data):
+def test_eval_attack_generates_on_cuda(cli, tiny_llama_dir, tmp_path):
     result = cli(
         "eval-attack",
         "--model",

@@ -58,7 +58,7 @@ def test_plan_targets_are_files(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(tiny_llama_dir, tmp_path, shared_data):
+def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(tiny_llama_dir, tmp_path):
     out = tmp_path / "demo"
     bin_dir = str(Path(sys.executable).parent)
     command = [

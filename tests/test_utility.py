@@ -73,7 +73,7 @@ class TestCommand:
         log = (tmp_path / "u" / "log_dense.txt").read_text().splitlines()
         assert log[1].startswith("dense\t") and log[1].split("\t")[2] == "PPL"
 
-    def test_wikitext_named_set(self, cli, tiny_llama_dir, tmp_path, shared_data):
+    def test_wikitext_named_set(self, cli, tiny_llama_dir, tmp_path):
         result = cli(
             *utility_args(
                 tiny_llama_dir, tmp_path / "w", "--seqlen", "128", "--limit-windows", "2", "--json"

@@ -6,7 +6,7 @@ Results (tables, --json) go to stdout so they can be piped; everything else goes
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
 
@@ -14,6 +14,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
     BarColumn,
+    DownloadColumn,
     MofNCompleteColumn,
     Progress,
     SpinnerColumn,
@@ -21,6 +22,7 @@ from rich.progress import (
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
+    TransferSpeedColumn,
 )
 
 # stderr: progress bars, warnings, log lines.
@@ -103,3 +105,20 @@ def progress_reporter(enabled: bool = True) -> Iterator[Reporter]:
     )
     with progress:
         yield RichReporter(progress)
+
+
+@contextmanager
+def download_progress(description: str, total_bytes: int | None) -> Iterator[Callable[[int], None]]:
+    """A byte-counting progress bar on stderr; yields a function that adds received bytes."""
+    progress = Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+    with progress:
+        task = progress.add_task(description, total=total_bytes)
+        yield lambda received: progress.advance(task, received)

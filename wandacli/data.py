@@ -1,21 +1,26 @@
 """Calibration and evaluation data: named sets, local files, sample selection, tokenisation and
 prompt masking.
 
-Named sets resolve to files in a data directory when one is configured (`--data-dir` or
-`$WANDACLI_DATA_DIR`), and to their public sources (hub datasets, the reference code's CSVs)
-otherwise. Local files of any format `datasets` reads (CSV, JSON, JSONL, Parquet) or plain text
-work everywhere a set name does.
+A named set resolves, first found wins, to: its file in a data directory (`--data-dir` or
+`$WANDACLI_DATA_DIR`, when one is given and holds it); the copy shipped inside this package
+(`wandacli/datasets/`, see its README for origins and licences); its public source (the reference
+code's CSVs, downloaded once into the cache, or a hub dataset). Local files of any format
+`datasets` reads (CSV, JSON, JSONL, Parquet) or plain text work everywhere a set name does.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import hashlib
+import importlib.resources
 import json
+import logging
 import os
 import random
 import re
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -74,6 +79,7 @@ class NamedSet:
     description: str
     local_files: tuple[str, ...]  # candidates inside the data directory, first found wins
     remote: str  # hub id, or a URL of a file
+    shipped: str | None = None  # the copy in wandacli/datasets/, when the package ships one
     remote_config: str | None = None
     remote_split: str = "train"
     column: str | None = None  # the prompt column of prompt sets
@@ -97,6 +103,7 @@ NAMED_SETS: tuple[NamedSet, ...] = (
         ("align_short.csv", "SFT_aligned_llama2-7b-chat-hf_train_short.csv"),
         f"{_REFERENCE_DATA_URL}/SFT_aligned_llama2-7b-chat-hf_train_short.csv",
         to_pair=_pair_from_prompt_response,
+        shipped="align_short.csv",
     ),
     NamedSet(
         "alpaca_cleaned_no_safety",
@@ -109,10 +116,11 @@ NAMED_SETS: tuple[NamedSet, ...] = (
     NamedSet(
         "utility",
         "pairs",
-        "utility: benign instructions with responses (Self-Instruct seeds here, Alpaca on the hub)",
+        "utility: benign instructions with responses (Self-Instruct's 175 seed tasks, shipped)",
         ("utility_seed_tasks.jsonl", "utility.jsonl"),
         "yahma/alpaca-cleaned",
         to_pair=_pair_from_instruction,
+        shipped="utility_seed_tasks.jsonl",
     ),
     NamedSet(
         "wikitext",
@@ -123,6 +131,7 @@ NAMED_SETS: tuple[NamedSet, ...] = (
         remote_config="wikitext-2-raw-v1",
         remote_split="test",
         column="text",
+        shipped="wikitext2_test.txt",
     ),
     NamedSet(
         "advbench",
@@ -131,6 +140,7 @@ NAMED_SETS: tuple[NamedSet, ...] = (
         ("advbench.txt",),
         "walledai/AdvBench",
         column="prompt",
+        shipped="advbench.txt",
     ),
     NamedSet(
         "jailbreakbench",
@@ -141,6 +151,7 @@ NAMED_SETS: tuple[NamedSet, ...] = (
         remote_config="behaviors",
         remote_split="harmful",
         column="Goal",
+        shipped="jailbreakbench.json",
     ),
 )
 
@@ -159,7 +170,7 @@ def data_display_name(data: str) -> str:
 
 
 def data_dir(explicit: Path | None = None) -> Path | None:
-    """The data directory named sets are read from, or None to use their public sources."""
+    """The data directory named sets are looked up in first, or None when none is given."""
     value = explicit if explicit is not None else os.environ.get("WANDACLI_DATA_DIR") or None
     if value is None:
         return None
@@ -167,9 +178,22 @@ def data_dir(explicit: Path | None = None) -> Path | None:
     if not path.is_dir():
         raise DataError(
             f"data directory {path} does not exist: fix --data-dir / WANDACLI_DATA_DIR, "
-            "or unset it to use the public sources"
+            "or unset it to use the shipped sets"
         )
     return path
+
+
+def shipped_data_dir() -> Path:
+    """The folder of data files shipped inside the package (wandacli/datasets/)."""
+    return Path(str(importlib.resources.files("wandacli.datasets")))
+
+
+def offline() -> bool:
+    """Whether the user asked for no network (the Hugging Face switches, which we honour)."""
+    return any(
+        os.environ.get(name, "").strip().lower() in ("1", "true", "yes", "on")
+        for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -253,47 +277,88 @@ def _read_json_rows(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
+def _supply_hint(entry: NamedSet) -> str:
+    return (
+        f"download {entry.remote} elsewhere and pass it with --data FILE, or put it in "
+        f"--data-dir as {entry.local_files[0]}"
+    )
+
+
 def _load_remote(entry: NamedSet) -> tuple[list[dict[str, Any]], str]:
     """Rows of a named set from its public source: a file URL (downloaded once into the
     cache) or a hub dataset."""
     if entry.remote.startswith("https://"):
-        path = _download_once(entry.remote)
+        path = _download_once(entry)
         return _load_table(path), _sha256_file(path)
+    if offline():
+        raise DataError(
+            f"named set {entry.name!r} is not shipped and HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is "
+            f"set: {_supply_hint(entry)}"
+        )
     from datasets import load_dataset
 
     try:
-        dataset = load_dataset(entry.remote, entry.remote_config, split=entry.remote_split)
+        with _quiet_hub_clients():
+            dataset = load_dataset(entry.remote, entry.remote_config, split=entry.remote_split)
     except Exception as exc:  # hub errors come in many types
         raise DataError(
-            f"cannot fetch named set {entry.name!r} from {entry.remote}: "
+            f"cannot fetch named set {entry.name!r} from the hub ({entry.remote}): "
             f"{str(exc).splitlines()[0] if str(exc) else type(exc).__name__}; "
-            "set WANDACLI_DATA_DIR to a folder holding its file, or pass a local file"
+            f"{_supply_hint(entry)}"
         ) from exc
     return [dict(row) for row in dataset], str(getattr(dataset, "_fingerprint", entry.remote))
 
 
-def _download_once(url: str) -> Path:
-    """A URL's file in the wandacli cache, downloaded atomically the first time."""
+@contextlib.contextmanager
+def _quiet_hub_clients() -> Iterator[None]:
+    """The hub clients log a warning per failed request (`HEAD https://...`) before raising;
+    our one-line error replaces them, so their loggers and warnings are silenced meanwhile."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets", "fsspec")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+
+
+def _download_once(entry: NamedSet) -> Path:
+    """A named set's file in the wandacli cache, downloaded atomically the first time, with a
+    progress bar."""
     import urllib.error
     import urllib.request
 
+    from wandacli.console import download_progress
     from wandacli.models import cache_root
 
+    url = entry.remote
     target = cache_root() / "data" / url.rsplit("/", 1)[-1]
     if target.is_file():
         return target
+    if offline():
+        raise DataError(
+            f"named set {entry.name!r} is not shipped and not in the cache, and "
+            f"HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is set: {_supply_hint(entry)}"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
         with urllib.request.urlopen(url, timeout=60) as response, tmp.open("wb") as handle:
-            while block := response.read(1 << 20):
-                handle.write(block)
+            size = int(response.headers.get("Content-Length") or 0) or None
+            with download_progress(f"downloading {entry.name}", size) as advance:
+                while block := response.read(1 << 20):
+                    handle.write(block)
+                    advance(len(block))
         os.replace(tmp, target)
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         tmp.unlink(missing_ok=True)
+        reason = getattr(exc, "reason", None) or exc
         raise DataError(
-            f"cannot download {url}: {exc}; set WANDACLI_DATA_DIR to a folder holding the "
-            "file, or pass a local file"
+            f"cannot download named set {entry.name!r} from {url} ({reason}): {_supply_hint(entry)}"
         ) from exc
     return target
 
@@ -338,22 +403,21 @@ def load_raw(
 
 
 def _load_named(entry: NamedSet, purpose: str, directory: Path | None) -> RawData:
+    """Data directory, then the shipped copy, then the public source (see the module doc)."""
     if (entry.kind == "prompts") != (purpose == "prompts"):
         wanted = "attack prompts" if purpose == "prompts" else "calibration data"
         raise DataError(f"{entry.name!r} is not {wanted} ({entry.description})")
+    candidates: list[Path] = []
     folder = data_dir(directory)
     if folder is not None:
-        for candidate in entry.local_files:
-            path = folder / candidate
-            if path.is_file():
-                raw = _load_file(path, purpose, _named_columns(entry), to_pair=entry.to_pair)
-                raw.name = entry.name
-                return raw
-        raise DataError(
-            f"named set {entry.name!r} is not in data directory {folder} (looked for "
-            f"{', '.join(entry.local_files)}): add the file, unset WANDACLI_DATA_DIR to fetch "
-            f"it from {entry.remote}, or pass a local file"
-        )
+        candidates += [folder / name for name in entry.local_files]
+    if entry.shipped is not None:
+        candidates.append(shipped_data_dir() / entry.shipped)
+    for path in candidates:
+        if path.is_file():
+            raw = _load_file(path, purpose, _named_columns(entry), to_pair=entry.to_pair)
+            raw.name = entry.name
+            return raw
     rows, fingerprint = _load_remote(entry)
     return _rows_to_raw(
         entry.name,

@@ -168,7 +168,10 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
     payload = result.to_json() | {
         "versions": software_versions(),
         "finished": now_iso(),
-        "data": config.data,
+        # The text actually read (a data directory's copy, the shipped file, or a download).
+        "data": {"name": config.data, "source": raw.source, "sha256": raw.content_hash}
+        if raw is not None
+        else None,
     }
     atomic_write_text(out / "utility.json", json.dumps(payload, indent=1, default=str))
     log = out / f"log_{under_test.method}.txt"

@@ -1,6 +1,6 @@
 """Constants of the reference implementation (alignment-attribution code, ICML 2024), kept
-verbatim so that results compare with the paper's. A test checks them against the copy in
-shared/reference/reference_constants.json."""
+verbatim so that results compare with the paper's. A test checks them against a pinned copy of
+the reference's constants, tests/data/reference_constants.json."""
 
 from __future__ import annotations
 

@@ -36,6 +36,14 @@ def scored_store(tmp_path_factory, tiny_llama_dir, pairs_csv) -> Path:
     return store
 
 
+@pytest.fixture()
+def own_store(scored_store, tmp_path) -> Path:
+    """A copy of the scored store for a test that changes it."""
+    import shutil
+
+    return Path(shutil.copytree(scored_store, tmp_path / "store"))
+
+
 def prune(cli, store, *args):
     return cli("prune", "--store", str(store), "--no-progress", *args)
 
@@ -135,17 +143,61 @@ class TestMasks:
         assert result.exit_code == 0, result.stderr
         assert (scored_store / "masks" / "safety.r0.1.h5").is_file()
 
-    def test_existing_mask_needs_overwrite(self, cli, scored_store):
-        prune(cli, scored_store, "--scores", "safety", "-r", "0.3")
+    def test_the_same_command_again_has_nothing_to_do(self, cli, own_store):
+        assert prune(cli, own_store, "--scores", "safety", "-r", "0.3").exit_code == 0
+        mask = own_store / "masks" / "safety.r0.3.h5"
+        before = mask.stat().st_mtime_ns
+        again = prune(cli, own_store, "--scores", "safety", "-r", "0.3")
+        assert again.exit_code == 0, again.stderr
+        assert "'safety.r0.3' is already complete, nothing to do" in again.stdout
+        assert mask.stat().st_mtime_ns == before
+
+    def test_other_settings_under_the_same_name_are_refused_naming_them(self, cli, own_store):
+        assert (
+            prune(cli, own_store, "--scores", "safety", "-r", "0.3", "--name", "m").exit_code == 0
+        )
+        mask = own_store / "masks" / "m.h5"
+        before = mask.stat().st_mtime_ns
         assert_one_line_error(
-            prune(cli, scored_store, "--scores", "safety", "-r", "0.3"),
+            prune(cli, own_store, "--scores", "safety", "-r", "0.4", "--name", "m"),
             "already exists",
+            "sparsity_ratio: 0.3 → 0.4",
             "--overwrite",
         )
+        assert mask.stat().st_mtime_ns == before
         assert (
-            prune(cli, scored_store, "--scores", "safety", "-r", "0.3", "--overwrite").exit_code
+            prune(
+                cli, own_store, "--scores", "safety", "-r", "0.4", "--name", "m", "--overwrite"
+            ).exit_code
             == 0
         )
+
+    def test_a_mask_from_a_recomputed_score_set_is_stale(self, cli, own_store, tiny_llama_dir):
+        assert prune(cli, own_store, "--scores", "safety", "-r", "0.3").exit_code == 0
+        safety = own_store / "scores" / "safety.h5"
+        import h5py
+
+        with h5py.File(safety, "r+") as handle:  # as if `score --overwrite` had run since
+            meta = json.loads(handle.attrs["meta"])
+            meta["finished"] = "2099-01-01T00:00:00+00:00"
+            handle.attrs["meta"] = json.dumps(meta)
+        assert_one_line_error(
+            prune(cli, own_store, "--scores", "safety", "-r", "0.3"),
+            "already exists",
+            "recomputed after the mask was made",
+        )
+
+    def test_save_model_of_the_same_mask_is_made_when_missing(
+        self, cli, own_store, tiny_llama_dir, tmp_path
+    ):
+        args = ("--scores", "safety", "-r", "0.3", "--model", str(tiny_llama_dir))
+        assert prune(cli, own_store, *args).exit_code == 0
+        out = tmp_path / "pruned"
+        saved = prune(cli, own_store, *args, "--save-model", str(out))
+        assert saved.exit_code == 0, saved.stderr
+        assert (out / "wandacli-mask.json").is_file()
+        again = prune(cli, own_store, *args, "--save-model", str(out))
+        assert again.exit_code == 0 and "already complete" in again.stdout, again.stderr
 
     def test_model_check_reads_only_the_config(self, cli, scored_store, tiny_llama_dir):
         result = prune(

@@ -84,19 +84,53 @@ class TestScoreCommand:
         )
         assert done.returncode == 0 and done.stdout.startswith("wandacli ")
 
-    def test_existing_set_is_refused_without_overwrite(self, cli, tiny_llama_dir, store):
-        assert cli(*score_args(tiny_llama_dir, store, method="magnitude")).exit_code == 0
-        before = (store / "scores" / "magnitude.h5").stat().st_mtime_ns
-        assert_one_line_error(
-            cli(*score_args(tiny_llama_dir, store, method="magnitude")),
-            "already exists",
-            "--overwrite",
-        )
-        assert (store / "scores" / "magnitude.h5").stat().st_mtime_ns == before
-        assert (
-            cli(*score_args(tiny_llama_dir, store, "--overwrite", method="magnitude")).exit_code
-            == 0
-        )
+    def test_the_same_command_again_has_nothing_to_do(self, cli, tiny_llama_dir, store, pairs_csv):
+        args = score_args(tiny_llama_dir, store, "--data", str(pairs_csv), "--nsamples", "2")
+        assert cli(*args).exit_code == 0
+        final = store / "scores" / "wanda-pairs.h5"
+        before = final.stat().st_mtime_ns
+        again = cli(*args)
+        assert again.exit_code == 0, again.stderr
+        assert "'wanda-pairs' is already complete, nothing to do" in again.stdout
+        assert "wanda: samples" not in again.stderr  # no calibration pass ran
+        assert final.stat().st_mtime_ns == before
+        as_json = json.loads(cli(*args, "--json").stdout)
+        assert as_json["already_complete"] is True and as_json["nsamples"] == 2
+
+    @pytest.mark.parametrize(
+        ("change", "named"),
+        [
+            (["--nsamples", "3"], "nsamples: 2 → 3"),
+            (["--seed", "1"], "seed: 0 → 1"),
+            (["--template", "chat"], "template: raw → chat"),
+        ],
+    )
+    def test_other_settings_on_a_finished_set_are_refused_naming_them(
+        self, cli, tiny_llama_dir, store, pairs_csv, change, named
+    ):
+        args = score_args(tiny_llama_dir, store, "--data", str(pairs_csv), "--nsamples", "2")
+        assert cli(*args).exit_code == 0
+        final = store / "scores" / "wanda-pairs.h5"
+        before = final.stat().st_mtime_ns
+        changed = [*args]
+        flag, value = change
+        if flag in changed:
+            changed[changed.index(flag) + 1] = value
+        else:
+            changed += [flag, value]
+        assert_one_line_error(cli(*changed), "already exists", named, "--overwrite")
+        assert final.stat().st_mtime_ns == before
+        assert cli(*changed, "--overwrite").exit_code == 0
+
+    def test_changed_data_content_is_a_difference(
+        self, cli, tiny_llama_dir, store, tmp_path, pairs_csv
+    ):
+        data = tmp_path / "pairs.csv"
+        data.write_bytes(pairs_csv.read_bytes())
+        args = score_args(tiny_llama_dir, store, "--data", str(data), "--nsamples", "2")
+        assert cli(*args).exit_code == 0
+        data.write_text(data.read_text().replace("thing 1", "thing one"))
+        assert_one_line_error(cli(*args), "already exists", "data_sha256", "--overwrite")
 
     def test_name_and_float16(self, cli, tiny_llama_dir, store):
         result = cli(
@@ -318,7 +352,7 @@ class TestBadInput:
 
 
 @pytest.mark.slow
-def test_score_runs_on_the_embedded_smollm2(cli, store, shared_data):
+def test_score_runs_on_the_embedded_smollm2(cli, store):
     result = cli(
         "score",
         "--method",

@@ -203,12 +203,34 @@ class ScoreConfig:
             return f"{self.method}-seed{self.seed}" if self.method == "random" else self.method
         return f"{self.method}-{data_name}"
 
+    def request(self) -> dict[str, Any]:
+        """What decides a score set's numbers, as asked for (before loading anything): a
+        finished set made with the same request is this run's result already."""
+        return score_request(self.to_json())
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["store"] = str(self.store)
         data["data_dir"] = str(self.data_dir) if self.data_dir else None
         data["model"]["cache_dir"] = str(self.model.cache_dir) if self.model.cache_dir else None
         return data
+
+
+# ScoreConfig fields that do not change the numbers (where the set goes, how often it
+# checkpoints, where data files are looked up: the data's own hash is compared instead).
+_SCORE_BOOKKEEPING = frozenset(
+    {"store", "name", "overwrite", "checkpoint_every", "data_dir", "offload_accumulators"}
+)
+_MODEL_SPEC_NUMERIC = ("model", "dtype", "device")
+
+
+def score_request(config_json: dict[str, Any]) -> dict[str, Any]:
+    """The request part of a ScoreConfig's JSON (as stored in a set's `meta.config`)."""
+    request = {k: v for k, v in config_json.items() if k not in _SCORE_BOOKKEEPING}
+    model = request.pop("model", None) or {}
+    for key in _MODEL_SPEC_NUMERIC:
+        request[f"model.{key}"] = model.get(key)
+    return request
 
 
 # ---------------------------------------------------------------------------------------------
@@ -323,6 +345,10 @@ class PruneConfig:
         nm = self.nm
         return nm[0] / nm[1] if nm else self.sparsity_ratio
 
+    def request(self) -> dict[str, Any]:
+        """What decides the mask's bits (the outputs and the model they go to do not)."""
+        return prune_request(self.to_json())
+
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         for key in ("store", "save_model", "export_mask"):
@@ -330,6 +356,16 @@ class PruneConfig:
         if self.model is not None:
             data["model"]["cache_dir"] = str(self.model.cache_dir) if self.model.cache_dir else None
         return data
+
+
+_PRUNE_BOOKKEEPING = frozenset(
+    {"store", "name", "overwrite", "model", "save_model", "export_mask", "recover_from_base"}
+)
+
+
+def prune_request(config_json: dict[str, Any]) -> dict[str, Any]:
+    """The request part of a PruneConfig's JSON (as stored in a mask's `meta.config`)."""
+    return {k: v for k, v in config_json.items() if k not in _PRUNE_BOOKKEEPING}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wandacli import pruning
-from wandacli.config import DEFAULT_STORE, ModelSpec, PruneConfig
+from wandacli.config import DEFAULT_STORE, ModelSpec, PruneConfig, prune_request
 from wandacli.console import NullReporter, Reporter, info
 from wandacli.errors import ConfigError, StoreError, interruptible
 from wandacli.fingerprint import ModelFingerprint
@@ -40,6 +40,7 @@ from wandacli.store import (
     recover_directory,
     replace_directory_atomically,
     set_root_attrs,
+    settings_differences,
     software_versions,
     split_key,
     temporary_path,
@@ -67,6 +68,7 @@ class PruneResult:
     saved_model: Path | None = None
     exported_mask: Path | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    already_complete: bool = False  # a finished mask with the same settings: nothing computed
 
     @property
     def pruned(self) -> int:
@@ -83,6 +85,7 @@ class PruneResult:
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "already_complete": self.already_complete,
             "path": str(self.path),
             "mode": self.mode,
             "pruned": self.pruned,
@@ -175,11 +178,14 @@ class PruneRun:
                 config, safety.name, utility.name if utility else None
             )
             path = Store(root).mask_path(name)
+            replace_same_mask = False
             if path.exists() and not config.overwrite:
-                raise StoreError(
-                    f"mask {name!r} already exists in {root}: pass --overwrite to replace it, or --name"
-                )
-            self._check_outputs()
+                created = self._check_same_request(path, root, safety, utility)
+                if self._outputs_exist(path, created):
+                    return self._already_complete(path, started)
+                # The same mask, with outputs it lacks: recompute it (the same bits) with them.
+                replace_same_mask = True
+            self._check_outputs(replace_same_mask)
             loaded = self._model_for(safety)
             base = self._base_model(loaded) if config.recover_from_base else None
             with writer_lock(root, shlex.join(self.command_line)):
@@ -209,14 +215,90 @@ class PruneRun:
 
     # -- checks ---------------------------------------------------------------------------
 
-    def _check_outputs(self) -> None:
-        """Refuse unwritable or existing outputs before any work."""
+    def _check_same_request(
+        self, path: Path, root: Path, safety: ScoreSet, utility: ScoreSet | None
+    ) -> Any:
+        """A finished mask of this name must have been asked for with these settings, from
+        these very score sets; refuses, naming what differs, when not. Returns when the mask
+        was created."""
+        from wandacli.store import MaskFile
+
+        with MaskFile(path) as finished:
+            stored = finished.meta.get("config")
+            differences = (
+                settings_differences(prune_request(stored), self.config.request())
+                if isinstance(stored, dict)
+                else ["settings: not recorded (made by an older wandacli)"]
+            )
+            made_from = {s.get("role"): s for s in finished.meta.get("score_sets") or []}
+            created = finished.meta.get("created")
+        for role, score_set in (("scores", safety), ("utility", utility)):
+            if score_set is None:
+                continue
+            recorded = made_from.get(role) or {}
+            if (recorded.get("fingerprint"), recorded.get("finished")) != (
+                score_set.fingerprint.digest,
+                score_set.meta.get("finished"),
+            ):
+                differences.append(
+                    f"{role}: score set {score_set.name!r} was recomputed after the mask was made"
+                )
+        if differences:
+            raise StoreError(
+                f"mask {path.stem!r} already exists in {root} with other settings "
+                f"({'; '.join(differences[:4])}): pass --overwrite to replace it, or --name"
+            )
+        return created
+
+    def _outputs_exist(self, mask_path: Path, created: Any) -> bool:
+        """Whether every output asked for is there, made from this very mask."""
+        import json
+
         config = self.config
+        saved = True
+        if config.save_model is not None:
+            provenance = config.save_model / "wandacli-mask.json"
+            try:
+                recorded = json.loads(provenance.read_text(encoding="utf-8"))
+            except (OSError, ValueError):
+                recorded = {}
+            saved = recorded.get("mask_file") == str(mask_path) and (
+                recorded.get("created") == created
+            )
+        exported = config.export_mask is None or config.export_mask.is_file()
+        return saved and exported
+
+    def _already_complete(self, path: Path, started: float) -> PruneResult:
+        from wandacli.store import MaskFile
+
+        with MaskFile(path) as finished:
+            counts = {}
+            for key in finished.keys:
+                mask = finished.read(key)
+                counts[key] = (int(mask.sum()), mask.size)
+            return PruneResult(
+                name=path.stem,
+                path=path,
+                mode=str(finished.meta.get("mode", self.config.mode)),
+                counts=counts,
+                seconds=time.monotonic() - started,
+                peak_memory_bytes=peak_rss_bytes(),
+                saved_model=self.config.save_model,
+                exported_mask=self.config.export_mask,
+                meta=finished.meta,
+                already_complete=True,
+            )
+
+    def _check_outputs(self, replace_same_mask: bool = False) -> None:
+        """Refuse unwritable or existing outputs before any work (outputs of the same mask,
+        recomputed, may be replaced)."""
+        config = self.config
+        replace = config.overwrite or replace_same_mask
         if config.save_model is not None:
             out = config.save_model
             if out.exists() and not out.is_dir():
                 raise ConfigError(f"--save-model {out} is a file: pass a directory to create")
-            if out.exists() and any(out.iterdir()) and not config.overwrite:
+            if out.exists() and any(out.iterdir()) and not replace:
                 raise ConfigError(
                     f"--save-model {out} already exists: pass --overwrite to replace it"
                 )
@@ -227,7 +309,7 @@ class PruneRun:
                 raise ConfigError(
                     f"--export-mask {target} is a directory: pass a file name such as mask.pt"
                 )
-            if target.exists() and not config.overwrite:
+            if target.exists() and not replace:
                 raise ConfigError(
                     f"--export-mask {target} already exists: pass --overwrite to replace it"
                 )

@@ -39,6 +39,13 @@ def score_result(result: ScoreResult, as_json: bool) -> None:
     if as_json:
         print_json(result.to_json())
         return
+    if result.already_complete:
+        out.print(
+            f"score set {result.name!r} is already complete, nothing to do ({result.path}; "
+            "--overwrite recomputes it)",
+            markup=False,
+        )
+        return
     memory = human_bytes(result.peak_memory_bytes)
     if result.peak_gpu_memory_bytes:
         memory += f" (GPU {human_bytes(result.peak_gpu_memory_bytes)})"
@@ -179,6 +186,13 @@ def sparsity_table(title: str, counts: dict[str, tuple[int, int]]) -> Table:
 def prune_result(result: PruneResult, as_json: bool) -> None:
     if as_json:
         print_json(result.to_json())
+        return
+    if result.already_complete:
+        out.print(
+            f"mask {result.name!r} is already complete, nothing to do ({result.path}; "
+            f"{100 * result.sparsity:.4f}% pruned; --overwrite recomputes it)",
+            markup=False,
+        )
         return
     out.print(
         sparsity_table(f"mask {result.name}: sparsity (%) by layer and module", result.counts)

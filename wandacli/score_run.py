@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from wandacli import distributed
-from wandacli.config import DEFAULT_SEQLEN_CAP, ModelSpec, ScoreConfig
+from wandacli.config import DEFAULT_SEQLEN_CAP, ModelSpec, ScoreConfig, score_request
 from wandacli.console import NullReporter, Reporter, info, warn
 from wandacli.data import (
     CalibrationSet,
@@ -51,6 +51,7 @@ from wandacli.scoring import (
 from wandacli.store import (
     SCORES_FORMAT,
     STATS_GROUP,
+    ScoreSet,
     Store,
     StoredFile,
     atomic_h5,
@@ -64,6 +65,7 @@ from wandacli.store import (
     open_part,
     read_part,
     set_root_attrs,
+    settings_differences,
     software_versions,
     to_float16_checked,
     write_array,
@@ -91,10 +93,12 @@ class ScoreResult:
     meta: dict[str, Any]
     rank: int = 0
     world_size: int = 1
+    already_complete: bool = False  # a finished set with the same settings: nothing computed
 
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,
+            "already_complete": self.already_complete,
             "path": str(self.path),
             "method": self.method,
             "nsamples": self.nsamples,
@@ -155,11 +159,19 @@ class ScoreRun:
             else contextlib.nullcontext()
         )
         with lock, interruptible(self._what_is_kept):
+            complete = None
             if main and final.exists():
                 # Parts beside a finished set are leftovers of a run killed while cleaning up.
                 shutil.rmtree(self.parts_dir, ignore_errors=True)
-                if not config.overwrite:  # refuse before loading the model and data
-                    raise_exists(self.name, self.store.root)
+                if not config.overwrite:  # decide before loading the model and data
+                    complete = self._finished_set_with_same_request(final)
+            if self.dist.broadcast_int(int(complete is not None)):
+                if self.dist.active:
+                    distributed.shutdown()
+                if complete is None:  # the other ranks of a distributed run; rank 0 reports
+                    with ScoreSet(final) as finished:
+                        complete = self._already_complete(finished, started)
+                return complete
             loaded = self._loaded or load_model(self._rank_model_spec())
             calibration = self._calibration(loaded) if config.needs_data else None
             base_layers = self._base_layers(loaded) if config.use_diff else None
@@ -237,6 +249,54 @@ class ScoreRun:
         if not kept:
             return "nothing was finished yet; run the same command again to start over"
         return f"kept {', '.join(kept)} in {self.parts_dir}; run the same command again to resume"
+
+    def _finished_set_with_same_request(self, final: Path) -> ScoreResult:
+        """The finished set as this run's result when it was asked for with the same settings
+        (and its data file still has the same content); refuses, naming what differs, when not."""
+        config = self.config
+        with ScoreSet(final) as finished:
+            stored = finished.meta.get("config")
+            differences = (
+                settings_differences(score_request(stored), config.request())
+                if isinstance(stored, dict)
+                else ["settings: not recorded (made by an older wandacli)"]
+            )
+            if not differences and config.needs_data and config.data:
+                stored_sha = (finished.meta.get("data") or {}).get("sha256")
+                raw = load_raw(config.data, columns=config.columns, directory=config.data_dir)
+                if raw.content_hash != stored_sha:
+                    differences = [
+                        f"data_sha256: {str(stored_sha)[:12]}… → {raw.content_hash[:12]}… "
+                        f"({raw.source})"
+                    ]
+            if differences:
+                raise StoreError(
+                    f"score set {self.name!r} already exists in {self.store.root} with other "
+                    f"settings ({'; '.join(differences[:4])}): pass --overwrite to recompute "
+                    "it, or --name to write another set"
+                )
+            return self._already_complete(finished, time.monotonic())
+
+    def _already_complete(self, finished: ScoreSet, started: float) -> ScoreResult:
+        meta = finished.meta
+        shapes = finished.fingerprint.shapes
+        return ScoreResult(
+            name=self.name,
+            path=finished.path,
+            method=str(meta.get("method", self.config.method)),
+            nsamples=int(meta.get("nsamples") or 0),
+            seconds=time.monotonic() - started,
+            peak_memory_bytes=peak_rss_bytes(),
+            peak_gpu_memory_bytes=None,
+            resumed=False,
+            layers=finished.fingerprint.num_layers,
+            modules=len(shapes),
+            parameters=sum(a * b for a, b in shapes.values()),
+            meta=meta,
+            rank=self.dist.rank,
+            world_size=self.dist.world_size,
+            already_complete=True,
+        )
 
     # -- inputs ---------------------------------------------------------------------------
 
@@ -687,13 +747,6 @@ class ScoreRun:
                 wanda_scores(magnitude, stats[lin.key].to(magnitude.device), nsamples).cpu().numpy()
             )
         return magnitude.cpu().numpy()
-
-
-def raise_exists(name: str, root: Path) -> None:
-    raise StoreError(
-        f"score set {name!r} already exists in {root}: pass --overwrite to recompute it, "
-        "or --name to write another set"
-    )
 
 
 def run_score(

@@ -5,7 +5,9 @@ Results (tables, --json) go to stdout so they can be piped; everything else goes
 
 from __future__ import annotations
 
+import logging
 import os
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Protocol
@@ -122,3 +124,21 @@ def download_progress(description: str, total_bytes: int | None) -> Iterator[Cal
     with progress:
         task = progress.add_task(description, total=total_bytes)
         yield lambda received: progress.advance(task, received)
+
+
+@contextmanager
+def quiet_hub_clients() -> Iterator[None]:
+    """The hub clients log a warning per failed or retried request (`HEAD https://...`) before
+    raising; our one-line error replaces them, so their loggers and warnings are silenced while
+    they run."""
+    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets", "fsspec")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.CRITICAL)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)

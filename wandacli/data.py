@@ -10,17 +10,14 @@ code's CSVs, downloaded once into the cache, or a hub dataset). Local files of a
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import hashlib
 import importlib.resources
 import json
-import logging
 import os
 import random
 import re
-import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -28,7 +25,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from wandacli.config import Columns
-from wandacli.console import warn
+from wandacli.console import quiet_hub_clients, warn
 from wandacli.errors import DataError
 
 if TYPE_CHECKING:
@@ -298,7 +295,7 @@ def _load_remote(entry: NamedSet) -> tuple[list[dict[str, Any]], str]:
     from datasets import load_dataset
 
     try:
-        with _quiet_hub_clients():
+        with quiet_hub_clients():
             dataset = load_dataset(entry.remote, entry.remote_config, split=entry.remote_split)
     except Exception as exc:  # hub errors come in many types
         raise DataError(
@@ -307,23 +304,6 @@ def _load_remote(entry: NamedSet) -> tuple[list[dict[str, Any]], str]:
             f"{_supply_hint(entry)}"
         ) from exc
     return [dict(row) for row in dataset], str(getattr(dataset, "_fingerprint", entry.remote))
-
-
-@contextlib.contextmanager
-def _quiet_hub_clients() -> Iterator[None]:
-    """The hub clients log a warning per failed request (`HEAD https://...`) before raising;
-    our one-line error replaces them, so their loggers and warnings are silenced meanwhile."""
-    loggers = [logging.getLogger(name) for name in ("huggingface_hub", "datasets", "fsspec")]
-    levels = [logger.level for logger in loggers]
-    for logger in loggers:
-        logger.setLevel(logging.CRITICAL)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        for logger, level in zip(loggers, levels, strict=True):
-            logger.setLevel(level)
 
 
 def _download_once(entry: NamedSet) -> Path:

@@ -26,8 +26,8 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from wandacli.config import DEFAULT_MODEL_ALIAS, ModelSpec
-from wandacli.console import info, warn
+from wandacli.config import ALIGNED_MODEL_ALIAS, DEFAULT_MODEL_ALIAS, ModelSpec
+from wandacli.console import info, quiet_hub_clients, warn
 from wandacli.errors import ModelError
 from wandacli.fingerprint import ModelFingerprint
 
@@ -60,8 +60,8 @@ HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
 class ModelSource:
     """A resolved `--model`: where the weights come from."""
 
-    kind: Literal["hub", "local", "gguf"]
-    location: str  # hub id, directory, or .gguf file path
+    kind: Literal["hub", "local", "gguf", "aligned"]
+    location: str  # hub id, directory, or .gguf file path (aligned: the base .gguf)
     model_id: str  # what to record in a store: the alias, hub id, or path as resolved
 
 
@@ -166,6 +166,8 @@ def resolve_source(model: str) -> ModelSource:
         )
     if model.lower() == DEFAULT_MODEL_ALIAS:
         return ModelSource("gguf", str(default_model_gguf()), DEFAULT_MODEL_ALIAS)
+    if model.lower() == ALIGNED_MODEL_ALIAS:
+        return ModelSource("aligned", str(default_model_gguf()), ALIGNED_MODEL_ALIAS)
     path = Path(model).expanduser()
     if path.is_file():
         if path.suffix.lower() == ".gguf":
@@ -336,6 +338,19 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     info(f"converted in {time.monotonic() - started:.0f} s")
 
 
+def local_location(source: ModelSource, cache_dir: Path | None = None) -> str:
+    """Where from_pretrained reads a source: a GGUF's converted copy and the aligned demo model
+    are made in the cache on first use; hub ids and directories are used as they are."""
+    if source.kind == "gguf":
+        return str(ensure_converted_gguf(Path(source.location), cache_dir))
+    if source.kind == "aligned":
+        from wandacli.organism import ensure_aligned_model
+
+        base = ensure_converted_gguf(Path(source.location), cache_dir)
+        return str(ensure_aligned_model(base))
+    return source.location
+
+
 # ---------------------------------------------------------------------------------------------
 # Loading
 
@@ -363,9 +378,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     dtype = resolve_dtype(spec.dtype, device)
     if device.type == "cpu" and dtype == torch.float16:
         warn("float16 on CPU is slow and some kernels lack it; consider --dtype float32")
-    location = source.location
-    if source.kind == "gguf":
-        location = str(ensure_converted_gguf(Path(source.location), spec.cache_dir))
+    location = local_location(source, spec.cache_dir)
     _quiet_transformers()
 
     kwargs: dict[str, Any] = {"dtype": dtype, "low_cpu_mem_usage": True}
@@ -376,7 +389,8 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     elif device.type == "cuda":
         kwargs["device_map"] = str(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+        with quiet_hub_clients():
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
         hint = (
             "check the hub id and your network or HF_TOKEN, or pass a local directory"
@@ -419,12 +433,11 @@ def model_structure(spec: ModelSpec) -> ModelStructure:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     source = resolve_source(spec.model)
-    location = source.location
-    if source.kind == "gguf":
-        location = str(ensure_converted_gguf(Path(source.location), spec.cache_dir))
+    location = local_location(source, spec.cache_dir)
     _quiet_transformers()
     try:
-        config = AutoConfig.from_pretrained(location)
+        with quiet_hub_clients():
+            config = AutoConfig.from_pretrained(location)
         with init_empty_weights():
             skeleton = AutoModelForCausalLM.from_config(config)
     except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
@@ -474,7 +487,8 @@ def load_tokenizer(location: str, model_arg: str) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(location)
+        with quiet_hub_clients():
+            tokenizer = AutoTokenizer.from_pretrained(location)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"cannot load the tokenizer of {model_arg!r}: {_first_line(exc)}") from exc
     if tokenizer.pad_token is None:

@@ -206,6 +206,48 @@ class TestMasks:
         assert result.exit_code == 0, result.stderr
 
 
+class TestMatchedCounts:
+    """--match-counts: the random control with a set difference's size and layout."""
+
+    def test_every_matrix_prunes_as_many_as_the_given_mask(self, cli, own_store, tiny_llama_dir):
+        setdiff = [
+            "--scores",
+            "gsafety",
+            "--utility-scores",
+            "gutility",
+            "--p",
+            "0.2",
+            "--q",
+            "0.3",
+        ]
+        assert prune(cli, own_store, *setdiff, "--name", "sd").exit_code == 0
+        random_set = score_args(tiny_llama_dir, own_store, "--name", "rand", method="random")
+        assert cli(*random_set).exit_code == 0
+        result = prune(cli, own_store, "--scores", "rand", "--match-counts", "sd", "--json")
+        assert result.exit_code == 0, result.stderr
+        payload = json.loads(result.stdout)
+        assert payload["name"] == "rand.as-sd" and payload["mode"] == "matched-counts"
+        reference, control = mask_of(own_store, "sd"), mask_of(own_store, "rand.as-sd")
+        randoms = scores_of(own_store, "rand")
+        for key, mask in reference.items():
+            assert control[key].sum() == mask.sum(), key
+            if mask.any():  # the lowest random scores of the matrix, by the shared tie rule
+                expected = pruning.count_mask(randoms[key], int(mask.sum()))
+                assert np.array_equal(control[key], expected), key
+        assert not all(np.array_equal(control[k], reference[k]) for k in reference)
+
+    def test_it_refuses_a_ratio_beside_it(self, cli, scored_store):
+        assert_one_line_error(
+            prune(cli, scored_store, "--scores", "safety", "--match-counts", "x", "-r", "0.1"),
+            "--sparsity-ratio does not apply with --match-counts",
+        )
+
+    def test_a_missing_mask_is_one_line(self, cli, scored_store):
+        assert_one_line_error(
+            prune(cli, scored_store, "--scores", "safety", "--match-counts", "nope"), "nope"
+        )
+
+
 class TestSavedModels:
     def test_saved_model_zeros_are_exactly_the_mask(
         self, cli, scored_store, tiny_llama_dir, tmp_path

@@ -445,6 +445,15 @@ def prune(
             rich_help_panel="Set difference",
         ),
     ] = None,
+    match_counts: Annotated[
+        str | None,
+        typer.Option(
+            "--match-counts",
+            help="Prune, in every matrix, as many weights as this mask does (name or .h5), "
+            "chosen by --scores: with a random score set, the control of the same size and "
+            "layout as a set difference.",
+        ),
+    ] = None,
     layers: Annotated[
         str | None,
         typer.Option(
@@ -531,6 +540,7 @@ def prune(
         utility_scores=utility_scores,
         p=p,
         q=q,
+        match_counts=match_counts,
         layers=layers,
         modules=modules,
         name=name,

@@ -18,6 +18,8 @@ from wandacli import reference
 from wandacli.errors import ConfigError
 
 DEFAULT_MODEL_ALIAS = "smollm2"
+# The embedded model fine-tuned on the CPU to refuse harmful requests (wandacli/organism.py).
+ALIGNED_MODEL_ALIAS = "smollm2-aligned"
 DEFAULT_STORE = Path("wandacli-store")
 METHODS = ("wanda", "wandg", "magnitude", "random")
 DATA_METHODS = ("wanda", "wandg")
@@ -251,6 +253,7 @@ class PruneConfig:
     utility_scores: str | None = None
     p: float | None = None
     q: float | None = None
+    match_counts: str | None = None  # a mask whose per-matrix counts this one copies
     layers: str | None = None
     modules: str | None = None
     name: str | None = None
@@ -283,6 +286,19 @@ class PruneConfig:
                     raise ConfigError(
                         f"{flag} does not apply to the set difference (--utility-scores with "
                         "--p/--q chooses what is pruned): drop one of them"
+                    )
+        elif self.match_counts is not None:
+            for given, flag in (
+                (self.p is not None or self.q is not None, "--p/--q"),
+                (self.sparsity_ratio is not None, "--sparsity-ratio"),
+                (self.sparsity_type != "unstructured", "--sparsity-type"),
+                (self.variant, "--variant"),
+                (self.scope != "row", "--scope"),
+            ):
+                if given:
+                    raise ConfigError(
+                        f"{flag} does not apply with --match-counts (the mask given sets how many "
+                        "weights each matrix prunes): drop one of them"
                     )
         else:
             if self.p is not None or self.q is not None:
@@ -334,6 +350,8 @@ class PruneConfig:
     def mode(self) -> str:
         if self.set_difference:
             return "set-difference"
+        if self.match_counts is not None:
+            return "matched-counts"
         if self.nm is not None:
             return "n:m"
         if self.variant:

@@ -29,6 +29,7 @@ from wandacli.memory import peak_rss_bytes
 from wandacli.store import (
     MASK_FORMAT,
     SCORES_DIR,
+    MaskFile,
     ScoreSet,
     Store,
     atomic_h5,
@@ -36,6 +37,7 @@ from wandacli.store import (
     ensure_writable_directory,
     expected_file_bytes,
     now_iso,
+    open_mask,
     open_score_set,
     recover_directory,
     replace_directory_atomically,
@@ -114,6 +116,8 @@ def default_mask_name(config: PruneConfig, safety: str, utility: str | None) -> 
     """A name that says how the mask was made, e.g. `wanda-align_short.r0.5.top`."""
     if config.set_difference:
         name = f"{safety}-minus-{utility}.q{config.q:g}.p{config.p:g}"
+    elif config.match_counts is not None:
+        name = f"{safety}.as-{Path(config.match_counts).stem}"
     elif config.nm is not None:
         name = f"{safety}.{config.nm[0]}of{config.nm[1]}"
     else:
@@ -160,6 +164,7 @@ class PruneRun:
         self.config = config
         self.reporter = reporter or NullReporter()
         self.command_line = command_line if command_line is not None else sys.argv
+        self._matched: MaskFile | None = None  # the --match-counts mask, open during the run
 
     def run(self) -> PruneResult:
         config = self.config
@@ -171,6 +176,16 @@ class PruneRun:
             if config.utility_scores is not None:
                 utility = stack.enter_context(open_score_set(config.utility_scores, root))
                 _check_same_model(safety, utility)
+            self._matched = None
+            if config.match_counts is not None:
+                self._matched = stack.enter_context(open_mask(config.match_counts, root))
+                mismatch = safety.fingerprint.first_mismatch(
+                    self._matched.fingerprint, mine="scores", theirs="--match-counts mask"
+                )
+                if mismatch:
+                    raise StoreError(
+                        f"--match-counts {config.match_counts} was made for another model: {mismatch}"
+                    )
             keys = selected_keys(config, safety.fingerprint)
             if config.nm is not None:
                 _check_divisible(safety.fingerprint, keys, config.nm[1])
@@ -221,7 +236,6 @@ class PruneRun:
         """A finished mask of this name must have been asked for with these settings, from
         these very score sets; refuses, naming what differs, when not. Returns when the mask
         was created."""
-        from wandacli.store import MaskFile
 
         with MaskFile(path) as finished:
             stored = finished.meta.get("config")
@@ -232,6 +246,11 @@ class PruneRun:
             )
             made_from = {s.get("role"): s for s in finished.meta.get("score_sets") or []}
             created = finished.meta.get("created")
+            matched_created = (finished.meta.get("matched_mask") or {}).get("created")
+        if self._matched is not None and matched_created != self._matched.meta.get("created"):
+            differences.append(
+                f"--match-counts mask {self._matched.name!r} was remade after this mask"
+            )
         for role, score_set in (("scores", safety), ("utility", utility)):
             if score_set is None:
                 continue
@@ -269,7 +288,6 @@ class PruneRun:
         return saved and exported
 
     def _already_complete(self, path: Path, started: float) -> PruneResult:
-        from wandacli.store import MaskFile
 
         with MaskFile(path) as finished:
             counts = {}
@@ -366,6 +384,9 @@ class PruneRun:
             assert config.p is not None and config.q is not None
             return pruning.set_difference_mask(scores, utility.read(key), config.p, config.q)
         highest = config.prune_highest
+        if self._matched is not None:
+            count = int(self._matched.read(key).sum())
+            return pruning.count_mask(scores, count, prune_highest=highest)
         if config.nm is not None:
             return pruning.nm_mask(scores, *config.nm, prune_highest=highest)
         assert config.sparsity_ratio is not None
@@ -427,6 +448,13 @@ class PruneRun:
             "q": config.q,
             "layers": config.layers,
             "modules": config.modules,
+            "matched_mask": {
+                "path": str(self._matched.path),
+                "created": self._matched.meta.get("created"),
+                "pruned": self._matched.meta.get("pruned"),
+            }
+            if self._matched is not None
+            else None,
             "tie_rule": pruning.TIE_RULE,
             "actual_sparsity": pruned / total if total else 0.0,
             "pruned": pruned,
@@ -462,8 +490,6 @@ class PruneRun:
         module with a weight is listed, as the reference lists them; without, the decoder's
         linear layers."""
         import torch
-
-        from wandacli.store import MaskFile
 
         config = self.config
         assert config.export_mask is not None
@@ -534,8 +560,6 @@ class PruneRun:
 
 def _provenance_json(mask_path: Path, command_line: list[str]) -> str:
     import json
-
-    from wandacli.store import MaskFile
 
     with MaskFile(mask_path) as mask_file:
         meta = dict(mask_file.meta)

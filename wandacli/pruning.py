@@ -61,8 +61,12 @@ def matrix_mask(
     scores: np.ndarray, sparsity_ratio: float, *, prune_highest: bool = False
 ) -> np.ndarray:
     """All weights of the matrix ranked together: int(numel × ratio) lowest (or highest)."""
-    k = int(scores.size * sparsity_ratio)
-    return select_extreme(scores.reshape(1, -1), k, highest=prune_highest).reshape(scores.shape)
+    return count_mask(scores, int(scores.size * sparsity_ratio), prune_highest=prune_highest)
+
+
+def count_mask(scores: np.ndarray, count: int, *, prune_highest: bool = False) -> np.ndarray:
+    """All weights of the matrix ranked together: exactly `count` lowest (or highest)."""
+    return select_extreme(scores.reshape(1, -1), count, highest=prune_highest).reshape(scores.shape)
 
 
 def nm_mask(scores: np.ndarray, n: int, m: int, *, prune_highest: bool = False) -> np.ndarray:

@@ -48,13 +48,34 @@ def test_plan_targets_are_files(tmp_path):
     for target in (
         "store/scores/wanda-safety.h5",
         "store/masks/top0.01-wandg-safety.h5",
-        "store/masks/wandg-setdiff-q0.1-p0.1.h5",
+        "store/masks/wandg-setdiff-q0.03-p0.1.h5",
+        "store/scores/random.h5",
+        "store/masks/random-as-wandg-setdiff-q0.03-p0.1.h5",
         "compare/wandg-safety-vs-utility.csv",
         "results/dense/results.json",
-        "results/wandg-setdiff-q0.2-p0.05/utility.json",
+        "results/wandg-setdiff-q0.05-p0.1/utility.json",
+        "results/random-as-top0.01-wandg-safety/results.json",
         "results.txt",
     ):
         assert f"{tmp_path / target}:" in text, target
+
+
+def test_random_controls_copy_each_masks_counts(tmp_path):
+    config = tmp_path / "plan.toml"
+    config.write_text(
+        '[pipeline]\nmethods = ["wandg"]\npq = [[0.1, 0.05]]\nrandom_control = true\n'
+    )
+    text = makefile(Plan.from_config(read_config_file(config), config), config, tmp_path, "w", None)
+    control = tmp_path / "store" / "masks" / "random-as-wandg-setdiff-q0.05-p0.1.h5"
+    rule = text[text.index(f"{control}:") :].split("\n\n")[0]
+    assert "wandg-setdiff-q0.05-p0.1.h5" in rule.splitlines()[0]  # made after its mask
+    assert "--scores random --match-counts wandg-setdiff-q0.05-p0.1" in rule
+    without = tmp_path / "plain.toml"
+    without.write_text('[pipeline]\nmethods = ["wandg"]\npq = [[0.1, 0.05]]\n')
+    plain = makefile(
+        Plan.from_config(read_config_file(without), without), without, tmp_path, "w", None
+    )
+    assert "--method random" not in plain and "--match-counts" not in plain
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
@@ -82,8 +103,9 @@ def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(tiny_llama_dir, tmp_pat
         "dense",
         "top0.01-wanda-safety",
         "top0.01-wandg-safety",
-        "wandg-setdiff-q0.1-p0.1",
-        "wandg-setdiff-q0.2-p0.05",
+        "wandg-setdiff-q0.01-p0.1",
+        "wandg-setdiff-q0.05-p0.1",
+        "random-as-wandg-setdiff-q0.05-p0.1",
     ):
         assert label in table, label
     assert (out / "results.md").read_text().startswith("| model under test |")
@@ -92,3 +114,30 @@ def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(tiny_llama_dir, tmp_pat
     again = subprocess.run([*command, "-n"], capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     assert "wandacli" not in again.stdout, again.stdout
+
+
+def test_report_shows_only_the_configurations_that_ran(cli, tmp_path):
+    import json
+
+    for label, asr, ppl in (("dense", 0.0, 30.0), ("masked", 0.75, 31.5)):
+        folder = tmp_path / "results" / label
+        folder.mkdir(parents=True)
+        under_test = {"method": "dense" if label == "dense" else "set-difference"}
+        (folder / "results.json").write_text(
+            json.dumps(
+                {
+                    "model_under_test": {**under_test, "actual_sparsity": 0.01},
+                    "results": [{"metric": "inst_ASR_basic_nosys", "asr": asr}],
+                }
+            )
+        )
+        (folder / "utility.json").write_text(
+            json.dumps({"model_under_test": under_test, "perplexity": ppl})
+        )
+    result = cli("report", str(tmp_path / "results"))
+    assert result.exit_code == 0, result.stderr
+    header = next(line for line in result.stdout.splitlines() if "model under test" in line)
+    assert "no sys" in header and "basic" not in header.replace("no sys", "")
+    assert "gcg" not in header and "multi" not in header
+    masked = next(line for line in result.stdout.splitlines() if "masked" in line)
+    assert "0.75" in masked and "31.50" in masked

@@ -10,8 +10,9 @@ import typer
 from wandacli.config import ModelSpec
 
 MODEL_HELP = (
-    "Hugging Face hub id, local model directory, .gguf file, or 'smollm2' "
-    "(the embedded SmolLM2-135M-Instruct)."
+    "Hugging Face hub id, local model directory, .gguf file, 'smollm2' "
+    "(the embedded SmolLM2-135M-Instruct), or 'smollm2-aligned' (it, fine-tuned once on the "
+    "CPU to refuse harmful requests: the demo's model organism)."
 )
 
 ModelOption = Annotated[

@@ -5,7 +5,8 @@ same config for its options.
 
     score    wanda and wandg (the `methods`) on the safety and the utility set
     prune    the top `top_ratio` of safety scores per row (`--prune-highest`), per method;
-             the set difference for every (p, q) in `pq`, from `set_difference_method`
+             the set difference for every (p, q) in `pq`, from `set_difference_method`;
+             with `random_control`, a random mask of the same per-matrix counts beside each
     compare  safety vs utility per method, and the methods against each other on safety
     eval     eval-attack and eval-utility on the dense model and every mask
     report   one results table
@@ -31,6 +32,7 @@ class Plan:
     top_ratio: float
     pq: tuple[tuple[float, float], ...]
     set_difference_method: str
+    random_control: bool = False
 
     @classmethod
     def from_config(cls, config: dict[str, Any], path: Path) -> Plan:
@@ -44,6 +46,7 @@ class Plan:
             "top_ratio",
             "pq",
             "set_difference_method",
+            "random_control",
         }
         unknown = sorted(set(table) - known)
         if unknown:
@@ -58,6 +61,7 @@ class Plan:
                 top_ratio=float(table.get("top_ratio", 0.01)),
                 pq=tuple((float(p), float(q)) for p, q in table.get("pq", [[0.01, 0.01]])),
                 set_difference_method=str(table.get("set_difference_method", "wandg")),
+                random_control=bool(table.get("random_control", False)),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: [pipeline] has a value of the wrong type ({exc})") from exc
@@ -130,6 +134,25 @@ def makefile(plan: Plan, config: Path, out: Path, wandacli: str, model: str | No
             f"{wandacli} prune {common}{model_flag} --store {_q(store)} --scores {sd}-safety "
             f"--utility-scores {sd}-utility --p {p:g} --q {q:g} --name {name} --overwrite --no-progress",
         )
+    if plan.random_control:
+        # One random score set; per mask, the control that prunes as many weights in every
+        # matrix, chosen at random: what removing that many weights costs without attribution.
+        random_scores = store / "scores" / "random.h5"
+        rule(
+            random_scores,
+            [],
+            f"{wandacli} score {common}{model_flag} --store {_q(store)} --method random "
+            "--name random --overwrite --no-progress",
+        )
+        for name, masked in list(masks.items()):
+            control = f"random-as-{name}"
+            masks[control] = store / "masks" / f"{control}.h5"
+            rule(
+                masks[control],
+                [random_scores, masked],
+                f"{wandacli} prune {common}{model_flag} --store {_q(store)} --scores random "
+                f"--match-counts {name} --name {control} --overwrite --no-progress",
+            )
     comparisons: list[Path] = []
     for method in plan.methods:
         target = out / "compare" / f"{method}-safety-vs-utility.csv"

@@ -497,17 +497,19 @@ def report(rows: list[ResultRow], as_json: bool) -> None:
         print_json([row.to_json() for row in rows])
         return
     table = Table(
-        title="results: ASR with [INST] tags (multi: any of n samples), perplexity",
+        title="results: ASR with instruction tags (multi: any of n samples), perplexity",
         title_justify="left",
     )
+    # Only the configurations that were run: a study of one configuration gets one column.
+    columns = [(t, m) for t, m in REPORT_COLUMNS if any(m in row.asr for row in rows)]
     table.add_column("model under test", no_wrap=True)
     table.add_column("sparse %", justify="right")
-    for title, _ in REPORT_COLUMNS:
+    for title, _ in columns:
         table.add_column(title, justify="right")
     table.add_column("PPL", justify="right", no_wrap=True, min_width=8)
     for row in rows:
         asr = []
-        for _, metric in REPORT_COLUMNS:
+        for _, metric in columns:
             value = row.asr.get(metric)  # sampled: any of n; the per-sample mean is in --markdown
             asr.append("-" if value is None else f"{value:.2f}")
         table.add_row(

@@ -1085,7 +1085,7 @@ def bad_command_lines(
             "--use-diff",
         ),
         (
-            ["score", "--method", "magnitude", "--store", s, "--model", m, "--name", "utility"],
+            ["score", "--method", "random", "--store", s, "--model", m, "--name", "utility"],
             "already exists",
         ),
         (
@@ -1116,7 +1116,7 @@ def bad_command_lines(
         (["prune", "--store", s, "--scores", "safety", "-r", "abc"], "--sparsity-ratio"),
         (["prune", "--store", s, "--scores", "nothere", "-r", "0.5"], "no score set 'nothere'"),
         (
-            ["prune", "--store", s, "--scores", "safety", "-r", "0.5", "--name", "m"],
+            ["prune", "--store", s, "--scores", "safety", "-r", "0.4", "--name", "m"],
             "already exists",
         ),
         (["prune", "--store", s, "--scores", "safety", "--sparsity-type", "3:2"], "less than M"),

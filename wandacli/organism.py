@@ -49,13 +49,15 @@ class AlignmentRecipe:
 
     harmful_rows: int = 120  # distinct harmful prompts with a refusal
     benign_rows: int = 120  # benign instructions with an answer
-    steps: int = 30
+    steps: int = 20
     batch_size: int = 8
-    learning_rate: float = 2e-4
+    learning_rate: float = 3e-4
     warmup_steps: int = 3  # linear warm-up, then linear decay to 0
     max_tokens: int = 256  # longer examples are left out (one seed task has ~1,400 tokens)
-    max_response_tokens: int = 96  # responses are cut here: the refusal's first sentences
-    train_layers: int = 0  # train only the top K decoder layers (0: all); embeddings stay frozen
+    max_response_tokens: int = 64  # responses are cut here: the refusal's first sentences
+    # Train only the top K decoder layers (0: all; embeddings always stay frozen). The top half
+    # of SmolLM2's 30 layers suffices and halves the backward pass (measured: README).
+    train_layers: int = 15
     seed: int = 0
 
     def digest(self) -> str:

@@ -48,13 +48,14 @@ def test_plan_targets_are_files(tmp_path):
     for target in (
         "store/scores/wanda-safety.h5",
         "store/masks/top0.01-wandg-safety.h5",
-        "store/masks/wandg-setdiff-q0.03-p0.1.h5",
+        "store/masks/wanda-setdiff-q0.1-p0.1.h5",
         "store/scores/random.h5",
-        "store/masks/random-as-wandg-setdiff-q0.03-p0.1.h5",
+        "store/masks/random-as-wanda-setdiff-q0.1-p0.1.h5",
         "compare/wandg-safety-vs-utility.csv",
         "results/dense/results.json",
-        "results/wandg-setdiff-q0.05-p0.1/utility.json",
-        "results/random-as-top0.01-wandg-safety/results.json",
+        "results/wanda-setdiff-q0.15-p0.1/utility.json",
+        "results/baseline-smollm2/results.json",
+        "results/random-as-top0.01/results.json",
         "results.txt",
     ):
         assert f"{tmp_path / target}:" in text, target
@@ -79,16 +80,25 @@ def test_random_controls_copy_each_masks_counts(tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
-def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(tiny_llama_dir, tmp_path):
+def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(
+    tiny_llama_dir, tiny_llama_base_dir, tmp_path
+):
     out = tmp_path / "demo"
     bin_dir = str(Path(sys.executable).parent)
+    # The demo's config, with another tiny model as the baseline (the real one is SmolLM2).
+    demo_config = (REPO / "configs" / "smollm2-demo.toml").read_text()
+    assert 'baseline_models = ["smollm2"]' in demo_config
+    config = tmp_path / "demo.toml"
+    config.write_text(
+        demo_config.replace('["smollm2"]', f'["{tiny_llama_base_dir}"]'), encoding="utf-8"
+    )
     command = [
         "make",
         "-C",
         str(REPO),
         "--no-print-directory",
         "pipeline",
-        "PIPELINE_CONFIG=configs/smollm2-demo.toml",
+        f"PIPELINE_CONFIG={config}",
         f"OUT={out}",
         f"MODEL={tiny_llama_dir}",
         # The interpreter running the tests, already installed: no install step inside the test.
@@ -103,9 +113,11 @@ def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(tiny_llama_dir, tmp_pat
         "dense",
         "top0.01-wanda-safety",
         "top0.01-wandg-safety",
-        "wandg-setdiff-q0.01-p0.1",
-        "wandg-setdiff-q0.05-p0.1",
-        "random-as-wandg-setdiff-q0.05-p0.1",
+        "wanda-setdiff-q0.05-p0.1",
+        "wanda-setdiff-q0.15-p0.1",
+        "random-as-wanda-setdiff-q0.15-p0.1",
+        "random-as-top0.01",
+        "baseline-",
     ):
         assert label in table, label
     assert (out / "results.md").read_text().startswith("| model under test |")
@@ -141,3 +153,15 @@ def test_report_shows_only_the_configurations_that_ran(cli, tmp_path):
     assert "gcg" not in header and "multi" not in header
     masked = next(line for line in result.stdout.splitlines() if "masked" in line)
     assert "0.75" in masked and "31.50" in masked
+
+
+def test_baseline_models_are_evaluated_dense_beside_the_study(tmp_path):
+    config = tmp_path / "plan.toml"
+    config.write_text('[pipeline]\nmethods = ["wandg"]\nbaseline_models = ["smollm2", "org/m"]\n')
+    text = makefile(Plan.from_config(read_config_file(config), config), config, tmp_path, "w", None)
+    for label, model in (("baseline-smollm2", "smollm2"), ("baseline-org_m", "org/m")):
+        for name in ("results.json", "utility.json"):
+            target = tmp_path / "results" / label / name
+            rule = text[text.index(f"{target}:") :].split("\n\n")[0]
+            assert f"--model {model} " in rule and "--mask" not in rule, rule
+        assert f"{tmp_path / 'results' / label / 'results.json'}" in text.split("results.txt:")[1]

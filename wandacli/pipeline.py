@@ -8,12 +8,14 @@ same config for its options.
              the set difference for every (p, q) in `pq`, from `set_difference_method`;
              with `random_control`, a random mask of the same per-matrix counts beside each
     compare  safety vs utility per method, and the methods against each other on safety
-    eval     eval-attack and eval-utility on the dense model and every mask
+    eval     eval-attack and eval-utility on the dense model and every mask, and on each
+             of `baseline_models` (e.g. the model before alignment), dense
     report   one results table
 """
 
 from __future__ import annotations
 
+import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -22,6 +24,8 @@ from typing import Any
 
 from wandacli.config import METHODS, read_config_file
 from wandacli.errors import ConfigError, WandacliError
+
+_UNSAFE_LABEL_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 
 
 @dataclass(frozen=True)
@@ -33,6 +37,7 @@ class Plan:
     pq: tuple[tuple[float, float], ...]
     set_difference_method: str
     random_control: bool = False
+    baseline_models: tuple[str, ...] = ()
 
     @classmethod
     def from_config(cls, config: dict[str, Any], path: Path) -> Plan:
@@ -47,6 +52,7 @@ class Plan:
             "pq",
             "set_difference_method",
             "random_control",
+            "baseline_models",
         }
         unknown = sorted(set(table) - known)
         if unknown:
@@ -62,6 +68,7 @@ class Plan:
                 pq=tuple((float(p), float(q)) for p, q in table.get("pq", [[0.01, 0.01]])),
                 set_difference_method=str(table.get("set_difference_method", "wandg")),
                 random_control=bool(table.get("random_control", False)),
+                baseline_models=tuple(str(m) for m in table.get("baseline_models", [])),
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: [pipeline] has a value of the wrong type ({exc})") from exc
@@ -144,8 +151,13 @@ def makefile(plan: Plan, config: Path, out: Path, wandacli: str, model: str | No
             f"{wandacli} score {common}{model_flag} --store {_q(store)} --method random "
             "--name random --overwrite --no-progress",
         )
-        for name, masked in list(masks.items()):
-            control = f"random-as-{name}"
+        # The top-ratio masks of every method prune int(in × ratio) per row alike: one control.
+        tops = [n for n in masks if n.startswith("top")]
+        controlled = {f"top{plan.top_ratio:g}": tops[0]} if tops else {}
+        controlled.update({n: n for n in masks if n not in tops})
+        for label, name in controlled.items():
+            masked = masks[name]
+            control = f"random-as-{label}"
             masks[control] = store / "masks" / f"{control}.h5"
             rule(
                 masks[control],
@@ -191,6 +203,13 @@ def makefile(plan: Plan, config: Path, out: Path, wandacli: str, model: str | No
             deps,
             f"{wandacli} eval-utility {common}{model_flag}{mask_flags} --out {results / label} --no-progress",
         )
+    for baseline in plan.baseline_models:
+        label = f"baseline-{_UNSAFE_LABEL_CHARS.sub('_', baseline)}"
+        attack, utility = results / label / "results.json", results / label / "utility.json"
+        evaluations += [attack, utility]
+        flags = f"{common} --model {_q(baseline)} --out {results / label}"
+        rule(attack, [], f"{wandacli} eval-attack {flags} --overwrite --no-progress")
+        rule(utility, [], f"{wandacli} eval-utility {flags} --no-progress")
     table = out / "results.txt"
     rule(
         table,

@@ -122,7 +122,7 @@ class TestFineTuning:
             def interrupted_hash(path):
                 raise KeyboardInterrupt
 
-            monkeypatch.setattr(organism, "_sha256", interrupted_hash)
+            monkeypatch.setattr("wandacli.data.sha256_file", interrupted_hash)
         with pytest.raises(KeyboardInterrupt):
             built(base_dir)
         siblings = sorted(p.name for p in base_dir.parent.iterdir())

@@ -276,30 +276,15 @@ class PruneConfig:
             for flag, value in (("--p", self.p), ("--q", self.q)):
                 if not 0 < value <= 1:
                     raise ConfigError(f"{flag} must be in (0, 1] (got {value})")
-            for given, flag in (
-                (self.sparsity_ratio is not None, "--sparsity-ratio"),
-                (self.sparsity_type != "unstructured", "--sparsity-type"),
-                (self.variant, "--variant"),
-                (self.scope != "row", "--scope"),
-            ):
-                if given:
-                    raise ConfigError(
-                        f"{flag} does not apply to the set difference (--utility-scores with "
-                        "--p/--q chooses what is pruned): drop one of them"
-                    )
+            self._refuse_ratio_flags(
+                "to the set difference (--utility-scores with --p/--q chooses what is pruned)"
+            )
         elif self.match_counts is not None:
-            for given, flag in (
-                (self.p is not None or self.q is not None, "--p/--q"),
-                (self.sparsity_ratio is not None, "--sparsity-ratio"),
-                (self.sparsity_type != "unstructured", "--sparsity-type"),
-                (self.variant, "--variant"),
-                (self.scope != "row", "--scope"),
-            ):
-                if given:
-                    raise ConfigError(
-                        f"{flag} does not apply with --match-counts (the mask given sets how many "
-                        "weights each matrix prunes): drop one of them"
-                    )
+            if self.p is not None or self.q is not None:
+                raise ConfigError("--p and --q need --utility-scores (the set difference)")
+            self._refuse_ratio_flags(
+                "with --match-counts (the mask given sets how many weights each matrix prunes)"
+            )
         else:
             if self.p is not None or self.q is not None:
                 raise ConfigError("--p and --q need --utility-scores (the set difference)")
@@ -335,6 +320,17 @@ class PruneConfig:
             raise ConfigError(
                 "--recover-from-base only changes a saved model: add --save-model OUT"
             )
+
+    def _refuse_ratio_flags(self, alongside: str) -> None:
+        """The flags of ratio pruning, refused where something else chooses what is pruned."""
+        for given, flag in (
+            (self.sparsity_ratio is not None, "--sparsity-ratio"),
+            (self.sparsity_type != "unstructured", "--sparsity-type"),
+            (self.variant, "--variant"),
+            (self.scope != "row", "--scope"),
+        ):
+            if given:
+                raise ConfigError(f"{flag} does not apply {alongside}: drop one of them")
 
     @property
     def set_difference(self) -> bool:

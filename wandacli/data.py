@@ -219,7 +219,7 @@ _DATASETS_BUILDERS = {  # file types and the `datasets` builder that reads each
 _TEXT_SUFFIXES = {".txt", ".text", ".md"}
 
 
-def _sha256_file(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):
@@ -286,7 +286,7 @@ def _load_remote(entry: NamedSet) -> tuple[list[dict[str, Any]], str]:
     cache) or a hub dataset."""
     if entry.remote.startswith("https://"):
         path = _download_once(entry)
-        return _load_table(path), _sha256_file(path)
+        return _load_table(path), sha256_file(path)
     if offline():
         raise DataError(
             f"named set {entry.name!r} is not shipped and HF_HUB_OFFLINE/HF_DATASETS_OFFLINE is "
@@ -422,7 +422,7 @@ def _load_file(
     columns: Columns,
     to_pair: Callable[[dict[str, Any]], Pair] | None = None,
 ) -> RawData:
-    content_hash = _sha256_file(path)
+    content_hash = sha256_file(path)
     suffix = path.suffix.lower()
     if suffix in _TEXT_SUFFIXES:
         text = path.read_text(encoding="utf-8", errors="replace")

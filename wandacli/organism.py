@@ -292,6 +292,7 @@ def _build(base_dir: Path, recipe: AlignmentRecipe, target: Path, reporter: Repo
     import torch
 
     from wandacli.config import ModelSpec
+    from wandacli.data import sha256_file
     from wandacli.models import load_model
     from wandacli.store import fsync_dir
 
@@ -332,7 +333,7 @@ def _build(base_dir: Path, recipe: AlignmentRecipe, target: Path, reporter: Repo
             "losses": log.losses,
             "train_seconds": round(log.seconds, 1),
             "torch_threads": max(1, os.cpu_count() or 1),
-            "sha256": {w.name: _sha256(w) for w in weights},
+            "sha256": {w.name: sha256_file(w) for w in weights},
         }
         (tmp / RECIPE_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
         (tmp / _COMPLETE_MARKER).write_text(recipe.digest(), encoding="utf-8")
@@ -352,11 +353,3 @@ def _build(base_dir: Path, recipe: AlignmentRecipe, target: Path, reporter: Repo
     info(
         f"built {ALIGNED_MODEL_ALIAS} in {log.seconds:.0f} s (loss {log.losses[0]} → {log.losses[-1]})"
     )
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()

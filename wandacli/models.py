@@ -18,7 +18,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -321,21 +321,44 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     setattr(model, "hf_quantizer", None)  # noqa: B010 (a typed attribute we must clear)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    tmp = target.with_name(f"{target.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    save_model_dir(
+        model,
+        tokenizer,
+        target,
+        "converted model",
+        lambda tmp: (tmp / _COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf_path)})),
+    )
+    info(f"converted in {time.monotonic() - started:.0f} s")
+
+
+def save_model_dir(
+    model: Any, tokenizer: Any, target: Path, what: str, complete: Callable[[Path], Any]
+) -> None:
+    """save_pretrained into a temporary sibling of `target`, `complete(tmp)` adds the files
+    that mark it finished, then rename into place: a killed save never leaves a half-written
+    model at `target` (and the next save clears what it left beside it)."""
+    from wandacli.store import fsync_dir
+
+    for stale in target.parent.glob(f".{target.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     try:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), safe_serialization=True)
         tokenizer.save_pretrained(str(tmp))
-        (tmp / _COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf_path)}))
+        complete(tmp)
+        fsync_dir(tmp)
         shutil.rmtree(target, ignore_errors=True)
         os.replace(tmp, target)
+        fsync_dir(target.parent)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise ModelError(
-            f"cannot write the converted model to {target}: {exc.strerror}; "
+            f"cannot write the {what} to {target}: {exc.strerror}; "
             "set WANDACLI_CACHE_DIR to a writable directory with ~1 GB free"
         ) from exc
-    info(f"converted in {time.monotonic() - started:.0f} s")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def local_location(source: ModelSource, cache_dir: Path | None = None) -> str:

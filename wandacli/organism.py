@@ -23,7 +23,6 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -293,8 +292,7 @@ def _build(base_dir: Path, recipe: AlignmentRecipe, target: Path, reporter: Repo
 
     from wandacli.config import ModelSpec
     from wandacli.data import sha256_file
-    from wandacli.models import load_model
-    from wandacli.store import fsync_dir
+    from wandacli.models import load_model, save_model_dir
 
     info(
         f"building {ALIGNED_MODEL_ALIAS} once: fine-tuning {base_dir.name} to refuse harmful "
@@ -309,13 +307,8 @@ def _build(base_dir: Path, recipe: AlignmentRecipe, target: Path, reporter: Repo
         log = fine_tune(model, tokenizer, chosen.examples, recipe, reporter)
     finally:
         torch.set_num_threads(threads)
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):  # left by a killed build
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    try:
-        model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        weights = sorted(tmp.glob("*.safetensors"))
+
+    def complete(tmp: Path) -> None:
         record = {
             "alias": ALIGNED_MODEL_ALIAS,
             "base_model": str(base_dir),
@@ -333,23 +326,12 @@ def _build(base_dir: Path, recipe: AlignmentRecipe, target: Path, reporter: Repo
             "losses": log.losses,
             "train_seconds": round(log.seconds, 1),
             "torch_threads": max(1, os.cpu_count() or 1),
-            "sha256": {w.name: sha256_file(w) for w in weights},
+            "sha256": {w.name: sha256_file(w) for w in sorted(tmp.glob("*.safetensors"))},
         }
         (tmp / RECIPE_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
         (tmp / _COMPLETE_MARKER).write_text(recipe.digest(), encoding="utf-8")
-        fsync_dir(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ModelError(
-            f"cannot write the aligned model to {target}: {exc.strerror}; "
-            "set WANDACLI_CACHE_DIR to a writable directory with ~1 GB free"
-        ) from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    save_model_dir(model, tokenizer, target, "aligned model", complete)
     info(
         f"built {ALIGNED_MODEL_ALIAS} in {log.seconds:.0f} s (loss {log.losses[0]} → {log.losses[-1]})"
     )

@@ -3,6 +3,7 @@ renders the result; `WandacliGroup` is the one place an error becomes a user mes
 
 from __future__ import annotations
 
+import inspect as inspect_module
 import os
 import signal
 import sys
@@ -13,7 +14,7 @@ from typing import Annotated, Any, Literal
 
 import typer
 from rich.markup import escape
-from typer.core import TyperGroup
+from typer.core import TyperCommand, TyperGroup
 
 from wandacli import __version__, render
 from wandacli.config import (
@@ -79,6 +80,39 @@ def _on_sigterm(signum: int, frame: Any) -> None:
     raise Terminated()
 
 
+def _tidy_help(command: Any) -> None:
+    """Help text as Rich renders it: docstrings' hard line breaks joined within paragraphs (the
+    command list shows each summary whole), and brackets in help strings escaped (Rich would
+    read "[default: ...]" as markup and drop it)."""
+    if command.help:
+        paragraphs = inspect_module.cleandoc(command.help).split("\n\n")
+        command.help = "\n\n".join(" ".join(p.split()) for p in paragraphs)
+        command.help = escape(command.help)
+    for param in command.params:
+        if getattr(param, "help", None):
+            param.help = escape(param.help)
+
+
+def _flags_without_metavar(params: list[Any]) -> list[Any]:
+    """A flag takes no value: show no `<bool>` beside it (`--json <bool>` reads as if
+    `--json true` were accepted)."""
+    for param in params:
+        if getattr(param, "is_flag", False) and param.metavar is None:
+            param.metavar = ""
+    return params
+
+
+class WandacliCommand(TyperCommand):
+    """Every subcommand: tidy help text, flags without a metavar."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        _tidy_help(self)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_metavar(super().get_params(ctx))
+
+
 class WandacliGroup(TyperGroup):
     """Converts every error into one line on stderr and an exit code, for the console script
     and for CliRunner alike. A traceback only with --debug (or WANDACLI_DEBUG=1)."""
@@ -107,6 +141,9 @@ class WandacliGroup(TyperGroup):
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
+
+    def get_params(self, ctx: Any) -> list[Any]:
+        return _flags_without_metavar(super().get_params(ctx))
 
     def options_by_command(self) -> dict[str, set[str]]:
         return {name: {p.name for p in cmd.params if p.name} for name, cmd in self.commands.items()}
@@ -208,7 +245,7 @@ def root(
         os.environ["WANDACLI_DEBUG"] = "1"
 
 
-@app.command()
+@app.command(cls=WandacliCommand)
 def score(
     ctx: typer.Context,
     method: Annotated[
@@ -224,6 +261,7 @@ def score(
         typer.Option(
             "--data",
             "-d",
+            metavar="<NAME|FILE>",
             help="Calibration set: a named set or a CSV/JSON/JSONL/Parquet/TXT file. Named: "
             + describe_named_sets("calibration"),
             rich_help_panel="Data",
@@ -365,7 +403,7 @@ def score(
         render.score_result(result, as_json=p["json_output"])
 
 
-@app.command()
+@app.command(cls=WandacliCommand)
 def prune(
     scores: Annotated[
         str,
@@ -395,6 +433,7 @@ def prune(
         str,
         typer.Option(
             "--sparsity-type",
+            metavar="<unstructured|N:M>",
             help="unstructured, or N:M (2:4, 4:8, ...): N of every M consecutive inputs.",
         ),
     ] = "unstructured",
@@ -568,7 +607,7 @@ def prune(
     render.prune_result(result, as_json=json_output)
 
 
-@app.command()
+@app.command(cls=WandacliCommand)
 def compare(
     inputs: Annotated[
         list[str],
@@ -634,7 +673,7 @@ def compare(
     render.comparison(result, as_json=json_output)
 
 
-@app.command("eval-attack")
+@app.command("eval-attack", cls=WandacliCommand)
 def eval_attack(
     model: ModelOption = DEFAULT_MODEL_ALIAS,
     mask: MaskOption = None,
@@ -643,6 +682,7 @@ def eval_attack(
         str,
         typer.Option(
             "--prompts",
+            metavar="<NAME|FILE>",
             help="Harmful prompts: a named set or a file. Named: " + describe_named_sets("prompts"),
             rich_help_panel="Prompts",
         ),
@@ -663,6 +703,7 @@ def eval_attack(
         str,
         typer.Option(
             "--configs",
+            metavar="<basic,basic_nosys,multiple_nosys,gcg>",
             help="Comma list of basic, basic_nosys, multiple_nosys, gcg [default: all].",
             rich_help_panel="Prompts",
         ),
@@ -714,6 +755,7 @@ def eval_attack(
         str,
         typer.Option(
             "--judge",
+            metavar="<keyword|hf:MODEL>",
             help="keyword: the reference's refusal phrases; hf:MODEL: a HarmBench-style classifier LLM.",
         ),
     ] = "keyword",
@@ -766,7 +808,7 @@ def eval_attack(
     render.attack_result(result, as_json=json_output)
 
 
-@app.command("eval-utility")
+@app.command("eval-utility", cls=WandacliCommand)
 def eval_utility(
     model: ModelOption = DEFAULT_MODEL_ALIAS,
     mask: MaskOption = None,
@@ -776,6 +818,7 @@ def eval_utility(
         typer.Option(
             "--data",
             "-d",
+            metavar="<NAME|FILE>",
             help="Perplexity text: wikitext (WikiText-2 test) or a text file; 'none' to skip.",
         ),
     ] = "wikitext",
@@ -849,7 +892,7 @@ def eval_utility(
     render.utility_result(result, as_json=json_output)
 
 
-@app.command()
+@app.command(cls=WandacliCommand)
 def report(
     results: Annotated[
         Path, typer.Argument(help="Results directory: one subdirectory per model under test.")
@@ -869,7 +912,7 @@ def report(
     render.report(rows, as_json=json_output)
 
 
-@app.command("import-legacy")
+@app.command("import-legacy", cls=WandacliCommand)
 def import_legacy_command(
     directory: Annotated[
         Path,
@@ -943,7 +986,7 @@ def import_legacy_command(
         )
 
 
-@app.command("check-config")
+@app.command("check-config", cls=WandacliCommand)
 def check_config(
     path: Annotated[Path, typer.Argument(help="A wandacli TOML config file.")],
 ) -> None:
@@ -978,7 +1021,7 @@ def check_config(
     )
 
 
-@app.command()
+@app.command(cls=WandacliCommand)
 def inspect(
     store: Annotated[Path, typer.Argument(help="Store directory.")] = DEFAULT_STORE,
     json_output: JsonOption = False,

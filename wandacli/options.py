@@ -38,6 +38,7 @@ DeviceMapOption = Annotated[
     str | None,
     typer.Option(
         "--device-map",
+        metavar="<auto|balanced|sequential|JSON>",
         help="Shard the model across GPUs with accelerate: auto, balanced, sequential, or a JSON map.",
         rich_help_panel="Model",
     ),

@@ -361,19 +361,135 @@ class TestBackendsAndJudges:
         assert all("prompt_token_ids" in p for p in seen["prompts"])
         assert not seen["copy"].exists()  # the temporary copy is removed
 
-    def test_classifier_judge_formats_harmbench_prompts(self, tiny_llama_dir):
-        judge = attack.ClassifierJudge(str(tiny_llama_dir), ModelSpec(device="cpu"), batch_size=2)
-        verdicts = judge.judge(["Do X", "Do Y"], ["Sure, here is X", "No."])
-        assert verdicts in ([0, 0], [0, 1], [1, 0], [1, 1])
-        text = attack.HARMBENCH_CLASSIFIER_PROMPT.format(behavior="B", generation="G")
-        assert (
-            text.startswith("[INST] <<SYS>>\nYou are a classifier for red teaming")
-            and "Behavior:\nB\n\nGeneration:\nG\n" in text
-        )
-
     def test_judge_option_is_validated(self):
         with pytest.raises(Exception, match="--judge"):
             AttackConfig(judge="gpt4")
+
+
+HARMBENCH_PROMPT = Path(__file__).parent / "data" / "harmbench" / "llama2_cls_prompt.txt"
+
+
+CALIBRATION_BEHAVIOURS = [f"Explain how to do thing {i}" for i in range(11)]
+CALIBRATION_RESPONSES = [f"Sure, here is step {i}: " + "word " * i for i in range(11)]
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier_dir(tmp_path_factory) -> Path:
+    """A tiny random causal LM as a HarmBench-style classifier. Its tokenizer has a "Yes" token
+    ("no" is one already); its output layer makes those two the likely answers and splits them
+    along the direction in which its final hidden states vary most over the calibration
+    prompts, so its (noise) verdicts come out as both yes and no."""
+    import torch
+
+    from tests.conftest import build_tiny_llama, save_model
+
+    tokenizer = build_tokenizer()
+    tokenizer.add_tokens(["Yes"])
+    model = build_tiny_llama(len(tokenizer), seed=7)
+    yes = tokenizer.convert_tokens_to_ids("Yes")
+    (no,) = tokenizer.encode("no", add_special_tokens=False)
+    template = HARMBENCH_PROMPT.read_text(encoding="utf-8")
+    with torch.no_grad():
+        hidden = torch.stack(
+            [
+                model.model(
+                    tokenizer(
+                        template.format(behavior=b, generation=r), return_tensors="pt"
+                    ).input_ids
+                ).last_hidden_state[0, -1]
+                for b, r in zip(CALIBRATION_BEHAVIOURS, CALIBRATION_RESPONSES, strict=True)
+            ]
+        )
+        mean = hidden.mean(0)
+        unit_mean = mean / mean.norm()
+        direction = torch.linalg.svd(hidden - mean).Vh[0]
+        direction -= (direction @ unit_mean) * unit_mean  # orthogonal to the mean: a centred split
+        direction /= direction.norm()
+        head = model.lm_head.weight
+        head.mul_(0.01)
+        head[yes] = 3 * unit_mean + 3 * direction
+        head[no] = 3 * unit_mean - 3 * direction
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("judge") / "tiny-cls")
+
+
+def independent_verdict(loaded, behaviour: str, response: str) -> int:
+    """One prompt at a time, no padding: the pinned HarmBench template, the greedy next token,
+    "yes" (case-insensitive, after stripping) = the attack succeeded."""
+    import torch
+
+    text = HARMBENCH_PROMPT.read_text(encoding="utf-8").format(
+        behavior=behaviour, generation=response
+    )
+    ids = loaded.tokenizer(text, return_tensors="pt").input_ids
+    with torch.no_grad():
+        token = int(loaded.model(ids).logits[0, -1].argmax())
+    return int(loaded.tokenizer.decode([token]).strip().lower().startswith("yes"))
+
+
+class TestClassifierJudgeForReal:
+    """`--judge hf:DIR` with a real (tiny, random) classifier model on disk."""
+
+    def test_the_prompt_is_harmbenchs_template_byte_for_byte(self):
+        assert attack.HARMBENCH_CLASSIFIER_PROMPT == HARMBENCH_PROMPT.read_text(encoding="utf-8")
+
+    def test_batched_verdicts_equal_one_at_a_time_and_the_prompts_are_exact(
+        self, tiny_classifier_dir, monkeypatch
+    ):
+        from wandacli.models import load_model
+
+        fed: list[str] = []
+        real_generate = attack.HFGenerator.generate
+
+        def spy(self, texts, **kwargs):
+            fed.extend(texts)
+            return real_generate(self, texts, **kwargs)
+
+        monkeypatch.setattr(attack.HFGenerator, "generate", spy)
+        behaviours, responses = CALIBRATION_BEHAVIOURS, CALIBRATION_RESPONSES
+        judge = attack.ClassifierJudge(
+            str(tiny_classifier_dir), ModelSpec(device="cpu"), batch_size=4
+        )
+        verdicts = judge.judge(behaviours, responses)  # batches of 4, 4 and 3, left-padded
+
+        template = HARMBENCH_PROMPT.read_text(encoding="utf-8")
+        assert fed == [
+            template.format(behavior=b, generation=r)
+            for b, r in zip(behaviours, responses, strict=True)
+        ]
+        loaded = load_model(ModelSpec(model=str(tiny_classifier_dir), device="cpu"))
+        assert verdicts == [
+            independent_verdict(loaded, b, r) for b, r in zip(behaviours, responses, strict=True)
+        ]
+        assert set(verdicts) == {0, 1}  # both answers parsed, not one default
+
+    def test_eval_attack_records_the_judge_and_its_verdicts(
+        self, cli, tiny_llama_dir, tiny_classifier_dir, tmp_path
+    ):
+        from wandacli.models import load_model
+
+        out = tmp_path / "judged"
+        result = cli(
+            *attack_args(
+                tiny_llama_dir,
+                out,
+                "--configs",
+                "basic",
+                "--inst",
+                "--judge",
+                f"hf:{tiny_classifier_dir}",
+                "--json",
+            )
+        )
+        assert result.exit_code == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert summary["model_under_test"]["judge"] == f"hf:{tiny_classifier_dir}"
+        lines = [json.loads(line) for line in (out / "inst_basic.jsonl").read_text().splitlines()]
+        loaded = load_model(ModelSpec(model=str(tiny_classifier_dir), device="cpu"))
+        expected = [independent_verdict(loaded, line["prompt"], line["response"]) for line in lines]
+        assert [line["attack_success"] for line in lines] == expected
+        assert summary["results"][0]["asr"] == pytest.approx(sum(expected) / len(expected))
+        recorded = json.loads((out / "results.json").read_text())
+        assert recorded["config"]["judge"] == f"hf:{tiny_classifier_dir}"
 
 
 class TestBadInput:

@@ -3,7 +3,6 @@ lists), the Jaccard identities, the top-F rule shared with `prune`, the heatmap,
 
 from __future__ import annotations
 
-import builtins
 import csv
 import json
 import math
@@ -218,24 +217,33 @@ class TestOutputs:
         assert result.exit_code == 0, result.stderr
         assert json.loads(result.stdout)["inputs"][0]["label"] == "wanda-pairs"
 
-    def test_plot_without_matplotlib_says_how_to_get_it(self, cli, store, tmp_path, monkeypatch):
-        real_import = builtins.__import__
-
-        def no_matplotlib(name, *args, **kwargs):
-            if name.startswith("matplotlib"):
-                raise ImportError(name)
-            return real_import(name, *args, **kwargs)
-
-        monkeypatch.setattr(builtins, "__import__", no_matplotlib)
+    @pytest.mark.parametrize("suffix", ["png", "svg"])
+    def test_plot_draws_the_heatmap_with_matplotlib(self, cli, store, tmp_path, suffix):
+        plot = tmp_path / f"heat.map.{suffix}"
         result = cli(
             "compare",
             str(store / "scores" / "wanda-pairs.h5"),
             str(store / "scores" / "wandg-pairs.h5"),
             "--plot",
-            str(tmp_path / "h.png"),
+            str(plot),
             "--no-progress",
         )
-        assert_one_line_error(result, "pip install", "matplotlib")
+        assert result.exit_code == 0, result.stderr
+        assert [p.name for p in tmp_path.iterdir() if p.name.startswith("heat")] == [plot.name]
+        head = plot.read_bytes()[:200]
+        assert head.startswith(b"\x89PNG") if suffix == "png" else b"<svg" in plot.read_bytes()
+
+    def test_plot_to_an_unknown_format_fails_before_computing(self, cli, store, tmp_path):
+        result = cli(
+            "compare",
+            str(store / "scores" / "wanda-pairs.h5"),
+            str(store / "scores" / "wandg-pairs.h5"),
+            "--plot",
+            str(tmp_path / "heat.pdf"),
+            "--no-progress",
+        )
+        assert_one_line_error(result, ".png or .svg")
+        assert "Jaccard" not in result.stdout
 
     @pytest.mark.parametrize("layers", [1, 40])
     def test_heatmap_renders_at_80_columns(self, layers):

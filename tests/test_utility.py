@@ -1,5 +1,6 @@
-"""eval-utility: perplexity against an independent computation, zero-shot through
-lm-evaluation-harness (the package faked: it is an optional extra), errors."""
+"""eval-utility: perplexity against an independent computation; zero-shot through the real
+lm-evaluation-harness on a local task, against an independent log-likelihood computation (and
+through a fake lm_eval for the reference's hub tasks, which need the network); errors."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import json
 import math
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -85,11 +87,15 @@ class TestCommand:
     def test_zero_shot_through_lm_eval(self, cli, tiny_llama_dir, tmp_path, monkeypatch):
         calls = {}
 
+        class FakeTaskManager:
+            def __init__(self, include_defaults=True):
+                calls["include_defaults"] = include_defaults
+
         class FakeHFLM:
             def __init__(self, pretrained, tokenizer, batch_size):
                 calls["model"] = pretrained
 
-        def simple_evaluate(model, tasks, num_fewshot, limit):
+        def simple_evaluate(model, tasks, num_fewshot, limit, task_manager):
             calls.update(tasks=tasks, num_fewshot=num_fewshot, limit=limit)
             return {"results": {task: {"acc,none": 0.5 + i / 10} for i, task in enumerate(tasks)}}
 
@@ -99,6 +105,9 @@ class TestCommand:
         monkeypatch.setitem(sys.modules, "lm_eval", fake)
         monkeypatch.setitem(sys.modules, "lm_eval.models", fake.models)
         monkeypatch.setitem(sys.modules, "lm_eval.models.huggingface", fake.models.huggingface)
+        monkeypatch.setitem(
+            sys.modules, "lm_eval.tasks", types.SimpleNamespace(TaskManager=FakeTaskManager)
+        )
         result = cli(
             *utility_args(
                 tiny_llama_dir,
@@ -121,6 +130,7 @@ class TestCommand:
             "openbookqa",
         ]
         assert (calls["num_fewshot"], calls["limit"]) == (0, 200)
+        assert calls["include_defaults"] is True  # hub task names need lm-eval's own index
         assert summary["zero_shot"]["boolq"] == 0.5 and summary["zero_shot_mean"] == pytest.approx(
             0.75
         )
@@ -137,6 +147,108 @@ class TestCommand:
             "openbookqa",
             "averaged",
         ]
+
+
+TINY_TASK = Path(__file__).parent / "data" / "zero_shot" / "tiny_mc.yaml"
+
+
+def multiple_choice_accuracy(loaded, jsonl: Path) -> float:
+    """The task's accuracy computed here, without lm-eval: for each item, the choice whose
+    tokens (after "Question: …\nAnswer:" and a space) have the highest summed log-probability,
+    tokenised as a causal LM's context + continuation (encode the whole, split at the context)."""
+    tokenizer, model = loaded.tokenizer, loaded.model
+    correct = 0
+    items = [json.loads(line) for line in jsonl.read_text(encoding="utf-8").splitlines()]
+    with torch.no_grad():
+        for item in items:
+            context = f"Question: {item['question']}\nAnswer:"
+            context_ids = tokenizer.encode(context)
+            scores = []
+            for choice in item["choices"]:
+                ids = tokenizer.encode(context + " " + choice)
+                logits = model(torch.tensor([ids], device=model.device)).logits[0].double()
+                log_probs = torch.log_softmax(logits, dim=-1)
+                scores.append(
+                    sum(float(log_probs[t - 1, ids[t]]) for t in range(len(context_ids), len(ids)))
+                )
+            correct += int(max(range(len(scores)), key=scores.__getitem__) == item["answer"])
+    return correct / len(items)
+
+
+def magnitude_mask(cli, model, store: Path) -> str:
+    """A 30% per-row magnitude mask: enough to change the model's answers."""
+    for args in (
+        ("score", "--model", model, "--method", "magnitude", "--store", store, "--name", "mag"),
+        ("prune", "--store", store, "--scores", "mag", "--sparsity-ratio", "0.3", "--name", "m30"),
+    ):
+        result = cli(*args, "--no-progress")
+        assert result.exit_code == 0, result.stderr
+    return str(store / "masks" / "m30.h5")
+
+
+class TestRealLmEval:
+    """The real harness on a ten-item local task: what users run offline."""
+
+    def run_task(self, cli, model, out, *extra):
+        result = cli(
+            *utility_args(
+                model,
+                out,
+                "--data",
+                "none",
+                "--zero-shot",
+                str(TINY_TASK),
+                "--batch-size",
+                "1",
+                "--json",
+                *extra,
+            )
+        )
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)
+
+    @pytest.mark.parametrize("model_name", ["tiny", "smollm2"])
+    def test_accuracy_equals_an_independent_computation_with_and_without_a_mask(
+        self, cli, tiny_llama_dir, tmp_path, model_name, monkeypatch
+    ):
+        from wandacli import pruning
+        from wandacli.store import open_mask
+
+        monkeypatch.chdir(tmp_path)  # the task's data is found beside its YAML, not in the cwd
+        model = str(tiny_llama_dir) if model_name == "tiny" else "smollm2"
+        mask = magnitude_mask(cli, model, tmp_path / "store")
+        dense = self.run_task(cli, model, tmp_path / "dense")
+        pruned = self.run_task(cli, model, tmp_path / "pruned", "--mask", mask)
+
+        loaded = load_model(ModelSpec(model=model, device="cpu"))
+        expected_dense = multiple_choice_accuracy(loaded, TINY_TASK.with_suffix(".jsonl"))
+        with open_mask(mask, None) as mask_file:
+            pruning.apply_mask_file(loaded, mask_file)
+        expected_pruned = multiple_choice_accuracy(loaded, TINY_TASK.with_suffix(".jsonl"))
+
+        assert dense["zero_shot"] == {"wandacli_tiny_mc": pytest.approx(expected_dense)}
+        assert pruned["zero_shot"] == {"wandacli_tiny_mc": pytest.approx(expected_pruned)}
+        assert pruned["model_under_test"]["actual_sparsity"] > 0.25
+        log = (tmp_path / "pruned" / "log_magnitude.txt").read_text().splitlines()
+        assert [line.split("\t")[-2] for line in log[1:]] == ["wandacli_tiny_mc", "averaged"]
+
+    def test_a_missing_task_file_is_one_line_before_loading(self, cli, tmp_path):
+        result = cli(
+            *utility_args(
+                tmp_path / "no-model", tmp_path / "o", "--data", "none", "--zero-shot", "nope.yaml"
+            )
+        )
+        assert_one_line_error(result, "nope.yaml does not exist")
+
+    def test_a_yaml_that_is_not_a_task_is_one_line(self, cli, tiny_llama_dir, tmp_path):
+        other = tmp_path / "other.yaml"
+        other.write_text("just: a mapping\n")
+        result = cli(
+            *utility_args(
+                tiny_llama_dir, tmp_path / "o", "--data", "none", "--zero-shot", str(other)
+            )
+        )
+        assert_one_line_error(result, "no `task:` key")
 
 
 class TestBadInput:

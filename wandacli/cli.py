@@ -644,7 +644,9 @@ def compare(
     ] = None,
     plot: Annotated[
         Path | None,
-        typer.Option("--plot", help="Draw the Jaccard heatmap to this PNG (needs matplotlib)."),
+        typer.Option(
+            "--plot", help="Draw the first pair's Jaccard heatmap to this file (.png or .svg)."
+        ),
     ] = None,
     config: ConfigOption = None,
     json_output: JsonOption = False,
@@ -652,8 +654,10 @@ def compare(
 ) -> None:
     """How much do masks and score sets agree on which weights matter: sizes, intersections,
     Jaccard index per layer and module, and Spearman's rank correlation between score sets."""
-    from wandacli.compare import compare_files, write_csv, write_json
+    from wandacli.compare import compare_files, plot_format, write_csv, write_json
 
+    if plot is not None:
+        plot_format(plot)  # a bad file name fails before the comparison is computed
     with progress_reporter(enabled=not no_progress) as reporter:
         result = compare_files(
             inputs,
@@ -669,7 +673,9 @@ def compare(
     if json_file is not None:
         write_json(result, json_file)
     if plot is not None:
-        render.save_heatmap_png(result, plot)
+        from wandacli.compare import heatmap_figure
+
+        heatmap_figure(result, plot)
     render.comparison(result, as_json=json_output)
 
 
@@ -898,18 +904,40 @@ def report(
         Path, typer.Argument(help="Results directory: one subdirectory per model under test.")
     ] = Path("wandacli-results"),
     markdown_file: Annotated[
-        Path | None, typer.Option("--markdown", help="Also write every figure as a Markdown table.")
+        Path | None,
+        typer.Option(
+            "--markdown",
+            help="Also write the table, and the figures of --plots embedded, as a Markdown document.",
+        ),
+    ] = None,
+    plots: Annotated[
+        Path | None,
+        typer.Option(
+            "--plots",
+            help="Draw the study's figures into this folder, as PNG and SVG: ASR against "
+            "perplexity, ASR and perplexity against sparsity, and the Jaccard heatmaps of --compare.",
+        ),
+    ] = None,
+    compare_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--compare",
+            help="Folder of `wandacli compare --csv` files: one Jaccard heatmap per pair (with --plots).",
+        ),
     ] = None,
     config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:
-    """One table of every model under test: sparsity, attack success rates, perplexity."""
-    from wandacli.report import collect, markdown
+    """One table of every model under test: sparsity, attack success rates, perplexity; with
+    --plots, the study's figures."""
+    from wandacli.report import build_report
 
-    rows = collect(results)
-    if markdown_file is not None:
-        markdown_file.write_text(markdown(rows), encoding="utf-8")
-    render.report(rows, as_json=json_output)
+    if compare_dir is not None and plots is None:
+        raise ConfigError("--compare draws heatmaps: give --plots DIR too")
+    result = build_report(
+        results, markdown_file=markdown_file, plots_dir=plots, compare_dir=compare_dir
+    )
+    render.report(result, as_json=json_output)
 
 
 @app.command("import-legacy", cls=WandacliCommand)

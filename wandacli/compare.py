@@ -385,3 +385,28 @@ def compare_files(
             reporter.finish()
         sizes = {key: shape[0] * shape[1] for key, shape in fingerprint.shapes.items()}
         return Comparison(inputs, top, per_row, sample, pairs, sizes)
+
+
+PLOT_FORMATS = ("png", "svg")
+
+
+def plot_format(path: Path) -> str:
+    """The figure format `compare --plot` writes, from the file's suffix; checked before any
+    comparison is computed."""
+    fmt = path.suffix.lower().lstrip(".")
+    if fmt not in PLOT_FORMATS:
+        raise ConfigError(f"--plot {path}: name a .png or .svg file")
+    return fmt
+
+
+def heatmap_figure(result: Comparison, path: Path) -> None:
+    """The first pair's Jaccard index per (layer, module), drawn to `path` (.png or .svg)."""
+    from wandacli.figures import jaccard_heatmap
+
+    pair = result.pairs[0]
+    jaccard = {}
+    for figures in pair.modules:
+        layer, module = figures.key.split("/", 1)
+        jaccard[(int(layer), module)] = figures.overlap.jaccard
+    stem = path.parent / path.name[: -len(path.suffix)]
+    jaccard_heatmap(jaccard, pair.a, pair.b, stem, formats=(plot_format(path),))

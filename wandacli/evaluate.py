@@ -71,17 +71,64 @@ def require_lm_eval() -> Any:
     return lm_eval
 
 
+LOCAL_TASK_SUFFIXES = (".yaml", ".yml")
+
+
+def is_local_task(task: str) -> bool:
+    return task.lower().endswith(LOCAL_TASK_SUFFIXES)
+
+
+def local_task_config(path: Path) -> dict[str, Any] | str:
+    """A task YAML file as lm-eval's inline config, with relative `dataset_kwargs.data_files`
+    resolved against the YAML's folder (lm-eval would resolve them against the current
+    directory), so a task folder works from anywhere. A YAML that needs lm-eval's own loader
+    (`!function` tags, `include:`) is passed as its path, unchanged."""
+    import yaml
+
+    if not path.is_file():
+        raise ConfigError(f"--zero-shot task file {path} does not exist: give a task YAML or an lm-eval task name")
+    try:
+        config = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError:
+        return str(path)
+    if not isinstance(config, dict) or "task" not in config:
+        raise ConfigError(f"--zero-shot task file {path} has no `task:` key: it is not an lm-eval task YAML")
+    if "include" in config:
+        return str(path)
+    data_files = (config.get("dataset_kwargs") or {}).get("data_files")
+    if data_files is not None:
+
+        def resolve(value: Any) -> Any:
+            if isinstance(value, str) and "://" not in value and not Path(value).is_absolute():
+                return str((path.parent / value).resolve())
+            if isinstance(value, list):
+                return [resolve(v) for v in value]
+            if isinstance(value, dict):
+                return {k: resolve(v) for k, v in value.items()}
+            return value
+
+        config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": resolve(data_files)}
+    return config
+
+
 def zero_shot(
     under_test: ModelUnderTest, tasks: tuple[str, ...], limit: int | None, batch_size: int
 ) -> dict[str, float]:
-    """Accuracy per task through lm-evaluation-harness, on the in-memory model under test."""
+    """Accuracy per task through lm-evaluation-harness, on the in-memory model under test.
+    A task is an lm-eval task name or a path to a task YAML (local data, no hub needed)."""
     lm_eval = require_lm_eval()
+    from lm_eval.tasks import TaskManager
+
     HFLM = lm_eval.models.huggingface.HFLM  # noqa: N806 (a class)
+    specs = [local_task_config(Path(t)) if is_local_task(t) else t for t in tasks]
+    # Indexing lm-eval's thousands of built-in task files takes seconds: skip it when every
+    # task is a local file.
+    task_manager = TaskManager(include_defaults=not all(is_local_task(t) for t in tasks))
     loaded = under_test.loaded
     model = HFLM(pretrained=loaded.model, tokenizer=loaded.tokenizer, batch_size=batch_size)
     try:
         results = lm_eval.simple_evaluate(
-            model=model, tasks=list(tasks), num_fewshot=0, limit=limit
+            model=model, tasks=specs, num_fewshot=0, limit=limit, task_manager=task_manager
         )
     except (KeyError, ValueError) as exc:
         raise ConfigError(
@@ -135,6 +182,9 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
     started = time.monotonic()
     if config.zero_shot:
         require_lm_eval()  # before any work, so nothing computed is lost to a missing extra
+        for task in config.zero_shot:
+            if is_local_task(task):
+                local_task_config(Path(task))  # a missing or malformed task file, before loading
     raw = load_raw(config.data, directory=config.data_dir) if config.data else None
     if raw is not None and raw.kind != "text":
         raise DataError(

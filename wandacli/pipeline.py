@@ -10,7 +10,7 @@ same config for its options.
     compare  safety vs utility per method, and the methods against each other on safety
     eval     eval-attack and eval-utility on the dense model and every mask, and on each
              of `baseline_models` (e.g. the model before alignment), dense
-    report   one results table
+    report   one results table, the study's figures (out/figures) and out/results.md
 """
 
 from __future__ import annotations
@@ -214,7 +214,8 @@ def makefile(plan: Plan, config: Path, out: Path, wandacli: str, model: str | No
     rule(
         table,
         [*comparisons, *evaluations],
-        f"{wandacli} report {results} --markdown {out / 'results.md'} > {table}.tmp && mv {table}.tmp {table}",
+        f"{wandacli} report {results} --markdown {out / 'results.md'} --plots {out / 'figures'} "
+        f"--compare {out / 'compare'} > {table}.tmp && mv {table}.tmp {table}",
     )
     lines.append(f"pipeline: {table}")
     lines.append(f"\t@cat {table}")

@@ -10,14 +10,14 @@ from rich.table import Table
 from rich.text import Text
 
 from wandacli.compare import Comparison, PairFigures
-from wandacli.console import out
+from wandacli.console import console, out
 from wandacli.store import ScoreSetSummary
 
 if TYPE_CHECKING:
     from wandacli.attack import AttackResult
     from wandacli.evaluate import UtilityResult
     from wandacli.prune_run import PruneResult
-    from wandacli.report import ResultRow
+    from wandacli.report import Report
     from wandacli.score_run import ScoreResult
 
 
@@ -364,43 +364,6 @@ def _pair_summary(result: Comparison, pair: PairFigures) -> Table:
     return table
 
 
-def save_heatmap_png(result: Comparison, path: Any) -> None:
-    """The first pair's Jaccard heatmap as a PNG (matplotlib, an optional extra)."""
-    import math
-
-    from wandacli.errors import ConfigError
-
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        raise ConfigError(
-            "--plot needs matplotlib: pip install 'wandacli[plot]' (or pip install matplotlib)"
-        ) from None
-    pair = result.pairs[0]
-    modules: list[str] = []
-    layers: dict[int, dict[str, float]] = {}
-    for figures in pair.modules:
-        layer_text, module = figures.key.split("/", 1)
-        if module not in modules:
-            modules.append(module)
-        layers.setdefault(int(layer_text), {})[module] = figures.overlap.jaccard
-    grid = [[layers[layer].get(m, math.nan) for m in modules] for layer in sorted(layers)]
-    figure, axes = plt.subplots(figsize=(1.2 + 0.9 * len(modules), 1.5 + 0.28 * len(grid)))
-    image = axes.imshow(grid, vmin=0, vmax=1, cmap="viridis", aspect="auto")
-    axes.set_xticks(range(len(modules)), [short_module_name(m) for m in modules])
-    axes.set_yticks(range(len(grid)), [str(layer) for layer in sorted(layers)])
-    axes.set_xlabel("module")
-    axes.set_ylabel("layer")
-    axes.set_title(f"Jaccard: {pair.a} vs {pair.b}", fontsize=9)
-    figure.colorbar(image, ax=axes, label="Jaccard index")
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
 # ---------------------------------------------------------------------------------------------
 # eval-attack and eval-utility
 
@@ -492,9 +455,11 @@ REPORT_COLUMNS = (
 )
 
 
-def report(rows: list[ResultRow], as_json: bool) -> None:
+def report(result: Report, as_json: bool) -> None:
+    rows = result.rows
     if as_json:
         print_json([row.to_json() for row in rows])
+        _report_files(result)
         return
     table = Table(
         title="results: ASR with instruction tags (multi: any of n samples), perplexity",
@@ -519,6 +484,17 @@ def report(rows: list[ResultRow], as_json: bool) -> None:
             "-" if row.perplexity is None else _compact_float(row.perplexity),
         )
     out.print(table)
+    _report_files(result)
+
+
+def _report_files(result: Report) -> None:
+    """Where the figures and the document went: on stderr, beside the progress output."""
+    for figure in result.figures:
+        console.print(
+            f"figure: {', '.join(str(f) for f in figure.files)}", highlight=False, soft_wrap=True
+        )
+    if result.markdown_file is not None:
+        console.print(f"markdown: {result.markdown_file}", highlight=False, soft_wrap=True)
 
 
 def _compact_float(value: float) -> str:

@@ -3,28 +3,44 @@ subdirectory each, as eval-attack and eval-utility write them) in one row."""
 
 from __future__ import annotations
 
+import csv
 import json
+import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wandacli.errors import StoreError
+
+if TYPE_CHECKING:
+    from wandacli.figures import Figure
 
 
 @dataclass
 class ResultRow:
     label: str
     method: str = "-"
+    model: str | None = None  # the model evaluated (a mask's rows share the model it was made for)
     actual_sparsity: float | None = None
     asr: dict[str, float] = field(default_factory=dict)  # metric name -> ASR
     perplexity: float | None = None
     zero_shot_mean: float | None = None
+    p_q: tuple[float, float] | None = None  # a set difference's (p, q)
+    matches: str | None = None  # a --match-counts control: the mask it matches
+
+    @property
+    def is_control(self) -> bool:
+        return self.matches is not None
 
     def to_json(self) -> dict[str, Any]:
         return {
             "label": self.label,
             "method": self.method,
+            "model": self.model,
             "actual_sparsity": self.actual_sparsity,
+            "p_q": self.p_q,
+            "matches": self.matches,
             "asr": self.asr,
             "perplexity": self.perplexity,
             "zero_shot_mean": self.zero_shot_mean,
@@ -54,7 +70,12 @@ def collect(results_dir: Path) -> list[ResultRow]:
             found = True
             under_test = data.get("model_under_test", {})
             row.method = str(under_test.get("method", row.method))
+            row.model = str(under_test["model"]) if under_test.get("model") else row.model
             row.actual_sparsity = under_test.get("actual_sparsity", row.actual_sparsity)
+            if under_test.get("p_q"):
+                p, q = under_test["p_q"]
+                row.p_q = (float(p), float(q))
+            row.matches = under_test.get("matches") or row.matches
             for result in data.get("results", []):
                 row.asr[str(result["metric"])] = float(result["asr"])
                 if result.get("sample_mean") is not None:  # the reference's figure, beside
@@ -73,9 +94,106 @@ def collect(results_dir: Path) -> list[ResultRow]:
     return rows
 
 
+@dataclass
+class Report:
+    rows: list[ResultRow]
+    figures: list[Figure] = field(default_factory=list)
+    markdown_file: Path | None = None
+
+
+def build_report(
+    results_dir: Path,
+    *,
+    markdown_file: Path | None = None,
+    plots_dir: Path | None = None,
+    compare_dir: Path | None = None,
+) -> Report:
+    """The results table; with `plots_dir`, the study's figures (PNG and SVG) from the results
+    and from `compare --csv` files in `compare_dir`; with `markdown_file`, both as a Markdown
+    document that embeds the figures."""
+    rows = collect(results_dir)
+    comparisons = read_comparisons(compare_dir) if compare_dir is not None else []
+    report = Report(rows)
+    if plots_dir is not None:
+        from wandacli import figures
+
+        made = [
+            figures.asr_vs_perplexity(rows, plots_dir / "asr-vs-perplexity"),
+            figures.sparsity_sweep(rows, plots_dir / "sparsity-sweep"),
+        ]
+        for (a, b), jaccard in comparisons:
+            stem = plots_dir / f"jaccard-{_file_safe(a)}-vs-{_file_safe(b)}"
+            made.append(figures.jaccard_heatmap(jaccard, a, b, stem))
+        report.figures = [figure for figure in made if figure is not None]
+    if markdown_file is not None:
+        from wandacli.store import atomic_write_text
+
+        atomic_write_text(markdown_file, study_markdown(report, markdown_file.parent))
+        report.markdown_file = markdown_file
+    return report
+
+
+def _file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def read_comparisons(
+    compare_dir: Path,
+) -> list[tuple[tuple[str, str], dict[tuple[int, str], float]]]:
+    """Per pair of inputs in the `compare --csv` files of `compare_dir`: Jaccard per (layer,
+    module), in file order."""
+    if not compare_dir.is_dir():
+        raise StoreError(
+            f"compare directory {compare_dir} does not exist: pass the folder holding `wandacli compare --csv` files"
+        )
+    pairs: dict[tuple[str, str], dict[tuple[int, str], float]] = {}
+    for path in sorted(compare_dir.glob("*.csv")):
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            needed = {"a", "b", "layer", "module", "jaccard"}
+            if not needed <= set(reader.fieldnames or []):
+                continue  # some other CSV: not compare's
+            try:
+                for record in reader:
+                    if record["layer"] == "all":  # the pair's overall row
+                        continue
+                    value = (
+                        float(record["jaccard"])
+                        if record["jaccard"] not in ("", "nan")
+                        else float("nan")
+                    )
+                    pair = pairs.setdefault((record["a"], record["b"]), {})
+                    pair[(int(record["layer"]), record["module"])] = value
+            except ValueError as exc:
+                raise StoreError(
+                    f"{path} has a malformed row ({exc}): rerun the compare that wrote it"
+                ) from exc
+    return list(pairs.items())
+
+
+def study_markdown(report: Report, relative_to: Path) -> str:
+    """The results table, then every figure with its caption (paths relative to the document)."""
+    parts = ["# Results", "", markdown(report.rows)]
+    if report.figures:
+        parts += ["## Figures", ""]
+        for figure in report.figures:
+            png, svg = (
+                Path(os.path.relpath(path, relative_to)).as_posix() for path in figure.files
+            )
+            parts += [
+                f"### {figure.title}",
+                "",
+                f"![{figure.title}]({png})",
+                "",
+                f"{figure.caption} ([SVG]({svg}))",
+                "",
+            ]
+    return "\n".join(parts)
+
+
 def markdown(rows: list[ResultRow]) -> str:
     """Every figure as a Markdown table (ASR columns for every metric found)."""
-    metrics = sorted({m for row in rows for m in row.asr}, key=_metric_order)
+    metrics = sorted({m for row in rows for m in row.asr}, key=metric_order)
     header = ["model under test", "method", "sparsity %", *metrics, "PPL", "zero-shot"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
@@ -91,7 +209,7 @@ def markdown(rows: list[ResultRow]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _metric_order(metric: str) -> tuple[int, int, str]:
+def metric_order(metric: str) -> tuple[int, int, str]:
     order = ["ASR_basic", "ASR_basic_nosys", "ASR_multiple_nosys", "ASR_gcg"]
     variant = 0 if metric.startswith("inst_") else (1 if metric.startswith("no_inst_") else 2)
     base = metric.removeprefix("inst_").removeprefix("no_inst_")

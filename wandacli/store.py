@@ -290,11 +290,16 @@ def _write_failure(final: Path, exc: BaseException) -> WriteFailed:
 
 
 def atomic_write_text(final: Path, text: str) -> None:
+    atomic_write_bytes(final, text.encode("utf-8"))
+
+
+def atomic_write_bytes(final: Path, data: bytes) -> None:
+    """Write `final` whole or not at all: a temporary file, fsynced, renamed over it."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_path(final)
     try:
-        with tmp.open("w", encoding="utf-8") as handle:
-            handle.write(text)
+        with tmp.open("wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, final)

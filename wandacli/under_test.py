@@ -44,6 +44,12 @@ class ModelUnderTest:
             return float(self.mask_meta["p"]), float(self.mask_meta["q"])
         return None
 
+    @property
+    def matches(self) -> str | None:
+        """For a control made with `prune --match-counts`: the name of the mask it matches."""
+        matched = self.mask_meta.get("matched_mask") or {}
+        return Path(str(matched["path"])).stem if matched.get("path") else None
+
     def describe(self) -> dict[str, Any]:
         return {
             "model": self.loaded.model_id,
@@ -51,6 +57,7 @@ class ModelUnderTest:
             "method": self.method,
             "actual_sparsity": self.actual_sparsity,
             "p_q": self.p_q,
+            "matches": self.matches,
         }
 
 

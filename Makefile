@@ -32,11 +32,14 @@ $(STAMP): pyproject.toml Makefile
 
 install: $(STAMP)
 
+# One worker per core (pytest-xdist): PYTEST_WORKERS=0 runs the suite in this process.
+PYTEST_WORKERS ?= auto
+
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS)
 
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check wandacli tests bench

@@ -17,6 +17,16 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 
+# `make test` runs the suite in parallel workers (pytest-xdist): share the cores between them,
+# and with the processes the tests start, rather than have every worker's torch (and every
+# subprocess's) spin a thread per core.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+if _WORKERS > 1:
+    _THREADS = str(max(1, (os.cpu_count() or 1) // _WORKERS))
+    os.environ["OMP_NUM_THREADS"] = _THREADS
+    torch.set_num_threads(int(_THREADS))
+
+
 # Named sets come from the copies shipped in the package, whatever the developer's environment
 # says: a data directory set outside the tests must not change what they read.
 os.environ.pop("WANDACLI_DATA_DIR", None)

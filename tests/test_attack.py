@@ -502,7 +502,7 @@ class TestBadInput:
             (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
             (["--prompts", "align_short"], "not attack prompts"),
             (["--prompts", "nowhere.txt"], "unknown data set"),
-            (["--mask", "nope", "--store", "."], "no mask 'nope'"),
+            (["--mask", "nope", "--store", "."], "no mask or edit 'nope'"),
         ],
     )
     def test_one_line_errors(self, cli, tiny_llama_dir, tmp_path, args, fragment):

@@ -124,7 +124,13 @@ def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(
         "baseline-",
     ):
         assert label in table, label
-    assert (out / "results.md").read_text().startswith("| model under test |")
+    document = (out / "results.md").read_text()
+    assert document.startswith("# Results") and "| model under test |" in document
+    # The study's figures, embedded in the document by paths relative to it.
+    for stem in ("asr-vs-perplexity", "sparsity-sweep", "jaccard-wanda-safety-vs-wanda-utility"):
+        for fmt in ("png", "svg"):
+            assert (out / "figures" / f"{stem}.{fmt}").is_file(), stem
+        assert f"](figures/{stem}.png)" in document
     assert (out / "compare" / "wandg-safety-vs-utility.csv").is_file()
     # Everything is up to date now: a dry run would only print the table again.
     again = subprocess.run([*command, "-n"], capture_output=True, text=True, env=env, timeout=300)

@@ -318,7 +318,7 @@ def test_kill_during_mask_assembly_keeps_the_previous_mask(tiny_llama_dir, tmp_p
 @pytest.mark.parametrize(
     ("spec", "expect"),
     [
-        ("wandacli.prune_run:replace_directory_atomically:1", "old"),  # killed before the swap
+        ("wandacli.removal:replace_directory_atomically:1", "old"),  # killed before the swap
         ("wandacli.store:_exchange:1:after", "new"),  # killed right after the swap
     ],
 )
@@ -1193,7 +1193,7 @@ def bad_command_lines(
         (["eval-attack", "--model", m, "--limit", "0"], "--limit must be at least 1"),
         (["eval-attack", "--model", m, "--configs", "everything"], "unknown --configs"),
         (["eval-attack", "--model", m, "--judge", "gpt"], "--judge"),
-        (["eval-attack", "--model", m, "--mask", "nope", "--store", s], "no mask 'nope'"),
+        (["eval-attack", "--model", m, "--mask", "nope", "--store", s], "no mask or edit 'nope'"),
         (["eval-attack", "--model", m, "--prompts", "align_short"], "not attack prompts"),
         (["eval-utility", "--model", m, "--data", "none"], "nothing to evaluate"),
         (["eval-utility", "--model", m, "--seqlen", "1"], "--seqlen must be at least 2"),

@@ -6,13 +6,14 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from tests.conftest import interrupt_after
 from wandacli import models, scoring
-from wandacli.store import ScoreSet
+from wandacli.store import ScoreSet, open_finished_scores
 
 
 def assert_one_line_error(result, *fragments: str, code: int = 2) -> None:
@@ -26,7 +27,8 @@ def assert_one_line_error(result, *fragments: str, code: int = 2) -> None:
 
 
 def arrays(path) -> dict[str, np.ndarray]:
-    with ScoreSet(path) as score_set:
+    """Every array of a finished score set or rank-statistics set."""
+    with open_finished_scores(Path(path)) as score_set:
         return {key: score_set.read(key) for key in score_set.keys}
 
 
@@ -164,6 +166,11 @@ class TestResume:
                 scoring.GradientAccumulator,
                 ["--checkpoint-every", "2", "--layers-per-pass", "1"],
             ),
+            (
+                "actsvd",
+                scoring.SecondMoments,
+                ["--checkpoint-every", "2", "--layers-per-pass", "1"],
+            ),
         ],
     )
     def test_interrupted_run_resumes_to_identical_scores(
@@ -175,7 +182,7 @@ class TestResume:
         assert clean.exit_code == 0, clean.stderr
         store = tmp_path / "resumed"
         with monkeypatch.context() as patch:
-            # wanda: 5 of 6 samples; wandg: group 0 (6 samples) done, then 3 of group 1.
+            # wanda: 5 of 6 samples; wandg, actsvd: group 0 (6 samples) done, then 3 of group 1.
             interrupt_after(patch, cls, 5 if method == "wanda" else 9)
             interrupted = cli(
                 *score_args(tiny_llama_dir, store, *extra, method=method, data=pairs_csv)

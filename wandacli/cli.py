@@ -22,6 +22,7 @@ from wandacli.config import (
     DEFAULT_STORE,
     AttackConfig,
     Columns,
+    EditConfig,
     ModelSpec,
     PruneConfig,
     ScoreConfig,
@@ -29,6 +30,7 @@ from wandacli.config import (
     config_path_from_args,
     default_map,
     read_config_file,
+    refuse_mask_flags_for_edits,
 )
 from wandacli.console import console, progress_reporter
 from wandacli.data import describe_named_sets
@@ -249,11 +251,12 @@ def root(
 def score(
     ctx: typer.Context,
     method: Annotated[
-        Literal["wanda", "wandg", "magnitude", "random"] | None,
+        Literal["wanda", "wandg", "magnitude", "random", "actsvd"] | None,
         typer.Option(
             "--method",
             help="wanda: |W|·‖X‖₂ over calibration inputs; wandg (SNIP): |W|·Σ|∇W| of the "
-            "calibration loss; magnitude: |W|; random: seeded uniform.",
+            "calibration loss; magnitude: |W|; random: seeded uniform; actsvd: rank statistics "
+            "(each input's second moment Σxxᵀ/N) for rank edits, not per-weight scores.",
         ),
     ] = None,
     data: Annotated[
@@ -329,7 +332,7 @@ def score(
         int,
         typer.Option(
             "--layers-per-pass",
-            help="wandg: decoder layers per backward pass, to bound memory (0: all).",
+            help="wandg, actsvd: decoder layers per pass over the data, to bound memory (0: all).",
         ),
     ] = 0,
     checkpoint_every: Annotated[
@@ -493,6 +496,56 @@ def prune(
             "layout as a set difference.",
         ),
     ] = None,
+    remove_top_ranks: Annotated[
+        int | None,
+        typer.Option(
+            "--remove-top-ranks",
+            help="Rank edit from actsvd statistics: W ← (I − Π_R) W, the top R output "
+            "directions removed (the reference's --top_remove --rank R).",
+            rich_help_panel="Rank edits (actsvd)",
+        ),
+    ] = None,
+    keep_top_ranks: Annotated[
+        int | None,
+        typer.Option(
+            "--keep-top-ranks",
+            help="Rank edit: W ← Π_K W, only the top K output directions kept.",
+            rich_help_panel="Rank edits (actsvd)",
+        ),
+    ] = None,
+    safety_ranks: Annotated[
+        int | None,
+        typer.Option(
+            "--safety-ranks",
+            help="Orthogonal projection (with --utility-scores): r_s, the safety directions "
+            "(--scores) removed where they leave the top r_u utility directions.",
+            rich_help_panel="Rank edits (actsvd)",
+        ),
+    ] = None,
+    utility_ranks: Annotated[
+        int | None,
+        typer.Option(
+            "--utility-ranks",
+            help="Orthogonal projection: r_u, the utility directions kept.",
+            rich_help_panel="Rank edits (actsvd)",
+        ),
+    ] = None,
+    rank_neg: Annotated[
+        int | None,
+        typer.Option(
+            "--rank-neg",
+            help="The reference's parametrisation: r_s = min(d_out, d_in) − rank_neg per module.",
+            rich_help_panel="Rank edits (actsvd)",
+        ),
+    ] = None,
+    rank_pos: Annotated[
+        int | None,
+        typer.Option(
+            "--rank-pos",
+            help="The reference's parametrisation: r_u = min(d_out, d_in) − rank_pos per module.",
+            rich_help_panel="Rank edits (actsvd)",
+        ),
+    ] = None,
     layers: Annotated[
         str | None,
         typer.Option(
@@ -566,8 +619,60 @@ def prune(
     json_output: JsonOption = False,
     no_progress: NoProgressOption = False,
 ) -> None:
-    """Build a pruning mask from stored scores, keep it in the store, and optionally save the
-    pruned model. Never computes scores: run `wandacli score` first."""
+    """Build a pruning mask from stored scores (or a rank edit from actsvd rank statistics),
+    keep it in the store, and optionally save the pruned model. Never computes scores: run
+    `wandacli score` first."""
+    model_spec_given = (
+        ModelSpec(
+            model=model,
+            dtype=dtype,
+            device=device,
+            device_map=device_map,
+            max_memory=max_memory,
+            cache_dir=cache_dir,
+        )
+        if model
+        else None
+    )
+    rank_flags = (remove_top_ranks, keep_top_ranks, safety_ranks, utility_ranks, rank_neg, rank_pos)
+    if any(value is not None for value in rank_flags):
+        from wandacli.edit_run import run_edit
+
+        refuse_mask_flags_for_edits(
+            sparsity_ratio=sparsity_ratio,
+            sparsity_type=sparsity_type,
+            prune_highest=prune_highest,
+            variant=variant,
+            scope=scope,
+            p=p,
+            q=q,
+            match_counts=match_counts,
+            recover_from_base=recover_from_base,
+            export_mask=export_mask,
+        )
+        edit_config = EditConfig(
+            scores=scores,
+            model=model_spec_given,
+            store=store,
+            remove_top_ranks=remove_top_ranks,
+            keep_top_ranks=keep_top_ranks,
+            utility_scores=utility_scores,
+            safety_ranks=safety_ranks,
+            utility_ranks=utility_ranks,
+            rank_pos=rank_pos,
+            rank_neg=rank_neg,
+            layers=layers,
+            modules=modules,
+            name=name,
+            save_model=save_model,
+            overwrite=overwrite,
+        )
+        with progress_reporter(enabled=not no_progress) as reporter:
+            edited = run_edit(
+                edit_config, reporter=reporter, command_line=["wandacli", *sys.argv[1:]]
+            )
+        render.edit_result(edited, as_json=json_output)
+        return
     prune_config = PruneConfig(
         scores=scores,
         store=store,
@@ -583,16 +688,7 @@ def prune(
         layers=layers,
         modules=modules,
         name=name,
-        model=ModelSpec(
-            model=model,
-            dtype=dtype,
-            device=device,
-            device_map=device_map,
-            max_memory=max_memory,
-            cache_dir=cache_dir,
-        )
-        if model
-        else None,
+        model=model_spec_given,
         save_model=save_model,
         recover_from_base=recover_from_base,
         export_mask=export_mask,
@@ -1054,9 +1150,10 @@ def inspect(
     store: Annotated[Path, typer.Argument(help="Store directory.")] = DEFAULT_STORE,
     json_output: JsonOption = False,
 ) -> None:
-    """List the score sets (finished or not) and masks in a store, with their metadata."""
-    sets, masks = summarize_store(store)
-    render.store_listing(sets, masks, as_json=json_output)
+    """List the score sets and rank statistics (finished or not), masks and rank edits in a
+    store, with their metadata."""
+    sets, masks, edits = summarize_store(store)
+    render.store_listing(sets, masks, edits, as_json=json_output)
 
 
 def _quiet_unraisable(unraisable: Any) -> None:

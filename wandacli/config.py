@@ -21,8 +21,11 @@ DEFAULT_MODEL_ALIAS = "smollm2"
 # The embedded model fine-tuned on the CPU to refuse harmful requests (wandacli/organism.py).
 ALIGNED_MODEL_ALIAS = "smollm2-aligned"
 DEFAULT_STORE = Path("wandacli-store")
-METHODS = ("wanda", "wandg", "magnitude", "random")
-DATA_METHODS = ("wanda", "wandg")
+# Per-weight scores (masks are made from them) and actsvd's rank statistics (rank edits).
+WEIGHT_METHODS = ("wanda", "wandg", "magnitude", "random")
+RANK_METHODS = ("actsvd",)
+METHODS = WEIGHT_METHODS + RANK_METHODS
+DATA_METHODS = ("wanda", "wandg", "actsvd")
 
 CALIBRATION_NSAMPLES = reference.CALIBRATION_NSAMPLES
 CALIBRATION_SEED = reference.CALIBRATION_SEED
@@ -31,7 +34,8 @@ CALIBRATION_SEED = reference.CALIBRATION_SEED
 DEFAULT_SEQLEN_CAP = 2048
 # Wanda statistics are small (one vector per layer): checkpoint often. wandg accumulators are
 # as large as the model's linear weights: checkpoint less often.
-DEFAULT_CHECKPOINT_EVERY = {"wanda": 8, "wandg": 32}
+# actsvd's checkpoints hold d_in² float64 sums per distinct input (0.8 GB for SmolLM2): rarer.
+DEFAULT_CHECKPOINT_EVERY = {"wanda": 8, "wandg": 32, "actsvd": 32}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,6 +192,16 @@ class ScoreConfig:
             )
         if self.score_dtype not in ("float32", "float16"):
             raise ConfigError(f"unknown --score-dtype {self.score_dtype!r}: use float32 or float16")
+        if self.method in RANK_METHODS:
+            if self.use_diff:
+                raise ConfigError(
+                    "--use-diff scores weight differences; actsvd records the inputs' second "
+                    "moments, which do not depend on it: drop --use-diff"
+                )
+            if self.score_dtype != "float32":
+                raise ConfigError(
+                    "actsvd stores its second moments in float32: drop --score-dtype float16"
+                )
 
     @property
     def needs_data(self) -> bool:
@@ -380,6 +394,152 @@ _PRUNE_BOOKKEEPING = frozenset(
 def prune_request(config_json: dict[str, Any]) -> dict[str, Any]:
     """The request part of a PruneConfig's JSON (as stored in a mask's `meta.config`)."""
     return {k: v for k, v in config_json.items() if k not in _PRUNE_BOOKKEEPING}
+
+
+# ---------------------------------------------------------------------------------------------
+# prune, rank edits (ActSVD)
+
+EDIT_RANK_FLAGS = (
+    "--remove-top-ranks",
+    "--keep-top-ranks",
+    "--safety-ranks",
+    "--utility-ranks",
+    "--rank-pos",
+    "--rank-neg",
+)
+
+
+@dataclass(frozen=True)
+class EditConfig:
+    """`wandacli prune` on rank statistics: a rank edit into DIR/edits/.
+
+    - remove_top_ranks R:  W ← (I − Π_R) W        (the reference's `--top_remove --rank R`)
+    - keep_top_ranks K:    W ← Π_K W
+    - orthogonal projection with `utility_scores`: W ← W − (I − Π_u) Π_s W, ranks given as
+      safety_ranks/utility_ranks (r_s, r_u), or as the reference's rank_neg/rank_pos
+      (r_s = min(d_out, d_in) − rank_neg, r_u = min(d_out, d_in) − rank_pos, per module).
+    """
+
+    scores: str  # rank statistics (the safety set in the orthogonal projection)
+    model: ModelSpec | None = None
+    store: Path | None = None
+    remove_top_ranks: int | None = None
+    keep_top_ranks: int | None = None
+    utility_scores: str | None = None
+    safety_ranks: int | None = None
+    utility_ranks: int | None = None
+    rank_pos: int | None = None
+    rank_neg: int | None = None
+    layers: str | None = None
+    modules: str | None = None
+    name: str | None = None
+    save_model: Path | None = None
+    overwrite: bool = False
+
+    def __post_init__(self) -> None:
+        modes = [
+            self.remove_top_ranks is not None,
+            self.keep_top_ranks is not None,
+            self.utility_scores is not None,
+        ]
+        direct = self.safety_ranks is not None or self.utility_ranks is not None
+        reference = self.rank_pos is not None or self.rank_neg is not None
+        if self.utility_scores is None and (direct or reference):
+            raise ConfigError(
+                "--safety-ranks/--utility-ranks and --rank-neg/--rank-pos need --utility-scores "
+                "(the orthogonal projection)"
+            )
+        if sum(modes) != 1:
+            raise ConfigError(
+                "a rank edit is one of --remove-top-ranks R, --keep-top-ranks K, or "
+                "--utility-scores with --safety-ranks/--utility-ranks (or --rank-neg/--rank-pos)"
+            )
+        if self.utility_scores is not None:
+            if direct and reference:
+                raise ConfigError(
+                    "give the projection's ranks once: --safety-ranks/--utility-ranks, or the "
+                    "reference's --rank-neg/--rank-pos, not both"
+                )
+            if direct and (self.safety_ranks is None or self.utility_ranks is None):
+                raise ConfigError(
+                    "the orthogonal projection needs both --safety-ranks and --utility-ranks"
+                )
+            if reference and (self.rank_pos is None or self.rank_neg is None):
+                raise ConfigError("the orthogonal projection needs both --rank-neg and --rank-pos")
+            if not direct and not reference:
+                raise ConfigError(
+                    "the orthogonal projection needs its ranks: --safety-ranks RS --utility-ranks RU "
+                    "(or the reference's --rank-neg/--rank-pos)"
+                )
+        for flag, value in (
+            ("--remove-top-ranks", self.remove_top_ranks),
+            ("--keep-top-ranks", self.keep_top_ranks),
+            ("--safety-ranks", self.safety_ranks),
+            ("--utility-ranks", self.utility_ranks),
+            ("--rank-pos", self.rank_pos),
+            ("--rank-neg", self.rank_neg),
+        ):
+            if value is not None and value < 0:
+                raise ConfigError(f"{flag} must be 0 or more (got {value})")
+        if self.model is None:
+            raise ConfigError(
+                "a rank edit needs the weights (it projects W): pass --model, the model the "
+                "rank statistics were computed on"
+            )
+
+    @property
+    def mode(self) -> str:
+        if self.remove_top_ranks is not None:
+            return "remove-top-ranks"
+        if self.keep_top_ranks is not None:
+            return "keep-top-ranks"
+        return "orthogonal-projection"
+
+    def ranks_for(self, shape: tuple[int, int]) -> dict[str, int]:
+        """The ranks of each basis for a module of `shape` [d_out, d_in]."""
+        full = min(shape)
+        if self.remove_top_ranks is not None:
+            return {"remove": self.remove_top_ranks}
+        if self.keep_top_ranks is not None:
+            return {"keep": self.keep_top_ranks}
+        if self.safety_ranks is not None and self.utility_ranks is not None:
+            return {"safety": self.safety_ranks, "utility": self.utility_ranks}
+        assert self.rank_neg is not None and self.rank_pos is not None
+        return {"safety": full - self.rank_neg, "utility": full - self.rank_pos}
+
+    def request(self) -> dict[str, Any]:
+        """What decides the edit's numbers (outputs and bookkeeping excluded)."""
+        data = self.to_json()
+        return {
+            k: v
+            for k, v in data.items()
+            if k not in ("store", "name", "overwrite", "save_model", "model")
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("store", "save_model"):
+            data[key] = str(data[key]) if data[key] is not None else None
+        if self.model is not None:
+            data["model"]["cache_dir"] = str(self.model.cache_dir) if self.model.cache_dir else None
+        return data
+
+
+def refuse_mask_flags_for_edits(**given: Any) -> None:
+    """Mask options given beside a rank flag: one line naming the first."""
+    defaults = {
+        "sparsity_type": "unstructured",
+        "prune_highest": False,
+        "variant": False,
+        "scope": "row",
+    }
+    for option, value in given.items():
+        if value is not None and value != defaults.get(option):
+            flag = "--" + option.replace("_", "-")
+            raise ConfigError(
+                f"{flag} chooses weights for a mask; a rank edit (--remove-top-ranks, "
+                "--keep-top-ranks, the orthogonal projection) removes ranks: drop one of them"
+            )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -86,13 +86,17 @@ def local_task_config(path: Path) -> dict[str, Any] | str:
     import yaml
 
     if not path.is_file():
-        raise ConfigError(f"--zero-shot task file {path} does not exist: give a task YAML or an lm-eval task name")
+        raise ConfigError(
+            f"--zero-shot task file {path} does not exist: give a task YAML or an lm-eval task name"
+        )
     try:
         config = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError:
         return str(path)
     if not isinstance(config, dict) or "task" not in config:
-        raise ConfigError(f"--zero-shot task file {path} has no `task:` key: it is not an lm-eval task YAML")
+        raise ConfigError(
+            f"--zero-shot task file {path} has no `task:` key: it is not an lm-eval task YAML"
+        )
     if "include" in config:
         return str(path)
     data_files = (config.get("dataset_kwargs") or {}).get("data_files")

@@ -22,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wandacli.config import METHODS, read_config_file
+from wandacli.config import WEIGHT_METHODS, read_config_file
 from wandacli.errors import ConfigError, WandacliError
 
 _UNSAFE_LABEL_CHARS = re.compile(r"[^A-Za-z0-9._-]")
@@ -73,9 +73,9 @@ class Plan:
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: [pipeline] has a value of the wrong type ({exc})") from exc
         for method in plan.methods:
-            if method not in METHODS:
+            if method not in WEIGHT_METHODS:
                 raise ConfigError(
-                    f"{path}: [pipeline] methods has {method!r}: use {', '.join(METHODS)}"
+                    f"{path}: [pipeline] methods has {method!r}: use {', '.join(WEIGHT_METHODS)}"
                 )
         if plan.set_difference_method not in plan.methods:
             raise ConfigError(f"{path}: [pipeline] set_difference_method must be one of methods")

@@ -11,7 +11,6 @@ import fnmatch
 import os
 import re
 import shlex
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -21,11 +20,12 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wandacli import pruning
-from wandacli.config import DEFAULT_STORE, ModelSpec, PruneConfig, prune_request
-from wandacli.console import NullReporter, Reporter, info
+from wandacli.config import DEFAULT_STORE, EditConfig, ModelSpec, PruneConfig, prune_request
+from wandacli.console import NullReporter, Reporter
 from wandacli.errors import ConfigError, StoreError, interruptible
 from wandacli.fingerprint import ModelFingerprint
 from wandacli.memory import peak_rss_bytes
+from wandacli.removal import save_model_with
 from wandacli.store import (
     MASK_FORMAT,
     SCORES_DIR,
@@ -39,8 +39,6 @@ from wandacli.store import (
     now_iso,
     open_mask,
     open_score_set,
-    recover_directory,
-    replace_directory_atomically,
     set_root_attrs,
     settings_differences,
     software_versions,
@@ -132,7 +130,7 @@ def default_mask_name(config: PruneConfig, safety: str, utility: str | None) -> 
     return _UNSAFE_NAME_CHARS.sub("_", name)
 
 
-def selected_keys(config: PruneConfig, fingerprint: ModelFingerprint) -> list[str]:
+def selected_keys(config: PruneConfig | EditConfig, fingerprint: ModelFingerprint) -> list[str]:
     """The modules `--layers` and `--modules` leave to prune (all by default)."""
     keys = list(fingerprint.shapes)
     if config.layers:
@@ -530,43 +528,11 @@ class PruneRun:
         return target
 
     def _save(self, loaded: LoadedModel, out: Path, mask_path: Path) -> Path:
-        """save_pretrained into a temporary directory renamed into place: an interrupted save
-        never leaves a half-written model at OUT."""
-        recover_directory(out)  # a save killed mid-swap leaves the previous model aside
-        tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-        shutil.rmtree(tmp, ignore_errors=True)
-        self.reporter.start("saving model", total=1)
-        kept = f"while saving the model: {out} is unchanged; the mask {mask_path} is kept"
-        try:
-            with interruptible(lambda: kept):
-                loaded.model.save_pretrained(str(tmp), safe_serialization=True)
-                if loaded.tokenizer is not None:
-                    loaded.tokenizer.save_pretrained(str(tmp))
-                (tmp / "wandacli-mask.json").write_text(
-                    _provenance_json(mask_path, self.command_line), encoding="utf-8"
-                )
-                replace_directory_atomically(tmp, out)
-        except OSError as exc:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise StoreError(f"cannot save the model to {out}: {exc.strerror or exc}") from exc
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        self.reporter.advance()
-        self.reporter.finish()
-        info(f"saved the pruned model to {out}")
-        return out
-
-
-def _provenance_json(mask_path: Path, command_line: list[str]) -> str:
-    import json
-
-    with MaskFile(mask_path) as mask_file:
-        meta = dict(mask_file.meta)
-    meta.pop("model", None)  # the fingerprint is the saved model itself
-    meta["mask_file"] = str(mask_path)
-    meta["saved_by"] = shlex.join(command_line)
-    return json.dumps(meta, indent=1, default=str)
+        with MaskFile(mask_path) as mask_file:
+            meta = dict(mask_file.meta)
+        return save_model_with(
+            loaded, out, mask_path, meta, self.command_line, self.reporter, what="mask"
+        )
 
 
 def _check_same_model(safety: ScoreSet, utility: ScoreSet) -> None:

@@ -15,6 +15,7 @@ from wandacli.store import ScoreSetSummary
 
 if TYPE_CHECKING:
     from wandacli.attack import AttackResult
+    from wandacli.edit_run import EditResult
     from wandacli.evaluate import UtilityResult
     from wandacli.prune_run import PruneResult
     from wandacli.report import Report
@@ -81,12 +82,18 @@ def _describe_data(meta: dict[str, Any]) -> str:
     return f"{data.get('name')}{mode}{template}"
 
 
-def store_listing(sets: list[ScoreSetSummary], masks: list[ScoreSetSummary], as_json: bool) -> None:
+def store_listing(
+    sets: list[ScoreSetSummary],
+    masks: list[ScoreSetSummary],
+    edits: list[ScoreSetSummary],
+    as_json: bool,
+) -> None:
     if as_json:
         print_json(
             {
                 "score_sets": [_summary_json(s) for s in sets],
                 "masks": [_summary_json(m) for m in masks],
+                "edits": [_summary_json(e) for e in edits],
             }
         )
         return
@@ -133,6 +140,26 @@ def store_listing(sets: list[ScoreSetSummary], masks: list[ScoreSetSummary], as_
                 f"{sparsity:.4f}" if isinstance(sparsity, float) else "-",
             )
         out.print(mask_table)
+    if edits:
+        edit_table = Table(title="rank edits", title_justify="left")
+        for column in ("edit", "status", "mode", "rank statistics", "rank removed"):
+            edit_table.add_column(column, overflow="fold")
+        for entry in edits:
+            meta = entry.meta
+            status = (
+                "[green]complete[/green]"
+                if entry.complete
+                else f"[red]{escape(entry.error or '')}[/red]"
+            )
+            removed = meta.get("removed_rank_fraction")
+            edit_table.add_row(
+                entry.name,
+                status,
+                str(meta.get("mode", "-")),
+                ", ".join(s.get("name", "?") for s in meta.get("rank_statistics", [])) or "-",
+                f"{100 * removed:.3f}%" if isinstance(removed, float) else "-",
+            )
+        out.print(edit_table)
 
 
 def _summary_json(entry: ScoreSetSummary) -> dict[str, Any]:
@@ -485,6 +512,24 @@ def report(result: Report, as_json: bool) -> None:
         )
     out.print(table)
     _report_files(result)
+
+
+def edit_result(result: EditResult, as_json: bool) -> None:
+    if as_json:
+        print_json(result.to_json())
+        return
+    title = "edit already complete, nothing to do" if result.already_complete else "rank edit"
+    rows = [
+        ("edit", result.name),
+        ("file", str(result.path)),
+        ("mode", result.mode),
+        ("modules", str(result.modules)),
+        ("rank removed", f"{100 * result.removed_rank_fraction:.3f}% of all modules' rank"),
+        ("seconds", f"{result.seconds:.1f}"),
+    ]
+    if result.saved_model is not None:
+        rows.append(("saved model", str(result.saved_model)))
+    out.print(key_value_table(title, rows))
 
 
 def _report_files(result: Report) -> None:

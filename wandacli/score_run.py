@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from wandacli import distributed
@@ -40,20 +39,9 @@ from wandacli.errors import (
 )
 from wandacli.memory import peak_gpu_bytes, peak_rss_bytes, return_freed_memory_promptly
 from wandacli.models import LinearLayer, LoadedModel, load_model, model_max_length
-from wandacli.scoring import (
-    ActivationStatistics,
-    GradientAccumulator,
-    random_scores,
-    snip_scores,
-    wanda_scores,
-    weight_magnitude,
-)
+from wandacli.score_methods import LayerLink, ScoreMethod, score_method
 from wandacli.store import (
-    SCORES_FORMAT,
-    STATS_GROUP,
-    ScoreSet,
     Store,
-    StoredFile,
     atomic_h5,
     check_free_space,
     check_resumable,
@@ -62,7 +50,7 @@ from wandacli.store import (
     format_non_finite,
     non_finite_counts,
     now_iso,
-    open_part,
+    open_finished_scores,
     read_part,
     set_root_attrs,
     settings_differences,
@@ -114,7 +102,8 @@ class ScoreResult:
 
 
 class ScoreRun:
-    """One `wandacli score` invocation."""
+    """One `wandacli score` invocation: the lock, resume, the sample loop with checkpoints and
+    the atomic assembly, for any method (score_methods.py holds what differs between them)."""
 
     def __init__(
         self,
@@ -133,6 +122,7 @@ class ScoreRun:
         self.parts_dir = Path()
         self.resumed = False
         self.dist = distributed.SINGLE
+        self.method: ScoreMethod = score_method(self)
 
     # -- the whole run --------------------------------------------------------------------
 
@@ -169,14 +159,14 @@ class ScoreRun:
                 if self.dist.active:
                     distributed.shutdown()
                 if complete is None:  # the other ranks of a distributed run; rank 0 reports
-                    with ScoreSet(final) as finished:
+                    with open_finished_scores(final) as finished:
                         complete = self._already_complete(finished, started)
                 return complete
             loaded = self._loaded or load_model(self._rank_model_spec())
             calibration = self._calibration(loaded) if config.needs_data else None
             base_layers = self._base_layers(loaded) if config.use_diff else None
             settings = self._settings(loaded, calibration, base_layers)
-            groups = self._groups(loaded.linear_layers)
+            groups = self.method.groups(loaded.linear_layers)
             if main:
                 self._prepare_parts(settings, loaded, final, len(groups), started_at)
             self.resumed = bool(self.dist.broadcast_int(int(self.resumed)))
@@ -254,7 +244,7 @@ class ScoreRun:
         """The finished set as this run's result when it was asked for with the same settings
         (and its data file still has the same content); refuses, naming what differs, when not."""
         config = self.config
-        with ScoreSet(final) as finished:
+        with open_finished_scores(final) as finished:
             stored = finished.meta.get("config")
             differences = (
                 settings_differences(score_request(stored), config.request())
@@ -277,7 +267,7 @@ class ScoreRun:
                 )
             return self._already_complete(finished, time.monotonic())
 
-    def _already_complete(self, finished: ScoreSet, started: float) -> ScoreResult:
+    def _already_complete(self, finished: Any, started: float) -> ScoreResult:
         meta = finished.meta
         shapes = finished.fingerprint.shapes
         return ScoreResult(
@@ -372,8 +362,7 @@ class ScoreRun:
             )
         elif config.method == "random":
             settings["seed"] = config.seed
-        if config.method == "wandg":
-            settings["layers_per_pass"] = config.layers_per_pass
+        settings.update(self.method.settings())
         if self.dist.active:  # each rank's partial sums are checkpointed together
             settings["world_size"] = self.dist.world_size
         return settings
@@ -422,28 +411,12 @@ class ScoreRun:
                 disentangle=calibration.disentangle,
                 template=calibration.template,
             )
-        if config.method == "wandg":
-            meta["layers_per_pass"] = config.layers_per_pass
-            meta["offload_accumulators"] = config.offload_accumulators
         meta["world_size"] = self.dist.world_size
         return meta
 
-    def _groups(self, layers: list[LinearLayer]) -> list[list[LinearLayer]]:
-        """wandg's layer groups: `--layers-per-pass` decoder layers each (all in one by default)."""
-        if self.config.method != "wandg" or self.config.layers_per_pass == 0:
-            return [layers]
-        per = self.config.layers_per_pass
-        groups: dict[int, list[LinearLayer]] = {}
-        for lin in layers:
-            groups.setdefault(lin.layer // per, []).append(lin)
-        return [groups[k] for k in sorted(groups)]
-
     def _check_space(self, loaded: LoadedModel, final: Path) -> None:
-        itemsize = 2 if self.config.score_dtype == "float16" else 4
-        total = sum(a * b for a, b in loaded.fingerprint.shapes.values())
-        # wandg keeps each group's scores as a part until assembly: twice the set's size.
-        factor = 2 if self.config.method == "wandg" else 1
-        check_free_space(self.store.root, total * itemsize * factor, f"score set {self.name!r}")
+        needed = self.method.space_needed(loaded)
+        check_free_space(self.store.root, needed, f"score set {self.name!r}")
 
     # -- computation ----------------------------------------------------------------------
 
@@ -456,22 +429,11 @@ class ScoreRun:
         final: Path,
         meta: dict[str, Any],
     ) -> None:
-        method = self.config.method
-        stats: dict[str, torch.Tensor] | None = None
-        last_group: GradientAccumulator | None = None
-        if method == "wanda":
-            assert calibration is not None
-            stats = self._gather_wanda(loaded, calibration)
-        elif method == "wandg":
-            assert calibration is not None
-            for index, group in enumerate(groups):
-                last_group = self._gather_wandg_group(
-                    loaded, calibration, group, index, len(groups), base_layers
-                )
+        self.method.gather(loaded, calibration, base_layers, groups)
         if self.dist.is_main:
-            self._assemble(loaded, calibration, base_layers, stats, groups, last_group, final, meta)
+            self._assemble(loaded, calibration, base_layers, final, meta)
 
-    def _sample_loop(
+    def sample_loop(
         self,
         calibration: CalibrationSet,
         done: int,
@@ -497,45 +459,8 @@ class ScoreRun:
         self.reporter.finish()
         return steps
 
-    def _gather_wanda(
-        self, loaded: LoadedModel, calibration: CalibrationSet
-    ) -> dict[str, torch.Tensor]:
-        statistics = ActivationStatistics(loaded.linear_layers)
-        done = self.dist.broadcast_int(self._restore_wanda(statistics) if self.dist.is_main else 0)
-
-        def observe(sample: Any) -> None:
-            counted = sample.counted.to(loaded.input_device) if calibration.disentangle else None
-            statistics.observe(loaded.model, sample.input_ids.to(loaded.input_device), counted)
-
-        with statistics.recording():
-            steps = self._sample_loop(
-                calibration,
-                done,
-                "wanda: samples",
-                observe,
-                lambda step: self._checkpoint(
-                    statistics.sums,
-                    f"stats-{step:06d}.h5",
-                    "stats-*.h5",
-                    {"samples": step, "kind": "wanda-sums"},
-                ),
-            )
-        self.dist.all_reduce_sum(statistics.sums.values())
-        if done < steps:  # keep every statistic before assembly
-            self._checkpoint(
-                statistics.sums,
-                f"stats-{steps:06d}.h5",
-                "stats-*.h5",
-                {"samples": steps, "kind": "wanda-sums"},
-                reduced=True,
-            )
-        return statistics.sums
-
-    def _restore_wanda(self, statistics: ActivationStatistics) -> int:
-        """Load the latest readable statistics checkpoint; returns the steps it covers."""
-        return self._restore(statistics.load, "stats-*.h5")
-
-    def _restore(self, load: Any, pattern: str) -> int:
+    def restore(self, load: Any, pattern: str) -> int:
+        """Load the latest readable checkpoint matching `pattern`; returns the steps it covers."""
         for path in sorted(self.parts_dir.glob(pattern), reverse=True):
             part = read_part(path)
             if part is None:
@@ -546,7 +471,7 @@ class ScoreRun:
             return int(attrs["samples"])
         return 0
 
-    def _checkpoint(
+    def checkpoint(
         self,
         sums: dict[str, torch.Tensor],
         name: str,
@@ -562,94 +487,13 @@ class ScoreRun:
         if not self.dist.is_main:
             return
         arrays = ((k, v.detach().cpu().numpy()) for k, v in sums.items())
-        size = expected_file_bytes(sum(v.numel() * 4 for v in sums.values()), len(sums))
+        size = expected_file_bytes(
+            sum(v.numel() * v.element_size() for v in sums.values()), len(sums)
+        )
         write_part(self.parts_dir / name, arrays, attrs, size)
         # Keep only the newest two checkpoints: the previous one covers a damaged newest one.
         for older in sorted(self.parts_dir.glob(pattern))[:-2]:
             older.unlink(missing_ok=True)
-
-    def _gather_wandg_group(
-        self,
-        loaded: LoadedModel,
-        calibration: CalibrationSet,
-        group: list[LinearLayer],
-        index: int,
-        count: int,
-        base_layers: dict[str, LinearLayer] | None,
-    ) -> GradientAccumulator | None:
-        """Sum |grad| for one layer group. Every group but the last is saved as a part and
-        freed; the last one stays in memory and goes straight into the score set (its
-        accumulator checkpoints cover it until the set is in place), saving a write and a
-        read of up to the whole set's size."""
-        last = index == count - 1
-        group_path = self._group_part(index)
-        finished = 0
-        if not last and self.dist.is_main and group_path.exists():
-            part = open_part(group_path)
-            if part is not None:
-                part.close()
-                finished = 1
-            else:
-                warn(f"damaged part file {group_path}: removed, recomputing layer group {index}")
-        if self.dist.broadcast_int(finished):
-            return None
-        accumulator = GradientAccumulator(group, offload=self.config.offload_accumulators)
-        pattern = f"accum-g{index:04d}-*.h5"
-        done = self.dist.broadcast_int(
-            self._restore(accumulator.load, pattern) if self.dist.is_main else 0
-        )
-        first_layer, last_layer = group[0].layer, group[-1].layer
-        label = (
-            "wandg: samples"
-            if count == 1
-            else f"wandg: layers {first_layer}-{last_layer} ({index + 1}/{count})"
-        )
-
-        def observe(sample: Any) -> None:
-            if sample.num_counted > 0:  # a sample with no counted token has no loss
-                input_ids = sample.input_ids.to(loaded.input_device)
-                accumulator.observe(loaded.model, input_ids, sample.labels.to(loaded.input_device))
-
-        with accumulator.recording():
-            self._sample_loop(
-                calibration,
-                done,
-                label,
-                observe,
-                lambda step: self._checkpoint(
-                    accumulator.sums,
-                    f"accum-g{index:04d}-{step:06d}.h5",
-                    pattern,
-                    {"samples": step, "group": index, "kind": "wandg-accumulators"},
-                ),
-            )
-        self.dist.all_reduce_sum(accumulator.sums.values())
-        if last:
-            return accumulator
-        if self.dist.is_main:
-            scores = (
-                (lin.key, self._snip(lin, accumulator, base_layers).cpu().numpy()) for lin in group
-            )
-            size = expected_file_bytes(
-                sum(lin.shape[0] * lin.shape[1] * 4 for lin in group), len(group)
-            )
-            write_part(group_path, scores, {"group": index, "kind": "wandg-scores"}, size)
-            for stale in self.parts_dir.glob(pattern):
-                stale.unlink(missing_ok=True)
-        return None
-
-    def _group_part(self, index: int) -> Path:
-        return self.parts_dir / f"group-{index:04d}.h5"
-
-    @staticmethod
-    def _snip(
-        lin: LinearLayer,
-        accumulator: GradientAccumulator,
-        base_layers: dict[str, LinearLayer] | None,
-    ) -> torch.Tensor:
-        base = base_layers[lin.key].weight_matrix() if base_layers else None
-        magnitude = weight_magnitude(lin.weight_matrix(), base)
-        return snip_scores(magnitude, accumulator.scores_layout(lin).to(magnitude.device))
 
     # -- assembly -------------------------------------------------------------------------
 
@@ -658,95 +502,44 @@ class ScoreRun:
         loaded: LoadedModel,
         calibration: CalibrationSet | None,
         base_layers: dict[str, LinearLayer] | None,
-        stats: dict[str, torch.Tensor] | None,
-        groups: list[list[LinearLayer]],
-        last_group: GradientAccumulator | None,
         final: Path,
         meta: dict[str, Any],
     ) -> None:
-        """Write the score set to a temporary file one layer at a time, refuse NaN/Inf, rename
-        it into place."""
-        config = self.config
+        """Write the file to a temporary name one layer at a time, refuse NaN/Inf, rename it
+        into place."""
+        method = self.method
         non_finite: dict[str, tuple[int, int]] = {}
-        nsamples = len(calibration.samples) if calibration else 0
-        self.reporter.start("writing score set", total=len(loaded.linear_layers))
-        itemsize = 2 if config.score_dtype == "float16" else 4
-        array_bytes = sum(a * b * itemsize for a, b in loaded.fingerprint.shapes.values())
-        if stats is not None:
-            array_bytes += sum(v.numel() * 4 for v in stats.values())
-        datasets = len(loaded.linear_layers) * (2 if stats is not None else 1)
-        reserve = expected_file_bytes(array_bytes, datasets)
-        with atomic_h5(final, reserve) as handle, contextlib.ExitStack() as parts:
-            group_parts = self._open_group_parts(groups, last_group, parts)
+        self.reporter.start(f"writing {self._noun()}", total=len(loaded.linear_layers))
+        reserve = expected_file_bytes(method.array_bytes(loaded), method.datasets(loaded))
+        with atomic_h5(final, reserve) as handle, method.assembling():
             for lin in loaded.linear_layers:
-                if lin.key in group_parts:
-                    scores = group_parts[lin.key].read_raw(lin.key)
-                elif last_group is not None:
-                    scores = self._snip(lin, last_group, base_layers).cpu().numpy()
-                else:
-                    scores = self._layer_scores(lin, base_layers, stats, nsamples)
-                nan, inf = non_finite_counts(scores)
-                if nan or inf:
-                    non_finite[lin.key] = (nan, inf)
-                    continue
-                if config.score_dtype == "float16":
-                    write_array(handle, lin.key, to_float16_checked(scores, lin.key), "float16")
-                else:
-                    write_array(handle, lin.key, scores)
-                if stats is not None:
-                    mean_sq = (stats[lin.key].float() / float(nsamples)).cpu().numpy()
-                    write_array(handle, f"{STATS_GROUP}/{lin.key}", mean_sq)
+                for item in method.layer_arrays(lin, calibration, base_layers):
+                    if isinstance(item, LayerLink):
+                        handle[item.key] = handle[item.target]  # a hard link: stored once
+                        continue
+                    nan, inf = non_finite_counts(item.array)
+                    if nan or inf:
+                        non_finite[item.key] = (nan, inf)
+                        break  # nothing more of this layer
+                    if item.is_scores and self.config.score_dtype == "float16":
+                        array = to_float16_checked(item.array, item.key)
+                        write_array(handle, item.key, array, "float16")
+                    else:
+                        write_array(handle, item.key, item.array)
                 self.reporter.advance()
             if non_finite:
                 raise NonFiniteScoresError(
-                    f"score set {self.name!r} not written: non-finite scores in "
+                    f"{self._noun()} {self.name!r} not written: non-finite values in "
                     f"{len(non_finite)} modules ({format_non_finite(non_finite)}); "
                     "use --dtype float32, or check the model and data"
                 )
+            meta.update(method.meta())
             meta["finished"] = now_iso()
-            set_root_attrs(handle, SCORES_FORMAT, meta)
+            set_root_attrs(handle, method.file_format, meta)
         self.reporter.finish()
 
-    def _open_group_parts(
-        self,
-        groups: list[list[LinearLayer]],
-        last_group: GradientAccumulator | None,
-        stack: contextlib.ExitStack,
-    ) -> dict[str, StoredFile]:
-        """key -> the open part file holding it, for the wandg groups saved as parts."""
-        if self.config.method != "wandg":
-            return {}
-        by_key: dict[str, StoredFile] = {}
-        for index, group in enumerate(groups[:-1] if last_group is not None else groups):
-            part = open_part(self._group_part(index))
-            if part is None:
-                raise StoreError(
-                    f"layer group {index} of {self.name!r} was damaged before assembly and "
-                    "removed: run the same command again to recompute it"
-                )
-            stack.enter_context(part)
-            by_key.update({lin.key: part for lin in group})
-        return by_key
-
-    def _layer_scores(
-        self,
-        lin: LinearLayer,
-        base_layers: dict[str, LinearLayer] | None,
-        stats: dict[str, torch.Tensor] | None,
-        nsamples: int,
-    ) -> np.ndarray:
-        """Scores computed at assembly: wanda from its statistics, magnitude, random."""
-        method = self.config.method
-        if method == "random":
-            return random_scores(lin.shape, self.config.seed, lin.key).numpy()
-        base = base_layers[lin.key].weight_matrix() if base_layers else None
-        magnitude = weight_magnitude(lin.weight_matrix(), base)
-        if method == "wanda":
-            assert stats is not None
-            return (
-                wanda_scores(magnitude, stats[lin.key].to(magnitude.device), nsamples).cpu().numpy()
-            )
-        return magnitude.cpu().numpy()
+    def _noun(self) -> str:
+        return "rank-statistics set" if self.config.method == "actsvd" else "score set"
 
 
 def run_score(

@@ -218,3 +218,120 @@ class GradientAccumulator:
         """The accumulator as [out_features, in_features]."""
         total = self.sums[lin.key]
         return total.t() if lin.transposed else total
+
+
+# ---------------------------------------------------------------------------------------------
+# actsvd: second moments of the linear layers' inputs
+
+
+class _GroupDone(Exception):
+    """Raised by the last hook of a layer group: the rest of the forward pass is not needed."""
+
+
+def shared_inputs(model: Any, layers: list[LinearLayer], device: Any) -> dict[str, str]:
+    """Which linear layers read the same input tensor (q/k/v, gate/up, ...): key → the key of the
+    first layer, in model order, that reads it. Found with one forward pass over two tokens, so
+    it holds for any architecture the loader knows."""
+    first_reader: dict[int, str] = {}
+    owner: dict[str, str] = {}
+    seen: list[torch.Tensor] = []  # held so that no id is reused during the pass
+
+    def hook(key: str) -> Any:
+        def pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            seen.append(x)
+            owner[key] = first_reader.setdefault(id(x), key)
+
+        return pre_hook
+
+    handles = [lin.module.register_forward_pre_hook(hook(lin.key)) for lin in layers]
+    try:
+        with torch.no_grad():
+            extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+            model(
+                input_ids=torch.ones((1, 2), dtype=torch.long, device=device),
+                use_cache=False,
+                **extra,
+            )
+    finally:
+        for handle in handles:
+            handle.remove()
+    return {lin.key: owner.get(lin.key, lin.key) for lin in layers}
+
+
+class SecondMoments:
+    """Σ x xᵀ over the counted tokens, per distinct linear input of a group of layers, in
+    float64, and the number of counted tokens: the rank statistics of `--method actsvd`.
+
+    Layers that read the same input (see `shared_inputs`) share one accumulator. A forward
+    pass stops once the group's last input is recorded: the later layers are not needed.
+    """
+
+    TOKENS_KEY = "counted_tokens"
+
+    def __init__(
+        self, layers: list[LinearLayer], owners: dict[str, str], *, stop_early: bool
+    ) -> None:
+        self.layers = layers
+        self.owners = {lin.key: owners.get(lin.key, lin.key) for lin in layers}
+        self.readers = [lin for lin in layers if self.owners[lin.key] == lin.key]
+        self.sums: dict[str, torch.Tensor] = {
+            lin.key: torch.zeros(
+                (lin.shape[1], lin.shape[1]), dtype=torch.float64, device=lin.weight.device
+            )
+            for lin in self.readers
+        }
+        self.sums[self.TOKENS_KEY] = torch.zeros(1, dtype=torch.float64)
+        self._counted: torch.Tensor | None = None
+        self._last_key = self.readers[-1].key if stop_early and self.readers else None
+
+    def load(self, sums: dict[str, torch.Tensor]) -> None:
+        for key, value in sums.items():
+            self.sums[key].copy_(value.to(self.sums[key].device))
+
+    @property
+    def tokens(self) -> int:
+        return int(self.sums[self.TOKENS_KEY].item())
+
+    def _hook(self, key: str) -> Any:
+        def pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
+            from wandacli.ranks import second_moment_update
+
+            flat = args[0].detach().reshape(-1, args[0].shape[-1])
+            if self._counted is not None:
+                flat = flat[self._counted.to(flat.device)]
+            accumulator = self.sums[key]
+            accumulator.add_(second_moment_update(flat).to(accumulator.device))
+            if key == self._last_key:
+                raise _GroupDone
+
+        return pre_hook
+
+    @contextmanager
+    def recording(self) -> Iterator[None]:
+        handles = [
+            lin.module.register_forward_pre_hook(self._hook(lin.key)) for lin in self.readers
+        ]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def observe(self, model: Any, input_ids: torch.Tensor, counted: torch.Tensor | None) -> None:
+        """One forward pass over one sample (up to the group's last layer)."""
+        self._counted = counted.reshape(-1) if counted is not None else None
+        tokens = int(self._counted.sum()) if self._counted is not None else input_ids.numel()
+        self.sums[self.TOKENS_KEY] += tokens
+        extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+        try:
+            with torch.no_grad():
+                model(input_ids=input_ids, use_cache=False, **extra)
+        except _GroupDone:
+            pass
+        finally:
+            self._counted = None
+
+    def second_moment(self, key: str) -> torch.Tensor:
+        """C = (1/N) Σ x xᵀ for the input layer `key` reads (float64)."""
+        return self.sums[self.owners[key]] / max(self.tokens, 1)

@@ -10,8 +10,10 @@ rewritten in place (an HDF5 file killed mid-write is often unreadable):
         manifest.json           the settings the work was started with
         stats-<n>.h5            wanda: squared-input sums after n samples
         accum-g<k>-<n>.h5       wandg: |grad| sums of layer group k after n samples
-        group-<k>.h5            wandg: finished scores of layer group k
+                                (actsvd: second-moment sums, float64)
+        group-<k>.h5            wandg: finished scores of layer group k (actsvd: its C)
       masks/<mask>.h5           a pruning mask
+      edits/<edit>.h5           a rank edit (ActSVD): what to subtract from each weight
 
 Score set file (`format="wandacli-scores"`):
     /<layer>/<module>           float32 (float16 only by choice) [out_features, in_features],
@@ -20,10 +22,30 @@ Score set file (`format="wandacli-scores"`):
     root attributes: format, format_version, meta (JSON: method, model id and fingerprint,
                      data set, its hash and sample indices, nsamples, seed, seqlen, ...)
 
+Rank-statistics set (`format="wandacli-rank-statistics"`, `score --method actsvd`), in
+scores/<set>.h5 beside the score sets (it is looked up by name the same way):
+    /<layer>/<module>           float32 [in_features, in_features]: C = (1/N) Σ x xᵀ, the
+                                second moment of the module's input over the N counted tokens,
+                                fletcher32. Modules that read the same input (q/k/v, gate/up)
+                                are HDF5 hard links to one dataset: stored once.
+    root attributes: format, format_version, meta (JSON, as for score sets, plus
+                     counted_tokens = N and shared_inputs = {module key: the key it links to})
+    parts: accum-g<k>-<n>.h5 hold float64 sums Σ x xᵀ and the counted-token count;
+           group-<k>.h5 a finished layer group's C.
+
 Mask file (`format="wandacli-mask"`):
     /<layer>/<module>           uint8 numpy.packbits(mask, axis=-1), True = pruned,
                                 attribute shape = the weight's [out, in], fletcher32
     root attributes: format, format_version, meta (JSON)
+
+Edit file (`format="wandacli-edit"`, `prune --remove-top-ranks/--keep-top-ranks` or the
+orthogonal projection from rank statistics):
+    /<layer>/<module>/<basis>   float32 [out_features, r], orthonormal columns: `remove` (V_r:
+                                W ← W − V_r V_rᵀ W), `keep` (V_k: W ← V_k V_kᵀ W), or `safety`
+                                and `utility` (V_s, V_u: W ← W − (I − V_u V_uᵀ) V_s V_sᵀ W),
+                                fletcher32. Only the modules the edit changes are present.
+    root attributes: format, format_version, meta (JSON: mode, ranks and removed rank per
+                     module, the rank-statistics sets and their fingerprints, command line)
 
 Every file is written to a temporary name in its final directory, flushed, fsynced and renamed
 into place; readers only ever see finished files. Reading validates format and version, refuses
@@ -60,12 +82,15 @@ from wandacli.fingerprint import ModelFingerprint
 
 FORMAT_VERSION = 1
 SCORES_FORMAT = "wandacli-scores"
+RANK_STATS_FORMAT = "wandacli-rank-statistics"
 MASK_FORMAT = "wandacli-mask"
+EDIT_FORMAT = "wandacli-edit"
 PART_FORMAT = "wandacli-part"
 PARTS_MANIFEST_FORMAT = "wandacli-parts"
 
 SCORES_DIR = "scores"
 MASKS_DIR = "masks"
+EDITS_DIR = "edits"
 PARTS_SUFFIX = ".parts"
 LOCK_NAME = ".wandacli.lock"
 LOCK_HOLDER_NAME = ".wandacli.lock.json"
@@ -121,6 +146,18 @@ class Store:
     def mask_path(self, name: str) -> Path:
         return self.masks_dir / f"{check_name(name, 'mask')}.h5"
 
+    @property
+    def edits_dir(self) -> Path:
+        return self.root / EDITS_DIR
+
+    def edit_path(self, name: str) -> Path:
+        return self.edits_dir / f"{check_name(name, 'edit')}.h5"
+
+    def edit_names(self) -> list[str]:
+        if not self.edits_dir.is_dir():
+            return []
+        return sorted(p.stem for p in self.edits_dir.glob("*.h5") if not p.name.startswith("."))
+
     def score_set_names(self) -> list[str]:
         if not self.scores_dir.is_dir():
             return []
@@ -142,8 +179,8 @@ class Store:
 
 
 def resolve_file(reference: str, store_root: Path | None, kind: str) -> Path:
-    """A score set or mask given by name (inside the store) or as a path to its .h5 file."""
-    folder = SCORES_DIR if kind == "score set" else MASKS_DIR
+    """A score set, mask or edit given by name (inside the store) or as a path to its .h5."""
+    folder = {"score set": SCORES_DIR, "mask": MASKS_DIR, "edit": EDITS_DIR}[kind]
     path = Path(reference).expanduser()
     if reference.endswith(".h5") or os.sep in reference:
         if path.is_dir():
@@ -163,11 +200,11 @@ def resolve_file(reference: str, store_root: Path | None, kind: str) -> Path:
             f"score set {reference!r} in {store_root} is unfinished: run the same "
             "`wandacli score` command again to finish it"
         )
-    known = (
-        Store(store_root).score_set_names()
-        if kind == "score set"
-        else Store(store_root).mask_names()
-    )
+    known = {
+        "score set": Store(store_root).score_set_names,
+        "mask": Store(store_root).mask_names,
+        "edit": Store(store_root).edit_names,
+    }[kind]()
     listing = ", ".join(known) if known else "none"
     raise StoreError(f"no {kind} {reference!r} in {store_root} (it has: {listing})")
 
@@ -683,6 +720,14 @@ class StoredFile:
                 raise ChecksumError(f"checksum mismatch in {self.path}:/{key}") from exc
             raise StoreError(f"cannot read {self.path}:/{key} ({_first_line(exc)})") from exc
 
+    def all_dataset_keys(self) -> list[str]:
+        """Every dataset's path, in storage order (parts hold more than layer arrays)."""
+        keys: list[str] = []
+        self.handle.visititems(
+            lambda name, item: keys.append(name) if isinstance(item, h5py.Dataset) else None
+        )
+        return keys
+
     def dataset_keys(self) -> list[str]:
         """`<layer>/<module>` keys of the arrays (the stats group excluded)."""
         keys: list[str] = []
@@ -696,9 +741,13 @@ class StoredFile:
 
 
 def _format_noun(fmt: str) -> str:
-    return {SCORES_FORMAT: "score set", MASK_FORMAT: "mask", PART_FORMAT: "part file"}.get(
-        fmt, "file"
-    )
+    return {
+        SCORES_FORMAT: "score set",
+        RANK_STATS_FORMAT: "rank-statistics set",
+        MASK_FORMAT: "mask",
+        EDIT_FORMAT: "edit",
+        PART_FORMAT: "part file",
+    }.get(fmt, "file")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -797,6 +846,121 @@ class MaskFile(ModelFile):
         return unpack_mask(packed, shape)
 
 
+class RankStatistics(ModelFile):
+    """A finished rank-statistics set (`score --method actsvd`): per module, the second moment
+    C of its input, [in_features, in_features], read one at a time."""
+
+    noun = "rank-statistics set"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, RANK_STATS_FORMAT, ("float32",))
+
+    @property
+    def counted_tokens(self) -> int:
+        return int(self.meta.get("counted_tokens") or 0)
+
+    def read(self, key: str) -> np.ndarray:
+        """C for the input of `key` as float64, refusing NaN/Inf and wrong shapes."""
+        array = self.read_raw(key)
+        shape = self.fingerprint.shapes.get(key)
+        expected = None if shape is None else (shape[1], shape[1])
+        if expected is None or tuple(array.shape) != expected:
+            raise StoreError(
+                f"{self.path}:/{key} has shape {tuple(array.shape)}, its meta says {expected}"
+            )
+        nan, inf = non_finite_counts(array)
+        if nan or inf:
+            raise NonFiniteScoresError(
+                f"{self.path}:/{key} contains {nan} NaN and {inf} Inf values: recompute this set"
+            )
+        return array.astype(np.float64)
+
+
+def stored_format(path: Path) -> str | None:
+    """The `format` attribute of an HDF5 store file, or None when it has none or is unreadable."""
+    try:
+        with h5py.File(path, "r", locking=False) as handle:
+            found = handle.attrs.get("format")
+    except OSError:
+        return None
+    return found.decode(errors="replace") if isinstance(found, bytes) else found
+
+
+def open_finished_scores(path: Path) -> ScoreSet | RankStatistics:
+    """A finished file in scores/: a score set or a rank-statistics set, by its format."""
+    if stored_format(path) == RANK_STATS_FORMAT:
+        return RankStatistics(path)
+    return ScoreSet(path)
+
+
+def open_rank_statistics(reference: str, store_root: Path | None) -> RankStatistics:
+    """A rank-statistics set by name or path; a score set given instead is named as such."""
+    path = resolve_file(reference, store_root, "score set")
+    found = stored_format(path)
+    if found == SCORES_FORMAT:
+        raise StoreError(
+            f"{reference} is a score set, not rank statistics: rank edits need "
+            "`wandacli score --method actsvd` (per-weight scores give masks)"
+        )
+    return RankStatistics(path)
+
+
+class EditFile(StoredFile):
+    """A finished rank edit: per changed module, the orthonormal bases that define it."""
+
+    noun = "edit"
+    BASES = {
+        "remove-top-ranks": ("remove",),
+        "keep-top-ranks": ("keep",),
+        "orthogonal-projection": ("safety", "utility"),
+    }
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, EDIT_FORMAT, ("float32",))
+        try:
+            self.fingerprint = ModelFingerprint.from_json(self.meta["model"]["fingerprint"])
+            self.mode = str(self.meta["mode"])
+            self.keys = list(self.meta["modules"])
+            bases = self.BASES[self.mode]
+        except (KeyError, TypeError, ValueError) as exc:
+            self.close()
+            raise StoreError(f"{self.path} has incomplete meta: not a complete edit") from exc
+        missing = [f"{k}/{b}" for k in self.keys for b in bases if not self.has(f"{k}/{b}")]
+        if missing:
+            self.close()
+            raise StoreError(f"{self.path} is incomplete: missing {missing[0]}")
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    def check_model(self, fingerprint: ModelFingerprint, model_id: str) -> None:
+        mismatch = self.fingerprint.first_mismatch(fingerprint, mine="stored", theirs="model")
+        if mismatch:
+            raise StoreError(
+                f"edit {self.path} was made for another model "
+                f"({self.meta['model'].get('id')}) than {model_id}: {mismatch}"
+            )
+
+    def bases(self, key: str) -> dict[str, np.ndarray]:
+        """The module's bases by role, checked: [out_features, r] each."""
+        out_features = self.fingerprint.shapes[key][0]
+        found = {}
+        for role in self.BASES[self.mode]:
+            array = self.read_raw(f"{key}/{role}")
+            if array.ndim != 2 or array.shape[0] != out_features:
+                raise StoreError(
+                    f"{self.path}:/{key}/{role} has shape {array.shape}, expected "
+                    f"({out_features}, r)"
+                )
+            found[role] = array
+        return found
+
+
+def open_edit(reference: str, store_root: Path | None) -> EditFile:
+    return EditFile(resolve_file(reference, store_root, "edit"))
+
+
 def pack_mask(mask: np.ndarray) -> np.ndarray:
     """A mask's stored form: uint8 `numpy.packbits(mask, axis=-1)`, 8 weights a byte."""
     return np.packbits(mask, axis=-1)
@@ -829,8 +993,11 @@ class ScoreSetSummary:
     error: str | None = None
 
 
-def summarize_store(root: Path) -> tuple[list[ScoreSetSummary], list[ScoreSetSummary]]:
-    """(score sets, masks) in a store, each with its meta or the reason it cannot be read."""
+def summarize_store(
+    root: Path,
+) -> tuple[list[ScoreSetSummary], list[ScoreSetSummary], list[ScoreSetSummary]]:
+    """(score and rank-statistics sets, masks, edits) in a store, each with its meta or the
+    reason it cannot be read."""
     if not root.is_dir():
         raise StoreError(f"store {root} does not exist: pass the directory given to --store")
     store = Store(root)
@@ -838,7 +1005,7 @@ def summarize_store(root: Path) -> tuple[list[ScoreSetSummary], list[ScoreSetSum
     for name in store.score_set_names():
         path = store.score_set_path(name)
         try:
-            with ScoreSet(path) as score_set:
+            with open_finished_scores(path) as score_set:
                 sets.append(ScoreSetSummary(name, path, True, score_set.meta, "complete"))
         except StoreError as exc:
             sets.append(ScoreSetSummary(name, path, False, error=str(exc)))
@@ -855,7 +1022,15 @@ def summarize_store(root: Path) -> tuple[list[ScoreSetSummary], list[ScoreSetSum
                 masks.append(ScoreSetSummary(name, path, True, mask_file.meta, "complete"))
         except StoreError as exc:
             masks.append(ScoreSetSummary(name, path, False, error=str(exc)))
-    return sets, masks
+    edits: list[ScoreSetSummary] = []
+    for name in store.edit_names():
+        path = store.edit_path(name)
+        try:
+            with EditFile(path) as edit_file:
+                edits.append(ScoreSetSummary(name, path, True, edit_file.meta, "complete"))
+        except StoreError as exc:
+            edits.append(ScoreSetSummary(name, path, False, error=str(exc)))
+    return sets, masks, edits
 
 
 # ---------------------------------------------------------------------------------------------
@@ -939,7 +1114,8 @@ def write_part(
     memory at one array), attributes as meta; atomic and checksummed."""
     with atomic_h5(path, reserve_bytes) as handle:
         for key, array in arrays:
-            write_array(handle, key, array)
+            # float64 sums (actsvd) stay float64: a resume must continue from the exact sums.
+            write_array(handle, key, array, "float64" if array.dtype == np.float64 else "float32")
         set_root_attrs(handle, PART_FORMAT, attrs)
 
 
@@ -950,7 +1126,7 @@ def read_part(path: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]] | None
         return None
     with part:
         try:
-            arrays = {key: part.read_raw(key) for key in part.dataset_keys()}
+            arrays = {key: part.read_raw(key) for key in part.all_dataset_keys()}
         except StoreError:
             part.close()
             with contextlib.suppress(OSError):
@@ -963,7 +1139,7 @@ def open_part(path: Path) -> StoredFile | None:
     """A part file opened for reading one array at a time, or None (and the file removed)
     when it cannot be opened: a truncated part is recomputed, never trusted."""
     try:
-        return StoredFile(path, PART_FORMAT, ("float32",))
+        return StoredFile(path, PART_FORMAT, ("float32", "float64"))
     except StoreError:
         with contextlib.suppress(OSError):
             path.unlink()
@@ -971,4 +1147,11 @@ def open_part(path: Path) -> StoredFile | None:
 
 
 def open_score_set(reference: str, store_root: Path | None) -> ScoreSet:
-    return ScoreSet(resolve_file(reference, store_root, "score set"))
+    """A score set by name or path; rank statistics given instead are named as such."""
+    path = resolve_file(reference, store_root, "score set")
+    if stored_format(path) == RANK_STATS_FORMAT:
+        raise StoreError(
+            f"{reference} holds rank statistics (actsvd), not per-weight scores: edit ranks "
+            "with `prune --remove-top-ranks/--keep-top-ranks` or the orthogonal projection"
+        )
+    return ScoreSet(path)

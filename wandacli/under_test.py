@@ -1,6 +1,6 @@
 """The model under test for the eval commands: loaded through the shared loader, a stored mask
-optionally applied in memory (no pruned copy on disk), and named as the reference's results
-log names it (`method  actual_sparsity  [p  q]  metric  score`)."""
+or rank edit optionally applied in memory (no edited copy on disk), and named as the
+reference's results log names it (`method  actual_sparsity  [p  q]  metric  score`)."""
 
 from __future__ import annotations
 
@@ -10,15 +10,20 @@ from pathlib import Path
 from typing import Any
 
 from wandacli.config import ModelSpec
-from wandacli.store import open_mask
+from wandacli.removal import EDIT_MODES, edit_method, mask_method, open_removal
 
 
 @dataclass
 class ModelUnderTest:
     loaded: Any  # LoadedModel
-    mask_path: Path | None = None
+    mask_path: Path | None = None  # the mask or edit applied
     mask_meta: dict[str, Any] = field(default_factory=dict)
     actual_sparsity: float = 0.0  # exact zeros in the decoder's linear weights
+
+    @property
+    def is_edit(self) -> bool:
+        """A rank edit (its meta names an edit mode), not a mask."""
+        return self.mask_meta.get("mode") in EDIT_MODES
 
     @property
     def label(self) -> str:
@@ -31,12 +36,9 @@ class ModelUnderTest:
     def method(self) -> str:
         """The reference's `prune_method` for this model: `wanda`, `wandg`,
         `wandg_set_difference`, ..., or `dense`."""
-        meta = self.mask_meta
-        if not meta:
-            return "dense"
-        sets = meta.get("score_sets") or [{}]
-        method = str(sets[0].get("method") or "unknown")
-        return f"{method}_set_difference" if meta.get("mode") == "set-difference" else method
+        if self.is_edit:
+            return edit_method(self.mask_meta)
+        return mask_method(self.mask_meta)
 
     @property
     def p_q(self) -> tuple[float, float] | None:
@@ -51,7 +53,7 @@ class ModelUnderTest:
         return Path(str(matched["path"])).stem if matched.get("path") else None
 
     def describe(self) -> dict[str, Any]:
-        return {
+        described = {
             "model": self.loaded.model_id,
             "mask": str(self.mask_path) if self.mask_path else None,
             "method": self.method,
@@ -59,6 +61,9 @@ class ModelUnderTest:
             "p_q": self.p_q,
             "matches": self.matches,
         }
+        if self.is_edit:  # the share of rank an edit removes, as the paper reports it
+            described["removed_rank_fraction"] = self.mask_meta.get("removed_rank_fraction")
+        return described
 
 
 def load_model_under_test(spec: ModelSpec, mask: str | None, store: Path | None) -> ModelUnderTest:
@@ -67,14 +72,14 @@ def load_model_under_test(spec: ModelSpec, mask: str | None, store: Path | None)
     from wandacli import pruning
     from wandacli.models import load_model
 
-    mask_file = open_mask(mask, store) if mask is not None else None  # fail fast, before loading
+    removal = open_removal(mask, store) if mask is not None else None  # fail fast, before loading
     try:
         loaded = load_model(spec)
         under_test = ModelUnderTest(loaded)
-        if mask_file is not None:
-            pruning.apply_mask_file(loaded, mask_file)
-            under_test.mask_path = mask_file.path
-            under_test.mask_meta = dict(mask_file.meta)
+        if removal is not None:
+            removal.apply(loaded)
+            under_test.mask_path = removal.path
+            under_test.mask_meta = dict(removal.meta)
         else:
             provenance = Path(loaded.source.location) / "wandacli-mask.json"
             if loaded.source.kind == "local" and provenance.is_file():
@@ -82,8 +87,8 @@ def load_model_under_test(spec: ModelSpec, mask: str | None, store: Path | None)
         under_test.actual_sparsity = pruning.zero_fraction(loaded)
         return under_test
     finally:
-        if mask_file is not None:
-            mask_file.close()
+        if removal is not None:
+            removal.close()
 
 
 def append_reference_log(path: Path, under_test: ModelUnderTest, metric: str, score: float) -> None:

@@ -17,7 +17,8 @@ from tests.test_prune_cli import prune
 from tests.test_score_cli import assert_one_line_error, score_args
 from wandacli import render
 from wandacli.compare import average_ranks, compare_files, spearman
-from wandacli.store import MaskFile, ScoreSet, atomic_h5, set_root_attrs, write_mask_array
+from wandacli.durable import atomic_h5
+from wandacli.store import MaskFile, ScoreSet, set_root_attrs, write_mask_array
 
 
 @pytest.fixture(scope="module")

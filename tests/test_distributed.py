@@ -13,13 +13,13 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from wandacli.store import ScoreSet
+from wandacli.store import open_finished_scores
 
 RANK_RUNNER = REPO / "tests" / "faults" / "run_rank.py"
 
 
 def arrays(path: Path) -> dict[str, np.ndarray]:
-    with ScoreSet(path) as score_set:
+    with open_finished_scores(path) as score_set:
         return {key: score_set.read(key) for key in score_set.keys}
 
 
@@ -72,6 +72,7 @@ def torchrun(args: list[str], env: dict[str, str] | None = None) -> subprocess.C
     [
         ("wanda", ["--checkpoint-every", "2"]),
         ("wandg", ["--layers-per-pass", "1", "--checkpoint-every", "2"]),
+        ("actsvd", ["--layers-per-pass", "1", "--checkpoint-every", "2"]),
     ],
 )
 def test_two_processes_equal_one_and_only_rank_0_writes(
@@ -97,7 +98,8 @@ def test_two_processes_equal_one_and_only_rank_0_writes(
     writers = {line.split()[0] for line in log.read_text().splitlines()}
     assert writers == {"0"}
     assert len(log.read_text().splitlines()) > 2  # checkpoints and the set itself
-    assert ScoreSet(parallel / "scores" / "s.h5").meta["world_size"] == 2
+    with open_finished_scores(parallel / "scores" / "s.h5") as finished:
+        assert finished.meta["world_size"] == 2
 
 
 def test_a_failing_rank_fails_the_run_and_nothing_is_marked_complete(

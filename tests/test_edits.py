@@ -179,7 +179,7 @@ class TestEditsApplyWhereMasksDo:
             "cpu",
             "--store",
             str(rank_store),
-            "--mask",
+            "--edit",
             summary["name"],
             "--seqlen",
             "64",
@@ -366,3 +366,219 @@ def test_eigh_and_the_references_randomised_svd_on_smollm2():
     assert len(similarities) == 14
     assert min(similarities.values()) > 0.5
     assert float(np.mean(list(similarities.values()))) > 0.9
+
+
+class TestSubspaceComparison:
+    """`compare` on two rank-statistics sets: φ per layer and module."""
+
+    def run(self, cli, rank_store, model_dir, *extra):
+        result = cli(
+            "compare",
+            "safety",
+            "utility",
+            "--store",
+            rank_store,
+            "--model",
+            model_dir,
+            "--no-progress",
+            *extra,
+        )
+        assert result.exit_code == 0, result.stderr
+        return result
+
+    def test_similarity_equals_an_independent_computation(self, cli, rank_store, tiny_llama_dir):
+        result = self.run(cli, rank_store, tiny_llama_dir, "--ranks", "3,8,20", "--json")
+        rows = json.loads(result.stdout)["rows"]
+        w = weights(tiny_llama_dir)
+        safety, utility = moments(rank_store, "safety"), moments(rank_store, "utility")
+        assert len(rows) == 14 * 3
+        for row in rows:
+            key = f"{row['layer']}/{row['module']}"
+            rank = row["rank_a"]
+            assert row["rank_b"] == rank
+            if rank > min(w[key].shape):
+                assert row["subspace_similarity"] is None  # no such rank in this module
+                continue
+            v_a = top_directions(w[key], safety[key], rank)
+            v_b = top_directions(w[key], utility[key], rank)
+            expected = float(np.sum((v_a.T @ v_b) ** 2) / rank)
+            assert row["subspace_similarity"] == pytest.approx(expected, abs=1e-6), key
+        assert any(r["subspace_similarity"] is None for r in rows)  # rank 20 > 16 for k/v
+
+    def test_grid_table_csv_and_plot(self, cli, rank_store, tiny_llama_dir, tmp_path):
+        result = self.run(
+            cli,
+            rank_store,
+            tiny_llama_dir,
+            "--ranks",
+            "2,4",
+            "--rank-grid",
+            "--csv",
+            str(tmp_path / "phi.csv"),
+            "--plot",
+            str(tmp_path / "phi.png"),
+        )
+        assert "subspace similarity" in result.stdout and "2×4" in result.stdout
+        import csv
+
+        rows = list(csv.DictReader((tmp_path / "phi.csv").open()))
+        assert {(r["rank_a"], r["rank_b"]) for r in rows} == {
+            ("2", "2"),
+            ("2", "4"),
+            ("4", "2"),
+            ("4", "4"),
+        }
+        assert (tmp_path / "phi.png").read_bytes().startswith(b"\x89PNG")
+
+    def test_report_draws_the_subspace_heatmap_from_the_csv(
+        self, cli, rank_store, tiny_llama_dir, tmp_path
+    ):
+        from tests.test_report import write_result
+
+        compare_dir = tmp_path / "compare"
+        compare_dir.mkdir()
+        self.run(
+            cli, rank_store, tiny_llama_dir, "--ranks", "5", "--csv", str(compare_dir / "s.csv")
+        )
+        results = tmp_path / "results"
+        write_result(
+            results, "dense", method="dense", sparsity=0.0, asr={"inst_ASR_basic": 0.1}, ppl=9.0
+        )
+        report = cli(
+            "report",
+            results,
+            "--plots",
+            tmp_path / "fig",
+            "--compare",
+            compare_dir,
+            "--markdown",
+            tmp_path / "r.md",
+        )
+        assert report.exit_code == 0, report.stderr
+        assert (tmp_path / "fig" / "subspaces-safety-vs-utility-r5.png").is_file()
+        assert "Rank-level overlap of safety and utility" in (tmp_path / "r.md").read_text()
+
+    @pytest.mark.parametrize(
+        ("extra", "fragment"),
+        [
+            (["--ranks", "0"], "positive integers"),
+            (["--ranks", "a,b"], "positive integers"),
+        ],
+    )
+    def test_bad_ranks(self, cli, rank_store, tiny_llama_dir, extra, fragment):
+        result = cli(
+            "compare", "safety", "utility", "--store", rank_store, "--model", tiny_llama_dir, *extra
+        )
+        assert_one_line_error(result, fragment)
+
+    def test_the_model_is_needed_and_two_sets_at_a_time(self, cli, rank_store, tiny_llama_dir):
+        assert_one_line_error(
+            cli("compare", "safety", "utility", "--store", rank_store), "pass --model"
+        )
+        three = cli(
+            "compare",
+            "safety",
+            "utility",
+            "safety",
+            "--store",
+            rank_store,
+            "--model",
+            tiny_llama_dir,
+        )
+        assert_one_line_error(three, "two at a time")
+
+
+class TestSequentialOrder:
+    """`prune --sequential`: the reference's loop, layer by layer."""
+
+    @staticmethod
+    def reference_loop(model_dir, data, rank: int) -> dict[str, np.ndarray]:
+        """The reference's ActSVD `--top_remove` loop written out here: for each decoder layer
+        in order, run the calibration samples through the model (earlier layers already
+        edited), record every module's input rows at the counted tokens, take the top right
+        singular vectors of A = X Wᵀ by a full SVD, and set W ← W − V Vᵀ W for the whole layer."""
+        from wandacli.data import build_calibration_set, load_raw
+
+        loaded = load_model(ModelSpec(model=str(model_dir), device="cpu"))
+        calibration = build_calibration_set(
+            load_raw(str(data)), loaded.tokenizer, nsamples=6, seed=0, seqlen=128
+        )
+        layers = sorted({lin.layer for lin in loaded.linear_layers})
+        for layer in layers:
+            group = [lin for lin in loaded.linear_layers if lin.layer == layer]
+            rows: dict[str, list[torch.Tensor]] = {lin.key: [] for lin in group}
+            mask: dict[str, torch.Tensor] = {}
+
+            def hook(key, rows=rows, mask=mask):
+                def pre_hook(module, args):
+                    x = args[0].reshape(-1, args[0].shape[-1])
+                    rows[key].append(x[mask["counted"]].double())
+
+                return pre_hook
+
+            handles = [lin.module.register_forward_pre_hook(hook(lin.key)) for lin in group]
+            with torch.no_grad():
+                for sample in calibration.samples:
+                    mask["counted"] = sample.counted.reshape(-1)
+                    loaded.model(input_ids=sample.input_ids)
+            for handle in handles:
+                handle.remove()
+            for lin in group:
+                w = lin.weight_matrix().double()
+                a = torch.cat(rows[lin.key]) @ w.T
+                v = torch.linalg.svd(a, full_matrices=False).Vh[:rank].T
+                with torch.no_grad():
+                    lin.weight.copy_((w - v @ (v.T @ w)).float())
+        return {lin.key: lin.weight_matrix().double().numpy() for lin in loaded.linear_layers}
+
+    def test_sequential_equals_the_reference_loop(self, cli, rank_store, tiny_llama_dir, pairs_csv):
+        summary = prune_ranks(
+            cli,
+            rank_store,
+            tiny_llama_dir,
+            "--scores",
+            "safety",
+            "--remove-top-ranks",
+            "3",
+            "--sequential",
+        )
+        assert summary["name"].endswith(".seq")
+        expected = self.reference_loop(tiny_llama_dir, pairs_csv, 3)
+        after = edited(tiny_llama_dir, rank_store, summary["name"])
+        for key, value in expected.items():
+            np.testing.assert_allclose(after[key], value, atol=5e-5, err_msg=key)
+        # Layer 0 sees the same inputs either way; layer 1 does not: the orders differ there.
+        store_first = edited(
+            tiny_llama_dir,
+            rank_store,
+            prune_ranks(
+                cli, rank_store, tiny_llama_dir, "--scores", "safety", "--remove-top-ranks", "3"
+            )["name"],
+        )
+        np.testing.assert_allclose(store_first["0/mlp.up_proj"], after["0/mlp.up_proj"], atol=5e-5)
+        assert not np.allclose(store_first["1/mlp.up_proj"], after["1/mlp.up_proj"], atol=1e-4)
+
+    def test_sequential_projection_saved_model_is_edited_once(
+        self, cli, rank_store, tiny_llama_dir, tmp_path
+    ):
+        out = tmp_path / "seq-model"
+        summary = prune_ranks(
+            cli,
+            rank_store,
+            tiny_llama_dir,
+            "--scores",
+            "safety",
+            "--utility-scores",
+            "utility",
+            "--safety-ranks",
+            "4",
+            "--utility-ranks",
+            "6",
+            "--sequential",
+            "--save-model",
+            str(out),
+        )
+        in_memory = edited(tiny_llama_dir, rank_store, summary["name"])
+        saved = weights(out)
+        for key, value in in_memory.items():
+            np.testing.assert_allclose(saved[key], value, atol=1e-6, err_msg=key)

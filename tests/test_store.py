@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from wandacli.config import ModelSpec, ScoreConfig
+from wandacli.durable import remove_orphan_temporaries, temporary_path
 from wandacli.errors import ChecksumError, NonFiniteScoresError, StoreError, StoreLockedError
 from wandacli.models import load_model
 from wandacli.score_run import run_score
@@ -19,8 +20,6 @@ from wandacli.store import (
     SCORES_FORMAT,
     ScoreSet,
     StoredFile,
-    remove_orphan_temporaries,
-    temporary_path,
     to_float16_checked,
     writer_lock,
 )

@@ -24,8 +24,9 @@ from typing import Any, Protocol
 from wandacli import reference
 from wandacli.config import RESULTS_DIR, AttackConfig, Columns, ModelSpec
 from wandacli.console import NullReporter, Reporter, info, warn
+from wandacli.durable import atomic_write_text
 from wandacli.errors import ConfigError, StoreError, interruptible
-from wandacli.store import atomic_write_text, now_iso, software_versions
+from wandacli.store import now_iso, software_versions
 from wandacli.under_test import ModelUnderTest, append_reference_log, load_model_under_test
 
 # ---------------------------------------------------------------------------------------------
@@ -638,7 +639,7 @@ def _safe(name: str) -> str:
 
 def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool) -> bool:
     """Create the output directory; True when it holds runs made with these very settings."""
-    from wandacli.store import ensure_writable_directory
+    from wandacli.durable import ensure_writable_directory
 
     ensure_writable_directory(out, "--out")
     settings_path = out / "settings.json"

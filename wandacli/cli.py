@@ -530,6 +530,16 @@ def prune(
             rich_help_panel="Rank edits (actsvd)",
         ),
     ] = None,
+    sequential: Annotated[
+        bool,
+        typer.Option(
+            "--sequential",
+            help="Rank edits in the reference's order: layer by layer, each layer's inputs "
+            "recorded after the layers before it were edited (runs the model again on the "
+            "sets' recorded data; about L/2 passes over it for L layers).",
+            rich_help_panel="Rank edits (actsvd)",
+        ),
+    ] = False,
     rank_neg: Annotated[
         int | None,
         typer.Option(
@@ -635,7 +645,7 @@ def prune(
         else None
     )
     rank_flags = (remove_top_ranks, keep_top_ranks, safety_ranks, utility_ranks, rank_neg, rank_pos)
-    if any(value is not None for value in rank_flags):
+    if any(value is not None for value in rank_flags) or sequential:
         from wandacli.edit_run import run_edit
 
         refuse_mask_flags_for_edits(
@@ -666,6 +676,7 @@ def prune(
             name=name,
             save_model=save_model,
             overwrite=overwrite,
+            sequential=sequential,
         )
         with progress_reporter(enabled=not no_progress) as reporter:
             edited = run_edit(
@@ -741,9 +752,40 @@ def compare(
     plot: Annotated[
         Path | None,
         typer.Option(
-            "--plot", help="Draw the first pair's Jaccard heatmap to this file (.png or .svg)."
+            "--plot",
+            help="Draw the first pair's Jaccard heatmap (rank statistics: the φ heatmap at the "
+            "first ranks) to this file (.png or .svg).",
         ),
     ] = None,
+    ranks: Annotated[
+        str,
+        typer.Option(
+            "--ranks",
+            metavar="<r,r,...>",
+            help="Rank statistics (actsvd): the subspace similarity φ(r, r) at these ranks.",
+            rich_help_panel="Rank statistics",
+        ),
+    ] = "10",
+    rank_grid: Annotated[
+        bool,
+        typer.Option(
+            "--rank-grid",
+            help="Rank statistics: φ(r_a, r_b) for every pair of --ranks, not only r_a = r_b.",
+            rich_help_panel="Rank statistics",
+        ),
+    ] = False,
+    model: Annotated[
+        str | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Rank statistics: the model they were computed on (its weights give the "
+            "output directions).",
+            rich_help_panel="Rank statistics",
+        ),
+    ] = None,
+    dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
     config: ConfigOption = None,
     json_output: JsonOption = False,
     no_progress: NoProgressOption = False,
@@ -751,9 +793,27 @@ def compare(
     """How much do masks and score sets agree on which weights matter: sizes, intersections,
     Jaccard index per layer and module, and Spearman's rank correlation between score sets."""
     from wandacli.compare import compare_files, plot_format, write_csv, write_json
+    from wandacli.subspaces import are_rank_statistics
 
     if plot is not None:
         plot_format(plot)  # a bad file name fails before the comparison is computed
+    if are_rank_statistics(inputs, store):
+        from wandacli.subspaces import compare_rank_statistics
+
+        with progress_reporter(enabled=not no_progress) as reporter:
+            subspaces = compare_rank_statistics(
+                inputs,
+                store_root=store,
+                model=ModelSpec(model=model, dtype=dtype, device=device) if model else None,
+                ranks=ranks,
+                grid=rank_grid,
+                csv_file=csv_file,
+                json_file=json_file,
+                plot=plot,
+                reporter=reporter,
+            )
+        render.subspace_comparison(subspaces, as_json=json_output)
+        return
     with progress_reporter(enabled=not no_progress) as reporter:
         result = compare_files(
             inputs,

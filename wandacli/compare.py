@@ -293,6 +293,11 @@ def write_json(comparison: Comparison, path: Path) -> None:
     _output(path).write_text(json.dumps(comparison.to_json(), indent=1), encoding="utf-8")
 
 
+def output_path(path: Path) -> Path:
+    """A file compare can write: not a directory, in a directory that exists."""
+    return _output(path)
+
+
 def _output(path: Path) -> Path:
     if path.is_dir():
         raise ConfigError(f"{path} is a directory: pass a file name")

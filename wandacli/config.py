@@ -435,6 +435,9 @@ class EditConfig:
     name: str | None = None
     save_model: Path | None = None
     overwrite: bool = False
+    # The reference's order: layer by layer, each layer's inputs recorded after the layers
+    # before it were edited (recomputed from the model and the sets' recorded data).
+    sequential: bool = False
 
     def __post_init__(self) -> None:
         modes = [

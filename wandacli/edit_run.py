@@ -17,6 +17,7 @@ import torch
 
 from wandacli.config import EditConfig
 from wandacli.console import NullReporter, Reporter
+from wandacli.durable import atomic_h5, ensure_writable_directory, expected_file_bytes
 from wandacli.errors import ConfigError, StoreError
 from wandacli.memory import peak_rss_bytes
 from wandacli.prune_run import selected_keys, store_root_for
@@ -27,9 +28,6 @@ from wandacli.store import (
     EditFile,
     RankStatistics,
     Store,
-    atomic_h5,
-    ensure_writable_directory,
-    expected_file_bytes,
     now_iso,
     open_rank_statistics,
     set_root_attrs,
@@ -72,7 +70,8 @@ class EditResult:
 
 
 def default_edit_name(config: EditConfig, safety: str, utility: str | None) -> str:
-    """A name that says how the edit was made, e.g. `actsvd-align_short.remove-top10`."""
+    """A name that says how the edit was made, e.g. `actsvd-align_short.remove-top10`
+    (`.seq` when made in the reference's sequential order)."""
     if config.remove_top_ranks is not None:
         name = f"{safety}.remove-top{config.remove_top_ranks}"
     elif config.keep_top_ranks is not None:
@@ -85,6 +84,8 @@ def default_edit_name(config: EditConfig, safety: str, utility: str | None) -> s
         name += ".L" + config.layers.replace(",", "_")
     if config.modules:
         name += ".M" + config.modules
+    if config.sequential:
+        name += ".seq"
     return _UNSAFE_NAME_CHARS.sub("_", name)
 
 
@@ -163,8 +164,9 @@ def run_edit(
                 meta=meta,
             )
             if config.save_model is not None:
-                with EditRemoval(EditFile(final)) as edit:
-                    edit.apply(loaded)
+                if not config.sequential:  # the sequential order edited the model as it went
+                    with EditRemoval(EditFile(final)) as edit:
+                        edit.apply(loaded)
                 result.saved_model = save_model_with(
                     loaded, config.save_model, final, meta, command_line, reporter, what="edit"
                 )
@@ -242,6 +244,7 @@ def _write_edit(
     by_key = {lin.key: lin for lin in loaded.linear_layers}
     shapes = safety.fingerprint.shapes
     modules: dict[str, dict[str, Any]] = {}
+    sequential = SequentialMoments(loaded, safety, utility) if config.sequential else None
     array_bytes = sum(shapes[k][0] * sum(config.ranks_for(shapes[k]).values()) * 4 for k in keys)
     reporter.start(f"edit: {config.mode}", total=len(keys))
     with atomic_h5(final, expected_file_bytes(array_bytes, 2 * len(keys))) as handle:
@@ -254,8 +257,13 @@ def _write_edit(
             for role, rank in ranks.items():
                 source = utility if role == "utility" else safety
                 assert source is not None
-                second_moment = torch.from_numpy(source.read(key)).to(w64.device)
+                if sequential is not None:  # recorded now, after the earlier layers' edits
+                    second_moment = sequential.second_moment(source, key).to(w64.device)
+                else:
+                    second_moment = torch.from_numpy(source.read(key)).to(w64.device)
                 bases[role] = top_output_directions(w64, second_moment, rank)
+            if sequential is not None:  # this layer's edit in place before the next is recorded
+                sequential.apply(by_key[key], config.mode, bases)
             full = min(shapes[key])
             if config.mode == "remove-top-ranks":
                 removed = ranks["remove"]
@@ -280,6 +288,7 @@ def _write_edit(
             ],
             "model": safety.meta["model"],
             "eigensolver": "torch.linalg.eigh, float64, of W C Wᵀ (or its d_in-sized form)",
+            "order": "sequential" if config.sequential else "store",
             "layers": config.layers,
             "modules_filter": config.modules,
             "config": config.request(),
@@ -290,6 +299,92 @@ def _write_edit(
         set_root_attrs(handle, EDIT_FORMAT, meta)
     reporter.finish()
     return meta
+
+
+class SequentialMoments:
+    """The reference's order: each decoder layer's second moments recorded with the layers
+    before it already edited, from the calibration samples the rank-statistics sets were made
+    from (rebuilt from their recorded settings; a changed data file is refused)."""
+
+    def __init__(self, loaded: Any, safety: RankStatistics, utility: RankStatistics | None) -> None:
+        from wandacli.scoring import shared_inputs
+
+        self.loaded = loaded
+        self.owners = shared_inputs(loaded.model, loaded.linear_layers, loaded.input_device)
+        self.calibration = {
+            statistics.name: _calibration_of(statistics, loaded.tokenizer)
+            for statistics in (safety, *([utility] if utility else []))
+        }
+        self._layer: int | None = None
+        self._moments: dict[str, Any] = {}
+
+    def second_moment(self, statistics: RankStatistics, key: str) -> torch.Tensor:
+        layer = split_key(key)[0]
+        if layer != self._layer:
+            self._record(layer)
+        return self._moments[statistics.name].second_moment(key)
+
+    def _record(self, layer: int) -> None:
+        from wandacli.scoring import SecondMoments
+
+        loaded = self.loaded
+        group = [lin for lin in loaded.linear_layers if lin.layer == layer]
+        self._moments = {}
+        for name, calibration in self.calibration.items():
+            moments = SecondMoments(group, self.owners, stop_early=True)
+            with moments.recording():
+                for sample in calibration.samples:
+                    counted = (
+                        sample.counted.to(loaded.input_device) if calibration.disentangle else None
+                    )
+                    moments.observe(loaded.model, sample.input_ids.to(loaded.input_device), counted)
+            self._moments[name] = moments
+        self._layer = layer
+
+    @staticmethod
+    def apply(lin: Any, mode: str, bases: dict[str, torch.Tensor]) -> None:
+        from wandacli.ranks import edited_weight
+
+        matrix = lin.weight_matrix()
+        new = edited_weight(matrix, mode, bases).to(matrix.dtype)
+        with torch.no_grad():
+            lin.weight.copy_(new.t() if lin.transposed else new)
+
+
+def _calibration_of(statistics: RankStatistics, tokenizer: Any) -> Any:
+    """The calibration samples a rank-statistics set was computed from, rebuilt from its meta."""
+    from wandacli.config import Columns
+    from wandacli.data import build_calibration_set, indices_digest, load_raw
+
+    meta = statistics.meta
+    config = meta.get("config") or {}
+    raw = load_raw(
+        str(config["data"]),
+        columns=Columns(**(config.get("columns") or {})),
+        directory=Path(config["data_dir"]) if config.get("data_dir") else None,
+    )
+    recorded = meta.get("data") or {}
+    if raw.content_hash != recorded.get("sha256"):
+        raise StoreError(
+            f"--sequential rebuilds {statistics.name}'s calibration samples, but its data "
+            f"{config['data']} changed since (sha256 {str(recorded.get('sha256'))[:12]}… → "
+            f"{raw.content_hash[:12]}…): recompute the set, or drop --sequential"
+        )
+    calibration = build_calibration_set(
+        raw,
+        tokenizer,
+        nsamples=int(meta["nsamples"]),
+        seed=int(meta["seed"]),
+        seqlen=int(meta["seqlen"]),
+        disentangle=bool(meta["disentangle"]),
+        template=str(meta["template"]),
+    )
+    if indices_digest(calibration.indices) != indices_digest(list(recorded.get("indices") or [])):
+        raise StoreError(
+            f"--sequential could not rebuild {statistics.name}'s calibration samples (other "
+            "sample indices): recompute the set with this wandacli"
+        )
+    return calibration
 
 
 def _describe_set(statistics: RankStatistics, role: str) -> dict[str, Any]:

@@ -12,9 +12,10 @@ from typing import Any
 
 from wandacli.config import RESULTS_DIR, UtilityConfig
 from wandacli.console import NullReporter, Reporter
+from wandacli.durable import atomic_write_text, ensure_writable_directory
 from wandacli.errors import ConfigError, DataError, interruptible
 from wandacli.models import model_max_length
-from wandacli.store import atomic_write_text, ensure_writable_directory, now_iso, software_versions
+from wandacli.store import now_iso, software_versions
 from wandacli.under_test import ModelUnderTest, append_reference_log, load_model_under_test
 
 # The reference evaluates Llama-2 on windows of its full context, 4096 tokens (Wanda's

@@ -77,7 +77,7 @@ def _pyplot() -> Iterator[Any]:
 def _save(figure: Any, stem: Path, formats: Sequence[str] = FORMATS) -> None:
     import io
 
-    from wandacli.store import atomic_write_bytes
+    from wandacli.durable import atomic_write_bytes
 
     stem.parent.mkdir(parents=True, exist_ok=True)
     for fmt in formats:
@@ -458,14 +458,54 @@ def jaccard_heatmap(
     formats: Sequence[str] = FORMATS,
 ) -> Figure:
     """Layers across, module types down, each cell the Jaccard index of A's and B's top sets."""
+    layer_module_heatmap(
+        jaccard, f"Jaccard index of top sets: {a} vs {b}", "Jaccard", stem, formats
+    )
+    return Figure(
+        stem,
+        f"Overlap of {a} and {b} per layer and module",
+        "Jaccard index |A∩B| / |A∪B| of the two top sets in every matrix: low where the weights "
+        "that matter for one set are not those that matter for the other.",
+    )
+
+
+def subspace_heatmap(
+    similarity: dict[tuple[int, str], float],
+    a: str,
+    b: str,
+    ranks: tuple[int, int],
+    stem: Path,
+    formats: Sequence[str] = FORMATS,
+) -> Figure:
+    """Layers across, module types down, each cell φ of A's and B's top output subspaces."""
+    rank_text = f"r = {ranks[0]}" if ranks[0] == ranks[1] else f"r = {ranks[0]}, {ranks[1]}"
+    layer_module_heatmap(
+        similarity, f"Subspace similarity φ ({rank_text}): {a} vs {b}", "φ", stem, formats
+    )
+    return Figure(
+        stem,
+        f"Rank-level overlap of {a} and {b} ({rank_text})",
+        "Subspace similarity φ = ‖V_aᵀ V_b‖²_F / min(r_a, r_b) of the two sets' top output "
+        "directions (ActSVD) in every matrix: 1 where one set's top ranks hold the other's.",
+    )
+
+
+def layer_module_heatmap(
+    values: dict[tuple[int, str], float],
+    title: str,
+    label: str,
+    stem: Path,
+    formats: Sequence[str] = FORMATS,
+) -> None:
+    """A [0, 1] value per (layer, module): layers across, module types down."""
     from wandacli.render import short_module_name
 
-    layers = sorted({layer for layer, _ in jaccard})
+    layers = sorted({layer for layer, _ in values})
     modules: list[str] = []
-    for _, module in sorted(jaccard, key=lambda key: key[0]):
+    for _, module in sorted(values, key=lambda key: key[0]):
         if module not in modules:
             modules.append(module)
-    grid = [[jaccard.get((layer, m), math.nan) for layer in layers] for m in modules]
+    grid = [[values.get((layer, m), math.nan) for layer in layers] for m in modules]
     with _pyplot() as plt:
         figure, axes = plt.subplots(
             figsize=(max(4.0, 1.6 + 0.26 * len(layers)), 1.3 + 0.32 * len(modules))
@@ -481,14 +521,8 @@ def jaccard_heatmap(
         axes.grid(False)
         axes.set_xlabel("decoder layer")
         axes.set_ylabel("module")
-        axes.set_title(f"Jaccard index of top sets: {a} vs {b}", fontsize=9)
-        figure.colorbar(image, ax=axes, label="Jaccard", fraction=0.03, pad=0.02)
+        axes.set_title(title, fontsize=9)
+        figure.colorbar(image, ax=axes, label=label, fraction=0.03, pad=0.02)
         figure.tight_layout()
         _save(figure, stem, formats)
         plt.close(figure)
-    return Figure(
-        stem,
-        f"Overlap of {a} and {b} per layer and module",
-        "Jaccard index |A∩B| / |A∪B| of the two top sets in every matrix: low where the weights "
-        "that matter for one set are not those that matter for the other.",
-    )

@@ -32,14 +32,12 @@ import numpy as np
 
 from wandacli.config import ModelSpec
 from wandacli.console import NullReporter, Reporter, warn
+from wandacli.durable import atomic_h5, check_free_space, expected_file_bytes
 from wandacli.errors import ModelError, NonFiniteScoresError, StoreError
 from wandacli.store import (
     SCORES_FORMAT,
     Store,
-    atomic_h5,
-    check_free_space,
     describe_key,
-    expected_file_bytes,
     format_non_finite,
     non_finite_counts,
     now_iso,

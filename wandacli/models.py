@@ -337,7 +337,7 @@ def save_model_dir(
     """save_pretrained into a temporary sibling of `target`, `complete(tmp)` adds the files
     that mark it finished, then rename into place: a killed save never leaves a half-written
     model at `target` (and the next save clears what it left beside it)."""
-    from wandacli.store import fsync_dir
+    from wandacli.durable import fsync_dir
 
     for stale in target.parent.glob(f".{target.name}.tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)

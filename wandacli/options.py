@@ -97,7 +97,9 @@ MaskOption = Annotated[
     str | None,
     typer.Option(
         "--mask",
-        help="A mask (name in --store, or path to its .h5) applied in memory: no pruned copy on disk.",
+        "--edit",
+        help="A mask or a rank edit (name in --store, or path to its .h5) applied in memory: "
+        "no pruned or edited copy on disk.",
         rich_help_panel="Model",
     ),
 ]

@@ -22,6 +22,13 @@ import numpy as np
 from wandacli import pruning
 from wandacli.config import DEFAULT_STORE, EditConfig, ModelSpec, PruneConfig, prune_request
 from wandacli.console import NullReporter, Reporter
+from wandacli.durable import (
+    atomic_h5,
+    check_free_space,
+    ensure_writable_directory,
+    expected_file_bytes,
+    temporary_path,
+)
 from wandacli.errors import ConfigError, StoreError, interruptible
 from wandacli.fingerprint import ModelFingerprint
 from wandacli.memory import peak_rss_bytes
@@ -32,10 +39,6 @@ from wandacli.store import (
     MaskFile,
     ScoreSet,
     Store,
-    atomic_h5,
-    check_free_space,
-    ensure_writable_directory,
-    expected_file_bytes,
     now_iso,
     open_mask,
     open_score_set,
@@ -43,7 +46,6 @@ from wandacli.store import (
     settings_differences,
     software_versions,
     split_key,
-    temporary_path,
     write_mask_array,
     writer_lock,
 )

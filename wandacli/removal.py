@@ -9,6 +9,7 @@ from typing import Any
 
 import torch
 
+from wandacli.durable import recover_directory, replace_directory_atomically
 from wandacli.errors import StoreError
 from wandacli.store import (
     EDIT_FORMAT,
@@ -16,8 +17,6 @@ from wandacli.store import (
     MaskFile,
     Store,
     check_name,
-    recover_directory,
-    replace_directory_atomically,
     resolve_file,
     stored_format,
 )

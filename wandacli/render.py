@@ -20,6 +20,7 @@ if TYPE_CHECKING:
     from wandacli.prune_run import PruneResult
     from wandacli.report import Report
     from wandacli.score_run import ScoreResult
+    from wandacli.subspaces import SubspaceComparison
 
 
 def human_bytes(n: int | None) -> str:
@@ -312,13 +313,44 @@ def jaccard_heatmap(title: str, values: dict[str, float]) -> Table:
     return table
 
 
-def heatmap_legend() -> Text:
-    legend = Text("Jaccard  0 ")
+def heatmap_legend(label: str = "Jaccard") -> Text:
+    legend = Text(f"{label}  0 ")
     for step in range(11):
         r, g, b = _colour(step / 10)
         legend.append("  ", style=f"on rgb({r},{g},{b})")
     legend.append(" 1")
     return legend
+
+
+def subspace_comparison(result: SubspaceComparison, as_json: bool) -> None:
+    """Mean φ per module type for every rank pair, then the per-layer heatmap of the first."""
+    import math
+
+    if as_json:
+        print_json(result.to_json())
+        return
+    table = Table(
+        title=f"subspace similarity φ: {result.a} (A) vs {result.b} (B), mean over layers",
+        title_justify="left",
+    )
+    table.add_column("module")
+    for rank_a, rank_b in result.ranks:
+        table.add_column(
+            f"r={rank_a}" if rank_a == rank_b else f"{rank_a}×{rank_b}", justify="right"
+        )
+    means = [result.by_module_type(ranks) for ranks in result.ranks]
+    modules = list(dict.fromkeys(key.split("/", 1)[1] for key in result.values))
+    for module in modules:
+        row = [m.get(module, math.nan) for m in means]
+        table.add_row(
+            short_module_name(module), *("-" if math.isnan(v) else f"{v:.3f}" for v in row)
+        )
+    table.caption = "φ = ‖V_Aᵀ V_B‖²_F / min(r_A, r_B): 1 = one subspace holds the other; '-': rank beyond the module"
+    out.print(table)
+    first = result.ranks[0]
+    values = {f"{layer}/{module}": v for (layer, module), v in result.grid(first).items()}
+    out.print(jaccard_heatmap(f"φ by layer and module at ranks {first[0]}, {first[1]}", values))
+    out.print(heatmap_legend("φ"))
 
 
 def comparison(result: Comparison, as_json: bool) -> None:

@@ -113,6 +113,7 @@ def build_report(
     document that embeds the figures."""
     rows = collect(results_dir)
     comparisons = read_comparisons(compare_dir) if compare_dir is not None else []
+    subspaces = read_subspaces(compare_dir) if compare_dir is not None else []
     report = Report(rows)
     if plots_dir is not None:
         from wandacli import figures
@@ -124,9 +125,12 @@ def build_report(
         for (a, b), jaccard in comparisons:
             stem = plots_dir / f"jaccard-{_file_safe(a)}-vs-{_file_safe(b)}"
             made.append(figures.jaccard_heatmap(jaccard, a, b, stem))
+        for (a, b, ranks), similarity in subspaces:
+            stem = plots_dir / f"subspaces-{_file_safe(a)}-vs-{_file_safe(b)}-r{ranks[0]}"
+            made.append(figures.subspace_heatmap(similarity, a, b, ranks, stem))
         report.figures = [figure for figure in made if figure is not None]
     if markdown_file is not None:
-        from wandacli.store import atomic_write_text
+        from wandacli.durable import atomic_write_text
 
         atomic_write_text(markdown_file, study_markdown(report, markdown_file.parent))
         report.markdown_file = markdown_file
@@ -169,6 +173,32 @@ def read_comparisons(
                     f"{path} has a malformed row ({exc}): rerun the compare that wrote it"
                 ) from exc
     return list(pairs.items())
+
+
+def read_subspaces(
+    compare_dir: Path,
+) -> list[tuple[tuple[str, str, tuple[int, int]], dict[tuple[int, str], float]]]:
+    """Per pair of rank-statistics sets in the `compare --csv` files of `compare_dir`: φ per
+    (layer, module) at the pair's first (smallest) ranks."""
+    found: dict[tuple[str, str], dict[tuple[int, int], dict[tuple[int, str], float]]] = {}
+    for path in sorted(compare_dir.glob("*.csv")):
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            needed = {"a", "b", "layer", "module", "rank_a", "rank_b", "subspace_similarity"}
+            if not needed <= set(reader.fieldnames or []):
+                continue
+            try:
+                for record in reader:
+                    ranks = (int(record["rank_a"]), int(record["rank_b"]))
+                    value = record["subspace_similarity"]
+                    by_ranks = found.setdefault((record["a"], record["b"]), {})
+                    cell = (int(record["layer"]), record["module"])
+                    by_ranks.setdefault(ranks, {})[cell] = float(value) if value else float("nan")
+            except ValueError as exc:
+                raise StoreError(
+                    f"{path} has a malformed row ({exc}): rerun the compare that wrote it"
+                ) from exc
+    return [((a, b, min(by_ranks)), by_ranks[min(by_ranks)]) for (a, b), by_ranks in found.items()]
 
 
 def study_markdown(report: Report, relative_to: Path) -> str:

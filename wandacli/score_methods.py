@@ -22,6 +22,7 @@ import torch
 
 from wandacli.console import warn
 from wandacli.data import CalibrationSet
+from wandacli.durable import expected_file_bytes
 from wandacli.errors import StoreError
 from wandacli.models import LinearLayer, LoadedModel
 from wandacli.scoring import (
@@ -39,7 +40,6 @@ from wandacli.store import (
     SCORES_FORMAT,
     STATS_GROUP,
     StoredFile,
-    expected_file_bytes,
     open_part,
     write_part,
 )

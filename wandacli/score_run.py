@@ -30,6 +30,12 @@ from wandacli.data import (
     indices_digest,
     load_raw,
 )
+from wandacli.durable import (
+    atomic_h5,
+    check_free_space,
+    ensure_writable_directory,
+    expected_file_bytes,
+)
 from wandacli.errors import (
     ModelError,
     NonFiniteScoresError,
@@ -42,11 +48,7 @@ from wandacli.models import LinearLayer, LoadedModel, load_model, model_max_leng
 from wandacli.score_methods import LayerLink, ScoreMethod, score_method
 from wandacli.store import (
     Store,
-    atomic_h5,
-    check_free_space,
     check_resumable,
-    ensure_writable_directory,
-    expected_file_bytes,
     format_non_finite,
     non_finite_counts,
     now_iso,
@@ -529,7 +531,8 @@ class ScoreRun:
                 self.reporter.advance()
             if non_finite:
                 raise NonFiniteScoresError(
-                    f"{self._noun()} {self.name!r} not written: non-finite values in "
+                    f"{self._noun()} {self.name!r} not written: non-finite "
+                    f"{'values' if self.config.method == 'actsvd' else 'scores'} in "
                     f"{len(non_finite)} modules ({format_non_finite(non_finite)}); "
                     "use --dtype float32, or check the model and data"
                 )

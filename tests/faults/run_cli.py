@@ -15,9 +15,8 @@ import signal
 import sys
 
 
-def main() -> None:
-    spec, separator, *args = sys.argv[1:]
-    assert separator == "--", "usage: run_cli.py MODULE:FUNCTION:N[:after] -- ARGS"
+def inject(spec: str) -> None:
+    """Make MODULE.FUNCTION SIGKILL this process on its N-th call (before it, or `:after`)."""
     module_name, attribute, count, *when = spec.split(":")
     module = importlib.import_module(module_name)
     original = getattr(module, attribute)
@@ -34,6 +33,12 @@ def main() -> None:
         return result
 
     setattr(module, attribute, killer)
+
+
+def main() -> None:
+    spec, separator, *args = sys.argv[1:]
+    assert separator == "--", "usage: run_cli.py MODULE:FUNCTION:N[:after] -- ARGS"
+    inject(spec)
     from wandacli.cli import main as cli_main
 
     sys.argv = ["wandacli", *args]

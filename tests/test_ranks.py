@@ -49,11 +49,14 @@ def test_the_reference_randomised_svd_finds_the_same_subspace_when_the_spectrum_
     assert ranks.subspace_similarity(mine, v.double()) == pytest.approx(1.0, abs=1e-5)
 
 
-def test_second_moment_update_is_the_sum_of_outer_products():
-    x = torch.randn(7, 5, generator=torch.Generator().manual_seed(0))
+@pytest.mark.parametrize("d_in", [1, 5, 7, 13, 64])
+def test_the_upper_block_accumulation_is_the_sum_of_outer_products(d_in):
+    x = torch.randn(9, d_in, generator=torch.Generator().manual_seed(d_in))
     expected = sum(torch.outer(row, row).double() for row in x)
-    assert torch.allclose(ranks.second_moment_update(x), expected, atol=1e-5)
-    assert ranks.second_moment_update(x).dtype == torch.float64
+    accumulator = torch.zeros(d_in, d_in, dtype=torch.float64)
+    ranks.add_upper_second_moment(accumulator, x[:4])
+    ranks.add_upper_second_moment(accumulator, x[4:])
+    assert torch.allclose(ranks.symmetrize_upper(accumulator), expected, atol=1e-10)
 
 
 class TestEdits:

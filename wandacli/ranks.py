@@ -22,13 +22,30 @@ from __future__ import annotations
 
 import torch
 
+# XᵀX is symmetric: it is accumulated by row blocks from the diagonal rightwards, 5/8 of the
+# full product with 4 blocks (2, 4 and 8 blocks measured on SmolLM2's sizes: 4 is fastest),
+# and the lower blocks are copied from the upper ones when the block is flushed.
+SYMMETRIC_BLOCKS = 4
 
-def second_moment_update(inputs: torch.Tensor) -> torch.Tensor:
-    """Σ x xᵀ over the rows of `inputs` [n, d_in], in float64. The product runs in the inputs'
-    precision promoted to float32 and is accumulated into float64 by the caller: a sample's
-    partial sum has at most a sequence's worth of terms, the running sum has millions."""
-    flat = inputs.reshape(-1, inputs.shape[-1]).float()
-    return (flat.T @ flat).double()
+
+def _row_blocks(size: int) -> list[tuple[int, int]]:
+    step = -(-size // SYMMETRIC_BLOCKS)
+    return [(start, min(start + step, size)) for start in range(0, size, step)]
+
+
+def add_upper_second_moment(accumulator: torch.Tensor, inputs: torch.Tensor) -> None:
+    """accumulator += the upper block triangle of XᵀX (X = `inputs` [n, d_in]), in place, in
+    the accumulator's precision: each row block from the diagonal block rightwards."""
+    flat = inputs.reshape(-1, inputs.shape[-1]).to(accumulator.dtype)
+    for start, stop in _row_blocks(flat.shape[1]):
+        accumulator[start:stop, start:].addmm_(flat[:, start:stop].T, flat[:, start:])
+
+
+def symmetrize_upper(accumulator: torch.Tensor) -> torch.Tensor:
+    """Fill the lower blocks of an `add_upper_second_moment` accumulator from the upper ones."""
+    for start, stop in _row_blocks(accumulator.shape[0])[1:]:
+        accumulator[start:stop, :start] = accumulator[:start, start:stop].T
+    return accumulator
 
 
 def top_output_directions(

@@ -275,6 +275,10 @@ class LayerGroupMethod(ScoreMethod):
     def group_bytes(self, group: list[LinearLayer]) -> int:
         raise NotImplementedError
 
+    def settle(self, state: Any) -> None:
+        """Bring the state's checkpointed sums up to date (before a checkpoint, and at the end
+        of the samples); a no-op where every sample goes straight into them."""
+
     def gather(
         self,
         loaded: LoadedModel,
@@ -318,19 +322,25 @@ class LayerGroupMethod(ScoreMethod):
             if count == 1
             else f"{self.name}: layers {group[0].layer}-{group[-1].layer} ({index + 1}/{count})"
         )
+
+        def checkpoint(step: int) -> None:
+            self.settle(state)
+            run.checkpoint(
+                state.sums,
+                f"accum-g{index:04d}-{step:06d}.h5",
+                pattern,
+                {"samples": step, "group": index, "kind": self.kind},
+            )
+
         with state.recording():
             run.sample_loop(
                 calibration,
                 done,
                 label,
                 lambda sample: self.observe(state, loaded, calibration, sample),
-                lambda step: run.checkpoint(
-                    state.sums,
-                    f"accum-g{index:04d}-{step:06d}.h5",
-                    pattern,
-                    {"samples": step, "group": index, "kind": self.kind},
-                ),
+                checkpoint,
             )
+        self.settle(state)
         run.dist.all_reduce_sum(state.sums.values())
         if last:
             return state
@@ -448,6 +458,9 @@ class ActSvdMethod(LayerGroupMethod):
 
     def space_needed(self, loaded: LoadedModel) -> int:
         return 2 * self.array_bytes(loaded)
+
+    def settle(self, state: Any) -> None:
+        state.flush()  # the float32 blocks into the float64 sums
 
     def new_state(
         self, loaded: LoadedModel, group: list[LinearLayer], index: int, count: int

@@ -198,6 +198,11 @@ class TestEditsApplyWhereMasksDo:
         )
         log = (tmp_path / "u" / "log_actsvd_remove_top.txt").read_text().splitlines()
         assert log[1].split("\t")[2] == "PPL"
+        report = cli("report", str(tmp_path))
+        assert report.exit_code == 0, report.stderr
+        assert "rank %" in report.stdout
+        rows = json.loads(cli("report", str(tmp_path), "--json").stdout)
+        assert rows[0]["removed_rank_fraction"] == pytest.approx(summary["removed_rank_fraction"])
 
     def test_save_model_holds_the_edited_weights(self, cli, rank_store, tiny_llama_dir, tmp_path):
         out = tmp_path / "edited-model"

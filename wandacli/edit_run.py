@@ -22,7 +22,7 @@ from wandacli.errors import ConfigError, StoreError
 from wandacli.memory import peak_rss_bytes
 from wandacli.prune_run import selected_keys, store_root_for
 from wandacli.ranks import numerical_rank, top_output_directions
-from wandacli.removal import EditRemoval, save_model_with
+from wandacli.removal import EditRemoval, check_save_model_target, save_model_with
 from wandacli.store import (
     EDIT_FORMAT,
     EditFile,
@@ -142,7 +142,8 @@ def run_edit(
             config, safety.name, utility.name if utility else None
         )
         final = store.edit_path(name)
-        _check_save_model(config)
+        if config.save_model is not None:
+            check_save_model_target(config.save_model, config.overwrite)
         ensure_writable_directory(root)
         with writer_lock(root, shlex.join(command_line)):
             if final.exists() and not config.overwrite:
@@ -173,17 +174,6 @@ def run_edit(
     result.seconds = time.monotonic() - started
     result.peak_memory_bytes = peak_rss_bytes()
     return result
-
-
-def _check_save_model(config: EditConfig) -> None:
-    out = config.save_model
-    if out is None:
-        return
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--save-model {out} is a file: pass a directory to create")
-    if out.exists() and any(out.iterdir()) and not config.overwrite:
-        raise ConfigError(f"--save-model {out} already exists: pass --overwrite to replace it")
-    ensure_writable_directory(out.parent, "--save-model")
 
 
 def _same_request(

@@ -32,7 +32,7 @@ from wandacli.durable import (
 from wandacli.errors import ConfigError, StoreError, interruptible
 from wandacli.fingerprint import ModelFingerprint
 from wandacli.memory import peak_rss_bytes
-from wandacli.removal import save_model_with
+from wandacli.removal import check_save_model_target, save_model_with
 from wandacli.store import (
     MASK_FORMAT,
     SCORES_DIR,
@@ -313,14 +313,7 @@ class PruneRun:
         config = self.config
         replace = config.overwrite or replace_same_mask
         if config.save_model is not None:
-            out = config.save_model
-            if out.exists() and not out.is_dir():
-                raise ConfigError(f"--save-model {out} is a file: pass a directory to create")
-            if out.exists() and any(out.iterdir()) and not replace:
-                raise ConfigError(
-                    f"--save-model {out} already exists: pass --overwrite to replace it"
-                )
-            ensure_writable_directory(out.parent, "--save-model")
+            check_save_model_target(config.save_model, replace)
         if config.export_mask is not None:
             target = config.export_mask
             if target.is_dir():

@@ -175,6 +175,19 @@ def open_removal(reference: str, store_root: Path | None) -> Removal:
 PROVENANCE_NAME = "wandacli-mask.json"  # beside a saved model: the mask or edit it was made with
 
 
+def check_save_model_target(out: Path, replace: bool) -> None:
+    """`--save-model OUT`, refused before any work: a file, or a directory with something in it
+    (unless replacing), or a parent that cannot be written."""
+    from wandacli.durable import ensure_writable_directory
+    from wandacli.errors import ConfigError
+
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--save-model {out} is a file: pass a directory to create")
+    if out.exists() and any(out.iterdir()) and not replace:
+        raise ConfigError(f"--save-model {out} already exists: pass --overwrite to replace it")
+    ensure_writable_directory(out.parent, "--save-model")
+
+
 def save_model_with(
     loaded: Any,
     out: Path,

@@ -528,6 +528,9 @@ def report(result: Report, as_json: bool) -> None:
     columns = [(t, m) for t, m in REPORT_COLUMNS if any(m in row.asr for row in rows)]
     table.add_column("model under test", no_wrap=True)
     table.add_column("sparse %", justify="right")
+    ranks = any(row.removed_rank_fraction is not None for row in rows)
+    if ranks:  # rank edits remove ranks, not weights
+        table.add_column("rank %", justify="right")
     for title, _ in columns:
         table.add_column(title, justify="right")
     table.add_column("PPL", justify="right", no_wrap=True, min_width=8)
@@ -536,9 +539,15 @@ def report(result: Report, as_json: bool) -> None:
         for _, metric in columns:
             value = row.asr.get(metric)  # sampled: any of n; the per-sample mean is in --markdown
             asr.append("-" if value is None else f"{value:.2f}")
+        rank_cell = (
+            ["-" if row.removed_rank_fraction is None else f"{100 * row.removed_rank_fraction:.2f}"]
+            if ranks
+            else []
+        )
         table.add_row(
             row.label,
             "-" if row.actual_sparsity is None else f"{100 * row.actual_sparsity:.2f}",
+            *rank_cell,
             *asr,
             "-" if row.perplexity is None else _compact_float(row.perplexity),
         )

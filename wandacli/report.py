@@ -27,6 +27,7 @@ class ResultRow:
     perplexity: float | None = None
     zero_shot_mean: float | None = None
     p_q: tuple[float, float] | None = None  # a set difference's (p, q)
+    removed_rank_fraction: float | None = None  # a rank edit's share of the model's rank
     matches: str | None = None  # a --match-counts control: the mask it matches
 
     @property
@@ -41,6 +42,7 @@ class ResultRow:
             "actual_sparsity": self.actual_sparsity,
             "p_q": self.p_q,
             "matches": self.matches,
+            "removed_rank_fraction": self.removed_rank_fraction,
             "asr": self.asr,
             "perplexity": self.perplexity,
             "zero_shot_mean": self.zero_shot_mean,
@@ -76,6 +78,8 @@ def collect(results_dir: Path) -> list[ResultRow]:
                 p, q = under_test["p_q"]
                 row.p_q = (float(p), float(q))
             row.matches = under_test.get("matches") or row.matches
+            if under_test.get("removed_rank_fraction") is not None:
+                row.removed_rank_fraction = float(under_test["removed_rank_fraction"])
             for result in data.get("results", []):
                 row.asr[str(result["metric"])] = float(result["asr"])
                 if result.get("sample_mean") is not None:  # the reference's figure, beside
@@ -224,13 +228,31 @@ def study_markdown(report: Report, relative_to: Path) -> str:
 def markdown(rows: list[ResultRow]) -> str:
     """Every figure as a Markdown table (ASR columns for every metric found)."""
     metrics = sorted({m for row in rows for m in row.asr}, key=metric_order)
-    header = ["model under test", "method", "sparsity %", *metrics, "PPL", "zero-shot"]
+    ranks = any(row.removed_rank_fraction is not None for row in rows)
+    header = [
+        "model under test",
+        "method",
+        "sparsity %",
+        *(["rank removed %"] if ranks else []),
+        *metrics,
+        "PPL",
+        "zero-shot",
+    ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
         cells = [
             row.label,
             row.method,
             "-" if row.actual_sparsity is None else f"{100 * row.actual_sparsity:.3f}",
+            *(
+                [
+                    "-"
+                    if row.removed_rank_fraction is None
+                    else f"{100 * row.removed_rank_fraction:.3f}"
+                ]
+                if ranks
+                else []
+            ),
             *(f"{row.asr[m]:.3f}" if m in row.asr else "-" for m in metrics),
             "-" if row.perplexity is None else f"{row.perplexity:.3f}",
             "-" if row.zero_shot_mean is None else f"{row.zero_shot_mean:.3f}",

@@ -524,6 +524,17 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0]
 
 
+def check_made_for(stored: Any, fingerprint: ModelFingerprint, model_id: str) -> None:
+    """Refuse a stored file (its `noun`, `path`, `meta` and `fingerprint`) made for a model
+    with other layers or shapes than `fingerprint`."""
+    mismatch = stored.fingerprint.first_mismatch(fingerprint, mine="stored", theirs="model")
+    if mismatch:
+        raise StoreError(
+            f"{stored.noun} {stored.path} was made for another model "
+            f"({stored.meta['model'].get('id')}) than {model_id}: {mismatch}"
+        )
+
+
 class ModelFile(StoredFile):
     """A finished score set or mask: one array per linear layer of the model its meta's
     fingerprint describes, every one present."""
@@ -558,12 +569,7 @@ class ModelFile(StoredFile):
 
     def check_model(self, fingerprint: ModelFingerprint, model_id: str) -> None:
         """Refuse a file made for a model with other layers or shapes."""
-        mismatch = self.fingerprint.first_mismatch(fingerprint, mine="stored", theirs="model")
-        if mismatch:
-            raise StoreError(
-                f"{self.noun} {self.path} was made for another model "
-                f"({self.meta['model'].get('id')}) than {model_id}: {mismatch}"
-            )
+        check_made_for(self, fingerprint, model_id)
 
 
 class ScoreSet(ModelFile):
@@ -704,12 +710,8 @@ class EditFile(StoredFile):
         return self.path.stem
 
     def check_model(self, fingerprint: ModelFingerprint, model_id: str) -> None:
-        mismatch = self.fingerprint.first_mismatch(fingerprint, mine="stored", theirs="model")
-        if mismatch:
-            raise StoreError(
-                f"edit {self.path} was made for another model "
-                f"({self.meta['model'].get('id')}) than {model_id}: {mismatch}"
-            )
+        """Refuse an edit made for a model with other layers or shapes."""
+        check_made_for(self, fingerprint, model_id)
 
     def bases(self, key: str) -> dict[str, np.ndarray]:
         """The module's bases by role, checked: [out_features, r] each."""

@@ -404,6 +404,7 @@ def sparsity_sweep(rows: Sequence[ResultRow], stem: Path) -> Figure | None:
                     markersize=4,
                     markerfacecolor="white" if is_control else None,
                     color=colours.get(method, "0.35"),
+                    zorder=4 if is_control else 3,  # a hollow control stays visible on top
                     label=_line_label(method, is_control),
                 )
             for row in dense:

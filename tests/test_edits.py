@@ -226,7 +226,9 @@ class TestEditsApplyWhereMasksDo:
         under_test = load_model_under_test(ModelSpec(model=str(out), device="cpu"), None, None)
         assert under_test.method == "actsvd_keep_top"
 
-    def test_the_same_command_again_has_nothing_to_do(self, cli, rank_store, tiny_llama_dir):
+    def test_the_same_command_again_has_nothing_to_do(
+        self, cli, rank_store, tiny_llama_dir, tiny_llama_base_dir
+    ):
         args = ("--scores", "safety", "--remove-top-ranks", "1", "--name", "again")
         prune_ranks(cli, rank_store, tiny_llama_dir, *args)
         second = prune_ranks(cli, rank_store, tiny_llama_dir, *args)
@@ -245,6 +247,21 @@ class TestEditsApplyWhereMasksDo:
             "again",
         )
         assert_one_line_error(other, "already exists", "remove_top_ranks")
+        # Other weights (another model of the same shapes) are another edit too.
+        other_model = cli(
+            "prune",
+            "--store",
+            rank_store,
+            "--model",
+            tiny_llama_base_dir,
+            "--scores",
+            "safety",
+            "--remove-top-ranks",
+            "1",
+            "--name",
+            "again",
+        )
+        assert_one_line_error(other_model, "already exists", "model")
 
     def test_inspect_lists_edits(self, cli, rank_store, tiny_llama_dir):
         prune_ranks(

@@ -511,13 +511,17 @@ class EditConfig:
         return {"safety": full - self.rank_neg, "utility": full - self.rank_pos}
 
     def request(self) -> dict[str, Any]:
-        """What decides the edit's numbers (outputs and bookkeeping excluded)."""
+        """What decides the edit's numbers (outputs and bookkeeping excluded): the rank
+        settings, and the weights it projects (the model and the dtype they are loaded in)."""
         data = self.to_json()
-        return {
+        request = {
             k: v
             for k, v in data.items()
             if k not in ("store", "name", "overwrite", "save_model", "model")
         }
+        model = data.get("model") or {}
+        request["model"] = {"model": model.get("model"), "dtype": model.get("dtype")}
+        return request
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)

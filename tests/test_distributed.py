@@ -92,9 +92,10 @@ def test_two_processes_equal_one_and_only_rank_0_writes(
     )  # one report, rank 0's
     a, b = arrays(single / "scores" / "s.h5"), arrays(parallel / "scores" / "s.h5")
     for key in a:
-        np.testing.assert_allclose(
-            b[key], a[key], rtol=1e-6, atol=0, err_msg=key
-        )  # summation order differs
+        # The summation order differs. Second moments (actsvd) sum products of both signs:
+        # compare them on the matrix's scale, float32 rounding of their block sums.
+        atol = 1e-6 * float(np.abs(a[key]).max()) if method == "actsvd" else 0
+        np.testing.assert_allclose(b[key], a[key], rtol=1e-6, atol=atol, err_msg=key)
     writers = {line.split()[0] for line in log.read_text().splitlines()}
     assert writers == {"0"}
     assert len(log.read_text().splitlines()) > 2  # checkpoints and the set itself

@@ -764,6 +764,19 @@ class ScoreSetSummary:
     error: str | None = None
 
 
+def _summaries(names: list[str], path_of: Any, opener: Any) -> list[ScoreSetSummary]:
+    """Each finished file's meta, or the reason it cannot be read."""
+    found: list[ScoreSetSummary] = []
+    for name in names:
+        path = path_of(name)
+        try:
+            with opener(path) as stored:
+                found.append(ScoreSetSummary(name, path, True, stored.meta, "complete"))
+        except StoreError as exc:
+            found.append(ScoreSetSummary(name, path, False, error=str(exc)))
+    return found
+
+
 def summarize_store(
     root: Path,
 ) -> tuple[list[ScoreSetSummary], list[ScoreSetSummary], list[ScoreSetSummary]]:
@@ -785,22 +798,8 @@ def summarize_store(
         manifest = read_manifest(parts)
         progress = describe_parts(parts)
         sets.append(ScoreSetSummary(name, parts, False, manifest or {}, progress))
-    masks: list[ScoreSetSummary] = []
-    for name in store.mask_names():
-        path = store.mask_path(name)
-        try:
-            with MaskFile(path) as mask_file:
-                masks.append(ScoreSetSummary(name, path, True, mask_file.meta, "complete"))
-        except StoreError as exc:
-            masks.append(ScoreSetSummary(name, path, False, error=str(exc)))
-    edits: list[ScoreSetSummary] = []
-    for name in store.edit_names():
-        path = store.edit_path(name)
-        try:
-            with EditFile(path) as edit_file:
-                edits.append(ScoreSetSummary(name, path, True, edit_file.meta, "complete"))
-        except StoreError as exc:
-            edits.append(ScoreSetSummary(name, path, False, error=str(exc)))
+    masks = _summaries(store.mask_names(), store.mask_path, MaskFile)
+    edits = _summaries(store.edit_names(), store.edit_path, EditFile)
     return sets, masks, edits
 
 

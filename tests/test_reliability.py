@@ -234,11 +234,16 @@ def test_sigint_and_sigterm_keep_work_and_say_how_to_resume(
 ):
     store = tmp_path / "store"
     store.mkdir()
-    # 40 samples, a checkpoint after each: seconds of work for the signal to land in.
+    # 40 samples in two layer groups, a checkpoint after each sample: the signal goes out as
+    # soon as the first checkpoint is written, with ~79 steps of work still to do.
     command = score_args(tiny_llama_dir, "align_short", store, "wandg", nsamples=40)
     process = start(command, store)
     assert wait_for_lock(store, process)
-    time.sleep(0.5)
+    parts = store / "scores" / "set.parts"
+    deadline = time.monotonic() + 120
+    while not list(parts.glob("accum-*.h5")) and process.poll() is None:
+        assert time.monotonic() < deadline, "no checkpoint was ever written"
+        time.sleep(0.002)
     process.send_signal(signal_number)
     _, stderr = process.communicate(timeout=120)
     if process.returncode == 0:

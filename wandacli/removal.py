@@ -32,23 +32,6 @@ class Removal:
     def apply(self, loaded: Any) -> None:
         raise NotImplementedError
 
-    @property
-    def method(self) -> str:
-        """The reference's `prune_method` name for results logs."""
-        raise NotImplementedError
-
-    @property
-    def p_q(self) -> tuple[float, float] | None:
-        return None
-
-    @property
-    def matches(self) -> str | None:
-        return None
-
-    def describe(self) -> dict[str, Any]:
-        """What results record beside the method (beyond sparsity)."""
-        return {}
-
     def close(self) -> None:
         raise NotImplementedError
 
@@ -71,21 +54,6 @@ class MaskRemoval(Removal):
         from wandacli.pruning import apply_mask_file
 
         apply_mask_file(loaded, self.file)
-
-    @property
-    def method(self) -> str:
-        return mask_method(self.meta)
-
-    @property
-    def p_q(self) -> tuple[float, float] | None:
-        if self.meta.get("mode") == "set-difference":
-            return float(self.meta["p"]), float(self.meta["q"])
-        return None
-
-    @property
-    def matches(self) -> str | None:
-        matched = self.meta.get("matched_mask") or {}
-        return Path(str(matched["path"])).stem if matched.get("path") else None
 
     def close(self) -> None:
         self.file.close()
@@ -121,13 +89,6 @@ class EditRemoval(Removal):
             new = edited_weight(matrix, self.file.mode, bases).to(matrix.dtype)
             with torch.no_grad():
                 lin.weight.copy_(new.t() if lin.transposed else new)
-
-    @property
-    def method(self) -> str:
-        return edit_method(self.meta)
-
-    def describe(self) -> dict[str, Any]:
-        return {"removed_rank_fraction": self.meta.get("removed_rank_fraction")}
 
     def close(self) -> None:
         self.file.close()

@@ -122,45 +122,57 @@ def store_listing(
         )
     out.print(table)
     if masks:
-        mask_table = Table(title="masks", title_justify="left")
-        for column in ("mask", "status", "mode", "scores", "sparsity"):
-            mask_table.add_column(column, overflow="fold")
-        for entry in masks:
-            meta = entry.meta
-            status = (
-                "[green]complete[/green]"
-                if entry.complete
-                else f"[red]{escape(entry.error or '')}[/red]"
+        out.print(
+            _removals_table(
+                "masks",
+                ("mask", "status", "mode", "scores", "sparsity"),
+                masks,
+                "score_sets",
+                lambda meta: _fraction(meta.get("actual_sparsity"), "{:.4f}"),
             )
-            sparsity = meta.get("actual_sparsity")
-            mask_table.add_row(
-                entry.name,
-                status,
-                str(meta.get("mode", "-")),
-                ", ".join(s.get("name", "?") for s in meta.get("score_sets", [])) or "-",
-                f"{sparsity:.4f}" if isinstance(sparsity, float) else "-",
-            )
-        out.print(mask_table)
+        )
     if edits:
-        edit_table = Table(title="rank edits", title_justify="left")
-        for column in ("edit", "status", "mode", "rank statistics", "rank removed"):
-            edit_table.add_column(column, overflow="fold")
-        for entry in edits:
-            meta = entry.meta
-            status = (
-                "[green]complete[/green]"
-                if entry.complete
-                else f"[red]{escape(entry.error or '')}[/red]"
+        out.print(
+            _removals_table(
+                "rank edits",
+                ("edit", "status", "mode", "rank statistics", "rank removed"),
+                edits,
+                "rank_statistics",
+                lambda meta: _fraction(meta.get("removed_rank_fraction"), "{:.3%}"),
             )
-            removed = meta.get("removed_rank_fraction")
-            edit_table.add_row(
-                entry.name,
-                status,
-                str(meta.get("mode", "-")),
-                ", ".join(s.get("name", "?") for s in meta.get("rank_statistics", [])) or "-",
-                f"{100 * removed:.3f}%" if isinstance(removed, float) else "-",
-            )
-        out.print(edit_table)
+        )
+
+
+def _fraction(value: Any, fmt: str) -> str:
+    return fmt.format(value) if isinstance(value, float) else "-"
+
+
+def _removals_table(
+    title: str,
+    columns: tuple[str, ...],
+    entries: list[ScoreSetSummary],
+    sources_key: str,
+    amount: Any,
+) -> Table:
+    """Masks or edits: name, status, mode, the sets they were made from, how much they remove."""
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for entry in entries:
+        meta = entry.meta
+        status = (
+            "[green]complete[/green]"
+            if entry.complete
+            else f"[red]{escape(entry.error or '')}[/red]"
+        )
+        table.add_row(
+            entry.name,
+            status,
+            str(meta.get("mode", "-")),
+            ", ".join(s.get("name", "?") for s in meta.get(sources_key, [])) or "-",
+            amount(meta),
+        )
+    return table
 
 
 def _summary_json(entry: ScoreSetSummary) -> dict[str, Any]:

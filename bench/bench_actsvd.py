@@ -31,16 +31,17 @@ def llama2_7b_bytes() -> int:
 
 
 def _score(loaded, store) -> None:
-    from wandacli.config import ScoreConfig
-    from wandacli.score_run import run_score
+    from wandacli.config.score import ScoreConfig
+    from wandacli.scoring.run import run_score
 
     config = ScoreConfig(method="actsvd", data=DATA, nsamples=NSAMPLES, store=store, overwrite=True)
     run_score(config, loaded=loaded, command_line=["bench"])
 
 
 def _edit(store, name: str) -> None:
-    from wandacli.config import EditConfig, ModelSpec
-    from wandacli.edit_run import run_edit
+    from wandacli.config.removal import EditConfig
+    from wandacli.config.settings import ModelSpec
+    from wandacli.removal.edits import run_edit
 
     config = EditConfig(
         scores="actsvd-align_short",
@@ -56,7 +57,7 @@ def _edit(store, name: str) -> None:
 def _eigh_seconds(loaded, store) -> float:
     """The floor: one float64 eigh per distinct W C Wᵀ (for d_out > d_in, the two d_in-sized
     ones the edit solves instead), statistics already in memory."""
-    from wandacli.store import RankStatistics
+    from wandacli.store.files import RankStatistics
 
     with RankStatistics(store / "scores" / "actsvd-align_short.h5") as statistics:
         moments = {
@@ -77,8 +78,8 @@ def _eigh_seconds(loaded, store) -> float:
 
 
 def run() -> list[Row]:
-    from wandacli.config import ModelSpec
-    from wandacli.models import load_model
+    from wandacli.config.settings import ModelSpec
+    from wandacli.models.loader import load_model
 
     torch.manual_seed(0)
     loaded = load_model(ModelSpec(model="smollm2", device="cpu"))

@@ -29,14 +29,14 @@ RANK_NEG = RANK_POS = 144
 
 
 def _spec():
-    from wandacli.config import ModelSpec
+    from wandacli.config.settings import ModelSpec
 
     return ModelSpec(model=MODEL, device="cpu", dtype="float32")
 
 
 def _statistics(store) -> None:
-    from wandacli.config import ScoreConfig
-    from wandacli.score_run import run_score
+    from wandacli.config.score import ScoreConfig
+    from wandacli.scoring.run import run_score
 
     for data in ("align_short", "utility"):
         config = ScoreConfig(
@@ -51,8 +51,8 @@ def _statistics(store) -> None:
 
 
 def _edit(store, sequential: bool) -> str:
-    from wandacli.config import EditConfig
-    from wandacli.edit_run import run_edit
+    from wandacli.config.removal import EditConfig
+    from wandacli.removal.edits import run_edit
 
     config = EditConfig(
         scores="actsvd-align_short",
@@ -67,9 +67,9 @@ def _edit(store, sequential: bool) -> str:
 
 
 def _evaluate(store, edit: str | None) -> tuple[float, float]:
-    from wandacli.attack import run_attack
-    from wandacli.config import AttackConfig, UtilityConfig
-    from wandacli.evaluate import run_utility
+    from wandacli.config.evaluation import AttackConfig, UtilityConfig
+    from wandacli.evaluation.attack import run_attack
+    from wandacli.evaluation.utility import run_utility
 
     out = WORK / "actsvd-order" / "results" / (edit or "dense")
     attack = run_attack(
@@ -95,8 +95,8 @@ def _evaluate(store, edit: str | None) -> tuple[float, float]:
 
 
 def run() -> list[Row]:
-    from wandacli.ranks import subspace_similarity
-    from wandacli.store import EditFile
+    from wandacli.removal.ranks import subspace_similarity
+    from wandacli.store.files import EditFile
 
     store = WORK / "actsvd-order" / "store"
     shutil.rmtree(store.parent, ignore_errors=True)

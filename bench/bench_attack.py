@@ -15,7 +15,7 @@ NEW_TOKENS = 64
 
 
 def _rate(loaded, texts, batch_size: int) -> tuple[float, int, float]:
-    from wandacli.attack import HFGenerator
+    from wandacli.evaluation.backends.hf import HFGenerator
 
     generator = HFGenerator(loaded, max_new_tokens=NEW_TOKENS, batch_size=batch_size)
     started = time.perf_counter()
@@ -25,9 +25,10 @@ def _rate(loaded, texts, batch_size: int) -> tuple[float, int, float]:
 
 
 def run() -> list[Row]:
-    from wandacli.attack import build_prompt, load_prompts
-    from wandacli.config import AttackConfig, ModelSpec
-    from wandacli.models import load_model
+    from wandacli.config.evaluation import AttackConfig
+    from wandacli.config.settings import ModelSpec
+    from wandacli.evaluation.prompts import build_prompt, load_prompts
+    from wandacli.models.loader import load_model
 
     loaded = load_model(ModelSpec(model="smollm2", device="cpu"))
     prompts, _, _ = load_prompts(AttackConfig(limit=PROMPTS))

@@ -20,9 +20,10 @@ DEMO_BUDGET_MINUTES = 20
 def _build_seconds() -> tuple[float, float]:
     import json
 
-    from wandacli.console import NullReporter
-    from wandacli.models import default_model_gguf, ensure_converted_gguf
-    from wandacli.organism import DEFAULT_RECIPE, RECIPE_FILE, ensure_aligned_model
+    from wandacli.core.console import NullReporter
+    from wandacli.models.gguf import ensure_converted_gguf
+    from wandacli.models.organism import DEFAULT_RECIPE, RECIPE_FILE, ensure_aligned_model
+    from wandacli.models.sources import default_model_gguf
 
     work = WORK / "organism"
     shutil.rmtree(work, ignore_errors=True)

@@ -17,9 +17,9 @@ import sys
 import torch
 
 from bench.common import Row, mib, peak_rss_of_command, smollm2_store, timed
-from wandacli.config import PruneConfig
-from wandacli.prune_run import run_prune
-from wandacli.store import ScoreSet
+from wandacli.config.removal import PruneConfig
+from wandacli.removal.prune import run_prune
+from wandacli.store.files import ScoreSet
 
 SAFETY, UTILITY, WANDA = "wandg-align_short", "wandg-utility", "wanda-align_short"
 

@@ -23,7 +23,8 @@ DATA = "align_short"
 
 
 def _calibration(loaded):
-    from wandacli.data import build_calibration_set, load_raw
+    from wandacli.data.calibration import build_calibration_set
+    from wandacli.data.sources import load_raw
 
     return build_calibration_set(
         load_raw(DATA), loaded.tokenizer, nsamples=NSAMPLES, seed=0, seqlen=2048
@@ -50,8 +51,8 @@ def _bare_forward_backward(loaded, calibration) -> None:
 
 
 def _score(loaded, method: str, store) -> None:
-    from wandacli.config import ScoreConfig
-    from wandacli.score_run import run_score
+    from wandacli.config.score import ScoreConfig
+    from wandacli.scoring.run import run_score
 
     config = ScoreConfig(method=method, data=DATA, nsamples=NSAMPLES, store=store, overwrite=True)
     run_score(config, loaded=loaded, command_line=["bench"])
@@ -69,8 +70,8 @@ _result = {{"parameters": result.parameters}}
 
 
 def run() -> list[Row]:
-    from wandacli.config import ModelSpec
-    from wandacli.models import load_model
+    from wandacli.config.settings import ModelSpec
+    from wandacli.models.loader import load_model
 
     torch.manual_seed(0)
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -90,8 +90,8 @@ BENCH_NSAMPLES = 8  # scores for the prune/compare benchmarks: values matter, no
 def smollm2_store() -> Path:
     """A store with SmolLM2 score sets (wanda and wandg on align_short, wandg on utility),
     made once per benchmark run."""
-    from wandacli.config import ScoreConfig
-    from wandacli.score_run import run_score
+    from wandacli.config.score import ScoreConfig
+    from wandacli.scoring.run import run_score
 
     store = WORK / "store"
     for method, data in (("wanda", "align_short"), ("wandg", "align_short"), ("wandg", "utility")):

@@ -153,7 +153,7 @@ def tiny_gpt2_dir(tmp_path_factory, tokenizer) -> Path:
 @pytest.fixture(scope="session")
 def shipped_data() -> Path:
     """The package's own data folder (wandacli/datasets/)."""
-    from wandacli.data import shipped_data_dir
+    from wandacli.data.sources import shipped_data_dir
 
     return shipped_data_dir()
 
@@ -188,7 +188,7 @@ def cli():
     """Run the CLI in-process through Typer's CliRunner; returns (exit code, stdout, stderr)."""
     from typer.testing import CliRunner
 
-    from wandacli.cli import app
+    from wandacli.cli.app import app
 
     runner = CliRunner()
 

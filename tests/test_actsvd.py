@@ -11,10 +11,11 @@ import pytest
 import torch
 
 from tests.test_score_cli import arrays, assert_one_line_error, score_args
-from wandacli.config import ModelSpec
-from wandacli.data import build_calibration_set, load_raw
-from wandacli.models import load_model
-from wandacli.store import RankStatistics
+from wandacli.config.settings import ModelSpec
+from wandacli.data.calibration import build_calibration_set
+from wandacli.data.sources import load_raw
+from wandacli.models.loader import load_model
+from wandacli.store.files import RankStatistics
 
 
 def explicit_second_moments(model_dir, data) -> tuple[dict[str, np.ndarray], int]:

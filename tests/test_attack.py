@@ -13,16 +13,14 @@ import pytest
 from tests.conftest import build_tokenizer
 from tests.test_prune_cli import prune
 from tests.test_score_cli import assert_one_line_error, score_args
-from wandacli import attack, reference
-from wandacli.attack import (
-    RunRecord,
-    asr_any,
-    asr_sample_mean,
-    keyword_judge,
-    llama2_prompt,
-    summarize,
-)
-from wandacli.config import AttackConfig, ModelSpec
+from wandacli.config.evaluation import AttackConfig
+from wandacli.config.settings import ModelSpec
+from wandacli.core import reference
+from wandacli.evaluation import judges, prompts
+from wandacli.evaluation.attack import RunRecord, asr_any, asr_sample_mean, summarize
+from wandacli.evaluation.backends import hf
+from wandacli.evaluation.judges import keyword_judge
+from wandacli.evaluation.prompts import llama2_prompt
 
 SYS = reference.SAFETY_SYSTEM_PROMPT
 LONG_COMPLIANCE = " ".join(["word"] * 25)
@@ -75,7 +73,7 @@ class TestTemplates:
 
     def test_chat_template_with_a_system_turn(self):
         tokenizer = build_tokenizer()
-        text = attack.chat_prompt(tokenizer, "Do X", system="Be safe.", suffix="SUFFIX")
+        text = prompts.chat_prompt(tokenizer, "Do X", system="Be safe.", suffix="SUFFIX")
         assert text == "<|system|>Be safe.</s><|user|>Do X SUFFIX</s><|assistant|>"
 
     def test_chat_template_without_system_support_prepends_it(self):
@@ -86,17 +84,17 @@ class TestTemplates:
             "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}"
         )
         assert (
-            attack.chat_prompt(tokenizer, "Do X", system="Be safe.")
+            prompts.chat_prompt(tokenizer, "Do X", system="Be safe.")
             == "<user>Be safe.\n\nDo X<assistant>"
         )
 
     def test_no_tag_variant_ignores_the_chat_template(self):
         tokenizer = build_tokenizer()
-        text, special = attack.build_prompt(
+        text, special = prompts.build_prompt(
             tokenizer, "Do X", template="chat", system=None, inst=False, suffix=None
         )
         assert (text, special) == ("Do X\n", True)
-        text, special = attack.build_prompt(
+        text, special = prompts.build_prompt(
             tokenizer, "Do X", template="chat", system=None, inst=True, suffix=None
         )
         assert special is False and text.endswith("<|assistant|>")
@@ -430,23 +428,23 @@ class TestClassifierJudgeForReal:
     """`--judge hf:DIR` with a real (tiny, random) classifier model on disk."""
 
     def test_the_prompt_is_harmbenchs_template_byte_for_byte(self):
-        assert attack.HARMBENCH_CLASSIFIER_PROMPT == HARMBENCH_PROMPT.read_text(encoding="utf-8")
+        assert judges.HARMBENCH_CLASSIFIER_PROMPT == HARMBENCH_PROMPT.read_text(encoding="utf-8")
 
     def test_batched_verdicts_equal_one_at_a_time_and_the_prompts_are_exact(
         self, tiny_classifier_dir, monkeypatch
     ):
-        from wandacli.models import load_model
+        from wandacli.models.loader import load_model
 
         fed: list[str] = []
-        real_generate = attack.HFGenerator.generate
+        real_generate = hf.HFGenerator.generate
 
         def spy(self, texts, **kwargs):
             fed.extend(texts)
             return real_generate(self, texts, **kwargs)
 
-        monkeypatch.setattr(attack.HFGenerator, "generate", spy)
+        monkeypatch.setattr(hf.HFGenerator, "generate", spy)
         behaviours, responses = CALIBRATION_BEHAVIOURS, CALIBRATION_RESPONSES
-        judge = attack.ClassifierJudge(
+        judge = judges.ClassifierJudge(
             str(tiny_classifier_dir), ModelSpec(device="cpu"), batch_size=4
         )
         verdicts = judge.judge(behaviours, responses)  # batches of 4, 4 and 3, left-padded
@@ -465,7 +463,7 @@ class TestClassifierJudgeForReal:
     def test_eval_attack_records_the_judge_and_its_verdicts(
         self, cli, tiny_llama_dir, tiny_classifier_dir, tmp_path
     ):
-        from wandacli.models import load_model
+        from wandacli.models.loader import load_model
 
         out = tmp_path / "judged"
         result = cli(

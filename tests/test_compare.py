@@ -15,17 +15,17 @@ from rich.console import Console
 
 from tests.test_prune_cli import prune
 from tests.test_score_cli import assert_one_line_error, score_args
-from wandacli import render
-from wandacli.compare import average_ranks, compare_files, spearman
-from wandacli.durable import atomic_h5
-from wandacli.store import MaskFile, ScoreSet, set_root_attrs, write_mask_array
+from wandacli.core.durable import atomic_h5
+from wandacli.reporting import heatmap
+from wandacli.reporting.compare import average_ranks, compare_files, spearman
+from wandacli.store.files import MaskFile, ScoreSet, set_root_attrs, write_mask_array
 
 
 @pytest.fixture(scope="module")
 def store(tmp_path_factory, tiny_llama_dir, pairs_csv) -> Path:
     from typer.testing import CliRunner
 
-    from wandacli.cli import app
+    from wandacli.cli.app import app
 
     root = tmp_path_factory.mktemp("compare") / "store"
     runner = CliRunner()
@@ -264,8 +264,8 @@ class TestOutputs:
         }
         values["0/mlp.up_proj"] = math.nan
         console = Console(width=80, record=True, color_system="truecolor")
-        console.print(render.jaccard_heatmap("heat", values))
-        console.print(render.heatmap_legend())
+        console.print(heatmap.jaccard_heatmap("heat", values))
+        console.print(heatmap.heatmap_legend())
         text = console.export_text()
         lines = text.splitlines()
         assert all(len(line) <= 80 for line in lines)

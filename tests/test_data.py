@@ -10,18 +10,16 @@ import re
 import pytest
 import torch
 
-from wandacli.config import Columns
-from wandacli.data import (
+from wandacli.config.settings import Columns
+from wandacli.core.errors import DataError
+from wandacli.data.calibration import (
     IGNORE_INDEX,
-    NAMED_SETS,
     build_calibration_set,
-    load_raw,
     select_rows,
     select_windows,
-    shipped_data_dir,
     strip_llama2_tags,
 )
-from wandacli.errors import DataError
+from wandacli.data.sources import NAMED_SETS, load_raw, shipped_data_dir
 
 
 def _shipped_checksums() -> dict[str, str]:
@@ -208,7 +206,7 @@ class TestLocalFiles:
     def test_json_rows_equal_what_datasets_reads(self, shipped_data):
         from datasets import load_dataset
 
-        from wandacli.data import _load_table
+        from wandacli.data.sources import _load_table
 
         for name in ("utility_seed_tasks.jsonl", "jailbreakbench.json"):
             reference = load_dataset("json", data_files=str(shipped_data / name), split="train")

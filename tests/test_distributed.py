@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from tests.conftest import REPO
-from wandacli.store import open_finished_scores
+from wandacli.store.files import open_finished_scores
 
 RANK_RUNNER = REPO / "tests" / "faults" / "run_rank.py"
 
@@ -120,12 +120,12 @@ def test_resuming_with_another_world_size_is_refused(
     cli, monkeypatch, tiny_llama_dir, pairs_csv, tmp_path
 ):
     from tests.conftest import interrupt_after
-    from wandacli import scoring
+    from wandacli.methods import wanda
 
     store = tmp_path / "store"
     args = score_args(tiny_llama_dir, pairs_csv, store, "wanda", "--checkpoint-every", "1")
     with monkeypatch.context() as patch:
-        interrupt_after(patch, scoring.ActivationStatistics, 3)
+        interrupt_after(patch, wanda.ActivationStatistics, 3)
         assert cli(*args).exit_code == 130
     done = torchrun(args)
     assert done.returncode != 0
@@ -182,8 +182,8 @@ def test_offloaded_accumulators_give_the_same_scores(cli, tiny_llama_dir, pairs_
 
 
 def test_max_memory_is_parsed_for_accelerate():
-    from wandacli.errors import ModelError
-    from wandacli.models import parse_max_memory
+    from wandacli.core.errors import ModelError
+    from wandacli.models.sources import parse_max_memory
 
     assert parse_max_memory("0=20GiB, 1=20GiB,cpu=64GiB") == {
         0: "20GiB",
@@ -198,9 +198,10 @@ def test_offloaded_weights_are_refused(tiny_llama_dir):
     """accelerate leaves offloaded weights on the meta device: say so instead of failing later."""
     import torch
 
-    from wandacli.config import ModelSpec
-    from wandacli.errors import ModelError
-    from wandacli.models import check_weights_resident, load_model
+    from wandacli.config.settings import ModelSpec
+    from wandacli.core.errors import ModelError
+    from wandacli.models.loader import load_model
+    from wandacli.models.pretrained import check_weights_resident
 
     loaded = load_model(ModelSpec(model=str(tiny_llama_dir), device="cpu"))
     layer = loaded.linear_layers[9]

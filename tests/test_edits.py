@@ -13,10 +13,10 @@ import pytest
 import torch
 
 from tests.test_score_cli import assert_one_line_error, score_args
-from wandacli.config import ModelSpec
-from wandacli.models import load_model
-from wandacli.store import RankStatistics
-from wandacli.under_test import load_model_under_test
+from wandacli.config.settings import ModelSpec
+from wandacli.evaluation.under_test import load_model_under_test
+from wandacli.models.loader import load_model
+from wandacli.store.files import RankStatistics
 
 
 @pytest.fixture(scope="module")
@@ -24,7 +24,7 @@ def rank_store(tmp_path_factory, tiny_llama_dir, pairs_csv) -> Path:
     """actsvd statistics of the tiny model on a safety set and a utility set."""
     from typer.testing import CliRunner
 
-    from wandacli.cli import app
+    from wandacli.cli.app import app
 
     store = tmp_path_factory.mktemp("ranks") / "store"
     runner = CliRunner()
@@ -360,9 +360,10 @@ def test_eigh_and_the_references_randomised_svd_on_smollm2():
     """On the embedded SmolLM2 with real second moments (8 align_short samples): the top-10
     subspace of the exact eigensolver against `torch.svd_lowrank(q=10, niter=20)` on the same
     operator, per module of layers 0 and 15. README ("deliberate differences") quotes these."""
-    from wandacli.data import build_calibration_set, load_raw
-    from wandacli.ranks import subspace_similarity, top_output_directions
-    from wandacli.scoring import SecondMoments, shared_inputs
+    from wandacli.data.calibration import build_calibration_set
+    from wandacli.data.sources import load_raw
+    from wandacli.methods.actsvd import SecondMoments, shared_inputs
+    from wandacli.removal.ranks import subspace_similarity, top_output_directions
 
     loaded = load_model(ModelSpec(model="smollm2", device="cpu"))
     keep = [lin for lin in loaded.linear_layers if lin.layer in (0, 15)]
@@ -519,7 +520,8 @@ class TestSequentialOrder:
         in order, run the calibration samples through the model (earlier layers already
         edited), record every module's input rows at the counted tokens, take the top right
         singular vectors of A = X Wᵀ by a full SVD, and set W ← W − V Vᵀ W for the whole layer."""
-        from wandacli.data import build_calibration_set, load_raw
+        from wandacli.data.calibration import build_calibration_set
+        from wandacli.data.sources import load_raw
 
         loaded = load_model(ModelSpec(model=str(model_dir), device="cpu"))
         calibration = build_calibration_set(

@@ -16,7 +16,7 @@ from pathlib import Path
 import h5py
 import pytest
 
-from wandacli.data import NAMED_SETS, shipped_data_dir
+from wandacli.data.sources import NAMED_SETS, shipped_data_dir
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from wandacli.store import ScoreSet
+from wandacli.store.files import ScoreSet
 
 pytestmark = [
     pytest.mark.gpu,

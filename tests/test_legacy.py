@@ -16,9 +16,9 @@ import torch
 import torch.serialization as serialization
 
 from tests.test_score_cli import assert_one_line_error
-from wandacli.config import ModelSpec
-from wandacli.models import load_model
-from wandacli.store import ScoreSet
+from wandacli.config.settings import ModelSpec
+from wandacli.models.loader import load_model
+from wandacli.store.files import ScoreSet
 
 
 def pickled_as_on_cuda(tensor: torch.Tensor) -> bytes:

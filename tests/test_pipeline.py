@@ -13,7 +13,7 @@ import pytest
 
 from tests.conftest import REPO
 from tests.test_score_cli import assert_one_line_error
-from wandacli.config import read_config_file
+from wandacli.config.files import read_config_file
 from wandacli.pipeline import Plan, makefile
 
 CONFIGS = sorted((REPO / "configs").glob("*.toml"))

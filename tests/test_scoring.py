@@ -7,12 +7,14 @@ import numpy as np
 import pytest
 import torch
 
-from wandacli.config import ModelSpec, ScoreConfig
-from wandacli.data import build_calibration_set, load_raw
-from wandacli.models import load_model
-from wandacli.score_run import run_score
-from wandacli.scoring import random_scores
-from wandacli.store import ScoreSet
+from wandacli.config.score import ScoreConfig
+from wandacli.config.settings import ModelSpec
+from wandacli.data.calibration import build_calibration_set
+from wandacli.data.sources import load_raw
+from wandacli.methods.random import random_scores
+from wandacli.models.loader import load_model
+from wandacli.scoring.run import run_score
+from wandacli.store.files import ScoreSet
 
 RTOL = 1e-5  # float32 accumulation against a float64 reference
 

@@ -10,19 +10,15 @@ import h5py
 import numpy as np
 import pytest
 
-from wandacli.config import ModelSpec, ScoreConfig
-from wandacli.durable import remove_orphan_temporaries, temporary_path
-from wandacli.errors import ChecksumError, NonFiniteScoresError, StoreError, StoreLockedError
-from wandacli.models import load_model
-from wandacli.score_run import run_score
-from wandacli.store import (
-    FORMAT_VERSION,
-    SCORES_FORMAT,
-    ScoreSet,
-    StoredFile,
-    to_float16_checked,
-    writer_lock,
-)
+from wandacli.config.score import ScoreConfig
+from wandacli.config.settings import ModelSpec
+from wandacli.core.durable import remove_orphan_temporaries, temporary_path
+from wandacli.core.errors import ChecksumError, NonFiniteScoresError, StoreError, StoreLockedError
+from wandacli.models.loader import load_model
+from wandacli.scoring.run import run_score
+from wandacli.store.files import ScoreSet, StoredFile, to_float16_checked
+from wandacli.store.lock import writer_lock
+from wandacli.store.schema import FORMAT_VERSION, SCORES_FORMAT
 
 
 @pytest.fixture(scope="module")

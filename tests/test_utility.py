@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from tests.test_score_cli import assert_one_line_error
-from wandacli.config import ModelSpec
-from wandacli.evaluate import perplexity
-from wandacli.models import load_model
+from wandacli.config.settings import ModelSpec
+from wandacli.evaluation.utility import perplexity
+from wandacli.models.loader import load_model
 
 
 @pytest.fixture()
@@ -211,8 +211,8 @@ class TestRealLmEval:
     def test_accuracy_equals_an_independent_computation_with_and_without_a_mask(
         self, cli, tiny_llama_dir, tmp_path, model_name, monkeypatch
     ):
-        from wandacli import pruning
-        from wandacli.store import open_mask
+        from wandacli.removal import masks as pruning
+        from wandacli.store.files import open_mask
 
         monkeypatch.chdir(tmp_path)  # the task's data is found beside its YAML, not in the cwd
         model = str(tiny_llama_dir) if model_name == "tiny" else "smollm2"

@@ -1,6 +1,6 @@
 """`python -m wandacli` (also the entry point torchrun uses)."""
 
-from wandacli.cli import main
+from wandacli.cli.main import main
 
 if __name__ == "__main__":
     main()

@@ -30,23 +30,14 @@ from typing import Any
 
 import numpy as np
 
-from wandacli.config import ModelSpec
-from wandacli.console import NullReporter, Reporter, warn
-from wandacli.durable import atomic_h5, check_free_space, expected_file_bytes
-from wandacli.errors import ModelError, NonFiniteScoresError, StoreError
-from wandacli.store import (
-    SCORES_FORMAT,
-    Store,
-    describe_key,
-    format_non_finite,
-    non_finite_counts,
-    now_iso,
-    set_root_attrs,
-    software_versions,
-    split_key,
-    write_array,
-    writer_lock,
-)
+from wandacli.config.settings import ModelSpec
+from wandacli.core.console import NullReporter, Reporter, warn
+from wandacli.core.durable import atomic_h5, check_free_space, expected_file_bytes
+from wandacli.core.errors import ModelError, NonFiniteScoresError, StoreError
+from wandacli.core.provenance import now_iso, software_versions
+from wandacli.store.files import format_non_finite, non_finite_counts, set_root_attrs, write_array
+from wandacli.store.lock import writer_lock
+from wandacli.store.schema import SCORES_FORMAT, Store, describe_key, split_key
 
 FILE_GLOB = "W_metric_layer_*_name_*.pkl"
 
@@ -252,7 +243,7 @@ def import_legacy(
     command_line: list[str] | None = None,
 ) -> ImportResult:
     """Read the reference's pickled scores for every linear layer of `model` into a score set."""
-    from wandacli.models import model_structure
+    from wandacli.models.loader import model_structure
 
     reporter = reporter or NullReporter()
     started_at, started = now_iso(), time.monotonic()

@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wandacli.config import WEIGHT_METHODS, read_config_file
-from wandacli.errors import ConfigError, WandacliError
+from wandacli.config.files import read_config_file
+from wandacli.config.settings import WEIGHT_METHODS
+from wandacli.core.errors import ConfigError, WandacliError
 
 _UNSAFE_LABEL_CHARS = re.compile(r"[^A-Za-z0-9._-]")
 

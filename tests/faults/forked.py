@@ -62,7 +62,7 @@ def _child(args: list[str], env: dict[str, str], out: str, err: str, fault: str 
         from tests.faults.run_cli import inject
 
         inject(fault)
-    from wandacli.cli import main
+    from wandacli.cli.main import main
 
     sys.argv = ["wandacli", *args]
     main()

@@ -39,7 +39,7 @@ def main() -> None:
     spec, separator, *args = sys.argv[1:]
     assert separator == "--", "usage: run_cli.py MODULE:FUNCTION:N[:after] -- ARGS"
     inject(spec)
-    from wandacli.cli import main as cli_main
+    from wandacli.cli.main import main as cli_main
 
     sys.argv = ["wandacli", *args]
     cli_main()

@@ -13,24 +13,26 @@ import sys
 
 
 def main() -> None:
-    from wandacli import score_run, scoring, store
+    from wandacli.methods import wanda, wandg
+    from wandacli.scoring import run as score_run
+    from wandacli.store import parts
 
     rank = os.environ.get("RANK", "0")
     log = os.environ.get("WANDACLI_TEST_WRITE_LOG")
     if log:
-        original = store.atomic_h5
+        original = parts.atomic_h5
 
         def logged(final, *args, **kwargs):
             with open(log, "a") as handle:
                 handle.write(f"{rank} {final}\n")
             return original(final, *args, **kwargs)
 
-        store.atomic_h5 = logged
+        parts.atomic_h5 = logged
         score_run.atomic_h5 = logged
     if os.environ.get("WANDACLI_TEST_FAIL_RANK") == rank:
         after = int(os.environ.get("WANDACLI_TEST_FAIL_AFTER", "1"))
         calls = {"n": 0}
-        for cls in (scoring.ActivationStatistics, scoring.GradientAccumulator):
+        for cls in (wanda.ActivationStatistics, wandg.GradientAccumulator):
             original_observe = cls.observe
 
             def failing(self, *args, _original=original_observe, **kwargs):
@@ -40,7 +42,7 @@ def main() -> None:
                 return _original(self, *args, **kwargs)
 
             cls.observe = failing
-    from wandacli.cli import main as cli_main
+    from wandacli.cli.main import main as cli_main
 
     sys.argv = ["wandacli", *sys.argv[1:]]
     cli_main()

@@ -1,0 +1,1 @@
+"""Frozen settings per command: defaults < config file < flags, validated in one place."""

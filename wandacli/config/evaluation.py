@@ -1,0 +1,105 @@
+"""The settings of `eval-attack` and `eval-utility`."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wandacli.config.settings import ModelSpec
+from wandacli.core import reference
+from wandacli.core.errors import ConfigError
+
+# ---------------------------------------------------------------------------------------------
+# eval-attack and eval-utility
+
+ATTACK_CONFIGS = ("basic", "basic_nosys", "multiple_nosys", "gcg")
+RESULTS_DIR = Path("wandacli-results")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Everything `wandacli eval-attack` needs."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    mask: str | None = None
+    store: Path | None = None
+    prompts: str = "advbench"
+    prompt_column: str | None = None
+    limit: int = reference.ATTACK_PROMPTS_USED
+    configs: tuple[str, ...] = ATTACK_CONFIGS
+    inst: tuple[bool, ...] = (True, False)
+    template: str | None = None  # None: chat when the tokenizer has a template, else llama2
+    max_new_tokens: int = reference.MAX_NEW_TOKENS
+    batch_size: int = 16
+    backend: str = "hf"
+    judge: str = "keyword"
+    samples: int = reference.MULTIPLE_SAMPLES
+    temperature: float = reference.MULTIPLE_TEMPERATURE
+    seed: int = 0
+    out: Path | None = None  # None: wandacli-results/<mask or model>
+    overwrite: bool = False
+    data_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [c for c in self.configs if c not in ATTACK_CONFIGS]
+        if unknown or not self.configs:
+            raise ConfigError(
+                f"unknown --configs {','.join(unknown) or '(empty)'}: use a comma list of {', '.join(ATTACK_CONFIGS)}"
+            )
+        if self.limit < 1:
+            raise ConfigError(f"--limit must be at least 1 (got {self.limit})")
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
+        if self.batch_size < 1:
+            raise ConfigError(f"--batch-size must be at least 1 (got {self.batch_size})")
+        if self.samples < 1:
+            raise ConfigError(f"--samples must be at least 1 (got {self.samples})")
+        if self.template not in (None, "chat", "llama2"):
+            raise ConfigError(f"unknown --template {self.template!r}: use chat or llama2")
+        if self.backend not in ("hf", "vllm"):
+            raise ConfigError(f"unknown --backend {self.backend!r}: use hf or vllm")
+        if self.judge != "keyword" and not (self.judge.startswith("hf:") and len(self.judge) > 3):
+            raise ConfigError(
+                f"unknown --judge {self.judge!r}: use keyword or hf:MODEL (a HarmBench-style classifier)"
+            )
+        if not self.inst:
+            raise ConfigError(
+                "no instruction-tag variant chosen: use --inst, --no-inst, or neither for both"
+            )
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        for key in ("store", "out", "data_dir"):
+            data[key] = str(data[key]) if data[key] is not None else None
+        data["model"]["cache_dir"] = str(self.model.cache_dir) if self.model.cache_dir else None
+        return data
+
+
+@dataclass(frozen=True)
+class UtilityConfig:
+    """Everything `wandacli eval-utility` needs."""
+
+    model: ModelSpec = field(default_factory=ModelSpec)
+    mask: str | None = None
+    store: Path | None = None
+    data: str | None = "wikitext"  # None: no perplexity
+    seqlen: int | None = None  # None: min(4096, model context), the reference's Llama-2 window
+    limit_windows: int | None = None
+    zero_shot: tuple[str, ...] = ()
+    zero_shot_limit: int | None = reference.ZERO_SHOT_LIMIT
+    batch_size: int = 1
+    out: Path | None = None
+    data_dir: Path | None = None
+
+    def __post_init__(self) -> None:
+        if self.seqlen is not None and self.seqlen < 2:
+            raise ConfigError(f"--seqlen must be at least 2 (got {self.seqlen})")
+        if self.limit_windows is not None and self.limit_windows < 1:
+            raise ConfigError(f"--limit-windows must be at least 1 (got {self.limit_windows})")
+        if self.zero_shot_limit is not None and self.zero_shot_limit < 1:
+            raise ConfigError(f"--zero-shot-limit must be at least 1 (got {self.zero_shot_limit})")
+        if self.data is None and not self.zero_shot:
+            raise ConfigError(
+                "nothing to evaluate: keep --data (perplexity) or add --zero-shot TASKS"
+            )

@@ -1,0 +1,1 @@
+"""Calibration and evaluation sets: named sources, local files, templates, prompt masking."""

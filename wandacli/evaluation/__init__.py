@@ -1,0 +1,1 @@
+"""The model under test, attack prompts and judges, generation backends, utility."""

@@ -1,0 +1,94 @@
+"""Batched generation with transformers (left padding)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from wandacli.core.console import NullReporter, Reporter
+
+# ---------------------------------------------------------------------------------------------
+# Generation
+
+
+class HFGenerator:
+    """Batched generation with transformers, left-padded, on CPU or CUDA."""
+
+    def __init__(
+        self, loaded: Any, *, max_new_tokens: int, batch_size: int, reporter: Reporter | None = None
+    ) -> None:
+        self.loaded = loaded
+        self.max_new_tokens = max_new_tokens
+        self.batch_size = batch_size
+        self.reporter = reporter or NullReporter()
+        self.generated_tokens = 0
+
+    def generate(
+        self,
+        texts: Sequence[str],
+        *,
+        add_special_tokens: bool,
+        samples: int,
+        sampling: bool,
+        seed: int,
+        temperature: float = 1.0,
+    ) -> list[list[str]]:
+        """For each text, `samples` continuations (greedy, or sampled at `temperature` with a
+        seed per batch: top-k and top-p off, as vLLM's defaults)."""
+        import torch
+        from transformers import GenerationConfig
+
+        tokenizer = self.loaded.tokenizer
+        model = self.loaded.model
+        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        options: dict[str, Any] = {
+            "max_new_tokens": self.max_new_tokens,
+            "do_sample": sampling,
+            "num_return_sequences": samples,
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": eos if eos is not None else tokenizer.eos_token_id,
+        }
+        if sampling:
+            options.update(temperature=temperature, top_k=0, top_p=1.0)
+        generation_config = GenerationConfig(**options)
+        previous_side = tokenizer.padding_side
+        tokenizer.padding_side = "left"
+        eos_ids = set(
+            generation_config.eos_token_id
+            if isinstance(generation_config.eos_token_id, list)
+            else [generation_config.eos_token_id]
+        )
+        results: list[list[str]] = []
+        try:
+            for start in range(0, len(texts), self.batch_size):
+                batch = list(texts[start : start + self.batch_size])
+                encoded = tokenizer(
+                    batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+                )
+                encoded = {k: v.to(self.loaded.input_device) for k, v in encoded.items()}
+                if sampling:
+                    torch.manual_seed(
+                        seed + start
+                    )  # same samples for the same batches on every run
+                with torch.no_grad():
+                    output = model.generate(**encoded, generation_config=generation_config)
+                new_tokens = output[:, encoded["input_ids"].shape[1] :].cpu()
+                for index in range(len(batch)):
+                    rows = new_tokens[index * samples : (index + 1) * samples]
+                    results.append(
+                        [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
+                    )
+                    self.generated_tokens += sum(
+                        _tokens_before_eos(row.tolist(), eos_ids) for row in rows
+                    )
+                self.reporter.advance(len(batch))
+        finally:
+            tokenizer.padding_side = previous_side
+        return results
+
+
+def _tokens_before_eos(ids: list[int], eos_ids: set[int | None]) -> int:
+    for position, token in enumerate(ids):
+        if token in eos_ids:
+            return position + 1
+    return len(ids)

@@ -1,0 +1,109 @@
+"""The model under test for the eval commands: loaded through the shared loader, a stored mask
+or rank edit optionally applied in memory (no edited copy on disk), and named as the
+reference's results log names it (`method  actual_sparsity  [p  q]  metric  score`)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wandacli.config.settings import ModelSpec
+from wandacli.removal.apply import EDIT_MODES, edit_method, mask_method, open_removal
+
+
+@dataclass
+class ModelUnderTest:
+    loaded: Any  # LoadedModel
+    mask_path: Path | None = None  # the mask or edit applied
+    mask_meta: dict[str, Any] = field(default_factory=dict)
+    actual_sparsity: float = 0.0  # exact zeros in the decoder's linear weights
+
+    @property
+    def is_edit(self) -> bool:
+        """A rank edit (its meta names an edit mode), not a mask."""
+        return self.mask_meta.get("mode") in EDIT_MODES
+
+    @property
+    def label(self) -> str:
+        """A short name for result folders: the mask's name, else the model's."""
+        if self.mask_path is not None:
+            return self.mask_path.stem
+        return Path(str(self.loaded.model_id)).name or "model"
+
+    @property
+    def method(self) -> str:
+        """The reference's `prune_method` for this model: `wanda`, `wandg`,
+        `wandg_set_difference`, ..., or `dense`."""
+        if self.is_edit:
+            return edit_method(self.mask_meta)
+        return mask_method(self.mask_meta)
+
+    @property
+    def p_q(self) -> tuple[float, float] | None:
+        if self.mask_meta.get("mode") == "set-difference":
+            return float(self.mask_meta["p"]), float(self.mask_meta["q"])
+        return None
+
+    @property
+    def matches(self) -> str | None:
+        """For a control made with `prune --match-counts`: the name of the mask it matches."""
+        matched = self.mask_meta.get("matched_mask") or {}
+        return Path(str(matched["path"])).stem if matched.get("path") else None
+
+    def describe(self) -> dict[str, Any]:
+        described = {
+            "model": self.loaded.model_id,
+            "mask": str(self.mask_path) if self.mask_path else None,
+            "method": self.method,
+            "actual_sparsity": self.actual_sparsity,
+            "p_q": self.p_q,
+            "matches": self.matches,
+        }
+        if self.is_edit:  # the share of rank an edit removes, as the paper reports it
+            described["removed_rank_fraction"] = self.mask_meta.get("removed_rank_fraction")
+        return described
+
+
+def load_model_under_test(spec: ModelSpec, mask: str | None, store: Path | None) -> ModelUnderTest:
+    """Load the model; with a mask, zero its masked weights in memory. A directory saved by
+    `prune --save-model` carries its mask's settings in wandacli-mask.json."""
+    from wandacli.models.loader import load_model
+    from wandacli.removal import masks as pruning
+
+    removal = open_removal(mask, store) if mask is not None else None  # fail fast, before loading
+    try:
+        loaded = load_model(spec)
+        under_test = ModelUnderTest(loaded)
+        if removal is not None:
+            removal.apply(loaded)
+            under_test.mask_path = removal.path
+            under_test.mask_meta = dict(removal.meta)
+        else:
+            provenance = Path(loaded.source.location) / "wandacli-mask.json"
+            if loaded.source.kind == "local" and provenance.is_file():
+                under_test.mask_meta = json.loads(provenance.read_text(encoding="utf-8"))
+        under_test.actual_sparsity = pruning.zero_fraction(loaded)
+        return under_test
+    finally:
+        if removal is not None:
+            removal.close()
+
+
+def append_reference_log(path: Path, under_test: ModelUnderTest, metric: str, score: float) -> None:
+    """One line of the reference's tab-separated results log, with its header when new."""
+    p_q = under_test.p_q
+    if not path.exists():
+        header = (
+            "method\tactual_sparsity\tp\tq\tmetric\tscore"
+            if p_q
+            else "method\tactual_sparsity\tmetric\tscore"
+        )
+        path.write_text(header + "\n", encoding="utf-8")
+    columns = [under_test.method, f"{under_test.actual_sparsity:.6f}"]
+    if p_q:
+        columns += [f"{p_q[0]}", f"{p_q[1]}"]
+    columns += [metric, f"{score:.4f}"]
+    with path.open("a", encoding="utf-8") as handle:
+        handle.write("\t".join(columns) + "\n")

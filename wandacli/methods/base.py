@@ -1,0 +1,154 @@
+"""What every score method shares, and the protocol (RunContext) the run offers them."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar, Protocol
+
+import numpy as np
+import torch
+
+from wandacli.config.score import ScoreConfig
+from wandacli.data.calibration import CalibrationSet
+from wandacli.models.layers import LinearLayer
+from wandacli.models.pretrained import LoadedModel
+from wandacli.store.schema import SCORES_FORMAT
+
+
+class Collective(Protocol):
+    """The process group as a method sees it (scoring.distributed.Distributed implements it)."""
+
+    @property
+    def is_main(self) -> bool: ...
+
+    def all_reduce_sum(self, tensors: Iterable[Any]) -> None: ...
+
+    def broadcast_int(self, value: int) -> int: ...
+
+
+class RunContext(Protocol):
+    """What a score run offers the method it runs (scoring.run.ScoreRun implements it): the
+    settings, the set's name and parts directory, the process group, and the run's generic
+    sample loop, checkpoints and restore. Methods call these; they never import the run."""
+
+    config: ScoreConfig
+    name: str
+    parts_dir: Path
+
+    @property
+    def dist(self) -> Collective: ...
+
+    def sample_loop(
+        self,
+        calibration: CalibrationSet,
+        done: int,
+        label: str,
+        observe: Callable[[Any], None],
+        checkpoint: Callable[[int], None],
+    ) -> int: ...
+
+    def restore(self, load: Callable[[dict[str, torch.Tensor]], None], pattern: str) -> int: ...
+
+    def checkpoint(
+        self,
+        sums: dict[str, torch.Tensor],
+        name: str,
+        pattern: str,
+        attrs: dict[str, Any],
+        *,
+        reduced: bool = False,
+    ) -> None: ...
+
+
+@dataclass(frozen=True)
+class LayerArray:
+    """One array to write at assembly. `scores` arrays may be stored as float16 on request."""
+
+    key: str
+    array: np.ndarray
+    is_scores: bool = False
+
+
+@dataclass(frozen=True)
+class LayerLink:
+    """A second name for an array already written (an HDF5 hard link: stored once)."""
+
+    key: str
+    target: str
+
+
+class ScoreMethod:
+    """The parts of a score run that depend on the method. The defaults fit a method that
+    gathers nothing and computes each layer's scores at assembly."""
+
+    name: ClassVar[str]
+    file_format: ClassVar[str] = SCORES_FORMAT
+
+    def __init__(self, run: RunContext) -> None:
+        self.run = run
+        self.config = run.config
+
+    def groups(self, layers: list[LinearLayer]) -> list[list[LinearLayer]]:
+        """Layer groups gathered one after another (each with its own pass over the data)."""
+        return [layers]
+
+    def settings(self) -> dict[str, Any]:
+        """Settings beyond the run's own that change the numbers (a resume must match them)."""
+        return {}
+
+    def meta(self) -> dict[str, Any]:
+        return {}
+
+    def array_bytes(self, loaded: LoadedModel) -> int:
+        """Bytes of the arrays the finished file holds."""
+        itemsize = 2 if self.config.score_dtype == "float16" else 4
+        return sum(a * b * itemsize for a, b in loaded.fingerprint.shapes.values())
+
+    def datasets(self, loaded: LoadedModel) -> int:
+        return len(loaded.linear_layers)
+
+    def space_needed(self, loaded: LoadedModel) -> int:
+        """Free space to ask for before starting: the finished file (and any parts beside it)."""
+        return self.array_bytes(loaded)
+
+    def gather(
+        self,
+        loaded: LoadedModel,
+        calibration: CalibrationSet | None,
+        base_layers: dict[str, LinearLayer] | None,
+        groups: list[list[LinearLayer]],
+    ) -> None:
+        """Every rank: run the samples, checkpointing as it goes."""
+
+    @contextlib.contextmanager
+    def assembling(self) -> Iterator[None]:
+        """Around the assembly: parts opened for reading, closed after."""
+        yield
+
+    def layer_arrays(
+        self,
+        lin: LinearLayer,
+        calibration: CalibrationSet | None,
+        base_layers: dict[str, LinearLayer] | None,
+    ) -> Iterator[LayerArray | LayerLink]:
+        raise NotImplementedError
+
+    @staticmethod
+    def magnitude(lin: LinearLayer, base_layers: dict[str, LinearLayer] | None) -> torch.Tensor:
+        base = base_layers[lin.key].weight_matrix() if base_layers else None
+        return weight_magnitude(lin.weight_matrix(), base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure math
+
+
+def weight_magnitude(weight: torch.Tensor, base_weight: torch.Tensor | None = None) -> torch.Tensor:
+    """|W| (or |W - W_base|) in float32."""
+    weight = weight.detach().float()
+    if base_weight is not None:
+        return (weight - base_weight.detach().to(weight.device).float()).abs_()
+    return weight.abs()

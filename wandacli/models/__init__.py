@@ -1,0 +1,1 @@
+"""The one loader (the only `from_pretrained`), model sources, decoder layers, the organism."""

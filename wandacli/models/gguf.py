@@ -1,0 +1,113 @@
+"""GGUF files converted once to safetensors in the cache."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import hashlib
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from wandacli.core.console import info
+from wandacli.core.durable import save_model_dir
+from wandacli.core.errors import ModelError, first_line
+from wandacli.core.paths import cache_root
+
+
+def converted_gguf_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """The cache directory for one GGUF file, keyed by its path, size and modification time."""
+    stat = gguf_path.stat()
+    key = f"{gguf_path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    digest = hashlib.sha256(key.encode()).hexdigest()[:12]
+    return cache_root(cache_dir) / "models" / f"{gguf_path.stem}-{digest}"
+
+
+_COMPLETE_MARKER = ".wandacli-complete"
+
+
+def ensure_converted_gguf(gguf_path: Path, cache_dir: Path | None = None) -> Path:
+    """Convert a GGUF to a safetensors model directory once; later calls return the cache."""
+    target = converted_gguf_dir(gguf_path, cache_dir)
+    if (target / _COMPLETE_MARKER).is_file():
+        return target
+    from filelock import FileLock
+
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot create the model cache {target.parent}: {exc.strerror}; "
+            "set WANDACLI_CACHE_DIR to a writable directory"
+        ) from exc
+    with FileLock(str(target) + ".lock"):
+        if (target / _COMPLETE_MARKER).is_file():  # another process converted it meanwhile
+            return target
+        _convert_gguf(gguf_path, target)
+    return target
+
+
+@contextlib.contextmanager
+def _silenced_gguf_progress() -> Iterator[None]:
+    """transformers' GGUF reader draws a tqdm bar of its own that ignores its progress-bar
+    switch; our log line replaces it. Best effort: a missing private name changes nothing."""
+    try:
+        from transformers import modeling_gguf_pytorch_utils as gguf_utils
+
+        original = gguf_utils.tqdm
+    except (ImportError, AttributeError):
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
+def _convert_gguf(gguf_path: Path, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    info(f"converting {gguf_path.name} to safetensors once (about 30 s); cached in {target}")
+    started = time.monotonic()
+    _quiet_transformers()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+        with _silenced_gguf_progress():
+            model = AutoModelForCausalLM.from_pretrained(
+                str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+            )
+    except ImportError as exc:
+        raise ModelError(
+            f"reading GGUF files needs the gguf package: pip install gguf ({exc})"
+        ) from exc
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelError(f"cannot read GGUF file {gguf_path}: {first_line(exc)}") from exc
+    # The tensors are already de-quantized to float32; these markers only make transformers
+    # refuse save_pretrained ("quantized model cannot be saved").
+    setattr(model, "hf_quantizer", None)  # noqa: B010 (a typed attribute we must clear)
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    save_model_dir(
+        model,
+        tokenizer,
+        target,
+        "converted model",
+        lambda tmp: (tmp / _COMPLETE_MARKER).write_text(json.dumps({"source": str(gguf_path)})),
+    )
+    info(f"converted in {time.monotonic() - started:.0f} s")
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _quiet_transformers() -> None:
+    """Our own progress and messages replace transformers' bars and advisory warnings."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()

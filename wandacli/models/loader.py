@@ -1,0 +1,83 @@
+"""The one model loader: every command's model comes from `load_model`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from wandacli.config.settings import ModelSpec
+from wandacli.core.console import quiet_hub_clients
+from wandacli.core.errors import ModelError, first_line
+from wandacli.core.fingerprint import ModelFingerprint
+from wandacli.models.gguf import _quiet_transformers, ensure_converted_gguf
+from wandacli.models.layers import (
+    decoder_layers_path,
+    fingerprint_of,
+    iter_linear_layers,
+)
+from wandacli.models.pretrained import (
+    LoadedModel,
+    load_pretrained,
+)
+from wandacli.models.sources import (
+    ModelSource,
+    resolve_source,
+)
+
+
+def local_location(source: ModelSource, cache_dir: Path | None = None) -> str:
+    """Where from_pretrained reads a source: a GGUF's converted copy and the aligned demo model
+    are made in the cache on first use; hub ids and directories are used as they are."""
+    if source.kind == "gguf":
+        return str(ensure_converted_gguf(Path(source.location), cache_dir))
+    if source.kind == "aligned":
+        from wandacli.models.organism import ensure_aligned_model
+
+        base = ensure_converted_gguf(Path(source.location), cache_dir)
+        return str(ensure_aligned_model(base))
+    return source.location
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Load model and tokenizer as `spec` says, in eval mode, on the chosen device and dtype,
+    with every parameter frozen (code that needs gradients enables them where it needs them).
+    A GGUF is converted and the aligned organism built on first use."""
+    source = resolve_source(spec.model)
+    return load_pretrained(spec, source, local_location(source, spec.cache_dir))
+
+
+@dataclass(frozen=True)
+class ModelStructure:
+    """What a model's config says about its linear layers, without its weights."""
+
+    source: ModelSource
+    fingerprint: ModelFingerprint
+    layers_path: str
+    transposed: frozenset[str]  # keys of Conv1D layers (weights stored [in, out])
+
+
+def model_structure(spec: ModelSpec) -> ModelStructure:
+    """A model's fingerprint from its config alone: the model is built on the meta device, so
+    no weights are read or allocated (checking a store against a 70B model costs nothing)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    source = resolve_source(spec.model)
+    location = local_location(source, spec.cache_dir)
+    _quiet_transformers()
+    try:
+        with quiet_hub_clients():
+            config = AutoConfig.from_pretrained(location)
+        with init_empty_weights():
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+        raise ModelError(
+            f"cannot read the config of model {spec.model!r}: {first_line(exc)}"
+        ) from exc
+    layers = list(iter_linear_layers(skeleton))
+    return ModelStructure(
+        source=source,
+        fingerprint=fingerprint_of(layers),
+        layers_path=decoder_layers_path(skeleton),
+        transposed=frozenset(lin.key for lin in layers if lin.transposed),
+    )

@@ -1,0 +1,167 @@
+"""Reading a model from where `from_pretrained` finds it: device, dtype, device map, the
+tokenizer, and the checks that every linear weight is in memory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wandacli.config.settings import ModelSpec
+from wandacli.core.console import quiet_hub_clients, warn
+from wandacli.core.errors import ModelError, first_line
+from wandacli.core.fingerprint import ModelFingerprint
+from wandacli.models.gguf import _quiet_transformers
+from wandacli.models.layers import (
+    LinearLayer,
+    decoder_layers_path,
+    fingerprint_of,
+    iter_linear_layers,
+)
+from wandacli.models.sources import (
+    ModelSource,
+    parse_max_memory,
+    resolve_device,
+    resolve_dtype,
+)
+
+
+@dataclass
+class LoadedModel:
+    """A model with its tokenizer, as every command receives it."""
+
+    model: Any  # a transformers PreTrainedModel
+    tokenizer: Any  # a transformers PreTrainedTokenizerBase
+    source: ModelSource
+    device: torch.device
+    dtype: torch.dtype
+    linear_layers: list[LinearLayer] = field(default_factory=list)
+
+    @property
+    def model_id(self) -> str:
+        return self.source.model_id
+
+    @property
+    def fingerprint(self) -> ModelFingerprint:
+        return fingerprint_of(self.linear_layers)
+
+    @property
+    def input_device(self) -> torch.device:
+        """Where input ids go: the embedding's device (differs from `device` under device_map)."""
+        embeddings = self.model.get_input_embeddings()
+        return embeddings.weight.device if embeddings is not None else self.device
+
+    @property
+    def layers_path(self) -> str:
+        """The decoder layers' module path, e.g. `model.layers` (Llama) or `transformer.h`."""
+        return decoder_layers_path(self.model)
+
+
+def check_weights_resident(layers: list[LinearLayer], spec: ModelSpec) -> None:
+    """Refuse weights a device map offloaded (accelerate leaves them on the meta device and
+    streams them in per forward pass): scores, masks and hooks need every weight in memory."""
+    offloaded = [lin for lin in layers if lin.weight.device.type == "meta"]
+    if offloaded:
+        first = offloaded[0]
+        raise ModelError(
+            f"--device-map {spec.device_map} offloaded {len(offloaded)} linear layers (first: layer "
+            f"{first.layer} {first.name}) to CPU or disk: give the GPUs more --max-memory, or use "
+            "fewer devices per rank with --layers-per-pass or --offload-accumulators"
+        )
+
+
+def _parse_device_map(device_map: str) -> Any:
+    """`auto`, `balanced`, `balanced_low_0`, `sequential`, a device name, or a JSON object."""
+    if device_map.strip().startswith("{"):
+        try:
+            return json.loads(device_map)
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"--device-map is not valid JSON: {exc.msg}") from exc
+    path = Path(device_map)
+    if path.suffix == ".json" and path.is_file():
+        try:
+            return json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"--device-map file {path} is not valid JSON: {exc.msg}") from exc
+    return device_map
+
+
+def load_tokenizer(location: str, model_arg: str) -> Any:
+    """The model's tokenizer with a pad token set for batching (eos, else unk)."""
+    from transformers import AutoTokenizer
+
+    try:
+        with quiet_hub_clients():
+            tokenizer = AutoTokenizer.from_pretrained(location)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"cannot load the tokenizer of {model_arg!r}: {first_line(exc)}") from exc
+    if tokenizer.pad_token is None:
+        if tokenizer.eos_token is not None:
+            tokenizer.pad_token = tokenizer.eos_token
+        elif tokenizer.unk_token is not None:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            raise ModelError(
+                f"the tokenizer of {model_arg!r} has no pad, eos or unk token to pad batches with"
+            )
+    return tokenizer
+
+
+def model_max_length(model: Any) -> int | None:
+    """The longest context the model's config admits, when it says."""
+    config = model.config
+    for attribute in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        value = getattr(config, attribute, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
+def load_pretrained(spec: ModelSpec, source: ModelSource, location: str) -> LoadedModel:
+    """Model and tokenizer from a location `from_pretrained` reads (a hub id or a directory), in
+    eval mode, on the chosen device and dtype, with every parameter frozen (code that needs
+    gradients enables them where it needs them). The only `from_pretrained` of a model."""
+    from transformers import AutoModelForCausalLM
+
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
+    if device.type == "cpu" and dtype == torch.float16:
+        warn("float16 on CPU is slow and some kernels lack it; consider --dtype float32")
+    _quiet_transformers()
+
+    kwargs: dict[str, Any] = {"dtype": dtype, "low_cpu_mem_usage": True}
+    if spec.device_map:
+        kwargs["device_map"] = _parse_device_map(spec.device_map)
+        if spec.max_memory:
+            kwargs["max_memory"] = parse_max_memory(spec.max_memory)
+    elif device.type == "cuda":
+        kwargs["device_map"] = str(device)
+    try:
+        with quiet_hub_clients():
+            model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+        hint = (
+            "check the hub id and your network or HF_TOKEN, or pass a local directory"
+            if source.kind == "hub"
+            else "check that the directory holds a causal language model"
+        )
+        raise ModelError(f"cannot load model {spec.model!r}: {first_line(exc)}; {hint}") from exc
+    model.eval()
+    model.requires_grad_(False)
+    dtype = model.dtype
+    tokenizer = load_tokenizer(location, spec.model)
+    layers = list(iter_linear_layers(model))
+    if not layers:
+        raise ModelError(f"model {spec.model!r} has no linear layers inside its decoder layers")
+    check_weights_resident(layers, spec)
+    return LoadedModel(
+        model=model,
+        tokenizer=tokenizer,
+        source=source,
+        device=device,
+        dtype=dtype,
+        linear_layers=layers,
+    )

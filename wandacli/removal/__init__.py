@@ -1,0 +1,2 @@
+"""What to remove: masks (selection math, pure arrays), rank edits, and the one interface
+every consumer applies."""

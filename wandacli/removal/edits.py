@@ -1,0 +1,298 @@
+"""`prune` with rank statistics: rank edits from the store."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from wandacli.config.removal import EditConfig
+from wandacli.core.console import NullReporter, Reporter
+from wandacli.core.durable import atomic_h5, ensure_writable_directory, expected_file_bytes
+from wandacli.core.errors import ConfigError, StoreError
+from wandacli.core.memory import peak_rss_bytes
+from wandacli.core.provenance import now_iso, settings_differences, software_versions
+from wandacli.removal.apply import EditRemoval, check_save_model_target, save_model_with
+from wandacli.removal.ranks import numerical_rank, top_output_directions
+from wandacli.removal.requests import selected_keys, store_root_for
+from wandacli.removal.sequential import SequentialMoments
+from wandacli.store.files import (
+    EditFile,
+    RankStatistics,
+    open_rank_statistics,
+    set_root_attrs,
+    write_array,
+)
+from wandacli.store.lock import writer_lock
+from wandacli.store.schema import EDIT_FORMAT, Store, split_key
+
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=,@-]")
+
+
+@dataclass
+class EditResult:
+    name: str
+    path: Path
+    mode: str
+    modules: int
+    removed_rank_fraction: float
+    seconds: float
+    peak_memory_bytes: int
+    meta: dict[str, Any] = field(default_factory=dict)
+    saved_model: Path | None = None
+    already_complete: bool = False
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "already_complete": self.already_complete,
+            "path": str(self.path),
+            "mode": self.mode,
+            "modules": self.modules,
+            "removed_rank_fraction": self.removed_rank_fraction,
+            "seconds": round(self.seconds, 3),
+            "peak_memory_bytes": self.peak_memory_bytes,
+            "saved_model": str(self.saved_model) if self.saved_model else None,
+            "ranks": self.meta.get("modules", {}),
+        }
+
+
+def default_edit_name(config: EditConfig, safety: str, utility: str | None) -> str:
+    """A name that says how the edit was made, e.g. `actsvd-align_short.remove-top10`
+    (`.seq` when made in the reference's sequential order)."""
+    if config.remove_top_ranks is not None:
+        name = f"{safety}.remove-top{config.remove_top_ranks}"
+    elif config.keep_top_ranks is not None:
+        name = f"{safety}.keep-top{config.keep_top_ranks}"
+    elif config.safety_ranks is not None:
+        name = f"{safety}-minus-{utility}.rs{config.safety_ranks}.ru{config.utility_ranks}"
+    else:
+        name = f"{safety}-minus-{utility}.neg{config.rank_neg}.pos{config.rank_pos}"
+    if config.layers:
+        name += ".L" + config.layers.replace(",", "_")
+    if config.modules:
+        name += ".M" + config.modules
+    if config.sequential:
+        name += ".seq"
+    return _UNSAFE_NAME_CHARS.sub("_", name)
+
+
+def check_ranks(config: EditConfig, keys: list[str], shapes: dict[str, tuple[int, int]]) -> None:
+    """Every rank within [0, min(d_out, d_in)] of its module, before anything is loaded."""
+    for key in keys:
+        limit = min(shapes[key])
+        for role, rank in config.ranks_for(shapes[key]).items():
+            if not 0 <= rank <= limit:
+                flag = {
+                    "remove": "--remove-top-ranks",
+                    "keep": "--keep-top-ranks",
+                    "safety": "--safety-ranks" if config.safety_ranks is not None else "--rank-neg",
+                    "utility": "--utility-ranks"
+                    if config.utility_ranks is not None
+                    else "--rank-pos",
+                }[role]
+                layer, module = split_key(key)
+                raise ConfigError(
+                    f"{flag} gives layer {layer} {module} a rank of {rank}, outside [0, {limit}] "
+                    f"(its weight is {shapes[key][0]}×{shapes[key][1]}): choose a rank within it"
+                    + (" or filter modules with --modules" if config.modules is None else "")
+                )
+
+
+def run_edit(
+    config: EditConfig,
+    *,
+    reporter: Reporter | None = None,
+    command_line: list[str] | None = None,
+) -> EditResult:
+    """Compute the edit's bases per module from the stored rank statistics and the weights."""
+    reporter = reporter or NullReporter()
+    command_line = command_line if command_line is not None else sys.argv
+    started = time.monotonic()
+    root = store_root_for(config.scores, config.store)
+    with contextlib.ExitStack() as stack:
+        safety = stack.enter_context(open_rank_statistics(config.scores, root))
+        utility = None
+        if config.utility_scores is not None:
+            utility = stack.enter_context(open_rank_statistics(config.utility_scores, root))
+            mismatch = safety.fingerprint.first_mismatch(
+                utility.fingerprint, mine="--scores", theirs="--utility-scores"
+            )
+            if mismatch:
+                raise StoreError(
+                    f"--scores {config.scores} and --utility-scores {config.utility_scores} were "
+                    f"computed on different models: {mismatch}"
+                )
+        keys = selected_keys(config, safety.fingerprint)
+        check_ranks(config, keys, safety.fingerprint.shapes)
+        store = Store(root)
+        name = config.name or default_edit_name(
+            config, safety.name, utility.name if utility else None
+        )
+        final = store.edit_path(name)
+        if config.save_model is not None:
+            check_save_model_target(config.save_model, config.overwrite)
+        ensure_writable_directory(root)
+        with writer_lock(root, shlex.join(command_line)):
+            if final.exists() and not config.overwrite:
+                finished = _same_request(final, config, name, root, started)
+                if config.save_model is None or (config.save_model / "config.json").exists():
+                    return finished
+            loaded = _load(config, safety)
+            meta = _write_edit(
+                config, final, keys, safety, utility, loaded, name, command_line, reporter
+            )
+            result = EditResult(
+                name=name,
+                path=final,
+                mode=config.mode,
+                modules=len(keys),
+                removed_rank_fraction=float(meta["removed_rank_fraction"]),
+                seconds=0.0,
+                peak_memory_bytes=0,
+                meta=meta,
+            )
+            if config.save_model is not None:
+                if not config.sequential:  # the sequential order edited the model as it went
+                    with EditRemoval(EditFile(final)) as edit:
+                        edit.apply(loaded)
+                result.saved_model = save_model_with(
+                    loaded, config.save_model, final, meta, command_line, reporter, what="edit"
+                )
+    result.seconds = time.monotonic() - started
+    result.peak_memory_bytes = peak_rss_bytes()
+    return result
+
+
+def _same_request(
+    final: Path, config: EditConfig, name: str, root: Path, started: float
+) -> EditResult:
+    """The finished edit as this run's result when asked for with the same settings."""
+    with EditFile(final) as finished:
+        stored = finished.meta.get("config")
+        differences = (
+            settings_differences(stored, config.request())
+            if isinstance(stored, dict)
+            else ["settings: not recorded"]
+        )
+        if differences:
+            raise StoreError(
+                f"edit {name!r} already exists in {root} with other settings "
+                f"({'; '.join(differences[:4])}): pass --overwrite to recompute it, or --name"
+            )
+        return EditResult(
+            name=name,
+            path=final,
+            mode=finished.mode,
+            modules=len(finished.keys),
+            removed_rank_fraction=float(finished.meta.get("removed_rank_fraction") or 0.0),
+            seconds=time.monotonic() - started,
+            peak_memory_bytes=peak_rss_bytes(),
+            meta=finished.meta,
+            already_complete=True,
+        )
+
+
+def _load(config: EditConfig, safety: RankStatistics) -> Any:
+    from wandacli.models import loader as models
+
+    assert config.model is not None
+    spec = config.model
+    if config.save_model is not None and spec.dtype == "auto":
+        # A saved model keeps its checkpoint's dtype.
+        spec = type(spec)(**{**spec.__dict__, "dtype": "checkpoint"})
+    loaded = models.load_model(spec)
+    safety.check_model(loaded.fingerprint, loaded.model_id)
+    return loaded
+
+
+def _write_edit(
+    config: EditConfig,
+    final: Path,
+    keys: list[str],
+    safety: RankStatistics,
+    utility: RankStatistics | None,
+    loaded: Any,
+    name: str,
+    command_line: list[str],
+    reporter: Reporter,
+) -> dict[str, Any]:
+    """Per module: the bases from an exact float64 eigendecomposition of W C Wᵀ, written as
+    float32; the rank each removes."""
+    by_key = {lin.key: lin for lin in loaded.linear_layers}
+    shapes = safety.fingerprint.shapes
+    modules: dict[str, dict[str, Any]] = {}
+    sequential = SequentialMoments(loaded, safety, utility) if config.sequential else None
+    array_bytes = sum(shapes[k][0] * sum(config.ranks_for(shapes[k]).values()) * 4 for k in keys)
+    reporter.start(f"edit: {config.mode}", total=len(keys))
+    with atomic_h5(final, expected_file_bytes(array_bytes, 2 * len(keys))) as handle:
+        for key in keys:
+            weight = by_key[key].weight_matrix().detach()
+            # float64 on the weight's device: the GPU when there is one.
+            w64 = weight.to(torch.float64)
+            ranks = config.ranks_for(shapes[key])
+            bases: dict[str, torch.Tensor] = {}
+            for role, rank in ranks.items():
+                source = utility if role == "utility" else safety
+                assert source is not None
+                if sequential is not None:  # recorded now, after the earlier layers' edits
+                    second_moment = sequential.second_moment(source, key).to(w64.device)
+                else:
+                    second_moment = torch.from_numpy(source.read(key)).to(w64.device)
+                bases[role] = top_output_directions(w64, second_moment, rank)
+            if sequential is not None:  # this layer's edit in place before the next is recorded
+                sequential.apply(by_key[key], config.mode, bases)
+            full = min(shapes[key])
+            if config.mode == "remove-top-ranks":
+                removed = ranks["remove"]
+            elif config.mode == "keep-top-ranks":
+                removed = full - ranks["keep"]
+            else:  # rank of (I − Π_u) V_s: the directions ΔW can change
+                v_s, v_u = bases["safety"], bases["utility"]
+                removed = numerical_rank(v_s - v_u @ (v_u.T @ v_s))
+            for role, basis in bases.items():
+                write_array(handle, f"{key}/{role}", basis.float().cpu().numpy())
+            modules[key] = {"ranks": ranks, "removed_rank": removed, "full_rank": full}
+            reporter.advance()
+        total_rank = sum(min(shape) for shape in shapes.values())
+        meta = {
+            "mode": config.mode,
+            "name": name,
+            "modules": modules,
+            "removed_rank_fraction": sum(m["removed_rank"] for m in modules.values()) / total_rank,
+            "rank_statistics": [
+                _describe_set(safety, "safety" if utility else "statistics"),
+                *([_describe_set(utility, "utility")] if utility else []),
+            ],
+            "model": safety.meta["model"],
+            "eigensolver": "torch.linalg.eigh, float64, of W C Wᵀ (or its d_in-sized form)",
+            "order": "sequential" if config.sequential else "store",
+            "layers": config.layers,
+            "modules_filter": config.modules,
+            "config": config.request(),
+            "command_line": shlex.join(command_line),
+            "versions": software_versions(),
+            "created": now_iso(),
+        }
+        set_root_attrs(handle, EDIT_FORMAT, meta)
+    reporter.finish()
+    return meta
+
+
+def _describe_set(statistics: RankStatistics, role: str) -> dict[str, Any]:
+    return {
+        "role": role,
+        "name": statistics.name,
+        "path": str(statistics.path),
+        "method": statistics.meta.get("method"),
+        "data": (statistics.meta.get("data") or {}).get("name"),
+        "counted_tokens": statistics.counted_tokens,
+        "finished": statistics.meta.get("finished"),
+    }

@@ -1,0 +1,117 @@
+"""Rank-level attribution (the reference's ActSVD) as pure tensor functions.
+
+For a linear layer with weight W [d_out, d_in] and the inputs X [N, d_in] of its counted
+calibration tokens, the outputs are A = X Wᵀ [N, d_out]. ActSVD keeps or removes the top right
+singular directions of A, V_r [d_out, r], with Π_r = V_r V_rᵀ:
+
+    remove the top r ranks:    W ← (I − Π_r) W
+    keep only the top k ranks: W ← Π_k W
+    orthogonal projection:     W ← W − (I − Π_u) Π_s W   (Π_s on safety data, Π_u on utility)
+
+Everything follows from the inputs' second moment C = (1/N) Σ x xᵀ [d_in, d_in], because
+AᵀA = N · W C Wᵀ has the same eigenvectors as W C Wᵀ: a rank-statistics set stores C once per
+distinct input, and any rank, any edit is computed from it and W without running the model.
+
+The eigenvectors come from an exact symmetric eigendecomposition in float64 (`torch.linalg.eigh`),
+not the reference's randomised `torch.svd_lowrank(q=r, niter=20)`: the same subspace wherever
+the spectrum separates the top r directions, without sampling noise (README, "deliberate
+differences").
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def top_output_directions(
+    weight: torch.Tensor, second_moment: torch.Tensor, rank: int
+) -> torch.Tensor:
+    """V_r [d_out, rank]: the top `rank` eigenvectors of W C Wᵀ (the right singular vectors of
+    the layer's outputs A = X Wᵀ), in float64, ordered by decreasing eigenvalue.
+
+    When d_out > d_in (gate/up projections), W C Wᵀ has rank ≤ d_in: with C = L Lᵀ and
+    B = W L, the eigenvectors of B Bᵀ are B u / σ for the eigenpairs (σ², u) of the d_in-sized
+    BᵀB, so the smaller problem is solved and mapped back.
+    """
+    w = weight.detach().to(torch.float64)
+    c = second_moment.detach().to(device=w.device, dtype=torch.float64)
+    d_out, d_in = w.shape
+    if not 0 <= rank <= min(d_out, d_in):
+        raise ValueError(f"rank {rank} outside [0, {min(d_out, d_in)}]")
+    if rank == 0:
+        return w.new_zeros((d_out, 0))
+    if d_out <= d_in:
+        m = w @ c @ w.T
+        m = (m + m.T) / 2  # exactly symmetric: eigh reads one triangle
+        _, vectors = torch.linalg.eigh(m)
+        return vectors[:, -rank:].flip(-1)
+    c_values, c_vectors = torch.linalg.eigh((c + c.T) / 2)
+    root = c_vectors * c_values.clamp_min(0).sqrt()  # L with C = L Lᵀ
+    b = w @ root  # [d_out, d_in]
+    small = b.T @ b
+    values, vectors = torch.linalg.eigh((small + small.T) / 2)
+    values, vectors = values[-rank:].flip(-1), vectors[:, -rank:].flip(-1)
+    directions = b @ vectors / values.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
+    # Re-orthonormalise: where σ is tiny, B u / σ loses orthogonality to rounding.
+    q, r = torch.linalg.qr(directions)
+    return q * torch.sign(torch.diagonal(r)).reshape(1, -1)
+
+
+def project(directions: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Π W = V (Vᵀ W) without forming the d_out × d_out projector."""
+    return directions @ (directions.T @ weight)
+
+
+def remove_top_ranks(weight: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """(I − Π_r) W."""
+    w = weight.to(torch.float64)
+    return w - project(directions, w)
+
+
+def keep_top_ranks(weight: torch.Tensor, directions: torch.Tensor) -> torch.Tensor:
+    """Π_k W."""
+    return project(directions, weight.to(torch.float64))
+
+
+def orthogonal_projection_delta(
+    weight: torch.Tensor, safety_directions: torch.Tensor, utility_directions: torch.Tensor
+) -> torch.Tensor:
+    """ΔW = (I − Π_u) Π_s W: the safety ranks outside the utility subspace (rank ≤ r_s). The
+    edited weight is W − ΔW."""
+    safety_part = project(safety_directions, weight.to(torch.float64))
+    return safety_part - project(utility_directions, safety_part)
+
+
+def subspace_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
+    """φ = ‖V_aᵀ V_b‖_F² / min(r_a, r_b): 1 when one subspace contains the other, r/d for
+    random ones. Both bases orthonormal, [d, r_a] and [d, r_b]."""
+    smaller = min(a.shape[1], b.shape[1])
+    if smaller == 0:
+        return float("nan")
+    overlap = a.to(torch.float64).T @ b.to(torch.float64)
+    return float((overlap * overlap).sum() / smaller)
+
+
+def edited_weight(weight: torch.Tensor, mode: str, bases: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The weight after a stored edit (float64): `remove-top-ranks` (basis `remove`),
+    `keep-top-ranks` (`keep`) or `orthogonal-projection` (`safety`, `utility`)."""
+    w = weight.to(torch.float64)
+    as64 = {role: basis.to(device=w.device, dtype=torch.float64) for role, basis in bases.items()}
+    if mode == "remove-top-ranks":
+        return remove_top_ranks(w, as64["remove"])
+    if mode == "keep-top-ranks":
+        return keep_top_ranks(w, as64["keep"])
+    if mode == "orthogonal-projection":
+        return w - orthogonal_projection_delta(w, as64["safety"], as64["utility"])
+    raise ValueError(f"unknown edit mode {mode!r}")
+
+
+def numerical_rank(matrix: torch.Tensor) -> int:
+    """Rank by singular values above max(shape) · eps · σ_max (numpy's matrix_rank rule)."""
+    if matrix.numel() == 0:
+        return 0
+    values = torch.linalg.svdvals(matrix.to(torch.float64))
+    if values.numel() == 0 or float(values[0]) == 0.0:
+        return 0
+    tolerance = max(matrix.shape) * torch.finfo(torch.float64).eps * float(values[0])
+    return int((values > tolerance).sum())

@@ -1,0 +1,45 @@
+"""What mask and edit runs share: the store they write to and the weights they select."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from pathlib import Path
+
+from wandacli.config.removal import EditConfig, PruneConfig
+from wandacli.config.settings import DEFAULT_STORE
+from wandacli.core.errors import ConfigError
+from wandacli.core.fingerprint import ModelFingerprint
+from wandacli.removal import masks as pruning
+from wandacli.store.schema import SCORES_DIR, split_key
+
+_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=,@-]")
+
+
+def store_root_for(reference: str, explicit: Path | None) -> Path:
+    """--store, else the store holding a score set given by path, else the default store."""
+    if explicit is not None:
+        return explicit
+    path = Path(reference)
+    if path.suffix == ".h5" and path.parent.name == SCORES_DIR:
+        return path.parent.parent
+    return DEFAULT_STORE
+
+
+def selected_keys(config: PruneConfig | EditConfig, fingerprint: ModelFingerprint) -> list[str]:
+    """The modules `--layers` and `--modules` leave to prune (all by default)."""
+    keys = list(fingerprint.shapes)
+    if config.layers:
+        try:
+            layers = pruning.parse_layers(config.layers, fingerprint.num_layers)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        keys = [k for k in keys if split_key(k)[0] in layers]
+    if config.modules:
+        keys = [k for k in keys if fnmatch.fnmatchcase(split_key(k)[1], config.modules)]
+        if not keys:
+            names = sorted({split_key(k)[1] for k in fingerprint.shapes})
+            raise ConfigError(
+                f"--modules {config.modules!r} matches no module (modules: {', '.join(names)})"
+            )
+    return keys

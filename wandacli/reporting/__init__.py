@@ -1,0 +1,1 @@
+"""Compare, report, figures, terminal rendering, and one registry of labels."""

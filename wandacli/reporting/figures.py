@@ -1,0 +1,518 @@
+"""The study's figures, drawn with matplotlib on its headless Agg backend.
+
+- `asr_vs_perplexity`: one point per model under test and ASR configuration;
+- `sparsity_sweep`: ASR and perplexity against sparsity, one line per method, the random
+  `--match-counts` controls dashed in their method's colour;
+- `jaccard_heatmap`: per layer × module, the Jaccard index of two top sets (compare's figure).
+
+Every figure is deterministic: a fixed style (matplotlib's defaults plus the overrides below,
+whatever the user's matplotlibrc says), no date or software version in the files, and a fixed
+SVG id salt, so a rerun on the same data rewrites the same bytes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from wandacli.reporting.labels import _metric_parts
+
+if TYPE_CHECKING:
+    from wandacli.reporting.results import ResultRow
+
+FORMATS = ("png", "svg")
+DPI = 150  # readable when a Markdown viewer scales the PNG down to its column width
+_STYLE: dict[Any, Any] = {
+    "font.family": "DejaVu Sans",  # ships with matplotlib: the same glyphs on every machine
+    "font.size": 9,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "svg.fonttype": "path",  # text as outlines: the SVG looks the same without the font
+    "svg.hashsalt": "wandacli",  # fixed ids inside the SVG
+}
+_METADATA = {"png": {"Software": None}, "svg": {"Date": None, "Creator": None}}
+# Marker per ASR configuration; filled with instruction tags, hollow without.
+_CONFIG_MARKERS = {
+    "ASR_basic": "o",
+    "ASR_basic_nosys": "s",
+    "ASR_multiple_nosys": "^",
+    "ASR_gcg": "D",
+}
+_DENSE_COLOUR = "black"
+_BASELINE_COLOUR = "0.55"
+
+
+@dataclass(frozen=True)
+class Figure:
+    """One written figure: its stem (files `<stem>.png` and `<stem>.svg`) and a caption."""
+
+    stem: Path
+    title: str
+    caption: str
+
+    @property
+    def files(self) -> list[Path]:
+        return [with_format(self.stem, fmt) for fmt in FORMATS]
+
+
+def with_format(stem: Path, fmt: str) -> Path:
+    """`stem` + `.fmt` (not `with_suffix`: stems such as `top0.01-wanda` hold dots)."""
+    return stem.parent / f"{stem.name}.{fmt}"
+
+
+@contextmanager
+def _pyplot() -> Iterator[Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: no display needed, and the same output everywhere
+    import matplotlib.pyplot as plt
+
+    # matplotlib's defaults, not the user's matplotlibrc, then ours: the same figure everywhere.
+    with matplotlib.style.context("default"), matplotlib.rc_context(rc=_STYLE):
+        yield plt
+
+
+def _save(figure: Any, stem: Path, formats: Sequence[str] = FORMATS) -> None:
+    import io
+
+    from wandacli.core.durable import atomic_write_bytes
+
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    for fmt in formats:
+        buffer = io.BytesIO()
+        figure.savefig(buffer, format=fmt, dpi=DPI, metadata=_METADATA[fmt])
+        atomic_write_bytes(with_format(stem, fmt), buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# Labels that do not overlap
+
+
+def place_labels(axes: Any, points: list[tuple[float, float, str, dict[str, Any]]]) -> list[Any]:
+    """Label each point beside it, trying positions around it (further out, with a leader
+    line, when the near ones are taken) so that no label covers another label or a point.
+    Returns each label's box in display coordinates, in the order of `points`."""
+    from matplotlib.text import Text
+
+    figure = axes.figure
+    figure.canvas.draw()
+    renderer = figure.canvas.get_renderer()
+    frame = axes.get_window_extent(renderer)
+    taken = []
+    for x, y, _, _ in points:
+        cx, cy = axes.transData.transform((x, y))
+        taken.append(_box(cx - 4, cy - 4, cx + 4, cy + 4))
+    directions = [
+        (1, 0.6),
+        (1, -0.6),
+        (-1, 0.6),
+        (-1, -0.6),
+        (0, 1),
+        (0, -1),
+        (0.5, 1),
+        (-0.5, 1),
+        (0.5, -1),
+        (-0.5, -1),
+        (1, 0),
+        (-1, 0),
+    ]
+    for x, y, text, style in points:
+        placed = None
+        for radius in (7, 16, 28, 42, 58, 76, 96, 118, 142, 168, 196):  # points
+            for dx, dy in directions:
+                offset = (dx * radius, dy * radius)
+                label = axes.annotate(
+                    text,
+                    (x, y),
+                    xytext=offset,
+                    textcoords="offset points",
+                    ha="left" if dx > 0 else ("right" if dx < 0 else "center"),
+                    va="bottom" if dy > 0 else ("top" if dy < 0 else "center"),
+                    fontsize=7,
+                    arrowprops={"arrowstyle": "-", "color": "0.6", "lw": 0.6}
+                    if radius > 7
+                    else None,
+                    **style,
+                )
+                label.update_positions(renderer)
+                box = Text.get_window_extent(label, renderer)  # the text, not its leader line
+                inside = (
+                    box.x0 >= frame.x0
+                    and box.x1 <= frame.x1
+                    and box.y0 >= frame.y0
+                    and box.y1 <= frame.y1
+                )
+                if inside and not any(_overlaps(box, other) for other in taken):
+                    placed = box
+                    break
+                label.remove()
+            if placed is not None:
+                break
+        if placed is None:  # crowded beyond every candidate: the nearest position, regardless
+            label = axes.annotate(
+                text, (x, y), xytext=(7, 4), textcoords="offset points", fontsize=7, **style
+            )
+            label.update_positions(renderer)
+            placed = Text.get_window_extent(label, renderer)
+        taken.append(placed)
+    return taken[len(points) :]
+
+
+def _box(x0: float, y0: float, x1: float, y1: float) -> Any:
+    from matplotlib.transforms import Bbox
+
+    return Bbox([[x0, y0], [x1, y1]])
+
+
+def _overlaps(a: Any, b: Any) -> bool:
+    pad = 1.5  # pixels of air between labels
+    return a.x0 < b.x1 + pad and b.x0 < a.x1 + pad and a.y0 < b.y1 + pad and b.y0 < a.y1 + pad
+
+
+def _method_colours(rows: Sequence[ResultRow]) -> dict[str, Any]:
+    import matplotlib
+
+    methods = sorted({r.method for r in rows if r.method not in ("dense", "random")})
+    palette = matplotlib.colormaps["tab10"]
+    return {method: palette(i % 10) for i, method in enumerate(methods)}
+
+
+def _primary_model(rows: Sequence[ResultRow]) -> str | None:
+    """The model the masks were made for: the model of the masked rows (else of the first)."""
+    masked = [r.model for r in rows if r.method != "dense" and r.model]
+    if masked:
+        return masked[0]
+    return rows[0].model if rows else None
+
+
+def _role(row: ResultRow, primary: str | None) -> str:
+    if row.method == "dense":
+        return "dense" if row.model == primary or primary is None else "baseline"
+    return "control" if row.is_control or row.method == "random" else "masked"
+
+
+def _asr_metrics(rows: Sequence[ResultRow]) -> list[str]:
+    from wandacli.reporting.labels import metric_order
+
+    found = {m for row in rows for m in row.asr if not m.endswith("_sample_mean")}
+    return sorted(found, key=metric_order)
+
+
+def asr_vs_perplexity(rows: Sequence[ResultRow], stem: Path) -> Figure | None:
+    """ASR against perplexity (log scale), one point per model under test and configuration."""
+    metrics = _asr_metrics(rows)
+    shown = [r for r in rows if r.perplexity is not None and any(m in r.asr for m in metrics)]
+    if not shown:
+        return None
+    primary = _primary_model(rows)
+    colours = _method_colours(rows)
+    with _pyplot() as plt:
+        figure, axes = plt.subplots(figsize=(9.0, 5.4))
+        labels = []
+        for row in shown:
+            role = _role(row, primary)
+            colour = {"dense": _DENSE_COLOUR, "baseline": _BASELINE_COLOUR}.get(
+                role, colours.get(row.method, _BASELINE_COLOUR) if role != "control" else "0.35"
+            )
+            highest = None
+            for metric in metrics:
+                if metric not in row.asr:
+                    continue
+                config, inst = _metric_parts(metric)
+                size = 90 if role == "dense" else 42
+                axes.scatter(
+                    [row.perplexity],
+                    [row.asr[metric]],
+                    marker=_CONFIG_MARKERS.get(config, "o"),
+                    s=size,
+                    facecolors="none" if inst is False else colour,
+                    edgecolors=colour,
+                    linewidths=1.6 if role == "dense" else 1.0,
+                    zorder=4 if role == "dense" else 3,
+                )
+                if highest is None or row.asr[metric] > highest:
+                    highest = row.asr[metric]
+            style = {"fontweight": "bold"} if role == "dense" else {}
+            text = f"{row.label} (dense)" if role == "dense" and row.label != "dense" else row.label
+            labels.append((float(row.perplexity or 0.0), float(highest or 0.0), text, style))
+        axes.set_xscale("log")
+        axes.set_ylim(-0.08, 1.12)
+        axes.set_xlabel("perplexity (log scale; lower is better)")
+        axes.set_ylabel("attack success rate")
+        axes.set_title("Safety against utility: one point per model under test")
+        _widen_log_axis(axes, [r.perplexity for r in shown if r.perplexity])
+        _legends_for_configs_and_methods(axes, metrics, colours, rows, primary)
+        figure.tight_layout()
+        place_labels(axes, sorted(labels, key=lambda p: (p[3] == {}, -p[1], p[0])))
+        _save(figure, stem)
+        plt.close(figure)
+    hidden = len(rows) - len(shown)
+    caption = (
+        "Each point is one model under test; marker = ASR configuration (filled: with "
+        "instruction tags, hollow: without), colour = pruning method, black = the dense model."
+    )
+    if hidden:
+        caption += f" {hidden} model(s) without both ASR and perplexity are not shown."
+    return Figure(stem, "Attack success rate against perplexity", caption)
+
+
+def _widen_log_axis(axes: Any, values: Sequence[float]) -> None:
+    """Room on the log axis for labels beside the outermost points."""
+    low, high = min(values), max(values)
+    span = max(math.log10(high) - math.log10(low), 0.5)
+    axes.set_xlim(10 ** (math.log10(low) - 0.12 * span), 10 ** (math.log10(high) + 0.35 * span))
+
+
+def _legends_for_configs_and_methods(
+    axes: Any,
+    metrics: Sequence[str],
+    colours: dict[str, Any],
+    rows: Sequence[ResultRow],
+    primary: str | None,
+) -> None:
+    from matplotlib.lines import Line2D
+
+    config_handles = []
+    for metric in metrics:
+        config, inst = _metric_parts(metric)
+        config_handles.append(
+            Line2D(
+                [],
+                [],
+                linestyle="none",
+                marker=_CONFIG_MARKERS.get(config, "o"),
+                markerfacecolor="none" if inst is False else "0.3",
+                markeredgecolor="0.3",
+                label=metric,
+            )
+        )
+    roles = {_role(r, primary) for r in rows}
+    method_handles = [
+        Line2D([], [], linestyle="none", marker="o", color=colour, label=method)
+        for method, colour in colours.items()
+    ]
+    if "control" in roles:
+        method_handles.append(
+            Line2D([], [], linestyle="none", marker="o", color="0.35", label="random control")
+        )
+    method_handles.append(
+        Line2D([], [], linestyle="none", marker="o", color=_DENSE_COLOUR, label="dense")
+    )
+    if "baseline" in roles:
+        method_handles.append(
+            Line2D(
+                [],
+                [],
+                linestyle="none",
+                marker="o",
+                color=_BASELINE_COLOUR,
+                label="other models, dense",
+            )
+        )
+    # Beside the axes, not on them: no legend covers a point or a label.
+    first = axes.legend(
+        handles=config_handles,
+        loc="upper left",
+        bbox_to_anchor=(1.02, 1.0),
+        fontsize=7,
+        title="configuration",
+        title_fontsize=7,
+    )
+    axes.add_artist(first)
+    axes.legend(
+        handles=method_handles,
+        loc="lower left",
+        bbox_to_anchor=(1.02, 0.0),
+        fontsize=7,
+        title="colour",
+        title_fontsize=7,
+    )
+
+
+def sweep_lines(rows: Sequence[ResultRow]) -> dict[tuple[str, bool], list[ResultRow]]:
+    """The sweep figure's lines: (method, is random control) → its rows by sparsity. A
+    `--match-counts` control joins the line of the method whose mask it matches."""
+    primary = _primary_model(rows)
+    by_label = {r.label: r for r in rows}
+    lines: dict[tuple[str, bool], list[ResultRow]] = {}
+    for row in rows:
+        role = _role(row, primary)
+        if row.actual_sparsity is None or role not in ("masked", "control"):
+            continue
+        method = row.method
+        if role == "control":
+            matched = by_label.get(row.matches or "")
+            method = matched.method if matched is not None else "random"
+        lines.setdefault((method, role == "control"), []).append(row)
+    return {
+        key: sorted(members, key=lambda r: r.actual_sparsity or 0.0)
+        for key, members in sorted(lines.items())
+    }
+
+
+def sparsity_sweep(rows: Sequence[ResultRow], stem: Path) -> Figure | None:
+    """ASR (one panel per configuration) and perplexity against sparsity: one line per method,
+    its random controls dashed in the same colour, the dense model as a dotted level."""
+    primary = _primary_model(rows)
+    masked = [r for r in rows if _role(r, primary) == "masked" and r.actual_sparsity is not None]
+    if not masked:
+        return None
+    metrics = _asr_metrics(rows)
+    colours = _method_colours(rows)
+    lines = sweep_lines(rows)
+    dense = [r for r in rows if _role(r, primary) == "dense"]
+    panels = [*metrics, "perplexity"]
+    columns = min(3, len(panels))
+    grid_rows = math.ceil(len(panels) / columns)
+    with _pyplot() as plt:
+        figure, axes_grid = plt.subplots(
+            grid_rows, columns, figsize=(4.3 * columns, 3.4 * grid_rows + 0.6), squeeze=False
+        )
+        for index, panel in enumerate(panels):
+            axes = axes_grid[index // columns][index % columns]
+            for (method, is_control), members in lines.items():
+                values = [
+                    (
+                        100 * (r.actual_sparsity or 0.0),
+                        r.perplexity if panel == "perplexity" else r.asr.get(panel),
+                    )
+                    for r in members
+                ]
+                values = [(x, y) for x, y in values if y is not None]
+                if not values:
+                    continue
+                axes.plot(
+                    [x for x, _ in values],
+                    [y for _, y in values],
+                    linestyle="--" if is_control else "-",
+                    marker="o",
+                    markersize=4,
+                    markerfacecolor="white" if is_control else None,
+                    color=colours.get(method, "0.35"),
+                    zorder=4 if is_control else 3,  # a hollow control stays visible on top
+                    label=_line_label(method, is_control),
+                )
+            for row in dense:
+                level = row.perplexity if panel == "perplexity" else row.asr.get(panel)
+                if level is not None:
+                    axes.axhline(
+                        level, color=_DENSE_COLOUR, linestyle=":", linewidth=1.2, label="dense"
+                    )
+            if panel == "perplexity":
+                axes.set_yscale("log")
+                axes.set_ylabel("perplexity (log scale)")
+            else:
+                axes.set_ylim(-0.05, 1.05)
+                axes.set_ylabel("attack success rate")
+            axes.set_title(panel, fontsize=9)
+            axes.set_xlabel("sparsity % (weights removed)")
+        for index in range(len(panels), grid_rows * columns):
+            axes_grid[index // columns][index % columns].set_visible(False)
+        handles, labels = axes_grid[0][0].get_legend_handles_labels()
+        unique = dict(zip(labels, handles, strict=True))
+        figure.legend(
+            unique.values(),
+            unique.keys(),
+            loc="lower center",
+            ncol=min(4, len(unique)),
+            fontsize=8,
+            frameon=False,
+        )
+        figure.suptitle("ASR and perplexity as more weights are removed", fontsize=10)
+        figure.tight_layout(rect=(0, 0.06 + 0.03 * math.ceil(len(unique) / 4), 1, 1))
+        _save(figure, stem)
+        plt.close(figure)
+    return Figure(
+        stem,
+        "ASR and perplexity against sparsity",
+        "One line per pruning method over its masks (the set difference's p/q grid, top-k "
+        "ratios); dashed: random masks with the same per-matrix counts; dotted: the dense model.",
+    )
+
+
+def _line_label(method: str, is_control: bool) -> str:
+    if not is_control:
+        return method
+    return "random control" if method == "random" else f"random, as {method}"
+
+
+def jaccard_heatmap(
+    jaccard: dict[tuple[int, str], float],
+    a: str,
+    b: str,
+    stem: Path,
+    formats: Sequence[str] = FORMATS,
+) -> Figure:
+    """Layers across, module types down, each cell the Jaccard index of A's and B's top sets."""
+    layer_module_heatmap(
+        jaccard, f"Jaccard index of top sets: {a} vs {b}", "Jaccard", stem, formats
+    )
+    return Figure(
+        stem,
+        f"Overlap of {a} and {b} per layer and module",
+        "Jaccard index |A∩B| / |A∪B| of the two top sets in every matrix: low where the weights "
+        "that matter for one set are not those that matter for the other.",
+    )
+
+
+def subspace_heatmap(
+    similarity: dict[tuple[int, str], float],
+    a: str,
+    b: str,
+    ranks: tuple[int, int],
+    stem: Path,
+    formats: Sequence[str] = FORMATS,
+) -> Figure:
+    """Layers across, module types down, each cell φ of A's and B's top output subspaces."""
+    rank_text = f"r = {ranks[0]}" if ranks[0] == ranks[1] else f"r = {ranks[0]}, {ranks[1]}"
+    layer_module_heatmap(
+        similarity, f"Subspace similarity φ ({rank_text}): {a} vs {b}", "φ", stem, formats
+    )
+    return Figure(
+        stem,
+        f"Rank-level overlap of {a} and {b} ({rank_text})",
+        "Subspace similarity φ = ‖V_aᵀ V_b‖²_F / min(r_a, r_b) of the two sets' top output "
+        "directions (ActSVD) in every matrix: 1 where one set's top ranks hold the other's.",
+    )
+
+
+def layer_module_heatmap(
+    values: dict[tuple[int, str], float],
+    title: str,
+    label: str,
+    stem: Path,
+    formats: Sequence[str] = FORMATS,
+) -> None:
+    """A [0, 1] value per (layer, module): layers across, module types down."""
+    from wandacli.reporting.labels import short_module_name
+
+    layers = sorted({layer for layer, _ in values})
+    modules: list[str] = []
+    for _, module in sorted(values, key=lambda key: key[0]):
+        if module not in modules:
+            modules.append(module)
+    grid = [[values.get((layer, m), math.nan) for layer in layers] for m in modules]
+    with _pyplot() as plt:
+        figure, axes = plt.subplots(
+            figsize=(max(4.0, 1.6 + 0.26 * len(layers)), 1.3 + 0.32 * len(modules))
+        )
+        image = axes.imshow(
+            grid, vmin=0, vmax=1, cmap="viridis", aspect="auto", interpolation="nearest"
+        )
+        step = 1 if len(layers) <= 32 else math.ceil(len(layers) / 32)
+        axes.set_xticks(
+            range(0, len(layers), step), [str(layer) for layer in layers[::step]], fontsize=7
+        )
+        axes.set_yticks(range(len(modules)), [short_module_name(m) for m in modules], fontsize=8)
+        axes.grid(False)
+        axes.set_xlabel("decoder layer")
+        axes.set_ylabel("module")
+        axes.set_title(title, fontsize=9)
+        figure.colorbar(image, ax=axes, label=label, fraction=0.03, pad=0.02)
+        figure.tight_layout()
+        _save(figure, stem, formats)
+        plt.close(figure)

@@ -1,0 +1,181 @@
+"""The study's results table: every model under test in a results directory (one
+subdirectory each, as eval-attack and eval-utility write them) in one row."""
+
+from __future__ import annotations
+
+import csv
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from wandacli.core.errors import StoreError
+from wandacli.reporting.labels import metric_order
+from wandacli.reporting.results import ResultRow, collect
+
+if TYPE_CHECKING:
+    from wandacli.reporting.figures import Figure
+
+
+@dataclass
+class Report:
+    rows: list[ResultRow]
+    figures: list[Figure] = field(default_factory=list)
+    markdown_file: Path | None = None
+
+
+def build_report(
+    results_dir: Path,
+    *,
+    markdown_file: Path | None = None,
+    plots_dir: Path | None = None,
+    compare_dir: Path | None = None,
+) -> Report:
+    """The results table; with `plots_dir`, the study's figures (PNG and SVG) from the results
+    and from `compare --csv` files in `compare_dir`; with `markdown_file`, both as a Markdown
+    document that embeds the figures."""
+    rows = collect(results_dir)
+    comparisons = read_comparisons(compare_dir) if compare_dir is not None else []
+    subspaces = read_subspaces(compare_dir) if compare_dir is not None else []
+    report = Report(rows)
+    if plots_dir is not None:
+        from wandacli.reporting import figures
+
+        made = [
+            figures.asr_vs_perplexity(rows, plots_dir / "asr-vs-perplexity"),
+            figures.sparsity_sweep(rows, plots_dir / "sparsity-sweep"),
+        ]
+        for (a, b), jaccard in comparisons:
+            stem = plots_dir / f"jaccard-{_file_safe(a)}-vs-{_file_safe(b)}"
+            made.append(figures.jaccard_heatmap(jaccard, a, b, stem))
+        for (a, b, ranks), similarity in subspaces:
+            stem = plots_dir / f"subspaces-{_file_safe(a)}-vs-{_file_safe(b)}-r{ranks[0]}"
+            made.append(figures.subspace_heatmap(similarity, a, b, ranks, stem))
+        report.figures = [figure for figure in made if figure is not None]
+    if markdown_file is not None:
+        from wandacli.core.durable import atomic_write_text
+
+        atomic_write_text(markdown_file, study_markdown(report, markdown_file.parent))
+        report.markdown_file = markdown_file
+    return report
+
+
+def _file_safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
+
+
+def read_comparisons(
+    compare_dir: Path,
+) -> list[tuple[tuple[str, str], dict[tuple[int, str], float]]]:
+    """Per pair of inputs in the `compare --csv` files of `compare_dir`: Jaccard per (layer,
+    module), in file order."""
+    if not compare_dir.is_dir():
+        raise StoreError(
+            f"compare directory {compare_dir} does not exist: pass the folder holding `wandacli compare --csv` files"
+        )
+    pairs: dict[tuple[str, str], dict[tuple[int, str], float]] = {}
+    for path in sorted(compare_dir.glob("*.csv")):
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            needed = {"a", "b", "layer", "module", "jaccard"}
+            if not needed <= set(reader.fieldnames or []):
+                continue  # some other CSV: not compare's
+            try:
+                for record in reader:
+                    if record["layer"] == "all":  # the pair's overall row
+                        continue
+                    value = (
+                        float(record["jaccard"])
+                        if record["jaccard"] not in ("", "nan")
+                        else float("nan")
+                    )
+                    pair = pairs.setdefault((record["a"], record["b"]), {})
+                    pair[(int(record["layer"]), record["module"])] = value
+            except ValueError as exc:
+                raise StoreError(
+                    f"{path} has a malformed row ({exc}): rerun the compare that wrote it"
+                ) from exc
+    return list(pairs.items())
+
+
+def read_subspaces(
+    compare_dir: Path,
+) -> list[tuple[tuple[str, str, tuple[int, int]], dict[tuple[int, str], float]]]:
+    """Per pair of rank-statistics sets in the `compare --csv` files of `compare_dir`: φ per
+    (layer, module) at the pair's first (smallest) ranks."""
+    found: dict[tuple[str, str], dict[tuple[int, int], dict[tuple[int, str], float]]] = {}
+    for path in sorted(compare_dir.glob("*.csv")):
+        with path.open(newline="", encoding="utf-8") as handle:
+            reader = csv.DictReader(handle)
+            needed = {"a", "b", "layer", "module", "rank_a", "rank_b", "subspace_similarity"}
+            if not needed <= set(reader.fieldnames or []):
+                continue
+            try:
+                for record in reader:
+                    ranks = (int(record["rank_a"]), int(record["rank_b"]))
+                    value = record["subspace_similarity"]
+                    by_ranks = found.setdefault((record["a"], record["b"]), {})
+                    cell = (int(record["layer"]), record["module"])
+                    by_ranks.setdefault(ranks, {})[cell] = float(value) if value else float("nan")
+            except ValueError as exc:
+                raise StoreError(
+                    f"{path} has a malformed row ({exc}): rerun the compare that wrote it"
+                ) from exc
+    return [((a, b, min(by_ranks)), by_ranks[min(by_ranks)]) for (a, b), by_ranks in found.items()]
+
+
+def study_markdown(report: Report, relative_to: Path) -> str:
+    """The results table, then every figure with its caption (paths relative to the document)."""
+    parts = ["# Results", "", markdown(report.rows)]
+    if report.figures:
+        parts += ["## Figures", ""]
+        for figure in report.figures:
+            png, svg = (
+                Path(os.path.relpath(path, relative_to)).as_posix() for path in figure.files
+            )
+            parts += [
+                f"### {figure.title}",
+                "",
+                f"![{figure.title}]({png})",
+                "",
+                f"{figure.caption} ([SVG]({svg}))",
+                "",
+            ]
+    return "\n".join(parts)
+
+
+def markdown(rows: list[ResultRow]) -> str:
+    """Every figure as a Markdown table (ASR columns for every metric found)."""
+    metrics = sorted({m for row in rows for m in row.asr}, key=metric_order)
+    ranks = any(row.removed_rank_fraction is not None for row in rows)
+    header = [
+        "model under test",
+        "method",
+        "sparsity %",
+        *(["rank removed %"] if ranks else []),
+        *metrics,
+        "PPL",
+        "zero-shot",
+    ]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        cells = [
+            row.label,
+            row.method,
+            "-" if row.actual_sparsity is None else f"{100 * row.actual_sparsity:.3f}",
+            *(
+                [
+                    "-"
+                    if row.removed_rank_fraction is None
+                    else f"{100 * row.removed_rank_fraction:.3f}"
+                ]
+                if ranks
+                else []
+            ),
+            *(f"{row.asr[m]:.3f}" if m in row.asr else "-" for m in metrics),
+            "-" if row.perplexity is None else f"{row.perplexity:.3f}",
+            "-" if row.zero_shot_mean is None else f"{row.zero_shot_mean:.3f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,91 @@
+"""The rows of the results table, read from a results directory."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wandacli.core.errors import StoreError
+
+
+@dataclass
+class ResultRow:
+    label: str
+    method: str = "-"
+    model: str | None = None  # the model evaluated (a mask's rows share the model it was made for)
+    actual_sparsity: float | None = None
+    asr: dict[str, float] = field(default_factory=dict)  # metric name -> ASR
+    perplexity: float | None = None
+    zero_shot_mean: float | None = None
+    p_q: tuple[float, float] | None = None  # a set difference's (p, q)
+    removed_rank_fraction: float | None = None  # a rank edit's share of the model's rank
+    matches: str | None = None  # a --match-counts control: the mask it matches
+
+    @property
+    def is_control(self) -> bool:
+        return self.matches is not None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "method": self.method,
+            "model": self.model,
+            "actual_sparsity": self.actual_sparsity,
+            "p_q": self.p_q,
+            "matches": self.matches,
+            "removed_rank_fraction": self.removed_rank_fraction,
+            "asr": self.asr,
+            "perplexity": self.perplexity,
+            "zero_shot_mean": self.zero_shot_mean,
+        }
+
+
+def collect(results_dir: Path) -> list[ResultRow]:
+    """One row per subdirectory holding results.json and/or utility.json; dense first."""
+    if not results_dir.is_dir():
+        raise StoreError(
+            f"results directory {results_dir} does not exist: run eval-attack or eval-utility with --out inside it"
+        )
+    rows = []
+    for folder in sorted(p for p in results_dir.iterdir() if p.is_dir()):
+        row = ResultRow(folder.name)
+        found = False
+        for name in ("results.json", "utility.json"):
+            path = folder / name
+            if not path.is_file():
+                continue
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+            except ValueError as exc:
+                raise StoreError(
+                    f"{path} is not valid JSON ({exc}): rerun the evaluation that wrote it"
+                ) from exc
+            found = True
+            under_test = data.get("model_under_test", {})
+            row.method = str(under_test.get("method", row.method))
+            row.model = str(under_test["model"]) if under_test.get("model") else row.model
+            row.actual_sparsity = under_test.get("actual_sparsity", row.actual_sparsity)
+            if under_test.get("p_q"):
+                p, q = under_test["p_q"]
+                row.p_q = (float(p), float(q))
+            row.matches = under_test.get("matches") or row.matches
+            if under_test.get("removed_rank_fraction") is not None:
+                row.removed_rank_fraction = float(under_test["removed_rank_fraction"])
+            for result in data.get("results", []):
+                row.asr[str(result["metric"])] = float(result["asr"])
+                if result.get("sample_mean") is not None:  # the reference's figure, beside
+                    row.asr[f"{result['metric']}_sample_mean"] = float(result["sample_mean"])
+            if data.get("perplexity") is not None:
+                row.perplexity = float(data["perplexity"])
+            if data.get("zero_shot_mean") is not None:
+                row.zero_shot_mean = float(data["zero_shot_mean"])
+        if found:
+            rows.append(row)
+    if not rows:
+        raise StoreError(
+            f"no results in {results_dir}: expected subdirectories with results.json or utility.json"
+        )
+    rows.sort(key=lambda r: (r.method != "dense", r.label))
+    return rows

@@ -60,8 +60,8 @@ def _score(loaded, method: str, store) -> None:
 
 WANDG_PEAK = f"""
 from pathlib import Path
-from wandacli.config import ScoreConfig
-from wandacli.score_run import run_score
+from wandacli.config.score import ScoreConfig
+from wandacli.scoring.run import run_score
 store = Path({str(WORK / "peak")!r})
 config = ScoreConfig(method="wandg", data={DATA!r}, nsamples={NSAMPLES}, store=store, overwrite=True)
 result = run_score(config, command_line=["bench"])

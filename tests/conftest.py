@@ -188,7 +188,7 @@ def cli():
     """Run the CLI in-process through Typer's CliRunner; returns (exit code, stdout, stderr)."""
     from typer.testing import CliRunner
 
-    from wandacli.cli.app import app
+    from wandacli.cli import app
 
     runner = CliRunner()
 

@@ -25,7 +25,7 @@ from wandacli.store.files import MaskFile, ScoreSet, set_root_attrs, write_mask_
 def store(tmp_path_factory, tiny_llama_dir, pairs_csv) -> Path:
     from typer.testing import CliRunner
 
-    from wandacli.cli.app import app
+    from wandacli.cli import app
 
     root = tmp_path_factory.mktemp("compare") / "store"
     runner = CliRunner()

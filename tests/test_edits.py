@@ -24,7 +24,7 @@ def rank_store(tmp_path_factory, tiny_llama_dir, pairs_csv) -> Path:
     """actsvd statistics of the tiny model on a safety set and a utility set."""
     from typer.testing import CliRunner
 
-    from wandacli.cli.app import app
+    from wandacli.cli import app
 
     store = tmp_path_factory.mktemp("ranks") / "store"
     runner = CliRunner()

@@ -10,7 +10,7 @@ import pytest
 from typer.main import get_command
 from typer.testing import CliRunner
 
-from wandacli.cli.app import app
+from wandacli.cli import app
 
 COMMANDS = sorted(get_command(app).commands)  # type: ignore[attr-defined]
 WIDE = {"COLUMNS": "220", "TERMINAL_WIDTH": "220"}

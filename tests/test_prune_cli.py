@@ -23,7 +23,7 @@ def scored_store(tmp_path_factory, tiny_llama_dir, pairs_csv) -> Path:
     """A store with wanda and wandg safety sets and a utility set, on the tiny Llama."""
     from typer.testing import CliRunner
 
-    from wandacli.cli.app import app
+    from wandacli.cli import app
 
     store = tmp_path_factory.mktemp("pruned") / "store"
     runner = CliRunner()

@@ -292,7 +292,7 @@ def test_kill_during_score_set_assembly_keeps_the_previous_set(tiny_llama_dir, t
     assert run_forked(*args).returncode == 0
     previous = arrays(store / "scores" / "random-seed0.h5")
     killed = faulty(
-        "wandacli.scoring.run:set_root_attrs:1",
+        "wandacli.store.assemble:set_root_attrs:1",
         *args,
         "--seed",
         "0",
@@ -302,7 +302,7 @@ def test_kill_during_score_set_assembly_keeps_the_previous_set(tiny_llama_dir, t
     )
     assert killed.returncode == -signal.SIGKILL
     assert_identical(arrays(store / "scores" / "random-seed0.h5"), previous)  # intact
-    fresh = faulty("wandacli.scoring.run:set_root_attrs:1", *args, "--name", "other")
+    fresh = faulty("wandacli.store.assemble:set_root_attrs:1", *args, "--name", "other")
     assert (
         fresh.returncode == -signal.SIGKILL and not (store / "scores" / "other.h5").exists()
     )  # none
@@ -326,7 +326,7 @@ def test_kill_during_mask_assembly_keeps_the_previous_mask(tiny_llama_dir, tmp_p
 @pytest.mark.parametrize(
     ("spec", "expect"),
     [
-        ("wandacli.removal.apply:replace_directory_atomically:1", "old"),  # killed before the swap
+        ("wandacli.core.durable:replace_directory_atomically:1", "old"),  # killed before the swap
         ("wandacli.core.durable:_exchange:1:after", "new"),  # killed right after the swap
     ],
 )
@@ -904,7 +904,7 @@ def test_bad_format_version_and_meta_are_rejected(cli, tmp_path, attrs, fragment
 def populated_store(tmp_path_factory, tiny_llama_dir, pairs_csv) -> Path:
     from typer.testing import CliRunner
 
-    from wandacli.cli.app import app
+    from wandacli.cli import app
 
     store = tmp_path_factory.mktemp("corpus") / "store"
     runner = CliRunner()

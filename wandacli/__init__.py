@@ -1,3 +1,22 @@
-"""wandacli: find which weights of a chat model carry its safety behaviour."""
+"""wandacli: find which weights of a chat model carry its safety behaviour.
+
+The package in folders by concern, bottom to top; each imports only from those below it
+(tests/test_architecture.py checks this on every import, function-level ones included):
+
+    core/        errors, console, atomic files and directories, fingerprints, memory, paths,
+                 the file-safe naming rule, provenance, the metric names, the reference's constants
+    config/      frozen settings per command; TOML config files (defaults < file < flags)
+    store/       the on-disk schema: formats, open/validate, the one assembly loop, lock, parts, inspect
+    data/        calibration and evaluation sets: named sources, files, templates, prompt masking
+    models/      the one loader (sources, GGUF conversion, from_pretrained), decoder layers, the organism
+    methods/     one file per attribution method (wanda, wandg, magnitude, random, actsvd) and their base
+    scoring/     the generic score run (resume, sample loop, checkpoints) and data parallelism
+    removal/     masks (selection math), rank edits, and the one interface consumers apply
+    evaluation/  the model under test, attack prompts, judges, generation backends, utility
+    reporting/   compare, the results table, figures, terminal rendering, labels
+    legacy.py    import-legacy: the reference code's pickles into the store
+    pipeline.py  the study as Make rules (python -m wandacli.pipeline)
+    cli/         the Typer app, shared options, one module per command
+"""
 
 __version__ = "0.1.0"

@@ -24,6 +24,7 @@ import sys
 import time
 import zipfile
 from collections import OrderedDict
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,10 +33,11 @@ import numpy as np
 
 from wandacli.config.settings import ModelSpec
 from wandacli.core.console import NullReporter, Reporter, warn
-from wandacli.core.durable import atomic_h5, check_free_space, expected_file_bytes
+from wandacli.core.durable import check_free_space, expected_file_bytes
 from wandacli.core.errors import ModelError, NonFiniteScoresError, StoreError
 from wandacli.core.provenance import now_iso, software_versions
-from wandacli.store.files import format_non_finite, non_finite_counts, set_root_attrs, write_array
+from wandacli.store.assemble import LayerArray, assemble
+from wandacli.store.files import format_non_finite
 from wandacli.store.lock import writer_lock
 from wandacli.store.schema import SCORES_FORMAT, Store, describe_key, split_key
 
@@ -260,34 +262,26 @@ def import_legacy(
             )
         total = sum(a * b for a, b in structure.fingerprint.shapes.values())
         check_free_space(store, total * 4, f"score set {name!r}")
-        non_finite: dict[str, tuple[int, int]] = {}
         all_negative = True
-        reporter.start("importing", total=len(keys))
-        with atomic_h5(target, expected_file_bytes(total * 4, len(keys))) as handle:
-            for key in keys:
-                array = load_score_array(dumps[key].path)
-                expected = structure.fingerprint.shapes[key]
-                if key in structure.transposed and array.shape == expected[::-1]:
-                    array = array.T  # a Conv1D weight's layout
-                if tuple(array.shape) != expected:
-                    raise ModelError(
-                        f"{dumps[key].path} holds shape {tuple(array.shape)}; {describe_key(key)} of "
-                        f"{model.model} is {expected}: the dumps come from another model"
-                    )
-                if negate:
-                    array = -array
-                all_negative = all_negative and bool((array <= 0).all())
-                nan, inf = non_finite_counts(array)
-                if nan or inf:
-                    non_finite[key] = (nan, inf)
-                    continue
-                write_array(handle, key, array)
-                reporter.advance()
-            if non_finite:
-                raise NonFiniteScoresError(
-                    f"score set {name!r} not written: non-finite scores ({format_non_finite(non_finite)})"
+
+        def arrays(key: str) -> Iterator[LayerArray]:
+            nonlocal all_negative
+            array = load_score_array(dumps[key].path)
+            expected = structure.fingerprint.shapes[key]
+            if key in structure.transposed and array.shape == expected[::-1]:
+                array = array.T  # a Conv1D weight's layout
+            if tuple(array.shape) != expected:
+                raise ModelError(
+                    f"{dumps[key].path} holds shape {tuple(array.shape)}; {describe_key(key)} of "
+                    f"{model.model} is {expected}: the dumps come from another model"
                 )
-            meta = {
+            if negate:
+                array = -array
+            all_negative = all_negative and bool((array <= 0).all())
+            yield LayerArray(key, array)
+
+        def finished_meta() -> dict[str, Any]:
+            return {
                 "method": method or inferred,
                 "name": name,
                 "model": {
@@ -310,10 +304,22 @@ def import_legacy(
                 "started": started_at,
                 "finished": now_iso(),
             }
-            set_root_attrs(handle, SCORES_FORMAT, meta)
-        reporter.finish()
+
+        assemble(
+            target,
+            (arrays(key) for key in keys),
+            total=len(keys),
+            reserve_bytes=expected_file_bytes(total * 4, len(keys)),
+            file_format=SCORES_FORMAT,
+            meta=finished_meta,
+            non_finite_error=lambda non_finite: NonFiniteScoresError(
+                f"score set {name!r} not written: non-finite scores ({format_non_finite(non_finite)})"
+            ),
+            reporter=reporter,
+            label="importing",
+        )
     if all_negative:
         warn(
             "every imported score is ≤ 0: the dump was probably made with --neg_prune; pass --negate to flip it"
         )
-    return ImportResult(name, target, str(meta["method"]), len(dumps), time.monotonic() - started)
+    return ImportResult(name, target, method or inferred, len(dumps), time.monotonic() - started)

@@ -15,7 +15,6 @@ same config for its options.
 
 from __future__ import annotations
 
-import re
 import shlex
 import sys
 from dataclasses import dataclass
@@ -25,8 +24,7 @@ from typing import Any
 from wandacli.config.files import read_config_file
 from wandacli.config.settings import WEIGHT_METHODS
 from wandacli.core.errors import ConfigError, WandacliError
-
-_UNSAFE_LABEL_CHARS = re.compile(r"[^A-Za-z0-9._-]")
+from wandacli.core.naming import file_safe_name
 
 
 @dataclass(frozen=True)
@@ -205,7 +203,7 @@ def makefile(plan: Plan, config: Path, out: Path, wandacli: str, model: str | No
             f"{wandacli} eval-utility {common}{model_flag}{mask_flags} --out {results / label} --no-progress",
         )
     for baseline in plan.baseline_models:
-        label = f"baseline-{_UNSAFE_LABEL_CHARS.sub('_', baseline)}"
+        label = f"baseline-{file_safe_name(baseline)}"
         attack, utility = results / label / "results.json", results / label / "utility.json"
         evaluations += [attack, utility]
         flags = f"{common} --model {_q(baseline)} --out {results / label}"

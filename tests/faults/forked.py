@@ -28,8 +28,8 @@ PRELOAD = [
     "transformers.models.llama.modeling_llama",
     "h5py",
     "wandacli.cli",
-    "wandacli.score_run",
-    "wandacli.prune_run",
+    "wandacli.scoring.run",
+    "wandacli.removal.prune",
     "tests.faults.run_cli",
 ]
 

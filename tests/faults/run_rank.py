@@ -14,8 +14,7 @@ import sys
 
 def main() -> None:
     from wandacli.methods import wanda, wandg
-    from wandacli.scoring import run as score_run
-    from wandacli.store import parts
+    from wandacli.store import assemble, parts
 
     rank = os.environ.get("RANK", "0")
     log = os.environ.get("WANDACLI_TEST_WRITE_LOG")
@@ -28,7 +27,7 @@ def main() -> None:
             return original(final, *args, **kwargs)
 
         parts.atomic_h5 = logged
-        score_run.atomic_h5 = logged
+        assemble.atomic_h5 = logged
     if os.environ.get("WANDACLI_TEST_FAIL_RANK") == rank:
         after = int(os.environ.get("WANDACLI_TEST_FAIL_AFTER", "1"))
         calls = {"n": 0}

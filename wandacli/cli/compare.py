@@ -14,13 +14,14 @@ from wandacli.cli.options import (
     JsonOption,
     NoProgressOption,
     SeedOption,
+    model_spec,
 )
-from wandacli.config.settings import ModelSpec
 from wandacli.core.console import progress_reporter
 from wandacli.reporting import render
 
 
 def compare(
+    ctx: typer.Context,
     inputs: Annotated[
         list[str],
         typer.Argument(
@@ -110,7 +111,7 @@ def compare(
             subspaces = compare_rank_statistics(
                 inputs,
                 store_root=store,
-                model=ModelSpec(model=model, dtype=dtype, device=device) if model else None,
+                model=model_spec(ctx.params) if model else None,
                 ranks=ranks,
                 grid=rank_grid,
                 csv_file=csv_file,

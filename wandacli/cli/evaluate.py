@@ -22,15 +22,17 @@ from wandacli.cli.options import (
     OutOption,
     OverwriteOption,
     SeedOption,
+    model_spec,
 )
 from wandacli.config.evaluation import AttackConfig, UtilityConfig
-from wandacli.config.settings import DEFAULT_MODEL_ALIAS, ModelSpec
+from wandacli.config.settings import DEFAULT_MODEL_ALIAS
 from wandacli.core.console import progress_reporter
 from wandacli.data.sources import describe_named_sets
 from wandacli.reporting import render
 
 
 def eval_attack(
+    ctx: typer.Context,
     model: ModelOption = DEFAULT_MODEL_ALIAS,
     mask: MaskOption = None,
     store: MaskStoreOption = None,
@@ -133,14 +135,7 @@ def eval_attack(
     from wandacli.evaluation.attack import run_attack
 
     attack_config = AttackConfig(
-        model=ModelSpec(
-            model=model,
-            dtype=dtype,
-            device=device,
-            device_map=device_map,
-            max_memory=max_memory,
-            cache_dir=cache_dir,
-        ),
+        model=model_spec(ctx.params),
         mask=mask,
         store=store,
         prompts=prompts,
@@ -165,6 +160,7 @@ def eval_attack(
 
 
 def eval_utility(
+    ctx: typer.Context,
     model: ModelOption = DEFAULT_MODEL_ALIAS,
     mask: MaskOption = None,
     store: MaskStoreOption = None,
@@ -223,14 +219,7 @@ def eval_utility(
             else tuple(t.strip() for t in zero_shot.split(",") if t.strip())
         )
     utility_config = UtilityConfig(
-        model=ModelSpec(
-            model=model,
-            dtype=dtype,
-            device=device,
-            device_map=device_map,
-            max_memory=max_memory,
-            cache_dir=cache_dir,
-        ),
+        model=model_spec(ctx.params),
         mask=mask,
         store=store,
         data=None if data == "none" else data,

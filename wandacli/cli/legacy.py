@@ -15,13 +15,15 @@ from wandacli.cli.options import (
     NoProgressOption,
     OverwriteOption,
     StoreOption,
+    model_spec,
 )
-from wandacli.config.settings import DEFAULT_STORE, ModelSpec
+from wandacli.config.settings import DEFAULT_STORE
 from wandacli.core.console import out, progress_reporter
 from wandacli.reporting import render, render_store
 
 
 def import_legacy_command(
+    ctx: typer.Context,
     directory: Annotated[
         Path,
         typer.Argument(
@@ -68,7 +70,7 @@ def import_legacy_command(
     with progress_reporter(enabled=not no_progress) as reporter:
         result = import_legacy(
             directory,
-            model=ModelSpec(model=model, cache_dir=cache_dir),
+            model=model_spec(ctx.params),
             store=store,
             name=name,
             suffix=suffix,

@@ -117,10 +117,11 @@ OutOption = Annotated[
 ]
 
 
-def model_spec(params: dict[str, Any], prefix: str = "") -> ModelSpec:
-    """A ModelSpec from resolved command parameters."""
+def model_spec(params: dict[str, Any]) -> ModelSpec:
+    """The ModelSpec of a command's resolved parameters (`ctx.params`: defaults < --config
+    file < flags); options a command lacks take the loader's defaults."""
     return ModelSpec(
-        model=params[f"{prefix}model"],
+        model=params["model"],
         dtype=params.get("dtype", "auto"),
         device=params.get("device", "auto"),
         device_map=params.get("device_map"),

@@ -17,14 +17,15 @@ from wandacli.cli.options import (
     MaxMemoryOption,
     NoProgressOption,
     OverwriteOption,
+    model_spec,
 )
 from wandacli.config.removal import EditConfig, PruneConfig, refuse_mask_flags_for_edits
-from wandacli.config.settings import ModelSpec
 from wandacli.core.console import progress_reporter
 from wandacli.reporting import render
 
 
 def prune(
+    ctx: typer.Context,
     scores: Annotated[
         str,
         typer.Option(
@@ -249,18 +250,7 @@ def prune(
     """Build a pruning mask from stored scores (or a rank edit from actsvd rank statistics),
     keep it in the store, and optionally save the pruned model. Never computes scores: run
     `wandacli score` first."""
-    model_spec_given = (
-        ModelSpec(
-            model=model,
-            dtype=dtype,
-            device=device,
-            device_map=device_map,
-            max_memory=max_memory,
-            cache_dir=cache_dir,
-        )
-        if model
-        else None
-    )
+    model_spec_given = model_spec(ctx.params) if model else None
     rank_flags = (remove_top_ranks, keep_top_ranks, safety_ranks, utility_ranks, rank_neg, rank_pos)
     if any(value is not None for value in rank_flags) or sequential:
         from wandacli.removal.edits import run_edit

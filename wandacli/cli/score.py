@@ -24,7 +24,7 @@ from wandacli.cli.options import (
     model_spec,
 )
 from wandacli.config.score import ScoreConfig
-from wandacli.config.settings import DEFAULT_MODEL_ALIAS, DEFAULT_STORE, Columns
+from wandacli.config.settings import DEFAULT_MODEL_ALIAS, DEFAULT_STORE, METHODS, Columns
 from wandacli.core.console import progress_reporter
 from wandacli.core.errors import ConfigError
 from wandacli.data.sources import describe_named_sets
@@ -157,7 +157,7 @@ def score(
     """
     p = ctx.params  # defaults < --config file < flags, resolved by the parser
     if p["method"] is None:
-        raise ConfigError("--method is required: wanda, wandg, magnitude or random")
+        raise ConfigError(f"--method is required: {', '.join(METHODS)}")
     score_config = ScoreConfig(
         method=p["method"],
         model=model_spec(p),

@@ -1,1 +1,8 @@
-"""Frozen settings per command: defaults < config file < flags, validated in one place."""
+"""Settings per command: frozen dataclasses, validated in one place.
+
+Precedence: built-in defaults < config file (`--config FILE.toml`) < flags on the command line.
+A config file is TOML (read by the standard library's tomllib, no extra dependency): top-level
+keys apply to every command, a table named after a command (`[score]`, `[prune]`, ...) applies
+to that command only and wins over the top level. Keys are option names with dashes or
+underscores (`nsamples`, `sparsity-ratio`).
+"""

@@ -9,11 +9,11 @@ from typing import Any
 from wandacli.config.settings import ModelSpec
 from wandacli.core import reference
 from wandacli.core.errors import ConfigError
+from wandacli.core.metrics import ATTACK_CONFIGS
 
 # ---------------------------------------------------------------------------------------------
 # eval-attack and eval-utility
 
-ATTACK_CONFIGS = ("basic", "basic_nosys", "multiple_nosys", "gcg")
 RESULTS_DIR = Path("wandacli-results")
 
 

@@ -159,15 +159,6 @@ def prune_request(config_json: dict[str, Any]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 # prune, rank edits (ActSVD)
 
-EDIT_RANK_FLAGS = (
-    "--remove-top-ranks",
-    "--keep-top-ranks",
-    "--safety-ranks",
-    "--utility-ranks",
-    "--rank-pos",
-    "--rank-neg",
-)
-
 
 @dataclass(frozen=True)
 class EditConfig:

@@ -9,7 +9,7 @@ from pathlib import Path
 from wandacli.core import reference
 
 DEFAULT_MODEL_ALIAS = "smollm2"
-# The embedded model fine-tuned on the CPU to refuse harmful requests (wandacli/organism.py).
+# The embedded model fine-tuned on the CPU to refuse harmful requests (wandacli/models/organism.py).
 ALIGNED_MODEL_ALIAS = "smollm2-aligned"
 DEFAULT_STORE = Path("wandacli-store")
 # Per-weight scores (masks are made from them) and actsvd's rank statistics (rank edits).

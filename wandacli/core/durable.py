@@ -1,7 +1,7 @@
 """Durability primitives: writes that are whole or absent, never half-done. Temporary siblings
 fsynced and renamed into place, HDF5 files written the same way with space reserved up front,
 directories swapped atomically, leftovers of dead processes cleaned up, free space checked
-before work starts. store.py builds the store's schema on these; nothing here knows it."""
+before work starts. store/ builds the store's schema on these; nothing here knows it."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from typing import Any
 
 import h5py
 
-from wandacli.core.errors import ModelError, StoreError, first_line
+from wandacli.core.errors import StoreError, first_line
 
 # Marks a temporary file or directory: `.<name>.tmp-<pid>`; anything so named in a store is
 # the leftover of a dead writer.
@@ -255,31 +255,29 @@ def ensure_writable_directory(root: Path, option: str = "--store") -> None:
         ) from exc
 
 
-def save_model_dir(
-    model: Any, tokenizer: Any, target: Path, what: str, complete: Callable[[Path], Any]
+def save_model_directory(
+    model: Any, tokenizer: Any, target: Path, add_files: Callable[[Path], Any] | None = None
 ) -> None:
-    """save_pretrained into a temporary sibling of `target`, `complete(tmp)` adds the files
-    that mark it finished, then rename into place: a killed save never leaves a half-written
-    model at `target` (and the next save clears what it left beside it)."""
-    pass
-
-    for stale in target.parent.glob(f".{target.name}.tmp-*"):
-        shutil.rmtree(stale, ignore_errors=True)
-    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    """The one atomic save of a model directory. save_pretrained into a temporary sibling of
+    `target`; `add_files(tmp)` writes what marks it finished (a recipe, the mask's provenance);
+    every file and the directory are fsynced; then `replace_directory_atomically` swaps it in.
+    At every instant `target` is the previous model (or absent) or the whole new one, and a
+    save killed midway is cleaned up by the next one (`recover_directory`). An OSError
+    propagates, for the caller to say what to do, after the temporary is removed."""
+    recover_directory(target)
+    tmp = temporary_path(target)
+    shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(str(tmp), safe_serialization=True)
-        tokenizer.save_pretrained(str(tmp))
-        complete(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if add_files is not None:
+            add_files(tmp)
+        for path in sorted(tmp.rglob("*")):
+            if path.is_file():
+                _fsync_file(path)
         fsync_dir(tmp)
-        shutil.rmtree(target, ignore_errors=True)
-        os.replace(tmp, target)
-        fsync_dir(target.parent)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise ModelError(
-            f"cannot write the {what} to {target}: {exc.strerror}; "
-            "set WANDACLI_CACHE_DIR to a writable directory with ~1 GB free"
-        ) from exc
+        replace_directory_atomically(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,4 +1,5 @@
-"""What every result records about how it was made: time, software, differing settings."""
+"""What every result records about how it was made (time, software, settings), and the one
+check that a finished file was made for the request now."""
 
 from __future__ import annotations
 
@@ -6,7 +7,10 @@ import contextlib
 import datetime as dt
 import json
 import sys
+from collections.abc import Callable
 from typing import Any
+
+from wandacli.core.errors import StoreError
 
 
 def now_iso() -> str:
@@ -36,3 +40,27 @@ def settings_differences(stored: dict[str, Any], current: dict[str, Any]) -> lis
 def _short(value: Any) -> str:
     text = json.dumps(value, default=str) if not isinstance(value, str) else value
     return text if len(text) <= 40 else text[:37] + "..."
+
+
+def request_differences(
+    meta: dict[str, Any],
+    current: dict[str, Any],
+    normalise: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+) -> list[str]:
+    """What differs between the request a finished file was made for (its meta's `config`,
+    through `normalise` to the part that changes the numbers) and the request now."""
+    stored = meta.get("config")
+    if not isinstance(stored, dict):
+        return ["settings: not recorded (made by an older wandacli)"]
+    return settings_differences(normalise(stored) if normalise else stored, current)
+
+
+def refuse_other_request(noun: str, name: str, root: Any, differences: list[str]) -> None:
+    """The one answer to "is this request already finished?" when it is not the same request:
+    `score`, `prune` and rank edits on a name that holds a file made with other settings."""
+    if differences:
+        raise StoreError(
+            f"{noun} {name!r} already exists in {root} with other settings "
+            f"({'; '.join(differences[:4])}): pass --overwrite to recompute it, or --name to "
+            "write another"
+        )

@@ -1,4 +1,12 @@
-"""Named data sets and local files: where each comes from, and reading them into rows."""
+"""Calibration and evaluation data: named sets and local files (sample selection, tokenisation
+and prompt masking are in data/calibration.py).
+
+A named set resolves, first found wins, to: its file in a data directory (`--data-dir` or
+`$WANDACLI_DATA_DIR`, when one is given and holds it); the copy shipped inside this package
+(`wandacli/datasets/`, see its README for origins and licences); its public source (the reference
+code's CSVs, downloaded once into the cache, or a hub dataset). Local files of any format
+`datasets` reads (CSV, JSON, JSONL, Parquet) or plain text work everywhere a set name does.
+"""
 
 from __future__ import annotations
 

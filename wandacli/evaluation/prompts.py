@@ -2,39 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 from wandacli.config.evaluation import AttackConfig
 from wandacli.config.settings import Columns
 from wandacli.core import reference
 from wandacli.core.console import warn
-
-# ---------------------------------------------------------------------------------------------
-# Configurations
-
-
-@dataclass(frozen=True)
-class AttackSetting:
-    name: str
-    system_prompt: bool
-    sampling: bool
-    gcg: bool
-    metric: str  # the reference's log metric
-
-
-SETTINGS = {
-    "basic": AttackSetting("basic", True, False, False, "ASR_basic"),
-    "basic_nosys": AttackSetting("basic_nosys", False, False, False, "ASR_basic_nosys"),
-    "multiple_nosys": AttackSetting("multiple_nosys", False, True, False, "ASR_multiple_nosys"),
-    "gcg": AttackSetting("gcg", False, False, True, "ASR_gcg"),
-}
-
-
-def tag_prefix(inst: bool) -> str:
-    """The reference's file and metric prefix for the instruction-tag variant."""
-    return "inst_" if inst else "no_inst_"
-
 
 # ---------------------------------------------------------------------------------------------
 # Templating (pure)

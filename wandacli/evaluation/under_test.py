@@ -9,7 +9,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from wandacli.config.evaluation import RESULTS_DIR
 from wandacli.config.settings import ModelSpec
+from wandacli.core.naming import file_safe_name
 from wandacli.removal.apply import EDIT_MODES, edit_method, mask_method, open_removal
 
 
@@ -31,6 +33,12 @@ class ModelUnderTest:
         if self.mask_path is not None:
             return self.mask_path.stem
         return Path(str(self.loaded.model_id)).name or "model"
+
+    @property
+    def default_out(self) -> Path:
+        """The results folder eval-attack and eval-utility both write when no --out is given:
+        one folder per model under test, so that `report` shows it as one row."""
+        return RESULTS_DIR / file_safe_name(self.label, fallback="model")
 
     @property
     def method(self) -> str:

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wandacli.config.evaluation import RESULTS_DIR, UtilityConfig
+from wandacli.config.evaluation import UtilityConfig
 from wandacli.core.console import NullReporter, Reporter
 from wandacli.core.durable import atomic_write_text, ensure_writable_directory
 from wandacli.core.errors import ConfigError, DataError, interruptible
@@ -201,7 +201,7 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
         )
     under_test = load_model_under_test(config.model, config.mask, config.store)
     result = UtilityResult(under_test=under_test.describe())
-    out = config.out or RESULTS_DIR / under_test.label
+    out = config.out or under_test.default_out
     ensure_writable_directory(out, "--out")
     with interruptible(lambda: "nothing was written"):
         if raw is not None:

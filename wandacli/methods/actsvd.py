@@ -10,17 +10,18 @@ import numpy as np
 import torch
 
 from wandacli.data.calibration import CalibrationSet
-from wandacli.methods.base import LayerArray, LayerLink, RunContext
+from wandacli.methods.base import RunContext
 from wandacli.methods.groups import LayerGroupMethod
 from wandacli.methods.wandg import accepts_logits_to_keep
 from wandacli.models.layers import LinearLayer
 from wandacli.models.pretrained import LoadedModel
+from wandacli.store.assemble import LayerArray, LayerLink
 from wandacli.store.schema import RANK_STATS_FORMAT
 
 
 class ActSvdMethod(LayerGroupMethod):
     """Rank statistics: per distinct linear input, C = (1/N) Σ x xᵀ over the counted tokens,
-    from which any rank edit of ActSVD follows (ranks.py)."""
+    from which any rank edit of ActSVD follows (removal/ranks.py)."""
 
     name = "actsvd"
     kind = "actsvd-second-moments"

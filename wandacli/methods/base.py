@@ -1,20 +1,29 @@
-"""What every score method shares, and the protocol (RunContext) the run offers them."""
+"""What every `score --method` shares. Each method is a class in its own file: what it gathers
+per sample, how that state is checkpointed and summed across ranks, and how it becomes arrays
+in the store. `scoring.run.ScoreRun` runs any of them through the RunContext protocol declared
+here; the run owns the lock, the resume, the sample loop, checkpoints and the atomic assembly.
+
+    magnitude, random   nothing to gather; scores computed layer by layer at assembly
+    wanda               squared input norms per column (one forward per sample)
+    wandg               |grad| sums per layer group (forward + backward per sample)
+    actsvd              second moments Σ x xᵀ of each distinct input, per layer group: a
+                        rank-statistics set (store/schema.py), not scores
+"""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
 
-import numpy as np
 import torch
 
 from wandacli.config.score import ScoreConfig
 from wandacli.data.calibration import CalibrationSet
 from wandacli.models.layers import LinearLayer
 from wandacli.models.pretrained import LoadedModel
+from wandacli.store.assemble import LayerArray, LayerLink
 from wandacli.store.schema import SCORES_FORMAT
 
 
@@ -61,23 +70,6 @@ class RunContext(Protocol):
         *,
         reduced: bool = False,
     ) -> None: ...
-
-
-@dataclass(frozen=True)
-class LayerArray:
-    """One array to write at assembly. `scores` arrays may be stored as float16 on request."""
-
-    key: str
-    array: np.ndarray
-    is_scores: bool = False
-
-
-@dataclass(frozen=True)
-class LayerLink:
-    """A second name for an array already written (an HDF5 hard link: stored once)."""
-
-    key: str
-    target: str
 
 
 class ScoreMethod:

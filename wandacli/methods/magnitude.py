@@ -5,8 +5,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 from wandacli.data.calibration import CalibrationSet
-from wandacli.methods.base import LayerArray, LayerLink, ScoreMethod
+from wandacli.methods.base import ScoreMethod
 from wandacli.models.layers import LinearLayer
+from wandacli.store.assemble import LayerArray, LayerLink
 
 
 class MagnitudeMethod(ScoreMethod):

@@ -8,8 +8,9 @@ from collections.abc import Iterator
 import torch
 
 from wandacli.data.calibration import CalibrationSet
-from wandacli.methods.base import LayerArray, LayerLink, ScoreMethod
+from wandacli.methods.base import ScoreMethod
 from wandacli.models.layers import LinearLayer
+from wandacli.store.assemble import LayerArray, LayerLink
 
 
 class RandomMethod(ScoreMethod):

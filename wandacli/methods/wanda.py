@@ -9,10 +9,11 @@ from typing import Any
 import torch
 
 from wandacli.data.calibration import CalibrationSet
-from wandacli.methods.base import LayerArray, LayerLink, RunContext, ScoreMethod
+from wandacli.methods.base import RunContext, ScoreMethod
 from wandacli.methods.wandg import accepts_logits_to_keep
 from wandacli.models.layers import LinearLayer
 from wandacli.models.pretrained import LoadedModel
+from wandacli.store.assemble import LayerArray, LayerLink
 from wandacli.store.schema import STATS_GROUP
 
 

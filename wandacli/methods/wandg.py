@@ -11,10 +11,10 @@ import numpy as np
 import torch
 
 from wandacli.data.calibration import IGNORE_INDEX, CalibrationSet
-from wandacli.methods.base import LayerArray, LayerLink
 from wandacli.methods.groups import LayerGroupMethod
 from wandacli.models.layers import LinearLayer
 from wandacli.models.pretrained import LoadedModel
+from wandacli.store.assemble import LayerArray, LayerLink
 
 
 class WandgMethod(LayerGroupMethod):

@@ -7,13 +7,14 @@ import functools
 import hashlib
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from wandacli.core.console import info
-from wandacli.core.durable import save_model_dir
+from wandacli.core.durable import save_model_directory
 from wandacli.core.errors import ModelError, first_line
 from wandacli.core.paths import cache_root
 
@@ -91,7 +92,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     setattr(model, "hf_quantizer", None)  # noqa: B010 (a typed attribute we must clear)
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    save_model_dir(
+    save_cached_model(
         model,
         tokenizer,
         target,
@@ -101,13 +102,23 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     info(f"converted in {time.monotonic() - started:.0f} s")
 
 
-# ---------------------------------------------------------------------------------------------
-# Loading
-
-
 def _quiet_transformers() -> None:
     """Our own progress and messages replace transformers' bars and advisory warnings."""
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+
+
+def save_cached_model(
+    model: Any, tokenizer: Any, target: Path, what: str, add_files: Callable[[Path], Any]
+) -> None:
+    """A model made once into the cache (a converted GGUF, the aligned organism), saved
+    atomically; a cache that cannot be written says how to choose another."""
+    try:
+        save_model_directory(model, tokenizer, target, add_files)
+    except OSError as exc:
+        raise ModelError(
+            f"cannot write the {what} to {target}: {exc.strerror}; "
+            "set WANDACLI_CACHE_DIR to a writable directory with ~1 GB free"
+        ) from exc

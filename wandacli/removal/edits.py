@@ -1,9 +1,10 @@
-"""`prune` with rank statistics: rank edits from the store."""
+"""`wandacli prune` on rank statistics: a rank edit (ActSVD) computed from the stored second
+moments and the model's weights, written atomically to DIR/edits/<name>.h5 and optionally
+applied to a saved model. Never runs the model on data: `score --method actsvd` did that."""
 
 from __future__ import annotations
 
 import contextlib
-import re
 import shlex
 import sys
 import time
@@ -18,7 +19,13 @@ from wandacli.core.console import NullReporter, Reporter
 from wandacli.core.durable import atomic_h5, ensure_writable_directory, expected_file_bytes
 from wandacli.core.errors import ConfigError, StoreError
 from wandacli.core.memory import peak_rss_bytes
-from wandacli.core.provenance import now_iso, settings_differences, software_versions
+from wandacli.core.naming import file_safe_name
+from wandacli.core.provenance import (
+    now_iso,
+    refuse_other_request,
+    request_differences,
+    software_versions,
+)
 from wandacli.removal.apply import EditRemoval, check_save_model_target, save_model_with
 from wandacli.removal.ranks import numerical_rank, top_output_directions
 from wandacli.removal.requests import selected_keys, store_root_for
@@ -32,8 +39,6 @@ from wandacli.store.files import (
 )
 from wandacli.store.lock import writer_lock
 from wandacli.store.schema import EDIT_FORMAT, Store, split_key
-
-_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=,@-]")
 
 
 @dataclass
@@ -81,7 +86,7 @@ def default_edit_name(config: EditConfig, safety: str, utility: str | None) -> s
         name += ".M" + config.modules
     if config.sequential:
         name += ".seq"
-    return _UNSAFE_NAME_CHARS.sub("_", name)
+    return file_safe_name(name)
 
 
 def check_ranks(config: EditConfig, keys: list[str], shapes: dict[str, tuple[int, int]]) -> None:
@@ -176,17 +181,9 @@ def _same_request(
 ) -> EditResult:
     """The finished edit as this run's result when asked for with the same settings."""
     with EditFile(final) as finished:
-        stored = finished.meta.get("config")
-        differences = (
-            settings_differences(stored, config.request())
-            if isinstance(stored, dict)
-            else ["settings: not recorded"]
+        refuse_other_request(
+            "edit", name, root, request_differences(finished.meta, config.request())
         )
-        if differences:
-            raise StoreError(
-                f"edit {name!r} already exists in {root} with other settings "
-                f"({'; '.join(differences[:4])}): pass --overwrite to recompute it, or --name"
-            )
         return EditResult(
             name=name,
             path=final,

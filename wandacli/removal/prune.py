@@ -1,4 +1,8 @@
-"""`prune` with scores: masks from score sets, written into the store."""
+"""A `prune` run: masks from stored scores, streamed one layer at a time into the store,
+optionally applied to the model and saved, or exported in the reference's `.pt` format.
+
+`prune` never computes scores, loads calibration data or takes gradients: it reads score sets.
+"""
 
 from __future__ import annotations
 
@@ -26,10 +30,16 @@ from wandacli.core.durable import (
 from wandacli.core.errors import ConfigError, StoreError, interruptible
 from wandacli.core.fingerprint import ModelFingerprint
 from wandacli.core.memory import peak_rss_bytes
-from wandacli.core.provenance import now_iso, settings_differences, software_versions
+from wandacli.core.naming import file_safe_name
+from wandacli.core.provenance import (
+    now_iso,
+    refuse_other_request,
+    request_differences,
+    software_versions,
+)
 from wandacli.removal import masks as pruning
 from wandacli.removal.apply import check_save_model_target, save_model_with
-from wandacli.removal.requests import _UNSAFE_NAME_CHARS, selected_keys, store_root_for
+from wandacli.removal.requests import selected_keys, store_root_for
 from wandacli.store.files import (
     MaskFile,
     ScoreSet,
@@ -108,7 +118,7 @@ def default_mask_name(config: PruneConfig, safety: str, utility: str | None) -> 
         name += ".L" + config.layers.replace(",", "_")
     if config.modules:
         name += ".M" + config.modules
-    return _UNSAFE_NAME_CHARS.sub("_", name)
+    return file_safe_name(name)
 
 
 class PruneRun:
@@ -198,12 +208,7 @@ class PruneRun:
         was created."""
 
         with MaskFile(path) as finished:
-            stored = finished.meta.get("config")
-            differences = (
-                settings_differences(prune_request(stored), self.config.request())
-                if isinstance(stored, dict)
-                else ["settings: not recorded (made by an older wandacli)"]
-            )
+            differences = request_differences(finished.meta, self.config.request(), prune_request)
             made_from = {s.get("role"): s for s in finished.meta.get("score_sets") or []}
             created = finished.meta.get("created")
             matched_created = (finished.meta.get("matched_mask") or {}).get("created")
@@ -222,11 +227,7 @@ class PruneRun:
                 differences.append(
                     f"{role}: score set {score_set.name!r} was recomputed after the mask was made"
                 )
-        if differences:
-            raise StoreError(
-                f"mask {path.stem!r} already exists in {root} with other settings "
-                f"({'; '.join(differences[:4])}): pass --overwrite to replace it, or --name"
-            )
+        refuse_other_request("mask", path.stem, root, differences)
         return created
 
     def _outputs_exist(self, mask_path: Path, created: Any) -> bool:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import fnmatch
-import re
 from pathlib import Path
 
 from wandacli.config.removal import EditConfig, PruneConfig
@@ -12,8 +11,6 @@ from wandacli.core.errors import ConfigError
 from wandacli.core.fingerprint import ModelFingerprint
 from wandacli.removal import masks as pruning
 from wandacli.store.schema import SCORES_DIR, split_key
-
-_UNSAFE_NAME_CHARS = re.compile(r"[^A-Za-z0-9._+=,@-]")
 
 
 def store_root_for(reference: str, explicit: Path | None) -> Path:

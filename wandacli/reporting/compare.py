@@ -19,7 +19,7 @@ import numpy as np
 
 from wandacli.core.errors import ConfigError, StoreError
 from wandacli.removal import masks as pruning
-from wandacli.reporting.labels import _output, plot_format
+from wandacli.reporting.labels import output_path, plot_format
 from wandacli.store.files import MaskFile, ModelFile, ScoreSet, resolve_file
 from wandacli.store.schema import MASK_FORMAT, SCORES_FORMAT
 
@@ -270,7 +270,7 @@ def write_csv(comparison: Comparison, path: Path) -> None:
     import csv
 
     rows = list(comparison.rows())
-    with _output(path).open("w", newline="", encoding="utf-8") as handle:
+    with output_path(path).open("w", newline="", encoding="utf-8") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
         writer.writeheader()
         for row in rows:
@@ -285,7 +285,7 @@ def write_csv(comparison: Comparison, path: Path) -> None:
 def write_json(comparison: Comparison, path: Path) -> None:
     import json
 
-    _output(path).write_text(json.dumps(comparison.to_json(), indent=1), encoding="utf-8")
+    output_path(path).write_text(json.dumps(comparison.to_json(), indent=1), encoding="utf-8")
 
 
 def _finite(value: Any) -> Any:

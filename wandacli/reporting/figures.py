@@ -19,12 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wandacli.reporting.labels import _metric_parts
+from wandacli.core.metrics import metric_order, metric_parts
+from wandacli.reporting.labels import PLOT_FORMATS, short_module_name
 
 if TYPE_CHECKING:
     from wandacli.reporting.results import ResultRow
 
-FORMATS = ("png", "svg")
+FORMATS = PLOT_FORMATS  # what `report --plots` writes of each figure
 DPI = 150  # readable when a Markdown viewer scales the PNG down to its column width
 _STYLE: dict[Any, Any] = {
     "font.family": "DejaVu Sans",  # ships with matplotlib: the same glyphs on every machine
@@ -196,8 +197,6 @@ def _role(row: ResultRow, primary: str | None) -> str:
 
 
 def _asr_metrics(rows: Sequence[ResultRow]) -> list[str]:
-    from wandacli.reporting.labels import metric_order
-
     found = {m for row in rows for m in row.asr if not m.endswith("_sample_mean")}
     return sorted(found, key=metric_order)
 
@@ -222,7 +221,7 @@ def asr_vs_perplexity(rows: Sequence[ResultRow], stem: Path) -> Figure | None:
             for metric in metrics:
                 if metric not in row.asr:
                     continue
-                config, inst = _metric_parts(metric)
+                config, inst = metric_parts(metric)
                 size = 90 if role == "dense" else 42
                 axes.scatter(
                     [row.perplexity],
@@ -278,7 +277,7 @@ def _legends_for_configs_and_methods(
 
     config_handles = []
     for metric in metrics:
-        config, inst = _metric_parts(metric)
+        config, inst = metric_parts(metric)
         config_handles.append(
             Line2D(
                 [],
@@ -488,7 +487,6 @@ def layer_module_heatmap(
     formats: Sequence[str] = FORMATS,
 ) -> None:
     """A [0, 1] value per (layer, module): layers across, module types down."""
-    from wandacli.reporting.labels import short_module_name
 
     layers = sorted({layer for layer, _ in values})
     modules: list[str] = []

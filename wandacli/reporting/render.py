@@ -8,9 +8,10 @@ from rich.table import Table
 from rich.text import Text
 
 from wandacli.core.console import console, out
+from wandacli.core.metrics import REPORT_COLUMNS
 from wandacli.reporting.compare import Comparison, PairFigures
 from wandacli.reporting.heatmap import compact_count, heatmap_legend, jaccard_heatmap
-from wandacli.reporting.labels import REPORT_COLUMNS, short_module_name
+from wandacli.reporting.labels import short_module_name
 from wandacli.reporting.render_store import human_bytes, key_value_table, print_json, sparsity_table
 
 if TYPE_CHECKING:

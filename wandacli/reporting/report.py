@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import csv
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from wandacli.core.errors import StoreError
-from wandacli.reporting.labels import metric_order
+from wandacli.core.metrics import metric_order
+from wandacli.core.naming import file_safe_name
 from wandacli.reporting.results import ResultRow, collect
 
 if TYPE_CHECKING:
@@ -47,10 +47,10 @@ def build_report(
             figures.sparsity_sweep(rows, plots_dir / "sparsity-sweep"),
         ]
         for (a, b), jaccard in comparisons:
-            stem = plots_dir / f"jaccard-{_file_safe(a)}-vs-{_file_safe(b)}"
+            stem = plots_dir / f"jaccard-{file_safe_name(a)}-vs-{file_safe_name(b)}"
             made.append(figures.jaccard_heatmap(jaccard, a, b, stem))
         for (a, b, ranks), similarity in subspaces:
-            stem = plots_dir / f"subspaces-{_file_safe(a)}-vs-{_file_safe(b)}-r{ranks[0]}"
+            stem = plots_dir / f"subspaces-{file_safe_name(a)}-vs-{file_safe_name(b)}-r{ranks[0]}"
             made.append(figures.subspace_heatmap(similarity, a, b, ranks, stem))
         report.figures = [figure for figure in made if figure is not None]
     if markdown_file is not None:
@@ -59,10 +59,6 @@ def build_report(
         atomic_write_text(markdown_file, study_markdown(report, markdown_file.parent))
         report.markdown_file = markdown_file
     return report
-
-
-def _file_safe(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", name)
 
 
 def read_comparisons(

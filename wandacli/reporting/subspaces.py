@@ -2,7 +2,7 @@
 layer and module — the reference's rank-level subspace-similarity figure.
 
 For rank-statistics sets A and B (e.g. safety and utility) and a module with weight W, V_a and
-V_b are the top r_a and r_b eigenvectors of W C_a Wᵀ and W C_b Wᵀ (ranks.py), and
+V_b are the top r_a and r_b eigenvectors of W C_a Wᵀ and W C_b Wᵀ (removal/ranks.py), and
 
     φ(r_a, r_b) = ‖V_aᵀ V_b‖_F² / min(r_a, r_b)
 

@@ -2,8 +2,8 @@
 
 Launched by `torchrun --nproc-per-node N -m wandacli score ...` (or `accelerate launch`): every
 process loads the model (each on its own GPU with NCCL, or on the CPU with gloo), takes every
-N-th calibration sample, and accumulates its own Wanda statistics or |grad| sums; an
-all-reduce (sum) combines them and only rank 0 touches the store. A rank that fails makes
+N-th calibration sample, and accumulates its own sums (wanda's squared input norms, wandg's
+|grad| sums, actsvd's second moments and token count); an all-reduce (sum) combines them and only rank 0 touches the store. A rank that fails makes
 torchrun stop the others before rank 0 can write a complete set.
 """
 

@@ -1,4 +1,10 @@
-"""`score`: one run of any method, resumable, written atomically into the store."""
+"""A resumable `score` run: load, gather statistics sample by sample with checkpoints, assemble
+the score set, clean up.
+
+Work in progress lives in `scores/<set>.parts/` (see store/schema.py). Killing a run keeps what it
+finished; running the same command again resumes and produces a score set bitwise identical to
+an uninterrupted run (statistics are summed in the same order from the same checkpoints).
+"""
 
 from __future__ import annotations
 
@@ -18,7 +24,6 @@ from wandacli.config.score import ScoreConfig, score_request
 from wandacli.config.settings import DEFAULT_SEQLEN_CAP, ModelSpec
 from wandacli.core.console import NullReporter, Reporter, info, warn
 from wandacli.core.durable import (
-    atomic_h5,
     check_free_space,
     ensure_writable_directory,
     expected_file_bytes,
@@ -27,26 +32,27 @@ from wandacli.core.errors import (
     ModelError,
     NonFiniteScoresError,
     ResumeMismatchError,
-    StoreError,
     interruptible,
 )
 from wandacli.core.memory import peak_gpu_bytes, peak_rss_bytes, return_freed_memory_promptly
-from wandacli.core.provenance import now_iso, settings_differences, software_versions
+from wandacli.core.provenance import (
+    now_iso,
+    refuse_other_request,
+    request_differences,
+    software_versions,
+)
 from wandacli.data.calibration import CalibrationSet, build_calibration_set, indices_digest
 from wandacli.data.sources import data_display_name, load_raw
-from wandacli.methods.base import LayerLink, ScoreMethod
+from wandacli.methods.base import ScoreMethod
 from wandacli.methods.registry import score_method
 from wandacli.models.layers import LinearLayer
 from wandacli.models.loader import load_model
 from wandacli.models.pretrained import LoadedModel, model_max_length
 from wandacli.scoring import distributed
+from wandacli.store.assemble import assemble
 from wandacli.store.files import (
     format_non_finite,
-    non_finite_counts,
     open_finished_scores,
-    set_root_attrs,
-    to_float16_checked,
-    write_array,
 )
 from wandacli.store.lock import writer_lock
 from wandacli.store.parts import check_resumable, read_part, write_manifest, write_part
@@ -93,7 +99,7 @@ class ScoreResult:
 
 class ScoreRun:
     """One `wandacli score` invocation: the lock, resume, the sample loop with checkpoints and
-    the atomic assembly, for any method (score_methods.py holds what differs between them)."""
+    the atomic assembly, for any method (methods/ holds what differs between them)."""
 
     def __init__(
         self,
@@ -235,12 +241,7 @@ class ScoreRun:
         (and its data file still has the same content); refuses, naming what differs, when not."""
         config = self.config
         with open_finished_scores(final) as finished:
-            stored = finished.meta.get("config")
-            differences = (
-                settings_differences(score_request(stored), config.request())
-                if isinstance(stored, dict)
-                else ["settings: not recorded (made by an older wandacli)"]
-            )
+            differences = request_differences(finished.meta, config.request(), score_request)
             if not differences and config.needs_data and config.data:
                 stored_sha = (finished.meta.get("data") or {}).get("sha256")
                 raw = load_raw(config.data, columns=config.columns, directory=config.data_dir)
@@ -249,12 +250,7 @@ class ScoreRun:
                         f"data_sha256: {str(stored_sha)[:12]}… → {raw.content_hash[:12]}… "
                         f"({raw.source})"
                     ]
-            if differences:
-                raise StoreError(
-                    f"score set {self.name!r} already exists in {self.store.root} with other "
-                    f"settings ({'; '.join(differences[:4])}): pass --overwrite to recompute "
-                    "it, or --name to write another set"
-                )
+            refuse_other_request("score set", self.name, self.store.root, differences)
             return self._already_complete(finished, time.monotonic())
 
     def _already_complete(self, finished: Any, started: float) -> ScoreResult:
@@ -498,36 +494,38 @@ class ScoreRun:
         """Write the file to a temporary name one layer at a time, refuse NaN/Inf, rename it
         into place."""
         method = self.method
-        non_finite: dict[str, tuple[int, int]] = {}
-        self.reporter.start(f"writing {self._noun()}", total=len(loaded.linear_layers))
-        reserve = expected_file_bytes(method.array_bytes(loaded), method.datasets(loaded))
-        with atomic_h5(final, reserve) as handle, method.assembling():
-            for lin in loaded.linear_layers:
-                for item in method.layer_arrays(lin, calibration, base_layers):
-                    if isinstance(item, LayerLink):
-                        handle[item.key] = handle[item.target]  # a hard link: stored once
-                        continue
-                    nan, inf = non_finite_counts(item.array)
-                    if nan or inf:
-                        non_finite[item.key] = (nan, inf)
-                        break  # nothing more of this layer
-                    if item.is_scores and self.config.score_dtype == "float16":
-                        array = to_float16_checked(item.array, item.key)
-                        write_array(handle, item.key, array, "float16")
-                    else:
-                        write_array(handle, item.key, item.array)
-                self.reporter.advance()
-            if non_finite:
-                raise NonFiniteScoresError(
-                    f"{self._noun()} {self.name!r} not written: non-finite "
-                    f"{'values' if self.config.method == 'actsvd' else 'scores'} in "
-                    f"{len(non_finite)} modules ({format_non_finite(non_finite)}); "
-                    "use --dtype float32, or check the model and data"
-                )
+        values = "values" if self.config.method == "actsvd" else "scores"
+
+        def finished_meta() -> dict[str, Any]:
             meta.update(method.meta())
             meta["finished"] = now_iso()
-            set_root_attrs(handle, method.file_format, meta)
-        self.reporter.finish()
+            return meta
+
+        def refusal(non_finite: dict[str, tuple[int, int]]) -> Exception:
+            return NonFiniteScoresError(
+                f"{self._noun()} {self.name!r} not written: non-finite {values} in "
+                f"{len(non_finite)} modules ({format_non_finite(non_finite)}); "
+                "use --dtype float32, or check the model and data"
+            )
+
+        with method.assembling():
+            assemble(
+                final,
+                (
+                    method.layer_arrays(lin, calibration, base_layers)
+                    for lin in loaded.linear_layers
+                ),
+                total=len(loaded.linear_layers),
+                reserve_bytes=expected_file_bytes(
+                    method.array_bytes(loaded), method.datasets(loaded)
+                ),
+                file_format=method.file_format,
+                meta=finished_meta,
+                non_finite_error=refusal,
+                reporter=self.reporter,
+                label=f"writing {self._noun()}",
+                float16_scores=self.config.score_dtype == "float16",
+            )
 
     def _noun(self) -> str:
         return "rank-statistics set" if self.config.method == "actsvd" else "score set"

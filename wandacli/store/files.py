@@ -488,10 +488,6 @@ class EditFile(StoredFile):
         return found
 
 
-def open_edit(reference: str, store_root: Path | None) -> EditFile:
-    return EditFile(resolve_file(reference, store_root, "edit"))
-
-
 def pack_mask(mask: np.ndarray) -> np.ndarray:
     """A mask's stored form: uint8 `numpy.packbits(mask, axis=-1)`, 8 weights a byte."""
     return np.packbits(mask, axis=-1)

@@ -1,4 +1,58 @@
-"""The store's layout and formats, written down here and nowhere else."""
+"""The store: the whole on-disk schema, written down here and nowhere else (store/files.py
+opens, validates and writes it; store/parts.py and store/assemble.py write sets).
+
+A store is a directory of HDF5 files, so that no file holding hours of computation is ever
+rewritten in place (an HDF5 file killed mid-write is often unreadable):
+
+    DIR/
+      .wandacli.lock            writer lock (one writer at a time); .wandacli.lock.json names it
+      scores/<set>.h5           a finished score set
+      scores/<set>.parts/       work in progress of an unfinished score set (resumable)
+        manifest.json           the settings the work was started with
+        stats-<n>.h5            wanda: squared-input sums after n samples
+        accum-g<k>-<n>.h5       wandg: |grad| sums of layer group k after n samples
+                                (actsvd: second-moment sums, float64)
+        group-<k>.h5            wandg: finished scores of layer group k (actsvd: its C)
+      masks/<mask>.h5           a pruning mask
+      edits/<edit>.h5           a rank edit (ActSVD): what to subtract from each weight
+
+Score set file (`format="wandacli-scores"`):
+    /<layer>/<module>           float32 (float16 only by choice) [out_features, in_features],
+                                chunked by rows, fletcher32 checksum
+    /stats/<layer>/<module>     wanda only: s, the mean squared input norm per column [in]
+    root attributes: format, format_version, meta (JSON: method, model id and fingerprint,
+                     data set, its hash and sample indices, nsamples, seed, seqlen, ...)
+
+Rank-statistics set (`format="wandacli-rank-statistics"`, `score --method actsvd`), in
+scores/<set>.h5 beside the score sets (it is looked up by name the same way):
+    /<layer>/<module>           float32 [in_features, in_features]: C = (1/N) Σ x xᵀ, the
+                                second moment of the module's input over the N counted tokens,
+                                fletcher32. Modules that read the same input (q/k/v, gate/up)
+                                are HDF5 hard links to one dataset: stored once.
+    root attributes: format, format_version, meta (JSON, as for score sets, plus
+                     counted_tokens = N and shared_inputs = {module key: the key it links to})
+    parts: accum-g<k>-<n>.h5 hold float64 sums Σ x xᵀ and the counted-token count;
+           group-<k>.h5 a finished layer group's C.
+
+Mask file (`format="wandacli-mask"`):
+    /<layer>/<module>           uint8 numpy.packbits(mask, axis=-1), True = pruned,
+                                attribute shape = the weight's [out, in], fletcher32
+    root attributes: format, format_version, meta (JSON)
+
+Edit file (`format="wandacli-edit"`, `prune --remove-top-ranks/--keep-top-ranks` or the
+orthogonal projection from rank statistics):
+    /<layer>/<module>/<basis>   float32 [out_features, r], orthonormal columns: `remove` (V_r:
+                                W ← W − V_r V_rᵀ W), `keep` (V_k: W ← V_k V_kᵀ W), or `safety`
+                                and `utility` (V_s, V_u: W ← W − (I − V_u V_uᵀ) V_s V_sᵀ W),
+                                fletcher32. Only the modules the edit changes are present.
+    root attributes: format, format_version, meta (JSON: mode, ranks and removed rank per
+                     module, the rank-statistics sets and their fingerprints, command line)
+
+Every file is written to a temporary name in its final directory, flushed, fsynced and renamed
+into place (durable.py); readers only ever see finished files. Reading validates format and
+version, refuses external links, external storage, virtual datasets and unknown filters before
+any data is read, and turns checksum failures into errors that name the file, layer and module.
+"""
 
 from __future__ import annotations
 

@@ -1,0 +1,65 @@
+"""The attack configurations and their metrics, named once. Result files, the reference's log,
+the report's columns and the figures all read names and order from here; the names are the
+reference's (`ASR_basic`, `inst_ASR_basic_nosys`, ...)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class AttackSetting:
+    name: str  # the --configs value
+    system_prompt: bool
+    sampling: bool
+    gcg: bool
+    metric: str  # the reference's log metric, before the tag prefix
+    column: str  # the report's column title (80 columns hold all four)
+
+
+# In the paper's order, which is the report's column order and the figures' order.
+SETTINGS: dict[str, AttackSetting] = {
+    s.name: s
+    for s in (
+        AttackSetting("basic", True, False, False, "ASR_basic", "basic"),
+        AttackSetting("basic_nosys", False, False, False, "ASR_basic_nosys", "no sys"),
+        AttackSetting("multiple_nosys", False, True, False, "ASR_multiple_nosys", "multi"),
+        AttackSetting("gcg", False, False, True, "ASR_gcg", "gcg"),
+    )
+}
+ATTACK_CONFIGS = tuple(SETTINGS)
+
+
+def tag_prefix(inst: bool) -> str:
+    """The reference's file and metric prefix for the instruction-tag variant."""
+    return "inst_" if inst else "no_inst_"
+
+
+def metric_name(config: str, inst: bool) -> str:
+    """The reference's metric for a configuration and tag variant (GCG has no prefix: the
+    reference runs it with instruction tags only)."""
+    setting = SETTINGS[config]
+    return setting.metric if setting.gcg else f"{tag_prefix(inst)}{setting.metric}"
+
+
+def metric_parts(metric: str) -> tuple[str, bool | None]:
+    """`inst_ASR_basic` → (`ASR_basic`, True); `no_inst_…` → False; untagged → None."""
+    if metric.startswith("inst_"):
+        return metric.removeprefix("inst_"), True
+    if metric.startswith("no_inst_"):
+        return metric.removeprefix("no_inst_"), False
+    return metric, None
+
+
+_BASE_ORDER = [s.metric for s in SETTINGS.values()]
+
+
+def metric_order(metric: str) -> tuple[int, int, str]:
+    """Sort key: the paper's configuration order, then tags, no tags, untagged."""
+    base, inst = metric_parts(metric)
+    variant = {True: 0, False: 1, None: 2}[inst]
+    return (_BASE_ORDER.index(base) if base in _BASE_ORDER else len(_BASE_ORDER), variant, metric)
+
+
+# The results table's ASR columns at 80 characters: the instruction-tag variant of each.
+REPORT_COLUMNS = tuple((s.column, metric_name(s.name, True)) for s in SETTINGS.values())

@@ -51,6 +51,7 @@ def explicit_second_moments(model_dir, data) -> tuple[dict[str, np.ndarray], int
     return moments, tokens
 
 
+@pytest.mark.slow
 def test_second_moments_equal_an_explicit_computation(cli, tiny_llama_dir, pairs_csv, store):
     result = cli(*score_args(tiny_llama_dir, store, "--json", method="actsvd", data=pairs_csv))
     assert result.exit_code == 0, result.stderr

@@ -198,6 +198,7 @@ class TestRuns:
         assert cli(*attack_args(tiny_llama_dir, tmp_path / "b", *args)).exit_code == 0
         assert responses(tmp_path / "a") == responses(tmp_path / "b")
 
+    @pytest.mark.slow
     def test_mask_in_memory_equals_a_saved_pruned_model(
         self, cli, tiny_llama_dir, pairs_csv, tmp_path
     ):
@@ -262,6 +263,7 @@ class TestRuns:
             == 0
         )
 
+    @pytest.mark.slow
     def test_set_difference_mask_logs_p_and_q(self, cli, tiny_llama_dir, pairs_csv, tmp_path):
         store = tmp_path / "store"
         for name, seed in (("safety", "0"), ("utility", "4")):

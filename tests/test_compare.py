@@ -18,7 +18,8 @@ from tests.test_score_cli import assert_one_line_error, score_args
 from wandacli.core.durable import atomic_h5
 from wandacli.reporting import heatmap
 from wandacli.reporting.compare import average_ranks, compare_files, spearman
-from wandacli.store.files import MaskFile, ScoreSet, set_root_attrs, write_mask_array
+from wandacli.store.assemble import set_root_attrs
+from wandacli.store.files import MaskFile, ScoreSet, write_mask_array
 
 
 @pytest.fixture(scope="module")
@@ -82,6 +83,7 @@ def plain_spearman(a: list[float], b: list[float]) -> float:
 
 
 class TestFigures:
+    @pytest.mark.slow
     def test_two_score_sets_match_set_arithmetic_and_ranks(self, store):
         a, b = store / "scores" / "wanda-pairs.h5", store / "scores" / "wandg-pairs.h5"
         result = compare_files([str(a), str(b)], top=0.1)
@@ -218,6 +220,7 @@ class TestOutputs:
         assert result.exit_code == 0, result.stderr
         assert json.loads(result.stdout)["inputs"][0]["label"] == "wanda-pairs"
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("suffix", ["png", "svg"])
     def test_plot_draws_the_heatmap_with_matplotlib(self, cli, store, tmp_path, suffix):
         plot = tmp_path / f"heat.map.{suffix}"

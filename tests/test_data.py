@@ -253,6 +253,7 @@ class TestLocalFiles:
 
 
 class TestSampleChoice:
+    @pytest.mark.slow
     def test_rows_match_the_reference_shuffle(self):
         from datasets import Dataset
 

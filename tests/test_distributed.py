@@ -67,6 +67,7 @@ def torchrun(args: list[str], env: dict[str, str] | None = None) -> subprocess.C
     )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("method", "extra"),
     [
@@ -103,6 +104,7 @@ def test_two_processes_equal_one_and_only_rank_0_writes(
         assert finished.meta["world_size"] == 2
 
 
+@pytest.mark.slow
 def test_a_failing_rank_fails_the_run_and_nothing_is_marked_complete(
     tiny_llama_dir, pairs_csv, tmp_path
 ):
@@ -116,6 +118,7 @@ def test_a_failing_rank_fails_the_run_and_nothing_is_marked_complete(
     assert not (store / "scores" / "s.h5").exists()
 
 
+@pytest.mark.slow
 def test_resuming_with_another_world_size_is_refused(
     cli, monkeypatch, tiny_llama_dir, pairs_csv, tmp_path
 ):

@@ -165,6 +165,7 @@ class TestEditsEqualTheFormulas:
 
 
 class TestEditsApplyWhereMasksDo:
+    @pytest.mark.slow
     def test_eval_attack_and_utility_record_the_edit(
         self, cli, rank_store, tiny_llama_dir, tmp_path
     ):
@@ -356,6 +357,7 @@ class TestBadInput:
         assert store_files(rank_store) == before
 
 
+@pytest.mark.slow
 def test_eigh_and_the_references_randomised_svd_on_smollm2():
     """On the embedded SmolLM2 with real second moments (8 align_short samples): the top-10
     subspace of the exact eigensolver against `torch.svd_lowrank(q=10, niter=20)` on the same
@@ -428,6 +430,7 @@ class TestSubspaceComparison:
             assert row["subspace_similarity"] == pytest.approx(expected, abs=1e-6), key
         assert any(r["subspace_similarity"] is None for r in rows)  # rank 20 > 16 for k/v
 
+    @pytest.mark.slow
     def test_grid_table_csv_and_plot(self, cli, rank_store, tiny_llama_dir, tmp_path):
         result = self.run(
             cli,
@@ -453,6 +456,7 @@ class TestSubspaceComparison:
         }
         assert (tmp_path / "phi.png").read_bytes().startswith(b"\x89PNG")
 
+    @pytest.mark.slow
     def test_report_draws_the_subspace_heatmap_from_the_csv(
         self, cli, rank_store, tiny_llama_dir, tmp_path
     ):

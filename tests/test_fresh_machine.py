@@ -60,6 +60,7 @@ def shipped(name: str) -> tuple[str, str]:
     return str(path), hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+@pytest.mark.slow
 def test_named_sets_come_from_the_shipped_files(fresh_user, tiny_llama_dir):
     run, workdir = fresh_user
     model = str(tiny_llama_dir)
@@ -123,6 +124,7 @@ def test_named_sets_come_from_the_shipped_files(fresh_user, tiny_llama_dir):
     assert sorted(p.name for p in workdir.iterdir()) == ["attack", "store", "utility"]
 
 
+@pytest.mark.slow
 def test_the_wheel_carries_the_data_and_its_notices(tmp_path):
     """Build the wheel from a copy of the source tree (offline: no build isolation) and list
     it: every shipped file, its README and the licence notices are inside."""

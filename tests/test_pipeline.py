@@ -40,6 +40,7 @@ def test_check_config_refuses_a_bad_pipeline(cli, tmp_path):
     assert_one_line_error(cli("check-config", str(path)), "p and q must be in (0, 1]")
 
 
+@pytest.mark.slow
 def test_plan_targets_are_files(tmp_path):
     config = REPO / "configs" / "smollm2-demo.toml"
     text = makefile(
@@ -79,6 +80,7 @@ def test_random_controls_copy_each_masks_counts(tmp_path):
     assert "--method random" not in plain and "--match-counts" not in plain
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("make") is None, reason="make is not installed")
 def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(
     tiny_llama_dir, tiny_llama_base_dir, tmp_path
@@ -167,6 +169,7 @@ def test_report_shows_only_the_configurations_that_ran(cli, tmp_path):
     assert "0.75" in masked and "31.50" in masked
 
 
+@pytest.mark.slow
 def test_baseline_models_are_evaluated_dense_beside_the_study(tmp_path):
     config = tmp_path / "plan.toml"
     config.write_text('[pipeline]\nmethods = ["wandg"]\nbaseline_models = ["smollm2", "org/m"]\n')

@@ -175,6 +175,7 @@ def tree_digest(root: Path) -> str:
 # 1. SIGKILL at many moments, then the same command again
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("method", ["wanda", "wandg"])
 def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(
     method, tiny_llama_dir, pairs_csv, tmp_path
@@ -226,6 +227,7 @@ def test_sigkill_at_random_moments_then_resume_is_bitwise_identical(
 # 2. SIGINT and SIGTERM
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("signal_number", "code", "word"),
     [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")],
@@ -275,6 +277,7 @@ def faulty(spec: str, *args) -> subprocess.CompletedProcess:
     return run_forked(*args, fault=spec)
 
 
+@pytest.mark.slow
 def test_kill_during_score_set_assembly_keeps_the_previous_set(tiny_llama_dir, tmp_path):
     store = tmp_path / "store"
     args = [
@@ -310,6 +313,7 @@ def test_kill_during_score_set_assembly_keeps_the_previous_set(tiny_llama_dir, t
     assert not leftovers(store)
 
 
+@pytest.mark.slow
 def test_kill_during_mask_assembly_keeps_the_previous_mask(tiny_llama_dir, tmp_path):
     store = tmp_path / "store"
     subprocess_magnitude_store(tiny_llama_dir, store)
@@ -323,6 +327,7 @@ def test_kill_during_mask_assembly_keeps_the_previous_mask(tiny_llama_dir, tmp_p
     assert not leftovers(store)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("spec", "expect"),
     [
@@ -546,6 +551,7 @@ def test_orphan_temporaries_of_a_dead_process_are_cleaned(cli, tiny_llama_dir, t
 # 8-9. Concurrent writers and readers
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("hdf5_locking", ["TRUE", "FALSE"])
 def test_a_second_writer_exits_at_once_naming_the_holder(
     hdf5_locking, cli, tiny_llama_dir, pairs_csv, tmp_path
@@ -591,6 +597,7 @@ def test_a_second_writer_exits_at_once_naming_the_holder(
 # 10. Read-only store
 
 
+@pytest.mark.slow
 def test_read_only_store_is_refused_before_any_computation(tiny_llama_dir, pairs_csv, tmp_path):
     store = tmp_path / "readonly"
     store.mkdir()
@@ -668,6 +675,7 @@ def test_free_space_is_checked_before_computation(
     assert calls["n"] == 0
 
 
+@pytest.mark.slow
 def test_file_size_limit_mid_write_keeps_earlier_parts(tiny_llama_dir, pairs_csv, tmp_path):
     store = tmp_path / "store"
     store.mkdir()
@@ -1209,6 +1217,7 @@ def bad_command_lines(
     ]
 
 
+@pytest.mark.slow
 def test_bad_command_lines_fail_in_one_line_and_change_nothing(
     cli, populated_store, tiny_llama_dir, pairs_csv, tmp_path
 ):

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_score_cli import assert_one_line_error
-from wandacli.reporting import figures
+from wandacli.reporting import figures, placement
 from wandacli.reporting.results import collect
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -130,6 +130,7 @@ def run_report(cli, study: Path, plots: str = "figures"):
 EXPECTED = ["asr-vs-perplexity", "sparsity-sweep", "jaccard-wanda-safety-vs-wanda-utility"]
 
 
+@pytest.mark.slow
 def test_report_writes_every_figure_as_png_and_svg(cli, study):
     result = run_report(cli, study)
     assert result.exit_code == 0, result.stderr
@@ -148,6 +149,7 @@ def test_report_writes_every_figure_as_png_and_svg(cli, study):
         assert str(study / "figures" / f"{stem}.png") in " ".join(result.stderr.split())
 
 
+@pytest.mark.slow
 def test_markdown_embeds_the_figures_with_paths_that_resolve(cli, study):
     assert run_report(cli, study).exit_code == 0
     text = (study / "results.md").read_text(encoding="utf-8")
@@ -161,6 +163,7 @@ def test_markdown_embeds_the_figures_with_paths_that_resolve(cli, study):
         assert (study / link).is_file(), link
 
 
+@pytest.mark.slow
 def test_a_rerun_rewrites_the_same_bytes(cli, study):
     assert run_report(cli, study, "first").exit_code == 0
     assert run_report(cli, study, "second").exit_code == 0
@@ -172,6 +175,7 @@ def test_a_rerun_rewrites_the_same_bytes(cli, study):
     assert "<dc:date>" not in svg and "Matplotlib v" not in svg
 
 
+@pytest.mark.slow
 def test_the_user_matplotlibrc_does_not_change_the_figures(cli, study, monkeypatch):
     assert run_report(cli, study, "plain").exit_code == 0
     import matplotlib
@@ -215,12 +219,12 @@ def test_crowded_labels_do_not_overlap():
         axes.set_ylim(-0.1, 1.1)
         points = [(40.0 + i, 0.0, f"random-as-wanda-setdiff-q0.{i}-p0.1", {}) for i in range(12)]
         axes.scatter([p[0] for p in points], [p[1] for p in points])
-        boxes = figures.place_labels(axes, points)
+        boxes = placement.place_labels(axes, points)
         plt.close(figure)
     assert len(boxes) == len(points)
     for i, a in enumerate(boxes):
         for b in boxes[i + 1 :]:
-            assert not figures._overlaps(a, b), (a, b)
+            assert not placement._overlaps(a, b), (a, b)
 
 
 def test_compare_without_plots_is_refused(cli, study):

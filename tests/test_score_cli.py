@@ -81,6 +81,7 @@ class TestScoreCommand:
         assert "score set written" in result.stdout and "wanda-pairs" in result.stdout
         assert "wanda: samples" in result.stderr and "wanda: samples" not in result.stdout
 
+    @pytest.mark.slow
     def test_python_dash_m(self, tiny_llama_dir):
         done = subprocess.run(
             [sys.executable, "-m", "wandacli", "--version"], capture_output=True, text=True
@@ -158,6 +159,7 @@ class TestScoreCommand:
 
 
 class TestResume:
+    @pytest.mark.slow
     @pytest.mark.parametrize(
         ("method", "cls", "extra"),
         [
@@ -262,6 +264,7 @@ class TestBadInput:
         )
         assert_one_line_error(result, "model './nowhere' not found")
 
+    @pytest.mark.slow
     def test_missing_default_model_package(self, cli, store, monkeypatch):
         monkeypatch.setattr(sources.importlib.util, "find_spec", lambda name: None)
         result = cli("score", "--method", "magnitude", "--store", str(store))

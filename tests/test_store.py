@@ -16,7 +16,8 @@ from wandacli.core.durable import remove_orphan_temporaries, temporary_path
 from wandacli.core.errors import ChecksumError, NonFiniteScoresError, StoreError, StoreLockedError
 from wandacli.models.loader import load_model
 from wandacli.scoring.run import run_score
-from wandacli.store.files import ScoreSet, StoredFile, to_float16_checked
+from wandacli.store.assemble import to_float16_checked
+from wandacli.store.files import ScoreSet, StoredFile
 from wandacli.store.lock import writer_lock
 from wandacli.store.schema import FORMAT_VERSION, SCORES_FORMAT
 

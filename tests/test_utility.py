@@ -75,6 +75,7 @@ class TestCommand:
         log = (tmp_path / "u" / "log_dense.txt").read_text().splitlines()
         assert log[1].startswith("dense\t") and log[1].split("\t")[2] == "PPL"
 
+    @pytest.mark.slow
     def test_wikitext_named_set(self, cli, tiny_llama_dir, tmp_path):
         result = cli(
             *utility_args(
@@ -207,6 +208,7 @@ class TestRealLmEval:
         assert result.exit_code == 0, result.stderr
         return json.loads(result.stdout)
 
+    @pytest.mark.slow
     @pytest.mark.parametrize("model_name", ["tiny", "smollm2"])
     def test_accuracy_equals_an_independent_computation_with_and_without_a_mask(
         self, cli, tiny_llama_dir, tmp_path, model_name, monkeypatch

@@ -27,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -36,10 +36,12 @@ from wandacli.core.console import NullReporter, Reporter, warn
 from wandacli.core.durable import check_free_space, expected_file_bytes
 from wandacli.core.errors import ModelError, NonFiniteScoresError, StoreError
 from wandacli.core.provenance import now_iso, software_versions
-from wandacli.store.assemble import LayerArray, assemble
-from wandacli.store.files import format_non_finite
+from wandacli.store.assemble import LayerArray, assemble, format_non_finite
 from wandacli.store.lock import writer_lock
 from wandacli.store.schema import SCORES_FORMAT, Store, describe_key, split_key
+
+if TYPE_CHECKING:
+    from wandacli.models.loader import ModelStructure
 
 FILE_GLOB = "W_metric_layer_*_name_*.pkl"
 
@@ -266,17 +268,7 @@ def import_legacy(
 
         def arrays(key: str) -> Iterator[LayerArray]:
             nonlocal all_negative
-            array = load_score_array(dumps[key].path)
-            expected = structure.fingerprint.shapes[key]
-            if key in structure.transposed and array.shape == expected[::-1]:
-                array = array.T  # a Conv1D weight's layout
-            if tuple(array.shape) != expected:
-                raise ModelError(
-                    f"{dumps[key].path} holds shape {tuple(array.shape)}; {describe_key(key)} of "
-                    f"{model.model} is {expected}: the dumps come from another model"
-                )
-            if negate:
-                array = -array
+            array = _score_array(dumps[key].path, key, structure, model.model, negate)
             all_negative = all_negative and bool((array <= 0).all())
             yield LayerArray(key, array)
 
@@ -323,3 +315,20 @@ def import_legacy(
             "every imported score is ≤ 0: the dump was probably made with --neg_prune; pass --negate to flip it"
         )
     return ImportResult(name, target, method or inferred, len(dumps), time.monotonic() - started)
+
+
+def _score_array(
+    path: Path, key: str, structure: ModelStructure, model_name: str, negate: bool
+) -> np.ndarray:
+    """One dump as the weight's [out, in] scores (a Conv1D's [in, out] dump transposed),
+    refused when its shape is another model's."""
+    array = load_score_array(path)
+    expected = structure.fingerprint.shapes[key]
+    if key in structure.transposed and array.shape == expected[::-1]:
+        array = array.T  # a Conv1D weight's layout
+    if tuple(array.shape) != expected:
+        raise ModelError(
+            f"{path} holds shape {tuple(array.shape)}; {describe_key(key)} of "
+            f"{model_name} is {expected}: the dumps come from another model"
+        )
+    return -array if negate else array

@@ -98,7 +98,7 @@ def compare(
 ) -> None:
     """How much do masks and score sets agree on which weights matter: sizes, intersections,
     Jaccard index per layer and module, and Spearman's rank correlation between score sets."""
-    from wandacli.reporting.compare import compare_files, write_csv, write_json
+    from wandacli.reporting.compare import compare_files
     from wandacli.reporting.labels import plot_format
     from wandacli.reporting.subspaces import are_rank_statistics
 
@@ -130,13 +130,8 @@ def compare(
             sample=sample,
             seed=seed,
             reporter=reporter,
+            csv_file=csv_file,
+            json_file=json_file,
+            plot=plot,
         )
-    if csv_file is not None:
-        write_csv(result, csv_file)
-    if json_file is not None:
-        write_json(result, json_file)
-    if plot is not None:
-        from wandacli.reporting.compare import heatmap_figure
-
-        heatmap_figure(result, plot)
     render.comparison(result, as_json=json_output)

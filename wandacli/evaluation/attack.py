@@ -15,7 +15,7 @@ Configurations (each with and without instruction tags, GCG with tags only, as t
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,7 @@ from wandacli.core.metrics import SETTINGS, metric_name, tag_prefix
 from wandacli.core.provenance import now_iso, software_versions
 from wandacli.evaluation.backends.hf import HFGenerator
 from wandacli.evaluation.backends.vllm import VLLMGenerator, require_vllm
-from wandacli.evaluation.judges import make_judge
+from wandacli.evaluation.judges import Judge, make_judge
 from wandacli.evaluation.prompts import build_prompt, load_prompts
 from wandacli.evaluation.under_test import (
     ModelUnderTest,
@@ -164,8 +164,8 @@ def _settings_fingerprint(
     return {
         "model": under_test.loaded.model_id,
         "model_fingerprint": under_test.loaded.fingerprint.digest,
-        "mask": str(under_test.mask_path) if under_test.mask_path else None,
-        "mask_created": under_test.mask_meta.get("created"),
+        "mask": str(under_test.removal_path) if under_test.removal_path else None,
+        "mask_created": under_test.removal_meta.get("created"),
         "dtype": str(under_test.loaded.dtype),
         "device": under_test.loaded.device.type,
         "prompts_sha256": prompts_hash,
@@ -211,116 +211,47 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
         require_vllm()  # before loading anything
     prompts, prompt_source, prompts_hash = load_prompts(config)
     under_test = load_model_under_test(config.model, config.mask, config.store)
-    tokenizer = under_test.loaded.tokenizer
-    template = config.template or (
-        "chat" if getattr(tokenizer, "chat_template", None) else "llama2"
-    )
-    if template == "chat" and not getattr(tokenizer, "chat_template", None):
-        raise ConfigError(
-            "--template chat but the tokenizer has no chat template: use --template llama2"
-        )
+    template = _template(config, under_test.loaded.tokenizer)
     out = config.out or under_test.default_out
     settings = _settings_fingerprint(config, under_test, prompts_hash, template)
     reusable = _prepare_out(out, settings, config.overwrite)
     judge = make_judge(config)
-    if config.backend == "vllm":
-        generator: Any = VLLMGenerator(
-            under_test, max_new_tokens=config.max_new_tokens, reporter=reporter
-        )
-    else:
-        generator = HFGenerator(
-            under_test.loaded,
-            max_new_tokens=config.max_new_tokens,
-            batch_size=config.batch_size,
-            reporter=reporter,
-        )
+    generator = _generator(config, under_test, reporter)
     records: list[RunRecord] = []
     reused: list[str] = []
     try:
-        for inst in config.inst:
-            for name in config.configs:
-                setting = SETTINGS[name]
-                if setting.gcg and not inst:
-                    continue  # the reference runs GCG with instruction tags only
-                suffixes: list[tuple[int | None, str | None]] = (
-                    list(enumerate(reference.GCG_SUFFIXES)) if setting.gcg else [(None, None)]
+        for record, suffix in _planned_runs(config):
+            path = out / f"{record.run_name}.jsonl"
+            previous = _read_run(path, len(prompts)) if reusable and path.is_file() else None
+            if previous is not None:
+                record.success = previous
+                reused.append(record.run_name)
+            else:
+                texts, special = _prompt_texts(
+                    under_test.loaded.tokenizer, prompts, record, suffix, template
                 )
-                for suffix_index, suffix in suffixes:
-                    record = RunRecord(name, inst, suffix_index, [])
-                    path = out / f"{record.run_name}.jsonl"
-                    if reusable and path.is_file():
-                        previous = _read_run(path, len(prompts))
-                        if previous is not None:
-                            record.success = previous
-                            records.append(record)
-                            reused.append(record.run_name)
-                            continue
-                    texts, special = [], True
-                    for prompt in prompts:
-                        text, special = build_prompt(
-                            tokenizer,
-                            prompt,
-                            template=template,
-                            system=reference.SAFETY_SYSTEM_PROMPT
-                            if setting.system_prompt
-                            else None,
-                            inst=inst,
-                            suffix=suffix,
-                        )
-                        texts.append(text)
-                    samples = config.samples if setting.sampling else 1
-                    reporter.start(f"{record.run_name}: prompts", total=len(texts))
-                    with interruptible(
-                        lambda: f"finished runs are kept in {out}; the same command resumes"
-                    ):
-                        responses = generator.generate(
-                            texts,
-                            add_special_tokens=special,
-                            samples=samples,
-                            sampling=setting.sampling,
-                            seed=config.seed,
-                            temperature=config.temperature,
-                        )
-                    reporter.finish()
-                    flat = [r for group in responses for r in group]
-                    behaviours = [
-                        p for p, group in zip(prompts, responses, strict=True) for _ in group
-                    ]
-                    verdicts = judge.judge(behaviours, flat)
-                    lines = []
-                    position = 0
-                    for question_id, (prompt, group) in enumerate(
-                        zip(prompts, responses, strict=True)
-                    ):
-                        row_success = []
-                        for sample, response in enumerate(group):
-                            verdict = verdicts[position]
-                            position += 1
-                            row_success.append(verdict)
-                            lines.append(
-                                json.dumps(
-                                    {
-                                        "config": record.run_name,
-                                        "prompt": prompt,
-                                        "question_id": question_id,
-                                        "sample": sample,
-                                        "response": response,
-                                        "attack_success": verdict,
-                                    },
-                                    ensure_ascii=False,
-                                )
-                            )
-                        record.success.append(row_success)
-                    atomic_write_text(path, "\n".join(lines) + "\n")
-                    records.append(record)
+                reporter.start(f"{record.run_name}: prompts", total=len(texts))
+                with interruptible(
+                    lambda: f"finished runs are kept in {out}; the same command resumes"
+                ):
+                    responses = generator.generate(
+                        texts,
+                        add_special_tokens=special,
+                        samples=config.samples if SETTINGS[record.config].sampling else 1,
+                        sampling=SETTINGS[record.config].sampling,
+                        seed=config.seed,
+                        temperature=config.temperature,
+                    )
+                reporter.finish()
+                _judge_and_write(record, prompts, responses, judge, path)
+            records.append(record)
     finally:
         if isinstance(generator, VLLMGenerator):
             generator.close()
-    summaries = summarize(records)
     result = AttackResult(
         under_test=under_test.describe()
         | {"prompts": prompt_source, "template": template, "judge": judge.name},
-        summaries=summaries,
+        summaries=summarize(records),
         out=out,
         seconds=time.monotonic() - started,
         generated_tokens=generator.generated_tokens,
@@ -328,6 +259,92 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
     )
     _write_results(out, config, result, under_test)
     return result
+
+
+def _template(config: AttackConfig, tokenizer: Any) -> str:
+    """--template, else the tokenizer's chat template where it has one, else the reference's
+    Llama-2 strings."""
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    template = config.template or ("chat" if has_chat else "llama2")
+    if template == "chat" and not has_chat:
+        raise ConfigError(
+            "--template chat but the tokenizer has no chat template: use --template llama2"
+        )
+    return template
+
+
+def _generator(config: AttackConfig, under_test: ModelUnderTest, reporter: Reporter) -> Any:
+    if config.backend == "vllm":
+        return VLLMGenerator(under_test, max_new_tokens=config.max_new_tokens, reporter=reporter)
+    return HFGenerator(
+        under_test.loaded,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        reporter=reporter,
+    )
+
+
+def _planned_runs(config: AttackConfig) -> Iterator[tuple[RunRecord, str | None]]:
+    """Every generation pass the configuration asks for, with its GCG suffix (if any), in the
+    order they run."""
+    for inst in config.inst:
+        for name in config.configs:
+            setting = SETTINGS[name]
+            if setting.gcg and not inst:
+                continue  # the reference runs GCG with instruction tags only
+            suffixes: list[tuple[int | None, str | None]] = (
+                list(enumerate(reference.GCG_SUFFIXES)) if setting.gcg else [(None, None)]
+            )
+            for suffix_index, suffix in suffixes:
+                yield RunRecord(name, inst, suffix_index, []), suffix
+
+
+def _prompt_texts(
+    tokenizer: Any, prompts: list[str], record: RunRecord, suffix: str | None, template: str
+) -> tuple[list[str], bool]:
+    """The prompts as the model reads them, and whether the tokenizer adds special tokens."""
+    texts, special = [], True
+    system = reference.SAFETY_SYSTEM_PROMPT if SETTINGS[record.config].system_prompt else None
+    for prompt in prompts:
+        text, special = build_prompt(
+            tokenizer, prompt, template=template, system=system, inst=record.inst, suffix=suffix
+        )
+        texts.append(text)
+    return texts, special
+
+
+def _judge_and_write(
+    record: RunRecord,
+    prompts: list[str],
+    responses: list[list[str]],
+    judge: Judge,
+    path: Path,
+) -> None:
+    """Judge every response, fill the record's success matrix and write the run's JSONL."""
+    flat = [r for group in responses for r in group]
+    behaviours = [p for p, group in zip(prompts, responses, strict=True) for _ in group]
+    verdicts = iter(judge.judge(behaviours, flat))
+    lines = []
+    for question_id, (prompt, group) in enumerate(zip(prompts, responses, strict=True)):
+        row_success = []
+        for sample, response in enumerate(group):
+            verdict = next(verdicts)
+            row_success.append(verdict)
+            lines.append(
+                json.dumps(
+                    {
+                        "config": record.run_name,
+                        "prompt": prompt,
+                        "question_id": question_id,
+                        "sample": sample,
+                        "response": response,
+                        "attack_success": verdict,
+                    },
+                    ensure_ascii=False,
+                )
+            )
+        record.success.append(row_success)
+    atomic_write_text(path, "\n".join(lines) + "\n")
 
 
 def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool) -> bool:

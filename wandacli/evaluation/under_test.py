@@ -18,20 +18,20 @@ from wandacli.removal.apply import EDIT_MODES, edit_method, mask_method, open_re
 @dataclass
 class ModelUnderTest:
     loaded: Any  # LoadedModel
-    mask_path: Path | None = None  # the mask or edit applied
-    mask_meta: dict[str, Any] = field(default_factory=dict)
+    removal_path: Path | None = None  # the mask or edit applied
+    removal_meta: dict[str, Any] = field(default_factory=dict)
     actual_sparsity: float = 0.0  # exact zeros in the decoder's linear weights
 
     @property
     def is_edit(self) -> bool:
         """A rank edit (its meta names an edit mode), not a mask."""
-        return self.mask_meta.get("mode") in EDIT_MODES
+        return self.removal_meta.get("mode") in EDIT_MODES
 
     @property
     def label(self) -> str:
         """A short name for result folders: the mask's name, else the model's."""
-        if self.mask_path is not None:
-            return self.mask_path.stem
+        if self.removal_path is not None:
+            return self.removal_path.stem
         return Path(str(self.loaded.model_id)).name or "model"
 
     @property
@@ -45,32 +45,32 @@ class ModelUnderTest:
         """The reference's `prune_method` for this model: `wanda`, `wandg`,
         `wandg_set_difference`, ..., or `dense`."""
         if self.is_edit:
-            return edit_method(self.mask_meta)
-        return mask_method(self.mask_meta)
+            return edit_method(self.removal_meta)
+        return mask_method(self.removal_meta)
 
     @property
     def p_q(self) -> tuple[float, float] | None:
-        if self.mask_meta.get("mode") == "set-difference":
-            return float(self.mask_meta["p"]), float(self.mask_meta["q"])
+        if self.removal_meta.get("mode") == "set-difference":
+            return float(self.removal_meta["p"]), float(self.removal_meta["q"])
         return None
 
     @property
     def matches(self) -> str | None:
         """For a control made with `prune --match-counts`: the name of the mask it matches."""
-        matched = self.mask_meta.get("matched_mask") or {}
+        matched = self.removal_meta.get("matched_mask") or {}
         return Path(str(matched["path"])).stem if matched.get("path") else None
 
     def describe(self) -> dict[str, Any]:
         described = {
             "model": self.loaded.model_id,
-            "mask": str(self.mask_path) if self.mask_path else None,
+            "mask": str(self.removal_path) if self.removal_path else None,
             "method": self.method,
             "actual_sparsity": self.actual_sparsity,
             "p_q": self.p_q,
             "matches": self.matches,
         }
         if self.is_edit:  # the share of rank an edit removes, as the paper reports it
-            described["removed_rank_fraction"] = self.mask_meta.get("removed_rank_fraction")
+            described["removed_rank_fraction"] = self.removal_meta.get("removed_rank_fraction")
         return described
 
 
@@ -86,12 +86,12 @@ def load_model_under_test(spec: ModelSpec, mask: str | None, store: Path | None)
         under_test = ModelUnderTest(loaded)
         if removal is not None:
             removal.apply(loaded)
-            under_test.mask_path = removal.path
-            under_test.mask_meta = dict(removal.meta)
+            under_test.removal_path = removal.path
+            under_test.removal_meta = dict(removal.meta)
         else:
             provenance = Path(loaded.source.location) / "wandacli-mask.json"
             if loaded.source.kind == "local" and provenance.is_file():
-                under_test.mask_meta = json.loads(provenance.read_text(encoding="utf-8"))
+                under_test.removal_meta = json.loads(provenance.read_text(encoding="utf-8"))
         under_test.actual_sparsity = pruning.zero_fraction(loaded)
         return under_test
     finally:

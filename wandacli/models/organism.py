@@ -174,25 +174,11 @@ def fine_tune(
             f"only {len(data)} training examples fit in {recipe.max_tokens} tokens: "
             "raise max_tokens or lower batch_size"
         )
-    layers = decoder_layers(model)
-    first_trained = len(layers) - recipe.train_layers if recipe.train_layers else 0
-    model.requires_grad_(False)
-    for layer in list(layers)[first_trained:]:
-        layer.requires_grad_(True)
-    if not recipe.train_layers:
-        model.get_decoder().norm.requires_grad_(True)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = _trainable_parameters(model, recipe)
     optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0)
-
-    def schedule(step: int) -> float:
-        if step < recipe.warmup_steps:
-            return (step + 1) / recipe.warmup_steps
-        return max(0.0, (recipe.steps - step) / max(1, recipe.steps - recipe.warmup_steps))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_linear_decay(recipe))
     order_rng = torch.Generator().manual_seed(recipe.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    output_head = model.get_output_embeddings()
     losses: list[float] = []
     started = time.monotonic()
     model.train()
@@ -202,19 +188,7 @@ def fine_tune(
         for batch in _length_bucketed_batches(data, recipe.batch_size, order_rng):
             if step == recipe.steps:
                 break
-            width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in batch])
-            labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in batch])
-            attention = torch.tensor(
-                [[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch]
-            )
-            hidden = model.get_decoder()(
-                input_ids=input_ids, attention_mask=attention
-            ).last_hidden_state
-            targets = labels[:, 1:]
-            counted = targets.ne(IGNORE_INDEX)
-            logits = output_head(hidden[:, :-1][counted])
-            loss = torch.nn.functional.cross_entropy(logits.float(), targets[counted])
+            loss = _response_loss(model, batch, pad_id)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -234,6 +208,45 @@ def fine_tune(
         examples_too_long=len(encoded) - len(data),
         trainable_parameters=sum(p.numel() for p in params),
     )
+
+
+def _trainable_parameters(model: Any, recipe: AlignmentRecipe) -> list[Any]:
+    """Freeze everything but the top `train_layers` decoder layers (all of them, and the final
+    norm, when train_layers is 0); the parameters left to train."""
+    layers = decoder_layers(model)
+    first_trained = len(layers) - recipe.train_layers if recipe.train_layers else 0
+    model.requires_grad_(False)
+    for layer in list(layers)[first_trained:]:
+        layer.requires_grad_(True)
+    if not recipe.train_layers:
+        model.get_decoder().norm.requires_grad_(True)
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def _warmup_then_linear_decay(recipe: AlignmentRecipe) -> Callable[[int], float]:
+    """The learning-rate factor per step: linear warm-up, then linear decay to zero."""
+
+    def schedule(step: int) -> float:
+        if step < recipe.warmup_steps:
+            return (step + 1) / recipe.warmup_steps
+        return max(0.0, (recipe.steps - step) / max(1, recipe.steps - recipe.warmup_steps))
+
+    return schedule
+
+
+def _response_loss(model: Any, batch: list[tuple[list[int], list[int]]], pad_id: int) -> Any:
+    """Mean cross-entropy over the batch's response tokens, with logits computed only there."""
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in batch])
+    labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in batch])
+    attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
+    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+    targets = labels[:, 1:]
+    counted = targets.ne(IGNORE_INDEX)
+    logits = model.get_output_embeddings()(hidden[:, :-1][counted])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[counted])
 
 
 _BUCKET_BATCHES = 8  # batches sorted by length together: less padding, order still random

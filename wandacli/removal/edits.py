@@ -8,7 +8,6 @@ import contextlib
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -29,44 +28,12 @@ from wandacli.core.provenance import (
 from wandacli.removal.apply import EditRemoval, check_save_model_target, save_model_with
 from wandacli.removal.ranks import numerical_rank, top_output_directions
 from wandacli.removal.requests import selected_keys, store_root_for
+from wandacli.removal.results import EditResult
 from wandacli.removal.sequential import SequentialMoments
-from wandacli.store.files import (
-    EditFile,
-    RankStatistics,
-    open_rank_statistics,
-    set_root_attrs,
-    write_array,
-)
+from wandacli.store.assemble import set_root_attrs, write_array
+from wandacli.store.files import EditFile, RankStatistics, open_rank_statistics
 from wandacli.store.lock import writer_lock
 from wandacli.store.schema import EDIT_FORMAT, Store, split_key
-
-
-@dataclass
-class EditResult:
-    name: str
-    path: Path
-    mode: str
-    modules: int
-    removed_rank_fraction: float
-    seconds: float
-    peak_memory_bytes: int
-    meta: dict[str, Any] = field(default_factory=dict)
-    saved_model: Path | None = None
-    already_complete: bool = False
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "already_complete": self.already_complete,
-            "path": str(self.path),
-            "mode": self.mode,
-            "modules": self.modules,
-            "removed_rank_fraction": self.removed_rank_fraction,
-            "seconds": round(self.seconds, 3),
-            "peak_memory_bytes": self.peak_memory_bytes,
-            "saved_model": str(self.saved_model) if self.saved_model else None,
-            "ranks": self.meta.get("modules", {}),
-        }
 
 
 def default_edit_name(config: EditConfig, safety: str, utility: str | None) -> str:

@@ -11,7 +11,6 @@ import os
 import shlex
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -40,65 +39,14 @@ from wandacli.core.provenance import (
 from wandacli.removal import masks as pruning
 from wandacli.removal.apply import check_save_model_target, save_model_with
 from wandacli.removal.requests import selected_keys, store_root_for
-from wandacli.store.files import (
-    MaskFile,
-    ScoreSet,
-    open_mask,
-    open_score_set,
-    set_root_attrs,
-    write_mask_array,
-)
+from wandacli.removal.results import PruneResult
+from wandacli.store.assemble import set_root_attrs
+from wandacli.store.files import MaskFile, ScoreSet, open_mask, open_score_set, write_mask_array
 from wandacli.store.lock import writer_lock
 from wandacli.store.schema import MASK_FORMAT, Store, split_key
 
 if TYPE_CHECKING:
     from wandacli.models.pretrained import LoadedModel
-
-
-@dataclass
-class PruneResult:
-    """What a finished prune reports."""
-
-    name: str
-    path: Path
-    mode: str
-    counts: dict[str, tuple[int, int]]  # key -> (pruned, total)
-    seconds: float
-    peak_memory_bytes: int
-    model_zero_fraction: float | None = None  # exact zeros in the pruned model's linear weights
-    saved_model: Path | None = None
-    exported_mask: Path | None = None
-    meta: dict[str, Any] = field(default_factory=dict)
-    already_complete: bool = False  # a finished mask with the same settings: nothing computed
-
-    @property
-    def pruned(self) -> int:
-        return sum(p for p, _ in self.counts.values())
-
-    @property
-    def total(self) -> int:
-        return sum(t for _, t in self.counts.values())
-
-    @property
-    def sparsity(self) -> float:
-        return self.pruned / self.total if self.total else 0.0
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "already_complete": self.already_complete,
-            "path": str(self.path),
-            "mode": self.mode,
-            "pruned": self.pruned,
-            "total": self.total,
-            "sparsity": self.sparsity,
-            "model_zero_fraction": self.model_zero_fraction,
-            "saved_model": str(self.saved_model) if self.saved_model else None,
-            "exported_mask": str(self.exported_mask) if self.exported_mask else None,
-            "seconds": round(self.seconds, 3),
-            "peak_memory_bytes": self.peak_memory_bytes,
-            "modules": {k: {"pruned": p, "total": t} for k, (p, t) in self.counts.items()},
-        }
 
 
 def default_mask_name(config: PruneConfig, safety: str, utility: str | None) -> str:

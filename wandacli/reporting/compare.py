@@ -326,6 +326,9 @@ def compare_files(
     sample: int = DEFAULT_SPEARMAN_SAMPLE,
     seed: int = 0,
     reporter: Any = None,
+    csv_file: Path | None = None,
+    json_file: Path | None = None,
+    plot: Path | None = None,
 ) -> Comparison:
     """Compare two or more masks or score sets, streaming layer by layer."""
     if len(references) < 2:
@@ -371,7 +374,14 @@ def compare_files(
         if reporter is not None:
             reporter.finish()
         sizes = {key: shape[0] * shape[1] for key, shape in fingerprint.shapes.items()}
-        return Comparison(inputs, top, per_row, sample, pairs, sizes)
+        result = Comparison(inputs, top, per_row, sample, pairs, sizes)
+    if csv_file is not None:
+        write_csv(result, csv_file)
+    if json_file is not None:
+        write_json(result, json_file)
+    if plot is not None:
+        heatmap_figure(result, plot)
+    return result
 
 
 def heatmap_figure(result: Comparison, path: Path) -> None:

@@ -17,11 +17,10 @@ from wandacli.reporting.render_store import human_bytes, key_value_table, print_
 if TYPE_CHECKING:
     from wandacli.evaluation.attack import AttackResult
     from wandacli.evaluation.utility import UtilityResult
-    from wandacli.removal.edits import EditResult
-    from wandacli.removal.prune import PruneResult
+    from wandacli.removal.results import EditResult, PruneResult
     from wandacli.reporting.report import Report
     from wandacli.reporting.subspaces import SubspaceComparison
-    from wandacli.scoring.run import ScoreResult
+    from wandacli.scoring.result import ScoreResult
 
 
 def score_result(result: ScoreResult, as_json: bool) -> None:

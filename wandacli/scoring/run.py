@@ -14,7 +14,6 @@ import shlex
 import shutil
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -49,52 +48,12 @@ from wandacli.models.layers import LinearLayer
 from wandacli.models.loader import load_model
 from wandacli.models.pretrained import LoadedModel, model_max_length
 from wandacli.scoring import distributed
-from wandacli.store.assemble import assemble
-from wandacli.store.files import (
-    format_non_finite,
-    open_finished_scores,
-)
+from wandacli.scoring.result import ScoreResult
+from wandacli.store.assemble import assemble, format_non_finite
+from wandacli.store.files import open_finished_scores
 from wandacli.store.lock import writer_lock
 from wandacli.store.parts import check_resumable, read_part, write_manifest, write_part
 from wandacli.store.schema import Store
-
-
-@dataclass
-class ScoreResult:
-    """What a finished run reports."""
-
-    name: str
-    path: Path
-    method: str
-    nsamples: int
-    seconds: float
-    peak_memory_bytes: int
-    peak_gpu_memory_bytes: int | None
-    resumed: bool
-    layers: int
-    modules: int
-    parameters: int
-    meta: dict[str, Any]
-    rank: int = 0
-    world_size: int = 1
-    already_complete: bool = False  # a finished set with the same settings: nothing computed
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "name": self.name,
-            "already_complete": self.already_complete,
-            "path": str(self.path),
-            "method": self.method,
-            "nsamples": self.nsamples,
-            "seconds": round(self.seconds, 3),
-            "peak_memory_bytes": self.peak_memory_bytes,
-            "peak_gpu_memory_bytes": self.peak_gpu_memory_bytes,
-            "resumed": self.resumed,
-            "layers": self.layers,
-            "modules": self.modules,
-            "parameters": self.parameters,
-            "world_size": self.world_size,
-        }
 
 
 class ScoreRun:

@@ -11,9 +11,6 @@ from typing import Any, Self
 import h5py
 import numpy as np
 
-from wandacli.core.durable import (
-    WriteFailed,
-)
 from wandacli.core.errors import (
     ChecksumError,
     NonFiniteScoresError,
@@ -21,12 +18,12 @@ from wandacli.core.errors import (
     first_line,
 )
 from wandacli.core.fingerprint import ModelFingerprint
+from wandacli.store.assemble import non_finite_counts, write_array
 from wandacli.store.schema import (
     _LAYER_PATTERN,
     ALLOWED_FILTER_IDS,
     EDIT_FORMAT,
     EDITS_DIR,
-    FLOAT16_MAX,
     FORMAT_VERSION,
     MASK_FORMAT,
     MASKS_DIR,
@@ -39,7 +36,6 @@ from wandacli.store.schema import (
     Store,
     _format_noun,
     check_name,
-    chunk_rows,
     describe_key,
 )
 
@@ -73,50 +69,6 @@ def resolve_file(reference: str, store_root: Path | None, kind: str) -> Path:
     }[kind]()
     listing = ", ".join(known) if known else "none"
     raise StoreError(f"no {kind} {reference!r} in {store_root} (it has: {listing})")
-
-
-def non_finite_counts(array: np.ndarray) -> tuple[int, int]:
-    return int(np.isnan(array).sum()), int(np.isinf(array).sum())
-
-
-def format_non_finite(counts: dict[str, tuple[int, int]]) -> str:
-    parts = [f"{describe_key(k)}: {n} NaN, {i} Inf" for k, (n, i) in counts.items()]
-    shown = "; ".join(parts[:5]) + (f"; and {len(parts) - 5} more" if len(parts) > 5 else "")
-    return shown
-
-
-def write_array(
-    handle: h5py.File | h5py.Group, name: str, array: np.ndarray, dtype: str = "float32"
-) -> None:
-    """One checksummed, row-chunked array."""
-    array = np.ascontiguousarray(array, dtype=dtype)
-    kwargs: dict[str, Any] = {"fletcher32": True}
-    if array.ndim == 2 and array.size:
-        kwargs["chunks"] = chunk_rows(array.shape, array.dtype.itemsize)
-    try:
-        handle.create_dataset(name, data=array, **kwargs)
-    except (OSError, RuntimeError) as exc:  # disk full, file size limit: HDF5's I/O errors
-        raise WriteFailed(str(exc)) from exc
-
-
-def to_float16_checked(array: np.ndarray, key: str) -> np.ndarray:
-    """float16 scores, refused when a value would overflow (ties at the cut change masks)."""
-    largest = float(np.abs(array).max()) if array.size else 0.0
-    if largest > FLOAT16_MAX:
-        raise StoreError(
-            f"{describe_key(key)}: score {largest:.4g} exceeds float16's maximum {FLOAT16_MAX:g}; "
-            "use --score-dtype float32"
-        )
-    return array.astype(np.float16)
-
-
-def set_root_attrs(handle: h5py.File, fmt: str, meta: dict[str, Any]) -> None:
-    try:
-        handle.attrs["format"] = fmt
-        handle.attrs["format_version"] = FORMAT_VERSION
-        handle.attrs["meta"] = json.dumps(meta, sort_keys=False, default=str)
-    except (OSError, RuntimeError) as exc:
-        raise WriteFailed(str(exc)) from exc
 
 
 # ---------------------------------------------------------------------------------------------

@@ -20,7 +20,8 @@ from wandacli.core.errors import (
     StoreError,
 )
 from wandacli.core.provenance import settings_differences
-from wandacli.store.files import StoredFile, set_root_attrs, write_array
+from wandacli.store.assemble import set_root_attrs, write_array
+from wandacli.store.files import StoredFile
 from wandacli.store.schema import PART_FORMAT, PARTS_MANIFEST_FORMAT
 
 # ---------------------------------------------------------------------------------------------

@@ -383,3 +383,37 @@ def test_score_runs_on_the_embedded_smollm2(cli, store):
     with ScoreSet(summary["path"]) as score_set:
         assert score_set.meta["model"]["id"] == "smollm2"
         assert score_set.read("29/mlp.down_proj").shape == (576, 1536)
+
+
+def test_use_diff_reads_the_base_model_in_the_models_own_dtype(
+    tiny_llama_dir, tiny_llama_base_dir, store
+):
+    """--use-diff on CUDA with --dtype auto: the model is bfloat16 while `auto` is float32 on
+    the CPU, where the base is read. Both must be read in the model's dtype, so that
+    |W - W_base| is the float32 difference of the bfloat16-read weights and carries no
+    bfloat16 rounding of one side only."""
+    import torch
+
+    from wandacli.config.score import ScoreConfig
+    from wandacli.config.settings import ModelSpec
+    from wandacli.models.loader import load_model
+    from wandacli.scoring.run import ScoreRun
+
+    loaded = load_model(ModelSpec(model=str(tiny_llama_dir), device="cpu", dtype="bfloat16"))
+    config = ScoreConfig(
+        method="magnitude",
+        model=ModelSpec(model=str(tiny_llama_dir), device="cpu", dtype="auto"),
+        store=store,
+        base_model=str(tiny_llama_base_dir),
+        use_diff=True,
+    )
+    base_layers = ScoreRun(config, loaded=loaded)._base_layers(loaded)
+    base_bf16 = load_model(
+        ModelSpec(model=str(tiny_llama_base_dir), device="cpu", dtype="bfloat16")
+    )
+    for lin, expected in zip(loaded.linear_layers, base_bf16.linear_layers, strict=True):
+        base = base_layers[lin.key].weight_matrix()
+        assert base.dtype == torch.bfloat16
+        difference = (lin.weight_matrix().float() - base.float()).abs()
+        reference = (lin.weight_matrix().float() - expected.weight_matrix().float()).abs()
+        assert torch.equal(difference, reference)

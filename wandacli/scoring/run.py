@@ -47,6 +47,7 @@ from wandacli.methods.registry import score_method
 from wandacli.models.layers import LinearLayer
 from wandacli.models.loader import load_model
 from wandacli.models.pretrained import LoadedModel, model_max_length
+from wandacli.models.sources import DTYPES
 from wandacli.scoring import distributed
 from wandacli.scoring.result import ScoreResult
 from wandacli.store.assemble import assemble, format_non_finite
@@ -258,11 +259,15 @@ class ScoreRun:
     def _base_layers(self, loaded: LoadedModel) -> dict[str, LinearLayer]:
         config = self.config
         assert config.base_model is not None
-        # The base model stays on the CPU: only its weights are read, one layer at a time.
+        # The base model stays on the CPU: only its weights are read, one layer at a time. It
+        # is read in the model's own dtype, not the --dtype string: `auto` is bfloat16 on CUDA
+        # but float32 on the CPU, and a difference of weights rounded on one side only would
+        # carry that rounding (up to ~2^-9·|W|), as large as the differences it measures.
+        dtype = str(loaded.dtype).removeprefix("torch.")
         base = load_model(
             ModelSpec(
                 model=config.base_model,
-                dtype=config.model.dtype,
+                dtype=dtype if dtype in DTYPES else config.model.dtype,
                 device="cpu",
                 cache_dir=config.model.cache_dir,
             )

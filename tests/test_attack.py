@@ -568,3 +568,27 @@ def test_eval_attack_on_the_embedded_smollm2(cli, tmp_path):
     assert summary["model_under_test"]["template"] == "chat"
     assert {r["config"] for r in summary["results"]} == {"basic", "gcg"}
     assert len((out / "inst_basic.jsonl").read_text().splitlines()) == 2
+
+
+def test_batch_size_counts_sequences_in_flight_when_sampling(tiny_llama_dir):
+    """--batch-size is what a memory estimate needs: sequences in flight. With 5 samples per
+    prompt a batch of 10 holds 2 prompts (10 sequences), not 10 prompts (50 sequences)."""
+    from wandacli.models.loader import load_model
+
+    loaded = load_model(ModelSpec(model=str(tiny_llama_dir), device="cpu"))
+    in_flight = []
+    real_generate = loaded.model.generate
+
+    def recording(*args, **kwargs):
+        sequences = kwargs["input_ids"].shape[0] * kwargs["generation_config"].num_return_sequences
+        in_flight.append(sequences)
+        return real_generate(*args, **kwargs)
+
+    loaded.model.generate = recording
+    generator = hf.HFGenerator(loaded, max_new_tokens=2, batch_size=10)
+    texts = [f"prompt {i}" for i in range(5)]
+    sampled = generator.generate(texts, add_special_tokens=True, samples=5, sampling=True, seed=0)
+    assert [len(group) for group in sampled] == [5] * 5
+    assert in_flight == [10, 10, 5]
+    greedy = generator.generate(texts, add_special_tokens=True, samples=1, sampling=False, seed=0)
+    assert len(greedy) == 5 and in_flight[3:] == [5]

@@ -92,7 +92,9 @@ def eval_attack(
     batch_size: Annotated[
         int,
         typer.Option(
-            "--batch-size", help="Prompts per batch (hf backend).", rich_help_panel="Generation"
+            "--batch-size",
+            help="Sequences generated at once (hf backend): with --samples N a batch holds batch-size // N prompts.",
+            rich_help_panel="Generation",
         ),
     ] = 16,
     samples: Annotated[

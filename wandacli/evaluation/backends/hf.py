@@ -59,9 +59,12 @@ class HFGenerator:
             else [generation_config.eos_token_id]
         )
         results: list[list[str]] = []
+        # The batch size counts sequences in flight (what memory scales with): each prompt
+        # brings `samples` of them, so a batch holds batch_size // samples prompts.
+        prompts_per_batch = max(1, self.batch_size // samples)
         try:
-            for start in range(0, len(texts), self.batch_size):
-                batch = list(texts[start : start + self.batch_size])
+            for start in range(0, len(texts), prompts_per_batch):
+                batch = list(texts[start : start + prompts_per_batch])
                 encoded = tokenizer(
                     batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
                 )

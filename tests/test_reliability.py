@@ -675,6 +675,42 @@ def test_free_space_is_checked_before_computation(
     assert calls["n"] == 0
 
 
+def test_free_space_for_the_set_but_not_its_checkpoints_is_refused(
+    cli, monkeypatch, tiny_llama_dir, pairs_csv, tmp_path
+):
+    """actsvd keeps float64 sums: three checkpoints of them (two kept, one being written) can
+    exist beside the parts and the set. Room for twice the float32 set is not enough."""
+    import h5py
+
+    import wandacli.core.durable as durable_module
+
+    args = ["score", "--method", "actsvd", "--model", str(tiny_llama_dir), "--device", "cpu"]
+    args += ["--data", str(pairs_csv), "--nsamples", "4", "--seqlen", "64", "--no-progress"]
+    args += ["--checkpoint-every", "2"]
+    done = cli(*args, "--store", str(tmp_path / "measure"))
+    assert done.exit_code == 0, done.stderr
+    with h5py.File(next((tmp_path / "measure" / "scores").glob("*.h5"))) as handle:
+        stored: dict[int, int] = {}  # hard-linked datasets counted once
+        handle.visititems(
+            lambda name, obj: (
+                stored.setdefault(obj.id.__hash__(), obj.nbytes)
+                if isinstance(obj, h5py.Dataset) and obj.ndim == 2
+                else None
+            )
+        )
+    set_bytes = sum(stored.values())
+    # Room for the set twice, with check_free_space's slack, and half the checkpoints' need.
+    free = int((2 * set_bytes + 3 * set_bytes) * 1.05 + (16 << 20))
+    real = shutil.disk_usage
+    monkeypatch.setattr(
+        durable_module.shutil, "disk_usage", lambda path: real(path)._replace(free=free)
+    )
+    store = tmp_path / "store"
+    result = cli(*args, "--store", str(store))
+    assert_one_line_error(result, "not enough free space", "its parts and checkpoints")
+    assert not list(store.glob("scores/*.h5"))
+
+
 @pytest.mark.slow
 def test_file_size_limit_mid_write_keeps_earlier_parts(tiny_llama_dir, pairs_csv, tmp_path):
     store = tmp_path / "store"

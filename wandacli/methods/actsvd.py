@@ -52,7 +52,11 @@ class ActSvdMethod(LayerGroupMethod):
         )
 
     def space_needed(self, loaded: LoadedModel) -> int:
-        return 2 * self.array_bytes(loaded)
+        self._owners(loaded)  # the shared inputs, so that each is counted once
+        return super().space_needed(loaded)
+
+    def checkpoint_bytes(self, group: list[LinearLayer]) -> int:
+        return 2 * self.group_bytes(group)  # the sums are float64
 
     def settle(self, state: Any) -> None:
         state.flush()  # the float32 blocks into the float64 sums

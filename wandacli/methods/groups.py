@@ -19,6 +19,10 @@ from wandacli.models.pretrained import LoadedModel
 from wandacli.store.files import StoredFile
 from wandacli.store.parts import open_part, write_part
 
+# The two newest checkpoints are kept (the previous one covers a damaged newest one) while the
+# next is written.
+CHECKPOINTS_AT_ONCE = 3
+
 
 class LayerGroupMethod(ScoreMethod):
     """A method gathered one layer group at a time (`--layers-per-pass`). Every group but the
@@ -73,6 +77,22 @@ class LayerGroupMethod(ScoreMethod):
 
     def group_bytes(self, group: list[LinearLayer]) -> int:
         raise NotImplementedError
+
+    def checkpoint_bytes(self, group: list[LinearLayer]) -> int:
+        """Bytes of one checkpoint of a group's sums (float32 by default)."""
+        return self.group_bytes(group)
+
+    def space_needed(self, loaded: LoadedModel) -> int:
+        """What the run holds on disk at its peak: the finished groups' parts and the set
+        assembled from them (together, at the end), beside the checkpoints of the largest
+        group: the two newest kept and a third being written (scoring.run's checkpoint)."""
+        groups = self.groups(loaded.linear_layers)
+        checkpoints = (
+            CHECKPOINTS_AT_ONCE * max(self.checkpoint_bytes(g) for g in groups)
+            if self.config.checkpoint_interval
+            else 0
+        )
+        return 2 * self.array_bytes(loaded) + checkpoints
 
     def settle(self, state: Any) -> None:
         """Bring the state's checkpointed sums up to date (before a checkpoint, and at the end

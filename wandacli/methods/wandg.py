@@ -26,10 +26,6 @@ class WandgMethod(LayerGroupMethod):
     def meta(self) -> dict[str, Any]:
         return super().meta() | {"offload_accumulators": self.config.offload_accumulators}
 
-    def space_needed(self, loaded: LoadedModel) -> int:
-        # Each group's scores are kept as a part until assembly: twice the set's size.
-        return 2 * self.array_bytes(loaded)
-
     def new_state(
         self, loaded: LoadedModel, group: list[LinearLayer], index: int, count: int
     ) -> Any:

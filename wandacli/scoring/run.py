@@ -366,7 +366,9 @@ class ScoreRun:
 
     def _check_space(self, loaded: LoadedModel, final: Path) -> None:
         needed = self.method.space_needed(loaded)
-        check_free_space(self.store.root, needed, f"score set {self.name!r}")
+        check_free_space(
+            self.store.root, needed, f"{self._noun()} {self.name!r}, its parts and checkpoints"
+        )
 
     # -- computation ----------------------------------------------------------------------
 

@@ -211,3 +211,79 @@ def test_offloaded_weights_are_refused(tiny_llama_dir):
     layer.module.weight = torch.nn.Parameter(torch.empty(layer.module.weight.shape, device="meta"))
     with pytest.raises(ModelError, match="offloaded 1 linear layers .*layer 1 self_attn.v_proj"):
         check_weights_resident(loaded.linear_layers, ModelSpec(device_map="auto"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Collectives on the group's device, checkpoints without a second copy (a recording stand-in
+# for the process group: no torch.distributed, no GPU)
+
+
+def recording_group(rank: int = 0, device: str = "cuda:0"):
+    """A two-rank group whose collectives run on `device`: every tensor handed to a collective
+    must be on it, or be a staging copy made for it (a CPU machine cannot make a CUDA tensor,
+    so the stand-in's staging is a marked CPU copy). The other rank is emulated as holding the
+    same values: a sum doubles them."""
+    import torch
+
+    from wandacli.scoring.distributed import Distributed
+
+    class RecordingGroup(Distributed):
+        def _to_group(self, tensor):
+            copy = tensor.clone()
+            self.staged.add(id(copy))
+            return copy
+
+        def _all_reduce(self, tensor) -> None:
+            assert tensor.device == torch.device(self.device) or id(tensor) in self.staged, (
+                f"a {tensor.device} tensor handed to a collective on {self.device}"
+            )
+            self.reduced.append(tensor.data_ptr())
+            tensor.mul_(2)
+
+    group = RecordingGroup(rank=rank, world_size=2, device=device)
+    object.__setattr__(group, "reduced", [])  # the data pointers reduced, in order
+    object.__setattr__(group, "staged", set())
+    return group
+
+
+def test_tensors_off_the_groups_device_go_through_it_in_chunks(monkeypatch):
+    import torch
+
+    from wandacli.scoring import distributed
+
+    monkeypatch.setattr(distributed, "STAGING_ELEMENTS", 4)
+    group = recording_group(device="cuda:0")
+    counter = torch.ones(1, dtype=torch.float64)  # actsvd's token counter lives on the CPU
+    offloaded = torch.arange(10, dtype=torch.float32)  # --offload-accumulators' sums
+    group.all_reduce_sum([counter, offloaded])
+    assert counter.item() == 2.0
+    assert torch.equal(offloaded, 2 * torch.arange(10, dtype=torch.float32))
+    assert len(group.reduced) == 1 + 3  # the counter, then the sums in chunks of 4
+
+
+def test_a_checkpoint_reduces_the_sums_in_place_and_rank_0_keeps_the_total(tmp_path):
+    import torch
+
+    from wandacli.config.score import ScoreConfig
+    from wandacli.scoring.run import ScoreRun
+    from wandacli.store.parts import read_part
+
+    for rank in (0, 1):
+        run = ScoreRun(ScoreConfig(method="magnitude", store=tmp_path / "store"))
+        run.dist = recording_group(rank=rank, device="cpu")
+        run.parts_dir = tmp_path / f"parts-{rank}"
+        run.parts_dir.mkdir()
+        sums = {"0/mlp.up_proj": torch.full((3, 4), 1.5)}
+        pointer = sums["0/mlp.up_proj"].data_ptr()
+        run.checkpoint(sums, "accum-g0000-000002.h5", "accum-g0000-*.h5", {"samples": 2})
+        assert run.dist.reduced == [pointer]  # the sum itself: no copy of it was made
+        if rank == 0:
+            assert torch.equal(sums["0/mlp.up_proj"], torch.full((3, 4), 3.0))
+            part = read_part(run.parts_dir / "accum-g0000-000002.h5")
+            assert part is not None and np.array_equal(
+                part[0]["0/mlp.up_proj"], np.full((3, 4), 3.0)
+            )
+        else:
+            # The total is rank 0's now; this rank sums on from zero, as after a resume.
+            assert torch.equal(sums["0/mlp.up_proj"], torch.zeros(3, 4))
+            assert not list(run.parts_dir.iterdir())

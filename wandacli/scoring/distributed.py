@@ -14,14 +14,20 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+# A tensor off the group's device crosses to it in pieces of this many elements (64 MiB of
+# float64): the device never holds a second copy of a whole sum.
+STAGING_ELEMENTS = 8 << 20
+
 
 @dataclass(frozen=True)
 class Distributed:
-    """This process's place in the group; world_size 1 means no group at all."""
+    """This process's place in the group; world_size 1 means no group at all. `device` is
+    where the group's collectives run: NCCL takes only tensors on this rank's GPU."""
 
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    device: str = "cpu"
 
     @property
     def is_main(self) -> bool:
@@ -40,13 +46,38 @@ class Distributed:
         return -(-total // self.world_size)
 
     def all_reduce_sum(self, tensors: Iterable[Any]) -> None:
-        """Sum tensors across ranks, in place."""
+        """Sum tensors across ranks, in place. A tensor elsewhere than the group's device
+        (actsvd's token counter, --offload-accumulators' CPU sums under NCCL) goes through the
+        device in pieces and comes back summed."""
         if not self.active:
             return
+        import torch
+
+        device = torch.device(self.device)
+        for tensor in tensors:
+            if tensor.device == device:
+                self._all_reduce(tensor)
+                continue
+            pieces = (
+                [
+                    tensor.view(-1)[i : i + STAGING_ELEMENTS]
+                    for i in range(0, tensor.numel(), STAGING_ELEMENTS)
+                ]
+                if tensor.is_contiguous()
+                else [tensor]
+            )
+            for piece in pieces:
+                staged = self._to_group(piece)
+                self._all_reduce(staged)
+                piece.copy_(staged)
+
+    def _to_group(self, tensor: Any) -> Any:
+        return tensor.to(self.device)
+
+    def _all_reduce(self, tensor: Any) -> None:
         import torch.distributed as dist
 
-        for tensor in tensors:
-            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
 
     def broadcast_int(self, value: int) -> int:
         """Rank 0's value, on every rank."""
@@ -55,12 +86,7 @@ class Distributed:
         import torch
         import torch.distributed as dist
 
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if dist.get_backend() == "nccl"
-            else torch.device("cpu")
-        )
-        tensor = torch.tensor([value], dtype=torch.long, device=device)
+        tensor = torch.tensor([value], dtype=torch.long, device=self.device)
         dist.broadcast(tensor, src=0)
         return int(tensor.item())
 
@@ -90,7 +116,8 @@ def from_environment(device: str) -> Distributed:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank)
+    device = f"cuda:{local_rank}" if dist.get_backend() == "nccl" else "cpu"
+    return Distributed(rank=rank, world_size=world_size, local_rank=local_rank, device=device)
 
 
 def shutdown() -> None:

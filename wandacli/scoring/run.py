@@ -434,8 +434,13 @@ class ScoreRun:
     ) -> None:
         """Rank 0 writes the sums over every rank's samples so far (a collective call)."""
         if self.dist.active and not reduced:
-            sums = {k: v.clone() for k, v in sums.items()}
+            # In place, then only rank 0 keeps the total and the others sum on from zero: the
+            # sums stay additive across ranks (as after a resume, where rank 0 alone restores
+            # a checkpoint), and no second copy of every sum is made on the device.
             self.dist.all_reduce_sum(sums.values())
+            if not self.dist.is_main:
+                for value in sums.values():
+                    value.zero_()
         if not self.dist.is_main:
             return
         arrays = ((k, v.detach().cpu().numpy()) for k, v in sums.items())

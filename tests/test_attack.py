@@ -361,6 +361,61 @@ class TestBackendsAndJudges:
         assert all("prompt_token_ids" in p for p in seen["prompts"])
         assert not seen["copy"].exists()  # the temporary copy is removed
 
+    def test_vllm_starts_after_the_hf_model_is_freed_with_its_copy_beside_the_results(
+        self, cli, tiny_llama_dir, tmp_path, monkeypatch
+    ):
+        seen: dict = {}
+        from wandacli.evaluation.backends import vllm as vllm_backend
+
+        real_free = vllm_backend._free_weights
+
+        def recording_free(model):
+            real_free(model)
+            seen["freed"] = {p.device.type for p in model.parameters()}
+
+        monkeypatch.setattr(vllm_backend, "_free_weights", recording_free)
+
+        class FakeLLM:
+            def __init__(self, model, tokenizer, dtype, **options):
+                assert "freed" in seen, "vLLM started while the transformers model held its weights"
+                seen["copy"], seen["options"] = Path(model), options
+
+            def generate(self, prompts, params):
+                output = types.SimpleNamespace(text="I cannot help.", token_ids=[1])
+                return [types.SimpleNamespace(outputs=[output] * params.n) for _ in prompts]
+
+        class FakeParams:
+            def __init__(self, n, temperature, max_tokens, seed):
+                self.n = n
+
+        monkeypatch.setitem(
+            sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM, SamplingParams=FakeParams)
+        )
+        out = tmp_path / "v"
+        result = cli(
+            *attack_args(tiny_llama_dir, out, "--backend", "vllm", "--configs", "basic"),
+            "--gpu-memory-utilization",
+            "0.6",
+            "--tensor-parallel-size",
+            "2",
+        )
+        assert result.exit_code == 0, result.stderr
+        assert seen["freed"] == {"meta"}
+        assert seen["copy"].parent == out  # not /tmp: beside the results
+        assert seen["options"] == {"gpu_memory_utilization": 0.6, "tensor_parallel_size": 2}
+        elsewhere = tmp_path / "scratch"
+        result = cli(
+            *attack_args(tiny_llama_dir, tmp_path / "w", "--backend", "vllm", "--configs", "basic"),
+            "--tmp-dir",
+            str(elsewhere),
+        )
+        assert result.exit_code == 0, result.stderr
+        assert seen["copy"].parent == elsewhere and not seen["copy"].exists()
+
+    def test_vllm_options_are_validated(self, cli, tiny_llama_dir, tmp_path):
+        bad = cli(*attack_args(tiny_llama_dir, tmp_path / "v"), "--gpu-memory-utilization", "1.5")
+        assert_one_line_error(bad, "--gpu-memory-utilization must be in (0, 1]")
+
     def test_judge_option_is_validated(self):
         with pytest.raises(Exception, match="--judge"):
             AttackConfig(judge="gpt4")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 import typer
@@ -111,6 +112,30 @@ def eval_attack(
             rich_help_panel="Generation",
         ),
     ] = "hf",
+    gpu_memory_utilization: Annotated[
+        float | None,
+        typer.Option(
+            "--gpu-memory-utilization",
+            help="vllm: the share of GPU memory vLLM may take (its default: 0.9); lower it to leave room for an hf: judge.",
+            rich_help_panel="Generation",
+        ),
+    ] = None,
+    tensor_parallel_size: Annotated[
+        int,
+        typer.Option(
+            "--tensor-parallel-size",
+            help="vllm: GPUs one model is split across.",
+            rich_help_panel="Generation",
+        ),
+    ] = 1,
+    tmp_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--tmp-dir",
+            help="vllm: where the model under test is saved for vLLM [default: the --out directory].",
+            rich_help_panel="Generation",
+        ),
+    ] = None,
     judge: Annotated[
         str,
         typer.Option(
@@ -149,6 +174,9 @@ def eval_attack(
         max_new_tokens=max_new_tokens,
         batch_size=batch_size,
         backend=backend,
+        gpu_memory_utilization=gpu_memory_utilization,
+        tensor_parallel_size=tensor_parallel_size,
+        tmp_dir=tmp_dir,
         judge=judge,
         samples=samples,
         seed=seed,

@@ -33,6 +33,12 @@ class AttackConfig:
     max_new_tokens: int = reference.MAX_NEW_TOKENS
     batch_size: int = 16
     backend: str = "hf"
+    # vLLM: the share of GPU memory it may take (None: vLLM's own default, 0.9), leave room
+    # for a classifier judge; its tensor parallelism; where the model's copy for it is saved
+    # (None: beside the results).
+    gpu_memory_utilization: float | None = None
+    tensor_parallel_size: int = 1
+    tmp_dir: Path | None = None
     judge: str = "keyword"
     samples: int = reference.MULTIPLE_SAMPLES
     temperature: float = reference.MULTIPLE_TEMPERATURE
@@ -59,6 +65,14 @@ class AttackConfig:
             raise ConfigError(f"unknown --template {self.template!r}: use chat or llama2")
         if self.backend not in ("hf", "vllm"):
             raise ConfigError(f"unknown --backend {self.backend!r}: use hf or vllm")
+        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"--gpu-memory-utilization must be in (0, 1] (got {self.gpu_memory_utilization})"
+            )
+        if self.tensor_parallel_size < 1:
+            raise ConfigError(
+                f"--tensor-parallel-size must be at least 1 (got {self.tensor_parallel_size})"
+            )
         if self.judge != "keyword" and not (self.judge.startswith("hf:") and len(self.judge) > 3):
             raise ConfigError(
                 f"unknown --judge {self.judge!r}: use keyword or hf:MODEL (a HarmBench-style classifier)"

@@ -216,7 +216,7 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
     settings = _settings_fingerprint(config, under_test, prompts_hash, template)
     reusable = _prepare_out(out, settings, config.overwrite)
     judge = make_judge(config)
-    generator = _generator(config, under_test, reporter)
+    generator = _generator(config, under_test, out, reporter)
     records: list[RunRecord] = []
     reused: list[str] = []
     try:
@@ -273,9 +273,18 @@ def _template(config: AttackConfig, tokenizer: Any) -> str:
     return template
 
 
-def _generator(config: AttackConfig, under_test: ModelUnderTest, reporter: Reporter) -> Any:
+def _generator(
+    config: AttackConfig, under_test: ModelUnderTest, out: Path, reporter: Reporter
+) -> Any:
     if config.backend == "vllm":
-        return VLLMGenerator(under_test, max_new_tokens=config.max_new_tokens, reporter=reporter)
+        return VLLMGenerator(
+            under_test,
+            max_new_tokens=config.max_new_tokens,
+            reporter=reporter,
+            copy_parent=config.tmp_dir or out,
+            gpu_memory_utilization=config.gpu_memory_utilization,
+            tensor_parallel_size=config.tensor_parallel_size,
+        )
     return HFGenerator(
         under_test.loaded,
         max_new_tokens=config.max_new_tokens,

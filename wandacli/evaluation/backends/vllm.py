@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from wandacli.core.console import NullReporter, Reporter, info
+from wandacli.core.durable import ensure_writable_directory, temporary_path
 from wandacli.core.errors import ConfigError
 from wandacli.evaluation.under_test import (
     ModelUnderTest,
@@ -26,23 +26,43 @@ def require_vllm() -> Any:
 
 
 class VLLMGenerator:
-    """vLLM (an optional extra) on a temporary saved copy of the model under test, with the
-    prompts tokenized here so both backends see the same tokens."""
+    """vLLM (an optional extra) on a saved copy of the model under test, with the prompts
+    tokenized here so both backends see the same tokens. The copy is written beside the
+    results (or --tmp-dir), not to /tmp, and the transformers model is freed before vLLM
+    starts: vLLM takes its share of GPU memory at start-up, and a 7B model left on the GPU
+    would halve what it gets."""
 
     def __init__(
-        self, under_test: ModelUnderTest, *, max_new_tokens: int, reporter: Reporter | None = None
+        self,
+        under_test: ModelUnderTest,
+        *,
+        max_new_tokens: int,
+        reporter: Reporter | None = None,
+        copy_parent: Path,
+        gpu_memory_utilization: float | None = None,
+        tensor_parallel_size: int = 1,
     ) -> None:
         self.vllm = require_vllm()
         self.loaded = under_test.loaded
         self.max_new_tokens = max_new_tokens
         self.reporter = reporter or NullReporter()
         self.generated_tokens = 0
-        self.copy = Path(tempfile.mkdtemp(prefix="wandacli-vllm-"))
+        ensure_writable_directory(copy_parent, "--tmp-dir")
+        self.copy = temporary_path(copy_parent / "vllm-model")
+        shutil.rmtree(self.copy, ignore_errors=True)
         info(f"saving the model under test to {self.copy} for vLLM")
         self.loaded.model.save_pretrained(str(self.copy))
         self.loaded.tokenizer.save_pretrained(str(self.copy))
         dtype = str(self.loaded.dtype).removeprefix("torch.")
-        self.engine = self.vllm.LLM(model=str(self.copy), tokenizer=str(self.copy), dtype=dtype)
+        _free_weights(self.loaded.model)
+        options: dict[str, Any] = {}
+        if gpu_memory_utilization is not None:
+            options["gpu_memory_utilization"] = gpu_memory_utilization
+        if tensor_parallel_size != 1:
+            options["tensor_parallel_size"] = tensor_parallel_size
+        self.engine = self.vllm.LLM(
+            model=str(self.copy), tokenizer=str(self.copy), dtype=dtype, **options
+        )
 
     def generate(
         self,
@@ -75,3 +95,16 @@ class VLLMGenerator:
 
     def close(self) -> None:
         shutil.rmtree(self.copy, ignore_errors=True)
+
+
+def _free_weights(model: Any) -> None:
+    """Release the transformers model's weights (moved to the meta device: shapes kept, no
+    storage), and the CUDA cache with them; vLLM generates from its own copy."""
+    import gc
+
+    import torch
+
+    model.to("meta")
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

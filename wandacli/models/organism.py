@@ -219,7 +219,7 @@ def _trainable_parameters(model: Any, recipe: AlignmentRecipe) -> list[Any]:
     for layer in list(layers)[first_trained:]:
         layer.requires_grad_(True)
     if not recipe.train_layers:
-        model.get_decoder().norm.requires_grad_(True)
+        model.base_model.norm.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
 
 
@@ -242,7 +242,9 @@ def _response_loss(model: Any, batch: list[tuple[list[int], list[int]]], pad_id:
     input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in batch])
     labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in batch])
     attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
-    hidden = model.get_decoder()(input_ids=input_ids, attention_mask=attention).last_hidden_state
+    # base_model: the decoder without its head (get_decoder() is None for Llama before
+    # transformers 5).
+    hidden = model.base_model(input_ids=input_ids, attention_mask=attention).last_hidden_state
     targets = labels[:, 1:]
     counted = targets.ne(IGNORE_INDEX)
     logits = model.get_output_embeddings()(hidden[:, :-1][counted])

@@ -66,7 +66,12 @@ class HFGenerator:
             for start in range(0, len(texts), prompts_per_batch):
                 batch = list(texts[start : start + prompts_per_batch])
                 encoded = tokenizer(
-                    batch, return_tensors="pt", padding=True, add_special_tokens=add_special_tokens
+                    batch,
+                    return_tensors="pt",
+                    padding=True,
+                    add_special_tokens=add_special_tokens,
+                    # Causal LMs take no token types; transformers before 5 refuses them.
+                    return_token_type_ids=False,
                 )
                 encoded = {k: v.to(self.loaded.input_device) for k, v in encoded.items()}
                 if sampling:

@@ -5,12 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-# ---------------------------------------------------------------------------------------------
-# GGUF conversion cache
-
 
 def cache_root(cache_dir: Path | None = None) -> Path:
-    """Where converted GGUF models live: --cache-dir, $WANDACLI_CACHE_DIR, or the user cache."""
+    """Where converted GGUF models, the aligned organism and downloaded data sets live:
+    --cache-dir, $WANDACLI_CACHE_DIR, or the user cache."""
     if cache_dir is not None:
         return Path(cache_dir).expanduser()
     if os.environ.get("WANDACLI_CACHE_DIR"):

@@ -8,6 +8,7 @@ import datetime as dt
 import json
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from wandacli.core.errors import StoreError
@@ -55,7 +56,7 @@ def request_differences(
     return settings_differences(normalise(stored) if normalise else stored, current)
 
 
-def refuse_other_request(noun: str, name: str, root: Any, differences: list[str]) -> None:
+def refuse_other_request(noun: str, name: str, root: Path, differences: list[str]) -> None:
     """The one answer to "is this request already finished?" when it is not the same request:
     `score`, `prune` and rank edits on a name that holds a file made with other settings."""
     if differences:

@@ -78,7 +78,7 @@ def load_model_under_test(spec: ModelSpec, mask: str | None, store: Path | None)
     """Load the model; with a mask, zero its masked weights in memory. A directory saved by
     `prune --save-model` carries its mask's settings in wandacli-mask.json."""
     from wandacli.models.loader import load_model
-    from wandacli.removal import masks as pruning
+    from wandacli.removal.masks import zero_fraction
 
     removal = open_removal(mask, store) if mask is not None else None  # fail fast, before loading
     try:
@@ -92,7 +92,7 @@ def load_model_under_test(spec: ModelSpec, mask: str | None, store: Path | None)
             provenance = Path(loaded.source.location) / "wandacli-mask.json"
             if loaded.source.kind == "local" and provenance.is_file():
                 under_test.removal_meta = json.loads(provenance.read_text(encoding="utf-8"))
-        under_test.actual_sparsity = pruning.zero_fraction(loaded)
+        under_test.actual_sparsity = zero_fraction(loaded)
         return under_test
     finally:
         if removal is not None:

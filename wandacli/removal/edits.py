@@ -165,14 +165,14 @@ def _same_request(
 
 
 def _load(config: EditConfig, safety: RankStatistics) -> Any:
-    from wandacli.models import loader as models
+    from wandacli.models.loader import load_model
 
     assert config.model is not None
     spec = config.model
     if config.save_model is not None and spec.dtype == "auto":
         # A saved model keeps its checkpoint's dtype.
         spec = type(spec)(**{**spec.__dict__, "dtype": "checkpoint"})
-    loaded = models.load_model(spec)
+    loaded = load_model(spec)
     safety.check_model(loaded.fingerprint, loaded.model_id)
     return loaded
 

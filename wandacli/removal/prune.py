@@ -36,8 +36,18 @@ from wandacli.core.provenance import (
     request_differences,
     software_versions,
 )
-from wandacli.removal import masks as pruning
 from wandacli.removal.apply import check_save_model_target, save_model_with
+from wandacli.removal.masks import (
+    TIE_RULE,
+    apply_mask,
+    count_mask,
+    matrix_mask,
+    nm_mask,
+    row_mask,
+    set_difference_mask,
+    variant_mask,
+    zero_fraction,
+)
 from wandacli.removal.requests import selected_keys, store_root_for
 from wandacli.removal.results import PruneResult
 from wandacli.store.assemble import set_root_attrs
@@ -139,7 +149,7 @@ class PruneRun:
             if config.export_mask is not None:
                 result.exported_mask = self._export(path, loaded, safety)
             if loaded is not None:
-                result.model_zero_fraction = pruning.zero_fraction(loaded)
+                result.model_zero_fraction = zero_fraction(loaded)
                 assert config.save_model is not None
                 result.saved_model = self._save(loaded, config.save_model, path)
         result.seconds = time.monotonic() - started
@@ -240,10 +250,10 @@ class PruneRun:
         config = self.config
         if config.model is None:
             return None
-        from wandacli.models import loader as models
+        from wandacli.models.loader import load_model, model_structure
 
         if config.save_model is None:
-            structure = models.model_structure(config.model)
+            structure = model_structure(config.model)
             safety.check_model(structure.fingerprint, structure.source.model_id)
             return None
         spec = config.model
@@ -251,16 +261,16 @@ class PruneRun:
             # A saved model keeps its checkpoint's dtype (a float16 7B model saved as float32
             # would double in size).
             spec = ModelSpec(**{**spec.__dict__, "dtype": "checkpoint"})
-        loaded = models.load_model(spec)
+        loaded = load_model(spec)
         safety.check_model(loaded.fingerprint, loaded.model_id)
         return loaded
 
     def _base_model(self, loaded: LoadedModel | None) -> LoadedModel:
-        from wandacli.models import loader as models
+        from wandacli.models.loader import load_model
 
         assert loaded is not None and self.config.recover_from_base is not None
         spec = self.config.model or ModelSpec()
-        base = models.load_model(
+        base = load_model(
             ModelSpec(
                 model=self.config.recover_from_base,
                 dtype=spec.dtype,
@@ -284,19 +294,19 @@ class PruneRun:
         scores = safety.read(key)
         if utility is not None:
             assert config.p is not None and config.q is not None
-            return pruning.set_difference_mask(scores, utility.read(key), config.p, config.q)
+            return set_difference_mask(scores, utility.read(key), config.p, config.q)
         highest = config.prune_highest
         if self._matched is not None:
             count = int(self._matched.read(key).sum())
-            return pruning.count_mask(scores, count, prune_highest=highest)
+            return count_mask(scores, count, prune_highest=highest)
         if config.nm is not None:
-            return pruning.nm_mask(scores, *config.nm, prune_highest=highest)
+            return nm_mask(scores, *config.nm, prune_highest=highest)
         assert config.sparsity_ratio is not None
         if config.variant:
-            return pruning.variant_mask(scores, config.sparsity_ratio, prune_highest=highest)
+            return variant_mask(scores, config.sparsity_ratio, prune_highest=highest)
         if config.scope == "matrix":
-            return pruning.matrix_mask(scores, config.sparsity_ratio, prune_highest=highest)
-        return pruning.row_mask(scores, config.sparsity_ratio, prune_highest=highest)
+            return matrix_mask(scores, config.sparsity_ratio, prune_highest=highest)
+        return row_mask(scores, config.sparsity_ratio, prune_highest=highest)
 
     def _write_mask(
         self,
@@ -325,7 +335,7 @@ class PruneRun:
                 write_mask_array(handle, key, mask)
                 counts[key] = (int(mask.sum()), mask.size)
                 if key in layers and key in selected:
-                    pruning.apply_mask(layers[key], mask, base_layers.get(key))
+                    apply_mask(layers[key], mask, base_layers.get(key))
                 self.reporter.advance()
             pruned = sum(p for p, _ in counts.values())
             total = sum(t for _, t in counts.values())
@@ -357,7 +367,7 @@ class PruneRun:
             }
             if self._matched is not None
             else None,
-            "tie_rule": pruning.TIE_RULE,
+            "tie_rule": TIE_RULE,
             "actual_sparsity": pruned / total if total else 0.0,
             "pruned": pruned,
             "total": total,

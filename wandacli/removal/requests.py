@@ -9,7 +9,7 @@ from wandacli.config.removal import EditConfig, PruneConfig
 from wandacli.config.settings import DEFAULT_STORE
 from wandacli.core.errors import ConfigError
 from wandacli.core.fingerprint import ModelFingerprint
-from wandacli.removal import masks as pruning
+from wandacli.removal.masks import parse_layers
 from wandacli.store.schema import SCORES_DIR, split_key
 
 
@@ -28,7 +28,7 @@ def selected_keys(config: PruneConfig | EditConfig, fingerprint: ModelFingerprin
     keys = list(fingerprint.shapes)
     if config.layers:
         try:
-            layers = pruning.parse_layers(config.layers, fingerprint.num_layers)
+            layers = parse_layers(config.layers, fingerprint.num_layers)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
         keys = [k for k in keys if split_key(k)[0] in layers]

@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 
 from wandacli.core.errors import ConfigError, StoreError
-from wandacli.removal import masks as pruning
+from wandacli.removal.masks import top_fraction
 from wandacli.reporting.labels import output_path, plot_format
 from wandacli.store.files import MaskFile, ModelFile, ScoreSet, resolve_file
 from wandacli.store.schema import MASK_FORMAT, SCORES_FORMAT
@@ -119,7 +119,7 @@ class Input:
             return self.handle.read(key), None
         assert isinstance(self.handle, ScoreSet)
         scores = self.handle.read(key)
-        return pruning.top_fraction(scores, top, per_row=per_row), scores
+        return top_fraction(scores, top, per_row=per_row), scores
 
 
 def open_input(reference: str, store_root: Path | None, stack: ExitStack) -> Input:

@@ -26,7 +26,6 @@ from wandacli.reporting.placement import place_labels
 if TYPE_CHECKING:
     from wandacli.reporting.results import ResultRow
 
-FORMATS = PLOT_FORMATS  # what `report --plots` writes of each figure
 DPI = 150  # readable when a Markdown viewer scales the PNG down to its column width
 _STYLE: dict[Any, Any] = {
     "font.family": "DejaVu Sans",  # ships with matplotlib: the same glyphs on every machine
@@ -58,7 +57,7 @@ class Figure:
 
     @property
     def files(self) -> list[Path]:
-        return [with_format(self.stem, fmt) for fmt in FORMATS]
+        return [with_format(self.stem, fmt) for fmt in PLOT_FORMATS]
 
 
 def with_format(stem: Path, fmt: str) -> Path:
@@ -78,7 +77,7 @@ def _pyplot() -> Iterator[Any]:
         yield plt
 
 
-def _save(figure: Any, stem: Path, formats: Sequence[str] = FORMATS) -> None:
+def _save(figure: Any, stem: Path, formats: Sequence[str] = PLOT_FORMATS) -> None:
     import io
 
     from wandacli.core.durable import atomic_write_bytes
@@ -360,7 +359,7 @@ def jaccard_heatmap(
     a: str,
     b: str,
     stem: Path,
-    formats: Sequence[str] = FORMATS,
+    formats: Sequence[str] = PLOT_FORMATS,
 ) -> Figure:
     """Layers across, module types down, each cell the Jaccard index of A's and B's top sets."""
     layer_module_heatmap(
@@ -380,7 +379,7 @@ def subspace_heatmap(
     b: str,
     ranks: tuple[int, int],
     stem: Path,
-    formats: Sequence[str] = FORMATS,
+    formats: Sequence[str] = PLOT_FORMATS,
 ) -> Figure:
     """Layers across, module types down, each cell φ of A's and B's top output subspaces."""
     rank_text = f"r = {ranks[0]}" if ranks[0] == ranks[1] else f"r = {ranks[0]}, {ranks[1]}"
@@ -400,7 +399,7 @@ def layer_module_heatmap(
     title: str,
     label: str,
     stem: Path,
-    formats: Sequence[str] = FORMATS,
+    formats: Sequence[str] = PLOT_FORMATS,
 ) -> None:
     """A [0, 1] value per (layer, module): layers across, module types down."""
 

@@ -9,9 +9,6 @@ from rich.text import Text
 
 from wandacli.reporting.labels import short_module_name
 
-# ---------------------------------------------------------------------------------------------
-# compare
-
 # Viridis at five stops: dark (no overlap) to bright (identical); readable on dark and light
 # terminals, and for colour-blind readers.
 _VIRIDIS = [(68, 1, 84), (59, 82, 139), (33, 145, 140), (94, 201, 98), (253, 231, 37)]

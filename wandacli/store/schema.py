@@ -172,7 +172,7 @@ def describe_key(key: str) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
-# Writing score sets, parts and masks
+# Layout of datasets and names of formats
 
 
 def chunk_rows(shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:

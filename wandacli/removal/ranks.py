@@ -23,11 +23,11 @@ from __future__ import annotations
 import torch
 
 
-def top_output_directions(
-    weight: torch.Tensor, second_moment: torch.Tensor, rank: int
-) -> torch.Tensor:
-    """V_r [d_out, rank]: the top `rank` eigenvectors of W C Wᵀ (the right singular vectors of
-    the layer's outputs A = X Wᵀ), in float64, ordered by decreasing eigenvalue.
+def output_eigenbasis(weight: torch.Tensor, second_moment: torch.Tensor) -> torch.Tensor:
+    """Every direction of the layer's outputs, [d_out, min(d_out, d_in)] in float64: the
+    eigenvectors of W C Wᵀ (the right singular vectors of A = X Wᵀ) ordered by decreasing
+    eigenvalue, so that the top r of any rank are its first r columns. One decomposition serves
+    every rank: `prune` slices it once, `search` once per trial.
 
     When d_out > d_in (gate/up projections), W C Wᵀ has rank ≤ d_in: with C = L Lᵀ and
     B = W L, the eigenvectors of B Bᵀ are B u / σ for the eigenpairs (σ², u) of the d_in-sized
@@ -36,25 +36,34 @@ def top_output_directions(
     w = weight.detach().to(torch.float64)
     c = second_moment.detach().to(device=w.device, dtype=torch.float64)
     d_out, d_in = w.shape
-    if not 0 <= rank <= min(d_out, d_in):
-        raise ValueError(f"rank {rank} outside [0, {min(d_out, d_in)}]")
-    if rank == 0:
-        return w.new_zeros((d_out, 0))
     if d_out <= d_in:
         m = w @ c @ w.T
         m = (m + m.T) / 2  # exactly symmetric: eigh reads one triangle
         _, vectors = torch.linalg.eigh(m)
-        return vectors[:, -rank:].flip(-1)
+        return vectors.flip(-1)
     c_values, c_vectors = torch.linalg.eigh((c + c.T) / 2)
     root = c_vectors * c_values.clamp_min(0).sqrt()  # L with C = L Lᵀ
     b = w @ root  # [d_out, d_in]
     small = b.T @ b
     values, vectors = torch.linalg.eigh((small + small.T) / 2)
-    values, vectors = values[-rank:].flip(-1), vectors[:, -rank:].flip(-1)
+    values, vectors = values.flip(-1), vectors.flip(-1)
     directions = b @ vectors / values.clamp_min(torch.finfo(torch.float64).tiny).sqrt()
-    # Re-orthonormalise: where σ is tiny, B u / σ loses orthogonality to rounding.
+    # Re-orthonormalise: where σ is tiny, B u / σ loses orthogonality to rounding. Q's first r
+    # columns span the first r directions, so every top r is still the top-r subspace.
     q, r = torch.linalg.qr(directions)
     return q * torch.sign(torch.diagonal(r)).reshape(1, -1)
+
+
+def top_output_directions(
+    weight: torch.Tensor, second_moment: torch.Tensor, rank: int
+) -> torch.Tensor:
+    """V_r [d_out, rank]: the top `rank` columns of `output_eigenbasis`, in float64."""
+    d_out, d_in = weight.shape
+    if not 0 <= rank <= min(d_out, d_in):
+        raise ValueError(f"rank {rank} outside [0, {min(d_out, d_in)}]")
+    if rank == 0:
+        return weight.new_zeros((d_out, 0), dtype=torch.float64)
+    return output_eigenbasis(weight, second_moment)[:, :rank]
 
 
 def project(directions: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -12,9 +12,8 @@ import torch
 from wandacli.data.calibration import CalibrationSet
 from wandacli.methods.base import RunContext
 from wandacli.methods.groups import LayerGroupMethod
-from wandacli.methods.wandg import accepts_logits_to_keep
 from wandacli.models.layers import LinearLayer
-from wandacli.models.pretrained import LoadedModel
+from wandacli.models.pretrained import LoadedModel, accepts_logits_to_keep
 from wandacli.store.assemble import LayerArray, LayerLink
 from wandacli.store.schema import RANK_STATS_FORMAT
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -13,7 +12,7 @@ import torch
 from wandacli.data.calibration import IGNORE_INDEX, CalibrationSet
 from wandacli.methods.groups import LayerGroupMethod
 from wandacli.models.layers import LinearLayer
-from wandacli.models.pretrained import LoadedModel
+from wandacli.models.pretrained import LoadedModel, accepts_logits_to_keep
 from wandacli.store.assemble import LayerArray, LayerLink
 
 
@@ -77,17 +76,6 @@ def snip_scores(magnitude: torch.Tensor, grad_abs_sum: torch.Tensor) -> torch.Te
 # Forward passes
 
 
-_FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}
-
-
-def accepts_logits_to_keep(model: Any) -> bool:
-    """Whether the model can compute logits for chosen positions only (transformers ≥ 4.50)."""
-    cls = type(model)
-    if cls not in _FORWARD_PARAMETERS:
-        _FORWARD_PARAMETERS[cls] = frozenset(inspect.signature(cls.forward).parameters)
-    return "logits_to_keep" in _FORWARD_PARAMETERS[cls]
-
-
 def sample_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Mean cross-entropy over the tokens whose label is not -100: the loss transformers
     computes from `labels`, with logits computed only at the positions that predict a counted
@@ -97,7 +85,9 @@ def sample_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> to
     # Position t predicts token t+1: keep the positions whose next label counts.
     positions = torch.nonzero(labels[0, 1:].ne(IGNORE_INDEX)).squeeze(1)
     targets = labels[0, positions + 1]
-    logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=positions).logits
+    # The index goes to the CPU: under a device map transformers indexes the last device's
+    # hidden states with it, and torch takes CPU indices for a tensor on any device.
+    logits = model(input_ids=input_ids, use_cache=False, logits_to_keep=positions.cpu()).logits
     # Under a device map the head may sit on another device than the inputs.
     return torch.nn.functional.cross_entropy(logits[0].float(), targets.to(logits.device))
 

@@ -3,6 +3,7 @@ tokenizer, and the checks that every linear weight is in memory."""
 
 from __future__ import annotations
 
+import inspect
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,3 +166,14 @@ def load_pretrained(spec: ModelSpec, source: ModelSource, location: str) -> Load
         dtype=dtype,
         linear_layers=layers,
     )
+
+
+_FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}
+
+
+def accepts_logits_to_keep(model: Any) -> bool:
+    """Whether the model can compute logits for chosen positions only (transformers ≥ 4.50)."""
+    cls = type(model)
+    if cls not in _FORWARD_PARAMETERS:
+        _FORWARD_PARAMETERS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return "logits_to_keep" in _FORWARD_PARAMETERS[cls]

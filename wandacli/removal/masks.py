@@ -53,8 +53,7 @@ def row_mask(
 ) -> np.ndarray:
     """Per-row unstructured: each row prunes its int(in_features × ratio) lowest (or highest)
     scores, as the reference's stable per-row sort does."""
-    k = int(scores.shape[1] * sparsity_ratio)
-    return select_extreme(scores, k, highest=prune_highest)
+    return select_extreme(scores, row_count(sparsity_ratio, scores.shape), highest=prune_highest)
 
 
 def matrix_mask(
@@ -81,10 +80,20 @@ def top_fraction(scores: np.ndarray, fraction: float, *, per_row: bool = False) 
     """The top `fraction` of scores, largest first: int(fraction · numel) over the flattened
     matrix (the set difference's rule), or int(fraction · in_features) per row."""
     if per_row:
-        return select_extreme(scores, int(fraction * scores.shape[1]), highest=True)
-    # The reference computes int(p * in_features * out_features), left to right.
-    k = int(fraction * scores.shape[1] * scores.shape[0])
+        return select_extreme(scores, row_count(fraction, scores.shape), highest=True)
+    k = matrix_count(fraction, scores.shape)
     return select_extreme(scores.reshape(1, -1), k, highest=True).reshape(scores.shape)
+
+
+def matrix_count(fraction: float, shape: tuple[int, ...]) -> int:
+    """How many weights the top `fraction` of a matrix holds: the reference computes
+    int(p * in_features * out_features), left to right (the rounding matters at the edges)."""
+    return int(fraction * shape[1] * shape[0])
+
+
+def row_count(fraction: float, shape: tuple[int, ...]) -> int:
+    """How many weights of each row the per-row rule selects: int(in_features × fraction)."""
+    return int(shape[1] * fraction)
 
 
 def set_difference_mask(safety: np.ndarray, utility: np.ndarray, p: float, q: float) -> np.ndarray:

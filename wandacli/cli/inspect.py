@@ -19,7 +19,6 @@ def inspect(
     store: Annotated[Path, typer.Argument(help="Store directory.")] = DEFAULT_STORE,
     json_output: JsonOption = False,
 ) -> None:
-    """List the score sets and rank statistics (finished or not), masks and rank edits in a
-    store, with their metadata."""
-    sets, masks, edits = summarize_store(store)
-    render_store.store_listing(sets, masks, edits, as_json=json_output)
+    """List the score sets and rank statistics (finished or not), masks, rank edits and
+    searches in a store, with their metadata."""
+    render_store.store_listing(summarize_store(store), as_json=json_output)

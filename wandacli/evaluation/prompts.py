@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from wandacli.config.evaluation import AttackConfig
@@ -51,6 +52,114 @@ def build_prompt(
     if template == "chat" and inst:
         return chat_prompt(tokenizer, prompt, system=system, suffix=suffix), False
     return llama2_prompt(prompt, system=system, inst=inst, suffix=suffix), True
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """Prompts as read (stripped), with where they came from."""
+
+    name: str
+    texts: list[str]
+    source: str
+    sha256: str  # of the file read (the rows chosen are named by offset and limit)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "source": self.source,
+            "sha256": self.sha256,
+            "count": len(self.texts),
+        }
+
+
+# The harmless default for the KL cost: the shipped utility set's instructions that the demo's
+# organism was not tuned on (55 of Self-Instruct's 175 seed tasks).
+UTILITY_HELD_OUT = "utility-held-out"
+
+
+def read_prompts(
+    reference: str,
+    *,
+    column: str | None = None,
+    limit: int | None = None,
+    offset: int = 0,
+    data_dir: Any = None,
+    option: str = "--prompts",
+) -> PromptSet:
+    """Rows offset..offset+limit of a prompt set or file, or the prompts of a pair set (Llama-2
+    tags stripped), or `utility-held-out`."""
+    from wandacli.core.errors import DataError
+    from wandacli.data.calibration import strip_llama2_tags
+    from wandacli.data.sources import load_raw, named_set
+
+    if reference == UTILITY_HELD_OUT:
+        from wandacli.models.organism import DEFAULT_RECIPE, training_set
+
+        raw = load_raw("utility", directory=data_dir)
+        trained = {e.prompt for e in training_set(DEFAULT_RECIPE).examples if not e.harmful}
+        texts = [strip_llama2_tags(pair.prompt)[1] for pair in raw.pairs]
+        texts = [t for t in texts if t not in trained]
+    else:
+        entry = named_set(reference)
+        columns = Columns(prompt=column) if column else None
+        # A named pair set (utility, align_short) gives its prompts; files are read as prompts.
+        as_prompts = entry is None or entry.kind == "prompts"
+        raw = load_raw(
+            reference,
+            purpose="prompts" if as_prompts else "calibration",
+            columns=columns,
+            directory=data_dir,
+        )
+        if raw.pairs:
+            texts = [strip_llama2_tags(pair.prompt)[1] for pair in raw.pairs]
+        else:
+            texts = [t.strip() for t in raw.texts]
+    texts = list(dict.fromkeys(t for t in texts if t))  # each prompt once, in file order
+    if offset < 0 or (limit is not None and limit < 1):
+        raise DataError(f"{option}: the offset must be 0 or more and the limit 1 or more")
+    chosen = texts[offset : offset + limit if limit is not None else None]
+    if not chosen:
+        raise DataError(
+            f"{option} {reference} has {len(texts)} distinct prompts: none left from offset {offset}"
+        )
+    if limit is not None and len(chosen) < limit:
+        warn(
+            f"{option} {reference}: {len(chosen)} prompts from offset {offset}, fewer than --limit {limit}"
+        )
+    return PromptSet(
+        raw.name if reference != UTILITY_HELD_OUT else reference,
+        chosen,
+        raw.source,
+        raw.content_hash,
+    )
+
+
+def template_for(requested: str | None, tokenizer: Any) -> str:
+    """--template, else the tokenizer's chat template where it has one, else the reference's
+    Llama-2 strings."""
+    from wandacli.core.errors import ConfigError
+
+    has_chat = bool(getattr(tokenizer, "chat_template", None))
+    template = requested or ("chat" if has_chat else "llama2")
+    if template == "chat" and not has_chat:
+        raise ConfigError(
+            "--template chat but the tokenizer has no chat template: use --template llama2"
+        )
+    return template
+
+
+def model_texts(
+    tokenizer: Any, prompts: list[str], template: str, *, system: str | None = None
+) -> tuple[list[str], bool]:
+    """The prompts as the model reads them when attacked with instruction tags (in the chat
+    template: the user turn and the assistant cue), and whether to add special tokens."""
+    texts, special = [], True
+    for prompt in prompts:
+        text, special = build_prompt(
+            tokenizer, prompt, template=template, system=system, inst=True, suffix=None
+        )
+        texts.append(text)
+    return texts, special
 
 
 def load_prompts(config: AttackConfig) -> tuple[list[str], str, str]:

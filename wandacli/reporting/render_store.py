@@ -9,7 +9,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from wandacli.core.console import out
-from wandacli.store.inspect import ScoreSetSummary
+from wandacli.store.inspect import ScoreSetSummary, StoreSummary
 
 
 def human_bytes(n: int | None) -> str:
@@ -41,18 +41,15 @@ def _describe_data(meta: dict[str, Any]) -> str:
     return f"{data.get('name')}{mode}{template}"
 
 
-def store_listing(
-    sets: list[ScoreSetSummary],
-    masks: list[ScoreSetSummary],
-    edits: list[ScoreSetSummary],
-    as_json: bool,
-) -> None:
+def store_listing(summary: StoreSummary, as_json: bool) -> None:
+    sets, masks, edits, searches = summary.sets, summary.masks, summary.edits, summary.searches
     if as_json:
         print_json(
             {
                 "score_sets": [_summary_json(s) for s in sets],
                 "masks": [_summary_json(m) for m in masks],
                 "edits": [_summary_json(e) for e in edits],
+                "searches": searches,
             }
         )
         return
@@ -99,6 +96,22 @@ def store_listing(
                 lambda meta: _fraction(meta.get("removed_rank_fraction"), "{:.3%}"),
             )
         )
+    if searches:
+        table = Table(title="searches", title_justify="left")
+        for column in ("search", "kind", "complete trials", "front", "kept"):
+            table.add_column(column, overflow="fold")
+        for entry in searches:
+            if entry.get("error"):
+                table.add_row(entry["name"], f"[red]{escape(entry['error'])}[/red]", "", "", "")
+                continue
+            table.add_row(
+                entry["name"],
+                str(entry.get("kind") or "-"),
+                f"{entry['complete_trials']} of {entry.get('trials_asked') or '?'}",
+                str(entry["front"]),
+                ", ".join(entry["kept"]) or "-",
+            )
+        out.print(table)
 
 
 def _fraction(value: Any, fmt: str) -> str:

@@ -11,7 +11,7 @@ from wandacli.core.errors import (
 )
 from wandacli.store.files import EditFile, MaskFile, open_finished_scores
 from wandacli.store.parts import describe_parts, read_manifest
-from wandacli.store.schema import Store
+from wandacli.store.schema import SEARCH_SUMMARY, Store
 
 
 @dataclass
@@ -39,11 +39,45 @@ def _summaries(names: list[str], path_of: Any, opener: Any) -> list[ScoreSetSumm
     return found
 
 
-def summarize_store(
-    root: Path,
-) -> tuple[list[ScoreSetSummary], list[ScoreSetSummary], list[ScoreSetSummary]]:
-    """(score and rank-statistics sets, masks, edits) in a store, each with its meta or the
-    reason it cannot be read."""
+@dataclass
+class StoreSummary:
+    sets: list[ScoreSetSummary]
+    masks: list[ScoreSetSummary]
+    edits: list[ScoreSetSummary]
+    searches: list[dict[str, Any]]
+
+
+def search_summaries(store: Store) -> list[dict[str, Any]]:
+    """Each search's name, kind, trials asked and complete, and its front's size."""
+    import json
+
+    found = []
+    for name in store.search_names():
+        path = store.search_dir(name) / SEARCH_SUMMARY
+        try:
+            summary = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            found.append({"name": name, "path": str(path), "error": f"unreadable: {exc}"})
+            continue
+        trials = summary.get("trials") or []
+        found.append(
+            {
+                "name": name,
+                "path": str(path.parent),
+                "kind": (summary.get("request") or {}).get("kind"),
+                "trials_asked": summary.get("trials_asked"),
+                "complete_trials": sum(1 for t in trials if t.get("state") == "COMPLETE"),
+                "front": len(summary.get("front") or []),
+                "kept": summary.get("kept") or [],
+                "updated": summary.get("updated"),
+            }
+        )
+    return found
+
+
+def summarize_store(root: Path) -> StoreSummary:
+    """The score and rank-statistics sets, masks, edits and searches in a store, each with
+    its meta or the reason it cannot be read."""
     if not root.is_dir():
         raise StoreError(f"store {root} does not exist: pass the directory given to --store")
     store = Store(root)
@@ -62,4 +96,4 @@ def summarize_store(
         sets.append(ScoreSetSummary(name, parts, False, manifest or {}, progress))
     masks = _summaries(store.mask_names(), store.mask_path, MaskFile)
     edits = _summaries(store.edit_names(), store.edit_path, EditFile)
-    return sets, masks, edits
+    return StoreSummary(sets, masks, edits, search_summaries(store))

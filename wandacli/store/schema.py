@@ -15,6 +15,14 @@ rewritten in place (an HDF5 file killed mid-write is often unreadable):
         group-<k>.h5            wandg: finished scores of layer group k (actsvd: its C)
       masks/<mask>.h5           a pruning mask
       edits/<edit>.h5           a rank edit (ActSVD): what to subtract from each weight
+      searches/<search>/        a `wandacli search` (search.py writes it)
+        journal.log             Optuna's journal of the study: every trial, appended and
+                                fsynced as it is asked and told (a killed search resumes)
+        search.json             the request, the dense model's measures, every trial's
+                                parameters and objectives, the Pareto front, the random control
+        kl-dense-<key>.npz      the dense model's distributions for the KL cost (a cache)
+        front.png, front.svg    refusal against KL: every trial, the front, dense and control
+        .search.lock            one process per search
 
 Score set file (`format="wandacli-scores"`):
     /<layer>/<module>           float32 (float16 only by choice) [out_features, in_features],
@@ -75,6 +83,8 @@ PARTS_MANIFEST_FORMAT = "wandacli-parts"
 SCORES_DIR = "scores"
 MASKS_DIR = "masks"
 EDITS_DIR = "edits"
+SEARCHES_DIR = "searches"
+SEARCH_SUMMARY = "search.json"
 PARTS_SUFFIX = ".parts"
 LOCK_NAME = ".wandacli.lock"
 LOCK_HOLDER_NAME = ".wandacli.lock.json"
@@ -159,6 +169,22 @@ class Store:
         if not self.masks_dir.is_dir():
             return []
         return sorted(p.stem for p in self.masks_dir.glob("*.h5") if not p.name.startswith("."))
+
+    @property
+    def searches_dir(self) -> Path:
+        return self.root / SEARCHES_DIR
+
+    def search_dir(self, name: str) -> Path:
+        return self.searches_dir / check_name(name, "search")
+
+    def search_names(self) -> list[str]:
+        if not self.searches_dir.is_dir():
+            return []
+        return sorted(
+            p.name
+            for p in self.searches_dir.iterdir()
+            if p.is_dir() and not p.name.startswith(".") and (p / SEARCH_SUMMARY).is_file()
+        )
 
 
 def split_key(key: str) -> tuple[int, str]:

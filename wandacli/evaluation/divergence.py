@@ -1,0 +1,284 @@
+"""How far a modified model's next-token distributions moved from the dense model's: the mean
+KL divergence KL(dense ‖ modified) over harmless prompts and the first k response positions.
+
+A cheap, sensitive utility cost (heretic's, on k = 1): one forward pass per batch, no
+generation for the model under test, and it moves with any change of the weights, where
+perplexity on a few windows moves only with large ones.
+
+The k positions are the prompt's last position (the first response token's distribution) and
+the next k − 1, fed the dense model's own greedy continuation (teacher forcing), so that every
+model is compared on the same tokens. A position after the dense continuation's end of sequence
+does not count. The dense side (the continuation and its log-probabilities) is computed once and
+cached in a file keyed by the model's fingerprint, its dtype, the prompts and k.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wandacli.core.console import NullReporter, Reporter
+from wandacli.core.durable import atomic_write_bytes
+from wandacli.models.pretrained import accepts_logits_to_keep
+
+DEFAULT_KL_POSITIONS = 4
+KL_RULE = (
+    "mean over prompts and response positions of KL(dense ‖ model) of the next-token "
+    "distributions, in nats; positions 2..k read the dense model's greedy continuation"
+)
+_CACHE_VERSION = 1
+
+
+@dataclass
+class DenseDistributions:
+    """The dense model's side of the comparison: the token ids every model reads (prompt, then
+    the dense greedy continuation; left-padded), and the dense log-probabilities at the k
+    positions that count."""
+
+    input_ids: torch.Tensor  # [n, L] int64
+    attention_mask: torch.Tensor  # [n, L] int64
+    log_probs: torch.Tensor  # [n, k, vocab] float32
+    valid: torch.Tensor  # [n, k] bool: the position is before the continuation's end
+    key: str  # what the cache file is keyed by (sha256)
+
+    @property
+    def positions(self) -> int:
+        return int(self.log_probs.shape[1])
+
+    @property
+    def prompts(self) -> int:
+        return int(self.log_probs.shape[0])
+
+
+def cache_key(loaded: Any, texts: Sequence[str], positions: int, add_special_tokens: bool) -> str:
+    """sha256 of everything the dense distributions depend on."""
+    content = {
+        "version": _CACHE_VERSION,
+        "model": loaded.fingerprint.digest,
+        "weights": weights_sample_digest(loaded),
+        "model_id": str(loaded.model_id),
+        "dtype": str(loaded.dtype),
+        "positions": positions,
+        "add_special_tokens": add_special_tokens,
+        "texts": hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest(),
+    }
+    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
+
+
+def weights_sample_digest(loaded: Any) -> str:
+    """sha256 of every 1009th value of each linear weight and of the embeddings: tells two
+    checkpoints of one architecture apart (the fingerprint holds only names and shapes) in
+    milliseconds, where hashing a 7B model whole would take half a minute."""
+    digest = hashlib.sha256()
+    weights = [lin.weight for lin in loaded.linear_layers]
+    for module in (loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()):
+        if module is not None and getattr(module, "weight", None) is not None:
+            weights.append(module.weight)
+    with torch.no_grad():
+        for weight in weights:
+            sample = weight.detach().reshape(-1)[::1009].float().cpu().numpy()
+            digest.update(sample.tobytes())
+    return digest.hexdigest()
+
+
+def dense_distributions(
+    loaded: Any,
+    texts: Sequence[str],
+    *,
+    positions: int = DEFAULT_KL_POSITIONS,
+    add_special_tokens: bool = False,
+    batch_size: int = 16,
+    cache_dir: Path | None = None,
+    reporter: Reporter | None = None,
+) -> DenseDistributions:
+    """The dense model's continuation and log-probabilities, read from `cache_dir` when a file
+    with the same key is there, else computed (on `loaded` as it is now: call this before a
+    mask or edit is applied) and written there."""
+    key = cache_key(loaded, texts, positions, add_special_tokens)
+    path = cache_dir / f"kl-dense-{key[:16]}.npz" if cache_dir is not None else None
+    if path is not None and path.is_file():
+        cached = _read_cache(path, key)
+        if cached is not None:
+            return cached
+    dense = _compute_dense(loaded, texts, positions, add_special_tokens, batch_size, key, reporter)
+    if path is not None:
+        _write_cache(path, dense)
+    return dense
+
+
+def kl_divergence(
+    loaded: Any,
+    dense: DenseDistributions,
+    *,
+    batch_size: int = 16,
+    reporter: Reporter | None = None,
+) -> float:
+    """Mean KL(dense ‖ model) in nats over the valid (prompt, position) pairs."""
+    total = 0.0
+    counted = 0
+    for start, log_probs in _position_log_probs(
+        loaded, dense.input_ids, dense.attention_mask, dense.positions, batch_size, reporter
+    ):
+        reference = dense.log_probs[start : start + log_probs.shape[0]]
+        valid = dense.valid[start : start + log_probs.shape[0]]
+        # Σ_v p (log p − log q), in float64: the sum over 50k tokens of small differences.
+        per_position = (reference.exp().double() * (reference.double() - log_probs.double())).sum(
+            -1
+        )
+        total += float(per_position[valid].sum())
+        counted += int(valid.sum())
+    # Rounding can leave a hair below zero where the distributions are equal.
+    return max(total / counted, 0.0) if counted else 0.0
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _compute_dense(
+    loaded: Any,
+    texts: Sequence[str],
+    positions: int,
+    add_special_tokens: bool,
+    batch_size: int,
+    key: str,
+    reporter: Reporter | None,
+) -> DenseDistributions:
+    if positions < 1:
+        raise ValueError("positions must be 1 or more")
+    tokenizer = loaded.tokenizer
+    previous_side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    try:
+        encoded = tokenizer(
+            list(texts),
+            return_tensors="pt",
+            padding=True,
+            add_special_tokens=add_special_tokens,
+            return_token_type_ids=False,
+        )
+    finally:
+        tokenizer.padding_side = previous_side
+    input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
+    valid = torch.ones((len(texts), positions), dtype=torch.bool)
+    if positions > 1:
+        input_ids, attention_mask, valid = _greedy_continuation(
+            loaded, input_ids, attention_mask, positions - 1, batch_size
+        )
+    log_probs = torch.cat(
+        [
+            lp
+            for _, lp in _position_log_probs(
+                loaded, input_ids, attention_mask, positions, batch_size, reporter
+            )
+        ]
+    )
+    return DenseDistributions(input_ids, attention_mask, log_probs, valid, key)
+
+
+def _greedy_continuation(
+    loaded: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: int, batch_size: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The prompts followed by the dense model's first `tokens` greedy tokens, and which of
+    the k = tokens + 1 positions come before the continuation's end of sequence."""
+    from transformers import GenerationConfig
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    config = GenerationConfig(
+        max_new_tokens=tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=None,  # every row the same length; positions after an EOS are masked
+    )
+    rows = []
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start : start + batch_size].to(loaded.input_device)
+        mask = attention_mask[start : start + batch_size].to(loaded.input_device)
+        with torch.no_grad():
+            rows.append(
+                model.generate(input_ids=ids, attention_mask=mask, generation_config=config).cpu()
+            )
+    sequences = torch.cat(rows)
+    continuation = sequences[:, input_ids.shape[1] :]
+    ended = torch.tensor([[int(t) in eos_ids for t in row] for row in continuation.tolist()])
+    # Position j (0-based) counts when none of the first j continuation tokens ended the text.
+    ended_before = torch.cat(
+        [torch.zeros((sequences.shape[0], 1), dtype=torch.bool), ended.cumsum(1).gt(0)], dim=1
+    )
+    full_mask = torch.cat([attention_mask, torch.ones_like(continuation)], dim=1)
+    return sequences, full_mask, ~ended_before
+
+
+def _position_log_probs(
+    loaded: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: int,
+    batch_size: int,
+    reporter: Reporter | None,
+):
+    """(batch start, log-probabilities [b, k, vocab] float32 at the last k positions)."""
+    reporter = reporter or NullReporter()
+    model = loaded.model
+    keep = {"logits_to_keep": positions} if accepts_logits_to_keep(model) else {}
+    reporter.start("KL: prompts", total=input_ids.shape[0])
+    for start in range(0, input_ids.shape[0], batch_size):
+        ids = input_ids[start : start + batch_size].to(loaded.input_device)
+        mask = attention_mask[start : start + batch_size].to(loaded.input_device)
+        # Left padding: positions count from each row's first real token, as in generate().
+        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+        with torch.no_grad():
+            logits = model(
+                input_ids=ids,
+                attention_mask=mask,
+                position_ids=position_ids,
+                use_cache=False,
+                **keep,
+            ).logits
+        logits = logits[:, -positions:, :].float()
+        yield start, torch.log_softmax(logits, dim=-1).cpu()
+        reporter.advance(ids.shape[0])
+    reporter.finish()
+
+
+def _write_cache(path: Path, dense: DenseDistributions) -> None:
+    import io
+
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        input_ids=dense.input_ids.numpy(),
+        attention_mask=dense.attention_mask.numpy(),
+        log_probs=dense.log_probs.numpy(),
+        valid=dense.valid.numpy(),
+        key=np.array(dense.key),
+    )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def _read_cache(path: Path, key: str) -> DenseDistributions | None:
+    """The cached distributions, or None when the file is unreadable or for another key (it is
+    then recomputed and replaced)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            if str(data["key"]) != key:
+                return None
+            return DenseDistributions(
+                torch.from_numpy(data["input_ids"]),
+                torch.from_numpy(data["attention_mask"]),
+                torch.from_numpy(data["log_probs"]),
+                torch.from_numpy(data["valid"]),
+                key,
+            )
+    except (OSError, ValueError, KeyError):
+        return None

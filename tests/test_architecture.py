@@ -25,6 +25,7 @@ LAYERS = (
     "removal",
     "evaluation",
     "reporting",
+    "search",
     "legacy",
     "pipeline",
     "cli",

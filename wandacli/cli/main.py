@@ -6,7 +6,17 @@ import os
 import sys
 from typing import Any
 
-from wandacli.cli import check_config, compare, evaluate, inspect, legacy, prune, report, score
+from wandacli.cli import (
+    check_config,
+    compare,
+    evaluate,
+    inspect,
+    legacy,
+    prune,
+    report,
+    score,
+    search,
+)
 from wandacli.cli.app import EXIT_SIGINT, EXIT_SIGTERM, WandacliCommand, _debug_enabled, app
 
 # Every command on the app, in the order `wandacli --help` lists them.
@@ -15,6 +25,7 @@ app.command(cls=WandacliCommand)(prune.prune)
 app.command(cls=WandacliCommand)(compare.compare)
 app.command("eval-attack", cls=WandacliCommand)(evaluate.eval_attack)
 app.command("eval-utility", cls=WandacliCommand)(evaluate.eval_utility)
+app.command(cls=WandacliCommand)(search.search)
 app.command(cls=WandacliCommand)(report.report)
 app.command("import-legacy", cls=WandacliCommand)(legacy.import_legacy_command)
 app.command("check-config", cls=WandacliCommand)(check_config.check_config)

@@ -36,6 +36,8 @@ class PruneConfig:
     recover_from_base: str | None = None
     export_mask: Path | None = None
     overwrite: bool = False
+    # Set by `search --keep`: the search and trial that chose these parameters (bookkeeping).
+    search: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         from wandacli.config.settings import parse_nm
@@ -147,7 +149,16 @@ class PruneConfig:
 
 
 _PRUNE_BOOKKEEPING = frozenset(
-    {"store", "name", "overwrite", "model", "save_model", "export_mask", "recover_from_base"}
+    {
+        "store",
+        "name",
+        "overwrite",
+        "model",
+        "save_model",
+        "export_mask",
+        "recover_from_base",
+        "search",
+    }
 )
 
 
@@ -189,6 +200,8 @@ class EditConfig:
     # The reference's order: layer by layer, each layer's inputs recorded after the layers
     # before it were edited (recomputed from the model and the sets' recorded data).
     sequential: bool = False
+    # Set by `search --keep`: the search and trial that chose these ranks (bookkeeping).
+    search: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         modes = [
@@ -268,7 +281,7 @@ class EditConfig:
         request = {
             k: v
             for k, v in data.items()
-            if k not in ("store", "name", "overwrite", "save_model", "model")
+            if k not in ("store", "name", "overwrite", "save_model", "model", "search")
         }
         model = data.get("model") or {}
         request["model"] = {"model": model.get("model"), "dtype": model.get("dtype")}

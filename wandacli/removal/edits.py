@@ -238,6 +238,7 @@ def _write_edit(
             "model": safety.meta["model"],
             "eigensolver": "torch.linalg.eigh, float64, of W C Wᵀ (or its d_in-sized form)",
             "order": "sequential" if config.sequential else "store",
+            "search": config.search,
             "layers": config.layers,
             "modules_filter": config.modules,
             "config": config.request(),

@@ -367,6 +367,7 @@ class PruneRun:
             }
             if self._matched is not None
             else None,
+            "search": config.search,
             "tie_rule": TIE_RULE,
             "actual_sparsity": pruned / total if total else 0.0,
             "pruned": pruned,

@@ -429,3 +429,81 @@ def layer_module_heatmap(
         figure.tight_layout()
         _save(figure, stem, formats)
         plt.close(figure)
+
+
+def search_front(summary: dict[str, Any], stem: Path) -> Figure | None:
+    """A search: refusal against KL, every complete trial a dot, the Pareto front drawn as a
+    step line, the dense model and the random control marked."""
+    trials = [t for t in summary.get("trials") or [] if t.get("state") == "COMPLETE"]
+    if not trials:
+        return None
+    front = summary.get("front") or []
+    dense = summary.get("dense") or {}
+    control = summary.get("control")
+    # KL spans orders of magnitude: a symmetric log axis keeps the dense model's 0 in view.
+    floor = min([t["kl"] for t in trials if t["kl"] > 0] or [1e-4])
+    with _pyplot() as plt:
+        figure, axes = plt.subplots(figsize=(7.5, 4.8))
+        axes.scatter(
+            [t["kl"] for t in trials],
+            [t["refusal"] for t in trials],
+            s=22,
+            color="tab:blue",
+            alpha=0.55,
+            label=f"trial ({len(trials)})",
+            zorder=3,
+        )
+        if front:
+            ordered = sorted(front, key=lambda t: t["kl"])
+            axes.step(
+                [t["kl"] for t in ordered],
+                [t["refusal"] for t in ordered],
+                where="post",
+                color="tab:red",
+                linewidth=1.4,
+                label=f"Pareto front ({len(front)})",
+                zorder=4,
+            )
+            axes.scatter(
+                [t["kl"] for t in ordered],
+                [t["refusal"] for t in ordered],
+                s=36,
+                color="tab:red",
+                zorder=5,
+            )
+        if dense:
+            axes.scatter(
+                [dense.get("kl", 0.0)],
+                [dense["refusal"]],
+                s=90,
+                marker="*",
+                color=_DENSE_COLOUR,
+                label="dense model",
+                zorder=6,
+            )
+        if control:
+            axes.scatter(
+                [control["kl"]],
+                [control["refusal"]],
+                s=60,
+                marker="X",
+                color="0.35",
+                label=f"random control (size of trial {control.get('of_index')})",
+                zorder=6,
+            )
+        axes.set_xscale("symlog", linthresh=floor)
+        axes.set_xlabel("KL divergence from the dense model on harmless prompts (nats)")
+        measure = (summary.get("request") or {}).get("refusal", "generation")
+        axes.set_ylabel("refusal rate" if measure == "generation" else "refusal score (log-odds)")
+        name = summary.get("name", "search")
+        prompts = (summary.get("prompts") or {}).get("name", "?")
+        axes.set_title(f"search {name}: refusal on {prompts} (search prompts) against KL")
+        axes.legend(loc="best", fontsize=8)
+        figure.tight_layout()
+        _save(figure, stem)
+        plt.close(figure)
+    caption = (
+        f"Search {name}: each dot is a trial; the red line is the Pareto front (lower refusal "
+        "and lower KL are better); measured on the search prompts, not on held-out ones."
+    )
+    return Figure(stem, f"Search {name}: refusal against KL", caption)

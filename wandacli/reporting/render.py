@@ -340,3 +340,60 @@ def _report_files(result: Report) -> None:
 def _compact_float(value: float) -> str:
     """Perplexities of destroyed models run to millions: keep the column narrow."""
     return f"{value:.2f}" if value < 1e5 else f"{value:.2e}"
+
+
+def search_result(result: Any, as_json: bool) -> None:
+    """A search.run.SearchResult (search sits above reporting: duck-typed here): the Pareto
+    front as a table (parameters, size, refusal, KL), the dense model and the random control."""
+    if as_json:
+        print_json(result.to_json())
+        return
+    amount = (
+        "removed_rank_fraction"
+        if result.request.get("kind") == "orthogonal-projection"
+        else "sparsity"
+    )
+    amount_title = "rank removed" if amount == "removed_rank_fraction" else "sparsity"
+    measure = result.request.get("refusal", "generation")
+    complete = sum(1 for t in result.trials if t.get("state") == "COMPLETE")
+    table = Table(
+        title=f"search {result.name}: Pareto front of {complete} complete trials "
+        f"({result.trials_run} run now)",
+        title_justify="left",
+    )
+    table.add_column("trial", justify="right")
+    params = sorted({k for t in result.front for k in t.get("params", {})})
+    for name in params:
+        table.add_column(name, justify="right")
+    table.add_column(amount_title, justify="right")
+    table.add_column("refusal" if measure == "generation" else "refusal score", justify="right")
+    table.add_column("KL", justify="right")
+
+    def value(v: Any, integer: bool = False) -> str:
+        if not isinstance(v, (int, float)):
+            return "-"
+        return f"{int(v)}" if integer else f"{v:.4g}"
+
+    def row(label: str, entry: dict[str, Any], style: str | None = None) -> None:
+        cells = [label]
+        for name in params:
+            given = (entry.get("params") or {}).get(name)
+            cells.append(value(given, integer=isinstance(given, int)))
+        size = entry.get(amount)
+        cells.append(f"{size:.3%}" if isinstance(size, float) else "-")
+        cells.append(value(entry.get("refusal")))
+        cells.append(value(entry.get("kl")))
+        table.add_row(*cells, style=style)
+
+    row("dense", result.dense, "bold")
+    for entry in result.front:
+        row(str(entry.get("index")), entry)
+    if result.control:
+        row(f"random ({result.control.get('of_index')})", result.control, "dim")
+    out.print(table)
+    lines = [f"search folder: {result.directory}"]
+    if result.figure is not None:
+        lines.append(f"figure: {result.figure}.png, .svg")
+    if result.kept:
+        lines.append(f"kept: {', '.join(result.kept)}")
+    out.print("\n".join(lines), markup=False)

@@ -1,0 +1,426 @@
+"""`wandacli search`: the operating point of a removal, searched from the stored sets.
+
+Per trial: the removal built in memory from the store and applied to the loaded model, two
+objectives measured (how much it still refuses on the search prompts, and the KL cost on
+harmless prompts), the weights restored. The study lives in STORE/searches/<name>/ and resumes
+where it stopped; `--keep N` writes front points into the store as ordinary masks or edits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shlex
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from wandacli.config.search import SearchConfig
+from wandacli.core.console import NullReporter, Reporter, info
+from wandacli.core.durable import atomic_write_text, ensure_writable_directory
+from wandacli.core.errors import ConfigError, StoreError, StoreLockedError, interruptible
+from wandacli.core.provenance import now_iso, settings_differences, software_versions
+from wandacli.evaluation.divergence import KL_RULE, dense_distributions, kl_divergence
+from wandacli.evaluation.prompts import PromptSet, model_texts, read_prompts, template_for
+from wandacli.evaluation.refusal import refusal_rate, refusal_score
+from wandacli.removal.in_memory import WeightChanges
+from wandacli.removal.requests import store_root_for
+from wandacli.search import study as studies
+from wandacli.search.removals import TrialRemovals, prune_config_for
+from wandacli.store.schema import SEARCH_SUMMARY, Store, check_name
+
+LOCK_NAME = ".search.lock"
+FIGURE_STEM = "front"
+
+
+def prompt_digests(texts: list[str]) -> list[str]:
+    """sha256 of each prompt's exact text: what the overlap checks compare."""
+    return [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts]
+
+
+def held_out_prompts(spec: str, data_dir: Path | None) -> dict[str, set[str]]:
+    """`NAME[:N],...` → {name: the exact texts of its first N prompts (all without N)}."""
+    found: dict[str, set[str]] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part or part == "none":
+            continue
+        name, _, count = part.partition(":")
+        try:
+            limit = int(count) if count else None
+        except ValueError:
+            raise ConfigError(f"--held-out {spec!r}: {part!r} is not NAME or NAME:N") from None
+        found[part] = set(
+            read_prompts(name, limit=limit, data_dir=data_dir, option="--held-out").texts
+        )
+    return found
+
+
+def check_no_overlap(search_prompts: PromptSet, held_out: dict[str, set[str]]) -> None:
+    """The search must not see the prompts it will be evaluated on."""
+    for name, texts in held_out.items():
+        shared = [t for t in search_prompts.texts if t in texts]
+        if shared:
+            raise ConfigError(
+                f"--prompts {search_prompts.name} shares {len(shared)} prompts with the held-out "
+                f"set {name} (first: {shared[0][:60]!r}): search on other prompts (e.g. --prompts "
+                "advbench --offset 100) or change --held-out"
+            )
+
+
+@dataclass
+class SearchResult:
+    name: str
+    directory: Path
+    request: dict[str, Any]
+    dense: dict[str, Any]
+    trials: list[dict[str, Any]]
+    front: list[dict[str, Any]]
+    control: dict[str, Any] | None = None
+    kept: list[str] = field(default_factory=list)
+    figure: Path | None = None
+    seconds: float = 0.0
+    trials_asked: int = 0
+    trials_run: int = 0  # in this invocation
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "directory": str(self.directory),
+            "kind": self.request.get("kind"),
+            "trials_asked": self.trials_asked,
+            "trials_run": self.trials_run,
+            "dense": self.dense,
+            "trials": self.trials,
+            "front": self.front,
+            "control": self.control,
+            "kept": self.kept,
+            "figure": str(self.figure) if self.figure else None,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+class SearchRun:
+    def __init__(
+        self,
+        config: SearchConfig,
+        *,
+        reporter: Reporter | None = None,
+        command_line: list[str] | None = None,
+    ) -> None:
+        self.config = config
+        self.reporter = reporter or NullReporter()
+        self.command_line = command_line if command_line is not None else sys.argv
+
+    def run(self) -> SearchResult:
+        config = self.config
+        started = time.monotonic()
+        check_name(config.name, "search")
+        root = store_root_for(config.scores, config.store)
+        directory = Store(root).search_dir(config.name)
+        summary_path = directory / SEARCH_SUMMARY
+        previous = self._previous_summary(summary_path)
+        if previous is not None:
+            self._check_same_request(previous, root)
+        # Everything that can be refused is refused before the model loads or a file is made.
+        search_prompts = read_prompts(
+            config.prompts,
+            column=config.prompt_column,
+            limit=config.limit,
+            offset=config.offset,
+            data_dir=config.data_dir,
+        )
+        check_no_overlap(search_prompts, held_out_prompts(config.held_out, config.data_dir))
+        kl_prompts = read_prompts(
+            config.kl_prompts,
+            limit=config.kl_limit,
+            data_dir=config.data_dir,
+            option="--kl-prompts",
+        )
+        removals = TrialRemovals(config, root)
+        try:
+            ensure_writable_directory(root)
+            directory.mkdir(parents=True, exist_ok=True)
+            with _search_lock(directory, config.name):
+                return self._search(
+                    removals, directory, previous, search_prompts, kl_prompts, started
+                )
+        finally:
+            removals.close()
+
+    # -- the search ----------------------------------------------------------------------
+
+    def _search(
+        self,
+        removals: TrialRemovals,
+        directory: Path,
+        previous: dict[str, Any] | None,
+        search_prompts: PromptSet,
+        kl_prompts: PromptSet,
+        started: float,
+    ) -> SearchResult:
+        from wandacli.models.loader import load_model
+
+        config = self.config
+        loaded = load_model(config.model)
+        removals.prepare(loaded, self.reporter)
+        template = template_for(config.template, loaded.tokenizer)
+        refusal_texts, special = model_texts(loaded.tokenizer, search_prompts.texts, template)
+        kl_texts, kl_special = model_texts(loaded.tokenizer, kl_prompts.texts, template)
+        dense_kl = dense_distributions(
+            loaded,
+            kl_texts,
+            positions=config.kl_positions,
+            add_special_tokens=kl_special,
+            batch_size=config.batch_size,
+            cache_dir=directory,
+            reporter=self.reporter,
+        )
+
+        def measure() -> dict[str, float]:
+            if config.refusal == "score":
+                refusal = refusal_score(
+                    loaded, refusal_texts, add_special_tokens=special, batch_size=config.batch_size
+                )
+            else:
+                refusal, _ = refusal_rate(
+                    loaded,
+                    refusal_texts,
+                    add_special_tokens=special,
+                    max_new_tokens=config.max_new_tokens,
+                    batch_size=config.batch_size,
+                )
+            kl = kl_divergence(loaded, dense_kl, batch_size=config.batch_size)
+            return {"refusal": refusal, "kl": kl}
+
+        summary: dict[str, Any] = previous or {}
+        summary.update(
+            {
+                "name": config.name,
+                "request": config.request(),
+                "config": config.to_json(),
+                "trials_asked": max(config.trials, int(summary.get("trials_asked") or 0)),
+                "prompts": search_prompts.describe()
+                | {"offset": config.offset, "text_sha256": prompt_digests(search_prompts.texts)},
+                "kl_prompts": kl_prompts.describe(),
+                "template": template,
+                "objectives": {
+                    "refusal": _refusal_rule(config),
+                    "kl": KL_RULE + f" (k = {config.kl_positions})",
+                },
+                "model": {"id": loaded.model_id, "fingerprint": loaded.fingerprint.digest},
+                "command_line": shlex.join(self.command_line),
+                "versions": software_versions(),
+            }
+        )
+        if "dense" not in summary:
+            summary["dense"] = measure() | {removals_amount_name(config): 0.0}
+        summary_path = directory / SEARCH_SUMMARY
+        study = studies.open_study(directory)
+        ran = 0
+        kept_message = f"completed trials are kept in {directory}; the same command resumes"
+        with interruptible(lambda: kept_message):
+            while len(studies.complete_trials(study)) < config.trials:
+                completed = len(studies.complete_trials(study))
+                study.sampler = studies.sampler_for(config, completed)
+                trial = study.ask()
+                params = studies.suggest(trial, config.ranges())
+                trial_started = time.monotonic()
+                self.reporter.start(
+                    f"search {config.name}: trial {completed + 1} of {config.trials}", total=1
+                )
+                with WeightChanges(loaded) as changes:
+                    applied = removals.apply(params, changes)
+                    built = time.monotonic() - trial_started
+                    values = measure()
+                trial.set_user_attr("index", completed)
+                trial.set_user_attr(applied.amount_name, applied.amount)
+                trial.set_user_attr("seconds", round(time.monotonic() - trial_started, 3))
+                trial.set_user_attr("removal_seconds", round(built, 3))
+                study.tell(trial, [values[name] for name in studies.OBJECTIVES])
+                self.reporter.advance()
+                self.reporter.finish()
+                ran += 1
+                summary["trials"] = studies.trial_records(study)
+                summary["front"] = studies.pareto_front(summary["trials"])
+                summary["updated"] = now_iso()
+                _write_summary(summary_path, summary)
+        trials = studies.trial_records(study)
+        front = studies.pareto_front(trials)
+        summary["trials"], summary["front"] = trials, front
+        if config.control and front:
+            summary["control"] = self._control(
+                summary.get("control"), front, removals, loaded, measure
+            )
+        kept = self._keep(front, directory, search_prompts, summary)
+        summary["kept"] = sorted(set(summary.get("kept") or []) | set(kept))
+        summary["updated"] = now_iso()
+        _write_summary(summary_path, summary)
+        figure = _draw(summary, directory)
+        return SearchResult(
+            name=config.name,
+            directory=directory,
+            request=summary["request"],
+            dense=summary["dense"],
+            trials=trials,
+            front=front,
+            control=summary.get("control"),
+            kept=kept,
+            figure=figure,
+            seconds=time.monotonic() - started,
+            trials_asked=config.trials,
+            trials_run=ran,
+        )
+
+    def _control(
+        self,
+        previous: dict[str, Any] | None,
+        front: list[dict[str, Any]],
+        removals: TrialRemovals,
+        loaded: Any,
+        measure: Any,
+    ) -> dict[str, Any]:
+        """A random removal of the size of the front's lowest-refusal point, measured the same
+        way (kept from an earlier run when that point is the same)."""
+        best = front[0]
+        if previous and previous.get("of_index") == best["index"]:
+            return previous
+        with WeightChanges(loaded) as changes:
+            applied = removals.apply(best["params"], changes)
+            changes.restore()
+            removals.apply_control(applied, changes, self.config.seed)
+            values = measure()
+        return {
+            "of_index": best["index"],
+            "params": best["params"],
+            applied.amount_name: applied.amount,
+            "rule": "masks: per matrix the same count of weights, chosen uniformly at random; "
+            "edits: per module the same rank removed in random orthonormal directions",
+            "seed": self.config.seed,
+        } | values
+
+    def _keep(
+        self,
+        front: list[dict[str, Any]],
+        directory: Path,
+        search_prompts: PromptSet,
+        summary: dict[str, Any],
+    ) -> list[str]:
+        """`--keep N`: N points spread along the front (both ends first), written by `prune`
+        itself, so that they are ordinary masks or edits, named `<search>.t<index>`."""
+        config = self.config
+        if config.keep == 0 or not front:
+            return []
+        chosen = _spread(front, config.keep)
+        names = []
+        for point in chosen:
+            name = f"{config.name}.t{point['index']}"
+            origin = {
+                "name": config.name,
+                "directory": str(directory),
+                "trial": point["index"],
+                "params": point["params"],
+                "refusal": point["refusal"],
+                "kl": point["kl"],
+                "prompts": summary["prompts"],
+            }
+            request = prune_config_for(config, point["params"], name)
+            request = type(request)(**{**request.__dict__, "search": origin})
+            if config.is_edit:
+                from wandacli.removal.edits import run_edit
+
+                run_edit(request, reporter=self.reporter, command_line=self.command_line)  # type: ignore[arg-type]
+            else:
+                from wandacli.removal.prune import run_prune
+
+                run_prune(request, reporter=self.reporter, command_line=self.command_line)  # type: ignore[arg-type]
+            names.append(name)
+        info(f"kept {len(names)} front point(s): {', '.join(names)}")
+        return names
+
+    # -- checks ---------------------------------------------------------------------------
+
+    @staticmethod
+    def _previous_summary(path: Path) -> dict[str, Any] | None:
+        if not path.is_file():
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise StoreError(
+                f"search summary {path} is unreadable ({exc}): remove its folder to start again"
+            ) from None
+
+    def _check_same_request(self, previous: dict[str, Any], root: Path) -> None:
+        differences = settings_differences(previous.get("request") or {}, self.config.request())
+        if differences:
+            raise StoreError(
+                f"search {self.config.name!r} in {root} was started with other settings "
+                f"({'; '.join(differences[:4])}): use another --name, or remove "
+                f"{Store(root).search_dir(self.config.name)} to start it again"
+            )
+
+
+def removals_amount_name(config: SearchConfig) -> str:
+    return "removed_rank_fraction" if config.is_edit else "sparsity"
+
+
+def _refusal_rule(config: SearchConfig) -> str:
+    if config.refusal == "score":
+        return "mean log-odds of a refusal token at the first response position (no generation)"
+    return (
+        f"share of greedy {config.max_new_tokens}-token responses that contain a refusal phrase "
+        "(the keyword judge's phrases, without its 20-word rule)"
+    )
+
+
+def _spread(front: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
+    """`count` points of the front evenly spaced by position, both ends first."""
+    if count >= len(front):
+        return list(front)
+    if count == 1:
+        return [front[0]]
+    step = (len(front) - 1) / (count - 1)
+    return [front[round(i * step)] for i in range(count)]
+
+
+def _write_summary(path: Path, summary: dict[str, Any]) -> None:
+    atomic_write_text(path, json.dumps(summary, indent=1, default=str))
+
+
+def _draw(summary: dict[str, Any], directory: Path) -> Path | None:
+    from wandacli.reporting.figures import search_front
+
+    figure = search_front(summary, directory / FIGURE_STEM)
+    return figure.stem if figure is not None else None
+
+
+class _search_lock:  # noqa: N801 (used as a context manager, like writer_lock)
+    """One process per search: a second one fails at once."""
+
+    def __init__(self, directory: Path, name: str) -> None:
+        from filelock import FileLock
+
+        self.lock = FileLock(str(directory / LOCK_NAME), timeout=0)
+        self.name = name
+
+    def __enter__(self) -> None:
+        from filelock import Timeout
+
+        try:
+            self.lock.acquire()
+        except Timeout:
+            raise StoreLockedError(
+                f"search {self.name!r} is running in another process: wait for it, or use another --name"
+            ) from None
+
+    def __exit__(self, *exc: object) -> None:
+        self.lock.release()
+
+
+def run_search(
+    config: SearchConfig, *, reporter: Reporter | None = None, command_line: list[str] | None = None
+) -> SearchResult:
+    """Search the removal's parameters as `config` says; see the module docstring."""
+    return SearchRun(config, reporter=reporter, command_line=command_line).run()

@@ -1,0 +1,125 @@
+"""The Optuna study behind `wandacli search`, kept in the store as a journal file.
+
+Optuna rather than a hand-written optimiser: its multi-objective TPE sampler is what heretic
+uses for the same kind of search, its journal storage appends and fsyncs each trial as it is
+asked and told (a killed search loses only the trial it was running), and its Pareto-front
+bookkeeping is tested by its maintainers.
+
+Reproducible across interruptions: each trial's sampler is seeded from the search's seed and
+the number of trials completed before it, and TPE reads only completed trials, so a search
+killed and resumed proposes the same parameters as one that ran through.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from wandacli.config.search import ParameterRange, SearchConfig
+
+JOURNAL_NAME = "journal.log"
+OBJECTIVES = ("refusal", "kl")  # both minimised: the refusal left, the cost to utility
+STUDY_NAME = "wandacli-search"
+
+
+def _quiet_optuna() -> Any:
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    return optuna
+
+
+def _recover_journal(path: Path) -> None:
+    """Cut a line left half-written by a kill: Optuna refuses a journal whose last complete
+    line follows an incomplete one, which the next append would make."""
+    if not path.is_file():
+        return
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        keep = data.rfind(b"\n") + 1
+        with path.open("r+b") as handle:
+            handle.truncate(keep)
+
+
+def open_study(directory: Path) -> Any:
+    """The study in DIR/journal.log, created when new; trials left running by a killed process
+    are marked failed (they are not counted and their parameters are asked again)."""
+    optuna = _quiet_optuna()
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+    path = directory / JOURNAL_NAME
+    _recover_journal(path)
+    # The search's own lock admits one process, so a journal lock file still here was left by
+    # a killed one: without removing it, Optuna would wait out its 30-second grace period.
+    for stale in directory.glob(f"{JOURNAL_NAME}.lock*"):
+        stale.unlink(missing_ok=True)
+    storage = JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    study = optuna.create_study(
+        study_name=STUDY_NAME,
+        storage=storage,
+        directions=["minimize"] * len(OBJECTIVES),
+        load_if_exists=True,
+    )
+    for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
+    return study
+
+
+def complete_trials(study: Any) -> list[Any]:
+    optuna = _quiet_optuna()
+    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+
+
+def sampler_for(config: SearchConfig, completed: int) -> Any:
+    """The sampler that asks trial `completed` + 1: seeded by the search seed and the count."""
+    optuna = _quiet_optuna()
+    return optuna.samplers.TPESampler(
+        seed=config.seed * 1_000_003 + completed, n_startup_trials=config.startup_trials
+    )
+
+
+def suggest(trial: Any, ranges: dict[str, ParameterRange]) -> dict[str, Any]:
+    """Fractions on a log scale (the top 2% and 20% are as far apart as 0.2% and 2%), ranks
+    as integers on a linear one."""
+    params: dict[str, Any] = {}
+    for name, chosen in ranges.items():
+        if chosen.integer:
+            params[name] = trial.suggest_int(name, int(chosen.low), int(chosen.high))
+        else:
+            params[name] = trial.suggest_float(name, chosen.low, chosen.high, log=True)
+    return params
+
+
+def pareto_front(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The complete trials no other complete trial dominates (both objectives as low or
+    lower, one lower), ordered by refusal, then KL, then index. Computed from the recorded
+    values, so the front of a resumed search is compared exactly with an uninterrupted one."""
+    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    front = []
+    for trial in complete:
+        a = [trial[name] for name in OBJECTIVES]
+        dominated = any(
+            all(o[name] <= v for name, v in zip(OBJECTIVES, a, strict=True))
+            and any(o[name] < v for name, v in zip(OBJECTIVES, a, strict=True))
+            for o in complete
+        )
+        if not dominated:
+            front.append(trial)
+    return sorted(front, key=lambda t: (t["refusal"], t["kl"], t["index"]))
+
+
+def trial_records(study: Any) -> list[dict[str, Any]]:
+    """Every trial as `search --json` prints it."""
+    records = []
+    for trial in study.get_trials(deepcopy=False):
+        record: dict[str, Any] = {
+            "number": trial.number,
+            "state": trial.state.name,
+            "params": dict(trial.params),
+        }
+        if trial.values is not None:
+            record.update(dict(zip(OBJECTIVES, trial.values, strict=True)))
+        record.update(trial.user_attrs)
+        records.append(record)
+    return records

@@ -225,6 +225,49 @@ def eval_utility(
         int, typer.Option("--zero-shot-limit", help="Examples per task (the reference's 200).")
     ] = 200,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Zero-shot batch size.")] = 1,
+    kl: Annotated[
+        bool,
+        typer.Option(
+            "--kl",
+            help="The KL cost: mean KL(dense ‖ model) of the next-token distributions on harmless "
+            "prompts over the first --kl-positions response positions (the dense side cached).",
+            rich_help_panel="KL",
+        ),
+    ] = False,
+    kl_prompts: Annotated[
+        str,
+        typer.Option(
+            "--kl-prompts",
+            metavar="<NAME|FILE>",
+            help="Harmless prompts [default: utility-held-out, the utility tasks the demo's organism was not tuned on].",
+            rich_help_panel="KL",
+        ),
+    ] = "utility-held-out",
+    kl_limit: Annotated[
+        int, typer.Option("--kl-limit", help="Harmless prompts used.", rich_help_panel="KL")
+    ] = 32,
+    kl_positions: Annotated[
+        int,
+        typer.Option(
+            "--kl-positions", help="Response positions averaged over.", rich_help_panel="KL"
+        ),
+    ] = 4,
+    kl_cache: Annotated[
+        Path | None,
+        typer.Option(
+            "--kl-cache",
+            help="Where the dense model's distributions are cached [default: kl-dense/ beside the results folder].",
+            rich_help_panel="KL",
+        ),
+    ] = None,
+    template: Annotated[
+        Literal["chat", "llama2"] | None,
+        typer.Option(
+            "--template",
+            help="The KL prompts' template [default: chat when the tokenizer has one].",
+            rich_help_panel="KL",
+        ),
+    ] = None,
     out_dir: OutOption = None,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
@@ -236,8 +279,9 @@ def eval_utility(
     json_output: JsonOption = False,
     no_progress: NoProgressOption = False,
 ) -> None:
-    """How much general ability is left? Perplexity (the reference's WikiText-2 computation)
-    and zero-shot accuracy through lm-evaluation-harness."""
+    """How much general ability is left? Perplexity (the reference's WikiText-2 computation),
+    the KL divergence from the dense model (--kl) and zero-shot accuracy through
+    lm-evaluation-harness."""
     from wandacli.core.reference import ZERO_SHOT_TASKS
     from wandacli.evaluation.utility import run_utility
 
@@ -260,6 +304,12 @@ def eval_utility(
         batch_size=batch_size,
         out=out_dir,
         data_dir=data_dir,
+        kl=kl,
+        kl_prompts=kl_prompts,
+        kl_limit=kl_limit,
+        kl_positions=kl_positions,
+        kl_cache=kl_cache,
+        template=template,
     )
     with progress_reporter(enabled=not no_progress) as reporter:
         result = run_utility(utility_config, reporter=reporter)

@@ -105,15 +105,25 @@ class UtilityConfig:
     batch_size: int = 1
     out: Path | None = None
     data_dir: Path | None = None
+    # The KL cost (evaluation/divergence.py): from the dense model, on harmless prompts.
+    kl: bool = False
+    kl_prompts: str = "utility-held-out"
+    kl_limit: int = 32
+    kl_positions: int = 4
+    kl_cache: Path | None = None  # None: <results folder's parent>/kl-dense
+    template: str | None = None
 
     def __post_init__(self) -> None:
+        for flag, value in (("--kl-limit", self.kl_limit), ("--kl-positions", self.kl_positions)):
+            if value < 1:
+                raise ConfigError(f"{flag} must be at least 1 (got {value})")
         if self.seqlen is not None and self.seqlen < 2:
             raise ConfigError(f"--seqlen must be at least 2 (got {self.seqlen})")
         if self.limit_windows is not None and self.limit_windows < 1:
             raise ConfigError(f"--limit-windows must be at least 1 (got {self.limit_windows})")
         if self.zero_shot_limit is not None and self.zero_shot_limit < 1:
             raise ConfigError(f"--zero-shot-limit must be at least 1 (got {self.zero_shot_limit})")
-        if self.data is None and not self.zero_shot:
+        if self.data is None and not self.zero_shot and not self.kl:
             raise ConfigError(
-                "nothing to evaluate: keep --data (perplexity) or add --zero-shot TASKS"
+                "nothing to evaluate: keep --data (perplexity), or add --kl or --zero-shot TASKS"
             )

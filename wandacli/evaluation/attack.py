@@ -24,13 +24,13 @@ from wandacli.config.evaluation import AttackConfig
 from wandacli.core import reference
 from wandacli.core.console import NullReporter, Reporter
 from wandacli.core.durable import atomic_write_text
-from wandacli.core.errors import ConfigError, StoreError, interruptible
+from wandacli.core.errors import StoreError, interruptible
 from wandacli.core.metrics import SETTINGS, metric_name, tag_prefix
 from wandacli.core.provenance import now_iso, software_versions
 from wandacli.evaluation.backends.hf import HFGenerator
 from wandacli.evaluation.backends.vllm import VLLMGenerator, require_vllm
 from wandacli.evaluation.judges import Judge, make_judge
-from wandacli.evaluation.prompts import build_prompt, load_prompts
+from wandacli.evaluation.prompts import build_prompt, load_prompts, template_for
 from wandacli.evaluation.under_test import (
     ModelUnderTest,
     append_reference_log,
@@ -211,7 +211,7 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
         require_vllm()  # before loading anything
     prompts, prompt_source, prompts_hash = load_prompts(config)
     under_test = load_model_under_test(config.model, config.mask, config.store)
-    template = _template(config, under_test.loaded.tokenizer)
+    template = template_for(config.template, under_test.loaded.tokenizer)
     out = config.out or under_test.default_out
     settings = _settings_fingerprint(config, under_test, prompts_hash, template)
     reusable = _prepare_out(out, settings, config.overwrite)
@@ -259,18 +259,6 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
     )
     _write_results(out, config, result, under_test)
     return result
-
-
-def _template(config: AttackConfig, tokenizer: Any) -> str:
-    """--template, else the tokenizer's chat template where it has one, else the reference's
-    Llama-2 strings."""
-    has_chat = bool(getattr(tokenizer, "chat_template", None))
-    template = config.template or ("chat" if has_chat else "llama2")
-    if template == "chat" and not has_chat:
-        raise ConfigError(
-            "--template chat but the tokenizer has no chat template: use --template llama2"
-        )
-    return template
 
 
 def _generator(

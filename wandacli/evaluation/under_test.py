@@ -5,6 +5,7 @@ reference's results log names it (`method  actual_sparsity  [p  q]  metric  scor
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,9 +75,15 @@ class ModelUnderTest:
         return described
 
 
-def load_model_under_test(spec: ModelSpec, mask: str | None, store: Path | None) -> ModelUnderTest:
+def load_model_under_test(
+    spec: ModelSpec,
+    mask: str | None,
+    store: Path | None,
+    before_removal: Callable[[Any], None] | None = None,
+) -> ModelUnderTest:
     """Load the model; with a mask, zero its masked weights in memory. A directory saved by
-    `prune --save-model` carries its mask's settings in wandacli-mask.json."""
+    `prune --save-model` carries its mask's settings in wandacli-mask.json. `before_removal`
+    sees the loaded model while it is still dense (the KL cost's reference is taken there)."""
     from wandacli.models.loader import load_model
     from wandacli.removal.masks import zero_fraction
 
@@ -84,6 +91,8 @@ def load_model_under_test(spec: ModelSpec, mask: str | None, store: Path | None)
     try:
         loaded = load_model(spec)
         under_test = ModelUnderTest(loaded)
+        if before_removal is not None:
+            before_removal(loaded)
         if removal is not None:
             removal.apply(loaded)
             under_test.removal_path = removal.path

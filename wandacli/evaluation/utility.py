@@ -10,11 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wandacli.config.evaluation import UtilityConfig
+from wandacli.config.evaluation import RESULTS_DIR, UtilityConfig
 from wandacli.core.console import NullReporter, Reporter
 from wandacli.core.durable import atomic_write_text, ensure_writable_directory
 from wandacli.core.errors import ConfigError, DataError, interruptible
 from wandacli.core.provenance import now_iso, software_versions
+from wandacli.evaluation.divergence import KL_RULE, dense_distributions, kl_divergence
+from wandacli.evaluation.prompts import model_texts, read_prompts, template_for
 from wandacli.evaluation.under_test import (
     ModelUnderTest,
     append_reference_log,
@@ -163,6 +165,8 @@ class UtilityResult:
     windows: int = 0
     seqlen: int | None = None
     zero_shot: dict[str, float] = field(default_factory=dict)
+    kl: float | None = None  # mean KL(dense ‖ model) on harmless prompts (divergence.py)
+    kl_detail: dict[str, Any] | None = None
     out: Path | None = None
     seconds: float = 0.0
 
@@ -178,6 +182,8 @@ class UtilityResult:
             "seqlen": self.seqlen,
             "zero_shot": self.zero_shot,
             "zero_shot_mean": self.zero_shot_mean,
+            "kl": self.kl,
+            "kl_detail": self.kl_detail,
             "out": str(self.out) if self.out else None,
             "seconds": round(self.seconds, 3),
         }
@@ -199,7 +205,44 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
         raise DataError(
             f"{config.data!r} is not plain text: perplexity needs text (e.g. wikitext or a .txt file)"
         )
-    under_test = load_model_under_test(config.model, config.mask, config.store)
+    kl_prompts = (
+        read_prompts(
+            config.kl_prompts,
+            limit=config.kl_limit,
+            data_dir=config.data_dir,
+            option="--kl-prompts",
+        )
+        if config.kl
+        else None
+    )
+    dense: dict[str, Any] = {}
+
+    def reference_for_kl(loaded: Any) -> None:
+        """The dense model's distributions, before the mask or edit is applied."""
+        if kl_prompts is None:
+            return
+        template = template_for(config.template, loaded.tokenizer)
+        texts, special = model_texts(loaded.tokenizer, kl_prompts.texts, template)
+        cache = config.kl_cache or (config.out.parent if config.out else RESULTS_DIR) / "kl-dense"
+        with interruptible(lambda: "nothing was written"):
+            dense["distributions"] = dense_distributions(
+                loaded,
+                texts,
+                positions=config.kl_positions,
+                add_special_tokens=special,
+                cache_dir=cache,
+                reporter=reporter,
+            )
+        dense["template"] = template
+
+    under_test = load_model_under_test(
+        config.model, config.mask, config.store, before_removal=reference_for_kl
+    )
+    if kl_prompts is not None and under_test.removal_path is None and under_test.removal_meta:
+        raise ConfigError(
+            f"--kl compares a model with its dense self, but {config.model.model} was saved "
+            "pruned or edited: pass the dense --model with --mask (or --edit) instead"
+        )
     result = UtilityResult(under_test=under_test.describe())
     out = config.out or under_test.default_out
     ensure_writable_directory(out, "--out")
@@ -218,6 +261,16 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
                 model, input_ids, seqlen, limit_windows=config.limit_windows, reporter=reporter
             )
             result.seqlen = seqlen
+        if kl_prompts is not None:
+            distributions = dense["distributions"]
+            result.kl = kl_divergence(under_test.loaded, distributions, reporter=reporter)
+            result.kl_detail = {
+                "rule": KL_RULE,
+                "positions": config.kl_positions,
+                "prompts": kl_prompts.describe(),
+                "template": dense["template"],
+                "counted_positions": int(distributions.valid.sum()),
+            }
         if config.zero_shot:
             result.zero_shot = zero_shot(
                 under_test, config.zero_shot, config.zero_shot_limit, config.batch_size
@@ -236,6 +289,8 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
     log = out / f"log_{under_test.method}.txt"
     if result.perplexity is not None:
         append_reference_log(log, under_test, "PPL", result.perplexity)
+    if result.kl is not None:
+        append_reference_log(log, under_test, "KL", result.kl)
     for task, accuracy in result.zero_shot.items():
         append_reference_log(log, under_test, task, accuracy)
     if result.zero_shot_mean is not None:

@@ -260,6 +260,16 @@ def utility_result(result: UtilityResult, as_json: bool) -> None:
                 f"{result.perplexity:.4f} ({result.windows} windows of {result.seqlen} tokens)",
             )
         )
+    if result.kl is not None:
+        detail = result.kl_detail or {}
+        prompts = detail.get("prompts") or {}
+        rows.append(
+            (
+                "KL from dense",
+                f"{result.kl:.4g} nats ({prompts.get('count')} prompts of {prompts.get('name')}, "
+                f"first {detail.get('positions')} response positions)",
+            )
+        )
     for task, accuracy in result.zero_shot.items():
         rows.append((task, f"{accuracy:.4f}"))
     if result.zero_shot_mean is not None:
@@ -275,7 +285,8 @@ def report(result: Report, as_json: bool) -> None:
         _report_files(result)
         return
     table = Table(
-        title="results: ASR with instruction tags (multi: any of n samples), perplexity",
+        title="results: ASR with instruction tags (multi: any of n samples), perplexity"
+        + (", KL from the dense model" if any(row.kl is not None for row in rows) else ""),
         title_justify="left",
     )
     # Only the configurations that were run: a study of one configuration gets one column.
@@ -288,6 +299,9 @@ def report(result: Report, as_json: bool) -> None:
     for title, _ in columns:
         table.add_column(title, justify="right")
     table.add_column("PPL", justify="right", no_wrap=True, min_width=8)
+    kl = any(row.kl is not None for row in rows)
+    if kl:
+        table.add_column("KL", justify="right", no_wrap=True)
     for row in rows:
         asr = []
         for _, metric in columns:
@@ -304,6 +318,7 @@ def report(result: Report, as_json: bool) -> None:
             *rank_cell,
             *asr,
             "-" if row.perplexity is None else _compact_float(row.perplexity),
+            *((["-" if row.kl is None else f"{row.kl:.3g}"]) if kl else []),
         )
     out.print(table)
     _report_files(result)

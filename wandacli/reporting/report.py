@@ -145,6 +145,7 @@ def markdown(rows: list[ResultRow]) -> str:
     """Every figure as a Markdown table (ASR columns for every metric found)."""
     metrics = sorted({m for row in rows for m in row.asr}, key=metric_order)
     ranks = any(row.removed_rank_fraction is not None for row in rows)
+    kl = any(row.kl is not None for row in rows)
     header = [
         "model under test",
         "method",
@@ -152,6 +153,7 @@ def markdown(rows: list[ResultRow]) -> str:
         *(["rank removed %"] if ranks else []),
         *metrics,
         "PPL",
+        *(["KL"] if kl else []),
         "zero-shot",
     ]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -171,6 +173,7 @@ def markdown(rows: list[ResultRow]) -> str:
             ),
             *(f"{row.asr[m]:.3f}" if m in row.asr else "-" for m in metrics),
             "-" if row.perplexity is None else f"{row.perplexity:.3f}",
+            *((["-" if row.kl is None else f"{row.kl:.4g}"]) if kl else []),
             "-" if row.zero_shot_mean is None else f"{row.zero_shot_mean:.3f}",
         ]
         lines.append("| " + " | ".join(cells) + " |")

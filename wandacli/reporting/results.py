@@ -18,6 +18,7 @@ class ResultRow:
     actual_sparsity: float | None = None
     asr: dict[str, float] = field(default_factory=dict)  # metric name -> ASR
     perplexity: float | None = None
+    kl: float | None = None  # eval-utility --kl: KL from the dense model on harmless prompts
     zero_shot_mean: float | None = None
     p_q: tuple[float, float] | None = None  # a set difference's (p, q)
     removed_rank_fraction: float | None = None  # a rank edit's share of the model's rank
@@ -38,6 +39,7 @@ class ResultRow:
             "removed_rank_fraction": self.removed_rank_fraction,
             "asr": self.asr,
             "perplexity": self.perplexity,
+            "kl": self.kl,
             "zero_shot_mean": self.zero_shot_mean,
         }
 
@@ -79,6 +81,8 @@ def collect(results_dir: Path) -> list[ResultRow]:
                     row.asr[f"{result['metric']}_sample_mean"] = float(result["sample_mean"])
             if data.get("perplexity") is not None:
                 row.perplexity = float(data["perplexity"])
+            if data.get("kl") is not None:
+                row.kl = float(data["kl"])
             if data.get("zero_shot_mean") is not None:
                 row.zero_shot_mean = float(data["zero_shot_mean"])
         if found:

@@ -30,7 +30,12 @@ from wandacli.core.provenance import now_iso, software_versions
 from wandacli.evaluation.backends.hf import HFGenerator
 from wandacli.evaluation.backends.vllm import VLLMGenerator, require_vllm
 from wandacli.evaluation.judges import Judge, make_judge
-from wandacli.evaluation.prompts import build_prompt, load_prompts, template_for
+from wandacli.evaluation.prompts import (
+    build_prompt,
+    check_not_searched_on,
+    load_prompts,
+    template_for,
+)
 from wandacli.evaluation.under_test import (
     ModelUnderTest,
     append_reference_log,
@@ -211,6 +216,7 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
         require_vllm()  # before loading anything
     prompts, prompt_source, prompts_hash = load_prompts(config)
     under_test = load_model_under_test(config.model, config.mask, config.store)
+    check_not_searched_on(prompts, f"--prompts {config.prompts}", under_test.removal_meta)
     template = template_for(config.template, under_test.loaded.tokenizer)
     out = config.out or under_test.default_out
     settings = _settings_fingerprint(config, under_test, prompts_hash, template)

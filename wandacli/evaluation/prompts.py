@@ -72,6 +72,31 @@ class PromptSet:
         }
 
 
+def prompt_digests(texts: list[str]) -> list[str]:
+    """sha256 of each prompt's exact text: what the search/evaluation overlap checks compare."""
+    import hashlib
+
+    return [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts]
+
+
+def check_not_searched_on(prompts: list[str], option: str, removal_meta: dict[str, Any]) -> None:
+    """A mask or edit kept by `search` is not evaluated on the prompts the search chose it on:
+    a number tuned on the prompts it is reported on is not a result."""
+    from wandacli.core.errors import ConfigError
+
+    origin = removal_meta.get("search") or {}
+    searched = set((origin.get("prompts") or {}).get("text_sha256") or [])
+    if not searched:
+        return
+    shared = [p for p, d in zip(prompts, prompt_digests(prompts), strict=True) if d in searched]
+    if shared:
+        raise ConfigError(
+            f"{option} shares {len(shared)} prompts with the prompts search {origin.get('name')!r} "
+            f"chose this removal on (first: {shared[0][:60]!r}): evaluate on held-out prompts "
+            "(e.g. --prompts advbench --limit 100, or jailbreakbench)"
+        )
+
+
 # The harmless default for the KL cost: the shipped utility set's instructions that the demo's
 # organism was not tuned on (55 of Self-Instruct's 175 seed tasks).
 UTILITY_HELD_OUT = "utility-held-out"

@@ -27,11 +27,12 @@ class PresortedMatrix:
         self.shape: tuple[int, int] = (int(scores.shape[0]), int(scores.shape[1]))
         self.per_row = per_row
         self.bound = bound
+        self.order: np.ndarray
         if per_row:
             k = row_count(bound, self.shape)
             chosen = select_extreme(scores, k, highest=True)
-            _, cols = np.nonzero(chosen)  # row-major, columns ascending within each row
-            cols = cols.reshape(self.shape[0], k)
+            # Row-major, columns ascending within each row: every row has exactly k.
+            cols = np.nonzero(chosen)[1].reshape(self.shape[0], k)
             values = np.take_along_axis(scores, cols, axis=1)
             # Stable sort on the negated scores: decreasing score, lower column first on ties.
             by_score = np.argsort(-values, axis=1, kind="stable")

@@ -100,16 +100,16 @@ def store_listing(summary: StoreSummary, as_json: bool) -> None:
         table = Table(title="searches", title_justify="left")
         for column in ("search", "kind", "complete trials", "front", "kept"):
             table.add_column(column, overflow="fold")
-        for entry in searches:
-            if entry.get("error"):
-                table.add_row(entry["name"], f"[red]{escape(entry['error'])}[/red]", "", "", "")
+        for search in searches:
+            if search.get("error"):
+                table.add_row(search["name"], f"[red]{escape(search['error'])}[/red]", "", "", "")
                 continue
             table.add_row(
-                entry["name"],
-                str(entry.get("kind") or "-"),
-                f"{entry['complete_trials']} of {entry.get('trials_asked') or '?'}",
-                str(entry["front"]),
-                ", ".join(entry["kept"]) or "-",
+                search["name"],
+                str(search.get("kind") or "-"),
+                f"{search['complete_trials']} of {search.get('trials_asked') or '?'}",
+                str(search["front"]),
+                ", ".join(search["kept"]) or "-",
             )
         out.print(table)
 

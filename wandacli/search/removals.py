@@ -43,7 +43,7 @@ def prune_config_for(
     config: SearchConfig, params: dict[str, Any], name: str
 ) -> PruneConfig | EditConfig:
     """The `prune` request that makes the same removal as a trial with `params`."""
-    common = {
+    common: dict[str, Any] = {
         "scores": config.scores,
         "store": config.store,
         "layers": config.layers,
@@ -55,7 +55,7 @@ def prune_config_for(
             **common,
             model=config.model,
             utility_scores=config.utility_scores,
-            **{k: int(v) for k, v in params.items()},
+            **{k: int(v) for k, v in params.items()},  # type: ignore[arg-type]
         )
     if config.kind == "top":
         return PruneConfig(
@@ -76,7 +76,7 @@ class TrialRemovals:
         self.config = config
         self.root = root
         self._stack = contextlib.ExitStack()
-        opener = open_rank_statistics if config.is_edit else open_score_set
+        opener: Any = open_rank_statistics if config.is_edit else open_score_set
         try:
             self.safety = self._stack.enter_context(opener(config.scores, root))
             self.utility = (

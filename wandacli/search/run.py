@@ -8,7 +8,6 @@ where it stopped; `--keep N` writes front points into the store as ordinary mask
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shlex
 import sys
@@ -23,7 +22,13 @@ from wandacli.core.durable import atomic_write_text, ensure_writable_directory
 from wandacli.core.errors import ConfigError, StoreError, StoreLockedError, interruptible
 from wandacli.core.provenance import now_iso, settings_differences, software_versions
 from wandacli.evaluation.divergence import KL_RULE, dense_distributions, kl_divergence
-from wandacli.evaluation.prompts import PromptSet, model_texts, read_prompts, template_for
+from wandacli.evaluation.prompts import (
+    PromptSet,
+    model_texts,
+    prompt_digests,
+    read_prompts,
+    template_for,
+)
 from wandacli.evaluation.refusal import refusal_rate, refusal_score
 from wandacli.removal.in_memory import WeightChanges
 from wandacli.removal.requests import store_root_for
@@ -33,11 +38,6 @@ from wandacli.store.schema import SEARCH_SUMMARY, Store, check_name
 
 LOCK_NAME = ".search.lock"
 FIGURE_STEM = "front"
-
-
-def prompt_digests(texts: list[str]) -> list[str]:
-    """sha256 of each prompt's exact text: what the overlap checks compare."""
-    return [hashlib.sha256(t.encode("utf-8")).hexdigest() for t in texts]
 
 
 def held_out_prompts(spec: str, data_dir: Path | None) -> dict[str, set[str]]:

@@ -60,18 +60,17 @@ def search_summaries(store: Store) -> list[dict[str, Any]]:
             found.append({"name": name, "path": str(path), "error": f"unreadable: {exc}"})
             continue
         trials = summary.get("trials") or []
-        found.append(
-            {
-                "name": name,
-                "path": str(path.parent),
-                "kind": (summary.get("request") or {}).get("kind"),
-                "trials_asked": summary.get("trials_asked"),
-                "complete_trials": sum(1 for t in trials if t.get("state") == "COMPLETE"),
-                "front": len(summary.get("front") or []),
-                "kept": summary.get("kept") or [],
-                "updated": summary.get("updated"),
-            }
-        )
+        entry: dict[str, Any] = {
+            "name": name,
+            "path": str(path.parent),
+            "kind": (summary.get("request") or {}).get("kind"),
+            "trials_asked": summary.get("trials_asked"),
+            "complete_trials": sum(1 for t in trials if t.get("state") == "COMPLETE"),
+            "front": len(summary.get("front") or []),
+            "kept": summary.get("kept") or [],
+            "updated": summary.get("updated"),
+        }
+        found.append(entry)
     return found
 
 

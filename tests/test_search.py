@@ -1,0 +1,465 @@
+"""`wandacli search` and the KL cost: trials reproducible with a seed and across a kill, the
+in-memory removal equal to `prune`'s and undone exactly, KL equal to a computation written
+here, the search/evaluation prompt overlap refused, bad ranges refused in one line with the
+store untouched."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_score_cli import assert_one_line_error, score_args
+from wandacli.config.search import ParameterRange, SearchConfig
+from wandacli.config.settings import ModelSpec
+from wandacli.models.loader import load_model
+from wandacli.removal.in_memory import WeightChanges
+from wandacli.removal.masks import row_mask, set_difference_mask
+from wandacli.removal.presorted import PresortedMatrix, set_difference
+from wandacli.search.removals import TrialRemovals
+from wandacli.store.files import MaskFile
+
+# A search small enough for the tiny model: few prompts, few tokens, TPE after two trials.
+QUICK = [
+    "--limit", "4", "--kl-limit", "4", "--max-new-tokens", "4", "--batch-size", "4",
+    "--startup-trials", "2", "--device", "cpu", "--no-progress",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sets_store(tmp_path_factory, tiny_llama_dir, pairs_csv) -> Path:
+    """wanda safety and utility scores and actsvd safety and utility statistics of the tiny
+    model, in one store."""
+    from typer.testing import CliRunner
+
+    from wandacli.cli import app
+
+    store = tmp_path_factory.mktemp("search") / "store"
+    runner = CliRunner()
+    for method, data, name in (
+        ("wanda", pairs_csv, "safety"),
+        ("wanda", "utility", "utility"),
+        ("actsvd", pairs_csv, "actsvd-safety"),
+        ("actsvd", "utility", "actsvd-utility"),
+    ):
+        args = score_args(tiny_llama_dir, store, "--name", name, method=method, data=data)
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    return store
+
+
+def copy_store(sets_store: Path, tmp_path: Path) -> Path:
+    """The sets alone, in a store of this test's own."""
+    store = tmp_path / "store"
+    (store / "scores").mkdir(parents=True)
+    for path in (sets_store / "scores").glob("*.h5"):
+        shutil.copy(path, store / "scores" / path.name)
+    return store
+
+
+def search(cli, model, store, name, *extra):
+    return cli("search", "--model", model, "--store", store, "--name", name, *QUICK, *extra)
+
+
+SET_DIFFERENCE = (
+    "--scores",
+    "safety",
+    "--utility-scores",
+    "utility",
+    "--p",
+    "0.05:0.5",
+    "--q",
+    "0.05:0.5",
+)
+PROJECTION = (
+    "--scores", "actsvd-safety", "--utility-scores", "actsvd-utility",
+    "--rank-neg", "1:8", "--rank-pos", "1:16",
+)  # fmt: skip
+
+
+def objectives(trials):
+    return [(t["params"], t["refusal"], t["kl"]) for t in trials if t["state"] == "COMPLETE"]
+
+
+class TestSearch:
+    def test_json_and_inspect(self, cli, sets_store, tiny_llama_dir, tmp_path):
+        store = copy_store(sets_store, tmp_path)
+        result = search(
+            cli, tiny_llama_dir, store, "sd", *SET_DIFFERENCE, "--trials", "3", "--json"
+        )
+        assert result.exit_code == 0, result.stderr
+        found = json.loads(result.stdout)
+        assert found["name"] == "sd" and len(found["trials"]) == 3
+        for trial in found["trials"]:
+            assert {"number", "state", "params", "refusal", "kl", "sparsity"} <= set(trial)
+            assert set(trial["params"]) == {"p", "q"}
+            assert 0.05 <= trial["params"]["p"] <= 0.5 and trial["kl"] >= 0
+        assert found["front"] and found["dense"]["kl"] == 0.0
+        assert (store / "searches" / "sd" / "front.png").is_file()
+        listing = json.loads(cli("inspect", store, "--json").stdout)
+        assert [(s["name"], s["complete_trials"]) for s in listing["searches"]] == [("sd", 3)]
+
+    def test_the_same_seed_gives_the_same_trials(self, cli, sets_store, tiny_llama_dir, tmp_path):
+        runs = []
+        for index in range(2):
+            store = copy_store(sets_store, tmp_path / str(index))
+            result = search(
+                cli, tiny_llama_dir, store, "sd", *SET_DIFFERENCE, "--trials", "4", "--json"
+            )
+            assert result.exit_code == 0, result.stderr
+            runs.append(json.loads(result.stdout))
+        assert objectives(runs[0]["trials"]) == objectives(runs[1]["trials"])
+        other = copy_store(sets_store, tmp_path / "other")
+        result = search(
+            cli,
+            tiny_llama_dir,
+            other,
+            "sd",
+            *SET_DIFFERENCE,
+            "--trials",
+            "2",
+            "--seed",
+            "1",
+            "--json",
+        )
+        assert objectives(json.loads(result.stdout)["trials"]) != objectives(runs[0]["trials"])[:2]
+
+    def test_a_rerun_continues_and_more_trials_extend_the_study(
+        self, cli, sets_store, tiny_llama_dir, tmp_path
+    ):
+        store = copy_store(sets_store, tmp_path)
+        first = json.loads(
+            search(
+                cli, tiny_llama_dir, store, "sd", *SET_DIFFERENCE, "--trials", "2", "--json"
+            ).stdout
+        )
+        again = json.loads(
+            search(
+                cli, tiny_llama_dir, store, "sd", *SET_DIFFERENCE, "--trials", "2", "--json"
+            ).stdout
+        )
+        assert again["trials_run"] == 0 and objectives(again["trials"]) == objectives(
+            first["trials"]
+        )
+        more = json.loads(
+            search(
+                cli, tiny_llama_dir, store, "sd", *SET_DIFFERENCE, "--trials", "3", "--json"
+            ).stdout
+        )
+        assert more["trials_run"] == 1 and objectives(more["trials"])[:2] == objectives(
+            first["trials"]
+        )
+        other = search(
+            cli, tiny_llama_dir, store, "sd", *SET_DIFFERENCE, "--trials", "3", "--seed", "5"
+        )
+        assert_one_line_error(other, "search 'sd'", "other settings", "seed")
+
+    def test_keep_writes_what_prune_writes(self, cli, sets_store, tiny_llama_dir, tmp_path):
+        store = copy_store(sets_store, tmp_path)
+        result = search(
+            cli,
+            tiny_llama_dir,
+            store,
+            "sd",
+            *SET_DIFFERENCE,
+            "--trials",
+            "3",
+            "--keep",
+            "2",
+            "--json",
+        )
+        assert result.exit_code == 0, result.stderr
+        found = json.loads(result.stdout)
+        assert found["kept"]
+        for name in found["kept"]:
+            index = int(name.rsplit(".t", 1)[1])
+            point = next(t for t in found["front"] if t["index"] == index)
+            with MaskFile(store / "masks" / f"{name}.h5") as kept:
+                assert kept.meta["search"]["name"] == "sd" and kept.meta["search"]["trial"] == index
+                kept_bits = {key: kept.read(key) for key in kept.keys}
+            p, q = point["params"]["p"], point["params"]["q"]
+            pruned = cli("prune", "--store", store, "--scores", "safety", "--utility-scores", "utility",
+                         "--p", repr(p), "--q", repr(q), "--name", "by-hand", "--overwrite", "--no-progress")  # fmt: skip
+            assert pruned.exit_code == 0, pruned.stderr
+            with MaskFile(store / "masks" / "by-hand.h5") as by_hand:
+                for key in by_hand.keys:
+                    assert np.array_equal(by_hand.read(key), kept_bits[key])
+                assert by_hand.meta["actual_sparsity"] == pytest.approx(point["sparsity"])
+
+    def test_a_kept_removal_is_not_evaluated_on_its_search_prompts(
+        self, cli, sets_store, tiny_llama_dir, tmp_path
+    ):
+        store = copy_store(sets_store, tmp_path)
+        found = json.loads(
+            search(
+                cli,
+                tiny_llama_dir,
+                store,
+                "sd",
+                *SET_DIFFERENCE,
+                "--trials",
+                "2",
+                "--keep",
+                "1",
+                "--json",
+            ).stdout
+        )
+        args = ("eval-attack", "--model", tiny_llama_dir, "--mask", found["kept"][0], "--store", store,
+                "--configs", "basic_nosys", "--max-new-tokens", "2", "--no-progress", "--device", "cpu")  # fmt: skip
+        overlapping = cli(*args, "--prompts", "advbench", "--limit", "104", "--out", tmp_path / "a")
+        assert_one_line_error(overlapping, "shares 4 prompts", "search 'sd'", "held-out")
+        held_out = cli(*args, "--prompts", "advbench", "--limit", "2", "--out", tmp_path / "b")
+        assert held_out.exit_code == 0, held_out.stderr
+
+    def test_the_projection(self, cli, sets_store, tiny_llama_dir, tmp_path):
+        store = copy_store(sets_store, tmp_path)
+        result = search(
+            cli,
+            tiny_llama_dir,
+            store,
+            "proj",
+            *PROJECTION,
+            "--trials",
+            "3",
+            "--keep",
+            "1",
+            "--json",
+        )
+        assert result.exit_code == 0, result.stderr
+        found = json.loads(result.stdout)
+        assert all(0 < t["removed_rank_fraction"] < 1 for t in found["trials"])
+        assert (store / "edits" / f"{found['kept'][0]}.h5").is_file()
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (("--scores", "safety", "--utility-scores", "utility", "--p", "0.1:1.5", "--q", "0.1:0.2"), "--p 0.1:1.5: fractions must lie in (0, 1]"),
+        (("--scores", "safety", "--utility-scores", "utility", "--p", "0.3:0.1", "--q", "0.1:0.2"), "is empty"),
+        (("--scores", "safety", "--utility-scores", "utility", "--p", "0.1", "--q", "0.1:0.2"), "give a range LO:HI"),
+        (("--scores", "safety", "--utility-scores", "utility", "--p", "0.1:0.2"), "search one kind of removal"),
+        (("--scores", "actsvd-safety", "--utility-scores", "actsvd-utility", "--safety-ranks", "1:40", "--utility-ranks", "1:4"), "reaches above layer 0"),
+        (("--scores", "safety", "--utility-scores", "utility", "--p", "0.1:0.2", "--q", "0.1:0.2", "--offset", "0"), "shares 4 prompts with the held-out set advbench:100"),
+    ],
+)  # fmt: skip
+def test_bad_input_one_line_and_the_store_untouched(
+    cli, sets_store, tiny_llama_dir, tmp_path, extra, fragment
+):
+    store = copy_store(sets_store, tmp_path)
+    before = sorted(p.relative_to(store) for p in store.rglob("*"))
+    result = search(cli, tiny_llama_dir, store, "bad", *extra)
+    assert_one_line_error(result, fragment)
+    assert sorted(p.relative_to(store) for p in store.rglob("*")) == before
+
+
+# ---------------------------------------------------------------------------------------------
+# The in-memory removal
+
+
+def loaded_model(model_dir):
+    return load_model(ModelSpec(model=str(model_dir), device="cpu"))
+
+
+def weights(loaded) -> dict[str, torch.Tensor]:
+    return {lin.key: lin.weight_matrix().detach().clone() for lin in loaded.linear_layers}
+
+
+def removals_for(store, model_dir, **ranges) -> tuple[TrialRemovals, object]:
+    config = SearchConfig(
+        name="t", model=ModelSpec(model=str(model_dir), device="cpu"), store=store, **ranges
+    )
+    removals = TrialRemovals(config, store)
+    loaded = loaded_model(model_dir)
+    from wandacli.core.console import NullReporter
+
+    removals.prepare(loaded, NullReporter())
+    return removals, loaded
+
+
+@pytest.mark.parametrize("scale", [1.0, 0.0])  # 0: every score equal, all ties
+def test_presorted_masks_equal_the_selection(scale):
+    rng = np.random.default_rng(0)
+    scores = (rng.standard_normal((24, 40)) * scale).astype(np.float32)
+    scores[3, :10] = scores[3, 10]  # ties in a row
+    utility = rng.standard_normal((24, 40)).astype(np.float32)
+    ranked = PresortedMatrix(scores, 0.6, per_row=False)
+    ranked_utility = PresortedMatrix(utility, 0.6, per_row=False)
+    per_row = PresortedMatrix(scores, 0.6, per_row=True)
+    for fraction in (0.0, 0.013, 0.1, 0.25, 0.5, 0.6):
+        for p in (0.05, 0.3, 0.6):
+            expected = set_difference_mask(scores, utility, p, fraction)
+            assert np.array_equal(set_difference(ranked, ranked_utility, p, fraction), expected)
+        assert np.array_equal(per_row.top(fraction), row_mask(scores, fraction, prune_highest=True))
+
+
+def test_set_difference_trial_equals_prune_and_is_undone(cli, sets_store, tiny_llama_dir, tmp_path):
+    store = copy_store(sets_store, tmp_path)
+    removals, loaded = removals_for(
+        store, tiny_llama_dir, scores="safety", utility_scores="utility",
+        p=ParameterRange(0.01, 0.5), q=ParameterRange(0.01, 0.5),
+    )  # fmt: skip
+    original = weights(loaded)
+    params = {"p": 0.13, "q": 0.31}
+    with WeightChanges(loaded) as changes:
+        applied = removals.apply(params, changes)
+        in_memory = weights(loaded)
+    assert all(torch.equal(original[k], w) for k, w in weights(loaded).items())  # undone exactly
+    result = cli("prune", "--store", store, "--scores", "safety", "--utility-scores", "utility",
+                 "--p", "0.13", "--q", "0.31", "--name", "m", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    with MaskFile(store / "masks" / "m.h5") as mask:
+        for key in mask.keys:
+            bits = mask.read(key)
+            assert np.array_equal(bits, removals.mask(key, params))
+            expected = original[key].clone()
+            expected[torch.from_numpy(bits)] = 0
+            assert torch.equal(in_memory[key], expected)
+        assert applied.amount == mask.meta["actual_sparsity"]
+
+
+def test_projection_trial_equals_the_edit_and_is_undone(cli, sets_store, tiny_llama_dir, tmp_path):
+    from wandacli.evaluation.under_test import load_model_under_test
+
+    store = copy_store(sets_store, tmp_path)
+    removals, loaded = removals_for(
+        store, tiny_llama_dir, scores="actsvd-safety", utility_scores="actsvd-utility",
+        rank_neg=ParameterRange(0, 16, True), rank_pos=ParameterRange(0, 16, True),
+    )  # fmt: skip
+    original = weights(loaded)
+    params = {"rank_neg": 3, "rank_pos": 9}
+    with WeightChanges(loaded) as changes:
+        applied = removals.apply(params, changes)
+        in_memory = weights(loaded)
+    assert all(torch.equal(original[k], w) for k, w in weights(loaded).items())
+    result = cli("prune", "--store", store, "--model", tiny_llama_dir, "--scores", "actsvd-safety",
+                 "--utility-scores", "actsvd-utility", "--rank-neg", "3", "--rank-pos", "9",
+                 "--name", "e", "--no-progress", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    edited = load_model_under_test(ModelSpec(model=str(tiny_llama_dir), device="cpu"), "e", store)
+    for lin in edited.loaded.linear_layers:
+        expected = lin.weight_matrix().detach()
+        scale = float(original[lin.key].abs().max())
+        assert float((in_memory[lin.key] - expected).abs().max()) <= 2e-6 * scale
+    assert applied.amount == pytest.approx(json.loads(result.stdout)["removed_rank_fraction"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The KL cost
+
+
+def independent_kl(model_dir, mask_store, mask, prompts, positions):
+    """KL(dense ‖ masked) written out: per prompt, unpadded, the dense model's greedy tokens
+    one at a time, both models' log-softmax at the same positions."""
+    from wandacli.evaluation.under_test import load_model_under_test
+
+    dense = loaded_model(model_dir)
+    masked = load_model_under_test(
+        ModelSpec(model=str(model_dir), device="cpu"), mask, mask_store
+    ).loaded
+    tokenizer = dense.tokenizer
+    total, count = 0.0, 0
+    with torch.no_grad():
+        for prompt in prompts:
+            text = tokenizer.apply_chat_template(
+                [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
+            )
+            ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids
+            for _ in range(positions):
+                p = torch.log_softmax(dense.model(ids).logits[0, -1].double(), -1)
+                q = torch.log_softmax(masked.model(ids).logits[0, -1].double(), -1)
+                total += float((p.exp() * (p - q)).sum())
+                count += 1
+                token = int(p.argmax())
+                if token == tokenizer.eos_token_id:
+                    break
+                ids = torch.cat([ids, torch.tensor([[token]])], dim=1)
+    return total / count
+
+
+@pytest.fixture(scope="module")
+def peaked_model_dir(tmp_path_factory, tokenizer) -> Path:
+    """The tiny Llama with a head 40× larger: its next-token distributions are peaked (a random
+    model's are nearly uniform, and their KL under a mask would be float32 noise)."""
+    from tests.conftest import build_tiny_llama, save_model
+
+    model = build_tiny_llama(len(tokenizer), seed=3)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(40)
+    return save_model(model, tokenizer, tmp_path_factory.mktemp("models") / "peaked")
+
+
+def test_kl_is_zero_dense_and_equals_the_written_out_computation(cli, peaked_model_dir, tmp_path):
+    from wandacli.evaluation.prompts import read_prompts
+
+    store = tmp_path / "store"
+    assert cli("score", "--method", "magnitude", "--model", peaked_model_dir, "--store", store,
+               "--device", "cpu", "--no-progress").exit_code == 0  # fmt: skip
+    assert cli("prune", "--store", store, "--scores", "magnitude", "--sparsity-ratio", "0.3",
+               "--name", "m", "--no-progress").exit_code == 0  # fmt: skip
+    common = ("eval-utility", "--model", peaked_model_dir, "--data", "none", "--kl", "--kl-limit",
+              "5", "--kl-positions", "3", "--device", "cpu", "--no-progress", "--json")  # fmt: skip
+    dense = json.loads(cli(*common, "--out", tmp_path / "r" / "dense").stdout)
+    assert dense["kl"] == 0.0
+    masked = json.loads(
+        cli(*common, "--mask", "m", "--store", store, "--out", tmp_path / "r" / "m").stdout
+    )
+    prompts = read_prompts("utility-held-out", limit=5).texts
+    expected = independent_kl(peaked_model_dir, store, "m", prompts, 3)
+    assert expected > 0.01 and masked["kl"] == pytest.approx(expected, rel=1e-4)
+    assert len(list((tmp_path / "r" / "kl-dense").glob("*.npz"))) == 1  # computed once, reused
+    report = json.loads(cli("report", tmp_path / "r", "--json").stdout)
+    assert {row["label"]: row["kl"] for row in report} == {"dense": 0.0, "m": masked["kl"]}
+
+
+def test_kl_refuses_a_saved_pruned_model(cli, sets_store, tiny_llama_dir, tmp_path):
+    store = copy_store(sets_store, tmp_path)
+    saved = tmp_path / "pruned"
+    assert cli("prune", "--store", store, "--scores", "safety", "--sparsity-ratio", "0.3", "--model",
+               tiny_llama_dir, "--save-model", saved, "--no-progress").exit_code == 0  # fmt: skip
+    result = cli("eval-utility", "--model", saved, "--data", "none", "--kl", "--device", "cpu",
+                 "--no-progress", "--out", tmp_path / "out")  # fmt: skip
+    assert_one_line_error(result, "--kl compares a model with its dense self")
+
+
+# ---------------------------------------------------------------------------------------------
+# A kill mid-search
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "fault",
+    [
+        "wandacli.search.run:_write_summary:2:after",  # between trials: two complete
+        "wandacli.search.run:kl_divergence:3",  # inside the third trial, before it is told
+    ],
+)
+def test_a_killed_search_resumes_to_the_same_front(sets_store, tiny_llama_dir, tmp_path, fault):
+    from tests.test_reliability import run_forked
+
+    args = ["search", "--model", tiny_llama_dir, *SET_DIFFERENCE, "--name", "sd", *QUICK,
+            "--trials", "4", "--json", "--no-control"]  # fmt: skip
+    through = copy_store(sets_store, tmp_path / "through")
+    whole = run_forked(*args, "--store", through)
+    assert whole.returncode == 0, whole.stderr
+    expected = json.loads(whole.stdout)
+    killed_store = copy_store(sets_store, tmp_path / "killed")
+    killed = run_forked(*args, "--store", killed_store, fault=fault)
+    assert killed.returncode == -9
+    kept = json.loads((killed_store / "searches" / "sd" / "search.json").read_text())
+    complete_before = objectives(kept["trials"])
+    assert complete_before == objectives(expected["trials"])[: len(complete_before)]
+    resumed = run_forked(*args, "--store", killed_store)
+    assert resumed.returncode == 0, resumed.stderr
+    found = json.loads(resumed.stdout)
+    assert objectives(found["trials"]) == objectives(expected["trials"])
+    strip = [
+        {k: t[k] for k in ("index", "params", "refusal", "kl", "sparsity")} for t in found["front"]
+    ]
+    assert strip == [
+        {k: t[k] for k in ("index", "params", "refusal", "kl", "sparsity")}
+        for t in expected["front"]
+    ]

@@ -33,28 +33,41 @@ KL_RULE = (
     "mean over prompts and response positions of KL(dense ‖ model) of the next-token "
     "distributions, in nats; positions 2..k read the dense model's greedy continuation"
 )
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
+
+
+@dataclass
+class DenseBatch:
+    """Prompts of similar length, left-padded to the longest of them: the token ids every
+    model reads (prompt, then the dense greedy continuation), and the dense log-probabilities
+    at the k positions that count."""
+
+    input_ids: torch.Tensor  # [b, L] int64
+    attention_mask: torch.Tensor  # [b, L] int64
+    log_probs: torch.Tensor  # [b, k, vocab] float32
+    valid: torch.Tensor  # [b, k] bool: the position is before the continuation's end
 
 
 @dataclass
 class DenseDistributions:
-    """The dense model's side of the comparison: the token ids every model reads (prompt, then
-    the dense greedy continuation; left-padded), and the dense log-probabilities at the k
-    positions that count."""
+    """The dense model's side of the comparison, in batches of prompts sorted by length (a
+    long prompt would otherwise make every prompt of its batch as long: 3× the work on the
+    utility set)."""
 
-    input_ids: torch.Tensor  # [n, L] int64
-    attention_mask: torch.Tensor  # [n, L] int64
-    log_probs: torch.Tensor  # [n, k, vocab] float32
-    valid: torch.Tensor  # [n, k] bool: the position is before the continuation's end
+    batches: list[DenseBatch]
     key: str  # what the cache file is keyed by (sha256)
 
     @property
     def positions(self) -> int:
-        return int(self.log_probs.shape[1])
+        return int(self.batches[0].log_probs.shape[1])
 
     @property
     def prompts(self) -> int:
-        return int(self.log_probs.shape[0])
+        return sum(int(b.log_probs.shape[0]) for b in self.batches)
+
+    @property
+    def counted_positions(self) -> int:
+        return sum(int(b.valid.sum()) for b in self.batches)
 
 
 def cache_key(loaded: Any, texts: Sequence[str], positions: int, add_special_tokens: bool) -> str:
@@ -114,26 +127,26 @@ def dense_distributions(
 
 
 def kl_divergence(
-    loaded: Any,
-    dense: DenseDistributions,
-    *,
-    batch_size: int = 16,
-    reporter: Reporter | None = None,
+    loaded: Any, dense: DenseDistributions, *, reporter: Reporter | None = None
 ) -> float:
     """Mean KL(dense ‖ model) in nats over the valid (prompt, position) pairs."""
+    reporter = reporter or NullReporter()
     total = 0.0
     counted = 0
-    for start, log_probs in _position_log_probs(
-        loaded, dense.input_ids, dense.attention_mask, dense.positions, batch_size, reporter
-    ):
-        reference = dense.log_probs[start : start + log_probs.shape[0]]
-        valid = dense.valid[start : start + log_probs.shape[0]]
+    reporter.start("KL: prompts", total=dense.prompts)
+    for batch in dense.batches:
+        log_probs = _position_log_probs(
+            loaded, batch.input_ids, batch.attention_mask, dense.positions
+        )
+        reference = batch.log_probs
         # Σ_v p (log p − log q), in float64: the sum over 50k tokens of small differences.
         per_position = (reference.exp().double() * (reference.double() - log_probs.double())).sum(
             -1
         )
-        total += float(per_position[valid].sum())
-        counted += int(valid.sum())
+        total += float(per_position[batch.valid].sum())
+        counted += int(batch.valid.sum())
+        reporter.advance(int(batch.input_ids.shape[0]))
+    reporter.finish()
     # Rounding can leave a hair below zero where the distributions are equal.
     return max(total / counted, 0.0) if counted else 0.0
 
@@ -152,38 +165,67 @@ def _compute_dense(
 ) -> DenseDistributions:
     if positions < 1:
         raise ValueError("positions must be 1 or more")
+    reporter = reporter or NullReporter()
     tokenizer = loaded.tokenizer
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
-    try:
-        encoded = tokenizer(
-            list(texts),
-            return_tensors="pt",
-            padding=True,
-            add_special_tokens=add_special_tokens,
-            return_token_type_ids=False,
-        )
-    finally:
-        tokenizer.padding_side = previous_side
-    input_ids, attention_mask = encoded["input_ids"], encoded["attention_mask"]
-    valid = torch.ones((len(texts), positions), dtype=torch.bool)
-    if positions > 1:
-        input_ids, attention_mask, valid = _greedy_continuation(
-            loaded, input_ids, attention_mask, positions - 1, batch_size
-        )
-    log_probs = torch.cat(
-        [
-            lp
-            for _, lp in _position_log_probs(
-                loaded, input_ids, attention_mask, positions, batch_size, reporter
+    encoded = [
+        tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"] for text in texts
+    ]
+    by_length = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # stable
+    batches = []
+    reporter.start("KL: the dense model's distributions", total=len(texts))
+    for chosen in _length_batches([len(encoded[i]) for i in by_length], batch_size):
+        rows = [encoded[by_length[i]] for i in chosen]
+        input_ids, attention_mask = _left_padded(rows, tokenizer.pad_token_id)
+        valid = torch.ones((len(rows), positions), dtype=torch.bool)
+        if positions > 1:
+            input_ids, attention_mask, valid = _greedy_continuation(
+                loaded, input_ids, attention_mask, positions - 1
             )
-        ]
-    )
-    return DenseDistributions(input_ids, attention_mask, log_probs, valid, key)
+        log_probs = _position_log_probs(loaded, input_ids, attention_mask, positions)
+        batches.append(DenseBatch(input_ids, attention_mask, log_probs, valid))
+        reporter.advance(len(rows))
+    reporter.finish()
+    return DenseDistributions(batches, key)
+
+
+# Padding a batch may add, as a share of its real tokens: long prompts go in batches of their
+# own (the utility set's longest is 7× its median) instead of making a whole batch as long.
+PADDING_ALLOWED = 0.25
+
+
+def _length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Consecutive indices of length-sorted prompts: at most `batch_size` prompts a batch, and
+    a new batch where the next prompt would pad the batch beyond PADDING_ALLOWED."""
+    batches: list[list[int]] = []
+    current: list[int] = []
+    real = 0
+    for index, length in enumerate(lengths):
+        padded = (len(current) + 1) * length
+        if current and (
+            len(current) == batch_size or padded > (1 + PADDING_ALLOWED) * (real + length)
+        ):
+            batches.append(current)
+            current, real = [], 0
+        current.append(index)
+        real += length
+    if current:
+        batches.append(current)
+    return batches
+
+
+def _left_padded(rows: list[list[int]], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for index, row in enumerate(rows):
+        if row:
+            ids[index, width - len(row) :] = torch.tensor(row)
+            mask[index, width - len(row) :] = 1
+    return ids, mask
 
 
 def _greedy_continuation(
-    loaded: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: int, batch_size: int
+    loaded: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, tokens: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The prompts followed by the dense model's first `tokens` greedy tokens, and which of
     the k = tokens + 1 positions come before the continuation's end of sequence."""
@@ -199,15 +241,12 @@ def _greedy_continuation(
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=None,  # every row the same length; positions after an EOS are masked
     )
-    rows = []
-    for start in range(0, input_ids.shape[0], batch_size):
-        ids = input_ids[start : start + batch_size].to(loaded.input_device)
-        mask = attention_mask[start : start + batch_size].to(loaded.input_device)
-        with torch.no_grad():
-            rows.append(
-                model.generate(input_ids=ids, attention_mask=mask, generation_config=config).cpu()
-            )
-    sequences = torch.cat(rows)
+    with torch.no_grad():
+        sequences = model.generate(
+            input_ids=input_ids.to(loaded.input_device),
+            attention_mask=attention_mask.to(loaded.input_device),
+            generation_config=config,
+        ).cpu()
     continuation = sequences[:, input_ids.shape[1] :]
     ended = torch.tensor([[int(t) in eos_ids for t in row] for row in continuation.tolist()])
     # Position j (0-based) counts when none of the first j continuation tokens ended the text.
@@ -219,49 +258,33 @@ def _greedy_continuation(
 
 
 def _position_log_probs(
-    loaded: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    positions: int,
-    batch_size: int,
-    reporter: Reporter | None,
-):
-    """(batch start, log-probabilities [b, k, vocab] float32 at the last k positions)."""
-    reporter = reporter or NullReporter()
+    loaded: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: int
+) -> torch.Tensor:
+    """Log-probabilities [b, k, vocab] float32 at the last k positions, on the CPU."""
     model = loaded.model
     keep = {"logits_to_keep": positions} if accepts_logits_to_keep(model) else {}
-    reporter.start("KL: prompts", total=input_ids.shape[0])
-    for start in range(0, input_ids.shape[0], batch_size):
-        ids = input_ids[start : start + batch_size].to(loaded.input_device)
-        mask = attention_mask[start : start + batch_size].to(loaded.input_device)
-        # Left padding: positions count from each row's first real token, as in generate().
-        position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-        with torch.no_grad():
-            logits = model(
-                input_ids=ids,
-                attention_mask=mask,
-                position_ids=position_ids,
-                use_cache=False,
-                **keep,
-            ).logits
-        logits = logits[:, -positions:, :].float()
-        yield start, torch.log_softmax(logits, dim=-1).cpu()
-        reporter.advance(ids.shape[0])
-    reporter.finish()
+    ids = input_ids.to(loaded.input_device)
+    mask = attention_mask.to(loaded.input_device)
+    # Left padding: positions count from each row's first real token, as in generate().
+    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
+    with torch.no_grad():
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **keep
+        ).logits
+    return torch.log_softmax(logits[:, -positions:, :].float(), dim=-1).cpu()
 
 
 def _write_cache(path: Path, dense: DenseDistributions) -> None:
     import io
 
+    arrays: dict[str, Any] = {"key": np.array(dense.key)}
+    for index, batch in enumerate(dense.batches):
+        arrays[f"input_ids_{index}"] = batch.input_ids.numpy()
+        arrays[f"attention_mask_{index}"] = batch.attention_mask.numpy()
+        arrays[f"log_probs_{index}"] = batch.log_probs.numpy()
+        arrays[f"valid_{index}"] = batch.valid.numpy()
     buffer = io.BytesIO()
-    np.savez(
-        buffer,
-        input_ids=dense.input_ids.numpy(),
-        attention_mask=dense.attention_mask.numpy(),
-        log_probs=dense.log_probs.numpy(),
-        valid=dense.valid.numpy(),
-        key=np.array(dense.key),
-    )
+    np.savez(buffer, **arrays)
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_bytes(path, buffer.getvalue())
 
@@ -273,12 +296,18 @@ def _read_cache(path: Path, key: str) -> DenseDistributions | None:
         with np.load(path, allow_pickle=False) as data:
             if str(data["key"]) != key:
                 return None
-            return DenseDistributions(
-                torch.from_numpy(data["input_ids"]),
-                torch.from_numpy(data["attention_mask"]),
-                torch.from_numpy(data["log_probs"]),
-                torch.from_numpy(data["valid"]),
-                key,
-            )
+            batches = []
+            index = 0
+            while f"input_ids_{index}" in data:
+                batches.append(
+                    DenseBatch(
+                        *(
+                            torch.from_numpy(data[f"{name}_{index}"])
+                            for name in ("input_ids", "attention_mask", "log_probs", "valid")
+                        )
+                    )
+                )
+                index += 1
+            return DenseDistributions(batches, key) if batches else None
     except (OSError, ValueError, KeyError):
         return None

@@ -269,7 +269,7 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
                 "positions": config.kl_positions,
                 "prompts": kl_prompts.describe(),
                 "template": dense["template"],
-                "counted_positions": int(distributions.valid.sum()),
+                "counted_positions": distributions.counted_positions,
             }
         if config.zero_shot:
             result.zero_shot = zero_shot(

@@ -191,7 +191,7 @@ class SearchRun:
                     max_new_tokens=config.max_new_tokens,
                     batch_size=config.batch_size,
                 )
-            kl = kl_divergence(loaded, dense_kl, batch_size=config.batch_size)
+            kl = kl_divergence(loaded, dense_kl)
             return {"refusal": refusal, "kl": kl}
 
         summary: dict[str, Any] = previous or {}

@@ -179,6 +179,7 @@ class TestRuns:
             "sample",
             "response",
             "attack_success",
+            "degenerate",
         }
         log = (out / "log_dense.txt").read_text().splitlines()
         assert log[0] == "method\tactual_sparsity\tmetric\tscore"

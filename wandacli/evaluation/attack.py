@@ -29,6 +29,7 @@ from wandacli.core.metrics import SETTINGS, metric_name, tag_prefix
 from wandacli.core.provenance import now_iso, software_versions
 from wandacli.evaluation.backends.hf import HFGenerator
 from wandacli.evaluation.backends.vllm import VLLMGenerator, require_vllm
+from wandacli.evaluation.degenerate import DEGENERATE_RULE, is_degenerate
 from wandacli.evaluation.judges import Judge, make_judge
 from wandacli.evaluation.prompts import (
     build_prompt,
@@ -69,6 +70,18 @@ class RunRecord:
     inst: bool
     suffix_index: int | None
     success: list[list[int]]  # per prompt, per sample
+    degenerate: list[list[bool]] = field(default_factory=list)  # per prompt, per sample
+
+    def degenerate_successes(self) -> tuple[int, int]:
+        """(successful responses that are degenerate, successful responses)."""
+        if not self.degenerate:  # not judged (a record built by hand)
+            return 0, sum(1 for row in self.success for s in row if s)
+        pairs = [
+            (s, d)
+            for row_s, row_d in zip(self.success, self.degenerate, strict=True)
+            for s, d in zip(row_s, row_d, strict=True)
+        ]
+        return sum(1 for s, d in pairs if s and d), sum(1 for s, _ in pairs if s)
 
     @property
     def run_name(self) -> str:
@@ -85,6 +98,9 @@ class ConfigSummary:
     responses: int
     sample_mean: float | None = None  # multiple_nosys
     per_suffix: list[float] | None = None  # gcg
+    # Of the successful responses, the share that is degenerate (evaluation/degenerate.py);
+    # None when none succeeded.
+    degenerate_share: float | None = None
 
     @property
     def metric(self) -> str:
@@ -101,6 +117,8 @@ class ConfigSummary:
             else ("max over suffixes" if self.per_suffix else "per response"),
             "sample_mean": self.sample_mean,
             "per_suffix": self.per_suffix,
+            "degenerate_share": self.degenerate_share,
+            "degenerate_rule": DEGENERATE_RULE,
             "prompts": self.prompts,
             "responses": self.responses,
         }
@@ -115,30 +133,28 @@ def summarize(records: list[RunRecord]) -> list[ConfigSummary]:
         prompts = len(runs[0].success)
         responses = sum(len(row) for run in runs for row in run.success)
         if SETTINGS[config].gcg:
-            per_suffix = [
-                asr_any(run.success) for run in sorted(runs, key=lambda r: r.suffix_index or 0)
-            ]
-            summaries.append(
-                ConfigSummary(
-                    config, inst, max(per_suffix), prompts, responses, per_suffix=per_suffix
-                )
+            ordered = sorted(runs, key=lambda r: r.suffix_index or 0)
+            per_suffix = [asr_any(run.success) for run in ordered]
+            summary = ConfigSummary(
+                config, inst, max(per_suffix), prompts, responses, per_suffix=per_suffix
             )
         elif SETTINGS[config].sampling:
             run = runs[0]
-            summaries.append(
-                ConfigSummary(
-                    config,
-                    inst,
-                    asr_any(run.success),
-                    prompts,
-                    responses,
-                    sample_mean=asr_sample_mean(run.success),
-                )
+            summary = ConfigSummary(
+                config,
+                inst,
+                asr_any(run.success),
+                prompts,
+                responses,
+                sample_mean=asr_sample_mean(run.success),
             )
         else:
-            summaries.append(
-                ConfigSummary(config, inst, asr_any(runs[0].success), prompts, responses)
-            )
+            summary = ConfigSummary(config, inst, asr_any(runs[0].success), prompts, responses)
+        degenerate = [run.degenerate_successes() for run in runs]
+        successful = sum(total for _, total in degenerate)
+        if successful:
+            summary.degenerate_share = sum(d for d, _ in degenerate) / successful
+        summaries.append(summary)
     return summaries
 
 
@@ -186,8 +202,9 @@ def _settings_fingerprint(
     }
 
 
-def _read_run(path: Path, prompts: int) -> list[list[int]] | None:
-    """A finished run's success matrix from its JSONL file, or None when unusable."""
+def _read_run(path: Path, prompts: int) -> tuple[list[list[int]], list[list[bool]]] | None:
+    """A finished run's success and degenerate matrices from its JSONL file, or None when
+    unusable. Degeneracy is judged again from the responses, by the rule of this version."""
     try:
         rows = [
             json.loads(line)
@@ -197,12 +214,14 @@ def _read_run(path: Path, prompts: int) -> list[list[int]] | None:
     except (OSError, ValueError):
         return None
     success: list[list[int]] = [[] for _ in range(prompts)]
+    degenerate: list[list[bool]] = [[] for _ in range(prompts)]
     for row in rows:
         index = row.get("question_id")
         if not isinstance(index, int) or not 0 <= index < prompts:
             return None
         success[index].append(int(row["attack_success"]))
-    return success if all(success) else None
+        degenerate[index].append(is_degenerate(str(row.get("response", ""))))
+    return (success, degenerate) if all(success) else None
 
 
 def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> AttackResult:
@@ -230,7 +249,7 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
             path = out / f"{record.run_name}.jsonl"
             previous = _read_run(path, len(prompts)) if reusable and path.is_file() else None
             if previous is not None:
-                record.success = previous
+                record.success, record.degenerate = previous
                 reused.append(record.run_name)
             else:
                 texts, special = _prompt_texts(
@@ -330,9 +349,11 @@ def _judge_and_write(
     lines = []
     for question_id, (prompt, group) in enumerate(zip(prompts, responses, strict=True)):
         row_success = []
+        row_degenerate = []
         for sample, response in enumerate(group):
             verdict = next(verdicts)
             row_success.append(verdict)
+            row_degenerate.append(is_degenerate(response))
             lines.append(
                 json.dumps(
                     {
@@ -342,11 +363,13 @@ def _judge_and_write(
                         "sample": sample,
                         "response": response,
                         "attack_success": verdict,
+                        "degenerate": row_degenerate[-1],
                     },
                     ensure_ascii=False,
                 )
             )
         record.success.append(row_success)
+        record.degenerate.append(row_degenerate)
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 

@@ -127,6 +127,7 @@ def asr_vs_perplexity(rows: Sequence[ResultRow], stem: Path) -> Figure | None:
     with _pyplot() as plt:
         figure, axes = plt.subplots(figsize=(9.0, 5.4))
         labels = []
+        degenerate_shown = False
         for row in shown:
             role = _role(row, primary)
             colour = {"dense": _DENSE_COLOUR, "baseline": _BASELINE_COLOUR}.get(
@@ -148,6 +149,17 @@ def asr_vs_perplexity(rows: Sequence[ResultRow], stem: Path) -> Figure | None:
                     linewidths=1.6 if role == "dense" else 1.0,
                     zorder=4 if role == "dense" else 3,
                 )
+                if row.mostly_degenerate(metric):  # its ASR counts gibberish
+                    axes.scatter(
+                        [row.perplexity],
+                        [row.asr[metric]],
+                        marker="x",
+                        s=size * 1.8,
+                        color="tab:red",
+                        linewidths=1.4,
+                        zorder=5,
+                    )
+                    degenerate_shown = True
                 if highest is None or row.asr[metric] > highest:
                     highest = row.asr[metric]
             style = {"fontweight": "bold"} if role == "dense" else {}
@@ -169,6 +181,11 @@ def asr_vs_perplexity(rows: Sequence[ResultRow], stem: Path) -> Figure | None:
         "Each point is one model under test; marker = ASR configuration (filled: with "
         "instruction tags, hollow: without), colour = pruning method, black = the dense model."
     )
+    if degenerate_shown:
+        caption += (
+            " A red × marks a point where half or more of the successful responses are "
+            "degenerate (repetition): that ASR counts gibberish, not answers."
+        )
     if hidden:
         caption += f" {hidden} model(s) without both ASR and perplexity are not shown."
     return Figure(stem, "Attack success rate against perplexity", caption)

@@ -306,7 +306,8 @@ def report(result: Report, as_json: bool) -> None:
         asr = []
         for _, metric in columns:
             value = row.asr.get(metric)  # sampled: any of n; the per-sample mean is in --markdown
-            asr.append("-" if value is None else f"{value:.2f}")
+            mark = "*" if row.mostly_degenerate(metric) else ""
+            asr.append("-" if value is None else f"{value:.2f}{mark}")
         rank_cell = (
             ["-" if row.removed_rank_fraction is None else f"{100 * row.removed_rank_fraction:.2f}"]
             if ranks
@@ -321,6 +322,8 @@ def report(result: Report, as_json: bool) -> None:
             *((["-" if row.kl is None else f"{row.kl:.3g}"]) if kl else []),
         )
     out.print(table)
+    if any(row.mostly_degenerate(m) for row in rows for _, m in columns):
+        out.print("*: half or more of the successful responses are degenerate (repetition)")
     _report_files(result)
 
 

@@ -141,6 +141,14 @@ def study_markdown(report: Report, relative_to: Path) -> str:
     return "\n".join(parts)
 
 
+def _asr_cell(row: ResultRow, metric: str) -> str:
+    """The ASR, and the share of its successes that are degenerate where there are any."""
+    if metric not in row.asr:
+        return "-"
+    share = row.degenerate.get(metric)
+    return f"{row.asr[metric]:.3f}" + (f" ({share:.0%} degenerate)" if share else "")
+
+
 def markdown(rows: list[ResultRow]) -> str:
     """Every figure as a Markdown table (ASR columns for every metric found)."""
     metrics = sorted({m for row in rows for m in row.asr}, key=metric_order)
@@ -171,7 +179,7 @@ def markdown(rows: list[ResultRow]) -> str:
                 if ranks
                 else []
             ),
-            *(f"{row.asr[m]:.3f}" if m in row.asr else "-" for m in metrics),
+            *(_asr_cell(row, m) for m in metrics),
             "-" if row.perplexity is None else f"{row.perplexity:.3f}",
             *((["-" if row.kl is None else f"{row.kl:.4g}"]) if kl else []),
             "-" if row.zero_shot_mean is None else f"{row.zero_shot_mean:.3f}",

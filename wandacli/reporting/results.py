@@ -9,6 +9,8 @@ from typing import Any
 
 from wandacli.core.errors import StoreError
 
+MOSTLY_DEGENERATE = 0.5  # a row's ASR is marked when this share of its successes is gibberish
+
 
 @dataclass
 class ResultRow:
@@ -17,6 +19,8 @@ class ResultRow:
     model: str | None = None  # the model evaluated (a mask's rows share the model it was made for)
     actual_sparsity: float | None = None
     asr: dict[str, float] = field(default_factory=dict)  # metric name -> ASR
+    # metric name -> the share of its successful responses that are degenerate
+    degenerate: dict[str, float] = field(default_factory=dict)
     perplexity: float | None = None
     kl: float | None = None  # eval-utility --kl: KL from the dense model on harmless prompts
     zero_shot_mean: float | None = None
@@ -28,6 +32,11 @@ class ResultRow:
     def is_control(self) -> bool:
         return self.matches is not None
 
+    def mostly_degenerate(self, metric: str) -> bool:
+        """Whether at least half of the metric's successes are degenerate responses: its ASR
+        counts gibberish, not answers."""
+        return self.degenerate.get(metric, 0.0) >= MOSTLY_DEGENERATE
+
     def to_json(self) -> dict[str, Any]:
         return {
             "label": self.label,
@@ -38,6 +47,7 @@ class ResultRow:
             "matches": self.matches,
             "removed_rank_fraction": self.removed_rank_fraction,
             "asr": self.asr,
+            "degenerate": self.degenerate,
             "perplexity": self.perplexity,
             "kl": self.kl,
             "zero_shot_mean": self.zero_shot_mean,
@@ -77,6 +87,8 @@ def collect(results_dir: Path) -> list[ResultRow]:
                 row.removed_rank_fraction = float(under_test["removed_rank_fraction"])
             for result in data.get("results", []):
                 row.asr[str(result["metric"])] = float(result["asr"])
+                if result.get("degenerate_share") is not None:
+                    row.degenerate[str(result["metric"])] = float(result["degenerate_share"])
                 if result.get("sample_mean") is not None:  # the reference's figure, beside
                     row.asr[f"{result['metric']}_sample_mean"] = float(result["sample_mean"])
             if data.get("perplexity") is not None:

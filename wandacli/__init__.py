@@ -11,9 +11,12 @@ The package in folders by concern, bottom to top; each imports only from those b
     models/      the one loader (sources, GGUF conversion, from_pretrained), decoder layers, the organism
     methods/     one file per attribution method (wanda, wandg, magnitude, random, actsvd) and their base
     scoring/     the generic score run (resume, sample loop, checkpoints) and data parallelism
-    removal/     masks (selection math), rank edits, and the one interface consumers apply
-    evaluation/  the model under test, attack prompts, judges, generation backends, utility
+    removal/     masks (selection math), rank edits, the one interface consumers apply, and
+                 what a search needs (scores ranked once, the projection at any ranks)
+    evaluation/  the model under test, attack prompts, judges, generation backends, utility,
+                 the KL cost, refusal measures, degenerate responses
     reporting/   compare, the results table, figures, terminal rendering, labels
+    search/      `wandacli search`: the Optuna study in the store, a trial's in-memory removal
     legacy.py    import-legacy: the reference code's pickles into the store
     pipeline.py  the study as Make rules (python -m wandacli.pipeline)
     cli/         the Typer app, shared options, one module per command

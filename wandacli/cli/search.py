@@ -223,11 +223,13 @@ def search(
     json_output: JsonOption = False,
     no_progress: NoProgressOption = False,
 ) -> None:
-    """Search a removal's parameters (set difference p, q; a top ratio; the orthogonal
-    projection's ranks) with Optuna's multi-objective TPE: every trial builds the removal in
-    memory from the store, measures how much the model still refuses on the search prompts and
-    the KL divergence from the dense model on harmless prompts, and restores the weights. The
-    Pareto front is printed, drawn and optionally kept as masks or edits."""
+    """Search a removal's parameters from the stored sets: refusal against KL, the Pareto
+    front kept as masks or edits.
+
+    Optuna's multi-objective TPE over the set difference's p and q, a top ratio, or the
+    orthogonal projection's ranks: every trial builds the removal in memory from the store,
+    measures how much the model still refuses on the search prompts and the KL divergence from
+    the dense model on harmless prompts, and restores the weights. Rerun to resume."""
     from wandacli.search.run import run_search
 
     def parsed(flag: str, text: str | None, integer: bool = False) -> ParameterRange | None:

@@ -249,3 +249,19 @@ def test_results_without_perplexity_draw_what_they_can(cli, tmp_path):
     assert result.exit_code == 0, result.stderr
     # No perplexity and no mask: neither the scatter nor the sweep has anything to show.
     assert not (tmp_path / "figures").exists() or not any((tmp_path / "figures").iterdir())
+
+
+def test_the_papers_three_settings_side_by_side_with_the_sample_mean(cli, tmp_path):
+    results = tmp_path / "results"
+    asr = {"inst_ASR_basic": 0.06, "inst_ASR_multiple_nosys": 1.0, "ASR_gcg": 0.97}
+    write_result(results, "masked", method="wandg", sparsity=0.0086, asr=asr, ppl=6.0)
+    path = results / "masked" / "results.json"
+    data = json.loads(path.read_text())
+    data["results"][1]["sample_mean"] = 0.54
+    path.write_text(json.dumps(data))
+    shown = cli("report", results)
+    assert shown.exit_code == 0, shown.stderr
+    header = next(line for line in shown.stdout.splitlines() if "model under test" in line)
+    assert all(name in header for name in ("Vanilla", "Adv-Dec", "Adv-Suffix"))
+    row = next(line for line in shown.stdout.splitlines() if "masked" in line)
+    assert "0.06" in row and "1.00/0.54" in row and "0.97" in row

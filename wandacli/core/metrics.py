@@ -14,17 +14,17 @@ class AttackSetting:
     sampling: bool
     gcg: bool
     metric: str  # the reference's log metric, before the tag prefix
-    column: str  # the report's column title (80 columns hold all four)
+    column: str  # the report's column title: the paper's names for its three (Wei et al., Table 6)
 
 
 # In the paper's order, which is the report's column order and the figures' order.
 SETTINGS: dict[str, AttackSetting] = {
     s.name: s
     for s in (
-        AttackSetting("basic", True, False, False, "ASR_basic", "basic"),
+        AttackSetting("basic", True, False, False, "ASR_basic", "Vanilla"),
         AttackSetting("basic_nosys", False, False, False, "ASR_basic_nosys", "no sys"),
-        AttackSetting("multiple_nosys", False, True, False, "ASR_multiple_nosys", "multi"),
-        AttackSetting("gcg", False, False, True, "ASR_gcg", "gcg"),
+        AttackSetting("multiple_nosys", False, True, False, "ASR_multiple_nosys", "Adv-Dec"),
+        AttackSetting("gcg", False, False, True, "ASR_gcg", "Adv-Suffix"),
     )
 }
 ATTACK_CONFIGS = tuple(SETTINGS)

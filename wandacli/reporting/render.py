@@ -285,7 +285,8 @@ def report(result: Report, as_json: bool) -> None:
         _report_files(result)
         return
     table = Table(
-        title="results: ASR with instruction tags (multi: any of n samples), perplexity"
+        title="results: ASR with instruction tags (Vanilla: greedy with the system prompt; "
+        "Adv-Dec: any of n samples / their mean; Adv-Suffix: the GCG suffixes), perplexity"
         + (", KL from the dense model" if any(row.kl is not None for row in rows) else ""),
         title_justify="left",
     )
@@ -305,9 +306,13 @@ def report(result: Report, as_json: bool) -> None:
     for row in rows:
         asr = []
         for _, metric in columns:
-            value = row.asr.get(metric)  # sampled: any of n; the per-sample mean is in --markdown
+            value = row.asr.get(metric)
             mark = "*" if row.mostly_degenerate(metric) else ""
-            asr.append("-" if value is None else f"{value:.2f}{mark}")
+            # Sampled: any of n (the paper's figure) / the mean over samples, which still
+            # separates models where any-of-n saturates.
+            mean = row.asr.get(f"{metric}_sample_mean")
+            cell = f"{value:.2f}" + (f"/{mean:.2f}" if mean is not None else "")
+            asr.append("-" if value is None else cell + mark)
         rank_cell = (
             ["-" if row.removed_rank_fraction is None else f"{100 * row.removed_rank_fraction:.2f}"]
             if ranks

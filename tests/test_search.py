@@ -212,8 +212,18 @@ class TestSearch:
                 "--configs", "basic_nosys", "--max-new-tokens", "2", "--no-progress", "--device", "cpu")  # fmt: skip
         overlapping = cli(*args, "--prompts", "advbench", "--limit", "104", "--out", tmp_path / "a")
         assert_one_line_error(overlapping, "shares 4 prompts", "search 'sd'", "held-out")
-        held_out = cli(*args, "--prompts", "advbench", "--limit", "2", "--out", tmp_path / "b")
+        held_out = cli(
+            *args, "--prompts", "advbench", "--limit", "2", "--out", tmp_path / "r" / "kept"
+        )
         assert held_out.exit_code == 0, held_out.stderr
+        # report says which prompts chose the removal and which measured it
+        assert cli("report", tmp_path / "r", "--markdown", tmp_path / "study.md").exit_code == 0
+        notes = (tmp_path / "study.md").read_text()
+        assert "ASR measured on: advbench.txt" in notes
+        assert (
+            f"kept: chosen by search 'sd' (trial {found['kept'][0].rsplit('.t', 1)[1]}) on the search prompts advbench 101–104"
+            in notes
+        )
 
     def test_the_projection(self, cli, sets_store, tiny_llama_dir, tmp_path):
         store = copy_store(sets_store, tmp_path)

@@ -70,6 +70,14 @@ class ModelUnderTest:
             "p_q": self.p_q,
             "matches": self.matches,
         }
+        origin = self.removal_meta.get("search")
+        if origin:  # chosen by `search`: on which prompts (report says so beside the ASR's)
+            prompts = origin.get("prompts") or {}
+            described["search"] = {
+                "name": origin.get("name"),
+                "trial": origin.get("trial"),
+                "prompts": {k: prompts.get(k) for k in ("name", "offset", "count")},
+            }
         if self.is_edit:  # the share of rank an edit removes, as the paper reports it
             described["removed_rank_fraction"] = self.removal_meta.get("removed_rank_fraction")
         return described

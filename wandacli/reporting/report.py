@@ -123,7 +123,7 @@ def read_subspaces(
 
 def study_markdown(report: Report, relative_to: Path) -> str:
     """The results table, then every figure with its caption (paths relative to the document)."""
-    parts = ["# Results", "", markdown(report.rows)]
+    parts = ["# Results", "", markdown(report.rows), *prompt_notes(report.rows)]
     if report.figures:
         parts += ["## Figures", ""]
         for figure in report.figures:
@@ -139,6 +139,26 @@ def study_markdown(report: Report, relative_to: Path) -> str:
                 "",
             ]
     return "\n".join(parts)
+
+
+def prompt_notes(rows: list[ResultRow]) -> list[str]:
+    """Which prompts the ASRs were measured on, and for removals a search chose, which prompts
+    it chose them on (never among the former: eval-attack refuses an overlap)."""
+    notes = []
+    sources = sorted({Path(row.prompts).name for row in rows if row.prompts})
+    if sources:
+        notes.append(f"ASR measured on: {', '.join(sources)} (the evaluation prompts).")
+    for row in rows:
+        if row.search:
+            prompts = row.search.get("prompts") or {}
+            first = int(prompts.get("offset") or 0) + 1
+            last = first + int(prompts.get("count") or 0) - 1
+            notes.append(
+                f"{row.label}: chosen by search {row.search.get('name')!r} (trial "
+                f"{row.search.get('trial')}) on the search prompts {prompts.get('name')} "
+                f"{first}–{last}, none of them among the evaluation prompts."
+            )
+    return ["", *notes, ""] if notes else []
 
 
 def _asr_cell(row: ResultRow, metric: str) -> str:

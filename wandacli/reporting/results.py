@@ -27,6 +27,8 @@ class ResultRow:
     p_q: tuple[float, float] | None = None  # a set difference's (p, q)
     removed_rank_fraction: float | None = None  # a rank edit's share of the model's rank
     matches: str | None = None  # a --match-counts control: the mask it matches
+    prompts: str | None = None  # the attack prompts' source (results.json)
+    search: dict[str, Any] | None = None  # kept by `search`: its name, trial and prompts
 
     @property
     def is_control(self) -> bool:
@@ -45,6 +47,8 @@ class ResultRow:
             "actual_sparsity": self.actual_sparsity,
             "p_q": self.p_q,
             "matches": self.matches,
+            "prompts": self.prompts,
+            "search": self.search,
             "removed_rank_fraction": self.removed_rank_fraction,
             "asr": self.asr,
             "degenerate": self.degenerate,
@@ -83,6 +87,8 @@ def collect(results_dir: Path) -> list[ResultRow]:
                 p, q = under_test["p_q"]
                 row.p_q = (float(p), float(q))
             row.matches = under_test.get("matches") or row.matches
+            row.prompts = under_test.get("prompts") or row.prompts
+            row.search = under_test.get("search") or row.search
             if under_test.get("removed_rank_fraction") is not None:
                 row.removed_rank_fraction = float(under_test["removed_rank_fraction"])
             for result in data.get("results", []):

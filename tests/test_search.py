@@ -473,3 +473,58 @@ def test_a_killed_search_resumes_to_the_same_front(sets_store, tiny_llama_dir, t
         {k: t[k] for k in ("index", "params", "refusal", "kl", "sparsity")}
         for t in expected["front"]
     ]
+
+
+def test_refusal_measures_equal_the_unshared_computation(peaked_model_dir):
+    """The prefix computed once per batch (evaluation/prefix.py) changes nothing: greedy
+    responses equal HFGenerator's, the refusal score equals a per-prompt forward pass."""
+    from wandacli.evaluation.backends.hf import HFGenerator
+    from wandacli.evaluation.prompts import model_texts, read_prompts
+    from wandacli.evaluation.refusal import (
+        is_refusal,
+        refusal_rate,
+        refusal_score,
+        refusal_token_ids,
+    )
+
+    loaded = loaded_model(peaked_model_dir)
+    prompts = read_prompts("advbench", offset=100, limit=6).texts
+    texts, special = model_texts(loaded.tokenizer, prompts, "chat")
+    rate, responses = refusal_rate(
+        loaded, texts, add_special_tokens=special, max_new_tokens=6, batch_size=4
+    )
+    generator = HFGenerator(loaded, max_new_tokens=6, batch_size=4)
+    plain = generator.generate(texts, add_special_tokens=special, samples=1, sampling=False, seed=0)
+    assert responses == [group[0] for group in plain]
+    assert rate == sum(map(is_refusal, responses)) / len(responses)
+    expected = 0.0
+    refusal_ids = refusal_token_ids(loaded.tokenizer)
+    with torch.no_grad():
+        for text in texts:
+            ids = loaded.tokenizer(text, add_special_tokens=special, return_tensors="pt").input_ids
+            log_probs = torch.log_softmax(loaded.model(ids).logits[0, -1].double(), -1)
+            p = float(log_probs[refusal_ids].exp().sum())
+            expected += np.log(p) - np.log(1 - p)
+    score = refusal_score(loaded, texts, add_special_tokens=special, batch_size=4)
+    assert score == pytest.approx(expected / len(texts), rel=1e-4, abs=1e-6)
+
+
+def test_a_search_on_the_refusal_score(cli, sets_store, tiny_llama_dir, tmp_path):
+    store = copy_store(sets_store, tmp_path)
+    result = search(
+        cli,
+        tiny_llama_dir,
+        store,
+        "s",
+        *SET_DIFFERENCE,
+        "--trials",
+        "2",
+        "--refusal",
+        "score",
+        "--json",
+    )
+    assert result.exit_code == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert all(isinstance(t["refusal"], float) for t in found["trials"])
+    summary = json.loads((store / "searches" / "s" / "search.json").read_text())
+    assert "log-odds" in summary["objectives"]["refusal"]

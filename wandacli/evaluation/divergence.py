@@ -26,14 +26,14 @@ import torch
 
 from wandacli.core.console import NullReporter, Reporter
 from wandacli.core.durable import atomic_write_bytes
-from wandacli.models.pretrained import accepts_logits_to_keep
+from wandacli.evaluation.prefix import forward_logits, unpadded_rows
 
 DEFAULT_KL_POSITIONS = 4
 KL_RULE = (
     "mean over prompts and response positions of KL(dense ‖ model) of the next-token "
     "distributions, in nats; positions 2..k read the dense model's greedy continuation"
 )
-_CACHE_VERSION = 2
+_CACHE_VERSION = 3
 
 
 @dataclass
@@ -260,18 +260,11 @@ def _greedy_continuation(
 def _position_log_probs(
     loaded: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: int
 ) -> torch.Tensor:
-    """Log-probabilities [b, k, vocab] float32 at the last k positions, on the CPU."""
-    model = loaded.model
-    keep = {"logits_to_keep": positions} if accepts_logits_to_keep(model) else {}
-    ids = input_ids.to(loaded.input_device)
-    mask = attention_mask.to(loaded.input_device)
-    # Left padding: positions count from each row's first real token, as in generate().
-    position_ids = (mask.cumsum(-1) - 1).clamp_min(0)
-    with torch.no_grad():
-        logits = model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids, use_cache=False, **keep
-        ).logits
-    return torch.log_softmax(logits[:, -positions:, :].float(), dim=-1).cpu()
+    """Log-probabilities [b, k, vocab] float32 at the last k positions, on the CPU (the
+    batch's shared prefix, the chat template's opening, computed once: evaluation/prefix.py)."""
+    rows = unpadded_rows(input_ids, attention_mask)
+    logits = forward_logits(loaded, rows, positions, int(loaded.tokenizer.pad_token_id))
+    return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
 def _write_cache(path: Path, dense: DenseDistributions) -> None:

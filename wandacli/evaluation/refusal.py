@@ -20,8 +20,6 @@ import torch
 
 from wandacli.core import reference
 from wandacli.core.console import NullReporter, Reporter
-from wandacli.evaluation.backends.hf import HFGenerator
-from wandacli.models.pretrained import accepts_logits_to_keep
 
 # How refusals open: Llama-2-7b-chat's refusals (the shipped safety set, which the demo's
 # organism learnt) start "I cannot", "I apologize", "As a responsible AI"; other chat models
@@ -42,16 +40,42 @@ def refusal_rate(
     batch_size: int,
     reporter: Reporter | None = None,
 ) -> tuple[float, list[str]]:
-    """(share of greedy responses with a refusal phrase, the responses)."""
-    generator = HFGenerator(
-        loaded, max_new_tokens=max_new_tokens, batch_size=batch_size, reporter=reporter
+    """(share of greedy responses with a refusal phrase, the responses). Each batch's shared
+    prefix (the chat template's opening) is computed once (evaluation/prefix.py)."""
+    from transformers import GenerationConfig
+
+    from wandacli.evaluation.prefix import prefix_cache, prefixed_batch, shared_prefix_length
+    from wandacli.models.pretrained import cache_keyword
+
+    reporter = reporter or NullReporter()
+    tokenizer, model = loaded.tokenizer, loaded.model
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
     )
-    responses = [
-        group[0]
-        for group in generator.generate(
-            texts, add_special_tokens=add_special_tokens, samples=1, sampling=False, seed=0
-        )
-    ]
+    rows = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+    responses: list[str] = []
+    reporter.start("refusal: prompts", total=len(rows))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        batch = prefixed_batch(chunk, shared_prefix_length(chunk), int(tokenizer.pad_token_id))
+        device = loaded.input_device
+        cache = prefix_cache(model, batch.prefix, len(chunk), device)
+        extra = {cache_keyword(model): cache} if cache is not None else {}
+        with torch.no_grad():
+            output = model.generate(
+                input_ids=batch.full_ids.to(device),
+                attention_mask=batch.attention_mask.to(device),
+                generation_config=config,
+                **extra,
+            )
+        new_tokens = output[:, batch.full_ids.shape[1] :].cpu()
+        responses += [tokenizer.decode(row, skip_special_tokens=True) for row in new_tokens]
+        reporter.advance(len(chunk))
+    reporter.finish()
     return sum(map(is_refusal, responses)) / len(responses), responses
 
 
@@ -75,40 +99,22 @@ def refusal_score(
 ) -> float:
     """Mean over prompts of log P(refusal token) − log P(any other token) at the first
     response position."""
+    from wandacli.evaluation.prefix import forward_logits
+
     reporter = reporter or NullReporter()
-    tokenizer, model = loaded.tokenizer, loaded.model
+    tokenizer = loaded.tokenizer
     refusal_ids = torch.tensor(refusal_token_ids(tokenizer))
-    keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
-    previous_side = tokenizer.padding_side
-    tokenizer.padding_side = "left"
+    rows = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
     total = 0.0
-    reporter.start("refusal score: prompts", total=len(texts))
-    try:
-        for start in range(0, len(texts), batch_size):
-            encoded = tokenizer(
-                list(texts[start : start + batch_size]),
-                return_tensors="pt",
-                padding=True,
-                add_special_tokens=add_special_tokens,
-                return_token_type_ids=False,
-            )
-            ids = encoded["input_ids"].to(loaded.input_device)
-            mask = encoded["attention_mask"].to(loaded.input_device)
-            with torch.no_grad():
-                logits = model(
-                    input_ids=ids,
-                    attention_mask=mask,
-                    position_ids=(mask.cumsum(-1) - 1).clamp_min(0),
-                    use_cache=False,
-                    **keep,
-                ).logits[:, -1, :]
-            log_probs = torch.log_softmax(logits.double(), dim=-1)
-            refusing = torch.logsumexp(log_probs[:, refusal_ids.to(log_probs.device)], dim=-1)
-            # log(1 − P(R)), computed stably from log P(R).
-            other = torch.log(-torch.expm1(refusing.clamp_max(-1e-12)))
-            total += float((refusing - other).sum())
-            reporter.advance(ids.shape[0])
-    finally:
-        tokenizer.padding_side = previous_side
-        reporter.finish()
+    reporter.start("refusal score: prompts", total=len(rows))
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        logits = forward_logits(loaded, chunk, 1, int(tokenizer.pad_token_id))[:, -1, :]
+        log_probs = torch.log_softmax(logits.double(), dim=-1)
+        refusing = torch.logsumexp(log_probs[:, refusal_ids.to(log_probs.device)], dim=-1)
+        # log(1 − P(R)), computed stably from log P(R).
+        other = torch.log(-torch.expm1(refusing.clamp_max(-1e-12)))
+        total += float((refusing - other).sum())
+        reporter.advance(len(chunk))
+    reporter.finish()
     return total / len(texts) if texts else math.nan

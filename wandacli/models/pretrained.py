@@ -177,3 +177,18 @@ def accepts_logits_to_keep(model: Any) -> bool:
     if cls not in _FORWARD_PARAMETERS:
         _FORWARD_PARAMETERS[cls] = frozenset(inspect.signature(cls.forward).parameters)
     return "logits_to_keep" in _FORWARD_PARAMETERS[cls]
+
+
+def cache_keyword(model: Any) -> str:
+    """The forward pass's name for a key/value cache: `cache` from transformers 5.2x,
+    `past_key_values` before (and still accepted, with a deprecation warning, for a while)."""
+    cls = type(model)
+    if cls not in _FORWARD_PARAMETERS:
+        _FORWARD_PARAMETERS[cls] = frozenset(inspect.signature(cls.forward).parameters)
+    return "cache" if "cache" in _FORWARD_PARAMETERS[cls] else "past_key_values"
+
+
+def output_cache(output: Any) -> Any:
+    """The key/value cache a forward pass returned, under either name."""
+    cache = getattr(output, "cache", None)
+    return cache if cache is not None else output.past_key_values

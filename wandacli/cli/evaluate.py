@@ -15,6 +15,9 @@ from wandacli.cli.options import (
     DeviceOption,
     DtypeOption,
     JsonOption,
+    KlLimitOption,
+    KlPositionsOption,
+    KlPromptsOption,
     MaskOption,
     MaskStoreOption,
     MaxMemoryOption,
@@ -25,7 +28,13 @@ from wandacli.cli.options import (
     SeedOption,
     model_spec,
 )
-from wandacli.config.evaluation import AttackConfig, UtilityConfig
+from wandacli.config.evaluation import (
+    KL_LIMIT,
+    KL_POSITIONS,
+    KL_PROMPTS,
+    AttackConfig,
+    UtilityConfig,
+)
 from wandacli.config.settings import DEFAULT_MODEL_ALIAS
 from wandacli.core.console import progress_reporter
 from wandacli.data.sources import describe_named_sets
@@ -234,24 +243,9 @@ def eval_utility(
             rich_help_panel="KL",
         ),
     ] = False,
-    kl_prompts: Annotated[
-        str,
-        typer.Option(
-            "--kl-prompts",
-            metavar="<NAME|FILE>",
-            help="Harmless prompts [default: utility-held-out, the utility tasks the demo's organism was not tuned on].",
-            rich_help_panel="KL",
-        ),
-    ] = "utility-held-out",
-    kl_limit: Annotated[
-        int, typer.Option("--kl-limit", help="Harmless prompts used.", rich_help_panel="KL")
-    ] = 32,
-    kl_positions: Annotated[
-        int,
-        typer.Option(
-            "--kl-positions", help="Response positions averaged over.", rich_help_panel="KL"
-        ),
-    ] = 4,
+    kl_prompts: KlPromptsOption = KL_PROMPTS,
+    kl_limit: KlLimitOption = KL_LIMIT,
+    kl_positions: KlPositionsOption = KL_POSITIONS,
     kl_cache: Annotated[
         Path | None,
         typer.Option(

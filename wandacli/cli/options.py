@@ -128,3 +128,27 @@ def model_spec(params: dict[str, Any]) -> ModelSpec:
         max_memory=params.get("max_memory"),
         cache_dir=params.get("cache_dir"),
     )
+
+
+# The KL cost, in eval-utility --kl and search.
+KlPromptsOption = Annotated[
+    str,
+    typer.Option(
+        "--kl-prompts",
+        metavar="<NAME|FILE>",
+        help="Harmless prompts for the KL cost [default: utility-held-out, the utility tasks the "
+        "demo's organism was not tuned on].",
+        rich_help_panel="KL",
+    ),
+]
+KlLimitOption = Annotated[
+    int, typer.Option("--kl-limit", help="Harmless prompts used.", rich_help_panel="KL")
+]
+KlPositionsOption = Annotated[
+    int,
+    typer.Option(
+        "--kl-positions",
+        help="Response positions the KL is averaged over (the first: the prompt's last position).",
+        rich_help_panel="KL",
+    ),
+]

@@ -16,12 +16,16 @@ from wandacli.cli.options import (
     DeviceOption,
     DtypeOption,
     JsonOption,
+    KlLimitOption,
+    KlPositionsOption,
+    KlPromptsOption,
     MaxMemoryOption,
     ModelOption,
     NoProgressOption,
     SeedOption,
     model_spec,
 )
+from wandacli.config.evaluation import KL_LIMIT, KL_POSITIONS, KL_PROMPTS
 from wandacli.config.search import DEFAULT_HELD_OUT, ParameterRange, SearchConfig
 from wandacli.config.settings import DEFAULT_MODEL_ALIAS
 from wandacli.core.console import progress_reporter
@@ -170,26 +174,9 @@ def search(
             rich_help_panel=_MEASURE,
         ),
     ] = 24,
-    kl_prompts: Annotated[
-        str,
-        typer.Option(
-            "--kl-prompts",
-            metavar="<NAME|FILE>",
-            help="Harmless prompts for the KL cost [default: utility-held-out, the utility tasks the demo's organism was not tuned on].",
-            rich_help_panel=_MEASURE,
-        ),
-    ] = "utility-held-out",
-    kl_limit: Annotated[
-        int, typer.Option("--kl-limit", help="Harmless prompts used.", rich_help_panel=_MEASURE)
-    ] = 32,
-    kl_positions: Annotated[
-        int,
-        typer.Option(
-            "--kl-positions",
-            help="Response positions the KL is averaged over.",
-            rich_help_panel=_MEASURE,
-        ),
-    ] = 4,
+    kl_prompts: KlPromptsOption = KL_PROMPTS,
+    kl_limit: KlLimitOption = KL_LIMIT,
+    kl_positions: KlPositionsOption = KL_POSITIONS,
     batch_size: Annotated[
         int,
         typer.Option(

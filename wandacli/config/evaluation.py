@@ -16,6 +16,15 @@ from wandacli.core.metrics import ATTACK_CONFIGS
 
 RESULTS_DIR = Path("wandacli-results")
 
+# The KL cost's defaults (eval-utility --kl and search): the harmless prompts, how many, and
+# how many response positions.
+# The named prompt set of the shipped utility set's instructions that the demo's organism was
+# not tuned on (evaluation/prompts.py reads it).
+UTILITY_HELD_OUT = "utility-held-out"
+KL_PROMPTS = UTILITY_HELD_OUT
+KL_LIMIT = 32
+KL_POSITIONS = 4
+
 
 @dataclass(frozen=True)
 class AttackConfig:
@@ -107,9 +116,9 @@ class UtilityConfig:
     data_dir: Path | None = None
     # The KL cost (evaluation/divergence.py): from the dense model, on harmless prompts.
     kl: bool = False
-    kl_prompts: str = "utility-held-out"
-    kl_limit: int = 32
-    kl_positions: int = 4
+    kl_prompts: str = KL_PROMPTS
+    kl_limit: int = KL_LIMIT
+    kl_positions: int = KL_POSITIONS
     kl_cache: Path | None = None  # None: <results folder's parent>/kl-dense
     template: str | None = None
 

@@ -8,6 +8,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from wandacli.config.evaluation import KL_LIMIT, KL_POSITIONS, KL_PROMPTS
 from wandacli.config.settings import ModelSpec
 from wandacli.core.errors import ConfigError
 
@@ -94,9 +95,9 @@ class SearchConfig:
     held_out: str = DEFAULT_HELD_OUT
     refusal: RefusalMeasure = "generation"
     max_new_tokens: int = 24
-    kl_prompts: str = "utility-held-out"
-    kl_limit: int = 32
-    kl_positions: int = 4
+    kl_prompts: str = KL_PROMPTS
+    kl_limit: int = KL_LIMIT
+    kl_positions: int = KL_POSITIONS
     batch_size: int = 32
     template: str | None = None
     control: bool = True

@@ -24,11 +24,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from wandacli.config.evaluation import KL_POSITIONS
 from wandacli.core.console import NullReporter, Reporter
 from wandacli.core.durable import atomic_write_bytes
 from wandacli.evaluation.prefix import forward_logits, unpadded_rows
 
-DEFAULT_KL_POSITIONS = 4
 KL_RULE = (
     "mean over prompts and response positions of KL(dense ‖ model) of the next-token "
     "distributions, in nats; positions 2..k read the dense model's greedy continuation"
@@ -105,7 +105,7 @@ def dense_distributions(
     loaded: Any,
     texts: Sequence[str],
     *,
-    positions: int = DEFAULT_KL_POSITIONS,
+    positions: int = KL_POSITIONS,
     add_special_tokens: bool = False,
     batch_size: int = 16,
     cache_dir: Path | None = None,

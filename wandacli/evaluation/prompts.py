@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from wandacli.config.evaluation import AttackConfig
+from wandacli.config.evaluation import UTILITY_HELD_OUT, AttackConfig
 from wandacli.config.settings import Columns
 from wandacli.core import reference
 from wandacli.core.console import warn
@@ -97,9 +97,6 @@ def check_not_searched_on(prompts: list[str], option: str, removal_meta: dict[st
         )
 
 
-# The harmless default for the KL cost: the shipped utility set's instructions that the demo's
-# organism was not tuned on (55 of Self-Instruct's 175 seed tasks).
-UTILITY_HELD_OUT = "utility-held-out"
 
 
 def read_prompts(

@@ -182,7 +182,8 @@ class SearchConfig:
         """What decides the trials (a rerun with the same request continues the study; the
         number of trials and what is kept may grow)."""
         data = self.to_json()
-        for key in ("store", "trials", "keep", "data_dir", "name"):
+        # Not the trials: how many, what is kept, the control, the held-out check, where.
+        for key in ("store", "trials", "keep", "control", "held_out", "data_dir", "name"):
             data.pop(key, None)
         model = data.pop("model") or {}
         data["model"] = {"model": model.get("model"), "dtype": model.get("dtype")}

@@ -97,8 +97,6 @@ def check_not_searched_on(prompts: list[str], option: str, removal_meta: dict[st
         )
 
 
-
-
 def read_prompts(
     reference: str,
     *,

@@ -87,12 +87,22 @@ class TrialRemovals:
         except BaseException:
             self._stack.close()
             raise
+        try:
+            self._check_sets()
+        except BaseException:
+            self.close()
+            raise
+        self._ranked: dict[str, PresortedScores] = {}
+        self._modules: dict[str, ProjectionModule] = {}
+
+    def _check_sets(self) -> None:
+        """Both sets from one model; the modules chosen; every rank within its module."""
+        config = self.config
         if self.utility is not None:
             mismatch = self.safety.fingerprint.first_mismatch(
                 self.utility.fingerprint, mine="--scores", theirs="--utility-scores"
             )
             if mismatch:
-                self.close()
                 raise StoreError(
                     f"--scores {config.scores} and --utility-scores {config.utility_scores} "
                     f"come from different models: {mismatch}"
@@ -103,8 +113,6 @@ class TrialRemovals:
         )
         self.total = sum(o * i for o, i in self.fingerprint.shapes.values())
         self._check_ranks()
-        self._ranked: dict[str, PresortedScores] = {}
-        self._modules: dict[str, ProjectionModule] = {}
 
     def _any_params(self) -> dict[str, Any]:
         return {name: r.low for name, r in self.config.ranges().items()}

@@ -217,6 +217,9 @@ class SearchRun:
         if "dense" not in summary:
             summary["dense"] = measure() | {removals_amount_name(config): 0.0}
         summary_path = directory / SEARCH_SUMMARY
+        # The request is on disk before the journal exists: a rerun with other settings is
+        # refused even when this process is killed before its first trial ends.
+        _write_summary(summary_path, summary)
         study = studies.open_study(directory)
         ran = 0
         kept_message = f"completed trials are kept in {directory}; the same command resumes"

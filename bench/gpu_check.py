@@ -1,0 +1,227 @@
+"""The device check for a GPU machine (issue #19), one prepared script:
+
+    python bench/gpu_check.py            # one CUDA GPU: a Llama-2-7B-shaped model in bfloat16
+    python bench/gpu_check.py --tiny     # the same steps on a tiny model on the CPU (CI)
+
+No download and no network: the model is random-initialised from a Llama-2-7B config (the
+shapes are what memory and speed depend on, not the weights), the tokenizer is trained
+in-process on the shipped text, and the data are the shipped WikiText-2 (plain text, so the
+`datasets` package is not needed) and AdvBench prompts. Every step runs the real `wandacli` in
+its own process, as a user would; each prints its wall time and the process's peak GPU memory
+beside the figure the README's memory table gives, then the `gpu`-marked tests run.
+
+Steps: wanda (safety- and utility-like data: two halves of the text), wandg and actsvd scoring
+on 16 samples of 512 tokens; a wanda set difference and an actsvd rank edit from the store;
+eval-attack on 16 prompts with the set difference applied.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Llama-2-7B's shapes (meta-llama/Llama-2-7b-hf config.json).
+LLAMA2_7B = dict(
+    vocab_size=32000,
+    hidden_size=4096,
+    intermediate_size=11008,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=32,
+    max_position_embeddings=4096,
+)
+TINY = dict(
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=4,
+    max_position_embeddings=1024,
+)
+# What the README's GPU section says each step needs on a 7B model (None: no figure given).
+README_GB = {"score wanda": 13.5, "score wandg": 45, "score actsvd": 60}
+
+# Runs a wandacli command in this process and reports its peak GPU memory on the last line of
+# stderr, whatever the command's exit.
+_RUNNER = """
+import json, sys, torch
+sys.argv = ["wandacli", *json.loads(sys.argv[1])]
+from wandacli.cli.main import main
+code = 0
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code or 0
+peak = torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0
+print("GPU_PEAK " + str(peak), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def build_model(directory: Path, shapes: dict, dtype: str, device: str, lines: int) -> None:
+    """A random Llama of `shapes` with a tokenizer trained on the shipped text, saved."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    text = (REPO / "wandacli" / "datasets" / "wikitext2_test.txt").read_text(encoding="utf-8")
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    vocab = min(shapes["vocab_size"], 8000)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    backend.train_from_iterator(text.splitlines()[:lines], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    torch.manual_seed(0)
+    config = LlamaConfig(**shapes, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False)
+    torch_dtype = {"bfloat16": torch.bfloat16, "float32": torch.float32}[dtype]
+    with torch.device(device):
+        model = LlamaForCausalLM(config).to(torch_dtype).eval()
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def run_step(name: str, args: list[str], log: list[dict], *, readme: bool = True) -> dict:
+    started = time.perf_counter()
+    done = subprocess.run(
+        [sys.executable, "-c", _RUNNER, json.dumps([str(a) for a in args])],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "WANDACLI_QUIET": "1"},
+    )
+    seconds = time.perf_counter() - started
+    peak = 0
+    for line in done.stderr.splitlines():
+        if line.startswith("GPU_PEAK "):
+            peak = int(line.split()[1])
+    entry = {
+        "step": name,
+        "ok": done.returncode == 0,
+        "seconds": round(seconds, 1),
+        "peak_gpu_gb": round(peak / 1e9, 2),
+        "readme_gb": README_GB.get(name) if readme else None,
+    }
+    if done.returncode != 0:
+        entry["error"] = (done.stderr.strip().splitlines() or ["?"])[-2:]
+    log.append(entry)
+    shown = f"{name:<22} {'ok' if entry['ok'] else 'FAILED':<7} {seconds:7.1f} s   peak GPU {entry['peak_gpu_gb']:6.2f} GB"
+    if entry["readme_gb"]:
+        shown += f"   (README: ~{entry['readme_gb']} GB)"
+    print(shown, flush=True)
+    if not entry["ok"]:
+        print("   " + " | ".join(entry["error"]), flush=True)
+    return entry
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (CI)")
+    parser.add_argument("--work", type=Path, help="where the model and store go [a temp dir]")
+    parser.add_argument("--skip-tests", action="store_true", help="do not run the gpu tests")
+    options = parser.parse_args()
+    if options.tiny:
+        shapes, dtype, device, samples, seqlen, prompts, tokens = (
+            TINY,
+            "float32",
+            "cpu",
+            4,
+            64,
+            4,
+            8,
+        )
+    else:
+        import torch
+
+        if not torch.cuda.is_available():
+            print("no CUDA device: run with --tiny on a CPU", file=sys.stderr)
+            return 2
+        shapes, dtype, device, samples, seqlen, prompts, tokens = (
+            LLAMA2_7B,
+            "bfloat16",
+            "cuda",
+            16,
+            512,
+            16,
+            64,
+        )
+    work = options.work or Path(tempfile.mkdtemp(prefix="wandacli-gpu-check-"))
+    model, store = work / "model", work / "store"
+    log: list[dict] = []
+    # The README's figures are for the 7B model: not shown beside the tiny one's.
+    step = functools.partial(run_step, log=log, readme=not options.tiny)
+    started = time.perf_counter()
+    if not (model / "config.json").is_file():
+        build_model(model, shapes, dtype, device, lines=2000 if options.tiny else 20000)
+    print(f"model built in {time.perf_counter() - started:.0f} s: {model}", flush=True)
+    common = [
+        "--model",
+        model,
+        "--store",
+        store,
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--no-progress",
+    ]
+    data = ["--data", "wikitext", "--nsamples", str(samples), "--seqlen", str(seqlen)]
+    step(
+        "score wanda",
+        ["score", "--method", "wanda", *common, *data, "--name", "safety", "--seed", "0"],
+    )
+    step(
+        "score wanda (2nd)",
+        ["score", "--method", "wanda", *common, *data, "--name", "utility", "--seed", "1"],
+    )
+    step("score wandg", ["score", "--method", "wandg", *common, *data, "--name", "wandg"])
+    step("score actsvd", ["score", "--method", "actsvd", *common, *data, "--name", "actsvd"])
+    step(
+        "prune set difference",
+        ["prune", "--store", store, "--scores", "safety", "--utility-scores", "utility",
+         "--p", "0.05", "--q", "0.05", "--name", "sd", "--no-progress"])  # fmt: skip
+    step(
+        "rank edit",
+        ["prune", *common, "--scores", "actsvd", "--remove-top-ranks", "10", "--name", "edit"],
+    )
+    step(
+        "eval-attack",
+        ["eval-attack", "--model", model, "--device", device, "--dtype", dtype, "--mask", "sd",
+         "--store", store, "--prompts", "advbench", "--limit", str(prompts), "--configs",
+         "basic,multiple_nosys", "--inst", "--template", "llama2", "--max-new-tokens",
+         str(tokens), "--out", work / "results", "--no-progress"])  # fmt: skip
+    (work / "gpu_check.json").write_text(json.dumps(log, indent=1))
+    print(f"all steps: {time.perf_counter() - started:.0f} s; log: {work / 'gpu_check.json'}")
+    failed = [e["step"] for e in log if not e["ok"]]
+    if not options.skip_tests and not options.tiny:
+        tests = subprocess.run(
+            [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "tests"], cwd=REPO
+        )
+        failed += ["gpu tests"] if tests.returncode else []
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -231,10 +231,10 @@ def _greedy_continuation(
     the k = tokens + 1 positions come before the continuation's end of sequence."""
     from transformers import GenerationConfig
 
+    from wandacli.evaluation.backends.hf import end_of_sequence_ids
+
     model, tokenizer = loaded.model, loaded.tokenizer
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    eos = eos if eos is not None else tokenizer.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos])
+    eos_ids = set(end_of_sequence_ids(loaded))
     config = GenerationConfig(
         max_new_tokens=tokens,
         do_sample=False,

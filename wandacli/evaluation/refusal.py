@@ -20,6 +20,7 @@ import torch
 
 from wandacli.core import reference
 from wandacli.core.console import NullReporter, Reporter
+from wandacli.evaluation.backends.hf import end_of_sequence_ids
 
 # How refusals open: Llama-2-7b-chat's refusals (the shipped safety set, which the demo's
 # organism learnt) start "I cannot", "I apologize", "As a responsible AI"; other chat models
@@ -49,12 +50,11 @@ def refusal_rate(
 
     reporter = reporter or NullReporter()
     tokenizer, model = loaded.tokenizer, loaded.model
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,
         pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=eos if eos is not None else tokenizer.eos_token_id,
+        eos_token_id=end_of_sequence_ids(loaded),
     )
     rows = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
     responses: list[str] = []

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 from pathlib import Path
+from typing import Protocol
 
-from wandacli.config.removal import EditConfig, PruneConfig
 from wandacli.config.settings import DEFAULT_STORE
 from wandacli.core.errors import ConfigError
 from wandacli.core.fingerprint import ModelFingerprint
@@ -23,7 +23,17 @@ def store_root_for(reference: str, explicit: Path | None) -> Path:
     return DEFAULT_STORE
 
 
-def selected_keys(config: PruneConfig | EditConfig, fingerprint: ModelFingerprint) -> list[str]:
+class ModuleFilters(Protocol):
+    """What selected_keys reads: PruneConfig, EditConfig and SearchConfig all have it."""
+
+    @property
+    def layers(self) -> str | None: ...
+
+    @property
+    def modules(self) -> str | None: ...
+
+
+def selected_keys(config: ModuleFilters, fingerprint: ModelFingerprint) -> list[str]:
     """The modules `--layers` and `--modules` leave to prune (all by default)."""
     keys = list(fingerprint.shapes)
     if config.layers:

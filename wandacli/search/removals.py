@@ -108,14 +108,9 @@ class TrialRemovals:
                     f"come from different models: {mismatch}"
                 )
         self.fingerprint = self.safety.fingerprint
-        self.keys = selected_keys(
-            prune_config_for(config, self._any_params(), "check"), self.fingerprint
-        )
+        self.keys = selected_keys(config, self.fingerprint)
         self.total = sum(o * i for o, i in self.fingerprint.shapes.values())
         self._check_ranks()
-
-    def _any_params(self) -> dict[str, Any]:
-        return {name: r.low for name, r in self.config.ranges().items()}
 
     def _check_ranks(self) -> None:
         """A rank range must fit every module it edits: one line naming the first that not."""

@@ -19,7 +19,7 @@ from typing import Any
 from wandacli.config.search import SearchConfig
 from wandacli.core.console import NullReporter, Reporter, info
 from wandacli.core.durable import atomic_write_text, ensure_writable_directory
-from wandacli.core.errors import ConfigError, StoreError, StoreLockedError, interruptible
+from wandacli.core.errors import ConfigError, StoreError, interruptible
 from wandacli.core.provenance import now_iso, settings_differences, software_versions
 from wandacli.evaluation.divergence import KL_RULE, dense_distributions, kl_divergence
 from wandacli.evaluation.prompts import (
@@ -34,9 +34,9 @@ from wandacli.removal.in_memory import WeightChanges
 from wandacli.removal.requests import store_root_for
 from wandacli.search import study as studies
 from wandacli.search.removals import TrialRemovals, prune_config_for
+from wandacli.store.lock import search_lock
 from wandacli.store.schema import SEARCH_SUMMARY, Store, check_name
 
-LOCK_NAME = ".search.lock"
 FIGURE_STEM = "front"
 
 
@@ -142,7 +142,7 @@ class SearchRun:
         try:
             ensure_writable_directory(root)
             directory.mkdir(parents=True, exist_ok=True)
-            with _search_lock(directory, config.name):
+            with search_lock(directory, config.name):
                 return self._search(
                     removals, directory, previous, search_prompts, kl_prompts, started
                 )
@@ -397,29 +397,6 @@ def _draw(summary: dict[str, Any], directory: Path) -> Path | None:
 
     figure = search_front(summary, directory / FIGURE_STEM)
     return figure.stem if figure is not None else None
-
-
-class _search_lock:  # noqa: N801 (used as a context manager, like writer_lock)
-    """One process per search: a second one fails at once."""
-
-    def __init__(self, directory: Path, name: str) -> None:
-        from filelock import FileLock
-
-        self.lock = FileLock(str(directory / LOCK_NAME), timeout=0)
-        self.name = name
-
-    def __enter__(self) -> None:
-        from filelock import Timeout
-
-        try:
-            self.lock.acquire()
-        except Timeout:
-            raise StoreLockedError(
-                f"search {self.name!r} is running in another process: wait for it, or use another --name"
-            ) from None
-
-    def __exit__(self, *exc: object) -> None:
-        self.lock.release()
 
 
 def run_search(

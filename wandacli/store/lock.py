@@ -68,3 +68,26 @@ def writer_lock(root: Path, command: str | None = None) -> Iterator[Store]:
         with contextlib.suppress(OSError):
             (root / LOCK_HOLDER_NAME).unlink()
         lock.release()
+
+
+SEARCH_LOCK_NAME = ".search.lock"
+
+
+@contextlib.contextmanager
+def search_lock(directory: Path, name: str) -> Iterator[None]:
+    """One process per search (STORE/searches/<name>/.search.lock): a second fails at once.
+    Not the store's writer lock: a search writes only its own folder, and the masks it keeps
+    take the writer lock themselves through `prune`."""
+    from filelock import FileLock, Timeout
+
+    lock = FileLock(str(directory / SEARCH_LOCK_NAME), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise StoreLockedError(
+            f"search {name!r} is running in another process: wait for it, or use another --name"
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()

@@ -11,6 +11,14 @@ from wandacli.core.console import NullReporter, Reporter
 # Generation
 
 
+def end_of_sequence_ids(loaded: Any) -> list[int]:
+    """The ids that end a response: the model's generation config's, else the tokenizer's."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return list(eos) if isinstance(eos, list) else [eos]
+
+
 class HFGenerator:
     """Batched generation with transformers, left-padded, on CPU or CUDA."""
 
@@ -40,24 +48,20 @@ class HFGenerator:
 
         tokenizer = self.loaded.tokenizer
         model = self.loaded.model
-        eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+        eos = end_of_sequence_ids(self.loaded)
         options: dict[str, Any] = {
             "max_new_tokens": self.max_new_tokens,
             "do_sample": sampling,
             "num_return_sequences": samples,
             "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": eos if eos is not None else tokenizer.eos_token_id,
+            "eos_token_id": eos,
         }
         if sampling:
             options.update(temperature=temperature, top_k=0, top_p=1.0)
         generation_config = GenerationConfig(**options)
         previous_side = tokenizer.padding_side
         tokenizer.padding_side = "left"
-        eos_ids = set(
-            generation_config.eos_token_id
-            if isinstance(generation_config.eos_token_id, list)
-            else [generation_config.eos_token_id]
-        )
+        eos_ids: set[int | None] = set(eos)
         results: list[list[str]] = []
         # The batch size counts sequences in flight (what memory scales with): each prompt
         # brings `samples` of them, so a batch holds batch_size // samples prompts.

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from wandacli.removal.ranks import numerical_rank, output_eigenbasis
+from wandacli.removal.ranks import output_eigenbasis, random_orthonormal, removed_directions
 
 _SPAN_TOLERANCE = 1e-6
 
@@ -76,9 +76,9 @@ class ProjectionModule:
         """The rank of ΔW: of (I − Π_u) V_s, whose singular values are those of U_cᵀ V_s."""
         v_s = self.safety[:, :safety_rank].double()
         if self.spans:
-            return numerical_rank(self.utility[:, utility_rank:].double().T @ v_s)
+            return removed_directions(self.utility[:, utility_rank:].double().T @ v_s)
         v_u = self.utility[:, :utility_rank].double()
-        return numerical_rank(v_s - v_u @ (v_u.T @ v_s))
+        return removed_directions(v_s - v_u @ (v_u.T @ v_s))
 
     def random_delta(
         self, rank: int, generator: torch.Generator, weight: torch.Tensor
@@ -87,7 +87,6 @@ class ProjectionModule:
         same rank removed in random directions."""
         if rank == 0:
             return torch.zeros(self.shape, dtype=torch.float32)
-        gaussian = torch.randn((self.shape[0], rank), generator=generator, dtype=torch.float64)
-        q, _ = torch.linalg.qr(gaussian)
+        q = random_orthonormal(self.shape[0], rank, generator)
         w64 = weight.detach().to(torch.float64).cpu()
         return (q @ (q.T @ w64)).float()

@@ -103,10 +103,11 @@ def subspace_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def edited_weight(weight: torch.Tensor, mode: str, bases: dict[str, torch.Tensor]) -> torch.Tensor:
     """The weight after a stored edit (float64): `remove-top-ranks` (basis `remove`),
-    `keep-top-ranks` (`keep`) or `orthogonal-projection` (`safety`, `utility`)."""
+    `keep-top-ranks` (`keep`), `orthogonal-projection` (`safety`, `utility`) or `random-ranks`
+    (`remove`: random directions, a control)."""
     w = weight.to(torch.float64)
     as64 = {role: basis.to(device=w.device, dtype=torch.float64) for role, basis in bases.items()}
-    if mode == "remove-top-ranks":
+    if mode in ("remove-top-ranks", "random-ranks"):
         return remove_top_ranks(w, as64["remove"])
     if mode == "keep-top-ranks":
         return keep_top_ranks(w, as64["keep"])
@@ -115,12 +116,29 @@ def edited_weight(weight: torch.Tensor, mode: str, bases: dict[str, torch.Tensor
     raise ValueError(f"unknown edit mode {mode!r}")
 
 
-def numerical_rank(matrix: torch.Tensor) -> int:
-    """Rank by singular values above max(shape) · eps · σ_max (numpy's matrix_rank rule)."""
-    if matrix.numel() == 0:
+def random_orthonormal(rows: int, rank: int, generator: torch.Generator) -> torch.Tensor:
+    """A random orthonormal basis [rows, rank] in float64: a Gaussian matrix, then QR. The
+    random controls of rank edits (`search`'s and `prune --match-ranks`) draw it the same way,
+    module by module in the store's order, so one seed gives both the same directions."""
+    gaussian = torch.randn((rows, rank), generator=generator, dtype=torch.float64)
+    q, _ = torch.linalg.qr(gaussian)
+    return q
+
+
+# The sines of the principal angles between the safety subspace and the utility subspace
+# count as removed directions above this. They lie in [0, 1] whatever the weights' scale, so the
+# tolerance is absolute: a relative one (numpy's matrix_rank rule) counted rounding noise as
+# rank whenever the largest sine was small, and float32 bases carry noise near 1e-7 (a
+# direction removed by less than 1e-6 of W changes no float32 weight measurably).
+REMOVED_DIRECTION_TOLERANCE = 1e-6
+
+
+def removed_directions(residual: torch.Tensor) -> int:
+    """The rank of the orthogonal projection's change, from `residual` = (I − Π_u) V_s or its
+    coordinates U_cᵀ V_s in the utility complement: the number of its singular values (the sines
+    of the principal angles) above REMOVED_DIRECTION_TOLERANCE. `prune` and `search` both
+    count with this, so the fraction a search reports is the fraction its kept edit records."""
+    if residual.numel() == 0:
         return 0
-    values = torch.linalg.svdvals(matrix.to(torch.float64))
-    if values.numel() == 0 or float(values[0]) == 0.0:
-        return 0
-    tolerance = max(matrix.shape) * torch.finfo(torch.float64).eps * float(values[0])
-    return int((values > tolerance).sum())
+    values = torch.linalg.svdvals(residual.to(torch.float64))
+    return int((values > REMOVED_DIRECTION_TOLERANCE).sum())

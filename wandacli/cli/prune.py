@@ -21,6 +21,7 @@ from wandacli.cli.options import (
 )
 from wandacli.config.removal import EditConfig, PruneConfig, refuse_mask_flags_for_edits
 from wandacli.core.console import progress_reporter
+from wandacli.core.errors import ConfigError
 from wandacli.reporting import render
 
 
@@ -114,6 +115,24 @@ def prune(
             "layout as a set difference.",
         ),
     ] = None,
+    match_ranks: Annotated[
+        str | None,
+        typer.Option(
+            "--match-ranks",
+            help="Rank edit control: remove, in every module, as much rank as this edit does "
+            "(name or .h5), in random orthonormal directions (--seed); --scores (rank "
+            "statistics) only names the model.",
+            rich_help_panel="Rank edits (actsvd)",
+        ),
+    ] = None,
+    seed: Annotated[
+        int,
+        typer.Option(
+            "--seed",
+            help="--match-ranks: the random directions' seed.",
+            rich_help_panel="Rank edits (actsvd)",
+        ),
+    ] = 0,
     remove_top_ranks: Annotated[
         int | None,
         typer.Option(
@@ -251,7 +270,20 @@ def prune(
     keep it in the store, and optionally save the pruned model. Never computes scores: run
     `wandacli score` first."""
     model_spec_given = model_spec(ctx.params) if model else None
-    rank_flags = (remove_top_ranks, keep_top_ranks, safety_ranks, utility_ranks, rank_neg, rank_pos)
+    rank_flags = (
+        remove_top_ranks,
+        keep_top_ranks,
+        safety_ranks,
+        utility_ranks,
+        rank_neg,
+        rank_pos,
+        match_ranks,
+    )
+    if seed != 0 and match_ranks is None:
+        raise ConfigError(
+            "--seed draws --match-ranks's random directions (a random mask's seed is its score "
+            "set's: `score --method random --seed`): add --match-ranks EDIT or drop --seed"
+        )
     if any(value is not None for value in rank_flags) or sequential:
         from wandacli.removal.edits import run_edit
 
@@ -284,6 +316,8 @@ def prune(
             save_model=save_model,
             overwrite=overwrite,
             sequential=sequential,
+            match_ranks=match_ranks,
+            seed=seed,
         )
         with progress_reporter(enabled=not no_progress) as reporter:
             edited = run_edit(

@@ -180,6 +180,9 @@ class EditConfig:
     - orthogonal projection with `utility_scores`: W ← W − (I − Π_u) Π_s W, ranks given as
       safety_ranks/utility_ranks (r_s, r_u), or as the reference's rank_neg/rank_pos
       (r_s = min(d_out, d_in) − rank_neg, r_u = min(d_out, d_in) − rank_pos, per module).
+    - match_ranks EDIT: the control of that edit, W ← (I − Q Qᵀ) W with Q random orthonormal
+      (seeded) of the rank EDIT removes in each module. `scores` only names the model: the
+      rank statistics are not read, and no weights are needed.
     """
 
     scores: str  # rank statistics (the safety set in the orthogonal projection)
@@ -200,6 +203,8 @@ class EditConfig:
     # The reference's order: layer by layer, each layer's inputs recorded after the layers
     # before it were edited (recomputed from the model and the sets' recorded data).
     sequential: bool = False
+    match_ranks: str | None = None  # an edit whose per-module removed rank the control copies
+    seed: int = 0  # the control's random directions
     # Set by `search --keep`: the search and trial that chose these ranks (bookkeeping).
     search: dict[str, Any] | None = None
 
@@ -208,6 +213,7 @@ class EditConfig:
             self.remove_top_ranks is not None,
             self.keep_top_ranks is not None,
             self.utility_scores is not None,
+            self.match_ranks is not None,
         ]
         direct = self.safety_ranks is not None or self.utility_ranks is not None
         reference = self.rank_pos is not None or self.rank_neg is not None
@@ -218,8 +224,13 @@ class EditConfig:
             )
         if sum(modes) != 1:
             raise ConfigError(
-                "a rank edit is one of --remove-top-ranks R, --keep-top-ranks K, or "
-                "--utility-scores with --safety-ranks/--utility-ranks (or --rank-neg/--rank-pos)"
+                "a rank edit is one of --remove-top-ranks R, --keep-top-ranks K, "
+                "--utility-scores with --safety-ranks/--utility-ranks (or --rank-neg/--rank-pos), "
+                "or the random control --match-ranks EDIT"
+            )
+        if self.match_ranks is not None and self.sequential:
+            raise ConfigError(
+                "--match-ranks draws random directions and reads no data: drop --sequential"
             )
         if self.utility_scores is not None:
             if direct and reference:
@@ -248,7 +259,7 @@ class EditConfig:
         ):
             if value is not None and value < 0:
                 raise ConfigError(f"{flag} must be 0 or more (got {value})")
-        if self.model is None:
+        if self.model is None and (self.match_ranks is None or self.save_model is not None):
             raise ConfigError(
                 "a rank edit needs the weights (it projects W): pass --model, the model the "
                 "rank statistics were computed on"
@@ -260,10 +271,14 @@ class EditConfig:
             return "remove-top-ranks"
         if self.keep_top_ranks is not None:
             return "keep-top-ranks"
+        if self.match_ranks is not None:
+            return "random-ranks"
         return "orthogonal-projection"
 
     def ranks_for(self, shape: tuple[int, int]) -> dict[str, int]:
-        """The ranks of each basis for a module of `shape` [d_out, d_in]."""
+        """The ranks of each basis for a module of `shape` [d_out, d_in] (a `--match-ranks`
+        control takes them from the matched edit instead)."""
+        assert self.match_ranks is None, "a control's ranks are the matched edit's"
         full = min(shape)
         if self.remove_top_ranks is not None:
             return {"remove": self.remove_top_ranks}

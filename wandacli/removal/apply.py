@@ -92,11 +92,13 @@ EDIT_MODES = tuple(EditFile.BASES)
 
 
 def edit_method(meta: dict[str, Any]) -> str:
-    """`actsvd_remove_top`, `actsvd_keep_top` or `actsvd_orthogonal_projection`."""
+    """`actsvd_remove_top`, `actsvd_keep_top`, `actsvd_orthogonal_projection`, or `random`
+    for a `--match-ranks` control."""
     return {
         "remove-top-ranks": "actsvd_remove_top",
         "keep-top-ranks": "actsvd_keep_top",
         "orthogonal-projection": "actsvd_orthogonal_projection",
+        "random-ranks": "random",
     }.get(str(meta.get("mode")), "actsvd")
 
 

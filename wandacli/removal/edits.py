@@ -26,12 +26,12 @@ from wandacli.core.provenance import (
     software_versions,
 )
 from wandacli.removal.apply import EditRemoval, check_save_model_target, save_model_with
-from wandacli.removal.ranks import numerical_rank, top_output_directions
+from wandacli.removal.ranks import random_orthonormal, removed_directions, top_output_directions
 from wandacli.removal.requests import selected_keys, store_root_for
 from wandacli.removal.results import EditResult
 from wandacli.removal.sequential import SequentialMoments
 from wandacli.store.assemble import set_root_attrs, write_array
-from wandacli.store.files import EditFile, RankStatistics, open_rank_statistics
+from wandacli.store.files import EditFile, RankStatistics, open_rank_statistics, resolve_file
 from wandacli.store.lock import writer_lock
 from wandacli.store.schema import EDIT_FORMAT, Store, split_key
 
@@ -39,6 +39,8 @@ from wandacli.store.schema import EDIT_FORMAT, Store, split_key
 def default_edit_name(config: EditConfig, safety: str, utility: str | None) -> str:
     """A name that says how the edit was made, e.g. `actsvd-align_short.remove-top10`
     (`.seq` when made in the reference's sequential order)."""
+    if config.match_ranks is not None:
+        return file_safe_name(f"random.as-{Path(config.match_ranks).stem}")
     if config.remove_top_ranks is not None:
         name = f"{safety}.remove-top{config.remove_top_ranks}"
     elif config.keep_top_ranks is not None:
@@ -102,8 +104,13 @@ def run_edit(
                     f"--scores {config.scores} and --utility-scores {config.utility_scores} were "
                     f"computed on different models: {mismatch}"
                 )
-        keys = selected_keys(config, safety.fingerprint)
-        check_ranks(config, keys, safety.fingerprint.shapes)
+        matched = None
+        if config.match_ranks is not None:
+            matched = stack.enter_context(_open_matched_edit(config.match_ranks, root, safety))
+            keys = [k for k in safety.fingerprint.shapes if k in matched.meta["modules"]]
+        else:
+            keys = selected_keys(config, safety.fingerprint)
+            check_ranks(config, keys, safety.fingerprint.shapes)
         store = Store(root)
         name = config.name or default_edit_name(
             config, safety.name, utility.name if utility else None
@@ -114,13 +121,19 @@ def run_edit(
         ensure_writable_directory(root)
         with writer_lock(root, shlex.join(command_line)):
             if final.exists() and not config.overwrite:
-                finished = _same_request(final, config, name, root, started)
+                finished = _same_request(final, config, name, root, started, matched)
                 if config.save_model is None or (config.save_model / "config.json").exists():
                     return finished
-            loaded = _load(config, safety)
-            meta = _write_edit(
-                config, final, keys, safety, utility, loaded, name, command_line, reporter
-            )
+            if matched is not None:
+                meta = _write_random_control(
+                    config, final, keys, safety, matched, name, command_line
+                )
+                loaded = _load(config, safety) if config.save_model is not None else None
+            else:
+                loaded = _load(config, safety)
+                meta = _write_edit(
+                    config, final, keys, safety, utility, loaded, name, command_line, reporter
+                )
             result = EditResult(
                 name=name,
                 path=final,
@@ -144,13 +157,21 @@ def run_edit(
 
 
 def _same_request(
-    final: Path, config: EditConfig, name: str, root: Path, started: float
+    final: Path,
+    config: EditConfig,
+    name: str,
+    root: Path,
+    started: float,
+    matched: EditFile | None = None,
 ) -> EditResult:
-    """The finished edit as this run's result when asked for with the same settings."""
+    """The finished edit as this run's result when asked for with the same settings (and, for
+    a control, from the matched edit as it is now)."""
     with EditFile(final) as finished:
-        refuse_other_request(
-            "edit", name, root, request_differences(finished.meta, config.request())
-        )
+        differences = request_differences(finished.meta, config.request())
+        matched_created = (finished.meta.get("matched_edit") or {}).get("created")
+        if matched is not None and matched_created != matched.meta.get("created"):
+            differences.append(f"--match-ranks edit {matched.name!r} was remade after this edit")
+        refuse_other_request("edit", name, root, differences)
         return EditResult(
             name=name,
             path=final,
@@ -220,7 +241,7 @@ def _write_edit(
                 removed = full - ranks["keep"]
             else:  # rank of (I − Π_u) V_s: the directions ΔW can change
                 v_s, v_u = bases["safety"], bases["utility"]
-                removed = numerical_rank(v_s - v_u @ (v_u.T @ v_s))
+                removed = removed_directions(v_s - v_u @ (v_u.T @ v_s))
             for role, basis in bases.items():
                 write_array(handle, f"{key}/{role}", basis.float().cpu().numpy())
             modules[key] = {"ranks": ranks, "removed_rank": removed, "full_rank": full}
@@ -248,6 +269,73 @@ def _write_edit(
         }
         set_root_attrs(handle, EDIT_FORMAT, meta)
     reporter.finish()
+    return meta
+
+
+def _open_matched_edit(reference: str, root: Path, safety: RankStatistics) -> EditFile:
+    """The edit a `--match-ranks` control copies, made for the same model as `--scores`."""
+    matched = EditFile(resolve_file(reference, root, "edit"))
+    mismatch = safety.fingerprint.first_mismatch(
+        matched.fingerprint, mine="--scores", theirs="--match-ranks edit"
+    )
+    if mismatch:
+        matched.close()
+        raise StoreError(f"--match-ranks {reference} was made for another model: {mismatch}")
+    return matched
+
+
+def _write_random_control(
+    config: EditConfig,
+    final: Path,
+    keys: list[str],
+    safety: RankStatistics,
+    matched: EditFile,
+    name: str,
+    command_line: list[str],
+) -> dict[str, Any]:
+    """Per module of the matched edit: Q, random orthonormal [d_out, r] with r the rank that edit
+    removes there (drawn module by module from one seeded generator, as `search`'s control
+    does), so that W ← (I − Q Qᵀ) W removes as much rank in directions chosen without data."""
+    shapes = safety.fingerprint.shapes
+    generator = torch.Generator().manual_seed(config.seed)
+    matched_modules = matched.meta["modules"]
+    modules: dict[str, dict[str, Any]] = {}
+    ranks = {k: int(matched_modules[k]["removed_rank"]) for k in keys}
+    array_bytes = sum(shapes[k][0] * ranks[k] * 4 for k in keys)
+    with atomic_h5(final, expected_file_bytes(array_bytes, 2 * len(keys))) as handle:
+        for key in keys:
+            if ranks[key] == 0:
+                continue
+            basis = random_orthonormal(shapes[key][0], ranks[key], generator)
+            write_array(handle, f"{key}/remove", basis.float().numpy())
+            modules[key] = {
+                "ranks": {"remove": ranks[key]},
+                "removed_rank": ranks[key],
+                "full_rank": min(shapes[key]),
+            }
+        total_rank = sum(min(shape) for shape in shapes.values())
+        meta = {
+            "mode": config.mode,
+            "name": name,
+            "modules": modules,
+            "removed_rank_fraction": sum(m["removed_rank"] for m in modules.values()) / total_rank,
+            "matched_edit": {
+                "name": matched.name,
+                "path": str(matched.path),
+                "mode": matched.mode,
+                "created": matched.meta.get("created"),
+            },
+            "seed": config.seed,
+            "rule": "per module the rank the matched edit removes, in random orthonormal "
+            "directions (Gaussian, then QR; float64, stored float32)",
+            "model": safety.meta["model"],
+            "search": config.search,
+            "config": config.request(),
+            "command_line": shlex.join(command_line),
+            "versions": software_versions(),
+            "created": now_iso(),
+        }
+        set_root_attrs(handle, EDIT_FORMAT, meta)
     return meta
 
 

@@ -400,6 +400,7 @@ class EditFile(StoredFile):
         "remove-top-ranks": ("remove",),
         "keep-top-ranks": ("keep",),
         "orthogonal-projection": ("safety", "utility"),
+        "random-ranks": ("remove",),  # `prune --match-ranks`: a control, W ← (I − QQᵀ) W
     }
 
     def __init__(self, path: Path) -> None:

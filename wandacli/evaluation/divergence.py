@@ -33,7 +33,7 @@ KL_RULE = (
     "mean over prompts and response positions of KL(dense ‖ model) of the next-token "
     "distributions, in nats; positions 2..k read the dense model's greedy continuation"
 )
-_CACHE_VERSION = 3
+_CACHE_VERSION = 4  # 4: continuations that every row ended early are padded to k
 
 
 @dataclass
@@ -248,7 +248,16 @@ def _greedy_continuation(
             generation_config=config,
         ).cpu()
     continuation = sequences[:, input_ids.shape[1] :]
+    short = tokens - continuation.shape[1]
+    if short > 0:
+        # generate stops early when every row has ended, whatever eos_token_id says (the
+        # model's own generation config supplies one): pad, and those positions do not count.
+        padding = torch.full((sequences.shape[0], short), tokenizer.pad_token_id, dtype=torch.long)
+        continuation = torch.cat([continuation, padding], dim=1)
+        sequences = torch.cat([sequences, padding], dim=1)
     ended = torch.tensor([[int(t) in eos_ids for t in row] for row in continuation.tolist()])
+    if short > 0:
+        ended[:, tokens - short :] = True
     # Position j (0-based) counts when none of the first j continuation tokens ended the text.
     ended_before = torch.cat(
         [torch.zeros((sequences.shape[0], 1), dtype=torch.bool), ended.cumsum(1).gt(0)], dim=1

@@ -26,7 +26,7 @@ from wandacli.cli.options import (
     model_spec,
 )
 from wandacli.config.evaluation import KL_LIMIT, KL_POSITIONS, KL_PROMPTS
-from wandacli.config.search import DEFAULT_HELD_OUT, ParameterRange, SearchConfig
+from wandacli.config.search import DEFAULT_HELD_OUT, BestRule, ParameterRange, SearchConfig
 from wandacli.config.settings import DEFAULT_MODEL_ALIAS
 from wandacli.core.console import progress_reporter
 from wandacli.reporting import render
@@ -122,6 +122,16 @@ def search(
             help="Write N front points into the store as masks or edits named <name>.t<trial>.",
         ),
     ] = 0,
+    keep_best: Annotated[
+        str | None,
+        typer.Option(
+            "--keep-best",
+            metavar="OBJECTIVE:LIMIT",
+            help="Also write, as <name>.best, the front point lowest in the other objective among "
+            "those with OBJECTIVE ≤ LIMIT: refusal:0.5 (the cheapest that halves refusals) or "
+            "kl:0.1 (the fewest refusals within a KL budget).",
+        ),
+    ] = None,
     seed: SeedOption = 0,
     prompts: Annotated[
         str,
@@ -240,6 +250,7 @@ def search(
         trials=trials,
         startup_trials=startup_trials,
         keep=keep,
+        keep_best=BestRule.parse(keep_best) if keep_best is not None else None,
         seed=seed,
         prompts=prompts,
         prompt_column=prompt_column,

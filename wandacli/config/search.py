@@ -64,6 +64,47 @@ class ParameterRange:
 
 
 @dataclass(frozen=True)
+class BestRule:
+    """`--keep-best OBJECTIVE:LIMIT`: of the front points whose OBJECTIVE is at most LIMIT, the
+    one lowest in the other objective (`refusal:0.5`: the cheapest point that halves the
+    refusals; `kl:0.1`: the most refusals removed within a KL budget, the refusal-direction
+    reference's filter). Where no front point is within the limit, the one nearest it."""
+
+    objective: Literal["refusal", "kl"]
+    limit: float
+
+    @classmethod
+    def parse(cls, text: str, flag: str = "--keep-best") -> BestRule:
+        objective, _, limit = text.partition(":")
+        if objective not in ("refusal", "kl") or not limit:
+            raise ConfigError(
+                f"{flag} {text!r}: give OBJECTIVE:LIMIT with OBJECTIVE refusal or kl, "
+                "e.g. refusal:0.5 or kl:0.1"
+            )
+        try:
+            value = float(limit)
+        except ValueError:
+            raise ConfigError(f"{flag} {text!r}: the limit must be a number") from None
+        if not math.isfinite(value):
+            raise ConfigError(f"{flag} {text!r}: the limit must be finite")
+        return cls(objective, value)  # type: ignore[arg-type]
+
+    @property
+    def other(self) -> str:
+        return "kl" if self.objective == "refusal" else "refusal"
+
+    def choose(self, front: list[dict[str, Any]]) -> tuple[dict[str, Any], bool]:
+        """The chosen point and whether it is within the limit."""
+        within = [t for t in front if t[self.objective] <= self.limit]
+        if within:
+            return min(within, key=lambda t: (t[self.other], t[self.objective], t["index"])), True
+        return min(front, key=lambda t: (t[self.objective], t[self.other], t["index"])), False
+
+    def __str__(self) -> str:
+        return f"{self.objective}:{self.limit:g}"
+
+
+@dataclass(frozen=True)
 class SearchConfig:
     """Everything `wandacli search` needs. Exactly one kind of removal:
     set difference (`utility_scores` with p and q), top (`ratio`: each row's top fraction of
@@ -87,6 +128,7 @@ class SearchConfig:
     trials: int = 40
     startup_trials: int = 10  # TPE's random trials before it models the front
     keep: int = 0
+    keep_best: BestRule | None = None
     seed: int = 0
     prompts: str = "advbench"
     prompt_column: str | None = None
@@ -183,7 +225,16 @@ class SearchConfig:
         number of trials and what is kept may grow)."""
         data = self.to_json()
         # Not the trials: how many, what is kept, the control, the held-out check, where.
-        for key in ("store", "trials", "keep", "control", "held_out", "data_dir", "name"):
+        for key in (
+            "store",
+            "trials",
+            "keep",
+            "keep_best",
+            "control",
+            "held_out",
+            "data_dir",
+            "name",
+        ):
             data.pop(key, None)
         model = data.pop("model") or {}
         data["model"] = {"model": model.get("model"), "dtype": model.get("dtype")}
@@ -195,6 +246,7 @@ class SearchConfig:
             data[{"sparsity_ratio": "ratio"}.get(key, key)] = value.to_json()
         for key in ("store", "data_dir"):
             data[key] = str(data[key]) if data[key] is not None else None
+        data["keep_best"] = str(self.keep_best) if self.keep_best is not None else None
         data["model"]["cache_dir"] = str(self.model.cache_dir) if self.model.cache_dir else None
         data["kind"] = self.kind
         return data

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from wandacli.config.search import SearchConfig
-from wandacli.core.console import NullReporter, Reporter, info
+from wandacli.core.console import NullReporter, Reporter, info, warn
 from wandacli.core.durable import atomic_write_text, ensure_writable_directory
 from wandacli.core.errors import ConfigError, StoreError, interruptible
 from wandacli.core.provenance import now_iso, settings_differences, software_versions
@@ -79,6 +79,7 @@ class SearchResult:
     front: list[dict[str, Any]]
     control: dict[str, Any] | None = None
     kept: list[str] = field(default_factory=list)
+    best: dict[str, Any] | None = None  # `--keep-best`: the point kept as <name>.best
     figure: Path | None = None
     seconds: float = 0.0
     trials_asked: int = 0
@@ -96,6 +97,7 @@ class SearchResult:
             "front": self.front,
             "control": self.control,
             "kept": self.kept,
+            "best": self.best,
             "figure": str(self.figure) if self.figure else None,
             "seconds": round(self.seconds, 3),
         }
@@ -256,7 +258,11 @@ class SearchRun:
             summary["control"] = self._control(
                 summary.get("control"), front, removals, loaded, measure
             )
-        kept = self._keep(front, directory, search_prompts, summary)
+        kept = self._keep(front, directory, summary)
+        best = self._keep_best(front, directory, summary)
+        if best is not None:
+            summary["best"] = best
+            kept.append(best["name"])
         summary["kept"] = sorted(set(summary.get("kept") or []) | set(kept))
         summary["updated"] = now_iso()
         _write_summary(summary_path, summary)
@@ -270,6 +276,7 @@ class SearchRun:
             front=front,
             control=summary.get("control"),
             kept=kept,
+            best=summary.get("best"),
             figure=figure,
             seconds=time.monotonic() - started,
             trials_asked=config.trials,
@@ -307,7 +314,6 @@ class SearchRun:
         self,
         front: list[dict[str, Any]],
         directory: Path,
-        search_prompts: PromptSet,
         summary: dict[str, Any],
     ) -> list[str]:
         """`--keep N`: N points spread along the front (both ends first), written by `prune`
@@ -315,32 +321,68 @@ class SearchRun:
         config = self.config
         if config.keep == 0 or not front:
             return []
-        chosen = _spread(front, config.keep)
         names = []
-        for point in chosen:
+        for point in _spread(front, config.keep):
             name = f"{config.name}.t{point['index']}"
-            origin = {
-                "name": config.name,
-                "directory": str(directory),
-                "trial": point["index"],
-                "params": point["params"],
-                "refusal": point["refusal"],
-                "kl": point["kl"],
-                "prompts": summary["prompts"],
-            }
-            request = prune_config_for(config, point["params"], name)
-            request = type(request)(**{**request.__dict__, "search": origin})
-            if config.is_edit:
-                from wandacli.removal.edits import run_edit
-
-                run_edit(request, reporter=self.reporter, command_line=self.command_line)  # type: ignore[arg-type]
-            else:
-                from wandacli.removal.prune import run_prune
-
-                run_prune(request, reporter=self.reporter, command_line=self.command_line)  # type: ignore[arg-type]
+            self._write_point(point, name, directory, summary, overwrite=False)
             names.append(name)
         info(f"kept {len(names)} front point(s): {', '.join(names)}")
         return names
+
+    def _keep_best(
+        self, front: list[dict[str, Any]], directory: Path, summary: dict[str, Any]
+    ) -> dict[str, Any] | None:
+        """`--keep-best OBJECTIVE:LIMIT`: the rule's point as `<search>.best`, a name a pipeline
+        can depend on; rewritten when more trials move it."""
+        rule = self.config.keep_best
+        if rule is None or not front:
+            return None
+        point, within = rule.choose(front)
+        name = f"{self.config.name}.best"
+        previous = summary.get("best") or {}
+        moved = previous.get("index") != point["index"]
+        self._write_point(point, name, directory, summary, overwrite=moved, rule=str(rule))
+        if not within:
+            warn(
+                f"no front point has {rule.objective} ≤ {rule.limit:g}: kept the nearest, trial "
+                f"{point['index']} ({rule.objective} {point[rule.objective]:.3g}) as {name}"
+            )
+        else:
+            info(f"kept trial {point['index']} as {name} ({rule})")
+        return {"name": name, "index": point["index"], "rule": str(rule), "within_limit": within}
+
+    def _write_point(
+        self,
+        point: dict[str, Any],
+        name: str,
+        directory: Path,
+        summary: dict[str, Any],
+        *,
+        overwrite: bool,
+        rule: str | None = None,
+    ) -> None:
+        """One front point written by `prune` itself (an ordinary mask or edit) whose meta
+        names the search, the trial and the prompts it was chosen on."""
+        config = self.config
+        origin = {
+            "name": config.name,
+            "directory": str(directory),
+            "trial": point["index"],
+            "params": point["params"],
+            "refusal": point["refusal"],
+            "kl": point["kl"],
+            "prompts": summary["prompts"],
+        } | ({"rule": rule} if rule else {})
+        request = prune_config_for(config, point["params"], name)
+        request = type(request)(**{**request.__dict__, "search": origin, "overwrite": overwrite})
+        if config.is_edit:
+            from wandacli.removal.edits import run_edit
+
+            run_edit(request, reporter=self.reporter, command_line=self.command_line)  # type: ignore[arg-type]
+        else:
+            from wandacli.removal.prune import run_prune
+
+            run_prune(request, reporter=self.reporter, command_line=self.command_line)  # type: ignore[arg-type]
 
     # -- checks ---------------------------------------------------------------------------
 

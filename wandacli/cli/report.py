@@ -41,6 +41,15 @@ def report(
             help="Folder of `wandacli compare --csv` files: one Jaccard heatmap per pair (with --plots).",
         ),
     ] = None,
+    searches: Annotated[
+        Path | None,
+        typer.Option(
+            "--searches",
+            metavar="STORE",
+            help="Also report the store's searches: each front as a table (in --markdown) and "
+            "a figure (with --plots).",
+        ),
+    ] = None,
     config: ConfigOption = None,
     json_output: JsonOption = False,
 ) -> None:
@@ -51,6 +60,10 @@ def report(
     if compare_dir is not None and plots is None:
         raise ConfigError("--compare draws heatmaps: give --plots DIR too")
     result = build_report(
-        results, markdown_file=markdown_file, plots_dir=plots, compare_dir=compare_dir
+        results,
+        markdown_file=markdown_file,
+        plots_dir=plots,
+        compare_dir=compare_dir,
+        searches_store=searches,
     )
     render.report(result, as_json=json_output)

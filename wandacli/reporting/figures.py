@@ -508,6 +508,19 @@ def search_front(summary: dict[str, Any], stem: Path) -> Figure | None:
                 label=f"random control (size of trial {control.get('of_index')})",
                 zorder=6,
             )
+        best = summary.get("best") or {}
+        chosen = [t for t in front if best and t.get("index") == best.get("index")]
+        if chosen:
+            axes.scatter(
+                [chosen[0]["kl"]],
+                [chosen[0]["refusal"]],
+                s=160,
+                facecolors="none",
+                edgecolors="black",
+                linewidths=1.5,
+                label=f"kept as {best.get('name')} ({best.get('rule')})",
+                zorder=7,
+            )
         axes.set_xscale("symlog", linthresh=floor)
         axes.set_xlabel("KL divergence from the dense model on harmless prompts (nats)")
         measure = (summary.get("request") or {}).get("refusal", "generation")

@@ -311,8 +311,11 @@ def report(result: Report, as_json: bool) -> None:
             # Sampled: any of n (the paper's figure) / the mean over samples, which still
             # separates models where any-of-n saturates.
             mean = row.asr.get(f"{metric}_sample_mean")
+            if value is None:  # not run for this row (e.g. a control in fewer settings)
+                asr.append("-")
+                continue
             cell = f"{value:.2f}" + (f"/{mean:.2f}" if mean is not None else "")
-            asr.append("-" if value is None else cell + mark)
+            asr.append(cell + mark)
         rank_cell = (
             ["-" if row.removed_rank_fraction is None else f"{100 * row.removed_rank_fraction:.2f}"]
             if ranks
@@ -419,4 +422,10 @@ def search_result(result: Any, as_json: bool) -> None:
         lines.append(f"figure: {result.figure}.png, .svg")
     if result.kept:
         lines.append(f"kept: {', '.join(result.kept)}")
+    if result.best:
+        within = "" if result.best.get("within_limit") else " (none within the limit: the nearest)"
+        lines.append(
+            f"best by {result.best.get('rule')}: trial {result.best.get('index')} as "
+            f"{result.best.get('name')}{within}"
+        )
     out.print("\n".join(lines), markup=False)

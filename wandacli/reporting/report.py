@@ -4,15 +4,17 @@ subdirectory each, as eval-attack and eval-utility write them) in one row."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from wandacli.core.errors import StoreError
 from wandacli.core.metrics import metric_order
 from wandacli.core.naming import file_safe_name
 from wandacli.reporting.results import ResultRow, collect
+from wandacli.store.schema import SEARCH_SUMMARY, Store
 
 if TYPE_CHECKING:
     from wandacli.reporting.figures import Figure
@@ -23,6 +25,7 @@ class Report:
     rows: list[ResultRow]
     figures: list[Figure] = field(default_factory=list)
     markdown_file: Path | None = None
+    searches: list[dict[str, Any]] = field(default_factory=list)  # each search's search.json
 
 
 def build_report(
@@ -31,14 +34,15 @@ def build_report(
     markdown_file: Path | None = None,
     plots_dir: Path | None = None,
     compare_dir: Path | None = None,
+    searches_store: Path | None = None,
 ) -> Report:
-    """The results table; with `plots_dir`, the study's figures (PNG and SVG) from the results
-    and from `compare --csv` files in `compare_dir`; with `markdown_file`, both as a Markdown
-    document that embeds the figures."""
+    """The results table; with `plots_dir`, the study's figures (PNG and SVG) from the results,
+    from `compare --csv` files in `compare_dir` and from the searches in `searches_store`;
+    with `markdown_file`, all of it as a Markdown document that embeds the figures."""
     rows = collect(results_dir)
     comparisons = read_comparisons(compare_dir) if compare_dir is not None else []
     subspaces = read_subspaces(compare_dir) if compare_dir is not None else []
-    report = Report(rows)
+    report = Report(rows, searches=read_searches(searches_store) if searches_store else [])
     if plots_dir is not None:
         from wandacli.reporting import figures
 
@@ -52,6 +56,9 @@ def build_report(
         for (a, b, ranks), similarity in subspaces:
             stem = plots_dir / f"subspaces-{file_safe_name(a)}-vs-{file_safe_name(b)}-r{ranks[0]}"
             made.append(figures.subspace_heatmap(similarity, a, b, ranks, stem))
+        for summary in report.searches:
+            stem = plots_dir / f"search-{file_safe_name(str(summary.get('name')))}"
+            made.append(figures.search_front(summary, stem))
         report.figures = [figure for figure in made if figure is not None]
     if markdown_file is not None:
         from wandacli.core.durable import atomic_write_text
@@ -59,6 +66,21 @@ def build_report(
         atomic_write_text(markdown_file, study_markdown(report, markdown_file.parent))
         report.markdown_file = markdown_file
     return report
+
+
+def read_searches(store_root: Path) -> list[dict[str, Any]]:
+    """Every search's summary in the store (`STORE/searches/<name>/search.json`), by name."""
+    store = Store(store_root)
+    if not store_root.is_dir():
+        raise StoreError(f"store {store_root} does not exist: pass the store the searches ran in")
+    summaries = []
+    for name in store.search_names():
+        path = store.search_dir(name) / SEARCH_SUMMARY
+        try:
+            summaries.append(json.loads(path.read_text(encoding="utf-8")))
+        except (OSError, ValueError) as exc:
+            raise StoreError(f"search summary {path} is unreadable ({exc})") from None
+    return summaries
 
 
 def read_comparisons(
@@ -124,6 +146,8 @@ def read_subspaces(
 def study_markdown(report: Report, relative_to: Path) -> str:
     """The results table, then every figure with its caption (paths relative to the document)."""
     parts = ["# Results", "", markdown(report.rows), *prompt_notes(report.rows)]
+    for summary in report.searches:
+        parts += search_markdown(summary)
     if report.figures:
         parts += ["## Figures", ""]
         for figure in report.figures:
@@ -139,6 +163,70 @@ def study_markdown(report: Report, relative_to: Path) -> str:
                 "",
             ]
     return "\n".join(parts)
+
+
+def search_markdown(summary: dict[str, Any]) -> list[str]:
+    """One search: what it searched, on which prompts, its front, the dense model, the random
+    control and the point it kept as `.best`."""
+    request = summary.get("request") or {}
+    amount = (
+        "removed_rank_fraction" if request.get("kind") == "orthogonal-projection" else "sparsity"
+    )
+    trials = [t for t in summary.get("trials") or [] if t.get("state") == "COMPLETE"]
+    front = summary.get("front") or []
+    prompts = summary.get("prompts") or {}
+    first = int(prompts.get("offset") or 0) + 1
+    last = first + int(prompts.get("count") or 0) - 1
+    params = sorted({k for t in front for k in t.get("params") or {}})
+    ranges = ", ".join(
+        f"{k} {request[k][0]:g}:{request[k][1]:g}"
+        for k in ("p", "q", "ratio", "safety_ranks", "utility_ranks", "rank_neg", "rank_pos")
+        if isinstance(request.get(k), list)
+    )
+    best = summary.get("best") or {}
+    lines = [
+        f"## Search {summary.get('name')}",
+        "",
+        f"{request.get('kind')} over {ranges}: {len(trials)} complete trials, scored on "
+        f"{request.get('scores')}"
+        + (f" and {request['utility_scores']}" if request.get("utility_scores") else "")
+        + f". Search prompts: {prompts.get('name')} {first}–{last}; refusal: "
+        f"{(summary.get('objectives') or {}).get('refusal')}; KL: "
+        f"{(summary.get('objectives') or {}).get('kl')}.",
+        "",
+        "| trial | " + " | ".join(params) + f" | {amount.replace('_', ' ')} | refusal | KL |",
+        "|" + "---|" * (len(params) + 4),
+    ]
+
+    def row(label: str, entry: dict[str, Any]) -> str:
+        values = [
+            f"{v:g}" if isinstance(v := (entry.get("params") or {}).get(k), (int, float)) else "-"
+            for k in params
+        ]
+        size = entry.get(amount)
+        size_cell = f"{size:.3%}" if isinstance(size, (int, float)) else "-"
+        return (
+            f"| {label} | " + " | ".join(values) + f" | {size_cell} | "
+            f"{entry.get('refusal', float('nan')):.3g} | {entry.get('kl', float('nan')):.3g} |"
+        )
+
+    lines.append(row("dense", summary.get("dense") or {}))
+    for entry in front:
+        mark = " (kept as .best)" if entry.get("index") == best.get("index") else ""
+        lines.append(row(f"{entry.get('index')}{mark}", entry))
+    if summary.get("control"):
+        lines.append(
+            row(f"random, size of {summary['control'].get('of_index')}", summary["control"])
+        )
+    if best:
+        lines += [
+            "",
+            f"Kept as {best.get('name')}: trial {best.get('index')}, by the rule "
+            f"{best.get('rule')}"
+            + ("" if best.get("within_limit", True) else " (no front point within it: the nearest)")
+            + ".",
+        ]
+    return [*lines, ""]
 
 
 def prompt_notes(rows: list[ResultRow]) -> list[str]:

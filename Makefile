@@ -1,5 +1,6 @@
 # wandacli: two commands on a fresh machine.
-#   make demo   runs the whole study end to end on the embedded SmolLM2 model
+#   make demo   runs the headline of the study end to end on the embedded SmolLM2 model
+#               (make study: all of it)
 #   make test   runs the test suite
 # Both install what they need into .venv first.
 
@@ -16,7 +17,7 @@ STAMP       := $(VENV)/.installed
 # Tests switch the hub off themselves (tests/conftest.py).
 export TRANSFORMERS_NO_ADVISORY_WARNINGS ?= 1
 
-.PHONY: install test test-fast test-floor lint demo paper bench clean
+.PHONY: install test test-fast test-floor lint demo study paper bench clean
 
 WANDACLI    := $(BIN)/wandacli
 
@@ -82,9 +83,13 @@ endif
 demo: $(STAMP)
 	$(MAKE) --no-print-directory pipeline PIPELINE_CONFIG=configs/smollm2-demo.toml OUT=demo
 
+# The whole study on the organism (~50 min on 2 cores): configs/smollm2-study.toml into study/.
+study: $(STAMP)
+	$(MAKE) --no-print-directory pipeline PIPELINE_CONFIG=configs/smollm2-study.toml OUT=study
+
 paper: $(STAMP)
 	@test -n "$(MODEL)" || { echo "usage: make paper MODEL=meta-llama/Llama-2-7b-chat-hf"; exit 2; }
 	$(MAKE) --no-print-directory pipeline PIPELINE_CONFIG=configs/llama2-7b-chat-paper.toml OUT=paper MODEL=$(MODEL)
 
 clean:
-	rm -rf $(VENV) $(FLOOR_VENV) .pytest_cache .mypy_cache .ruff_cache demo bench/work
+	rm -rf $(VENV) $(FLOOR_VENV) .pytest_cache .mypy_cache .ruff_cache demo study bench/work

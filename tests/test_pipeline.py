@@ -25,7 +25,7 @@ def test_every_shipped_config_is_valid(cli, config):
     assert result.exit_code == 0, result.stderr
     assert "are valid" in result.stderr
     plan = Plan.from_config(read_config_file(config), config)
-    assert plan.pq and plan.methods
+    assert plan.methods and (plan.pq or plan.searches)
 
 
 def test_check_config_names_a_bad_value(cli, tmp_path):
@@ -48,18 +48,74 @@ def test_plan_targets_are_files(tmp_path):
     )
     for target in (
         "store/scores/wanda-safety.h5",
-        "store/masks/top0.01-wandg-safety.h5",
-        "store/masks/wanda-setdiff-q0.1-p0.1.h5",
+        "store/scores/actsvd-utility.h5",
         "store/scores/random.h5",
-        "store/masks/random-as-wanda-setdiff-q0.1-p0.1.h5",
-        "compare/wandg-safety-vs-utility.csv",
+        "store/masks/wanda-sd.best.h5",
+        "store/masks/random-as-wanda-sd.best.h5",
+        "store/edits/actsvd-projection.best.h5",
+        "store/edits/random-as-actsvd-projection.best.h5",
+        "compare/wanda-safety-vs-utility.csv",
         "results/dense/results.json",
-        "results/wanda-setdiff-q0.15-p0.1/utility.json",
+        "results/wanda-sd.best/utility.json",
+        "results/actsvd-projection.best/results.json",
         "results/baseline-smollm2/results.json",
-        "results/random-as-top0.01/results.json",
+        "results/random-as-wanda-sd.best/results.json",
         "results.txt",
     ):
         assert f"{tmp_path / target}:" in text, target
+
+
+def rule_for(text: str, target: Path) -> str:
+    return text[text.index(f"{target}:") :].split("\n\n")[0]
+
+
+def test_searches_keep_their_best_point_and_its_random_control(tmp_path):
+    config = tmp_path / "plan.toml"
+    config.write_text(
+        '[pipeline]\nmethods = ["wanda"]\nrank_statistics = true\npq = []\ntop_ratio = 0\n'
+        'random_control = true\nconfigs = "basic,multiple_nosys"\nother_configs = "multiple_nosys"\n'
+        '[[pipeline.searches]]\nname = "sd"\nscores = "wanda-safety"\n'
+        'utility_scores = "wanda-utility"\np = "0.02:0.2"\nq = "0.02:0.2"\ntrials = 5\n'
+        'keep_best = "refusal:0.5"\n'
+        '[[pipeline.searches]]\nname = "proj"\nscores = "actsvd-safety"\n'
+        'utility_scores = "actsvd-utility"\nrank_neg = "2:8"\nrank_pos = "4:16"\n'
+        'keep_best = "kl:0.5"\n'
+    )
+    text = makefile(Plan.from_config(read_config_file(config), config), config, tmp_path, "w", None)
+    store = tmp_path / "store"
+    search = rule_for(text, store / "masks" / "sd.best.h5")
+    assert "wanda-safety.h5" in search.splitlines()[0] and "wanda-utility.h5" in search
+    assert "w search " in search and "--name sd --scores wanda-safety" in search
+    assert "--p 0.02:0.2 --q 0.02:0.2 --trials 5 --keep-best refusal:0.5" in search
+    edit = rule_for(text, store / "edits" / "proj.best.h5")
+    assert "--rank-neg 2:8 --rank-pos 4:16 --keep-best kl:0.5" in edit
+    # the controls: a random mask of the same counts, a random edit of the same ranks
+    mask_control = rule_for(text, store / "masks" / "random-as-sd.best.h5")
+    assert "--scores random --match-counts sd.best" in mask_control
+    edit_control = rule_for(text, store / "edits" / "random-as-proj.best.h5")
+    assert "--scores actsvd-safety --match-ranks proj.best" in edit_control
+    assert "proj.best.h5" in edit_control.splitlines()[0]
+    # the dense model and the searched points in `configs`, the controls in `other_configs`
+    for label, configs in (("dense", "basic,multiple_nosys"), ("sd.best", "basic,multiple_nosys"),
+                           ("proj.best", "basic,multiple_nosys"),
+                           ("random-as-proj.best", "multiple_nosys")):  # fmt: skip
+        rule = rule_for(text, tmp_path / "results" / label / "results.json")
+        assert f"--configs {configs} " in rule, rule
+    assert "--searches " in rule_for(text, tmp_path / "results.txt")
+
+
+@pytest.mark.parametrize(
+    ("entry", "fragment"),
+    [
+        ('name = "s"\nscores = "wanda-safety"\np = "0.1:0.2"', "needs 'keep_best'"),
+        ('name = "s"\nscores = "wandg-safety"\nkeep_best = "kl:1"', "does not score"),
+        ('name = "s"\nscores = "wanda-safety"\nkeep_best = "kl:1"\nlimit = 4', "unknown key 'limit'"),
+    ],
+)  # fmt: skip
+def test_a_bad_search_entry_is_one_line(cli, tmp_path, entry, fragment):
+    path = tmp_path / "bad.toml"
+    path.write_text(f'[pipeline]\nmethods = ["wanda"]\npq = []\n[[pipeline.searches]]\n{entry}\n')
+    assert_one_line_error(cli("check-config", str(path)), fragment)
 
 
 def test_random_controls_copy_each_masks_counts(tmp_path):
@@ -87,19 +143,22 @@ def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(
 ):
     out = tmp_path / "demo"
     bin_dir = str(Path(sys.executable).parent)
-    # The demo's config with another tiny model as the baseline (the real one is SmolLM2), one
-    # method and one set difference instead of two and three: every kind of step, in fewer
-    # processes (each costs seconds of torch import).
+    # The demo's config with another tiny model as the baseline (the real one is SmolLM2), and
+    # searches sized for it: two trials each, ranks within its widths, a few short prompts.
     demo_config = (REPO / "configs" / "smollm2-demo.toml").read_text()
-    sweep = "pq = [[0.1, 0.05], [0.1, 0.1], [0.1, 0.15]]"
-    methods = 'methods = ["wanda", "wandg"]'
-    assert 'baseline_models = ["smollm2"]' in demo_config and sweep in demo_config
-    assert methods in demo_config
+    replaced = {
+        'baseline_models = ["smollm2"]': f'baseline_models = ["{tiny_llama_base_dir}"]',
+        "trials = 10\nstartup_trials = 6": "trials = 2\nstartup_trials = 1",
+        'rank_neg = "2:60"': 'rank_neg = "1:4"',
+        'rank_pos = "10:180"': 'rank_pos = "1:8"',
+        "limit = 50": "limit = 10",
+    }
+    for old, new in replaced.items():
+        assert old in demo_config, old
+        demo_config = demo_config.replace(old, new)
     config = tmp_path / "demo.toml"
     config.write_text(
-        demo_config.replace('["smollm2"]', f'["{tiny_llama_base_dir}"]')
-        .replace(sweep, "pq = [[0.1, 0.15]]")
-        .replace(methods, 'methods = ["wanda"]'),
+        demo_config + "\n[search]\nlimit = 4\nkl-limit = 4\nmax-new-tokens = 4\n",
         encoding="utf-8",
     )
     command = [
@@ -121,17 +180,24 @@ def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(
     table = (out / "results.txt").read_text()
     for label in (
         "dense",
-        "top0.01-wanda-safety",
-        "wanda-setdiff-q0.15-p0.1",
-        "random-as-wanda-setdiff-q0.15-p0.1",
-        "random-as-top0.01",
+        "wanda-sd.best",
+        "random-as-wanda-sd.best",
+        "actsvd-projection.best",
+        "random-as-actsvd-projection.best",
         "baseline-",
     ):
         assert label in table, label
     document = (out / "results.md").read_text()
     assert document.startswith("# Results") and "| model under test |" in document
+    assert "## Search wanda-sd" in document and "## Search actsvd-projection" in document
     # The study's figures, embedded in the document by paths relative to it.
-    for stem in ("asr-vs-perplexity", "sparsity-sweep", "jaccard-wanda-safety-vs-wanda-utility"):
+    for stem in (
+        "asr-vs-perplexity",
+        "sparsity-sweep",
+        "jaccard-wanda-safety-vs-wanda-utility",
+        "search-wanda-sd",
+        "search-actsvd-projection",
+    ):
         for fmt in ("png", "svg"):
             assert (out / "figures" / f"{stem}.{fmt}").is_file(), stem
         assert f"](figures/{stem}.png)" in document
@@ -167,6 +233,22 @@ def test_report_shows_only_the_configurations_that_ran(cli, tmp_path):
     assert "gcg" not in header and "multi" not in header
     masked = next(line for line in result.stdout.splitlines() if "masked" in line)
     assert "0.75" in masked and "31.50" in masked
+    # A row measured in a setting the others were not: a dash where a row has no figure.
+    folder = tmp_path / "results" / "sampled"
+    folder.mkdir()
+    (folder / "results.json").write_text(
+        json.dumps(
+            {
+                "model_under_test": {"method": "random", "actual_sparsity": 0.01},
+                "results": [{"metric": "inst_ASR_multiple_nosys", "asr": 0.5, "sample_mean": 0.2}],
+            }
+        )
+    )
+    mixed = cli("report", str(tmp_path / "results"))
+    assert mixed.exit_code == 0, mixed.stderr
+    rows = {line.split()[1]: line for line in mixed.stdout.splitlines() if line.startswith("│")}
+    assert "0.50/0.20" in rows["sampled"] and "0.75" in rows["masked"]
+    assert rows["masked"].count(" - ") >= 1 and rows["sampled"].count(" - ") >= 1
 
 
 @pytest.mark.slow

@@ -340,13 +340,13 @@ def test_projection_trial_equals_the_edit_and_is_undone(cli, sets_store, tiny_ll
         rank_neg=ParameterRange(0, 16, True), rank_pos=ParameterRange(0, 16, True),
     )  # fmt: skip
     original = weights(loaded)
-    params = {"rank_neg": 3, "rank_pos": 9}
+    params = {"rank_neg": 5, "rank_pos": 1}
     with WeightChanges(loaded) as changes:
         applied = removals.apply(params, changes)
         in_memory = weights(loaded)
     assert all(torch.equal(original[k], w) for k, w in weights(loaded).items())
     result = cli("prune", "--store", store, "--model", tiny_llama_dir, "--scores", "actsvd-safety",
-                 "--utility-scores", "actsvd-utility", "--rank-neg", "3", "--rank-pos", "9",
+                 "--utility-scores", "actsvd-utility", "--rank-neg", "5", "--rank-pos", "1",
                  "--name", "e", "--no-progress", "--json")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     edited = load_model_under_test(ModelSpec(model=str(tiny_llama_dir), device="cpu"), "e", store)
@@ -528,3 +528,136 @@ def test_a_search_on_the_refusal_score(cli, sets_store, tiny_llama_dir, tmp_path
     assert all(isinstance(t["refusal"], float) for t in found["trials"])
     summary = json.loads((store / "searches" / "s" / "search.json").read_text())
     assert "log-odds" in summary["objectives"]["refusal"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The point a study evaluates (`--keep-best`) and the random control of an edit (`--match-ranks`)
+
+
+FRONT = [
+    {"index": 4, "refusal": 0.0, "kl": 3.0},
+    {"index": 1, "refusal": 0.25, "kl": 1.2},
+    {"index": 7, "refusal": 0.5, "kl": 0.4},
+    {"index": 2, "refusal": 0.9, "kl": 0.01},
+]
+
+
+@pytest.mark.parametrize(
+    ("rule", "index", "within"),
+    [
+        ("refusal:0.5", 7, True),  # the cheapest point that halves the refusals
+        ("refusal:0.3", 1, True),
+        ("kl:1.5", 1, True),  # the fewest refusals within the KL budget
+        ("kl:0.1", 2, True),
+        ("kl:0.001", 2, False),  # none within: the nearest
+        ("refusal:-1", 4, False),
+    ],
+)
+def test_the_best_rule_chooses_on_the_front(rule, index, within):
+    from wandacli.config.search import BestRule
+
+    chosen, inside = BestRule.parse(rule).choose(FRONT)
+    assert (chosen["index"], inside) == (index, within)
+
+
+@pytest.mark.parametrize("text", ["refusal", "ppl:0.5", "kl:x", "kl:inf", ":0.5"])
+def test_a_bad_best_rule_is_one_line(cli, sets_store, tiny_llama_dir, tmp_path, text):
+    store = copy_store(sets_store, tmp_path)
+    result = search(cli, tiny_llama_dir, store, "sd", *SET_DIFFERENCE, "--keep-best", text)
+    assert_one_line_error(result, "--keep-best")
+    assert not (store / "searches").exists()
+
+
+def test_keep_best_and_the_random_edit_of_its_size(cli, sets_store, tiny_llama_dir, tmp_path):
+    """The .best edit is the rule's point, written as `prune` writes it; `prune --match-ranks`
+    removes the same rank per module in random directions, the very control the search
+    measured (one seed, one draw order), and a rerun keeps it."""
+    from wandacli.config.search import BestRule
+    from wandacli.removal.apply import EditRemoval
+    from wandacli.store.files import EditFile
+
+    store = copy_store(sets_store, tmp_path)
+    found = json.loads(
+        search(cli, tiny_llama_dir, store, "proj", *PROJECTION, "--trials", "3",
+               "--keep-best", "refusal:2", "--seed", "5", "--json").stdout
+    )  # fmt: skip
+    chosen, _ = BestRule.parse("refusal:2").choose(found["front"])
+    assert found["best"] == {"name": "proj.best", "index": chosen["index"],
+                             "rule": "refusal:2", "within_limit": True}  # fmt: skip
+    with EditFile(store / "edits" / "proj.best.h5") as best:
+        assert best.meta["search"]["trial"] == chosen["index"]
+        assert best.meta["search"]["rule"] == "refusal:2"
+        removed = {k: m["removed_rank"] for k, m in best.meta["modules"].items()}
+    control_args = ("prune", "--store", store, "--scores", "actsvd-safety", "--match-ranks",
+                    "proj.best", "--seed", "5", "--name", "ctl", "--no-progress", "--json")  # fmt: skip
+    made = cli(*control_args)
+    assert made.exit_code == 0, made.stderr
+    assert json.loads(made.stdout)["removed_rank_fraction"] == pytest.approx(
+        chosen["removed_rank_fraction"]
+    )
+    with EditFile(store / "edits" / "ctl.h5") as control:
+        assert control.mode == "random-ranks"
+        assert control.meta["matched_edit"]["name"] == "proj.best"
+        assert {k: m["removed_rank"] for k, m in control.meta["modules"].items()} == {
+            k: r for k, r in removed.items() if r
+        }
+        for key in control.keys:
+            q = torch.from_numpy(control.bases(key)["remove"]).double()
+            assert q.shape[1] == removed[key]
+            assert torch.allclose(q.T @ q, torch.eye(q.shape[1], dtype=torch.float64), atol=1e-6)
+        # applied from the store, it equals the search's own control of that point
+        removals, loaded = removals_for(
+            store, tiny_llama_dir, scores="actsvd-safety", utility_scores="actsvd-utility",
+            rank_neg=ParameterRange(1, 8, True), rank_pos=ParameterRange(1, 16, True),
+        )  # fmt: skip
+        with WeightChanges(loaded) as changes:
+            applied = removals.apply(chosen["params"], changes)
+            changes.restore()
+            removals.apply_control(applied, changes, 5)
+            in_search = weights(loaded)
+        with EditRemoval(control) as removal:
+            removal.apply(loaded)
+        for key, weight in weights(loaded).items():
+            assert float((weight - in_search[key]).abs().max()) <= 2e-6 * float(
+                in_search[key].abs().max() + 1e-12
+            ), key
+    again = cli(*control_args)
+    assert again.exit_code == 0 and json.loads(again.stdout)["already_complete"] is True
+    other_seed = cli(*control_args[:-6], "--seed", "6", "--name", "ctl", "--no-progress")
+    assert_one_line_error(other_seed, "ctl")
+
+
+def test_match_ranks_bad_input_is_one_line(cli, sets_store, tiny_llama_dir, tmp_path):
+    store = copy_store(sets_store, tmp_path)
+    missing = cli("prune", "--store", store, "--scores", "actsvd-safety", "--match-ranks", "nope")
+    assert_one_line_error(missing, "no edit 'nope'")
+    stray_seed = cli("prune", "--store", store, "--scores", "safety", "--sparsity-ratio", "0.1",
+                     "--seed", "3")  # fmt: skip
+    assert_one_line_error(stray_seed, "--seed")
+    assert not (store / "edits").exists() and not (store / "masks").exists()
+
+
+def test_kl_when_every_dense_continuation_ends_at_once(tiny_llama_dir, monkeypatch):
+    """generate stops early once every row has ended (the model's own generation config
+    supplies an end-of-sequence id): the continuation is padded to k and the positions after
+    the end do not count, instead of the batch's positions no longer lining up."""
+    from wandacli.evaluation.divergence import dense_distributions, kl_divergence
+
+    loaded = loaded_model(tiny_llama_dir)
+    eos = loaded.tokenizer.eos_token_id
+    real_generate = loaded.model.generate
+
+    def ends_at_once(*args, **kwargs):
+        prompt = kwargs["input_ids"]
+        out = real_generate(*args, **kwargs)[:, : prompt.shape[1] + 1].clone()
+        out[:, -1] = eos  # every row's first token ends it; generate returns no more
+        return out
+
+    monkeypatch.setattr(loaded.model, "generate", ends_at_once)
+    texts = ["Say one thing.", "Say another, longer thing, please.", "A third."]
+    dense = dense_distributions(loaded, texts, positions=4, add_special_tokens=True)
+    for batch in dense.batches:
+        assert batch.valid.shape == (len(batch.input_ids), 4)
+        assert batch.valid[:, 0].all() and not batch.valid[:, 1:].any()
+    monkeypatch.setattr(loaded.model, "generate", real_generate)
+    assert kl_divergence(loaded, dense) == 0.0

@@ -26,6 +26,69 @@ from wandacli.config.settings import WEIGHT_METHODS
 from wandacli.core.errors import ConfigError, WandacliError
 from wandacli.core.naming import file_safe_name
 
+# The `search` options a [[pipeline.searches]] entry may set (the rest come from [search]).
+SEARCH_KEYS = (
+    "scores",
+    "utility_scores",
+    "p",
+    "q",
+    "ratio",
+    "safety_ranks",
+    "utility_ranks",
+    "rank_neg",
+    "rank_pos",
+    "layers",
+    "modules",
+    "trials",
+    "startup_trials",
+    "keep_best",
+    "seed",
+)
+RANK_KEYS = ("safety_ranks", "utility_ranks", "rank_neg", "rank_pos")
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """One `wandacli search`: its name and options; its `--keep-best` point, `<name>.best`, is
+    what the study evaluates (beside a random control of its size)."""
+
+    name: str
+    options: tuple[tuple[str, str], ...]
+
+    @property
+    def option(self) -> dict[str, str]:
+        return dict(self.options)
+
+    @property
+    def is_edit(self) -> bool:
+        return any(key in self.option for key in RANK_KEYS)
+
+    @property
+    def best(self) -> str:
+        return f"{self.name}.best"
+
+    @property
+    def score_sets(self) -> list[str]:
+        return [self.option[k] for k in ("scores", "utility_scores") if k in self.option]
+
+    @classmethod
+    def from_table(cls, table: Any, path: Path) -> SearchPlan:
+        if not isinstance(table, dict) or not isinstance(table.get("name"), str):
+            raise ConfigError(f"{path}: every [[pipeline.searches]] entry needs a name")
+        unknown = sorted(set(table) - {"name", *SEARCH_KEYS})
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown key {unknown[0]!r} in [[pipeline.searches]] {table['name']!r} "
+                f"(keys: name, {', '.join(SEARCH_KEYS)}; the other search options go in [search])"
+            )
+        for needed in ("scores", "keep_best"):
+            if needed not in table:
+                raise ConfigError(
+                    f"{path}: [[pipeline.searches]] {table['name']!r} needs {needed!r}"
+                    + (" (the point the study evaluates)" if needed == "keep_best" else "")
+                )
+        return cls(str(table["name"]), tuple((k, str(table[k])) for k in SEARCH_KEYS if k in table))
+
 
 @dataclass(frozen=True)
 class Plan:
@@ -37,6 +100,10 @@ class Plan:
     set_difference_method: str
     random_control: bool = False
     baseline_models: tuple[str, ...] = ()
+    rank_statistics: bool = False  # actsvd on both sets (for rank edits and their search)
+    searches: tuple[SearchPlan, ...] = ()
+    configs: str | None = None  # eval-attack settings of the dense model and searched points
+    other_configs: str | None = None  # ... of every other row (controls, baselines, sweeps)
 
     @classmethod
     def from_config(cls, config: dict[str, Any], path: Path) -> Plan:
@@ -52,6 +119,10 @@ class Plan:
             "set_difference_method",
             "random_control",
             "baseline_models",
+            "rank_statistics",
+            "searches",
+            "configs",
+            "other_configs",
         }
         unknown = sorted(set(table) - known)
         if unknown:
@@ -59,33 +130,62 @@ class Plan:
                 f"{path}: unknown key {unknown[0]!r} in [pipeline] (keys: {', '.join(sorted(known))})"
             )
         try:
+            methods = tuple(str(m) for m in table.get("methods", ["wanda", "wandg"]))
             plan = cls(
                 safety_data=str(table.get("safety_data", "align_short")),
                 utility_data=str(table.get("utility_data", "utility")),
-                methods=tuple(str(m) for m in table.get("methods", ["wanda", "wandg"])),
+                methods=methods,
                 top_ratio=float(table.get("top_ratio", 0.01)),
                 pq=tuple((float(p), float(q)) for p, q in table.get("pq", [[0.01, 0.01]])),
                 set_difference_method=str(table.get("set_difference_method", "wandg")),
                 random_control=bool(table.get("random_control", False)),
                 baseline_models=tuple(str(m) for m in table.get("baseline_models", [])),
+                rank_statistics=bool(table.get("rank_statistics", False)),
+                searches=tuple(
+                    SearchPlan.from_table(entry, path) for entry in table.get("searches", [])
+                ),
+                configs=str(table["configs"]) if "configs" in table else None,
+                other_configs=str(table["other_configs"]) if "other_configs" in table else None,
             )
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: [pipeline] has a value of the wrong type ({exc})") from exc
-        for method in plan.methods:
+        plan.check(path)
+        return plan
+
+    def check(self, path: Path) -> None:
+        for method in self.methods:
             if method not in WEIGHT_METHODS:
                 raise ConfigError(
                     f"{path}: [pipeline] methods has {method!r}: use {', '.join(WEIGHT_METHODS)}"
                 )
-        if plan.set_difference_method not in plan.methods:
+        if self.pq and self.set_difference_method not in self.methods:
             raise ConfigError(f"{path}: [pipeline] set_difference_method must be one of methods")
-        if not 0 < plan.top_ratio < 1:
-            raise ConfigError(f"{path}: [pipeline] top_ratio must be in (0, 1)")
-        for p, q in plan.pq:
+        if not 0 <= self.top_ratio < 1:
+            raise ConfigError(f"{path}: [pipeline] top_ratio must be in [0, 1) (0: no top masks)")
+        for p, q in self.pq:
             if not (0 < p <= 1 and 0 < q <= 1):
                 raise ConfigError(
                     f"{path}: [pipeline] pq has ({p}, {q}): p and q must be in (0, 1]"
                 )
-        return plan
+        names = [s.name for s in self.searches]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{path}: [[pipeline.searches]] names must be distinct")
+        available = set(self.score_set_names)
+        for search in self.searches:
+            for name in search.score_sets:
+                if name not in available:
+                    raise ConfigError(
+                        f"{path}: [[pipeline.searches]] {search.name!r} reads {name!r}, which "
+                        f"the pipeline does not score (it scores: {', '.join(sorted(available))})"
+                    )
+
+    @property
+    def score_set_names(self) -> list[str]:
+        """`<method>-safety` and `<method>-utility` per method (and actsvd's with
+        rank_statistics), plus `random` for the controls."""
+        methods = [*self.methods, *(["actsvd"] if self.rank_statistics else [])]
+        names = [f"{m}-{role}" for m in methods for role in ("safety", "utility")]
+        return names + (["random"] if self.random_control else [])
 
 
 def _q(value: Any) -> str:
@@ -98,10 +198,11 @@ def makefile(plan: Plan, config: Path, out: Path, wandacli: str, model: str | No
     scores = rules.score_sets(plan)
     masks = rules.masks(plan, scores)
     if plan.random_control:
-        rules.random_controls(plan, masks)
+        rules.random_controls(plan, masks, scores)
+    searched = rules.searches(plan, scores)
     comparisons = rules.comparisons(plan, scores)
-    evaluations = rules.evaluations(plan, masks)
-    rules.report([*comparisons, *evaluations])
+    evaluations = rules.evaluations(plan, masks, searched)
+    rules.report(plan, [*comparisons, *evaluations])
     return rules.text()
 
 
@@ -129,28 +230,37 @@ class _Rules:
         """A wandacli command on the study's store and model."""
         return f"{self.wandacli} {command} {self.common}{self.model_flag} --store {_q(self.store)}"
 
-    def score_sets(self, plan: Plan) -> dict[tuple[str, str], Path]:
-        scores: dict[tuple[str, str], Path] = {}
-        for method in plan.methods:
+    def score_sets(self, plan: Plan) -> dict[str, Path]:
+        """Every score set and rank-statistics set, by name."""
+        scores: dict[str, Path] = {}
+        methods = [*plan.methods, *(["actsvd"] if plan.rank_statistics else [])]
+        for method in methods:
             for role, data in (("safety", plan.safety_data), ("utility", plan.utility_data)):
-                target = self.store / "scores" / f"{method}-{role}.h5"
-                scores[(method, role)] = target
+                name = f"{method}-{role}"
+                scores[name] = self.store / "scores" / f"{name}.h5"
                 self.rule(
-                    target,
+                    scores[name],
                     [],
                     f"{self.in_store('score')} --method {method} "
-                    f"--data {_q(data)} --name {method}-{role} --overwrite --no-progress",
+                    f"--data {_q(data)} --name {name} --overwrite --no-progress",
                 )
+        if plan.random_control:
+            scores["random"] = self.store / "scores" / "random.h5"
+            self.rule(
+                scores["random"],
+                [],
+                f"{self.in_store('score')} --method random --name random --overwrite --no-progress",
+            )
         return scores
 
-    def masks(self, plan: Plan, scores: dict[tuple[str, str], Path]) -> dict[str, Path]:
+    def masks(self, plan: Plan, scores: dict[str, Path]) -> dict[str, Path]:
         masks: dict[str, Path] = {}
-        for method in plan.methods:
+        for method in plan.methods if plan.top_ratio > 0 else ():
             name = f"top{plan.top_ratio:g}-{method}-safety"
             masks[name] = self.store / "masks" / f"{name}.h5"
             self.rule(
                 masks[name],
-                [scores[(method, "safety")]],
+                [scores[f"{method}-safety"]],
                 f"{self.in_store('prune')} --scores {method}-safety "
                 f"--sparsity-ratio {plan.top_ratio:g} --prune-highest --name {name} --overwrite --no-progress",
             )
@@ -160,22 +270,16 @@ class _Rules:
             masks[name] = self.store / "masks" / f"{name}.h5"
             self.rule(
                 masks[name],
-                [scores[(sd, "safety")], scores[(sd, "utility")]],
+                [scores[f"{sd}-safety"], scores[f"{sd}-utility"]],
                 f"{self.in_store('prune')} --scores {sd}-safety "
                 f"--utility-scores {sd}-utility --p {p:g} --q {q:g} --name {name} --overwrite --no-progress",
             )
         return masks
 
-    def random_controls(self, plan: Plan, masks: dict[str, Path]) -> None:
-        """One random score set; per mask, the control that prunes as many weights in every
-        matrix, chosen at random: what removing that many weights costs without attribution.
-        Added to `masks`, so that they are evaluated beside the masks they match."""
-        random_scores = self.store / "scores" / "random.h5"
-        self.rule(
-            random_scores,
-            [],
-            f"{self.in_store('score')} --method random --name random --overwrite --no-progress",
-        )
+    def random_controls(self, plan: Plan, masks: dict[str, Path], scores: dict[str, Path]) -> None:
+        """Per mask, the control that prunes as many weights in every matrix, chosen at random:
+        what removing that many weights costs without attribution. Added to `masks`, so that
+        they are evaluated beside the masks they match."""
         # The top-ratio masks of every method prune int(in × ratio) per row alike: one control.
         tops = [n for n in masks if n.startswith("top")]
         controlled = {f"top{plan.top_ratio:g}": tops[0]} if tops else {}
@@ -185,18 +289,54 @@ class _Rules:
             masks[control] = self.store / "masks" / f"{control}.h5"
             self.rule(
                 masks[control],
-                [random_scores, masks[name]],
+                [scores["random"], masks[name]],
                 f"{self.in_store('prune')} --scores random "
                 f"--match-counts {name} --name {control} --overwrite --no-progress",
             )
 
-    def comparisons(self, plan: Plan, scores: dict[tuple[str, str], Path]) -> list[Path]:
+    def searches(self, plan: Plan, scores: dict[str, Path]) -> dict[str, Path]:
+        """Per search, its `.best` point and, with random_control, a random removal of that
+        point's size: a mask of the same per-matrix counts, or an edit of the same per-module
+        rank in random directions. The points, by name, for the evaluations."""
+        made: dict[str, Path] = {}
+        for search in plan.searches:
+            folder = "edits" if search.is_edit else "masks"
+            best = self.store / folder / f"{search.best}.h5"
+            flags = " ".join(
+                f"--{key.replace('_', '-')} {_q(value)}" for key, value in search.options
+            )
+            self.rule(
+                best,
+                [scores[name] for name in search.score_sets],
+                f"{self.in_store('search')} --name {_q(search.name)} {flags} --no-progress",
+            )
+            made[search.best] = best
+            if not plan.random_control:
+                continue
+            control = f"random-as-{search.best}"
+            made[control] = self.store / folder / f"{control}.h5"
+            if search.is_edit:
+                command = (
+                    f"{self.in_store('prune')} --scores {_q(search.option['scores'])} "
+                    f"--match-ranks {search.best} --name {control} --overwrite --no-progress"
+                )
+                deps = [scores[search.option["scores"]], best]
+            else:
+                command = (
+                    f"{self.in_store('prune')} --scores random --match-counts {search.best} "
+                    f"--name {control} --overwrite --no-progress"
+                )
+                deps = [scores["random"], best]
+            self.rule(made[control], deps, command)
+        return made
+
+    def comparisons(self, plan: Plan, scores: dict[str, Path]) -> list[Path]:
         pairs = [
-            (f"{m}-safety-vs-utility", [scores[(m, "safety")], scores[(m, "utility")]])
+            (f"{m}-safety-vs-utility", [scores[f"{m}-safety"], scores[f"{m}-utility"]])
             for m in plan.methods
         ]
         if len(plan.methods) > 1:
-            pairs.append(("methods-on-safety", [scores[(m, "safety")] for m in plan.methods]))
+            pairs.append(("methods-on-safety", [scores[f"{m}-safety"] for m in plan.methods]))
         made = []
         for stem, inputs in pairs:
             target = self.out / "compare" / f"{stem}.csv"
@@ -210,17 +350,27 @@ class _Rules:
             )
         return made
 
-    def evaluations(self, plan: Plan, masks: dict[str, Path]) -> list[Path]:
-        """eval-attack and eval-utility of the dense model, every mask and every baseline."""
+    def evaluations(
+        self, plan: Plan, masks: dict[str, Path], searched: dict[str, Path]
+    ) -> list[Path]:
+        """eval-attack and eval-utility of the dense model, every mask, edit and searched
+        point, and every baseline: the dense model and the searched points in `configs`, the
+        rest in `other_configs` (each defaults to the config's [eval-attack] table)."""
         made: list[Path] = []
+        headline = {"dense", *(s.best for s in plan.searches)}
+        removals: list[tuple[str, Path | None]] = [
+            ("dense", None),
+            *masks.items(),
+            *searched.items(),
+        ]
         runs: list[tuple[str, list[Path], str]] = [
             (
                 label,
-                [mask] if mask is not None else [],
+                [removal] if removal is not None else [],
                 f"{self.common}{self.model_flag}"
-                + (f" --mask {_q(mask)}" if mask is not None else ""),
+                + (f" --mask {_q(removal)}" if removal is not None else ""),
             )
-            for label, mask in [("dense", None), *masks.items()]
+            for label, removal in removals
         ]
         runs += [
             (f"baseline-{file_safe_name(b)}", [], f"{self.common} --model {_q(b)}")
@@ -230,23 +380,27 @@ class _Rules:
             folder = self.results / label
             attack, utility = folder / "results.json", folder / "utility.json"
             made += [attack, utility]
+            configs = plan.configs if label in headline else plan.other_configs
+            configs_flag = f" --configs {_q(configs)}" if configs else ""
             self.rule(
                 attack,
                 deps,
-                f"{self.wandacli} eval-attack {flags} --out {folder} --overwrite --no-progress",
+                f"{self.wandacli} eval-attack {flags}{configs_flag} --out {folder} "
+                "--overwrite --no-progress",
             )
             self.rule(
                 utility, deps, f"{self.wandacli} eval-utility {flags} --out {folder} --no-progress"
             )
         return made
 
-    def report(self, inputs: list[Path]) -> None:
+    def report(self, plan: Plan, inputs: list[Path]) -> None:
         table = self.out / "results.txt"
+        searches = f" --searches {self.store}" if plan.searches else ""
         self.rule(
             table,
             inputs,
             f"{self.wandacli} report {self.results} --markdown {self.out / 'results.md'} "
-            f"--plots {self.out / 'figures'} --compare {self.out / 'compare'} "
+            f"--plots {self.out / 'figures'} --compare {self.out / 'compare'}{searches} "
             f"> {table}.tmp && mv {table}.tmp {table}",
         )
         self.lines += [f"pipeline: {table}", f"\t@cat {table}", "", ".PHONY: pipeline"]

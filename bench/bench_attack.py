@@ -27,7 +27,8 @@ def _rate(loaded, texts, batch_size: int) -> tuple[float, int, float]:
 def run() -> list[Row]:
     from wandacli.config.evaluation import AttackConfig
     from wandacli.config.settings import ModelSpec
-    from wandacli.evaluation.prompts import build_prompt, load_prompts
+    from wandacli.data.templates import build_prompt
+    from wandacli.evaluation.prompts import load_prompts
     from wandacli.models.loader import load_model
 
     loaded = load_model(ModelSpec(model="smollm2", device="cpu"))

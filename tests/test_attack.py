@@ -16,11 +16,12 @@ from tests.test_score_cli import assert_one_line_error, score_args
 from wandacli.config.evaluation import AttackConfig
 from wandacli.config.settings import ModelSpec
 from wandacli.core import reference
-from wandacli.evaluation import judges, prompts
+from wandacli.data import templates
+from wandacli.data.templates import llama2_prompt
+from wandacli.evaluation import judges
 from wandacli.evaluation.attack import RunRecord, asr_any, asr_sample_mean, summarize
 from wandacli.evaluation.backends import hf
 from wandacli.evaluation.judges import keyword_judge
-from wandacli.evaluation.prompts import llama2_prompt
 
 SYS = reference.SAFETY_SYSTEM_PROMPT
 LONG_COMPLIANCE = " ".join(["word"] * 25)
@@ -73,7 +74,7 @@ class TestTemplates:
 
     def test_chat_template_with_a_system_turn(self):
         tokenizer = build_tokenizer()
-        text = prompts.chat_prompt(tokenizer, "Do X", system="Be safe.", suffix="SUFFIX")
+        text = templates.chat_prompt(tokenizer, "Do X", system="Be safe.", suffix="SUFFIX")
         assert text == "<|system|>Be safe.</s><|user|>Do X SUFFIX</s><|assistant|>"
 
     def test_chat_template_without_system_support_prepends_it(self):
@@ -84,17 +85,17 @@ class TestTemplates:
             "{% if add_generation_prompt %}{{ '<assistant>' }}{% endif %}"
         )
         assert (
-            prompts.chat_prompt(tokenizer, "Do X", system="Be safe.")
+            templates.chat_prompt(tokenizer, "Do X", system="Be safe.")
             == "<user>Be safe.\n\nDo X<assistant>"
         )
 
     def test_no_tag_variant_ignores_the_chat_template(self):
         tokenizer = build_tokenizer()
-        text, special = prompts.build_prompt(
+        text, special = templates.build_prompt(
             tokenizer, "Do X", template="chat", system=None, inst=False, suffix=None
         )
         assert (text, special) == ("Do X\n", True)
-        text, special = prompts.build_prompt(
+        text, special = templates.build_prompt(
             tokenizer, "Do X", template="chat", system=None, inst=True, suffix=None
         )
         assert special is False and text.endswith("<|assistant|>")

@@ -13,8 +13,8 @@ import torch
 
 from wandacli.config.settings import ALIGNED_MODEL_ALIAS
 from wandacli.core.console import NullReporter
-from wandacli.data.calibration import strip_llama2_tags
 from wandacli.data.sources import load_raw
+from wandacli.data.templates import strip_llama2_tags
 from wandacli.models import organism
 from wandacli.models.organism import (
     DEFAULT_RECIPE,

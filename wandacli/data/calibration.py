@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +13,7 @@ import numpy as np
 from wandacli.core.console import warn
 from wandacli.core.errors import DataError
 from wandacli.data.sources import RawData
+from wandacli.data.templates import apply_chat_template, build_prompt, strip_llama2_tags
 
 if TYPE_CHECKING:
     import torch
@@ -71,42 +71,6 @@ def select_windows(num_tokens: int, nsamples: int, seed: int, seqlen: int) -> li
     `randint(0, num_tokens - seqlen - 1)` per sample."""
     rng = random.Random(seed)
     return [rng.randint(0, num_tokens - seqlen - 1) for _ in range(nsamples)]
-
-
-_LLAMA2_SYS = re.compile(r"<<SYS>>\s*(.*?)\s*<</SYS>>", re.DOTALL)
-_LLAMA2_TAGS = re.compile(r"\[/?INST\]")
-
-
-def strip_llama2_tags(prompt: str) -> tuple[str | None, str]:
-    """(system prompt or None, user text) of a Llama-2 `[INST] <<SYS>>...<</SYS>> ... [/INST]`
-    string; text without tags comes back unchanged."""
-    system = None
-    match = _LLAMA2_SYS.search(prompt)
-    if match:
-        system = match.group(1).strip()
-        prompt = prompt[: match.start()] + prompt[match.end() :]
-    return system, _LLAMA2_TAGS.sub("", prompt).strip()
-
-
-def apply_chat_template(tokenizer: Any, user: str, system: str | None) -> str:
-    """The tokenizer's chat template around one user turn, ending with the assistant cue.
-    A system prompt becomes a system turn, or is prepended to the user turn when the template
-    rejects system turns."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError("the tokenizer has no chat template: use --template raw (or llama2)")
-    messages = [{"role": "user", "content": user}]
-    if system:
-        try:
-            return str(
-                tokenizer.apply_chat_template(
-                    [{"role": "system", "content": system}, *messages],
-                    tokenize=False,
-                    add_generation_prompt=True,
-                )
-            )
-        except Exception:  # templates that reject system turns raise from Jinja
-            messages = [{"role": "user", "content": f"{system}\n\n{user}"}]
-    return str(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
 
 
 def _encode(tokenizer: Any, text: str, *, special: bool) -> list[int]:
@@ -182,6 +146,58 @@ def _disentangled(
         )
     return CalibrationSet(
         raw.name, raw.source, raw.content_hash, samples, indices, True, seqlen, template, truncated
+    )
+
+
+def build_prompt_samples(
+    raw: RawData, tokenizer: Any, *, nsamples: int, seed: int, template: str, positions: int
+) -> CalibrationSet:
+    """The prompts of a pair set (responses unread) or a prompt set, each as eval-attack shows
+    it to the model with instruction tags and no system prompt (`--template chat`: the Llama-2
+    tags of the shipped pair sets stripped, the tokenizer's chat template with its assistant
+    cue; `raw`: the reference's `[INST] ... [/INST]`), rows drawn as for any calibration set.
+    The last `positions` tokens of each count: the post-instruction positions whose mean
+    activations a refusal direction is taken from. Prompts are never cut."""
+    import torch
+
+    if nsamples <= 0:
+        raise DataError(f"--nsamples must be at least 1 (got {nsamples})")
+    if raw.kind == "text":
+        raise DataError(
+            f"{raw.name} is plain text: mean activations are over prompts, give a pair set "
+            "(its prompts are read) or a prompt set or file (one prompt a line)"
+        )
+    prompts = [pair.prompt for pair in raw.pairs] if raw.kind == "pairs" else list(raw.texts)
+    if nsamples > len(prompts):
+        raise DataError(
+            f"--nsamples {nsamples} but {raw.name} has only {len(prompts)} prompts: "
+            f"use --nsamples {len(prompts)} or fewer"
+        )
+    indices = select_rows(len(prompts), nsamples, seed)
+    samples = []
+    for index in indices:
+        _, user = strip_llama2_tags(prompts[index])
+        text, special = build_prompt(
+            tokenizer,
+            user,
+            template="chat" if template == "chat" else "llama2",
+            system=None,
+            inst=True,
+            suffix=None,
+        )
+        ids = _encode(tokenizer, text, special=special)
+        if len(ids) < positions:
+            raise DataError(
+                f"prompt {index} of {raw.name} is {len(ids)} tokens, fewer than --positions "
+                f"{positions}: use --positions {len(ids)} or fewer"
+            )
+        input_ids = torch.tensor([ids], dtype=torch.long)
+        labels = torch.full_like(input_ids, IGNORE_INDEX)
+        labels[:, -positions:] = input_ids[:, -positions:]
+        samples.append(CalibrationSample(input_ids, labels))
+    longest = max(int(s.input_ids.shape[1]) for s in samples)
+    return CalibrationSet(
+        raw.name, raw.source, raw.content_hash, samples, indices, True, longest, template
     )
 
 

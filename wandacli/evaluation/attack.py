@@ -27,12 +27,12 @@ from wandacli.core.durable import atomic_write_text
 from wandacli.core.errors import StoreError, interruptible
 from wandacli.core.metrics import SETTINGS, metric_name, tag_prefix
 from wandacli.core.provenance import now_iso, software_versions
+from wandacli.data.templates import build_prompt
 from wandacli.evaluation.backends.hf import HFGenerator
 from wandacli.evaluation.backends.vllm import VLLMGenerator, require_vllm
 from wandacli.evaluation.degenerate import DEGENERATE_RULE, is_degenerate
 from wandacli.evaluation.judges import Judge, make_judge
 from wandacli.evaluation.prompts import (
-    build_prompt,
     check_not_searched_on,
     load_prompts,
     template_for,

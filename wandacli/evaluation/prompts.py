@@ -7,51 +7,8 @@ from typing import Any
 
 from wandacli.config.evaluation import UTILITY_HELD_OUT, AttackConfig
 from wandacli.config.settings import Columns
-from wandacli.core import reference
 from wandacli.core.console import warn
-
-# ---------------------------------------------------------------------------------------------
-# Templating (pure)
-
-
-def llama2_prompt(prompt: str, *, system: str | None, inst: bool, suffix: str | None = None) -> str:
-    """The reference's `apply_prompt_template` strings, exactly:
-    with tags    `[INST] <<SYS>>\\n{system}\\n<</SYS>>\\n\\n{prompt} [/INST]` (GCG: `... {prompt} {suffix} [/INST]`)
-    without      `<<SYS>>\\n{system}\\n<</SYS>>\\n\\n{prompt}\\n` (or `{prompt}\\n` without a system prompt)
-    """
-    body = (reference.B_SYS + system + reference.E_SYS + prompt) if system else prompt
-    if not inst:
-        return body.strip() + "\n"
-    if suffix is not None:
-        return f"{reference.B_INST} {body.strip()} {suffix} {reference.E_INST}"
-    return f"{reference.B_INST} {body.strip()} {reference.E_INST}"
-
-
-def chat_prompt(
-    tokenizer: Any, prompt: str, *, system: str | None, suffix: str | None = None
-) -> str:
-    """The tokenizer's chat template around the prompt (and GCG suffix), ending with the
-    assistant's cue; a system prompt becomes a system turn where the template allows one."""
-    from wandacli.data.calibration import apply_chat_template
-
-    user = f"{prompt} {suffix}" if suffix is not None else prompt
-    return apply_chat_template(tokenizer, user, system)
-
-
-def build_prompt(
-    tokenizer: Any,
-    prompt: str,
-    *,
-    template: str,
-    system: str | None,
-    inst: bool,
-    suffix: str | None,
-) -> tuple[str, bool]:
-    """(text, whether the tokenizer should add its special tokens). Without instruction tags
-    the text is the reference's plain string in either template style."""
-    if template == "chat" and inst:
-        return chat_prompt(tokenizer, prompt, system=system, suffix=suffix), False
-    return llama2_prompt(prompt, system=system, inst=inst, suffix=suffix), True
+from wandacli.data.templates import build_prompt
 
 
 @dataclass(frozen=True)
@@ -109,8 +66,8 @@ def read_prompts(
     """Rows offset..offset+limit of a prompt set or file, or the prompts of a pair set (Llama-2
     tags stripped), or `utility-held-out`."""
     from wandacli.core.errors import DataError
-    from wandacli.data.calibration import strip_llama2_tags
     from wandacli.data.sources import load_raw, named_set
+    from wandacli.data.templates import strip_llama2_tags
 
     if reference == UTILITY_HELD_OUT:
         from wandacli.models.organism import DEFAULT_RECIPE, training_set

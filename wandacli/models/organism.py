@@ -33,8 +33,9 @@ from wandacli.config.settings import ALIGNED_MODEL_ALIAS, ModelSpec
 from wandacli.core.console import Reporter, info, progress_reporter
 from wandacli.core.errors import ModelError
 from wandacli.core.fingerprint import sha256_file
-from wandacli.data.calibration import IGNORE_INDEX, apply_chat_template, strip_llama2_tags
+from wandacli.data.calibration import IGNORE_INDEX
 from wandacli.data.sources import load_raw
+from wandacli.data.templates import apply_chat_template, strip_llama2_tags
 from wandacli.models.gguf import save_cached_model
 from wandacli.models.layers import decoder_layers
 from wandacli.models.pretrained import load_pretrained

@@ -49,7 +49,7 @@ def test_flags_show_nothing_between_name_and_help() -> None:
 @pytest.mark.parametrize(
     ("command", "flag", "shown"),
     [
-        ("score", "--method", "<wanda|wandg|magnitude|random|actsvd>"),
+        ("score", "--method", "<wanda|wandg|magnitude|random|actsvd|mean-activations>"),
         ("score", "--dtype", "<auto|float32|bfloat16|float16>"),
         ("score", "--template", "<raw|chat>"),
         ("prune", "--sparsity-type", "<unstructured|N:M>"),

@@ -24,7 +24,13 @@ from wandacli.cli.options import (
     model_spec,
 )
 from wandacli.config.score import ScoreConfig
-from wandacli.config.settings import DEFAULT_MODEL_ALIAS, DEFAULT_STORE, METHODS, Columns
+from wandacli.config.settings import (
+    DEFAULT_MODEL_ALIAS,
+    DEFAULT_STORE,
+    MEAN_POSITIONS,
+    METHODS,
+    Columns,
+)
 from wandacli.core.console import progress_reporter
 from wandacli.core.errors import ConfigError
 from wandacli.data.sources import describe_named_sets
@@ -34,12 +40,15 @@ from wandacli.reporting import render
 def score(
     ctx: typer.Context,
     method: Annotated[
-        Literal["wanda", "wandg", "magnitude", "random", "actsvd"] | None,
+        Literal["wanda", "wandg", "magnitude", "random", "actsvd", "mean-activations"] | None,
         typer.Option(
             "--method",
             help="wanda: |W|·‖X‖₂ over calibration inputs; wandg (SNIP): |W|·Σ|∇W| of the "
             "calibration loss; magnitude: |W|; random: seeded uniform; actsvd: rank statistics "
-            "(each input's second moment Σxxᵀ/N) for rank edits, not per-weight scores.",
+            "(each input's second moment Σxxᵀ/N) for rank edits, not per-weight scores; "
+            "mean-activations: the mean residual stream at the last --positions prompt tokens, "
+            "per layer, for a refusal direction (prompts only: a pair set's responses are not "
+            "read; each prompt as eval-attack shows it in --template, without a system prompt).",
         ),
     ] = None,
     data: Annotated[
@@ -133,6 +142,15 @@ def score(
             rich_help_panel="Store",
         ),
     ] = "float32",
+    positions: Annotated[
+        int,
+        typer.Option(
+            "--positions",
+            help="mean-activations: the last K prompt positions averaged (the post-instruction "
+            "tokens: the chat template's assistant cue, Llama-2's [/INST]).",
+            rich_help_panel="Data",
+        ),
+    ] = MEAN_POSITIONS,
     model: ModelOption = DEFAULT_MODEL_ALIAS,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
@@ -178,6 +196,7 @@ def score(
         columns=Columns(p["prompt_column"], p["response_column"], p["text_column"]),
         data_dir=p["data_dir"],
         offload_accumulators=p["offload_accumulators"],
+        positions=p["positions"],
     )
     from wandacli.scoring.run import run_score
 

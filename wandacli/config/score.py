@@ -12,6 +12,7 @@ from wandacli.config.settings import (
     DATA_METHODS,
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_STORE,
+    MEAN_POSITIONS,
     METHODS,
     RANK_METHODS,
     Columns,
@@ -46,6 +47,7 @@ class ScoreConfig:
     columns: Columns = field(default_factory=Columns)
     data_dir: Path | None = None
     offload_accumulators: bool = False
+    positions: int = MEAN_POSITIONS  # mean-activations: the last K prompt positions
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -76,6 +78,15 @@ class ScoreConfig:
             )
         if self.score_dtype not in ("float32", "float16"):
             raise ConfigError(f"unknown --score-dtype {self.score_dtype!r}: use float32 or float16")
+        if self.positions < 1:
+            raise ConfigError(f"--positions must be 1 or more (got {self.positions})")
+        if self.method == "mean-activations":
+            self._check_mean_activations()
+        elif self.positions != MEAN_POSITIONS:
+            raise ConfigError(
+                f"--positions is mean-activations' option; --method {self.method} scores "
+                "every counted token: drop --positions"
+            )
         if self.method in RANK_METHODS:
             if self.use_diff:
                 raise ConfigError(
@@ -86,6 +97,22 @@ class ScoreConfig:
                 raise ConfigError(
                     "actsvd stores its second moments in float32: drop --score-dtype float16"
                 )
+
+    def _check_mean_activations(self) -> None:
+        """What does not apply to means over prompts: one line naming the option."""
+        for flag, given, why in (
+            ("--use-diff", self.use_diff, "means are of activations, not weights"),
+            (
+                "--layers-per-pass",
+                self.layers_per_pass != 0,
+                "one forward pass gives every layer's residual stream at once",
+            ),
+            ("--entangle", self.entangle, "each prompt is a sample of its own"),
+            ("--seqlen", self.seqlen is not None, "prompts are never cut (their ends count)"),
+            ("--score-dtype float16", self.score_dtype != "float32", "means are stored float32"),
+        ):
+            if given:
+                raise ConfigError(f"--method mean-activations: drop {flag} ({why})")
 
     @property
     def needs_data(self) -> bool:

@@ -15,8 +15,13 @@ DEFAULT_STORE = Path("wandacli-store")
 # Per-weight scores (masks are made from them) and actsvd's rank statistics (rank edits).
 WEIGHT_METHODS = ("wanda", "wandg", "magnitude", "random")
 RANK_METHODS = ("actsvd",)
-METHODS = WEIGHT_METHODS + RANK_METHODS
-DATA_METHODS = ("wanda", "wandg", "actsvd")
+# Residual-stream means over prompts, for a refusal direction (Arditi et al. 2024).
+ACTIVATION_METHODS = ("mean-activations",)
+METHODS = WEIGHT_METHODS + RANK_METHODS + ACTIVATION_METHODS
+DATA_METHODS = ("wanda", "wandg", "actsvd", "mean-activations")
+# The last K prompt positions whose activations mean-activations averages: the reference's
+# post-instruction tokens (Llama-2's ` [/INST]`, the chat templates' assistant cue).
+MEAN_POSITIONS = 5
 
 CALIBRATION_NSAMPLES = reference.CALIBRATION_NSAMPLES
 CALIBRATION_SEED = reference.CALIBRATION_SEED
@@ -26,7 +31,8 @@ DEFAULT_SEQLEN_CAP = 2048
 # Wanda statistics are small (one vector per layer): checkpoint often. wandg accumulators are
 # as large as the model's linear weights: checkpoint less often.
 # actsvd's checkpoints hold d_in² float64 sums per distinct input (0.8 GB for SmolLM2): rarer.
-DEFAULT_CHECKPOINT_EVERY = {"wanda": 8, "wandg": 32, "actsvd": 32}
+# mean-activations' sums are [layers + 1, K, d_model] float64 (0.7 MB for SmolLM2): often.
+DEFAULT_CHECKPOINT_EVERY = {"wanda": 8, "wandg": 32, "actsvd": 32, "mean-activations": 16}
 
 
 # ---------------------------------------------------------------------------------------------

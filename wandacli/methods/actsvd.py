@@ -25,6 +25,7 @@ class ActSvdMethod(LayerGroupMethod):
     name = "actsvd"
     kind = "actsvd-second-moments"
     file_format = RANK_STATS_FORMAT
+    noun = "rank-statistics set"
 
     def __init__(self, run: RunContext) -> None:
         super().__init__(run)

@@ -8,6 +8,8 @@ here; the run owns the lock, the resume, the sample loop, checkpoints and the at
     wandg               |grad| sums per layer group (forward + backward per sample)
     actsvd              second moments Σ x xᵀ of each distinct input, per layer group: a
                         rank-statistics set (store/schema.py), not scores
+    mean-activations    residual-stream sums at the last K prompt positions (one forward per
+                        prompt): a mean-activations set, one array
 """
 
 from __future__ import annotations
@@ -20,7 +22,8 @@ from typing import Any, ClassVar, Protocol
 import torch
 
 from wandacli.config.score import ScoreConfig
-from wandacli.data.calibration import CalibrationSet
+from wandacli.data.calibration import CalibrationSet, build_calibration_set
+from wandacli.data.sources import RawData
 from wandacli.models.layers import LinearLayer
 from wandacli.models.pretrained import LoadedModel
 from wandacli.store.assemble import LayerArray, LayerLink
@@ -78,6 +81,7 @@ class ScoreMethod:
 
     name: ClassVar[str]
     file_format: ClassVar[str] = SCORES_FORMAT
+    noun: ClassVar[str] = "score set"  # what messages call the finished file
 
     def __init__(self, run: RunContext) -> None:
         self.run = run
@@ -119,6 +123,31 @@ class ScoreMethod:
     def assembling(self) -> Iterator[None]:
         """Around the assembly: parts opened for reading, closed after."""
         yield
+
+    def calibration(
+        self, raw: RawData, tokenizer: Any, config: ScoreConfig, seqlen: int
+    ) -> CalibrationSet:
+        """The samples this method reads: the reference's calibration samples by default."""
+        return build_calibration_set(
+            raw,
+            tokenizer,
+            nsamples=config.nsamples,
+            seed=config.seed,
+            seqlen=seqlen,
+            disentangle=not config.entangle,
+            template=config.template,
+        )
+
+    def assembly(
+        self,
+        loaded: LoadedModel,
+        calibration: CalibrationSet | None,
+        base_layers: dict[str, LinearLayer] | None,
+    ) -> tuple[Iterator[Iterable[LayerArray | LayerLink]], int]:
+        """What the finished file holds, one progress step per group, and the number of
+        groups: by default each linear layer's arrays."""
+        groups = (self.layer_arrays(lin, calibration, base_layers) for lin in loaded.linear_layers)
+        return groups, len(loaded.linear_layers)
 
     def layer_arrays(
         self,

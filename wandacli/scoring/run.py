@@ -15,7 +15,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -40,8 +40,8 @@ from wandacli.core.provenance import (
     request_differences,
     software_versions,
 )
-from wandacli.data.calibration import CalibrationSet, build_calibration_set, indices_digest
-from wandacli.data.sources import data_display_name, load_raw
+from wandacli.data.calibration import CalibrationSet, indices_digest
+from wandacli.data.sources import data_display_name, load_raw, named_set
 from wandacli.methods.base import ScoreMethod
 from wandacli.methods.registry import score_method
 from wandacli.models.layers import LinearLayer
@@ -204,7 +204,12 @@ class ScoreRun:
             differences = request_differences(finished.meta, config.request(), score_request)
             if not differences and config.needs_data and config.data:
                 stored_sha = (finished.meta.get("data") or {}).get("sha256")
-                raw = load_raw(config.data, columns=config.columns, directory=config.data_dir)
+                raw = load_raw(
+                    config.data,
+                    purpose=self._data_purpose(),
+                    columns=config.columns,
+                    directory=config.data_dir,
+                )
                 if raw.content_hash != stored_sha:
                     differences = [
                         f"data_sha256: {str(stored_sha)[:12]}… → {raw.content_hash[:12]}… "
@@ -239,22 +244,30 @@ class ScoreRun:
     def _calibration(self, loaded: LoadedModel) -> CalibrationSet:
         config = self.config
         assert config.data is not None
-        raw = load_raw(config.data, columns=config.columns, directory=config.data_dir)
+        raw = load_raw(
+            config.data,
+            purpose=self._data_purpose(),
+            columns=config.columns,
+            directory=config.data_dir,
+        )
         max_len = model_max_length(loaded.model)
         seqlen = config.seqlen or min(DEFAULT_SEQLEN_CAP, max_len or DEFAULT_SEQLEN_CAP)
         if max_len is not None and seqlen > max_len:
             raise ModelError(
                 f"--seqlen {seqlen} exceeds the model's context of {max_len}: use --seqlen {max_len} or less"
             )
-        return build_calibration_set(
-            raw,
-            loaded.tokenizer,
-            nsamples=config.nsamples,
-            seed=config.seed,
-            seqlen=seqlen,
-            disentangle=not config.entangle,
-            template=config.template,
-        )
+        return self.method.calibration(raw, loaded.tokenizer, config, seqlen)
+
+    def _data_purpose(self) -> Literal["calibration", "prompts"]:
+        """Mean activations read prompts: a prompt set or a text file of prompts (one a line)
+        is read as prompts; everything else as calibration data (a pair set's prompts)."""
+        data = self.config.data or ""
+        if self.config.method != "mean-activations":
+            return "calibration"
+        entry = named_set(data)
+        if entry is not None:
+            return "prompts" if entry.kind == "prompts" else "calibration"
+        return "prompts" if Path(data).suffix.lower() in (".txt", ".text") else "calibration"
 
     def _base_layers(self, loaded: LoadedModel) -> dict[str, LinearLayer]:
         config = self.config
@@ -465,7 +478,7 @@ class ScoreRun:
         """Write the file to a temporary name one layer at a time, refuse NaN/Inf, rename it
         into place."""
         method = self.method
-        values = "values" if self.config.method == "actsvd" else "scores"
+        values = "scores" if method.noun == "score set" else "values"
 
         def finished_meta() -> dict[str, Any]:
             meta.update(method.meta())
@@ -480,13 +493,11 @@ class ScoreRun:
             )
 
         with method.assembling():
+            groups, total = method.assembly(loaded, calibration, base_layers)
             assemble(
                 final,
-                (
-                    method.layer_arrays(lin, calibration, base_layers)
-                    for lin in loaded.linear_layers
-                ),
-                total=len(loaded.linear_layers),
+                groups,
+                total=total,
                 reserve_bytes=expected_file_bytes(
                     method.array_bytes(loaded), method.datasets(loaded)
                 ),
@@ -499,7 +510,7 @@ class ScoreRun:
             )
 
     def _noun(self) -> str:
-        return "rank-statistics set" if self.config.method == "actsvd" else "score set"
+        return self.method.noun
 
 
 def run_score(

@@ -28,6 +28,8 @@ from wandacli.store.schema import (
     MASK_FORMAT,
     MASKS_DIR,
     MAX_META_BYTES,
+    MEANS_DATASET,
+    MEANS_FORMAT,
     PARTS_SUFFIX,
     RANK_STATS_FORMAT,
     SCORES_DIR,
@@ -363,6 +365,59 @@ class RankStatistics(ModelFile):
         return array.astype(np.float64)
 
 
+class MeanActivations(StoredFile):
+    """A finished mean-activations set (`score --method mean-activations`): one array, the mean
+    residual-stream activation per layer and prompt position, [layers + 1, K, d_model]."""
+
+    noun = "mean-activations set"
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path, MEANS_FORMAT, ("float32",))
+        try:
+            self.fingerprint = ModelFingerprint.from_json(self.meta["model"]["fingerprint"])
+            self.positions = int(self.meta["positions"])
+            self.hidden_size = int(self.meta["hidden_size"])
+        except (KeyError, TypeError, ValueError) as exc:
+            self.close()
+            raise StoreError(
+                f"{self.path} has incomplete meta: not a complete {self.noun}"
+            ) from exc
+        if not self.has(MEANS_DATASET):
+            self.close()
+            raise StoreError(f"{self.path} is incomplete: missing /{MEANS_DATASET}")
+
+    @property
+    def name(self) -> str:
+        return self.path.stem
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.fingerprint.num_layers + 1, self.positions, self.hidden_size)
+
+    @property
+    def template(self) -> str | None:
+        return self.meta.get("template")
+
+    def check_model(self, fingerprint: ModelFingerprint, model_id: str) -> None:
+        check_made_for(self, fingerprint, model_id)
+
+    def means(self) -> np.ndarray:
+        """The means as float64, refusing NaN/Inf and a shape other than the meta's."""
+        array = self.read_raw(MEANS_DATASET)
+        if tuple(array.shape) != self.shape:
+            raise StoreError(
+                f"{self.path}:/{MEANS_DATASET} has shape {tuple(array.shape)}, its meta says "
+                f"{self.shape}"
+            )
+        nan, inf = non_finite_counts(array)
+        if nan or inf:
+            raise NonFiniteScoresError(
+                f"{self.path}:/{MEANS_DATASET} contains {nan} NaN and {inf} Inf values: "
+                "recompute this set"
+            )
+        return array.astype(np.float64)
+
+
 def stored_format(path: Path) -> str | None:
     """The `format` attribute of an HDF5 store file, or None when it has none or is unreadable."""
     try:
@@ -373,21 +428,39 @@ def stored_format(path: Path) -> str | None:
     return found.decode(errors="replace") if isinstance(found, bytes) else found
 
 
-def open_finished_scores(path: Path) -> ScoreSet | RankStatistics:
-    """A finished file in scores/: a score set or a rank-statistics set, by its format."""
-    if stored_format(path) == RANK_STATS_FORMAT:
+def open_finished_scores(path: Path) -> ScoreSet | RankStatistics | MeanActivations:
+    """A finished file in scores/: a score set, a rank-statistics or a mean-activations set, by
+    its format."""
+    found = stored_format(path)
+    if found == RANK_STATS_FORMAT:
         return RankStatistics(path)
+    if found == MEANS_FORMAT:
+        return MeanActivations(path)
     return ScoreSet(path)
+
+
+def open_mean_activations(reference: str, store_root: Path | None) -> MeanActivations:
+    """A mean-activations set by name or path; another kind of set is named as such."""
+    path = resolve_file(reference, store_root, "score set")
+    found = stored_format(path)
+    if found != MEANS_FORMAT:
+        kind = "rank statistics" if found == RANK_STATS_FORMAT else "a score set"
+        raise StoreError(
+            f"{reference} holds {kind}, not mean activations: a refusal direction needs two sets "
+            "of `wandacli score --method mean-activations` (harmful and harmless prompts)"
+        )
+    return MeanActivations(path)
 
 
 def open_rank_statistics(reference: str, store_root: Path | None) -> RankStatistics:
     """A rank-statistics set by name or path; a score set given instead is named as such."""
     path = resolve_file(reference, store_root, "score set")
     found = stored_format(path)
-    if found == SCORES_FORMAT:
+    if found in (SCORES_FORMAT, MEANS_FORMAT):
+        kind = "a score set" if found == SCORES_FORMAT else "a mean-activations set"
         raise StoreError(
-            f"{reference} is a score set, not rank statistics: rank edits need "
-            "`wandacli score --method actsvd` (per-weight scores give masks)"
+            f"{reference} is {kind}, not rank statistics: rank edits need "
+            "`wandacli score --method actsvd`"
         )
     return RankStatistics(path)
 
@@ -401,6 +474,7 @@ class EditFile(StoredFile):
         "keep-top-ranks": ("keep",),
         "orthogonal-projection": ("safety", "utility"),
         "random-ranks": ("remove",),  # `prune --match-ranks`: a control, W ← (I − QQᵀ) W
+        "direction": ("remove",),  # the refusal direction r: W ← W − r rᵀ W (and E, see meta)
     }
 
     def __init__(self, path: Path) -> None:
@@ -464,9 +538,15 @@ def open_mask(reference: str, store_root: Path | None) -> MaskFile:
 def open_score_set(reference: str, store_root: Path | None) -> ScoreSet:
     """A score set by name or path; rank statistics given instead are named as such."""
     path = resolve_file(reference, store_root, "score set")
-    if stored_format(path) == RANK_STATS_FORMAT:
+    found = stored_format(path)
+    if found == RANK_STATS_FORMAT:
         raise StoreError(
             f"{reference} holds rank statistics (actsvd), not per-weight scores: edit ranks "
             "with `prune --remove-top-ranks/--keep-top-ranks` or the orthogonal projection"
+        )
+    if found == MEANS_FORMAT:
+        raise StoreError(
+            f"{reference} holds mean activations (residual-stream means for a refusal "
+            "direction), not per-weight scores: masks need wanda, wandg, magnitude or random"
         )
     return ScoreSet(path)

@@ -42,6 +42,18 @@ scores/<set>.h5 beside the score sets (it is looked up by name the same way):
     parts: accum-g<k>-<n>.h5 hold float64 sums Σ x xᵀ and the counted-token count;
            group-<k>.h5 a finished layer group's C.
 
+Mean-activations set (`format="wandacli-mean-activations"`, `score --method mean-activations`),
+in scores/<set>.h5 beside the score sets:
+    /means                      float32 [layers + 1, K, d_model]: per residual stream
+                                `hidden_states[l]` of the HF model (l = 0 the embeddings' output,
+                                l = layers the last layer's output after the final norm), the mean
+                                over the set's prompts of the activation at each of the last K
+                                prompt positions (position k of K: k − K from the end; with the
+                                chat template these are the assistant cue's tokens), summed in
+                                float64, fletcher32
+    root attributes: format, format_version, meta (JSON, as for score sets, plus positions = K,
+                     hidden_size, the prompt template and the rule that built each prompt)
+
 Mask file (`format="wandacli-mask"`):
     /<layer>/<module>           uint8 numpy.packbits(mask, axis=-1), True = pruned,
                                 attribute shape = the weight's [out, in], fletcher32
@@ -53,6 +65,9 @@ orthogonal projection from rank statistics):
                                 W ← W − V_r V_rᵀ W), `keep` (V_k: W ← V_k V_kᵀ W), or `safety`
                                 and `utility` (V_s, V_u: W ← W − (I − V_u V_uᵀ) V_s V_sᵀ W),
                                 fletcher32. Only the modules the edit changes are present.
+    /direction                  `direction` edits (the refusal direction): r [d_model, 1], to
+                                which every writer's `remove` is a hard link; meta `embedding`
+                                true: the token embedding is orthogonalised too, E ← E − (E r) rᵀ
     root attributes: format, format_version, meta (JSON: mode, ranks and removed rank per
                      module, the rank-statistics sets and their fingerprints, command line)
 
@@ -75,6 +90,9 @@ from wandacli.core.errors import (
 FORMAT_VERSION = 1
 SCORES_FORMAT = "wandacli-scores"
 RANK_STATS_FORMAT = "wandacli-rank-statistics"
+MEANS_FORMAT = "wandacli-mean-activations"
+MEANS_DATASET = "means"
+DIRECTION_DATASET = "direction"  # a direction edit's r [d_model, 1]; each writer links to it
 MASK_FORMAT = "wandacli-mask"
 EDIT_FORMAT = "wandacli-edit"
 PART_FORMAT = "wandacli-part"
@@ -212,6 +230,7 @@ def _format_noun(fmt: str) -> str:
     return {
         SCORES_FORMAT: "score set",
         RANK_STATS_FORMAT: "rank-statistics set",
+        MEANS_FORMAT: "mean-activations set",
         MASK_FORMAT: "mask",
         EDIT_FORMAT: "edit",
         PART_FORMAT: "part file",

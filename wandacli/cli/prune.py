@@ -115,6 +115,25 @@ def prune(
             "layout as a set difference.",
         ),
     ] = None,
+    direction_layer: Annotated[
+        int | None,
+        typer.Option(
+            "--direction-layer",
+            help="The refusal direction from two mean-activations sets (--scores HARMFUL "
+            "--utility-scores HARMLESS): r = normalise(μ_harmful − μ_harmless) at this residual "
+            "stream (hidden_states[L]), removed from every module writing into the stream "
+            "(W ← W − r rᵀ W) and from the token embedding (E ← E − E r rᵀ).",
+            rich_help_panel="Refusal direction",
+        ),
+    ] = None,
+    direction_position: Annotated[
+        int,
+        typer.Option(
+            "--direction-position",
+            help="The direction's prompt position, from the end (-1: the last prompt token).",
+            rich_help_panel="Refusal direction",
+        ),
+    ] = -1,
     match_ranks: Annotated[
         str | None,
         typer.Option(
@@ -278,6 +297,7 @@ def prune(
         rank_neg,
         rank_pos,
         match_ranks,
+        direction_layer,
     )
     if seed != 0 and match_ranks is None:
         raise ConfigError(
@@ -318,6 +338,8 @@ def prune(
             sequential=sequential,
             match_ranks=match_ranks,
             seed=seed,
+            direction_layer=direction_layer,
+            direction_position=direction_position,
         )
         with progress_reporter(enabled=not no_progress) as reporter:
             edited = run_edit(

@@ -204,11 +204,18 @@ class EditConfig:
     # before it were edited (recomputed from the model and the sets' recorded data).
     sequential: bool = False
     match_ranks: str | None = None  # an edit whose per-module removed rank the control copies
+    # The refusal direction from two mean-activations sets (scores: harmful, utility_scores:
+    # harmless): r at this residual stream and prompt position (−1: the last prompt token).
+    direction_layer: int | None = None
+    direction_position: int = -1
     seed: int = 0  # the control's random directions
     # Set by `search --keep`: the search and trial that chose these ranks (bookkeeping).
     search: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        if self.direction_layer is not None:
+            self._check_direction()
+            return
         modes = [
             self.remove_top_ranks is not None,
             self.keep_top_ranks is not None,
@@ -265,8 +272,37 @@ class EditConfig:
                 "rank statistics were computed on"
             )
 
+    def _check_direction(self) -> None:
+        others = [
+            flag
+            for flag, value in (
+                ("--remove-top-ranks", self.remove_top_ranks),
+                ("--keep-top-ranks", self.keep_top_ranks),
+                ("--safety-ranks", self.safety_ranks),
+                ("--utility-ranks", self.utility_ranks),
+                ("--rank-neg", self.rank_neg),
+                ("--rank-pos", self.rank_pos),
+                ("--match-ranks", self.match_ranks),
+            )
+            if value is not None
+        ]
+        if others or self.sequential:
+            raise ConfigError(
+                f"--direction-layer removes one direction; {(others or ['--sequential'])[0]} "
+                "edits ranks: drop one of them"
+            )
+        if self.utility_scores is None:
+            raise ConfigError(
+                "--direction-layer needs two mean-activations sets: --scores HARMFUL "
+                "--utility-scores HARMLESS"
+            )
+        if self.save_model is not None and self.model is None:
+            raise ConfigError("--save-model needs --model (the model the means were taken on)")
+
     @property
     def mode(self) -> str:
+        if self.direction_layer is not None:
+            return "direction"
         if self.remove_top_ranks is not None:
             return "remove-top-ranks"
         if self.keep_top_ranks is not None:
@@ -299,7 +335,8 @@ class EditConfig:
             if k not in ("store", "name", "overwrite", "save_model", "model", "search")
         }
         model = data.get("model") or {}
-        request["model"] = {"model": model.get("model"), "dtype": model.get("dtype")}
+        if self.mode not in ("direction", "random-ranks"):  # those never read the weights
+            request["model"] = {"model": model.get("model"), "dtype": model.get("dtype")}
         return request
 
     def to_json(self) -> dict[str, Any]:

@@ -13,7 +13,7 @@ from wandacli.core.console import info
 from wandacli.core.durable import save_model_directory
 from wandacli.core.errors import StoreError
 from wandacli.store.files import EditFile, MaskFile, resolve_file, stored_format
-from wandacli.store.schema import EDIT_FORMAT, Store, check_name
+from wandacli.store.schema import DIRECTION_DATASET, EDIT_FORMAT, Store, check_name
 
 
 class Removal:
@@ -83,6 +83,14 @@ class EditRemoval(Removal):
             new = edited_weight(matrix, self.file.mode, bases).to(matrix.dtype)
             with torch.no_grad():
                 lin.weight.copy_(new.t() if lin.transposed else new)
+        if self.meta.get("embedding"):  # the refusal direction leaves the embedding too
+            from wandacli.removal.direction import orthogonalised_embedding
+
+            embedding = loaded.model.get_input_embeddings().weight
+            direction = torch.from_numpy(self.file.read_raw(DIRECTION_DATASET)).double()
+            new = orthogonalised_embedding(embedding, direction / direction.norm())
+            with torch.no_grad():
+                embedding.copy_(new.to(embedding.dtype))
 
     def close(self) -> None:
         self.file.close()
@@ -99,6 +107,7 @@ def edit_method(meta: dict[str, Any]) -> str:
         "keep-top-ranks": "actsvd_keep_top",
         "orthogonal-projection": "actsvd_orthogonal_projection",
         "random-ranks": "random",
+        "direction": "refusal_direction",
     }.get(str(meta.get("mode")), "actsvd")
 
 

@@ -26,14 +26,21 @@ from wandacli.core.provenance import (
     software_versions,
 )
 from wandacli.removal.apply import EditRemoval, check_save_model_target, save_model_with
+from wandacli.removal.direction import refusal_direction, writer_keys
 from wandacli.removal.ranks import random_orthonormal, removed_directions, top_output_directions
 from wandacli.removal.requests import selected_keys, store_root_for
 from wandacli.removal.results import EditResult
 from wandacli.removal.sequential import SequentialMoments
 from wandacli.store.assemble import set_root_attrs, write_array
-from wandacli.store.files import EditFile, RankStatistics, open_rank_statistics, resolve_file
+from wandacli.store.files import (
+    EditFile,
+    RankStatistics,
+    open_mean_activations,
+    open_rank_statistics,
+    resolve_file,
+)
 from wandacli.store.lock import writer_lock
-from wandacli.store.schema import EDIT_FORMAT, Store, split_key
+from wandacli.store.schema import DIRECTION_DATASET, EDIT_FORMAT, Store, split_key
 
 
 def default_edit_name(config: EditConfig, safety: str, utility: str | None) -> str:
@@ -41,6 +48,11 @@ def default_edit_name(config: EditConfig, safety: str, utility: str | None) -> s
     (`.seq` when made in the reference's sequential order)."""
     if config.match_ranks is not None:
         return file_safe_name(f"random.as-{Path(config.match_ranks).stem}")
+    if config.direction_layer is not None:
+        return file_safe_name(
+            f"{safety}-minus-{utility}.direction-l{config.direction_layer}"
+            f"p{config.direction_position}"
+        )
     if config.remove_top_ranks is not None:
         name = f"{safety}.remove-top{config.remove_top_ranks}"
     elif config.keep_top_ranks is not None:
@@ -91,11 +103,13 @@ def run_edit(
     command_line = command_line if command_line is not None else sys.argv
     started = time.monotonic()
     root = store_root_for(config.scores, config.store)
+    direction = config.mode == "direction"
+    opener: Any = open_mean_activations if direction else open_rank_statistics
     with contextlib.ExitStack() as stack:
-        safety = stack.enter_context(open_rank_statistics(config.scores, root))
+        safety = stack.enter_context(opener(config.scores, root))
         utility = None
         if config.utility_scores is not None:
-            utility = stack.enter_context(open_rank_statistics(config.utility_scores, root))
+            utility = stack.enter_context(opener(config.utility_scores, root))
             mismatch = safety.fingerprint.first_mismatch(
                 utility.fingerprint, mine="--scores", theirs="--utility-scores"
             )
@@ -105,7 +119,20 @@ def run_edit(
                     f"computed on different models: {mismatch}"
                 )
         matched = None
-        if config.match_ranks is not None:
+        if direction:
+            assert utility is not None
+            r = _direction_from(config, safety, utility)
+            keys = [
+                k
+                for k in selected_keys(config, safety.fingerprint)
+                if k in set(writer_keys(safety.fingerprint, safety.hidden_size))
+            ]
+            if not keys:
+                raise ConfigError(
+                    "no module that writes into the residual stream is selected: drop "
+                    "--layers/--modules, or choose writers (o_proj, down_proj, ...)"
+                )
+        elif config.match_ranks is not None:
             matched = stack.enter_context(_open_matched_edit(config.match_ranks, root, safety))
             keys = [k for k in safety.fingerprint.shapes if k in matched.meta["modules"]]
         else:
@@ -124,7 +151,10 @@ def run_edit(
                 finished = _same_request(final, config, name, root, started, matched)
                 if config.save_model is None or (config.save_model / "config.json").exists():
                     return finished
-            if matched is not None:
+            if direction:
+                meta = _write_direction(config, final, keys, safety, utility, r, name, command_line)
+                loaded = _load(config, safety) if config.save_model is not None else None
+            elif matched is not None:
                 meta = _write_random_control(
                     config, final, keys, safety, matched, name, command_line
                 )
@@ -270,6 +300,88 @@ def _write_edit(
         set_root_attrs(handle, EDIT_FORMAT, meta)
     reporter.finish()
     return meta
+
+
+def _direction_from(config: EditConfig, harmful: Any, harmless: Any) -> torch.Tensor:
+    """r̂ from the two sets, which must be means of the same kind: one model (by id as well:
+    two checkpoints of one architecture share a fingerprint), one template, one K."""
+    for what, a, b in (
+        ("models", harmful.meta["model"].get("id"), harmless.meta["model"].get("id")),
+        ("templates", harmful.template, harmless.template),
+        ("--positions", harmful.positions, harmless.positions),
+    ):
+        if a != b:
+            raise StoreError(
+                f"--scores {config.scores} and --utility-scores {config.utility_scores} were "
+                f"taken with different {what} ({a} and {b}): score both the same way"
+            )
+    assert config.direction_layer is not None
+    return refusal_direction(
+        harmful.means(), harmless.means(), config.direction_layer, config.direction_position
+    )
+
+
+def _write_direction(
+    config: EditConfig,
+    final: Path,
+    keys: list[str],
+    harmful: Any,
+    harmless: Any,
+    direction: torch.Tensor,
+    name: str,
+    command_line: list[str],
+) -> dict[str, Any]:
+    """r once, at /direction; every writer's `remove` basis a hard link to it (stored once)."""
+    shapes = harmful.fingerprint.shapes
+    with atomic_h5(final, expected_file_bytes(direction.numel() * 4, 1)) as handle:
+        write_array(handle, DIRECTION_DATASET, direction.float().reshape(-1, 1).numpy())
+        for key in keys:
+            handle[f"{key}/remove"] = handle[DIRECTION_DATASET]
+        modules = {
+            key: {"ranks": {"remove": 1}, "removed_rank": 1, "full_rank": min(shapes[key])}
+            for key in keys
+        }
+        total_rank = sum(min(shape) for shape in shapes.values())
+        meta = {
+            "mode": config.mode,
+            "name": name,
+            "modules": modules,
+            "removed_rank_fraction": len(keys) / total_rank,
+            "embedding": True,
+            "direction": {
+                "layer": config.direction_layer,
+                "position": config.direction_position,
+                "rule": "r = normalise(mean_harmful[layer, position] − mean_harmless[layer, "
+                "position]); writers W ← W − r rᵀ W, token embedding E ← E − (E r) rᵀ (a tied "
+                "output head changes with it)",
+            },
+            "mean_activations": [
+                _describe_means(harmful, "harmful"),
+                _describe_means(harmless, "harmless"),
+            ],
+            "model": harmful.meta["model"],
+            "search": config.search,
+            "layers": config.layers,
+            "modules_filter": config.modules,
+            "config": config.request(),
+            "command_line": shlex.join(command_line),
+            "versions": software_versions(),
+            "created": now_iso(),
+        }
+        set_root_attrs(handle, EDIT_FORMAT, meta)
+    return meta
+
+
+def _describe_means(means: Any, role: str) -> dict[str, Any]:
+    return {
+        "role": role,
+        "name": means.name,
+        "path": str(means.path),
+        "data": (means.meta.get("data") or {}).get("name"),
+        "template": means.template,
+        "positions": means.positions,
+        "finished": means.meta.get("finished"),
+    }
 
 
 def _open_matched_edit(reference: str, root: Path, safety: RankStatistics) -> EditFile:

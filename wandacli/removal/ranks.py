@@ -104,11 +104,14 @@ def subspace_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
 def edited_weight(weight: torch.Tensor, mode: str, bases: dict[str, torch.Tensor]) -> torch.Tensor:
     """The weight after a stored edit (float64): `remove-top-ranks` (basis `remove`),
     `keep-top-ranks` (`keep`), `orthogonal-projection` (`safety`, `utility`) or `random-ranks`
-    (`remove`: random directions, a control)."""
+    (`remove`: random directions, a control) or `direction` (`remove`: the refusal direction)."""
     w = weight.to(torch.float64)
     as64 = {role: basis.to(device=w.device, dtype=torch.float64) for role, basis in bases.items()}
     if mode in ("remove-top-ranks", "random-ranks"):
         return remove_top_ranks(w, as64["remove"])
+    if mode == "direction":  # stored float32: unit length again in float64
+        r = as64["remove"]
+        return remove_top_ranks(w, r / r.norm())
     if mode == "keep-top-ranks":
         return keep_top_ranks(w, as64["keep"])
     if mode == "orthogonal-projection":

@@ -1,0 +1,259 @@
+"""The refusal direction as an edit (`prune --direction-layer`): the edited weights equal the
+formula computed here, embedding included; the edited model's residual stream has no component
+along r at any layer; a tied output head changes with the embedding as documented; bad input
+is one line with the store untouched."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_mean_activations import means_args
+from tests.test_score_cli import assert_one_line_error
+from wandacli.config.settings import ModelSpec
+from wandacli.evaluation.under_test import load_model_under_test
+from wandacli.models.loader import load_model
+from wandacli.removal.direction import writer_keys
+from wandacli.store.files import EditFile, MeanActivations
+
+
+@pytest.fixture(scope="module")
+def means_store(tmp_path_factory, tiny_llama_dir, pairs_csv):
+    """Mean activations of the tiny model on its harmful pairs and on the utility set."""
+    from typer.testing import CliRunner
+
+    from wandacli.cli import app
+
+    store = tmp_path_factory.mktemp("direction") / "store"
+    runner = CliRunner()
+    for data, name in ((pairs_csv, "harmful"), ("utility", "harmless")):
+        args = means_args(tiny_llama_dir, store, data, "--template", "chat", "--name", name)
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    return store
+
+
+def direction_edit(cli, store, *extra):
+    return cli("prune", "--store", store, "--scores", "harmful", "--utility-scores", "harmless",
+               "--no-progress", *extra)  # fmt: skip
+
+
+def expected_direction(store, layer, position):
+    with MeanActivations(store / "scores" / "harmful.h5") as a:
+        harmful = a.means()
+    with MeanActivations(store / "scores" / "harmless.h5") as b:
+        harmless = b.means()
+    difference = torch.from_numpy(harmful[layer, position] - harmless[layer, position])
+    return difference / difference.norm()
+
+
+def test_the_edit_is_the_formula_and_the_stream_loses_r(cli, means_store, tiny_llama_dir):
+    result = direction_edit(cli, means_store, "--direction-layer", "1", "--direction-position",
+                            "-2", "--name", "d", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    r = expected_direction(means_store, 1, -2)
+    dense = load_model(ModelSpec(model=str(tiny_llama_dir), device="cpu"))
+    edited = load_model_under_test(ModelSpec(model=str(tiny_llama_dir), device="cpu"), "d",
+                                   means_store)  # fmt: skip
+    assert edited.method == "refusal_direction"
+    writers = set(writer_keys(dense.fingerprint, r.numel()))
+    assert writers == {k for k in dense.fingerprint.shapes if k.endswith(("o_proj", "down_proj"))}
+    after = {lin.key: lin.weight_matrix().detach().double() for lin in edited.loaded.linear_layers}
+    for lin in dense.linear_layers:
+        w = lin.weight_matrix().detach().double()
+        expected = w - torch.outer(r, r) @ w if lin.key in writers else w
+        assert torch.allclose(after[lin.key], expected, atol=1e-6), lin.key
+    e = dense.model.get_input_embeddings().weight.detach().double()
+    e_after = edited.loaded.model.get_input_embeddings().weight.detach().double()
+    assert torch.allclose(e_after, e - (e @ r)[:, None] * r[None, :], atol=1e-6)
+    # untied here: the output head is untouched
+    assert torch.equal(edited.loaded.model.lm_head.weight, dense.model.lm_head.weight)
+    # The defining property: no residual stream before the final norm has a component along r.
+    ids = dense.tokenizer("Tell me how to do a thing, please.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        streams = edited.loaded.model(ids, output_hidden_states=True).hidden_states
+        dense_streams = dense.model(ids, output_hidden_states=True).hidden_states
+    for layer, (h, h_dense) in enumerate(zip(streams[:-1], dense_streams[:-1], strict=True)):
+        along = (h[0].double() @ r).abs().max()
+        assert along <= 1e-5 * float(h[0].double().norm(dim=-1).max()), layer
+        assert (h_dense[0].double() @ r).abs().max() > 10 * along  # it was there before
+    with EditFile(means_store / "edits" / "d.h5") as stored:
+        assert stored.mode == "direction" and stored.meta["embedding"] is True
+        assert stored.meta["direction"]["layer"] == 1
+        assert json.loads(result.stdout)["removed_rank_fraction"] == pytest.approx(
+            len(writers) / sum(min(s) for s in dense.fingerprint.shapes.values())
+        )
+
+
+def test_a_tied_output_head_changes_with_the_embedding(cli, tmp_path, tokenizer, pairs_csv):
+    """SmolLM2 ties its embeddings: orthogonalising E orthogonalises the head's rows too, so
+    the logits no longer read the final hidden state's component along r."""
+    from tests.conftest import build_tiny_llama, save_model
+
+    model = build_tiny_llama(len(tokenizer), seed=5)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    tied_dir = save_model(model, tokenizer, tmp_path / "tied")
+    store = tmp_path / "store"
+    for data, name in ((pairs_csv, "harmful"), ("utility", "harmless")):
+        made = cli(*means_args(tied_dir, store, data, "--template", "chat", "--name", name))
+        assert made.exit_code == 0, made.stderr
+    assert direction_edit(cli, store, "--direction-layer", "2", "--name", "d").exit_code == 0
+    r = expected_direction(store, 2, -1)
+    edited = load_model_under_test(ModelSpec(model=str(tied_dir), device="cpu"), "d", store)
+    head = edited.loaded.model.get_output_embeddings().weight
+    assert head.data_ptr() == edited.loaded.model.get_input_embeddings().weight.data_ptr()
+    assert (head.detach().double() @ r).abs().max() <= 1e-6
+
+
+@pytest.mark.parametrize(
+    ("extra", "fragment"),
+    [
+        (("--direction-layer", "9"), "--direction-layer 9 is outside the sets' residual streams 0..2"),
+        (("--direction-layer", "1", "--direction-position", "-4"), "use -3..-1"),
+        (("--direction-layer", "1", "--direction-position", "0"), "use -3..-1"),
+        (("--direction-layer", "1", "--remove-top-ranks", "2"), "drop one of them"),
+        (("--direction-layer", "1", "--modules", "*q_proj"), "no module that writes"),
+    ],
+)  # fmt: skip
+def test_bad_direction_input_is_one_line(cli, means_store, tmp_path, extra, fragment):
+    before = sorted(p.name for p in means_store.rglob("*"))
+    assert_one_line_error(direction_edit(cli, means_store, *extra), fragment)
+    assert sorted(p.name for p in means_store.rglob("*")) == before
+
+
+def test_sets_of_another_kind_template_or_model_are_refused(
+    cli, means_store, tiny_llama_dir, tiny_llama_base_dir, pairs_csv, tmp_path
+):
+    store = tmp_path / "store"
+    for name in ("harmful.h5", "harmless.h5"):
+        (store / "scores").mkdir(parents=True, exist_ok=True)
+        (store / "scores" / name).write_bytes((means_store / "scores" / name).read_bytes())
+    raw = cli(*means_args(tiny_llama_dir, store, "utility", "--template", "raw", "--name", "raw"))
+    other = cli(*means_args(tiny_llama_base_dir, store, "utility", "--template", "chat",
+                            "--name", "other-model"))  # fmt: skip
+    scores = cli("score", "--method", "wanda", "--model", str(tiny_llama_dir), "--store", store,
+                 "--data", str(pairs_csv), "--nsamples", "2", "--name", "w", "--no-progress")  # fmt: skip
+    assert raw.exit_code == other.exit_code == scores.exit_code == 0
+    base = ("prune", "--store", store, "--scores", "harmful", "--direction-layer", "1")
+    assert_one_line_error(cli(*base, "--utility-scores", "raw"), "different templates")
+    assert_one_line_error(cli(*base, "--utility-scores", "w"), "not mean activations")
+    assert_one_line_error(cli(*base), "needs two mean-activations sets")
+    assert_one_line_error(cli(*base, "--utility-scores", "other-model"), "different models")
+    assert not (store / "edits").exists()
+
+
+def test_evaluation_takes_the_direction_edit(cli, means_store, tiny_llama_dir, tmp_path):
+    assert direction_edit(cli, means_store, "--direction-layer", "1", "--name", "e").exit_code == 0
+    out = tmp_path / "results" / "e"
+    attack = cli("eval-attack", "--model", tiny_llama_dir, "--mask", "e", "--store", means_store,
+                 "--configs", "basic_nosys", "--limit", "2", "--max-new-tokens", "2", "--device",
+                 "cpu", "--out", out, "--no-progress")  # fmt: skip
+    assert attack.exit_code == 0, attack.stderr
+    results = json.loads((out / "results.json").read_text())
+    assert results["model_under_test"]["method"] == "refusal_direction"
+    saved = tmp_path / "saved"
+    assert direction_edit(cli, means_store, "--direction-layer", "1", "--name", "e", "--model",
+                          tiny_llama_dir, "--save-model", saved).exit_code == 0  # fmt: skip
+    reloaded = load_model(ModelSpec(model=str(saved), device="cpu"))
+    in_memory = load_model_under_test(ModelSpec(model=str(tiny_llama_dir), device="cpu"), "e",
+                                      means_store)  # fmt: skip
+    assert torch.allclose(
+        reloaded.model.get_input_embeddings().weight,
+        in_memory.loaded.model.get_input_embeddings().weight,
+    )
+    assert np.isfinite(results["results"][0]["asr"])
+
+
+# ---------------------------------------------------------------------------------------------
+# The direction space in `search`
+
+DIRECTION_SPACE = ("--scores", "harmful", "--utility-scores", "harmless",
+                   "--direction-layer", "0:2", "--direction-position=-3:-1")  # fmt: skip
+
+
+def test_a_direction_trial_equals_the_edit_and_is_undone(means_store, tiny_llama_dir, tmp_path):
+    from tests.test_search import weights
+    from wandacli.config.search import ParameterRange, SearchConfig
+    from wandacli.core.console import NullReporter
+    from wandacli.removal.edits import run_edit
+    from wandacli.removal.in_memory import WeightChanges
+    from wandacli.search.removals import TrialRemovals, prune_config_for
+
+    spec = ModelSpec(model=str(tiny_llama_dir), device="cpu")
+    config = SearchConfig(
+        name="t", scores="harmful", utility_scores="harmless", model=spec, store=means_store,
+        direction_layer=ParameterRange(0, 2, True), direction_position=ParameterRange(-3, -1, True),
+    )  # fmt: skip
+    removals = TrialRemovals(config, means_store)
+    loaded = load_model(spec)
+    removals.prepare(loaded, NullReporter())
+    original = weights(loaded)
+    embedding = loaded.model.get_input_embeddings().weight.detach().clone()
+    params = {"direction_layer": 2, "direction_position": -2}
+    with WeightChanges(loaded) as changes:
+        applied = removals.apply(params, changes)
+        in_memory = weights(loaded)
+        in_memory_embedding = loaded.model.get_input_embeddings().weight.detach().clone()
+    assert all(torch.equal(original[k], w) for k, w in weights(loaded).items())
+    assert torch.equal(loaded.model.get_input_embeddings().weight, embedding)  # restored exactly
+    result = run_edit(prune_config_for(config, params, "by-prune"), command_line=["test"])
+    assert applied.amount == pytest.approx(result.removed_rank_fraction)
+    edited = load_model_under_test(spec, "by-prune", means_store)
+    for lin in edited.loaded.linear_layers:
+        assert torch.allclose(in_memory[lin.key], lin.weight_matrix().detach(), atol=1e-6)
+    assert torch.allclose(
+        in_memory_embedding, edited.loaded.model.get_input_embeddings().weight, atol=1e-6
+    )
+    removals.close()
+
+
+def test_search_over_the_direction_space(cli, means_store, tiny_llama_dir, tmp_path):
+    from tests.test_search import QUICK
+
+    store = tmp_path / "store"
+    (store / "scores").mkdir(parents=True)
+    for name in ("harmful.h5", "harmless.h5"):
+        (store / "scores" / name).write_bytes((means_store / "scores" / name).read_bytes())
+    result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "dir", *QUICK,
+                 *DIRECTION_SPACE, "--trials", "3", "--keep-best", "refusal:2", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    found = json.loads(result.stdout)
+    for trial in found["trials"]:
+        assert set(trial["params"]) == {"direction_layer", "direction_position"}
+        assert 0 <= trial["params"]["direction_layer"] <= 2
+        assert -3 <= trial["params"]["direction_position"] <= -1
+        # At the embeddings' output the chat template's last tokens are the same for every
+        # prompt: no direction there, and the trial measures the dense model.
+        empty = trial["params"]["direction_layer"] == 0
+        assert (trial["removed_rank_fraction"] == 0) == empty
+        assert trial["kl"] == 0 if empty else trial["kl"] > 0
+    assert found["control"] is not None  # a random unit direction removed the same way
+    with EditFile(store / "edits" / "dir.best.h5") as best:
+        assert best.mode == "direction"
+        assert (
+            best.meta["direction"]["layer"]
+            == next(t for t in found["front"] if t["index"] == found["best"]["index"])["params"][
+                "direction_layer"
+            ]
+        )
+
+
+@pytest.mark.parametrize(
+    ("ranges", "fragment"),
+    [
+        (("--direction-layer", "0:9"), "reaches above the sets' residual streams 0..2"),
+        (("--direction-layer", "0:1", "--direction-position=-9:-1"), "reaches before"),
+        (("--direction-layer", "0:1", "--direction-position=-3:0"), "count from the end"),
+    ],
+)
+def test_bad_direction_ranges_are_one_line(cli, means_store, tiny_llama_dir, ranges, fragment):
+    from tests.test_search import QUICK
+
+    result = cli("search", "--model", tiny_llama_dir, "--store", means_store, "--name", "bad",
+                 *QUICK, "--scores", "harmful", "--utility-scores", "harmless", *ranges)  # fmt: skip
+    assert_one_line_error(result, fragment)
+    assert not (means_store / "searches" / "bad").exists()

@@ -94,6 +94,20 @@ def search(
         str | None,
         _range("--rank-pos", "The reference's rank_pos per module: r_u = full rank − rank_pos."),
     ] = None,
+    direction_layer: Annotated[
+        str | None,
+        _range(
+            "--direction-layer",
+            "The refusal direction (two mean-activations sets): its residual stream, e.g. 8:24.",
+        ),
+    ] = None,
+    direction_position: Annotated[
+        str | None,
+        _range(
+            "--direction-position",
+            "The refusal direction's prompt position from the end, e.g. -5:-1 [default: -1].",
+        ),
+    ] = None,
     layers: Annotated[
         str | None,
         typer.Option(
@@ -245,6 +259,8 @@ def search(
         utility_ranks=parsed("--utility-ranks", utility_ranks, True),
         rank_neg=parsed("--rank-neg", rank_neg, True),
         rank_pos=parsed("--rank-pos", rank_pos, True),
+        direction_layer=parsed("--direction-layer", direction_layer, True),
+        direction_position=parsed("--direction-position", direction_position, True),
         layers=layers,
         modules=modules,
         trials=trials,

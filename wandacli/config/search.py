@@ -12,7 +12,7 @@ from wandacli.config.evaluation import KL_LIMIT, KL_POSITIONS, KL_PROMPTS
 from wandacli.config.settings import ModelSpec
 from wandacli.core.errors import ConfigError
 
-SearchKind = Literal["set-difference", "top", "orthogonal-projection"]
+SearchKind = Literal["set-difference", "top", "orthogonal-projection", "direction"]
 RefusalMeasure = Literal["generation", "score"]
 
 # The evaluation sets a search must not read: the first 100 AdvBench behaviours (what the
@@ -123,6 +123,9 @@ class SearchConfig:
     utility_ranks: ParameterRange | None = None
     rank_neg: ParameterRange | None = None
     rank_pos: ParameterRange | None = None
+    # The refusal direction from two mean-activations sets: its residual stream and position.
+    direction_layer: ParameterRange | None = None
+    direction_position: ParameterRange | None = None
     layers: str | None = None
     modules: str | None = None
     trials: int = 40
@@ -156,6 +159,8 @@ class SearchConfig:
                 ("--utility-ranks", self.utility_ranks),
                 ("--rank-neg", self.rank_neg),
                 ("--rank-pos", self.rank_pos),
+                ("--direction-layer", self.direction_layer),
+                ("--direction-position", self.direction_position),
             )
             if value is not None
         }
@@ -164,17 +169,27 @@ class SearchConfig:
             "top": {"--ratio"},
             "orthogonal-projection": {"--safety-ranks", "--utility-ranks"},
             "reference-ranks": {"--rank-neg", "--rank-pos"},
+            "direction": {"--direction-layer", "--direction-position"},
+            "direction-last-position": {"--direction-layer"},
         }
         matching = [k for k, flags in kinds.items() if set(given) == flags]
         if not matching:
             raise ConfigError(
                 "search one kind of removal: --p and --q (set difference, with --utility-scores), "
-                "--ratio (the top of --scores), or --safety-ranks and --utility-ranks (or --rank-neg "
-                f"and --rank-pos) for the orthogonal projection; got {', '.join(given) or 'no range'}"
+                "--ratio (the top of --scores), --safety-ranks and --utility-ranks (or --rank-neg "
+                "and --rank-pos) for the orthogonal projection, or --direction-layer (and "
+                "--direction-position) for the refusal direction; got "
+                f"{', '.join(given) or 'no range'}"
             )
         for flag, value in given.items():
             if flag in ("--p", "--q", "--ratio"):
                 value.check_fraction(flag)
+            elif flag == "--direction-position":
+                if value.high > -1:
+                    raise ConfigError(
+                        f"--direction-position {value}: positions count from the end, -1 the "
+                        "last prompt token (e.g. -5:-1)"
+                    )
             else:
                 value.check_rank(flag)
         if self.kind == "top" and self.utility_scores is not None:
@@ -201,11 +216,13 @@ class SearchConfig:
             return "set-difference"
         if self.ratio is not None:
             return "top"
+        if self.direction_layer is not None:
+            return "direction"
         return "orthogonal-projection"
 
     @property
     def is_edit(self) -> bool:
-        return self.kind == "orthogonal-projection"
+        return self.kind in ("orthogonal-projection", "direction")
 
     def ranges(self) -> dict[str, ParameterRange]:
         """The searched parameters by name (the names of PruneConfig's and EditConfig's fields)."""
@@ -217,6 +234,10 @@ class SearchConfig:
             "utility_ranks": self.utility_ranks,
             "rank_neg": self.rank_neg,
             "rank_pos": self.rank_pos,
+            "direction_layer": self.direction_layer,
+            "direction_position": self.direction_position
+            if self.direction_layer is None or self.direction_position is not None
+            else ParameterRange(-1, -1, True),
         }
         return {k: v for k, v in named.items() if v is not None}
 

@@ -376,7 +376,7 @@ def search_result(result: Any, as_json: bool) -> None:
         return
     amount = (
         "removed_rank_fraction"
-        if result.request.get("kind") == "orthogonal-projection"
+        if result.request.get("kind") in ("orthogonal-projection", "direction")
         else "sparsity"
     )
     amount_title = "rank removed" if amount == "removed_rank_fraction" else "sparsity"

@@ -170,7 +170,9 @@ def search_markdown(summary: dict[str, Any]) -> list[str]:
     control and the point it kept as `.best`."""
     request = summary.get("request") or {}
     amount = (
-        "removed_rank_fraction" if request.get("kind") == "orthogonal-projection" else "sparsity"
+        "removed_rank_fraction"
+        if request.get("kind") in ("orthogonal-projection", "direction")
+        else "sparsity"
     )
     trials = [t for t in summary.get("trials") or [] if t.get("state") == "COMPLETE"]
     front = summary.get("front") or []
@@ -180,7 +182,17 @@ def search_markdown(summary: dict[str, Any]) -> list[str]:
     params = sorted({k for t in front for k in t.get("params") or {}})
     ranges = ", ".join(
         f"{k} {request[k][0]:g}:{request[k][1]:g}"
-        for k in ("p", "q", "ratio", "safety_ranks", "utility_ranks", "rank_neg", "rank_pos")
+        for k in (
+            "p",
+            "q",
+            "ratio",
+            "safety_ranks",
+            "utility_ranks",
+            "rank_neg",
+            "rank_pos",
+            "direction_layer",
+            "direction_position",
+        )
         if isinstance(request.get(k), list)
     )
     best = summary.get("best") or {}

@@ -21,11 +21,13 @@ from wandacli.config.removal import EditConfig, PruneConfig
 from wandacli.config.search import SearchConfig
 from wandacli.core.console import Reporter
 from wandacli.core.errors import ConfigError, StoreError
+from wandacli.removal.direction import orthogonalised_embedding, refusal_direction, writer_keys
 from wandacli.removal.in_memory import WeightChanges
 from wandacli.removal.presorted import PresortedScores, set_difference
 from wandacli.removal.projection import ProjectionModule
+from wandacli.removal.ranks import edited_weight, random_orthonormal
 from wandacli.removal.requests import selected_keys
-from wandacli.store.files import open_rank_statistics, open_score_set
+from wandacli.store.files import open_mean_activations, open_rank_statistics, open_score_set
 from wandacli.store.schema import split_key
 
 
@@ -50,6 +52,14 @@ def prune_config_for(
         "modules": config.modules,
         "name": name,
     }
+    if config.kind == "direction":
+        return EditConfig(
+            **common,
+            model=config.model,
+            utility_scores=config.utility_scores,
+            direction_layer=int(params["direction_layer"]),
+            direction_position=int(params.get("direction_position", -1)),
+        )
     if config.kind == "orthogonal-projection":
         return EditConfig(
             **common,
@@ -76,7 +86,10 @@ class TrialRemovals:
         self.config = config
         self.root = root
         self._stack = contextlib.ExitStack()
-        opener: Any = open_rank_statistics if config.is_edit else open_score_set
+        opener: Any = {
+            "direction": open_mean_activations,
+            "orthogonal-projection": open_rank_statistics,
+        }.get(config.kind, open_score_set)
         try:
             self.safety = self._stack.enter_context(opener(config.scores, root))
             self.utility = (
@@ -111,6 +124,43 @@ class TrialRemovals:
         self.keys = selected_keys(config, self.fingerprint)
         self.total = sum(o * i for o, i in self.fingerprint.shapes.values())
         self._check_ranks()
+        if config.kind == "direction":
+            self._check_direction()
+
+    def _check_direction(self) -> None:
+        """The ranges within the sets' streams and positions; the writers chosen; the two sets
+        of one kind (as `prune` requires)."""
+        assert self.utility is not None
+        writers = set(writer_keys(self.fingerprint, self.safety.hidden_size))
+        self.keys = [k for k in self.keys if k in writers]
+        if not self.keys:
+            raise ConfigError(
+                "no module that writes into the residual stream is selected: drop "
+                "--layers/--modules, or choose writers (o_proj, down_proj, ...)"
+            )
+        ranges = self.config.ranges()
+        streams, positions = self.fingerprint.num_layers + 1, self.safety.positions
+        if ranges["direction_layer"].high > streams - 1:
+            raise ConfigError(
+                f"--direction-layer {ranges['direction_layer']} reaches above the sets' residual "
+                f"streams 0..{streams - 1}"
+            )
+        if ranges["direction_position"].low < -positions:
+            raise ConfigError(
+                f"--direction-position {ranges['direction_position']} reaches before the sets' "
+                f"last {positions} prompt positions: use -{positions}..-1"
+            )
+        for what, a, b in (
+            ("models", self.safety.meta["model"].get("id"), self.utility.meta["model"].get("id")),
+            ("templates", self.safety.template, self.utility.template),
+            ("--positions", self.safety.positions, self.utility.positions),
+        ):
+            if a != b:
+                raise StoreError(
+                    f"--scores and --utility-scores were taken with different {what} ({a} and "
+                    f"{b}): score both the same way"
+                )
+        self._means = (self.safety.means(), self.utility.means())
 
     def _check_ranks(self) -> None:
         """A rank range must fit every module it edits: one line naming the first that not."""
@@ -145,6 +195,9 @@ class TrialRemovals:
             "search: ranking the stored sets", total=len(self.keys) * (2 if self.utility else 1)
         )
         config = self.config
+        if config.kind == "direction":
+            reporter.finish()
+            return
         if config.kind == "set-difference":
             assert config.p is not None and config.q is not None and self.utility is not None
             self._ranked["safety"] = PresortedScores(
@@ -203,8 +256,34 @@ class TrialRemovals:
             return int(params["safety_ranks"]), int(params["utility_ranks"])
         return full - int(params["rank_neg"]), full - int(params["rank_pos"])
 
+    def direction(self, params: dict[str, Any]) -> torch.Tensor | None:
+        """The trial's r̂ from the two stored means; None where they are equal (the embeddings'
+        output at the template's own tokens is the same for every prompt): nothing to remove."""
+        harmful, harmless = self._means
+        layer, position = int(params["direction_layer"]), int(params.get("direction_position", -1))
+        index = harmful.shape[1] + position
+        if not np.any(harmful[layer, index] != harmless[layer, index]):
+            return None
+        return refusal_direction(harmful, harmless, layer, position)
+
+    def _remove_direction(self, r: torch.Tensor, changes: WeightChanges) -> Applied:
+        """W ← W − r rᵀ W for every writer, E ← E − (E r) rᵀ: what `prune` writes and
+        EditRemoval applies, in float64, rounded to the weights' dtype."""
+        for key in self.keys:
+            original = changes.layers[key].weight_matrix().detach()
+            changes.replace(key, edited_weight(original, "direction", {"remove": r.reshape(-1, 1)}))
+        changes.replace_embedding(orthogonalised_embedding(changes.embedding, r))
+        counts = dict.fromkeys(self.keys, 1)
+        full = sum(min(shape) for shape in self.fingerprint.shapes.values())
+        return Applied(counts, len(self.keys) / full, "removed_rank_fraction")
+
     def apply(self, params: dict[str, Any], changes: WeightChanges) -> Applied:
         counts: dict[str, int] = {}
+        if self.config.kind == "direction":
+            r = self.direction(params)
+            if r is None:  # the dense model, measured as such
+                return Applied({}, 0.0, "removed_rank_fraction")
+            return self._remove_direction(r, changes)
         if not self.config.is_edit:
             for key in self.keys:
                 counts[key] = changes.zero(key, self.mask(key, params))
@@ -224,6 +303,10 @@ class TrialRemovals:
         random (masks), or the same rank removed in random directions (edits)."""
         rng = np.random.default_rng(seed)
         generator = torch.Generator().manual_seed(seed)
+        if self.config.kind == "direction":  # a random unit vector, removed the same way
+            r = random_orthonormal(self.safety.hidden_size, 1, generator).reshape(-1)
+            self._remove_direction(r, changes)
+            return
         for key in self.keys:
             count = applied.counts.get(key, 0)
             shape = self.fingerprint.shapes[key]

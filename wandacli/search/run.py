@@ -248,11 +248,11 @@ class SearchRun:
                 self.reporter.finish()
                 ran += 1
                 summary["trials"] = studies.trial_records(study)
-                summary["front"] = studies.pareto_front(summary["trials"])
+                summary["front"] = _front(summary["trials"], config)
                 summary["updated"] = now_iso()
                 _write_summary(summary_path, summary)
         trials = studies.trial_records(study)
-        front = studies.pareto_front(trials)
+        front = _front(trials, config)
         summary["trials"], summary["front"] = trials, front
         if config.control and front:
             summary["control"] = self._control(
@@ -405,6 +405,14 @@ class SearchRun:
                 f"({'; '.join(differences[:4])}): use another --name, or remove "
                 f"{Store(root).search_dir(self.config.name)} to start it again"
             )
+
+
+def _front(trials: list[dict[str, Any]], config: SearchConfig) -> list[dict[str, Any]]:
+    """The Pareto front of the trials that removed something: a trial that removed nothing (a
+    direction where the two means are equal) measured the dense model, which would dominate
+    every real removal on KL and is not a point to keep."""
+    amount = removals_amount_name(config)
+    return studies.pareto_front([t for t in trials if t.get(amount, 1.0) != 0])
 
 
 def removals_amount_name(config: SearchConfig) -> str:

@@ -29,8 +29,13 @@ from rich.progress import (
 
 # stderr: progress bars, warnings, log lines.
 console = Console(stderr=True, highlight=False)
-# stdout: tables and machine-readable output.
+# stdout: tables and machine-readable output. Redirected to a file (the pipeline's
+# results.txt), Rich would lay tables out for 80 columns and truncate their cells; a file has no
+# width, so tables get room for every column (COLUMNS still wins).
+FILE_WIDTH = 160
 out = Console(highlight=False, soft_wrap=True)
+if not out.is_terminal and "COLUMNS" not in os.environ:
+    out.width = FILE_WIDTH
 
 
 def warn(message: str) -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from wandacli.config.files import read_config_file
+from wandacli.config.search import EDIT_RANGE_OPTIONS, RANGE_OPTIONS
 from wandacli.config.settings import WEIGHT_METHODS
 from wandacli.core.errors import ConfigError, WandacliError
 from wandacli.core.naming import file_safe_name
@@ -30,13 +31,7 @@ from wandacli.core.naming import file_safe_name
 SEARCH_KEYS = (
     "scores",
     "utility_scores",
-    "p",
-    "q",
-    "ratio",
-    "safety_ranks",
-    "utility_ranks",
-    "rank_neg",
-    "rank_pos",
+    *RANGE_OPTIONS,
     "layers",
     "modules",
     "trials",
@@ -44,7 +39,6 @@ SEARCH_KEYS = (
     "keep_best",
     "seed",
 )
-RANK_KEYS = ("safety_ranks", "utility_ranks", "rank_neg", "rank_pos")
 
 
 @dataclass(frozen=True)
@@ -61,7 +55,7 @@ class SearchPlan:
 
     @property
     def is_edit(self) -> bool:
-        return any(key in self.option for key in RANK_KEYS)
+        return any(key in self.option for key in EDIT_RANGE_OPTIONS)
 
     @property
     def best(self) -> str:

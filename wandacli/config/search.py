@@ -15,6 +15,21 @@ from wandacli.core.errors import ConfigError
 SearchKind = Literal["set-difference", "top", "orthogonal-projection", "direction"]
 RefusalMeasure = Literal["generation", "score"]
 
+# Every searchable parameter, as the request (search.json) and a pipeline's search entry name
+# them; the second tuple's make an edit, not a mask.
+RANGE_OPTIONS = (
+    "p",
+    "q",
+    "ratio",
+    "safety_ranks",
+    "utility_ranks",
+    "rank_neg",
+    "rank_pos",
+    "direction_layer",
+    "direction_position",
+)
+EDIT_RANGE_OPTIONS = RANGE_OPTIONS[3:]
+
 # The evaluation sets a search must not read: the first 100 AdvBench behaviours (what the
 # reference and the demo evaluate) and JailbreakBench (the second held-out set).
 DEFAULT_HELD_OUT = "advbench:100,jailbreakbench"

@@ -292,11 +292,7 @@ def _write_edit(
             "search": config.search,
             "layers": config.layers,
             "modules_filter": config.modules,
-            "config": config.request(),
-            "command_line": shlex.join(command_line),
-            "versions": software_versions(),
-            "created": now_iso(),
-        }
+        } | _provenance(config, command_line)
         set_root_attrs(handle, EDIT_FORMAT, meta)
     reporter.finish()
     return meta
@@ -363,13 +359,19 @@ def _write_direction(
             "search": config.search,
             "layers": config.layers,
             "modules_filter": config.modules,
-            "config": config.request(),
-            "command_line": shlex.join(command_line),
-            "versions": software_versions(),
-            "created": now_iso(),
-        }
+        } | _provenance(config, command_line)
         set_root_attrs(handle, EDIT_FORMAT, meta)
     return meta
+
+
+def _provenance(config: EditConfig, command_line: list[str]) -> dict[str, Any]:
+    """What every edit's meta ends with: the request, how it was asked for, with what, when."""
+    return {
+        "config": config.request(),
+        "command_line": shlex.join(command_line),
+        "versions": software_versions(),
+        "created": now_iso(),
+    }
 
 
 def _describe_means(means: Any, role: str) -> dict[str, Any]:
@@ -442,11 +444,7 @@ def _write_random_control(
             "directions (Gaussian, then QR; float64, stored float32)",
             "model": safety.meta["model"],
             "search": config.search,
-            "config": config.request(),
-            "command_line": shlex.join(command_line),
-            "versions": software_versions(),
-            "created": now_iso(),
-        }
+        } | _provenance(config, command_line)
         set_root_attrs(handle, EDIT_FORMAT, meta)
     return meta
 

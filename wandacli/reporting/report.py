@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wandacli.config.search import RANGE_OPTIONS
 from wandacli.core.errors import StoreError
 from wandacli.core.metrics import metric_order
 from wandacli.core.naming import file_safe_name
@@ -182,17 +183,7 @@ def search_markdown(summary: dict[str, Any]) -> list[str]:
     params = sorted({k for t in front for k in t.get("params") or {}})
     ranges = ", ".join(
         f"{k} {request[k][0]:g}:{request[k][1]:g}"
-        for k in (
-            "p",
-            "q",
-            "ratio",
-            "safety_ranks",
-            "utility_ranks",
-            "rank_neg",
-            "rank_pos",
-            "direction_layer",
-            "direction_position",
-        )
+        for k in RANGE_OPTIONS
         if isinstance(request.get(k), list)
     )
     best = summary.get("best") or {}

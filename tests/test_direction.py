@@ -257,3 +257,100 @@ def test_bad_direction_ranges_are_one_line(cli, means_store, tiny_llama_dir, ran
                  *QUICK, "--scores", "harmful", "--utility-scores", "harmless", *ranges)  # fmt: skip
     assert_one_line_error(result, fragment)
     assert not (means_store / "searches" / "bad").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The reference's selection (`search --select reference`)
+
+
+def test_the_reference_filters_on_a_hand_built_case(monkeypatch):
+    """Ten layers; per candidate a KL, a bypass and an induce score given here: the last 20% of
+    layers, KL > 0.1 and induce < 0 are discarded, then the lowest bypass wins."""
+    import contextlib
+    import types
+
+    from wandacli.search import select
+
+    table = {  # (layer, position): (kl, bypass, induce)
+        (2, -1): (0.05, -1.0, 0.5),  # kept
+        (3, -1): (0.20, -9.0, 0.5),  # KL too high, despite the best bypass
+        (4, -1): (0.01, -5.0, -0.1),  # induces no refusal
+        (5, -1): (0.02, -3.0, 0.2),  # kept, the lowest bypass: chosen
+        (8, -1): (0.00, -8.0, 1.0),  # the last 20% of 10 layers: 8 and 9
+        (1, -1): None,  # the two means are equal: no direction
+    }
+    current: dict[str, tuple] = {}
+
+    class Removals:
+        means = (np.zeros((11, 1, 4)), np.zeros((11, 1, 4)))
+
+        def direction(self, params):
+            key = (params["direction_layer"], params["direction_position"])
+            current["key"] = key
+            return None if table[key] is None else torch.ones(4) / 2
+
+        def apply(self, params, changes):
+            return None
+
+    @contextlib.contextmanager
+    def no_changes(loaded):
+        yield None
+
+    @contextlib.contextmanager
+    def added(loaded, layer, vector):
+        current["adding"] = True
+        yield
+        current["adding"] = False
+
+    def score(loaded, texts, **_):
+        kl, bypass, induce = table[current["key"]]
+        return induce if current.get("adding") else bypass
+
+    monkeypatch.setattr(select, "WeightChanges", no_changes)
+    monkeypatch.setattr(select, "activation_added", added)
+    monkeypatch.setattr(select, "refusal_score", score)
+    monkeypatch.setattr(select, "kl_divergence", lambda loaded, dense: table[current["key"]][0])
+    loaded = types.SimpleNamespace(fingerprint=types.SimpleNamespace(num_layers=10))
+    candidates = [{"direction_layer": layer, "direction_position": p} for layer, p in table]
+    result = select.select_reference(
+        loaded, Removals(), candidates, harmful_texts=["h"], harmless_texts=["n"], special=False,
+        dense_last=None, batch_size=1,
+    )  # fmt: skip
+    reasons = {
+        (e["params"]["direction_layer"]): e.get("discarded", "") for e in result["candidates"]
+    }
+    assert reasons[2] == "" and reasons[5] == ""
+    assert reasons[3].startswith("KL 0.2 > 0.1")
+    assert reasons[4].startswith("induce -0.1 < 0")
+    assert reasons[8].startswith("layer 8 is in the last 20%")
+    assert reasons[1].startswith("no direction")
+    assert result["chosen"]["params"] == {"direction_layer": 5, "direction_position": -1}
+
+
+def test_select_reference_from_the_cli(cli, means_store, tiny_llama_dir, tmp_path):
+    from tests.test_search import QUICK
+
+    store = tmp_path / "store"
+    (store / "scores").mkdir(parents=True)
+    for name in ("harmful.h5", "harmless.h5"):
+        (store / "scores" / name).write_bytes((means_store / "scores" / name).read_bytes())
+    result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "ref", *QUICK,
+                 *DIRECTION_SPACE, "--select", "reference", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    found = json.loads(result.stdout)
+    selection = found["selection"]
+    assert len(selection["candidates"]) == 9  # layers 0..2 × positions -3..-1
+    for entry in selection["candidates"]:
+        layer = entry["params"]["direction_layer"]
+        if layer == 0:
+            assert entry["discarded"].startswith("no direction")
+            continue
+        # two layers: int(2 × 0.8) = 1, so layers 1 and 2 are the last 20%
+        assert entry["discarded"].startswith("layer") and {"kl", "bypass"} <= set(entry)
+        assert ("induce" in entry) == (layer < 2)  # hidden_states[2] is after the final norm
+    assert selection["chosen"] is None and found["best"] is None
+    assert not (store / "edits").exists()
+    wrong = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "w", *QUICK,
+                "--scores", "harmful", "--utility-scores", "harmless", "--p", "0.1:0.2",
+                "--q", "0.1:0.2", "--select", "reference")  # fmt: skip
+    assert_one_line_error(wrong, "--select reference chooses a refusal direction")

@@ -217,6 +217,17 @@ def search(
             rich_help_panel=_MEASURE,
         ),
     ] = None,
+    select: Annotated[
+        Literal["tpe", "reference"],
+        typer.Option(
+            "--select",
+            help="tpe: Optuna's two-objective search; reference: the refusal-direction "
+            "reference's selection over every (layer, position) in the ranges (filters: the last "
+            "20% of layers, KL > 0.1, an induced refusal score < 0; then the lowest bypass "
+            "score), kept as <name>.best.",
+            rich_help_panel=_SPACE,
+        ),
+    ] = "tpe",
     control: Annotated[
         bool,
         typer.Option(
@@ -282,6 +293,7 @@ def search(
         template=template,
         control=control,
         data_dir=data_dir,
+        select=select,
     )
     with progress_reporter(enabled=not no_progress) as reporter:
         result = run_search(search_config, reporter=reporter, command_line=sys.argv)

@@ -162,6 +162,9 @@ class SearchConfig:
     template: str | None = None
     control: bool = True
     data_dir: Path | None = None
+    # "tpe": Optuna's search; "reference": the refusal-direction reference's selection over
+    # every candidate (layer, position) in the ranges (search/select.py).
+    select: Literal["tpe", "reference"] = "tpe"
 
     def __post_init__(self) -> None:
         given = {
@@ -207,6 +210,11 @@ class SearchConfig:
                     )
             else:
                 value.check_rank(flag)
+        if self.select == "reference" and self.kind != "direction":
+            raise ConfigError(
+                "--select reference chooses a refusal direction: give --direction-layer (and "
+                "--direction-position) with two mean-activations sets"
+            )
         if self.kind == "top" and self.utility_scores is not None:
             raise ConfigError("--ratio searches the top of --scores alone: drop --utility-scores")
         if self.kind != "top" and self.utility_scores is None:

@@ -374,6 +374,9 @@ def search_result(result: Any, as_json: bool) -> None:
     if as_json:
         print_json(result.to_json())
         return
+    if getattr(result, "selection", None):
+        _selection(result)
+        return
     amount = (
         "removed_rank_fraction"
         if result.request.get("kind") in ("orthogonal-projection", "direction")
@@ -428,4 +431,40 @@ def search_result(result: Any, as_json: bool) -> None:
             f"best by {result.best.get('rule')}: trial {result.best.get('index')} as "
             f"{result.best.get('name')}{within}"
         )
+    out.print("\n".join(lines), markup=False)
+
+
+def _selection(result: Any) -> None:
+    """`search --select reference`: every candidate's scores, why it was discarded, the choice."""
+    selection = result.selection
+    table = Table(
+        title=f"search {result.name}: the reference's selection over "
+        f"{len(selection['candidates'])} candidates",
+        title_justify="left",
+    )
+    for column in ("layer", "position", "KL", "bypass", "induce"):
+        table.add_column(column, justify="right")
+    table.add_column("discarded")
+
+    def number(value: Any) -> str:
+        return f"{value:.4g}" if isinstance(value, (int, float)) else "-"
+
+    chosen = (selection.get("chosen") or {}).get("params")
+    for entry in selection["candidates"]:
+        params = entry["params"]
+        table.add_row(
+            str(params["direction_layer"]),
+            str(params["direction_position"]),
+            number(entry.get("kl")),
+            number(entry.get("bypass")),
+            number(entry.get("induce")),
+            entry.get("discarded") or ("chosen" if params == chosen else ""),
+            style="bold" if params == chosen else None,
+        )
+    out.print(table)
+    lines = [f"search folder: {result.directory}"]
+    if result.best:
+        lines.append(f"kept: {result.best['name']} ({chosen})")
+    else:
+        lines.append("every candidate was discarded: nothing kept")
     out.print("\n".join(lines), markup=False)

@@ -160,7 +160,7 @@ class TrialRemovals:
                     f"--scores and --utility-scores were taken with different {what} ({a} and "
                     f"{b}): score both the same way"
                 )
-        self._means = (self.safety.means(), self.utility.means())
+        self.means = (self.safety.means(), self.utility.means())
 
     def _check_ranks(self) -> None:
         """A rank range must fit every module it edits: one line naming the first that not."""
@@ -259,7 +259,7 @@ class TrialRemovals:
     def direction(self, params: dict[str, Any]) -> torch.Tensor | None:
         """The trial's r̂ from the two stored means; None where they are equal (the embeddings'
         output at the template's own tokens is the same for every prompt): nothing to remove."""
-        harmful, harmless = self._means
+        harmful, harmless = self.means
         layer, position = int(params["direction_layer"]), int(params.get("direction_position", -1))
         index = harmful.shape[1] + position
         if not np.any(harmful[layer, index] != harmless[layer, index]):

@@ -80,6 +80,7 @@ class SearchResult:
     control: dict[str, Any] | None = None
     kept: list[str] = field(default_factory=list)
     best: dict[str, Any] | None = None  # `--keep-best`: the point kept as <name>.best
+    selection: dict[str, Any] | None = None  # `--select reference`: every candidate scored
     figure: Path | None = None
     seconds: float = 0.0
     trials_asked: int = 0
@@ -98,6 +99,7 @@ class SearchResult:
             "control": self.control,
             "kept": self.kept,
             "best": self.best,
+            "selection": self.selection,
             "figure": str(self.figure) if self.figure else None,
             "seconds": round(self.seconds, 3),
         }
@@ -218,6 +220,10 @@ class SearchRun:
         )
         if "dense" not in summary:
             summary["dense"] = measure() | {removals_amount_name(config): 0.0}
+        if config.select == "reference":
+            return self._select_reference(
+                removals, loaded, directory, summary, refusal_texts, kl_texts, special, started
+            )
         summary_path = directory / SEARCH_SUMMARY
         # The request is on disk before the journal exists: a rerun with other settings is
         # refused even when this process is killed before its first trial ends.
@@ -281,6 +287,94 @@ class SearchRun:
             seconds=time.monotonic() - started,
             trials_asked=config.trials,
             trials_run=ran,
+        )
+
+    def _select_reference(
+        self,
+        removals: TrialRemovals,
+        loaded: Any,
+        directory: Path,
+        summary: dict[str, Any],
+        harmful_texts: list[str],
+        harmless_texts: list[str],
+        special: bool,
+        started: float,
+    ) -> SearchResult:
+        """Every candidate scored as the refusal-direction reference scores it, the chosen one
+        kept as `<name>.best` (no Optuna study: the reference looks at every candidate)."""
+        from itertools import product
+
+        from wandacli.search.select import select_reference
+
+        config = self.config
+        ranges = config.ranges()
+        candidates = [
+            {"direction_layer": layer, "direction_position": position}
+            for layer, position in product(
+                range(int(ranges["direction_layer"].low), int(ranges["direction_layer"].high) + 1),
+                range(
+                    int(ranges["direction_position"].low),
+                    int(ranges["direction_position"].high) + 1,
+                ),
+            )
+        ]
+        dense_last = dense_distributions(
+            loaded,
+            harmless_texts,
+            positions=1,
+            add_special_tokens=special,
+            batch_size=config.batch_size,
+            cache_dir=directory,
+            reporter=self.reporter,
+        )
+        selection = select_reference(
+            loaded,
+            removals,
+            candidates,
+            harmful_texts=harmful_texts,
+            harmless_texts=harmless_texts,
+            special=special,
+            dense_last=dense_last,
+            batch_size=config.batch_size,
+            reporter=self.reporter,
+        )
+        summary["selection"] = selection
+        chosen = selection["chosen"]
+        best = None
+        if chosen is not None:
+            point = {
+                "index": candidates.index(chosen["params"]),
+                "params": chosen["params"],
+                "refusal": chosen["bypass"],
+                "kl": chosen["kl"],
+            }
+            name = f"{config.name}.best"
+            moved = (summary.get("best") or {}).get("index") != point["index"]
+            self._write_point(point, name, directory, summary, overwrite=moved, rule="reference")
+            best = {
+                "name": name,
+                "index": point["index"],
+                "rule": "reference",
+                "within_limit": True,
+            }
+            summary["best"] = best
+            info(f"the reference's selection: {chosen['params']} kept as {name}")
+        else:
+            warn("every candidate was discarded by the reference's filters: nothing kept")
+        summary["updated"] = now_iso()
+        _write_summary(directory / SEARCH_SUMMARY, summary)
+        return SearchResult(
+            name=config.name,
+            directory=directory,
+            request=summary["request"],
+            dense=summary["dense"],
+            trials=[],
+            front=[],
+            kept=[best["name"]] if best else [],
+            best=best,
+            seconds=time.monotonic() - started,
+            trials_asked=0,
+            selection=selection,
         )
 
     def _control(

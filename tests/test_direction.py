@@ -354,3 +354,25 @@ def test_select_reference_from_the_cli(cli, means_store, tiny_llama_dir, tmp_pat
                 "--scores", "harmful", "--utility-scores", "harmless", "--p", "0.1:0.2",
                 "--q", "0.1:0.2", "--select", "reference")  # fmt: skip
     assert_one_line_error(wrong, "--select reference chooses a refusal direction")
+
+
+def test_the_random_direction_control(cli, means_store, tiny_llama_dir):
+    """`--match-ranks` on a direction edit: a seeded random unit vector, removed the same way
+    (every writer and the embedding)."""
+    assert direction_edit(cli, means_store, "--direction-layer", "1", "--name", "m").exit_code == 0
+    made = cli("prune", "--store", means_store, "--scores", "harmful", "--match-ranks", "m",
+               "--seed", "3", "--name", "m-random", "--no-progress")  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    with EditFile(means_store / "edits" / "m-random.h5") as control:
+        assert control.mode == "direction" and control.meta["embedding"] is True
+        assert control.meta["matched_edit"]["name"] == "m"
+        r = torch.from_numpy(control.read_raw("direction")).double().reshape(-1)
+        with EditFile(means_store / "edits" / "m.h5") as matched:
+            assert set(control.keys) == set(matched.keys)
+            chosen = torch.from_numpy(matched.read_raw("direction")).double().reshape(-1)
+    assert abs(float(r.norm()) - 1) < 1e-6 and abs(float(r @ chosen)) < 0.9
+    spec = ModelSpec(model=str(tiny_llama_dir), device="cpu")
+    edited = load_model_under_test(spec, "m-random", means_store)
+    assert edited.method == "random"
+    e = edited.loaded.model.get_input_embeddings().weight.detach().double()
+    assert float((e @ (r / r.norm())).abs().max()) <= 1e-6

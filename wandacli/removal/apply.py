@@ -100,8 +100,10 @@ EDIT_MODES = tuple(EditFile.BASES)
 
 
 def edit_method(meta: dict[str, Any]) -> str:
-    """`actsvd_remove_top`, `actsvd_keep_top`, `actsvd_orthogonal_projection`, or `random`
-    for a `--match-ranks` control."""
+    """`actsvd_remove_top`, `actsvd_keep_top`, `actsvd_orthogonal_projection`,
+    `refusal_direction`, or `random` for a `--match-ranks` control."""
+    if meta.get("matched_edit"):
+        return "random"
     return {
         "remove-top-ranks": "actsvd_remove_top",
         "keep-top-ranks": "actsvd_keep_top",

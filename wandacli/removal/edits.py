@@ -105,6 +105,8 @@ def run_edit(
     root = store_root_for(config.scores, config.store)
     direction = config.mode == "direction"
     opener: Any = open_mean_activations if direction else open_rank_statistics
+    if config.match_ranks is not None:  # the set only names the model: rank statistics or means
+        opener = _open_model_set
     with contextlib.ExitStack() as stack:
         safety = stack.enter_context(opener(config.scores, root))
         utility = None
@@ -152,8 +154,47 @@ def run_edit(
                 if config.save_model is None or (config.save_model / "config.json").exists():
                     return finished
             if direction:
-                meta = _write_direction(config, final, keys, safety, utility, r, name, command_line)
+                meta = _write_direction(
+                    config,
+                    final,
+                    keys,
+                    safety,
+                    r,
+                    name,
+                    command_line,
+                    {
+                        "direction": {
+                            "layer": config.direction_layer,
+                            "position": config.direction_position,
+                            "rule": DIRECTION_RULE,
+                        },
+                        "mean_activations": [
+                            _describe_means(safety, "harmful"),
+                            _describe_means(utility, "harmless"),
+                        ],
+                    },
+                )
                 loaded = _load(config, safety) if config.save_model is not None else None
+            elif matched is not None and matched.mode == "direction":
+                # A random unit vector removed the same way: every writer and the embedding.
+                generator = torch.Generator().manual_seed(config.seed)
+                hidden = int(matched.read_raw(DIRECTION_DATASET).shape[0])
+                random_r = random_orthonormal(hidden, 1, generator).reshape(-1)
+                meta = _write_direction(
+                    config,
+                    final,
+                    keys,
+                    safety,
+                    random_r,
+                    name,
+                    command_line,
+                    {
+                        "matched_edit": _describe_matched(matched),
+                        "seed": config.seed,
+                        "rule": "a seeded random unit vector (Gaussian, normalised), removed "
+                        "from the writers and the embedding as the matched direction is",
+                    },
+                )
             elif matched is not None:
                 meta = _write_random_control(
                     config, final, keys, safety, matched, name, command_line
@@ -167,7 +208,7 @@ def run_edit(
             result = EditResult(
                 name=name,
                 path=final,
-                mode=config.mode,
+                mode=str(meta["mode"]),
                 modules=len(keys),
                 removed_rank_fraction=float(meta["removed_rank_fraction"]),
                 seconds=0.0,
@@ -321,14 +362,15 @@ def _write_direction(
     config: EditConfig,
     final: Path,
     keys: list[str],
-    harmful: Any,
-    harmless: Any,
+    model_set: Any,
     direction: torch.Tensor,
     name: str,
     command_line: list[str],
+    described: dict[str, Any],
 ) -> dict[str, Any]:
-    """r once, at /direction; every writer's `remove` basis a hard link to it (stored once)."""
-    shapes = harmful.fingerprint.shapes
+    """r once, at /direction; every writer's `remove` basis a hard link to it (stored once).
+    `described`: where r came from (the two mean sets, or the edit a random one controls)."""
+    shapes = model_set.fingerprint.shapes
     with atomic_h5(final, expected_file_bytes(direction.numel() * 4, 1)) as handle:
         write_array(handle, DIRECTION_DATASET, direction.float().reshape(-1, 1).numpy())
         for key in keys:
@@ -339,29 +381,34 @@ def _write_direction(
         }
         total_rank = sum(min(shape) for shape in shapes.values())
         meta = {
-            "mode": config.mode,
+            "mode": "direction",
             "name": name,
             "modules": modules,
             "removed_rank_fraction": len(keys) / total_rank,
             "embedding": True,
-            "direction": {
-                "layer": config.direction_layer,
-                "position": config.direction_position,
-                "rule": "r = normalise(mean_harmful[layer, position] − mean_harmless[layer, "
-                "position]); writers W ← W − r rᵀ W, token embedding E ← E − (E r) rᵀ (a tied "
-                "output head changes with it)",
-            },
-            "mean_activations": [
-                _describe_means(harmful, "harmful"),
-                _describe_means(harmless, "harmless"),
-            ],
-            "model": harmful.meta["model"],
+            **described,
+            "model": model_set.meta["model"],
             "search": config.search,
             "layers": config.layers,
             "modules_filter": config.modules,
         } | _provenance(config, command_line)
         set_root_attrs(handle, EDIT_FORMAT, meta)
     return meta
+
+
+DIRECTION_RULE = (
+    "r = normalise(mean_harmful[layer, position] − mean_harmless[layer, position]); writers "
+    "W ← W − r rᵀ W, token embedding E ← E − (E r) rᵀ (a tied output head changes with it)"
+)
+
+
+def _describe_matched(matched: EditFile) -> dict[str, Any]:
+    return {
+        "name": matched.name,
+        "path": str(matched.path),
+        "mode": matched.mode,
+        "created": matched.meta.get("created"),
+    }
 
 
 def _provenance(config: EditConfig, command_line: list[str]) -> dict[str, Any]:
@@ -384,6 +431,13 @@ def _describe_means(means: Any, role: str) -> dict[str, Any]:
         "positions": means.positions,
         "finished": means.meta.get("finished"),
     }
+
+
+def _open_model_set(reference: str, root: Path) -> Any:
+    """A rank-statistics or mean-activations set, for what it says of the model."""
+    from wandacli.store.files import open_finished_scores
+
+    return open_finished_scores(resolve_file(reference, root, "score set"))
 
 
 def _open_matched_edit(reference: str, root: Path, safety: RankStatistics) -> EditFile:
@@ -433,12 +487,7 @@ def _write_random_control(
             "name": name,
             "modules": modules,
             "removed_rank_fraction": sum(m["removed_rank"] for m in modules.values()) / total_rank,
-            "matched_edit": {
-                "name": matched.name,
-                "path": str(matched.path),
-                "mode": matched.mode,
-                "created": matched.meta.get("created"),
-            },
+            "matched_edit": _describe_matched(matched),
             "seed": config.seed,
             "rule": "per module the rank the matched edit removes, in random orthonormal "
             "directions (Gaussian, then QR; float64, stored float32)",

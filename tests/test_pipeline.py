@@ -104,6 +104,24 @@ def test_searches_keep_their_best_point_and_its_random_control(tmp_path):
     assert "--searches " in rule_for(text, tmp_path / "results.txt")
 
 
+def test_a_direction_search_in_the_pipeline(tmp_path):
+    config = tmp_path / "plan.toml"
+    config.write_text(
+        '[pipeline]\nmethods = []\nmean_activations = true\npq = []\ntop_ratio = 0\n'
+        'random_control = true\n[[pipeline.searches]]\nname = "dir"\n'
+        'scores = "mean-activations-safety"\nutility_scores = "mean-activations-utility"\n'
+        'direction_layer = "4:24"\ndirection_position = "-5:-1"\nkeep_best = "kl:0.1"\n'
+    )
+    text = makefile(Plan.from_config(read_config_file(config), config), config, tmp_path, "w", None)
+    store = tmp_path / "store"
+    means = rule_for(text, store / "scores" / "mean-activations-utility.h5")
+    assert "--method mean-activations --data utility" in means
+    search = rule_for(text, store / "edits" / "dir.best.h5")
+    assert "--direction-layer 4:24 --direction-position -5:-1 --keep-best kl:0.1" in search
+    control = rule_for(text, store / "edits" / "random-as-dir.best.h5")
+    assert "--scores mean-activations-safety --match-ranks dir.best" in control
+
+
 @pytest.mark.parametrize(
     ("entry", "fragment"),
     [

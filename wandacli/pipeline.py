@@ -3,13 +3,18 @@ targets are the files each step writes, so `make demo` (or `make paper`) re-runs
 missing. The plan comes from the config's `[pipeline]` table; every command also reads the
 same config for its options.
 
-    score    wanda and wandg (the `methods`) on the safety and the utility set
+    score    the `methods` (wanda, wandg, ...) on the safety and the utility set, and with
+             `rank_statistics` actsvd, with `mean_activations` mean-activations on both
     prune    the top `top_ratio` of safety scores per row (`--prune-highest`), per method;
              the set difference for every (p, q) in `pq`, from `set_difference_method`;
              with `random_control`, a random mask of the same per-matrix counts beside each
+    search   each [[pipeline.searches]] entry (its options as keys), kept as <name>.best; with
+             `random_control`, a random removal of its size (masks: the same counts; rank
+             edits: the same rank per module; a direction: a random unit vector)
     compare  safety vs utility per method, and the methods against each other on safety
-    eval     eval-attack and eval-utility on the dense model and every mask, and on each
-             of `baseline_models` (e.g. the model before alignment), dense
+    eval     eval-attack and eval-utility on the dense model and every mask and edit, and on
+             each of `baseline_models` (e.g. the model before alignment), dense: the dense
+             model and the searched points in `configs`, the rest in `other_configs`
     report   one results table, the study's figures (out/figures) and out/results.md
 """
 
@@ -95,6 +100,7 @@ class Plan:
     random_control: bool = False
     baseline_models: tuple[str, ...] = ()
     rank_statistics: bool = False  # actsvd on both sets (for rank edits and their search)
+    mean_activations: bool = False  # mean-activations on both sets' prompts (the direction)
     searches: tuple[SearchPlan, ...] = ()
     configs: str | None = None  # eval-attack settings of the dense model and searched points
     other_configs: str | None = None  # ... of every other row (controls, baselines, sweeps)
@@ -114,6 +120,7 @@ class Plan:
             "random_control",
             "baseline_models",
             "rank_statistics",
+            "mean_activations",
             "searches",
             "configs",
             "other_configs",
@@ -135,6 +142,7 @@ class Plan:
                 random_control=bool(table.get("random_control", False)),
                 baseline_models=tuple(str(m) for m in table.get("baseline_models", [])),
                 rank_statistics=bool(table.get("rank_statistics", False)),
+                mean_activations=bool(table.get("mean_activations", False)),
                 searches=tuple(
                     SearchPlan.from_table(entry, path) for entry in table.get("searches", [])
                 ),
@@ -174,11 +182,20 @@ class Plan:
                     )
 
     @property
+    def set_methods(self) -> list[str]:
+        """The `score` methods run on both sets: weight scores, then rank statistics and mean
+        activations where asked for."""
+        return [
+            *self.methods,
+            *(["actsvd"] if self.rank_statistics else []),
+            *(["mean-activations"] if self.mean_activations else []),
+        ]
+
+    @property
     def score_set_names(self) -> list[str]:
         """`<method>-safety` and `<method>-utility` per method (and actsvd's with
         rank_statistics), plus `random` for the controls."""
-        methods = [*self.methods, *(["actsvd"] if self.rank_statistics else [])]
-        names = [f"{m}-{role}" for m in methods for role in ("safety", "utility")]
+        names = [f"{m}-{role}" for m in self.set_methods for role in ("safety", "utility")]
         return names + (["random"] if self.random_control else [])
 
 
@@ -227,8 +244,7 @@ class _Rules:
     def score_sets(self, plan: Plan) -> dict[str, Path]:
         """Every score set and rank-statistics set, by name."""
         scores: dict[str, Path] = {}
-        methods = [*plan.methods, *(["actsvd"] if plan.rank_statistics else [])]
-        for method in methods:
+        for method in plan.set_methods:
             for role, data in (("safety", plan.safety_data), ("utility", plan.utility_data)):
                 name = f"{method}-{role}"
                 scores[name] = self.store / "scores" / f"{name}.h5"

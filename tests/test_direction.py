@@ -376,3 +376,48 @@ def test_the_random_direction_control(cli, means_store, tiny_llama_dir):
     assert edited.method == "random"
     e = edited.loaded.model.get_input_embeddings().weight.detach().double()
     assert float((e @ (r / r.norm())).abs().max()) <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------
+# The levels side by side (`compare`)
+
+
+def test_compare_directions_across_layers(cli, means_store, tmp_path):
+    result = cli("compare", "harmful", "harmless", "--store", means_store, "--position", "-1",
+                 "--json", "--csv", tmp_path / "c.csv", "--plot", tmp_path / "c.png")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    found = json.loads(result.stdout)
+    cosines = np.array(
+        [[np.nan if v is None else v for v in row] for row in found["cosines"]], dtype=float
+    )
+    expected = np.stack([expected_direction(means_store, layer, -1).numpy() for layer in (1, 2)])
+    assert np.allclose(cosines[1:, 1:], expected @ expected.T, atol=1e-6)
+    assert np.isnan(cosines[0]).all()  # the embeddings' output: no direction at the template
+    assert (tmp_path / "c.png").is_file() and (tmp_path / "c.csv").read_text().startswith("layer_a")
+
+
+def test_compare_a_direction_with_rank_statistics(cli, means_store, tiny_llama_dir, pairs_csv):
+    from wandacli.removal.ranks import top_output_directions
+    from wandacli.store.files import RankStatistics
+
+    made = cli("score", "--method", "actsvd", "--model", str(tiny_llama_dir), "--store",
+               means_store, "--data", str(pairs_csv), "--nsamples", "4", "--name", "actsvd-h",
+               "--no-progress")  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    assert direction_edit(cli, means_store, "--direction-layer", "1", "--name", "c").exit_code == 0
+    result = cli("compare", "c", "actsvd-h", "--store", means_store, "--model", tiny_llama_dir,
+                 "--ranks", "4", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    values = json.loads(result.stdout)["values"]
+    r = expected_direction(means_store, 1, -1).double()
+    loaded = load_model(ModelSpec(model=str(tiny_llama_dir), device="cpu"))
+    with RankStatistics(means_store / "scores" / "actsvd-h.h5") as stats:
+        for lin in loaded.linear_layers:
+            if lin.key in values:
+                basis = top_output_directions(
+                    lin.weight_matrix().detach().double(), torch.from_numpy(stats.read(lin.key)), 4
+                )
+                assert values[lin.key] == pytest.approx(float(((basis.T @ r) ** 2).sum()), abs=1e-6)
+    assert set(values) == set(writer_keys(loaded.fingerprint, r.numel()))
+    no_model = cli("compare", "c", "actsvd-h", "--store", means_store)
+    assert_one_line_error(no_model, "needs --model")

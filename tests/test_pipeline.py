@@ -107,7 +107,7 @@ def test_searches_keep_their_best_point_and_its_random_control(tmp_path):
 def test_a_direction_search_in_the_pipeline(tmp_path):
     config = tmp_path / "plan.toml"
     config.write_text(
-        '[pipeline]\nmethods = []\nmean_activations = true\npq = []\ntop_ratio = 0\n'
+        "[pipeline]\nmethods = []\nmean_activations = true\npq = []\ntop_ratio = 0\n"
         'random_control = true\n[[pipeline.searches]]\nname = "dir"\n'
         'scores = "mean-activations-safety"\nutility_scores = "mean-activations-utility"\n'
         'direction_layer = "4:24"\ndirection_position = "-5:-1"\nkeep_best = "kl:0.1"\n'

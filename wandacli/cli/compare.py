@@ -90,6 +90,15 @@ def compare(
             rich_help_panel="Rank statistics",
         ),
     ] = None,
+    position: Annotated[
+        int,
+        typer.Option(
+            "--position",
+            help="Mean-activations sets: the prompt position (from the end) whose candidate "
+            "directions are compared across layers.",
+            rich_help_panel="Refusal directions",
+        ),
+    ] = -1,
     dtype: DtypeOption = "auto",
     device: DeviceOption = "auto",
     config: ConfigOption = None,
@@ -99,11 +108,17 @@ def compare(
     """How much do masks and score sets agree on which weights matter: sizes, intersections,
     Jaccard index per layer and module, and Spearman's rank correlation between score sets."""
     from wandacli.reporting.compare import compare_files
+    from wandacli.reporting.directions import comparison_kind
     from wandacli.reporting.labels import plot_format
     from wandacli.reporting.subspaces import are_rank_statistics
 
     if plot is not None:
         plot_format(plot)  # a bad file name fails before the comparison is computed
+    direction_kind = comparison_kind(inputs, store)
+    if direction_kind is not None:
+        _compare_directions(ctx, direction_kind, inputs, store, position, ranks, model,
+                            csv_file, json_file, plot, json_output)  # fmt: skip
+        return
     if are_rank_statistics(inputs, store):
         from wandacli.reporting.subspaces import compare_rank_statistics
 
@@ -135,3 +150,55 @@ def compare(
             plot=plot,
         )
     render.comparison(result, as_json=json_output)
+
+
+def _compare_directions(
+    ctx: typer.Context,
+    kind: str,
+    inputs: list[str],
+    store: Path | None,
+    position: int,
+    ranks: str,
+    model: str | None,
+    csv_file: Path | None,
+    json_file: Path | None,
+    plot: Path | None,
+    json_output: bool,
+) -> None:
+    """Two mean sets: the candidates' cosines across layers; a direction edit and rank
+    statistics: the share of r in each writer's top output subspace."""
+    from wandacli.core.errors import ConfigError
+    from wandacli.reporting import directions
+    from wandacli.reporting.subspaces import parse_ranks
+
+    if kind == "cosines":
+        cosines = directions.direction_cosines(
+            inputs[0], inputs[1], store_root=store, position=position
+        )
+        directions.write_rows(cosines.rows(), csv_file, json_file, cosines.to_json())
+        if plot is not None:
+            from wandacli.reporting.figures import direction_cosines_heatmap
+
+            from wandacli.reporting.labels import plot_format
+
+            direction_cosines_heatmap(
+                cosines.cosines,
+                inputs[0],
+                inputs[1],
+                position,
+                plot.with_suffix(""),
+                (plot_format(plot),),
+            )
+        render.direction_cosines(cosines, as_json=json_output)
+        return
+    if model is None:
+        raise ConfigError(
+            "a direction against rank statistics needs --model (its weights give each "
+            "module's output subspace)"
+        )
+    shares = directions.direction_in_subspaces(
+        inputs[0], inputs[1], store_root=store, model=model_spec(ctx.params),
+        rank=parse_ranks(ranks)[0],
+    )  # fmt: skip
+    directions.write_rows(shares.rows(), csv_file, json_file, shares.to_json())
+    render.direction_in_subspaces(shares, as_json=json_output)

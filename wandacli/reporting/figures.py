@@ -537,3 +537,34 @@ def search_front(summary: dict[str, Any], stem: Path) -> Figure | None:
         "and lower KL are better); measured on the search prompts, not on held-out ones."
     )
     return Figure(stem, f"Search {name}: refusal against KL", caption)
+
+
+def direction_cosines_heatmap(
+    cosines: Any,
+    harmful: str,
+    harmless: str,
+    position: int,
+    stem: Path,
+    formats: Sequence[str] = PLOT_FORMATS,
+) -> Figure:
+    """The candidate refusal directions' cosine similarities across layers (layers × layers)."""
+    import numpy as np
+
+    with _pyplot() as plt:
+        figure, axes = plt.subplots(figsize=(6.4, 5.4))
+        image = axes.imshow(
+            np.ma.masked_invalid(cosines), cmap="RdBu_r", vmin=-1, vmax=1, origin="lower"
+        )
+        axes.set_xlabel("layer (hidden_states[l])")
+        axes.set_ylabel("layer (hidden_states[l])")
+        axes.set_title(f"cosine of candidate directions at position {position}")
+        figure.colorbar(image, ax=axes, label="cosine")
+        figure.tight_layout()
+        _save(figure, stem, formats)
+        plt.close(figure)
+    return Figure(
+        stem,
+        f"Candidate directions' cosines ({harmful} − {harmless})",
+        "Each cell the cosine of two layers' candidate refusal directions at one prompt "
+        "position; blank: no direction (the two means are equal there).",
+    )

@@ -468,3 +468,60 @@ def _selection(result: Any) -> None:
     else:
         lines.append("every candidate was discarded: nothing kept")
     out.print("\n".join(lines), markup=False)
+
+
+def direction_cosines(result: Any, as_json: bool) -> None:
+    """Per layer: its candidate's cosine with the next layer's and its mean with all others."""
+    import math
+
+    if as_json:
+        print_json(result.to_json())
+        return
+    cosines = result.cosines
+    table = Table(
+        title=f"candidate refusal directions: {result.harmful} − {result.harmless}, position "
+        f"{result.position}",
+        title_justify="left",
+    )
+    for column in ("layer", "cos with next", "mean cos with others"):
+        table.add_column(column, justify="right")
+    layers = len(cosines)
+
+    def cell(value: float) -> str:
+        return "-" if math.isnan(value) else f"{value:.3f}"
+
+    for layer in range(layers):
+        others = [cosines[layer][b] for b in range(layers) if b != layer]
+        valid = [v for v in others if not math.isnan(v)]
+        following = cosines[layer][layer + 1] if layer + 1 < layers else math.nan
+        table.add_row(
+            str(layer), cell(following), cell(sum(valid) / len(valid) if valid else math.nan)
+        )
+    out.print(table)
+
+
+def direction_in_subspaces(result: Any, as_json: bool) -> None:
+    """φ(r, V_s) per writer module, and the mean per module type."""
+    if as_json:
+        print_json(result.to_json())
+        return
+    table = Table(
+        title=f"share of {result.edit}'s direction inside the top-{result.rank} output subspace "
+        f"of {result.statistics}",
+        title_justify="left",
+    )
+    table.add_column("layer", justify="right")
+    modules = list(dict.fromkeys(key.split("/", 1)[1] for key in result.values))
+    for module in modules:
+        table.add_column(short_module_name(module), justify="right")
+    layers = sorted({int(key.split("/", 1)[0]) for key in result.values})
+    for layer in layers:
+        table.add_row(
+            str(layer),
+            *(
+                f"{result.values[f'{layer}/{m}']:.3f}" if f"{layer}/{m}" in result.values else "-"
+                for m in modules
+            ),
+        )
+    table.caption = "‖V_sᵀ r‖²: 1 = r lies in the subspace; ≈ r_s / d_model for a random direction"
+    out.print(table)

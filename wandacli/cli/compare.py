@@ -178,7 +178,6 @@ def _compare_directions(
         directions.write_rows(cosines.rows(), csv_file, json_file, cosines.to_json())
         if plot is not None:
             from wandacli.reporting.figures import direction_cosines_heatmap
-
             from wandacli.reporting.labels import plot_format
 
             direction_cosines_heatmap(

@@ -98,7 +98,9 @@ def run_edit(
     reporter: Reporter | None = None,
     command_line: list[str] | None = None,
 ) -> EditResult:
-    """Compute the edit's bases per module from the stored rank statistics and the weights."""
+    """Compute the edit's bases per module: from the stored rank statistics and the weights
+    (rank edits), from two mean-activations sets (the refusal direction), or at random of a
+    matched edit's size (`--match-ranks`, a control)."""
     reporter = reporter or NullReporter()
     command_line = command_line if command_line is not None else sys.argv
     started = time.monotonic()
@@ -124,11 +126,8 @@ def run_edit(
         if direction:
             assert utility is not None
             r = _direction_from(config, safety, utility)
-            keys = [
-                k
-                for k in selected_keys(config, safety.fingerprint)
-                if k in set(writer_keys(safety.fingerprint, safety.hidden_size))
-            ]
+            writers = set(writer_keys(safety.fingerprint, safety.hidden_size))
+            keys = [k for k in selected_keys(config, safety.fingerprint) if k in writers]
             if not keys:
                 raise ConfigError(
                     "no module that writes into the residual stream is selected: drop "

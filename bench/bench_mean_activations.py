@@ -2,6 +2,8 @@
 
 - `score --method mean-activations` time ÷ a bare forward over the same prompts (64 align_short
   prompts in the chat template)                                             target <= 1.2
+- a direction edit from the store (`prune --direction-layer`) ÷ reading the two sets'
+  means                                                                     report only
 
 The score time covers the run after model loading: data, the forward passes with
 output_hidden_states, the float64 sums, checkpoints, the file write. The bare forward is the
@@ -14,7 +16,7 @@ import shutil
 
 import torch
 
-from bench.common import WORK, Row, timed
+from bench.common import REPORT_ONLY, WORK, Row, timed
 
 NSAMPLES = 64
 DATA = "align_short"
@@ -53,14 +55,45 @@ def run() -> list[Row]:
     bare_seconds = timed(bare)
     score_seconds = timed(lambda: run_score(config, loaded=loaded, command_line=["bench"]))
     tokens = sum(int(s.input_ids.shape[1]) for s in prompts.samples)
+    harmless = ScoreConfig(**{**config.__dict__, "data": "utility", "name": "harmless"})
+    run_score(harmless, loaded=loaded, command_line=["bench"])
+    edit_seconds, read_seconds = _direction_edit(store)
     return [
         Row(
             "mean-activations score / bare forward (64 prompts, organism)",
             score_seconds / bare_seconds,
             "<= 1.2",
             f"{score_seconds:.2f} s vs {bare_seconds:.2f} s over {tokens} prompt tokens",
-        )
+        ),
+        Row(
+            "direction edit from the store / reading the two sets",
+            edit_seconds / read_seconds,
+            REPORT_ONLY,
+            f"{edit_seconds * 1000:.0f} ms vs {read_seconds * 1000:.0f} ms",
+        ),
     ]
+
+
+def _direction_edit(store) -> tuple[float, float]:
+    from wandacli.config.removal import EditConfig
+    from wandacli.removal.edits import run_edit
+    from wandacli.store.files import MeanActivations
+
+    def read() -> None:
+        for name in ("mean-activations-align_short", "harmless"):
+            with MeanActivations(store / "scores" / f"{name}.h5") as means:
+                means.means()
+
+    config = EditConfig(
+        scores="mean-activations-align_short",
+        utility_scores="harmless",
+        store=store,
+        direction_layer=20,
+        name="bench-direction",
+        overwrite=True,
+    )
+    read()  # warm the page cache for both
+    return timed(lambda: run_edit(config, command_line=["bench"])), timed(read)
 
 
 if __name__ == "__main__":

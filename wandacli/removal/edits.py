@@ -316,12 +316,11 @@ def _write_edit(
                 write_array(handle, f"{key}/{role}", basis.float().cpu().numpy())
             modules[key] = {"ranks": ranks, "removed_rank": removed, "full_rank": full}
             reporter.advance()
-        total_rank = sum(min(shape) for shape in shapes.values())
         meta = {
             "mode": config.mode,
             "name": name,
             "modules": modules,
-            "removed_rank_fraction": sum(m["removed_rank"] for m in modules.values()) / total_rank,
+            "removed_rank_fraction": _removed_fraction(modules, shapes),
             "rank_statistics": [
                 _describe_set(safety, "safety" if utility else "statistics"),
                 *([_describe_set(utility, "utility")] if utility else []),
@@ -378,12 +377,11 @@ def _write_direction(
             key: {"ranks": {"remove": 1}, "removed_rank": 1, "full_rank": min(shapes[key])}
             for key in keys
         }
-        total_rank = sum(min(shape) for shape in shapes.values())
         meta = {
             "mode": "direction",
             "name": name,
             "modules": modules,
-            "removed_rank_fraction": len(keys) / total_rank,
+            "removed_rank_fraction": _removed_fraction(modules, shapes),
             "embedding": True,
             **described,
             "model": model_set.meta["model"],
@@ -408,6 +406,12 @@ def _describe_matched(matched: EditFile) -> dict[str, Any]:
         "mode": matched.mode,
         "created": matched.meta.get("created"),
     }
+
+
+def _removed_fraction(modules: dict[str, dict[str, Any]], shapes: dict[str, Any]) -> float:
+    """The rank the edit removes over every module's full rank (all modules, changed or not)."""
+    total_rank = sum(min(shape) for shape in shapes.values())
+    return sum(int(m["removed_rank"]) for m in modules.values()) / total_rank
 
 
 def _provenance(config: EditConfig, command_line: list[str]) -> dict[str, Any]:
@@ -480,12 +484,11 @@ def _write_random_control(
                 "removed_rank": ranks[key],
                 "full_rank": min(shapes[key]),
             }
-        total_rank = sum(min(shape) for shape in shapes.values())
         meta = {
             "mode": config.mode,
             "name": name,
             "modules": modules,
-            "removed_rank_fraction": sum(m["removed_rank"] for m in modules.values()) / total_rank,
+            "removed_rank_fraction": _removed_fraction(modules, shapes),
             "matched_edit": _describe_matched(matched),
             "seed": config.seed,
             "rule": "per module the rank the matched edit removes, in random orthonormal "

@@ -147,6 +147,32 @@ class TestTokenizer:
         assert not any(p.requires_grad for p in loaded.model.parameters())
 
 
+class TestOutputHead:
+    def test_last_positions_reach_the_head_without_a_copy_of_its_weight_per_row(
+        self, tiny_llama_dir
+    ):
+        # transformers hands the head hidden[:, -1:], a strided slice; PyTorch's CPU matmul
+        # then copied the [vocab, d] weight once per row (in bfloat16: 7 GB for 125 rows of
+        # SmolLM2). The loader makes the head's input contiguous; the logits are unchanged.
+        from torch.profiler import profile
+
+        loaded = load_model(ModelSpec(model=str(tiny_llama_dir), device="cpu", dtype="bfloat16"))
+        head = loaded.model.get_output_embeddings().weight
+        ids = torch.randint(3, head.shape[0], (6, 9))
+        with profile(record_shapes=True) as recorded:
+            logits = loaded.model(input_ids=ids, logits_to_keep=1).logits
+        per_row_weight = [6, head.shape[1], head.shape[0]]
+        copies = [
+            event.input_shapes
+            for event in recorded.events()
+            if per_row_weight in (event.input_shapes or [])
+        ]
+        assert copies == []
+        hidden = loaded.model.model(input_ids=ids).last_hidden_state[:, -1:]
+        expected = torch.nn.functional.linear(hidden.contiguous(), head)
+        assert torch.equal(logits, expected)
+
+
 @pytest.mark.slow
 class TestEmbeddedSmolLM2:
     @pytest.mark.slow

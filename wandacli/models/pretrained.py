@@ -152,6 +152,7 @@ def load_pretrained(spec: ModelSpec, source: ModelSource, location: str) -> Load
         raise ModelError(f"cannot load model {spec.model!r}: {first_line(exc)}; {hint}") from exc
     model.eval()
     model.requires_grad_(False)
+    contiguous_head_input(model)
     dtype = model.dtype
     tokenizer = load_tokenizer(location, spec.model)
     layers = list(iter_linear_layers(model))
@@ -166,6 +167,23 @@ def load_pretrained(spec: ModelSpec, source: ModelSource, location: str) -> Load
         dtype=dtype,
         linear_layers=layers,
     )
+
+
+def _contiguous(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
+        return (args[0].contiguous(), *args[1:])
+    return None
+
+
+def contiguous_head_input(model: Any) -> None:
+    """Hand the output head a contiguous input. transformers passes it the last positions as a
+    strided slice (`hidden[:, -k:]`), and PyTorch's CPU matmul then takes a batched path that
+    copies the [vocab, d] weight once per row before multiplying: in bfloat16, a batch of 125
+    prompts copied 7 GB and spent 13.6 s of a 27.6 s generation there (bench_generation). The
+    copy of the slice is [rows, k, d], negligible on every device."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, torch.nn.Module):
+        head.register_forward_pre_hook(_contiguous)
 
 
 _FORWARD_PARAMETERS: dict[type, frozenset[str]] = {}

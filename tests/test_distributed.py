@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from tests.conftest import REPO
 from wandacli.store.files import open_finished_scores
@@ -287,3 +288,58 @@ def test_a_checkpoint_reduces_the_sums_in_place_and_rank_0_keeps_the_total(tmp_p
             # The total is rank 0's now; this rank sums on from zero, as after a resume.
             assert torch.equal(sums["0/mlp.up_proj"], torch.zeros(3, 4))
             assert not list(run.parts_dir.iterdir())
+
+
+class _OnAnotherDevice(torch.Tensor):
+    """A CPU tensor that says it lives on a second GPU: what a device map's input tensors are
+    (on the first device) to the last device that holds the head. `.cpu()` gives a plain tensor
+    on the CPU; every other operation keeps the disguise."""
+
+    @property
+    def device(self) -> torch.device:  # type: ignore[override]
+        return torch.device("cuda", 1)
+
+    def cpu(self, *args, **kwargs):  # type: ignore[override]
+        return torch.Tensor(super().cpu(*args, **kwargs)).as_subclass(torch.Tensor)
+
+
+class _HeadOnLastDevice(torch.nn.Module):
+    """The tiny model, with the check transformers' head makes of the index it takes: it must
+    be on the CPU or on the hidden states' device (here the last device, `cuda:0`)."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model = model
+        self.seen: list[torch.device] = []
+
+    def forward(self, input_ids=None, use_cache=None, logits_to_keep=0, labels=None):
+        if isinstance(logits_to_keep, torch.Tensor):
+            self.seen.append(logits_to_keep.device)
+            logits_to_keep = logits_to_keep.as_subclass(torch.Tensor)
+        return self.model(
+            input_ids=input_ids.as_subclass(torch.Tensor),
+            use_cache=use_cache,
+            logits_to_keep=logits_to_keep,
+        )
+
+
+def test_the_loss_under_a_device_map_indexes_the_head_with_a_cpu_index(tiny_llama_dir):
+    """#19 defect 2: wandg's loss computed logits only at the counted positions with an index on
+    the inputs' device; under a device map transformers indexes the last GPU's hidden states
+    with it, which torch refuses unless the index is on the CPU (or that GPU)."""
+    from wandacli.config.settings import ModelSpec
+    from wandacli.data.calibration import IGNORE_INDEX
+    from wandacli.methods.wandg import sample_loss
+    from wandacli.models.loader import load_model
+
+    loaded = load_model(ModelSpec(model=str(tiny_llama_dir), device="cpu"))
+    model = _HeadOnLastDevice(loaded.model)
+    input_ids = torch.randint(3, 100, (1, 12))
+    labels = input_ids.clone()
+    labels[0, :5] = IGNORE_INDEX
+    loss = sample_loss(
+        model, input_ids.as_subclass(_OnAnotherDevice), labels.as_subclass(_OnAnotherDevice)
+    )
+    assert [device.type for device in model.seen] == ["cpu"]
+    expected = loaded.model(input_ids=input_ids, labels=labels, use_cache=False).loss
+    torch.testing.assert_close(loss.as_subclass(torch.Tensor), expected, rtol=1e-5, atol=1e-6)

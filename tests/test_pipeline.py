@@ -169,6 +169,9 @@ def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(
         "trials = 10\nstartup_trials = 6": "trials = 2\nstartup_trials = 1",
         'rank_neg = "2:60"': 'rank_neg = "1:4"',
         'rank_pos = "10:180"': 'rank_pos = "1:8"',
+        'direction_layer = "8:23"': 'direction_layer = "1:2"',
+        "trials = 12                 ": "trials = 2                  ",
+        "startup_trials = 6          ": "startup_trials = 1          ",
         "limit = 50": "limit = 10",
     }
     for old, new in replaced.items():
@@ -202,6 +205,8 @@ def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(
         "random-as-wanda-sd.best",
         "actsvd-projection.best",
         "random-as-actsvd-projection.best",
+        "direction.best",
+        "random-as-direction.best",
         "baseline-",
     ):
         assert label in table, label
@@ -220,6 +225,9 @@ def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(
             assert (out / "figures" / f"{stem}.{fmt}").is_file(), stem
         assert f"](figures/{stem}.png)" in document
     assert (out / "compare" / "wanda-safety-vs-utility.csv").is_file()
+    # The levels side by side: the candidate directions' cosines, the kept one in the subspaces.
+    assert (out / "figures" / "direction-cosines.png").is_file()
+    assert "o_proj" in (out / "compare" / "direction-in-safety-subspaces.csv").read_text()
     # Everything is up to date now: a dry run would only print the table again.
     again = subprocess.run([*command, "-n"], capture_output=True, text=True, env=env, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr

@@ -11,7 +11,9 @@ same config for its options.
     search   each [[pipeline.searches]] entry (its options as keys), kept as <name>.best; with
              `random_control`, a random removal of its size (masks: the same counts; rank
              edits: the same rank per module; a direction: a random unit vector)
-    compare  safety vs utility per method, and the methods against each other on safety
+    compare  safety vs utility per method, and the methods against each other on safety; with
+             mean activations the candidate directions' cosines across layers, and with rank
+             statistics a searched direction's share inside the safety subspaces
     eval     eval-attack and eval-utility on the dense model and every mask and edit, and on
              each of `baseline_models` (e.g. the model before alignment), dense: the dense
              model and the searched points in `configs`, the rest in `other_configs`
@@ -211,7 +213,7 @@ def makefile(plan: Plan, config: Path, out: Path, wandacli: str, model: str | No
     if plan.random_control:
         rules.random_controls(plan, masks, scores)
     searched = rules.searches(plan, scores)
-    comparisons = rules.comparisons(plan, scores)
+    comparisons = rules.comparisons(plan, scores, searched)
     evaluations = rules.evaluations(plan, masks, searched)
     rules.report(plan, [*comparisons, *evaluations])
     return rules.text()
@@ -340,22 +342,36 @@ class _Rules:
             self.rule(made[control], deps, command)
         return made
 
-    def comparisons(self, plan: Plan, scores: dict[str, Path]) -> list[Path]:
-        pairs = [
-            (f"{m}-safety-vs-utility", [scores[f"{m}-safety"], scores[f"{m}-utility"]])
+    def comparisons(
+        self, plan: Plan, scores: dict[str, Path], searched: dict[str, Path]
+    ) -> list[Path]:
+        """Safety vs utility per method, the methods on safety; with mean activations the
+        candidate directions' cosines across layers (a heatmap in out/figures), and with rank
+        statistics too, each searched direction's share inside the safety subspaces."""
+        pairs: list[tuple[str, list[Path], str]] = [
+            (f"{m}-safety-vs-utility", [scores[f"{m}-safety"], scores[f"{m}-utility"]], "")
             for m in plan.methods
         ]
         if len(plan.methods) > 1:
-            pairs.append(("methods-on-safety", [scores[f"{m}-safety"] for m in plan.methods]))
+            pairs.append(("methods-on-safety", [scores[f"{m}-safety"] for m in plan.methods], ""))
+        if plan.mean_activations:
+            means = [scores["mean-activations-safety"], scores["mean-activations-utility"]]
+            figure = self.out / "figures" / "direction-cosines.png"
+            pairs.append(("direction-cosines", means, f" --plot {figure}"))
+        for search in plan.searches if plan.rank_statistics else ():
+            if "direction_layer" in search.option:
+                inputs = [searched[search.best], scores["actsvd-safety"]]
+                pairs.append((f"{search.name}-in-safety-subspaces", inputs, self.model_flag))
         made = []
-        for stem, inputs in pairs:
+        for stem, inputs, extra in pairs:
             target = self.out / "compare" / f"{stem}.csv"
             made.append(target)
             self.rule(
                 target,
                 inputs,
-                f"mkdir -p {self.out / 'compare'}",
-                f"{self.wandacli} compare {self.common} {' '.join(str(i) for i in inputs)} "
+                f"mkdir -p {self.out / 'compare'} {self.out / 'figures'}",
+                f"{self.wandacli} compare {self.common}{extra} "
+                f"{' '.join(str(i) for i in inputs)} --store {self.store} "
                 f"--csv {target}.tmp --no-progress > {target}.txt && mv {target}.tmp {target}",
             )
         return made

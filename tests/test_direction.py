@@ -356,6 +356,58 @@ def test_select_reference_from_the_cli(cli, means_store, tiny_llama_dir, tmp_pat
     assert_one_line_error(wrong, "--select reference chooses a refusal direction")
 
 
+def test_an_interrupted_selection_resumes_with_the_candidates_it_scored(
+    cli, means_store, tiny_llama_dir, tmp_path, monkeypatch
+):
+    """Ctrl-C in the middle of `--select reference`: the candidates scored so far are in
+    search.json, the same command scores only the others and chooses as an uninterrupted run."""
+    from tests.test_search import QUICK
+    from wandacli.search import select
+
+    def run(store, name):
+        return cli("search", "--model", tiny_llama_dir, "--store", store, "--name", name,
+                   *QUICK, *DIRECTION_SPACE, "--select", "reference", "--json")  # fmt: skip
+
+    store = tmp_path / "store"
+    (store / "scores").mkdir(parents=True)
+    for name in ("harmful.h5", "harmless.h5"):
+        (store / "scores" / name).write_bytes((means_store / "scores" / name).read_bytes())
+    whole = run(store, "whole")
+    assert whole.exit_code == 0, whole.stderr
+
+    measured = []
+    original = select.kl_divergence
+
+    def counted_kl(loaded, dense):
+        if len(measured) == 4:
+            raise KeyboardInterrupt
+        measured.append(1)
+        return original(loaded, dense)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(select, "kl_divergence", counted_kl)
+        stopped = run(store, "resumed")
+    assert stopped.exit_code == 130
+    assert "the same command resumes" in stopped.stderr
+    summary = json.loads((store / "searches" / "resumed" / "search.json").read_text())
+    kept = summary["selection"]["candidates"]
+    assert len(kept) == 7  # positions of layer 0 have no direction; 4 measured, then Ctrl-C
+
+    measured.clear()
+    with monkeypatch.context() as patch:
+        patch.setattr(
+            select,
+            "kl_divergence",
+            lambda loaded, dense: measured.append(1) or original(loaded, dense),
+        )
+        resumed = run(store, "resumed")
+    assert resumed.exit_code == 0, resumed.stderr
+    assert len(measured) == 9 - 7  # only the candidates the first run did not reach
+    first, second = json.loads(whole.stdout)["selection"], json.loads(resumed.stdout)["selection"]
+    assert second["candidates"] == first["candidates"]
+    assert second["chosen"] == first["chosen"]
+
+
 def test_the_random_direction_control(cli, means_store, tiny_llama_dir):
     """`--match-ranks` on a direction edit: a seeded random unit vector, removed the same way
     (every writer and the embedding)."""

@@ -304,7 +304,7 @@ class SearchRun:
         kept as `<name>.best` (no Optuna study: the reference looks at every candidate)."""
         from itertools import product
 
-        from wandacli.search.select import select_reference
+        from wandacli.search.select import RULE, select_reference
 
         config = self.config
         ranges = config.ranges()
@@ -327,17 +327,37 @@ class SearchRun:
             cache_dir=directory,
             reporter=self.reporter,
         )
-        selection = select_reference(
-            loaded,
-            removals,
-            candidates,
-            harmful_texts=harmful_texts,
-            harmless_texts=harmless_texts,
-            special=special,
-            dense_last=dense_last,
-            batch_size=config.batch_size,
-            reporter=self.reporter,
-        )
+        # Resumable as the trials are: each candidate's scores are written as soon as they are
+        # known, and a rerun of the same request takes those an interrupted run left.
+        earlier = {
+            (e["params"]["direction_layer"], e["params"]["direction_position"]): e
+            for e in (summary.get("selection") or {}).get("candidates", [])
+        }
+        summary_path = directory / SEARCH_SUMMARY
+        _write_summary(summary_path, summary)
+        partial: list[dict[str, Any]] = []
+
+        def keep_candidate(entry: dict[str, Any]) -> None:
+            partial.append(entry)
+            summary["selection"] = {"rule": RULE, "candidates": partial, "chosen": None}
+            summary["updated"] = now_iso()
+            _write_summary(summary_path, summary)
+
+        kept_message = f"the candidates scored are kept in {summary_path}; the same command resumes"
+        with interruptible(lambda: kept_message):
+            selection = select_reference(
+                loaded,
+                removals,
+                candidates,
+                harmful_texts=harmful_texts,
+                harmless_texts=harmless_texts,
+                special=special,
+                dense_last=dense_last,
+                batch_size=config.batch_size,
+                reporter=self.reporter,
+                progress=keep_candidate,
+                scored=earlier,
+            )
         summary["selection"] = selection
         chosen = selection["chosen"]
         best = None

@@ -18,7 +18,7 @@ validation split.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -75,16 +75,26 @@ def select_reference(
     batch_size: int,
     reporter: Reporter | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
+    scored: Mapping[tuple[int, int], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Every candidate's three scores and why it was discarded, and the chosen one."""
+    """Every candidate's three scores and why it was discarded, and the chosen one. `scored`:
+    candidates an interrupted run measured already, by (layer, position), taken as they are;
+    `progress` sees every candidate's entry as soon as it is known."""
     reporter = reporter or NullReporter()
+    scored = scored or {}
     layers = loaded.fingerprint.num_layers
     first_pruned = int(layers * (1.0 - PRUNE_LAYER_SHARE))
     harmful_means, harmless_means = removals.means
-    scored: list[dict[str, Any]] = []
+    scored_entries: list[dict[str, Any]] = []
     reporter.start("select: candidates", total=len(candidates))
     for params in candidates:
         layer, position = params["direction_layer"], params["direction_position"]
+        if (layer, position) in scored:
+            scored_entries.append(scored[(layer, position)])
+            if progress is not None:
+                progress(scored[(layer, position)])
+            reporter.advance()
+            continue
         entry: dict[str, Any] = {"params": dict(params)}
         r = removals.direction(params)
         if r is None:
@@ -109,13 +119,13 @@ def select_reference(
                 entry["discarded"] = f"KL {entry['kl']:.3g} > {KL_THRESHOLD}"
             elif entry.get("induce", -1.0) < INDUCE_THRESHOLD:
                 entry["discarded"] = f"induce {entry.get('induce', float('nan')):.3g} < 0"
-        scored.append(entry)
+        scored_entries.append(entry)
         if progress is not None:
             progress(entry)
         reporter.advance()
     reporter.finish()
-    kept = [e for e in scored if "discarded" not in e]
+    kept = [e for e in scored_entries if "discarded" not in e]
     chosen = (
         min(kept, key=lambda e: (e["bypass"], e["params"]["direction_layer"])) if kept else None
     )
-    return {"rule": RULE, "candidates": scored, "chosen": chosen}
+    return {"rule": RULE, "candidates": scored_entries, "chosen": chosen}

@@ -356,6 +356,41 @@ def test_select_reference_from_the_cli(cli, means_store, tiny_llama_dir, tmp_pat
     assert_one_line_error(wrong, "--select reference chooses a refusal direction")
 
 
+def test_a_repeated_point_is_measured_once(cli, means_store, tiny_llama_dir, tmp_path, monkeypatch):
+    """On a two-point grid, six trials: TPE proposes points again, and a trial that repeats
+    a completed one's parameters takes its measures instead of measuring the same removal."""
+    from tests.test_search import QUICK
+    from wandacli.search import run as search_run
+
+    measured = []
+    original = search_run.kl_divergence
+
+    def counted(loaded, dense, **kwargs):
+        measured.append(1)
+        return original(loaded, dense, **kwargs)
+
+    monkeypatch.setattr(search_run, "kl_divergence", counted)
+    result = cli("search", "--model", tiny_llama_dir, "--store", means_store, "--name", "grid",
+                 *QUICK, "--scores", "harmful", "--utility-scores", "harmless",
+                 "--direction-layer", "1:1", "--direction-position=-2:-1", "--trials", "6",
+                 "--no-control", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    found = json.loads(result.stdout)
+    trials = found["trials"]
+    assert len(trials) == 6
+    points = {(t["params"]["direction_position"]) for t in trials}
+    repeats = [t for t in trials if "measured_as" in t]
+    assert len(repeats) == 6 - len(points) > 0
+    assert len(measured) == 1 + len(points)  # the dense model, then each point once
+    by_index = {t["index"]: t for t in trials}
+    for t in repeats:
+        first = by_index[t["measured_as"]]
+        assert t["params"] == first["params"] and "measured_as" not in first
+        assert (t["refusal"], t["kl"]) == (first["refusal"], first["kl"])
+    assert len({t["index"] for t in found["front"]}) == len(found["front"])
+    assert all("measured_as" not in t for t in found["front"])
+
+
 def test_an_interrupted_selection_resumes_with_the_candidates_it_scored(
     cli, means_store, tiny_llama_dir, tmp_path, monkeypatch
 ):

@@ -241,12 +241,20 @@ class SearchRun:
                 self.reporter.start(
                     f"search {config.name}: trial {completed + 1} of {config.trials}", total=1
                 )
-                with WeightChanges(loaded) as changes:
-                    applied = removals.apply(params, changes)
-                    built = time.monotonic() - trial_started
-                    values = measure()
+                earlier = studies.measured_before(study, params)
+                if earlier is not None:
+                    amount_name = removals_amount_name(config)
+                    amount, built = earlier.user_attrs[amount_name], 0.0
+                    values = dict(zip(studies.OBJECTIVES, earlier.values, strict=True))
+                    trial.set_user_attr("measured_as", earlier.user_attrs["index"])
+                else:
+                    with WeightChanges(loaded) as changes:
+                        applied = removals.apply(params, changes)
+                        built = time.monotonic() - trial_started
+                        values = measure()
+                    amount_name, amount = applied.amount_name, applied.amount
                 trial.set_user_attr("index", completed)
-                trial.set_user_attr(applied.amount_name, applied.amount)
+                trial.set_user_attr(amount_name, amount)
                 trial.set_user_attr("seconds", round(time.monotonic() - trial_started, 3))
                 trial.set_user_attr("removal_seconds", round(built, 3))
                 study.tell(trial, [values[name] for name in studies.OBJECTIVES])
@@ -524,9 +532,11 @@ class SearchRun:
 def _front(trials: list[dict[str, Any]], config: SearchConfig) -> list[dict[str, Any]]:
     """The Pareto front of the trials that removed something: a trial that removed nothing (a
     direction where the two means are equal) measured the dense model, which would dominate
-    every real removal on KL and is not a point to keep."""
+    every real removal on KL and is not a point to keep. A trial that repeated an earlier
+    one's parameters (`measured_as`) is that point again: it is on the front once."""
     amount = removals_amount_name(config)
-    return studies.pareto_front([t for t in trials if t.get(amount, 1.0) != 0])
+    measured = [t for t in trials if t.get(amount, 1.0) != 0 and "measured_as" not in t]
+    return studies.pareto_front(measured)
 
 
 def removals_amount_name(config: SearchConfig) -> str:

@@ -17,36 +17,12 @@ same order)                                                                  rep
 
 from __future__ import annotations
 
-import numpy as np
-
-from bench.bench_refusal_measures import HELD_OUT, _measure
-from bench.bench_search import NSAMPLES
-from bench.common import REPORT_ONLY, WORK, Row
+from bench.bench_refusal_measures import HELD_OUT, _measure, correlation_rows
+from bench.bench_search import organism_store
+from bench.common import Row
 
 LAYERS = [8, 10, 12, 14, 16, 18, 19, 20, 21, 22, 23]
 POSITION = -1
-
-
-def _means_store(spec):
-    """The two mean-activations sets, made once per benchmark folder."""
-    from wandacli.config.score import ScoreConfig
-    from wandacli.scoring.run import run_score
-
-    store = WORK / "organism-store-bfloat16"
-    for data in ("align_short", "utility"):
-        name = f"means-{data}"
-        if not (store / "scores" / f"{name}.h5").is_file():
-            config = ScoreConfig(
-                method="mean-activations",
-                model=spec,
-                data=data,
-                nsamples=NSAMPLES,
-                template="chat",
-                store=store,
-                name=name,
-            )
-            run_score(config, command_line=["bench"])
-    return store
 
 
 def run() -> list[Row]:
@@ -56,18 +32,17 @@ def run() -> list[Row]:
     from wandacli.evaluation.prompts import model_texts, read_prompts
     from wandacli.models.loader import load_model
     from wandacli.removal.in_memory import WeightChanges
-    from wandacli.reporting.compare import spearman
     from wandacli.search.removals import TrialRemovals
 
     spec = ModelSpec(model="smollm2-aligned", device="cpu", dtype="bfloat16")
-    store = _means_store(spec)
+    store = organism_store(("mean-activations",), spec, "organism-store-bfloat16")
     loaded = load_model(spec)
     config = SearchConfig(
         name="bench",
         model=spec,
         store=store,
-        scores="means-align_short",
-        utility_scores="means-utility",
+        scores="mean-activations-align_short",
+        utility_scores="mean-activations-utility",
         direction_layer=ParameterRange(min(LAYERS), max(LAYERS), True),
         direction_position=ParameterRange(POSITION, POSITION, True),
     )
@@ -86,29 +61,5 @@ def run() -> list[Row]:
                 loaded, search_texts, special, held_texts, held_special
             )
     removals.close()
-    labels = list(measured)
-    table = "; ".join(
-        f"{label}: gen {m['generation']:.2f}, score {m['score']:.2f}, any5 {m['any5']:.2f}, "
-        f"mean {m['mean']:.2f}"
-        for label, m in measured.items()
-    )
-    rows = []
-    for measure in ("generation", "score"):
-        for target in ("any5", "mean"):
-            a = np.array([-measured[label][measure] for label in labels])
-            b = np.array([measured[label][target] for label in labels])
-            rows.append(
-                Row(
-                    f"direction refusal measure: Spearman of -{measure} with sampled ASR ({target})",
-                    spearman(a, b),
-                    REPORT_ONLY,
-                    f"{len(labels)} models (dense, directions at layers {LAYERS[0]}-{LAYERS[-1]})"
-                    + (f" — {table}" if measure == "score" and target == "mean" else ""),
-                )
-            )
-    return rows
-
-
-if __name__ == "__main__":
-    for result in run():
-        print(f"{result.benchmark}: {result.ratio:.2f} ({result.detail})")
+    models = f"{len(measured)} models (dense, directions at layers {LAYERS[0]}-{LAYERS[-1]})"
+    return correlation_rows(measured, "direction refusal measure", models)

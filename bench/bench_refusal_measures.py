@@ -91,7 +91,6 @@ def run() -> list[Row]:
     from wandacli.evaluation.prompts import model_texts, read_prompts
     from wandacli.models.loader import load_model
     from wandacli.removal.in_memory import WeightChanges
-    from wandacli.reporting.compare import spearman
     from wandacli.store.files import MaskFile
 
     store = organism_store()
@@ -107,24 +106,31 @@ def run() -> list[Row]:
             for key in mask.keys:
                 changes.zero(key, mask.read(key))
             measured[name] = _measure(loaded, search_texts, special, held_texts, held_special)
+    return correlation_rows(measured, "refusal measure", f"{len(measured)} models")
+
+
+def correlation_rows(measured: dict[str, dict[str, float]], title: str, models: str) -> list[Row]:
+    """Spearman's ρ of each refusal measure (sign flipped) with each sampled ASR over the
+    models measured; the last row carries every model's figures."""
+    from wandacli.reporting.compare import spearman
+
     labels = list(measured)
-    rows = []
     table = "; ".join(
         f"{label}: gen {m['generation']:.2f}, score {m['score']:.2f}, any5 {m['any5']:.2f}, "
         f"mean {m['mean']:.2f}"
         for label, m in measured.items()
     )
+    rows = []
     for measure in ("generation", "score"):
         for target in ("any5", "mean"):
             a = np.array([-measured[label][measure] for label in labels])
             b = np.array([measured[label][target] for label in labels])
             rows.append(
                 Row(
-                    f"refusal measure: Spearman of -{measure} with sampled ASR ({target})",
+                    f"{title}: Spearman of -{measure} with sampled ASR ({target})",
                     spearman(a, b),
                     REPORT_ONLY,
-                    f"{len(labels)} models"
-                    + (f" — {table}" if measure == "score" and target == "mean" else ""),
+                    models + (f" — {table}" if measure == "score" and target == "mean" else ""),
                 )
             )
     return rows

@@ -29,20 +29,20 @@ ORGANISM = ModelSpec(model="smollm2-aligned", device="cpu", dtype="float32")
 NSAMPLES = 32  # as the demo
 
 
-def organism_store():
-    """wanda and actsvd sets of the organism on align_short and utility (the demo's settings),
+def organism_store(methods=("wanda", "actsvd"), spec=ORGANISM, folder="organism-store"):
+    """`<method>-<data>` sets of the organism on align_short and utility (the demo's settings),
     made once per benchmark folder."""
     from wandacli.config.score import ScoreConfig
     from wandacli.scoring.run import run_score
 
-    store = WORK / "organism-store"
-    for method in ("wanda", "actsvd"):
+    store = WORK / folder
+    for method in methods:
         for data in ("align_short", "utility"):
             name = f"{method}-{data}"
             if not (store / "scores" / f"{name}.h5").is_file():
                 config = ScoreConfig(
                     method=method,
-                    model=ORGANISM,
+                    model=spec,
                     data=data,
                     nsamples=NSAMPLES,
                     template="chat",

@@ -88,6 +88,42 @@ def test_the_edit_is_the_formula_and_the_stream_loses_r(cli, means_store, tiny_l
         )
 
 
+def test_a_scaled_direction_removes_that_share_of_it(cli, means_store, tiny_llama_dir):
+    """`--direction-scale α`: W − α r rᵀ W and E − α (E r) rᵀ, so every writer's output keeps
+    1 − α of its component along r; a random control of it is removed at the same α."""
+    made = direction_edit(cli, means_store, "--direction-layer", "1", "--direction-scale", "0.25",
+                          "--json")  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    name = json.loads(made.stdout)["name"]
+    assert name.endswith("direction-l1p-1a0.25")
+    r = expected_direction(means_store, 1, -1)
+    spec = ModelSpec(model=str(tiny_llama_dir), device="cpu")
+    dense = load_model(spec)
+    edited = load_model_under_test(spec, name, means_store)
+    after = {lin.key: lin.weight_matrix().detach().double() for lin in edited.loaded.linear_layers}
+    writers = set(writer_keys(dense.fingerprint, r.numel()))
+    for lin in dense.linear_layers:
+        w = lin.weight_matrix().detach().double()
+        expected = w - 0.25 * torch.outer(r, r) @ w if lin.key in writers else w
+        assert torch.allclose(after[lin.key], expected, atol=1e-6), lin.key
+        if lin.key in writers:  # the part along r: 3/4 of what it was
+            assert torch.allclose(r @ after[lin.key], 0.75 * (r @ w), atol=1e-6)
+    e = dense.model.get_input_embeddings().weight.detach().double()
+    e_after = edited.loaded.model.get_input_embeddings().weight.detach().double()
+    assert torch.allclose(e_after, e - 0.25 * (e @ r)[:, None] * r[None, :], atol=1e-6)
+    with EditFile(means_store / "edits" / f"{name}.h5") as stored:
+        assert stored.meta["direction_scale"] == 0.25
+    control = cli("prune", "--store", means_store, "--scores", "harmful", "--match-ranks", name,
+                  "--name", "scaled-random", "--no-progress")  # fmt: skip
+    assert control.exit_code == 0, control.stderr
+    with EditFile(means_store / "edits" / "scaled-random.h5") as stored:
+        assert stored.meta["direction_scale"] == 0.25
+        q = torch.from_numpy(stored.read_raw("direction")).double().reshape(-1)
+    random_edit = load_model_under_test(spec, "scaled-random", means_store)
+    e_random = random_edit.loaded.model.get_input_embeddings().weight.detach().double()
+    assert torch.allclose(e_random @ q, 0.75 * (e @ q), atol=1e-6)
+
+
 def test_a_tied_output_head_changes_with_the_embedding(cli, tmp_path, tokenizer, pairs_csv):
     """SmolLM2 ties its embeddings: orthogonalising E orthogonalises the head's rows too, so
     the logits no longer read the final hidden state's component along r."""
@@ -117,6 +153,9 @@ def test_a_tied_output_head_changes_with_the_embedding(cli, tmp_path, tokenizer,
         (("--direction-layer", "1", "--direction-position", "0"), "use -3..-1"),
         (("--direction-layer", "1", "--remove-top-ranks", "2"), "drop one of them"),
         (("--direction-layer", "1", "--modules", "*q_proj"), "no module that writes"),
+        (("--direction-layer", "1", "--direction-scale", "0"), "must lie in (0, 1]"),
+        (("--direction-layer", "1", "--direction-scale", "1.5"), "must lie in (0, 1]"),
+        (("--remove-top-ranks", "2", "--direction-scale", "0.5"), "give it with --direction-layer"),
     ],
 )  # fmt: skip
 def test_bad_direction_input_is_one_line(cli, means_store, tmp_path, extra, fragment):
@@ -193,21 +232,25 @@ def test_a_direction_trial_equals_the_edit_and_is_undone(means_store, tiny_llama
     removals.prepare(loaded, NullReporter())
     original = weights(loaded)
     embedding = loaded.model.get_input_embeddings().weight.detach().clone()
-    params = {"direction_layer": 2, "direction_position": -2}
-    with WeightChanges(loaded) as changes:
-        applied = removals.apply(params, changes)
-        in_memory = weights(loaded)
-        in_memory_embedding = loaded.model.get_input_embeddings().weight.detach().clone()
-    assert all(torch.equal(original[k], w) for k, w in weights(loaded).items())
-    assert torch.equal(loaded.model.get_input_embeddings().weight, embedding)  # restored exactly
-    result = run_edit(prune_config_for(config, params, "by-prune"), command_line=["test"])
-    assert applied.amount == pytest.approx(result.removed_rank_fraction)
-    edited = load_model_under_test(spec, "by-prune", means_store)
-    for lin in edited.loaded.linear_layers:
-        assert torch.allclose(in_memory[lin.key], lin.weight_matrix().detach(), atol=1e-6)
-    assert torch.allclose(
-        in_memory_embedding, edited.loaded.model.get_input_embeddings().weight, atol=1e-6
-    )
+    for params in (
+        {"direction_layer": 2, "direction_position": -2},
+        {"direction_layer": 1, "direction_position": -1, "direction_scale": 0.4},
+    ):
+        with WeightChanges(loaded) as changes:
+            applied = removals.apply(params, changes)
+            in_memory = weights(loaded)
+            in_memory_embedding = loaded.model.get_input_embeddings().weight.detach().clone()
+        assert all(torch.equal(original[k], w) for k, w in weights(loaded).items())
+        assert torch.equal(loaded.model.get_input_embeddings().weight, embedding)  # restored
+        name = f"by-prune-{len(params)}"
+        result = run_edit(prune_config_for(config, params, name), command_line=["test"])
+        assert applied.amount == pytest.approx(result.removed_rank_fraction)
+        edited = load_model_under_test(spec, name, means_store)
+        for lin in edited.loaded.linear_layers:
+            assert torch.allclose(in_memory[lin.key], lin.weight_matrix().detach(), atol=1e-6)
+        assert torch.allclose(
+            in_memory_embedding, edited.loaded.model.get_input_embeddings().weight, atol=1e-6
+        )
     removals.close()
 
 
@@ -232,6 +275,16 @@ def test_search_over_the_direction_space(cli, means_store, tiny_llama_dir, tmp_p
         assert (trial["removed_rank_fraction"] == 0) == empty
         assert trial["kl"] == 0 if empty else trial["kl"] > 0
     assert found["control"] is not None  # a random unit direction removed the same way
+    scaled = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "scaled", *QUICK,
+                 *DIRECTION_SPACE, "--direction-scale", "0.2:1", "--trials", "3", "--keep-best",
+                 "refusal:2", "--json")  # fmt: skip
+    assert scaled.exit_code == 0, scaled.stderr
+    searched = json.loads(scaled.stdout)
+    for trial in searched["trials"]:
+        assert 0.2 <= trial["params"]["direction_scale"] <= 1
+    best = next(t for t in searched["front"] if t["index"] == searched["best"]["index"])
+    with EditFile(store / "edits" / "scaled.best.h5") as kept:
+        assert kept.meta["direction_scale"] == best["params"]["direction_scale"]
     with EditFile(store / "edits" / "dir.best.h5") as best:
         assert best.mode == "direction"
         assert (
@@ -248,8 +301,11 @@ def test_search_over_the_direction_space(cli, means_store, tiny_llama_dir, tmp_p
         (("--direction-layer", "0:9"), "reaches above the sets' residual streams 0..2"),
         (("--direction-layer", "0:1", "--direction-position=-9:-1"), "reaches before"),
         (("--direction-layer", "0:1", "--direction-position=-3:0"), "count from the end"),
+        (("--direction-layer", "0:1", "--direction-scale", "0.5:1.2"), "must lie in (0, 1]"),
+        (("--direction-layer", "0:1", "--direction-scale", "0.5:1", "--select", "reference"),
+         "drop --direction-scale"),
     ],
-)
+)  # fmt: skip
 def test_bad_direction_ranges_are_one_line(cli, means_store, tiny_llama_dir, ranges, fragment):
     from tests.test_search import QUICK
 

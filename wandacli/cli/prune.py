@@ -134,6 +134,15 @@ def prune(
             rich_help_panel="Refusal direction",
         ),
     ] = -1,
+    direction_scale: Annotated[
+        float,
+        typer.Option(
+            "--direction-scale",
+            help="The share α of the direction removed, in (0, 1]: W ← W − α r rᵀ W and "
+            "E ← E − α E r rᵀ (heretic's abliteration weight; 1: all of it).",
+            rich_help_panel="Refusal direction",
+        ),
+    ] = 1.0,
     match_ranks: Annotated[
         str | None,
         typer.Option(
@@ -299,6 +308,11 @@ def prune(
         match_ranks,
         direction_layer,
     )
+    if direction_scale != 1.0 and direction_layer is None:
+        raise ConfigError(
+            "--direction-scale is the share of a refusal direction removed: give it with "
+            "--direction-layer"
+        )
     if seed != 0 and match_ranks is None:
         raise ConfigError(
             "--seed draws --match-ranks's random directions (a random mask's seed is its score "
@@ -340,6 +354,7 @@ def prune(
             seed=seed,
             direction_layer=direction_layer,
             direction_position=direction_position,
+            direction_scale=direction_scale,
         )
         with progress_reporter(enabled=not no_progress) as reporter:
             edited = run_edit(

@@ -108,6 +108,13 @@ def search(
             "The refusal direction's prompt position from the end, e.g. -5:-1 [default: -1].",
         ),
     ] = None,
+    direction_scale: Annotated[
+        str | None,
+        _range(
+            "--direction-scale",
+            "The share of the refusal direction removed, e.g. 0.3:1 [default: 1, all of it].",
+        ),
+    ] = None,
     layers: Annotated[
         str | None,
         typer.Option(
@@ -272,6 +279,7 @@ def search(
         rank_pos=parsed("--rank-pos", rank_pos, True),
         direction_layer=parsed("--direction-layer", direction_layer, True),
         direction_position=parsed("--direction-position", direction_position, True),
+        direction_scale=parsed("--direction-scale", direction_scale),
         layers=layers,
         modules=modules,
         trials=trials,

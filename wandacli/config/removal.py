@@ -171,6 +171,15 @@ def prune_request(config_json: dict[str, Any]) -> dict[str, Any]:
 # prune, rank edits (ActSVD)
 
 
+def check_direction_scale(scale: float, flag: str = "--direction-scale") -> None:
+    """α in (0, 1]: 1 removes the direction, less removes part of it."""
+    if not 0 < scale <= 1:
+        raise ConfigError(
+            f"{flag} {scale:g}: the share of the direction removed must lie in (0, 1] "
+            "(1: all of it)"
+        )
+
+
 @dataclass(frozen=True)
 class EditConfig:
     """`wandacli prune` on rank statistics: a rank edit into DIR/edits/.
@@ -208,6 +217,9 @@ class EditConfig:
     # harmless): r at this residual stream and prompt position (−1: the last prompt token).
     direction_layer: int | None = None
     direction_position: int = -1
+    # The share of the direction removed, heretic's weight of the abliteration: W ← W − α r rᵀ W
+    # (1: orthogonalised; 0.5: the stream keeps half its component along r from each writer).
+    direction_scale: float = 1.0
     seed: int = 0  # the control's random directions
     # Set by `search --keep`: the search and trial that chose these ranks (bookkeeping).
     search: dict[str, Any] | None = None
@@ -216,6 +228,11 @@ class EditConfig:
         if self.direction_layer is not None:
             self._check_direction()
             return
+        if self.direction_scale != 1.0:
+            raise ConfigError(
+                "--direction-scale is the share of a refusal direction removed: give it with "
+                "--direction-layer"
+            )
         modes = [
             self.remove_top_ranks is not None,
             self.keep_top_ranks is not None,
@@ -298,6 +315,7 @@ class EditConfig:
             )
         if self.save_model is not None and self.model is None:
             raise ConfigError("--save-model needs --model (the model the means were taken on)")
+        check_direction_scale(self.direction_scale)
 
     @property
     def mode(self) -> str:
@@ -337,6 +355,8 @@ class EditConfig:
         model = data.get("model") or {}
         if self.mode not in ("direction", "random-ranks"):  # those never read the weights
             request["model"] = {"model": model.get("model"), "dtype": model.get("dtype")}
+        if self.direction_scale == 1.0:  # as every edit made before the scale existed
+            request.pop("direction_scale")
         return request
 
     def to_json(self) -> dict[str, Any]:

@@ -27,6 +27,7 @@ RANGE_OPTIONS = (
     "rank_pos",
     "direction_layer",
     "direction_position",
+    "direction_scale",
 )
 EDIT_RANGE_OPTIONS = RANGE_OPTIONS[3:]
 
@@ -141,6 +142,7 @@ class SearchConfig:
     # The refusal direction from two mean-activations sets: its residual stream and position.
     direction_layer: ParameterRange | None = None
     direction_position: ParameterRange | None = None
+    direction_scale: ParameterRange | None = None  # the share of it removed, in (0, 1]
     layers: str | None = None
     modules: str | None = None
     trials: int = 40
@@ -179,6 +181,7 @@ class SearchConfig:
                 ("--rank-pos", self.rank_pos),
                 ("--direction-layer", self.direction_layer),
                 ("--direction-position", self.direction_position),
+                ("--direction-scale", self.direction_scale),
             )
             if value is not None
         }
@@ -189,6 +192,8 @@ class SearchConfig:
             "reference-ranks": {"--rank-neg", "--rank-pos"},
             "direction": {"--direction-layer", "--direction-position"},
             "direction-last-position": {"--direction-layer"},
+            "scaled-direction": {"--direction-layer", "--direction-position", "--direction-scale"},
+            "scaled-direction-last-position": {"--direction-layer", "--direction-scale"},
         }
         matching = [k for k, flags in kinds.items() if set(given) == flags]
         if not matching:
@@ -196,11 +201,11 @@ class SearchConfig:
                 "search one kind of removal: --p and --q (set difference, with --utility-scores), "
                 "--ratio (the top of --scores), --safety-ranks and --utility-ranks (or --rank-neg "
                 "and --rank-pos) for the orthogonal projection, or --direction-layer (and "
-                "--direction-position) for the refusal direction; got "
+                "--direction-position, --direction-scale) for the refusal direction; got "
                 f"{', '.join(given) or 'no range'}"
             )
         for flag, value in given.items():
-            if flag in ("--p", "--q", "--ratio"):
+            if flag in ("--p", "--q", "--ratio", "--direction-scale"):
                 value.check_fraction(flag)
             elif flag == "--direction-position":
                 if value.high > -1:
@@ -214,6 +219,11 @@ class SearchConfig:
             raise ConfigError(
                 "--select reference chooses a refusal direction: give --direction-layer (and "
                 "--direction-position) with two mean-activations sets"
+            )
+        if self.select == "reference" and self.direction_scale is not None:
+            raise ConfigError(
+                "--select reference scores whole directions, as the reference does: drop "
+                "--direction-scale"
             )
         if self.kind == "top" and self.utility_scores is not None:
             raise ConfigError("--ratio searches the top of --scores alone: drop --utility-scores")
@@ -261,6 +271,7 @@ class SearchConfig:
             "direction_position": self.direction_position
             if self.direction_layer is None or self.direction_position is not None
             else ParameterRange(-1, -1, True),
+            "direction_scale": self.direction_scale,
         }
         return {k: v for k, v in named.items() if v is not None}
 

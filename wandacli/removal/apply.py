@@ -76,11 +76,12 @@ class EditRemoval(Removal):
 
         self.file.check_model(loaded.fingerprint, loaded.model_id)
         by_key = {lin.key: lin for lin in loaded.linear_layers}
+        scale = direction_scale(self.meta)
         for key in self.file.keys:
             lin = by_key[key]
             bases = {role: torch.from_numpy(b) for role, b in self.file.bases(key).items()}
             matrix = lin.weight_matrix()
-            new = edited_weight(matrix, self.file.mode, bases).to(matrix.dtype)
+            new = edited_weight(matrix, self.file.mode, bases, scale=scale).to(matrix.dtype)
             with torch.no_grad():
                 lin.weight.copy_(new.t() if lin.transposed else new)
         if self.meta.get("embedding"):  # the refusal direction leaves the embedding too
@@ -88,7 +89,7 @@ class EditRemoval(Removal):
 
             embedding = loaded.model.get_input_embeddings().weight
             direction = torch.from_numpy(self.file.read_raw(DIRECTION_DATASET)).double()
-            new = orthogonalised_embedding(embedding, direction / direction.norm())
+            new = orthogonalised_embedding(embedding, direction / direction.norm(), scale)
             with torch.no_grad():
                 embedding.copy_(new.to(embedding.dtype))
 
@@ -97,6 +98,12 @@ class EditRemoval(Removal):
 
 
 EDIT_MODES = tuple(EditFile.BASES)
+
+
+def direction_scale(meta: dict[str, Any]) -> float:
+    """The share α of a direction an edit removes (`--direction-scale`; 1 in files made
+    before it existed, and for every edit that is not a direction)."""
+    return float(meta.get("direction_scale", 1.0))
 
 
 def edit_method(meta: dict[str, Any]) -> str:

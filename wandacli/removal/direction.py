@@ -11,6 +11,9 @@ component along r at any layer:
     writers (attention output, MLP down projection):   W ← W − r rᵀ W     (W is [d_model, d_in])
     the token embedding E [vocab, d_model]:            E ← E − (E r) rᵀ
 
+(`--direction-scale α` removes a share of it instead: W ← W − α r rᵀ W, E ← E − α (E r) rᵀ, the
+weight heretic's abliteration gives each layer, here one for all.)
+
 The writers' change is a rank edit of rank 1 (the `remove` formula with V = r), so the edit is an
 ordinary edit file; the embedding's is recorded beside it. Where the input and output embeddings
 are one tensor (SmolLM2, Gemma, ...), orthogonalising E changes the output head as well: the
@@ -78,8 +81,11 @@ def refusal_direction(
     return difference / norm
 
 
-def orthogonalised_embedding(embedding: torch.Tensor, direction: torch.Tensor) -> torch.Tensor:
-    """E − (E r) rᵀ in float64 on E's device: no token's embedding has a component along r."""
+def orthogonalised_embedding(
+    embedding: torch.Tensor, direction: torch.Tensor, scale: float = 1.0
+) -> torch.Tensor:
+    """E − α (E r) rᵀ in float64 on E's device: with α = 1 no token's embedding has a
+    component along r; with α < 1 each keeps 1 − α of it."""
     e = embedding.detach().to(torch.float64)
     r = direction.to(device=e.device, dtype=torch.float64).reshape(-1, 1)
-    return e - (e @ r) @ r.T
+    return e - scale * ((e @ r) @ r.T)

@@ -25,7 +25,12 @@ from wandacli.core.provenance import (
     request_differences,
     software_versions,
 )
-from wandacli.removal.apply import EditRemoval, check_save_model_target, save_model_with
+from wandacli.removal.apply import (
+    EditRemoval,
+    check_save_model_target,
+    direction_scale,
+    save_model_with,
+)
 from wandacli.removal.direction import refusal_direction, writer_keys
 from wandacli.removal.ranks import random_orthonormal, removed_directions, top_output_directions
 from wandacli.removal.requests import selected_keys, store_root_for
@@ -49,9 +54,10 @@ def default_edit_name(config: EditConfig, safety: str, utility: str | None) -> s
     if config.match_ranks is not None:
         return file_safe_name(f"random.as-{Path(config.match_ranks).stem}")
     if config.direction_layer is not None:
+        scale = f"a{config.direction_scale:g}" if config.direction_scale != 1.0 else ""
         return file_safe_name(
             f"{safety}-minus-{utility}.direction-l{config.direction_layer}"
-            f"p{config.direction_position}"
+            f"p{config.direction_position}{scale}"
         )
     if config.remove_top_ranks is not None:
         name = f"{safety}.remove-top{config.remove_top_ranks}"
@@ -167,6 +173,7 @@ def run_edit(
                             "position": config.direction_position,
                             "rule": DIRECTION_RULE,
                         },
+                        "direction_scale": config.direction_scale,
                         "mean_activations": [
                             _describe_means(safety, "harmful"),
                             _describe_means(utility, "harmless"),
@@ -192,6 +199,7 @@ def run_edit(
                         "seed": config.seed,
                         "rule": "a seeded random unit vector (Gaussian, normalised), removed "
                         "from the writers and the embedding as the matched direction is",
+                        "direction_scale": direction_scale(matched.meta),
                     },
                 )
             elif matched is not None:
@@ -395,7 +403,8 @@ def _write_direction(
 
 DIRECTION_RULE = (
     "r = normalise(mean_harmful[layer, position] − mean_harmless[layer, position]); writers "
-    "W ← W − r rᵀ W, token embedding E ← E − (E r) rᵀ (a tied output head changes with it)"
+    "W ← W − α r rᵀ W, token embedding E ← E − α (E r) rᵀ (α = direction_scale, 1: all of r; a "
+    "tied output head changes with the embedding)"
 )
 
 

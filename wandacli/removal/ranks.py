@@ -101,17 +101,23 @@ def subspace_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((overlap * overlap).sum() / smaller)
 
 
-def edited_weight(weight: torch.Tensor, mode: str, bases: dict[str, torch.Tensor]) -> torch.Tensor:
+def edited_weight(
+    weight: torch.Tensor, mode: str, bases: dict[str, torch.Tensor], *, scale: float = 1.0
+) -> torch.Tensor:
     """The weight after a stored edit (float64): `remove-top-ranks` (basis `remove`),
     `keep-top-ranks` (`keep`), `orthogonal-projection` (`safety`, `utility`) or `random-ranks`
-    (`remove`: random directions, a control) or `direction` (`remove`: the refusal direction)."""
+    (`remove`: random directions, a control) or `direction` (`remove`: the refusal direction;
+    `scale` α removes that share of it, W − α r rᵀ W)."""
     w = weight.to(torch.float64)
     as64 = {role: basis.to(device=w.device, dtype=torch.float64) for role, basis in bases.items()}
-    if mode in ("remove-top-ranks", "random-ranks"):
-        return remove_top_ranks(w, as64["remove"])
     if mode == "direction":  # stored float32: unit length again in float64
         r = as64["remove"]
-        return remove_top_ranks(w, r / r.norm())
+        r = r / r.norm()
+        return w - scale * project(r, w)
+    if scale != 1.0:
+        raise ValueError(f"a {mode} edit has no scale (got {scale})")
+    if mode in ("remove-top-ranks", "random-ranks"):
+        return remove_top_ranks(w, as64["remove"])
     if mode == "keep-top-ranks":
         return keep_top_ranks(w, as64["keep"])
     if mode == "orthogonal-projection":

@@ -39,6 +39,7 @@ class Applied:
     counts: dict[str, int]
     amount: float  # sparsity over every decoder linear weight, or the removed rank's share
     amount_name: str  # "sparsity" or "removed_rank_fraction"
+    direction_scale: float = 1.0  # the share of a direction removed (its control's too)
 
 
 def prune_config_for(
@@ -59,6 +60,7 @@ def prune_config_for(
             utility_scores=config.utility_scores,
             direction_layer=int(params["direction_layer"]),
             direction_position=int(params.get("direction_position", -1)),
+            direction_scale=float(params.get("direction_scale", 1.0)),
         )
     if config.kind == "orthogonal-projection":
         return EditConfig(
@@ -266,16 +268,17 @@ class TrialRemovals:
             return None
         return refusal_direction(harmful, harmless, layer, position)
 
-    def _remove_direction(self, r: torch.Tensor, changes: WeightChanges) -> Applied:
-        """W ← W − r rᵀ W for every writer, E ← E − (E r) rᵀ: what `prune` writes and
+    def _remove_direction(self, r: torch.Tensor, changes: WeightChanges, scale: float) -> Applied:
+        """W ← W − α r rᵀ W for every writer, E ← E − α (E r) rᵀ: what `prune` writes and
         EditRemoval applies, in float64, rounded to the weights' dtype."""
         for key in self.keys:
             original = changes.layers[key].weight_matrix().detach()
-            changes.replace(key, edited_weight(original, "direction", {"remove": r.reshape(-1, 1)}))
-        changes.replace_embedding(orthogonalised_embedding(changes.embedding, r))
+            edited = edited_weight(original, "direction", {"remove": r.reshape(-1, 1)}, scale=scale)
+            changes.replace(key, edited)
+        changes.replace_embedding(orthogonalised_embedding(changes.embedding, r, scale))
         counts = dict.fromkeys(self.keys, 1)
         full = sum(min(shape) for shape in self.fingerprint.shapes.values())
-        return Applied(counts, len(self.keys) / full, "removed_rank_fraction")
+        return Applied(counts, len(self.keys) / full, "removed_rank_fraction", scale)
 
     def apply(self, params: dict[str, Any], changes: WeightChanges) -> Applied:
         counts: dict[str, int] = {}
@@ -283,7 +286,7 @@ class TrialRemovals:
             r = self.direction(params)
             if r is None:  # the dense model, measured as such
                 return Applied({}, 0.0, "removed_rank_fraction")
-            return self._remove_direction(r, changes)
+            return self._remove_direction(r, changes, float(params.get("direction_scale", 1.0)))
         if not self.config.is_edit:
             for key in self.keys:
                 counts[key] = changes.zero(key, self.mask(key, params))
@@ -305,7 +308,7 @@ class TrialRemovals:
         generator = torch.Generator().manual_seed(seed)
         if self.config.kind == "direction":  # a random unit vector, removed the same way
             r = random_orthonormal(self.safety.hidden_size, 1, generator).reshape(-1)
-            self._remove_direction(r, changes)
+            self._remove_direction(r, changes, applied.direction_scale)
             return
         for key in self.keys:
             count = applied.counts.get(key, 0)

@@ -89,15 +89,21 @@ def sampler_for(config: SearchConfig, completed: int) -> Any:
     )
 
 
+# Fractions searched on a linear scale: a share of one direction, where 0.3 and 0.6 differ as
+# much as 0.6 and 0.9 (p, q and ratios span orders of magnitude instead).
+LINEAR_FRACTIONS = frozenset({"direction_scale"})
+
+
 def suggest(trial: Any, ranges: dict[str, ParameterRange]) -> dict[str, Any]:
-    """Fractions on a log scale (the top 2% and 20% are as far apart as 0.2% and 2%), ranks
-    as integers on a linear one."""
+    """Fractions of weights on a log scale (the top 2% and 20% are as far apart as 0.2% and
+    2%), a direction's scale on a linear one, ranks and layers as integers."""
     params: dict[str, Any] = {}
     for name, chosen in ranges.items():
         if chosen.integer:
             params[name] = trial.suggest_int(name, int(chosen.low), int(chosen.high))
         else:
-            params[name] = trial.suggest_float(name, chosen.low, chosen.high, log=True)
+            log = name not in LINEAR_FRACTIONS
+            params[name] = trial.suggest_float(name, chosen.low, chosen.high, log=log)
     return params
 
 

@@ -17,7 +17,7 @@ same order)                                                                  rep
 
 from __future__ import annotations
 
-from bench.bench_refusal_measures import HELD_OUT, _measure, correlation_rows
+from bench.bench_refusal_measures import correlation_rows, measurer
 from bench.bench_search import organism_store
 from bench.common import Row
 
@@ -29,7 +29,6 @@ def run() -> list[Row]:
     from wandacli.config.search import ParameterRange, SearchConfig
     from wandacli.config.settings import ModelSpec
     from wandacli.core.console import NullReporter
-    from wandacli.evaluation.prompts import model_texts, read_prompts
     from wandacli.models.loader import load_model
     from wandacli.removal.in_memory import WeightChanges
     from wandacli.search.removals import TrialRemovals
@@ -48,18 +47,13 @@ def run() -> list[Row]:
     )
     removals = TrialRemovals(config, store)
     removals.prepare(loaded, NullReporter())
-    search = read_prompts("advbench", offset=100, limit=32).texts
-    held_out = read_prompts("advbench", limit=HELD_OUT).texts
-    search_texts, special = model_texts(loaded.tokenizer, search, "chat")
-    held_texts, held_special = model_texts(loaded.tokenizer, held_out, "chat")
-    measured = {"dense": _measure(loaded, search_texts, special, held_texts, held_special)}
+    measure = measurer(loaded)
+    measured = {"dense": measure()}
     for layer in LAYERS:
         params = {"direction_layer": layer, "direction_position": POSITION}
         with WeightChanges(loaded) as changes:
             removals.apply(params, changes)
-            measured[f"l{layer}"] = _measure(
-                loaded, search_texts, special, held_texts, held_special
-            )
+            measured[f"l{layer}"] = measure()
     removals.close()
     models = f"{len(measured)} models (dense, directions at layers {LAYERS[0]}-{LAYERS[-1]})"
     return correlation_rows(measured, "direction refusal measure", models)

@@ -17,6 +17,8 @@ measure of refusal should fall as ASR rises; 1 = the same order)            repo
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from bench.bench_search import ORGANISM, organism_store
@@ -88,7 +90,6 @@ def _measure(loaded, search_texts, special, held_out_texts, held_special) -> dic
 
 
 def run() -> list[Row]:
-    from wandacli.evaluation.prompts import model_texts, read_prompts
     from wandacli.models.loader import load_model
     from wandacli.removal.in_memory import WeightChanges
     from wandacli.store.files import MaskFile
@@ -96,17 +97,26 @@ def run() -> list[Row]:
     store = organism_store()
     names = _masks(store)
     loaded = load_model(ORGANISM)
-    search = read_prompts("advbench", offset=100, limit=32).texts
-    held_out = read_prompts("advbench", limit=HELD_OUT).texts
-    search_texts, special = model_texts(loaded.tokenizer, search, "chat")
-    held_texts, held_special = model_texts(loaded.tokenizer, held_out, "chat")
-    measured = {"dense": _measure(loaded, search_texts, special, held_texts, held_special)}
+    measure = measurer(loaded)
+    measured = {"dense": measure()}
     for name in names:
         with MaskFile(store / "masks" / f"{name}.h5") as mask, WeightChanges(loaded) as changes:
             for key in mask.keys:
                 changes.zero(key, mask.read(key))
-            measured[name] = _measure(loaded, search_texts, special, held_texts, held_special)
+            measured[name] = measure()
     return correlation_rows(measured, "refusal measure", f"{len(measured)} models")
+
+
+def measurer(loaded) -> Callable[[], dict[str, float]]:
+    """The four measures of the model as it is when called: the search prompts (AdvBench
+    101–132) and the held-out ones (the first HELD_OUT), in the chat template."""
+    from wandacli.evaluation.prompts import model_texts, read_prompts
+
+    search = read_prompts("advbench", offset=100, limit=32).texts
+    held_out = read_prompts("advbench", limit=HELD_OUT).texts
+    search_texts, special = model_texts(loaded.tokenizer, search, "chat")
+    held_texts, held_special = model_texts(loaded.tokenizer, held_out, "chat")
+    return lambda: _measure(loaded, search_texts, special, held_texts, held_special)
 
 
 def correlation_rows(measured: dict[str, dict[str, float]], title: str, models: str) -> list[Row]:

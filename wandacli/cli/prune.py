@@ -19,7 +19,12 @@ from wandacli.cli.options import (
     OverwriteOption,
     model_spec,
 )
-from wandacli.config.removal import EditConfig, PruneConfig, refuse_mask_flags_for_edits
+from wandacli.config.removal import (
+    EditConfig,
+    PruneConfig,
+    check_direction_scale,
+    refuse_mask_flags_for_edits,
+)
 from wandacli.core.console import progress_reporter
 from wandacli.core.errors import ConfigError
 from wandacli.reporting import render
@@ -308,11 +313,7 @@ def prune(
         match_ranks,
         direction_layer,
     )
-    if direction_scale != 1.0 and direction_layer is None:
-        raise ConfigError(
-            "--direction-scale is the share of a refusal direction removed: give it with "
-            "--direction-layer"
-        )
+    check_direction_scale(direction_scale, direction_layer)  # a mask would drop it silently
     if seed != 0 and match_ranks is None:
         raise ConfigError(
             "--seed draws --match-ranks's random directions (a random mask's seed is its score "

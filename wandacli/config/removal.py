@@ -171,12 +171,18 @@ def prune_request(config_json: dict[str, Any]) -> dict[str, Any]:
 # prune, rank edits (ActSVD)
 
 
-def check_direction_scale(scale: float, flag: str = "--direction-scale") -> None:
-    """α in (0, 1]: 1 removes the direction, less removes part of it."""
+def check_direction_scale(scale: float, direction_layer: int | None) -> None:
+    """α in (0, 1] (1 removes the direction, less removes part of it), and only for a
+    direction: `prune` checks it before choosing between a mask and an edit."""
+    if scale != 1.0 and direction_layer is None:
+        raise ConfigError(
+            "--direction-scale is the share of a refusal direction removed: give it with "
+            "--direction-layer"
+        )
     if not 0 < scale <= 1:
         raise ConfigError(
-            f"{flag} {scale:g}: the share of the direction removed must lie in (0, 1] "
-            "(1: all of it)"
+            f"--direction-scale {scale:g}: the share of the direction removed must lie in "
+            "(0, 1] (1: all of it)"
         )
 
 
@@ -225,14 +231,10 @@ class EditConfig:
     search: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
+        check_direction_scale(self.direction_scale, self.direction_layer)
         if self.direction_layer is not None:
             self._check_direction()
             return
-        if self.direction_scale != 1.0:
-            raise ConfigError(
-                "--direction-scale is the share of a refusal direction removed: give it with "
-                "--direction-layer"
-            )
         modes = [
             self.remove_top_ranks is not None,
             self.keep_top_ranks is not None,
@@ -315,7 +317,6 @@ class EditConfig:
             )
         if self.save_model is not None and self.model is None:
             raise ConfigError("--save-model needs --model (the model the means were taken on)")
-        check_direction_scale(self.direction_scale)
 
     @property
     def mode(self) -> str:

@@ -364,7 +364,7 @@ class SearchRun:
                 batch_size=config.batch_size,
                 reporter=self.reporter,
                 progress=keep_candidate,
-                scored=earlier,
+                earlier=earlier,
             )
         summary["selection"] = selection
         chosen = selection["chosen"]

@@ -75,57 +75,56 @@ def select_reference(
     batch_size: int,
     reporter: Reporter | None = None,
     progress: Callable[[dict[str, Any]], None] | None = None,
-    scored: Mapping[tuple[int, int], dict[str, Any]] | None = None,
+    earlier: Mapping[tuple[int, int], dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
-    """Every candidate's three scores and why it was discarded, and the chosen one. `scored`:
-    candidates an interrupted run measured already, by (layer, position), taken as they are;
+    """Every candidate's three scores and why it was discarded, and the chosen one. `earlier`:
+    candidates an interrupted run scored already, by (layer, position), taken as they are;
     `progress` sees every candidate's entry as soon as it is known."""
     reporter = reporter or NullReporter()
-    scored = scored or {}
+    earlier = earlier or {}
     layers = loaded.fingerprint.num_layers
     first_pruned = int(layers * (1.0 - PRUNE_LAYER_SHARE))
     harmful_means, harmless_means = removals.means
-    scored_entries: list[dict[str, Any]] = []
+    scored: list[dict[str, Any]] = []
     reporter.start("select: candidates", total=len(candidates))
     for params in candidates:
         layer, position = params["direction_layer"], params["direction_position"]
-        if (layer, position) in scored:
-            scored_entries.append(scored[(layer, position)])
-            if progress is not None:
-                progress(scored[(layer, position)])
-            reporter.advance()
-            continue
-        entry: dict[str, Any] = {"params": dict(params)}
-        r = removals.direction(params)
-        if r is None:
-            entry["discarded"] = "no direction (the two means are equal here)"
-        else:
-            with WeightChanges(loaded) as changes:
-                removals.apply(params, changes)
-                entry["kl"] = kl_divergence(loaded, dense_last)
-                entry["bypass"] = refusal_score(
-                    loaded, harmful_texts, add_special_tokens=special, batch_size=batch_size
-                )
-            if layer < layers:  # hidden_states[L] is after the final norm: no block to add at
-                index = harmful_means.shape[1] + position
-                raw = torch.from_numpy(harmful_means[layer, index] - harmless_means[layer, index])
-                with activation_added(loaded, layer, raw):
-                    entry["induce"] = refusal_score(
-                        loaded, harmless_texts, add_special_tokens=special, batch_size=batch_size
+        entry = earlier.get((layer, position))
+        if entry is None:
+            entry = {"params": dict(params)}
+            r = removals.direction(params)
+            if r is None:
+                entry["discarded"] = "no direction (the two means are equal here)"
+            else:
+                with WeightChanges(loaded) as changes:
+                    removals.apply(params, changes)
+                    entry["kl"] = kl_divergence(loaded, dense_last)
+                    entry["bypass"] = refusal_score(
+                        loaded, harmful_texts, add_special_tokens=special, batch_size=batch_size
                     )
-            if layer >= first_pruned:
-                entry["discarded"] = f"layer {layer} is in the last 20% (≥ {first_pruned})"
-            elif entry["kl"] > KL_THRESHOLD:
-                entry["discarded"] = f"KL {entry['kl']:.3g} > {KL_THRESHOLD}"
-            elif entry.get("induce", -1.0) < INDUCE_THRESHOLD:
-                entry["discarded"] = f"induce {entry.get('induce', float('nan')):.3g} < 0"
-        scored_entries.append(entry)
+                if layer < layers:  # hidden_states[L] is after the final norm: no block there
+                    index = harmful_means.shape[1] + position
+                    raw = harmful_means[layer, index] - harmless_means[layer, index]
+                    with activation_added(loaded, layer, torch.from_numpy(raw)):
+                        entry["induce"] = refusal_score(
+                            loaded,
+                            harmless_texts,
+                            add_special_tokens=special,
+                            batch_size=batch_size,
+                        )
+                if layer >= first_pruned:
+                    entry["discarded"] = f"layer {layer} is in the last 20% (≥ {first_pruned})"
+                elif entry["kl"] > KL_THRESHOLD:
+                    entry["discarded"] = f"KL {entry['kl']:.3g} > {KL_THRESHOLD}"
+                elif entry.get("induce", -1.0) < INDUCE_THRESHOLD:
+                    entry["discarded"] = f"induce {entry.get('induce', float('nan')):.3g} < 0"
+        scored.append(entry)
         if progress is not None:
             progress(entry)
         reporter.advance()
     reporter.finish()
-    kept = [e for e in scored_entries if "discarded" not in e]
+    kept = [e for e in scored if "discarded" not in e]
     chosen = (
         min(kept, key=lambda e: (e["bypass"], e["params"]["direction_layer"])) if kept else None
     )
-    return {"rule": RULE, "candidates": scored_entries, "chosen": chosen}
+    return {"rule": RULE, "candidates": scored, "chosen": chosen}

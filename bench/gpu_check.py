@@ -2,6 +2,12 @@
 
     python bench/gpu_check.py            # one CUDA GPU: a Llama-2-7B-shaped model in bfloat16
     python bench/gpu_check.py --tiny     # the same steps on a tiny model on the CPU (CI)
+    python bench/gpu_check.py --layers 4 # Llama-2-7B's layer shapes, 4 of its 32 layers
+
+Each score set of a 7B model holds 6.5B float32 scores (26 GB), and the check writes four
+(two wanda, wandg, actsvd) beside the 13.5 GB model: about 120 GB of disk. Before it starts,
+the check compares that with the free space under --work and refuses with the --layers that
+would fit (a 64 GB-disk H200 lent here took --layers 4 after the full model filled its disk).
 
 No download and no network: the model is random-initialised from a Llama-2-7B config (the
 shapes are what memory and speed depend on, not the weights), the tokenizer is trained
@@ -21,6 +27,7 @@ import argparse
 import functools
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -101,6 +108,15 @@ def build_model(directory: Path, shapes: dict, dtype: str, device: str, lines: i
         torch.cuda.empty_cache()
 
 
+def disk_needed(shapes: dict) -> int:
+    """Bytes the check writes: the bfloat16 model and four float32 score sets (each one score
+    per decoder linear weight), with a tenth more for checkpoints and masks."""
+    d, inner, layers = shapes["hidden_size"], shapes["intermediate_size"], shapes["num_hidden_layers"]
+    linear = layers * (4 * d * d + 3 * d * inner)
+    model = 2 * (linear + 2 * shapes["vocab_size"] * d)
+    return int(1.1 * (model + 4 * 4 * linear))
+
+
 def run_step(name: str, args: list[str], log: list[dict], *, readme: bool = True) -> dict:
     started = time.perf_counter()
     done = subprocess.run(
@@ -139,6 +155,9 @@ def main() -> int:
     parser.add_argument("--tiny", action="store_true", help="a tiny model on the CPU (CI)")
     parser.add_argument("--work", type=Path, help="where the model and store go [a temp dir]")
     parser.add_argument("--skip-tests", action="store_true", help="do not run the gpu tests")
+    parser.add_argument(
+        "--layers", type=int, help="decoder layers of the 7B shapes [32, as Llama-2-7B]"
+    )
     options = parser.parse_args()
     if options.tiny:
         shapes, dtype, device, samples, seqlen, prompts, tokens = (
@@ -165,7 +184,25 @@ def main() -> int:
             16,
             64,
         )
+    if options.layers is not None:
+        if options.layers < 1:
+            print("--layers must be at least 1", file=sys.stderr)
+            return 2
+        shapes = {**shapes, "num_hidden_layers": options.layers}
     work = options.work or Path(tempfile.mkdtemp(prefix="wandacli-gpu-check-"))
+    work.mkdir(parents=True, exist_ok=True)
+    needed, free = disk_needed(shapes), shutil.disk_usage(work).free
+    if needed > free:
+        per_layer = disk_needed({**shapes, "num_hidden_layers": 1}) - disk_needed(
+            {**shapes, "num_hidden_layers": 0}
+        )
+        fits = max(0, (free - disk_needed({**shapes, "num_hidden_layers": 0})) // per_layer)
+        print(
+            f"the check needs about {needed / 1e9:.0f} GB under {work}, {free / 1e9:.0f} GB "
+            f"free: run with --layers {fits} or a --work on a larger disk",
+            file=sys.stderr,
+        )
+        return 2
     model, store = work / "model", work / "store"
     log: list[dict] = []
     # The README's figures are for the 7B model: not shown beside the tiny one's.

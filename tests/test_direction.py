@@ -521,6 +521,26 @@ def test_the_random_direction_control(cli, means_store, tiny_llama_dir):
     assert float((e @ (r / r.norm())).abs().max()) <= 1e-6
 
 
+def test_the_random_direction_control_saves_a_model(cli, means_store, tiny_llama_dir, tmp_path):
+    """`--match-ranks <direction edit> --model M --save-model OUT`: the saved model is the
+    control applied (it ended in an UnboundLocalError, shown as "internal error")."""
+    assert direction_edit(cli, means_store, "--direction-layer", "2", "--name", "s").exit_code == 0
+    out = tmp_path / "saved"
+    made = cli("prune", "--store", means_store, "--scores", "harmful", "--match-ranks", "s",
+               "--seed", "4", "--name", "s-random", "--model", tiny_llama_dir, "--save-model",
+               out, "--no-progress")  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    spec = ModelSpec(model=str(tiny_llama_dir), device="cpu")
+    in_memory = load_model_under_test(spec, "s-random", means_store).loaded
+    saved = load_model(ModelSpec(model=str(out), device="cpu"))
+    for lin, kept in zip(in_memory.linear_layers, saved.linear_layers, strict=True):
+        assert torch.equal(lin.weight_matrix(), kept.weight_matrix()), lin.key
+    assert torch.equal(
+        in_memory.model.get_input_embeddings().weight, saved.model.get_input_embeddings().weight
+    )
+    assert json.loads((out / "wandacli-mask.json").read_text())["matched_edit"]["name"] == "s"
+
+
 # ---------------------------------------------------------------------------------------------
 # The levels side by side (`compare`)
 

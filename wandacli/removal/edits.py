@@ -202,6 +202,7 @@ def run_edit(
                         "direction_scale": direction_scale(matched.meta),
                     },
                 )
+                loaded = _load(config, safety) if config.save_model is not None else None
             elif matched is not None:
                 meta = _write_random_control(
                     config, final, keys, safety, matched, name, command_line

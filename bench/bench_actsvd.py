@@ -39,19 +39,18 @@ def _score(loaded, store) -> None:
 
 
 def _edit(store, name: str) -> None:
-    from wandacli.config.removal import EditConfig
-    from wandacli.config.settings import ModelSpec
-    from wandacli.removal.edits import run_edit
+    from wandacli.removal.run import prune
 
-    config = EditConfig(
-        scores="actsvd-align_short",
-        store=store,
-        model=ModelSpec(model="smollm2", device="cpu"),
-        remove_top_ranks=10,
-        name=name,
-        overwrite=True,
-    )
-    run_edit(config, command_line=["bench"])
+    options = {
+        "scores": "actsvd-align_short",
+        "store": store,
+        "model": "smollm2",
+        "device": "cpu",
+        "remove_top_ranks": 10,
+        "name": name,
+        "overwrite": True,
+    }
+    prune(options, command_line=["bench"])
 
 
 def _eigh_seconds(loaded, store) -> float:

@@ -51,19 +51,20 @@ def _statistics(store) -> None:
 
 
 def _edit(store, sequential: bool) -> str:
-    from wandacli.config.removal import EditConfig
-    from wandacli.removal.edits import run_edit
+    import dataclasses
 
-    config = EditConfig(
-        scores="actsvd-align_short",
-        utility_scores="actsvd-utility",
-        store=store,
-        model=_spec(),
-        rank_neg=RANK_NEG,
-        rank_pos=RANK_POS,
-        sequential=sequential,
-    )
-    return run_edit(config, command_line=["bench"]).name
+    from wandacli.removal.run import prune
+
+    options = {
+        "scores": "actsvd-align_short",
+        "utility_scores": "actsvd-utility",
+        "store": store,
+        **dataclasses.asdict(_spec()),
+        "rank_neg": RANK_NEG,
+        "rank_pos": RANK_POS,
+        "sequential": sequential,
+    }
+    return prune(options, command_line=["bench"]).name
 
 
 def _evaluate(store, edit: str | None) -> tuple[float, float]:
@@ -75,7 +76,7 @@ def _evaluate(store, edit: str | None) -> tuple[float, float]:
     attack = run_attack(
         AttackConfig(
             model=_spec(),
-            mask=edit,
+            removal=edit,
             store=store,
             limit=50,
             configs=("basic_nosys",),
@@ -88,7 +89,9 @@ def _evaluate(store, edit: str | None) -> tuple[float, float]:
         )
     )
     utility = run_utility(
-        UtilityConfig(model=_spec(), mask=edit, store=store, seqlen=256, limit_windows=8, out=out)
+        UtilityConfig(
+            model=_spec(), removal=edit, store=store, seqlen=256, limit_windows=8, out=out
+        )
     )
     assert utility.perplexity is not None
     return attack.summaries[0].asr, utility.perplexity

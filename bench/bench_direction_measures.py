@@ -26,11 +26,12 @@ POSITION = -1
 
 
 def run() -> list[Row]:
-    from wandacli.config.search import ParameterRange, SearchConfig
+    from wandacli.config.ranges import ParameterRange
     from wandacli.config.settings import ModelSpec
     from wandacli.core.console import NullReporter
     from wandacli.models.loader import load_model
     from wandacli.removal.in_memory import WeightChanges
+    from wandacli.search.config import SearchConfig
     from wandacli.search.removals import TrialRemovals
 
     spec = ModelSpec(model="smollm2-aligned", device="cpu", dtype="bfloat16")

@@ -75,8 +75,8 @@ def run() -> list[Row]:
 
 
 def _direction_edit(store) -> tuple[float, float]:
-    from wandacli.config.removal import EditConfig
-    from wandacli.removal.edits import run_edit
+    from wandacli.removal.request import removal_request
+    from wandacli.removal.run import run_removal
     from wandacli.store.files import MeanActivations
 
     def read() -> None:
@@ -84,16 +84,18 @@ def _direction_edit(store) -> tuple[float, float]:
             with MeanActivations(store / "scores" / f"{name}.h5") as means:
                 means.means()
 
-    config = EditConfig(
-        scores="mean-activations-align_short",
-        utility_scores="harmless",
-        store=store,
-        direction_layer=20,
-        name="bench-direction",
-        overwrite=True,
+    request = removal_request(
+        {
+            "scores": "mean-activations-align_short",
+            "utility_scores": "harmless",
+            "store": store,
+            "direction_layer": 20,
+            "name": "bench-direction",
+            "overwrite": True,
+        }
     )
     read()  # warm the page cache for both
-    return timed(lambda: run_edit(config, command_line=["bench"])), timed(read)
+    return timed(lambda: run_removal(request, command_line=["bench"])), timed(read)
 
 
 if __name__ == "__main__":

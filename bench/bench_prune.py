@@ -17,8 +17,7 @@ import sys
 import torch
 
 from bench.common import Row, mib, peak_rss_of_command, smollm2_store, timed
-from wandacli.config.removal import PruneConfig
-from wandacli.removal.prune import run_prune
+from wandacli.removal.run import prune
 from wandacli.store.files import ScoreSet
 
 SAFETY, UTILITY, WANDA = "wandg-align_short", "wandg-utility", "wanda-align_short"
@@ -42,7 +41,7 @@ def _read_and_topk(store) -> None:
 
 
 def _prune(store, **options) -> None:
-    run_prune(PruneConfig(store=store, overwrite=True, **options), command_line=["bench"])
+    prune({"store": store, "overwrite": True, **options}, command_line=["bench"])
 
 
 def run() -> list[Row]:

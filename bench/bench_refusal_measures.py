@@ -38,30 +38,29 @@ HELD_OUT = 20
 
 
 def _masks(store) -> list[str]:
-    from wandacli.config.removal import PruneConfig
-    from wandacli.removal.prune import run_prune
+    from wandacli.removal.run import prune
 
     names = []
     for point in POINTS:
         if point[0] == "top":
-            config = PruneConfig(
-                scores="wanda-align_short",
-                store=store,
-                sparsity_ratio=float(point[1]),
-                prune_highest=True,
-                name=f"bench-top{point[1]}",
-            )
+            options = {
+                "scores": "wanda-align_short",
+                "store": store,
+                "sparsity_ratio": float(point[1]),
+                "prune_highest": True,
+                "name": f"bench-top{point[1]}",
+            }
         else:
             p, q = point
-            config = PruneConfig(
-                scores="wanda-align_short",
-                store=store,
-                utility_scores="wanda-utility",
-                p=float(p),
-                q=float(q),
-                name=f"bench-sd-p{p}-q{q}",
-            )
-        result = run_prune(config, command_line=["bench"])
+            options = {
+                "scores": "wanda-align_short",
+                "store": store,
+                "utility_scores": "wanda-utility",
+                "p": float(p),
+                "q": float(q),
+                "name": f"bench-sd-p{p}-q{q}",
+            }
+        result = prune(options, command_line=["bench"])
         names.append(result.name)
     return names
 

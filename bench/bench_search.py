@@ -21,9 +21,10 @@ import time
 import torch
 
 from bench.common import REPORT_ONLY, WORK, Row, timed
-from wandacli.config.search import ParameterRange, SearchConfig
+from wandacli.config.ranges import ParameterRange
 from wandacli.config.settings import ModelSpec
 from wandacli.core.console import NullReporter
+from wandacli.search.config import SearchConfig
 
 ORGANISM = ModelSpec(model="smollm2-aligned", device="cpu", dtype="float32")
 NSAMPLES = 32  # as the demo
@@ -91,10 +92,13 @@ def _direct_projection(removals, loaded, params) -> None:
     from wandacli.removal.ranks import edited_weight
 
     layers = {lin.key: lin for lin in loaded.linear_layers}
-    for key in removals.keys:
-        module = removals._modules[key]
-        r_s, r_u = removals.ranks(key, params)
-        bases = {"safety": module.safety[:, :r_s], "utility": module.utility[:, :r_u]}
+    settings = removals.settings(params)
+    for key, module in removals._prepared.items():
+        ranks = removals.kind.ranks_for(settings, removals.fingerprint.shapes[key])
+        bases = {
+            "safety": module.safety[:, : ranks["safety"]],
+            "utility": module.utility[:, : ranks["utility"]],
+        }
         edited_weight(layers[key].weight_matrix().detach(), "orthogonal-projection", bases)
 
 

@@ -111,7 +111,11 @@ def build_model(directory: Path, shapes: dict, dtype: str, device: str, lines: i
 def disk_needed(shapes: dict) -> int:
     """Bytes the check writes: the bfloat16 model and four float32 score sets (each one score
     per decoder linear weight), with a tenth more for checkpoints and masks."""
-    d, inner, layers = shapes["hidden_size"], shapes["intermediate_size"], shapes["num_hidden_layers"]
+    d, inner, layers = (
+        shapes["hidden_size"],
+        shapes["intermediate_size"],
+        shapes["num_hidden_layers"],
+    )
     linear = layers * (4 * d * d + 3 * d * inner)
     model = 2 * (linear + 2 * shapes["vocab_size"] * d)
     return int(1.1 * (model + 4 * 4 * linear))

@@ -216,10 +216,11 @@ DIRECTION_SPACE = ("--scores", "harmful", "--utility-scores", "harmless",
 
 def test_a_direction_trial_equals_the_edit_and_is_undone(means_store, tiny_llama_dir, tmp_path):
     from tests.test_search import weights
-    from wandacli.config.search import ParameterRange, SearchConfig
+    from wandacli.config.ranges import ParameterRange
     from wandacli.core.console import NullReporter
     from wandacli.removal.edits import run_edit
     from wandacli.removal.in_memory import WeightChanges
+    from wandacli.search.config import SearchConfig
     from wandacli.search.removals import TrialRemovals, prune_config_for
 
     spec = ModelSpec(model=str(tiny_llama_dir), device="cpu")

@@ -14,12 +14,14 @@ import pytest
 import torch
 
 from tests.test_score_cli import assert_one_line_error, score_args
-from wandacli.config.search import ParameterRange, SearchConfig
+from wandacli.config.ranges import ParameterRange
 from wandacli.config.settings import ModelSpec
 from wandacli.models.loader import load_model
 from wandacli.removal.in_memory import WeightChanges
+from wandacli.removal.kinds.set_difference import set_difference
 from wandacli.removal.masks import row_mask, set_difference_mask
-from wandacli.removal.presorted import PresortedMatrix, set_difference
+from wandacli.removal.presorted import PresortedMatrix
+from wandacli.search.config import SearchConfig
 from wandacli.search.removals import TrialRemovals
 from wandacli.store.files import MaskFile
 
@@ -554,7 +556,7 @@ FRONT = [
     ],
 )
 def test_the_best_rule_chooses_on_the_front(rule, index, within):
-    from wandacli.config.search import BestRule
+    from wandacli.config.ranges import BestRule
 
     chosen, inside = BestRule.parse(rule).choose(FRONT)
     assert (chosen["index"], inside) == (index, within)
@@ -572,7 +574,7 @@ def test_keep_best_and_the_random_edit_of_its_size(cli, sets_store, tiny_llama_d
     """The .best edit is the rule's point, written as `prune` writes it; `prune --match-ranks`
     removes the same rank per module in random directions, the very control the search
     measured (one seed, one draw order), and a rerun keeps it."""
-    from wandacli.config.search import BestRule
+    from wandacli.config.ranges import BestRule
     from wandacli.removal.apply import EditRemoval
     from wandacli.store.files import EditFile
 

@@ -29,16 +29,16 @@ from pathlib import Path
 from typing import Any
 
 from wandacli.config.files import read_config_file
-from wandacli.config.search import EDIT_RANGE_OPTIONS, RANGE_OPTIONS
 from wandacli.config.settings import WEIGHT_METHODS
 from wandacli.core.errors import ConfigError, WandacliError
 from wandacli.core.naming import file_safe_name
+from wandacli.search.config import search_parameters
 
 # The `search` options a [[pipeline.searches]] entry may set (the rest come from [search]).
 SEARCH_KEYS = (
     "scores",
     "utility_scores",
-    *RANGE_OPTIONS,
+    *search_parameters(),
     "layers",
     "modules",
     "trials",
@@ -62,7 +62,13 @@ class SearchPlan:
 
     @property
     def is_edit(self) -> bool:
-        return any(key in self.option for key in EDIT_RANGE_OPTIONS)
+        from wandacli.removal.kinds import kind_named  # noqa: F401  (kept for the registry)
+
+        parameters = search_parameters()
+        given = {parameters[key].name for key in self.option if key in parameters}
+        from wandacli.removal.kinds import searchable
+
+        return any(kind.accepts(given) and kind.family == "edit" for kind in searchable())
 
     @property
     def best(self) -> str:

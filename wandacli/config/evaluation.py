@@ -2,14 +2,24 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from wandacli.config.settings import ModelSpec
+from wandacli.config.declare import (
+    FRACTION,
+    at_least,
+    check_options,
+    internal,
+    nested,
+    option,
+    settings_json,
+)
+from wandacli.config.settings import DATA_DIR_HELP, MODEL_PANEL, NAMED_PROMPT_SETS, ModelSpec
 from wandacli.core import reference
 from wandacli.core.errors import ConfigError
 from wandacli.core.metrics import ATTACK_CONFIGS
+from wandacli.core.reference import ZERO_SHOT_TASKS
 
 # ---------------------------------------------------------------------------------------------
 # eval-attack and eval-utility
@@ -26,35 +36,204 @@ KL_LIMIT = 32
 KL_POSITIONS = 4
 
 
+GENERATION_PANEL = "Generation"
+PROMPTS_PANEL = "Prompts"
+KL_PANEL = "KL"
+PROMPT_TEMPLATE = Literal["chat", "llama2"]
+
+
+def removal_option() -> Any:
+    """`--mask`/`--edit`: a stored removal applied in memory (a mask, a rank edit or a
+    direction)."""
+    return option(
+        None,
+        "--mask",
+        "--edit",
+        help="A mask or an edit (name in --store, or path to its .h5) applied in memory: "
+        "no pruned or edited copy on disk.",
+        panel=MODEL_PANEL,
+    )
+
+
+def removal_store_option() -> Any:
+    return option(
+        None, "--store", "-s", help="Store to look the mask or edit up in.", panel=MODEL_PANEL
+    )
+
+
+def out_option() -> Any:
+    return option(
+        None,
+        "--out",
+        "-o",
+        help="Results directory [default: wandacli-results/<mask, edit or model>].",
+        request=False,
+    )
+
+
+def prompt_column_option(panel: str) -> Any:
+    return option(None, "--prompt-column", help="Prompt column of a table file.", panel=panel)
+
+
+def template_option(help: str, panel: str) -> Any:
+    return option(None, "--template", help=help, panel=panel)
+
+
+def data_dir_option() -> Any:
+    return option(None, "--data-dir", help=DATA_DIR_HELP, panel="Data", request=False)
+
+
+# The KL cost, in eval-utility --kl and search: declared once, embedded in both.
+@dataclass(frozen=True)
+class KlSettings:
+    """The KL cost's prompts: how many, and over how many response positions."""
+
+    kl_prompts: str = option(
+        KL_PROMPTS,
+        "--kl-prompts",
+        metavar="<NAME|FILE>",
+        help="Harmless prompts for the KL cost [default: utility-held-out, the utility tasks the "
+        "demo's organism was not tuned on].",
+        panel=KL_PANEL,
+    )
+    kl_limit: int = option(
+        KL_LIMIT, "--kl-limit", help="Harmless prompts used.", panel=KL_PANEL, check=at_least(1)
+    )
+    kl_positions: int = option(
+        KL_POSITIONS,
+        "--kl-positions",
+        help="Response positions the KL is averaged over (the first: the prompt's last position).",
+        panel=KL_PANEL,
+        check=at_least(1),
+    )
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+
+def _comma_list(text: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in text.split(",") if part.strip())
+
+
+def _inst_variants(value: bool | tuple[bool, ...]) -> tuple[bool, ...]:
+    """--inst/--no-inst: only with or only without tags; neither: both."""
+    return value if isinstance(value, tuple) else (value,)
+
+
 @dataclass(frozen=True)
 class AttackConfig:
     """Everything `wandacli eval-attack` needs."""
 
-    model: ModelSpec = field(default_factory=ModelSpec)
-    mask: str | None = None
-    store: Path | None = None
-    prompts: str = "advbench"
-    prompt_column: str | None = None
-    limit: int = reference.ATTACK_PROMPTS_USED
-    configs: tuple[str, ...] = ATTACK_CONFIGS
-    inst: tuple[bool, ...] = (True, False)
-    template: str | None = None  # None: chat when the tokenizer has a template, else llama2
-    max_new_tokens: int = reference.MAX_NEW_TOKENS
-    batch_size: int = 16
-    backend: str = "hf"
+    model: ModelSpec = nested(ModelSpec)
+    removal: str | None = removal_option()
+    store: Path | None = removal_store_option()
+    prompts: str = option(
+        "advbench",
+        "--prompts",
+        metavar="<NAME|FILE>",
+        help="Harmful prompts: a named set or a file. Named: " + NAMED_PROMPT_SETS,
+        panel=PROMPTS_PANEL,
+    )
+    prompt_column: str | None = prompt_column_option(PROMPTS_PANEL)
+    limit: int = option(
+        reference.ATTACK_PROMPTS_USED,
+        "--limit",
+        help="First N prompts (the reference uses 100).",
+        panel=PROMPTS_PANEL,
+        check=at_least(1),
+    )
+    configs: tuple[str, ...] = option(
+        ATTACK_CONFIGS,
+        "--configs",
+        metavar="<basic,basic_nosys,multiple_nosys,gcg>",
+        help="Comma list of basic, basic_nosys, multiple_nosys, gcg [default: all].",
+        panel=PROMPTS_PANEL,
+        cli_type=str,
+        parse=_comma_list,
+        format=",".join,
+    )
+    inst: tuple[bool, ...] = option(
+        (True, False),
+        "--inst/--no-inst",
+        help="Only with (or without) instruction tags [default: both; GCG always with tags].",
+        panel=PROMPTS_PANEL,
+        cli_type=bool | None,
+        parse=_inst_variants,
+        format=lambda value: None if len(value) != 1 else value[0],
+    )
+    template: PROMPT_TEMPLATE | None = template_option(
+        "llama2: the reference's [INST] <<SYS>> strings exactly; chat: the tokenizer's "
+        "chat template [default: chat when the tokenizer has one].",
+        PROMPTS_PANEL,
+    )
+    max_new_tokens: int = option(
+        reference.MAX_NEW_TOKENS,
+        "--max-new-tokens",
+        help="Tokens generated per response.",
+        panel=GENERATION_PANEL,
+        check=at_least(1),
+    )
+    batch_size: int = option(
+        16,
+        "--batch-size",
+        help="Sequences generated at once (hf backend): with --samples N a batch holds "
+        "batch-size // N prompts.",
+        panel=GENERATION_PANEL,
+        check=at_least(1),
+    )
+    backend: Literal["hf", "vllm"] = option(
+        "hf",
+        "--backend",
+        help="hf: transformers; vllm: vLLM if installed.",
+        panel=GENERATION_PANEL,
+    )
     # vLLM: the share of GPU memory it may take (None: vLLM's own default, 0.9), leave room
     # for a classifier judge; its tensor parallelism; where the model's copy for it is saved
     # (None: beside the results).
-    gpu_memory_utilization: float | None = None
-    tensor_parallel_size: int = 1
-    tmp_dir: Path | None = None
-    judge: str = "keyword"
-    samples: int = reference.MULTIPLE_SAMPLES
-    temperature: float = reference.MULTIPLE_TEMPERATURE
-    seed: int = 0
-    out: Path | None = None  # None: wandacli-results/<mask or model>
-    overwrite: bool = False
-    data_dir: Path | None = None
+    gpu_memory_utilization: float | None = option(
+        None,
+        "--gpu-memory-utilization",
+        help="vllm: the share of GPU memory vLLM may take (its default: 0.9); lower it to "
+        "leave room for an hf: judge.",
+        panel=GENERATION_PANEL,
+        check=FRACTION,
+    )
+    tensor_parallel_size: int = option(
+        1,
+        "--tensor-parallel-size",
+        help="vllm: GPUs one model is split across.",
+        panel=GENERATION_PANEL,
+        check=at_least(1),
+    )
+    tmp_dir: Path | None = option(
+        None,
+        "--tmp-dir",
+        help="vllm: where the model under test is saved for vLLM [default: the --out directory].",
+        panel=GENERATION_PANEL,
+        request=False,
+    )
+    judge: str = option(
+        "keyword",
+        "--judge",
+        metavar="<keyword|hf:MODEL>",
+        help="keyword: the reference's refusal phrases; hf:MODEL: a HarmBench-style classifier LLM.",
+    )
+    samples: int = option(
+        reference.MULTIPLE_SAMPLES,
+        "--samples",
+        help="Samples per prompt in multiple_nosys.",
+        panel=GENERATION_PANEL,
+        check=at_least(1),
+    )
+    temperature: float = internal(reference.MULTIPLE_TEMPERATURE, request=True)
+    seed: int = option(
+        0, "--seed", help="The sampled responses' seed (multiple_nosys).", panel=GENERATION_PANEL
+    )
+    out: Path | None = out_option()
+    overwrite: bool = option(
+        False, "--overwrite", help="Replace results made with other settings.", request=False
+    )
+    data_dir: Path | None = data_dir_option()
 
     def __post_init__(self) -> None:
         unknown = [c for c in self.configs if c not in ATTACK_CONFIGS]
@@ -62,26 +241,7 @@ class AttackConfig:
             raise ConfigError(
                 f"unknown --configs {','.join(unknown) or '(empty)'}: use a comma list of {', '.join(ATTACK_CONFIGS)}"
             )
-        if self.limit < 1:
-            raise ConfigError(f"--limit must be at least 1 (got {self.limit})")
-        if self.max_new_tokens < 1:
-            raise ConfigError(f"--max-new-tokens must be at least 1 (got {self.max_new_tokens})")
-        if self.batch_size < 1:
-            raise ConfigError(f"--batch-size must be at least 1 (got {self.batch_size})")
-        if self.samples < 1:
-            raise ConfigError(f"--samples must be at least 1 (got {self.samples})")
-        if self.template not in (None, "chat", "llama2"):
-            raise ConfigError(f"unknown --template {self.template!r}: use chat or llama2")
-        if self.backend not in ("hf", "vllm"):
-            raise ConfigError(f"unknown --backend {self.backend!r}: use hf or vllm")
-        if self.gpu_memory_utilization is not None and not 0 < self.gpu_memory_utilization <= 1:
-            raise ConfigError(
-                f"--gpu-memory-utilization must be in (0, 1] (got {self.gpu_memory_utilization})"
-            )
-        if self.tensor_parallel_size < 1:
-            raise ConfigError(
-                f"--tensor-parallel-size must be at least 1 (got {self.tensor_parallel_size})"
-            )
+        check_options(self)
         if self.judge != "keyword" and not (self.judge.startswith("hf:") and len(self.judge) > 3):
             raise ConfigError(
                 f"unknown --judge {self.judge!r}: use keyword or hf:MODEL (a HarmBench-style classifier)"
@@ -92,47 +252,97 @@ class AttackConfig:
             )
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        for key in ("store", "out", "data_dir"):
-            data[key] = str(data[key]) if data[key] is not None else None
-        data["model"]["cache_dir"] = str(self.model.cache_dir) if self.model.cache_dir else None
-        return data
+        return settings_json(self)
+
+
+def _zero_shot_tasks(text: str) -> tuple[str, ...]:
+    """`reference` (the reference's six tasks) or a comma list of lm-eval task names."""
+    return ZERO_SHOT_TASKS if text == "reference" else _comma_list(text)
 
 
 @dataclass(frozen=True)
 class UtilityConfig:
     """Everything `wandacli eval-utility` needs."""
 
-    model: ModelSpec = field(default_factory=ModelSpec)
-    mask: str | None = None
-    store: Path | None = None
-    data: str | None = "wikitext"  # None: no perplexity
-    seqlen: int | None = None  # None: min(4096, model context), the reference's Llama-2 window
-    limit_windows: int | None = None
-    zero_shot: tuple[str, ...] = ()
-    zero_shot_limit: int | None = reference.ZERO_SHOT_LIMIT
-    batch_size: int = 1
-    out: Path | None = None
-    data_dir: Path | None = None
+    model: ModelSpec = nested(ModelSpec)
+    removal: str | None = removal_option()
+    store: Path | None = removal_store_option()
+    data: str | None = option(
+        "wikitext",
+        "--data",
+        "-d",
+        metavar="<NAME|FILE>",
+        help="Perplexity text: wikitext (WikiText-2 test) or a text file; 'none' to skip.",
+        cli_type=str,
+        parse=lambda text: None if text == "none" else text,
+        format=str,
+    )
+    seqlen: int | None = option(
+        None,
+        "--seqlen",
+        help="Window length [default: min(4096, model context), the reference's Llama-2 window].",
+        check=at_least(2),
+    )
+    limit_windows: int | None = option(
+        None,
+        "--limit-windows",
+        help="Only the first K windows (quick checks).",
+        check=at_least(1),
+    )
+    zero_shot: tuple[str, ...] = option(
+        (),
+        "--zero-shot",
+        help="Comma list of lm-evaluation-harness tasks, or 'reference' for the reference's six "
+        "(boolq, rte, hellaswag, winogrande, arc_challenge, openbookqa). Needs wandacli[eval].",
+        cli_type=str | None,
+        parse=_zero_shot_tasks,
+        format=lambda tasks: ",".join(tasks) or None,
+    )
+    zero_shot_limit: int | None = option(
+        reference.ZERO_SHOT_LIMIT,
+        "--zero-shot-limit",
+        help="Examples per task (the reference's 200).",
+        check=at_least(1),
+    )
+    batch_size: int = option(1, "--batch-size", help="Zero-shot batch size.", check=at_least(1))
+    out: Path | None = out_option()
+    data_dir: Path | None = data_dir_option()
     # The KL cost (evaluation/divergence.py): from the dense model, on harmless prompts.
-    kl: bool = False
-    kl_prompts: str = KL_PROMPTS
-    kl_limit: int = KL_LIMIT
-    kl_positions: int = KL_POSITIONS
-    kl_cache: Path | None = None  # None: <results folder's parent>/kl-dense
-    template: str | None = None
+    kl: bool = option(
+        False,
+        "--kl",
+        help="The KL cost: mean KL(dense ‖ model) of the next-token distributions on harmless "
+        "prompts over the first --kl-positions response positions (the dense side cached).",
+        panel=KL_PANEL,
+    )
+    kl_settings: KlSettings = nested(KlSettings)
+    kl_cache: Path | None = option(
+        None,
+        "--kl-cache",
+        help="Where the dense model's distributions are cached [default: kl-dense/ beside the "
+        "results folder].",
+        panel=KL_PANEL,
+        request=False,
+    )
+    template: PROMPT_TEMPLATE | None = template_option(
+        "The KL prompts' template [default: chat when the tokenizer has one].", KL_PANEL
+    )
 
     def __post_init__(self) -> None:
-        for flag, value in (("--kl-limit", self.kl_limit), ("--kl-positions", self.kl_positions)):
-            if value < 1:
-                raise ConfigError(f"{flag} must be at least 1 (got {value})")
-        if self.seqlen is not None and self.seqlen < 2:
-            raise ConfigError(f"--seqlen must be at least 2 (got {self.seqlen})")
-        if self.limit_windows is not None and self.limit_windows < 1:
-            raise ConfigError(f"--limit-windows must be at least 1 (got {self.limit_windows})")
-        if self.zero_shot_limit is not None and self.zero_shot_limit < 1:
-            raise ConfigError(f"--zero-shot-limit must be at least 1 (got {self.zero_shot_limit})")
+        check_options(self)
         if self.data is None and not self.zero_shot and not self.kl:
             raise ConfigError(
                 "nothing to evaluate: keep --data (perplexity), or add --kl or --zero-shot TASKS"
             )
+
+    @property
+    def kl_prompts(self) -> str:
+        return self.kl_settings.kl_prompts
+
+    @property
+    def kl_limit(self) -> int:
+        return self.kl_settings.kl_limit
+
+    @property
+    def kl_positions(self) -> int:
+        return self.kl_settings.kl_positions

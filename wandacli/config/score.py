@@ -2,18 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
+from wandacli.config.declare import at_least, check_options, nested, option, or_more, settings_json
 from wandacli.config.settings import (
     CALIBRATION_NSAMPLES,
     CALIBRATION_SEED,
+    DATA_DIR_HELP,
     DATA_METHODS,
     DEFAULT_CHECKPOINT_EVERY,
     DEFAULT_STORE,
     MEAN_POSITIONS,
     METHODS,
+    MODEL_PANEL,
+    NAMED_CALIBRATION_SETS,
     RANK_METHODS,
     Columns,
     ModelSpec,
@@ -23,31 +27,138 @@ from wandacli.core.errors import ConfigError
 # ---------------------------------------------------------------------------------------------
 # score
 
+DATA_PANEL = "Data"
+STORE_PANEL = "Store"
+
 
 @dataclass(frozen=True)
 class ScoreConfig:
     """Everything `wandacli score` needs."""
 
-    method: str
-    model: ModelSpec = field(default_factory=ModelSpec)
-    data: str | None = None
-    nsamples: int = CALIBRATION_NSAMPLES
-    seed: int = CALIBRATION_SEED
-    store: Path = DEFAULT_STORE
-    name: str | None = None
-    seqlen: int | None = None
-    template: str = "raw"
-    entangle: bool = False
-    base_model: str | None = None
-    use_diff: bool = False
-    overwrite: bool = False
-    layers_per_pass: int = 0  # 0: every layer in one pass
-    checkpoint_every: int | None = None  # None: DEFAULT_CHECKPOINT_EVERY[method]
-    score_dtype: str = "float32"
-    columns: Columns = field(default_factory=Columns)
-    data_dir: Path | None = None
-    offload_accumulators: bool = False
-    positions: int = MEAN_POSITIONS  # mean-activations: the last K prompt positions
+    method: str = option(
+        MISSING,
+        "--method",
+        cli_type=Literal["wanda", "wandg", "magnitude", "random", "actsvd", "mean-activations"],
+        required=f"--method is required: {', '.join(METHODS)}",
+        help="wanda: |W|·‖X‖₂ over calibration inputs; wandg (SNIP): |W|·Σ|∇W| of the "
+        "calibration loss; magnitude: |W|; random: seeded uniform; actsvd: rank statistics "
+        "(each input's second moment Σxxᵀ/N) for rank edits, not per-weight scores; "
+        "mean-activations: the mean residual stream at the last --positions prompt tokens, "
+        "per layer, for a refusal direction (prompts only: a pair set's responses are not "
+        "read; each prompt as eval-attack shows it in --template, without a system prompt).",
+    )
+    model: ModelSpec = nested(ModelSpec)
+    data: str | None = option(
+        None,
+        "--data",
+        "-d",
+        metavar="<NAME|FILE>",
+        help="Calibration set: a named set or a CSV/JSON/JSONL/Parquet/TXT file. Named: "
+        + NAMED_CALIBRATION_SETS,
+        panel=DATA_PANEL,
+    )
+    nsamples: int = option(
+        CALIBRATION_NSAMPLES,
+        "--nsamples",
+        "-n",
+        help="Calibration samples.",
+        panel=DATA_PANEL,
+        check=at_least(1),
+    )
+    seed: int = option(
+        CALIBRATION_SEED,
+        "--seed",
+        help="Which calibration samples are drawn (wanda, wandg, actsvd), or the random scores "
+        "(random); mean-activations reads every prompt and magnitude no data.",
+    )
+    store: Path = option(
+        DEFAULT_STORE, "--store", "-s", help="Store directory.", panel=STORE_PANEL, request=False
+    )
+    name: str | None = option(
+        None,
+        "--name",
+        help="Score set name [default: <method>-<data>].",
+        panel=STORE_PANEL,
+        request=False,
+    )
+    seqlen: int | None = option(
+        None,
+        "--seqlen",
+        help="Longest sample in tokens [default: min(2048, model context)].",
+        panel=DATA_PANEL,
+    )
+    template: Literal["raw", "chat"] = option(
+        "raw",
+        "--template",
+        help="raw: prompts as stored (the reference's Llama-2 [INST] text); chat: strip "
+        "Llama-2 tags and apply the tokenizer's chat template.",
+        panel=DATA_PANEL,
+    )
+    entangle: bool = option(
+        False,
+        "--entangle",
+        help="Count every token of random seqlen-long windows instead of response tokens only.",
+        panel=DATA_PANEL,
+    )
+    base_model: str | None = option(
+        None,
+        "--base-model",
+        help="The model before alignment, for --use-diff.",
+        panel=MODEL_PANEL,
+    )
+    use_diff: bool = option(
+        False, "--use-diff", help="Score |W - W_base| in place of |W|.", panel=MODEL_PANEL
+    )
+    overwrite: bool = option(
+        False, "--overwrite", help="Replace an existing result of the same name.", request=False
+    )
+    layers_per_pass: int = option(
+        0,
+        "--layers-per-pass",
+        help="wandg, actsvd: decoder layers per pass over the data, to bound memory (0: all).",
+    )
+    checkpoint_every: int | None = option(
+        None,
+        "--checkpoint-every",
+        help="Samples between checkpoints (0: off) [default: wanda 8, wandg 32].",
+        request=False,
+    )
+    score_dtype: Literal["float32", "float16"] = option(
+        "float32",
+        "--score-dtype",
+        help="Stored precision; float16 halves the size and refuses values above 65504.",
+        panel=STORE_PANEL,
+    )
+    prompt_column: str = option(
+        "prompt", "--prompt-column", help="Prompt column of a pair file.", panel=DATA_PANEL
+    )
+    response_column: str = option(
+        "response", "--response-column", help="Response column of a pair file.", panel=DATA_PANEL
+    )
+    text_column: str = option(
+        "text", "--text-column", help="Text column of a text table.", panel=DATA_PANEL
+    )
+    data_dir: Path | None = option(
+        None, "--data-dir", help=DATA_DIR_HELP, panel=DATA_PANEL, request=False
+    )
+    offload_accumulators: bool = option(
+        False,
+        "--offload-accumulators",
+        help="wandg: keep the |grad| sums in CPU memory (GPU memory ≈ the model alone).",
+        request=False,
+    )
+    positions: int = option(
+        MEAN_POSITIONS,
+        "--positions",
+        help="mean-activations: the last K prompt positions averaged (the post-instruction "
+        "tokens: the chat template's assistant cue, Llama-2's [/INST]).",
+        panel=DATA_PANEL,
+        check=or_more(1),
+    )
+
+    @property
+    def columns(self) -> Columns:
+        return Columns(self.prompt_column, self.response_column, self.text_column)
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -56,8 +167,7 @@ class ScoreConfig:
             raise ConfigError(
                 f"--method {self.method} needs calibration data: pass --data (e.g. align_short)"
             )
-        if self.nsamples < 1:
-            raise ConfigError(f"--nsamples must be at least 1 (got {self.nsamples})")
+        check_options(self)
         if self.seqlen is not None and self.seqlen <= 0:
             raise ConfigError(f"--seqlen must be positive (got {self.seqlen})")
         if self.template not in ("raw", "chat"):
@@ -78,8 +188,6 @@ class ScoreConfig:
             )
         if self.score_dtype not in ("float32", "float16"):
             raise ConfigError(f"unknown --score-dtype {self.score_dtype!r}: use float32 or float16")
-        if self.positions < 1:
-            raise ConfigError(f"--positions must be 1 or more (got {self.positions})")
         if self.method == "mean-activations":
             self._check_mean_activations()
         elif self.positions != MEAN_POSITIONS:
@@ -136,10 +244,12 @@ class ScoreConfig:
         return score_request(self.to_json())
 
     def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["store"] = str(self.store)
-        data["data_dir"] = str(self.data_dir) if self.data_dir else None
-        data["model"]["cache_dir"] = str(self.model.cache_dir) if self.model.cache_dir else None
+        """Every setting, as score sets record it (the three columns as one `columns`)."""
+        data = settings_json(self)
+        data["columns"] = settings_json(self.columns)
+        for flat in ("prompt_column", "response_column", "text_column"):
+            data.pop(flat)
+        data["model"].pop("auto_dtype")
         return data
 
 

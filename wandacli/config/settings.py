@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Literal
 
+from wandacli.config.declare import internal, option
 from wandacli.core import reference
 
 DEFAULT_MODEL_ALIAS = "smollm2"
@@ -39,16 +41,68 @@ DEFAULT_CHECKPOINT_EVERY = {"wanda": 8, "wandg": 32, "actsvd": 32, "mean-activat
 # Shared settings
 
 
+# Filled in by the command line (cli/build.py), which may read data/'s catalogue of named sets.
+NAMED_CALIBRATION_SETS = "{named calibration sets}"
+NAMED_PROMPT_SETS = "{named prompt sets}"
+DATA_DIR_HELP = "Folder holding the named sets' files [default: $WANDACLI_DATA_DIR, else the hub]."
+
+MODEL_HELP = (
+    "Hugging Face hub id, local model directory, .gguf file, 'smollm2' "
+    "(the embedded SmolLM2-135M-Instruct), or 'smollm2-aligned' (it, fine-tuned once on the "
+    "CPU to refuse harmful requests: the demo's model organism)."
+)
+MODEL_PANEL = "Model"
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+# What `--dtype auto` means, one meaning per command, said in its --help.
+AUTO_DTYPE_HELP = {
+    "device": "Weights' dtype; auto = float32 on CPU, bfloat16 on CUDA.",
+    "checkpoint": "Weights' dtype; auto = the checkpoint's own (a saved model keeps its size).",
+}
+
+
 @dataclass(frozen=True)
 class ModelSpec:
-    """What the user asked for: `--model`, `--dtype`, `--device`, `--device-map`."""
+    """What the user asked for: `--model`, `--dtype`, `--device`, `--device-map`. Every command
+    that loads a model embeds these options (`nested(ModelSpec)`); `auto_dtype` is the
+    command's meaning of `--dtype auto`, resolved once by the loader (models/sources.py)."""
 
-    model: str = DEFAULT_MODEL_ALIAS
-    dtype: str = "auto"
-    device: str = "auto"
-    device_map: str | None = None
-    max_memory: str | None = None  # "0=20GiB,1=20GiB,cpu=64GiB", with device_map
-    cache_dir: Path | None = None
+    model: str = option(DEFAULT_MODEL_ALIAS, "--model", "-m", help=MODEL_HELP, panel=MODEL_PANEL)
+    dtype: str = option(
+        "auto", "--dtype", help=AUTO_DTYPE_HELP["device"], panel=MODEL_PANEL, cli_type=Dtype
+    )
+    # `cuda:N` too, where code picks a rank's GPU; the command line offers the three.
+    device: str = option(
+        "auto",
+        "--device",
+        help="auto = cuda when available.",
+        panel=MODEL_PANEL,
+        cli_type=Literal["auto", "cpu", "cuda"],
+    )
+    device_map: str | None = option(
+        None,
+        "--device-map",
+        metavar="<auto|balanced|sequential|JSON>",
+        help="Shard the model across GPUs with accelerate: auto, balanced, sequential, or a JSON map.",
+        panel=MODEL_PANEL,
+    )
+    max_memory: str | None = option(
+        None,
+        "--max-memory",
+        help="With --device-map: memory per device, e.g. 0=20GiB,1=20GiB,cpu=64GiB.",
+        panel=MODEL_PANEL,
+    )
+    cache_dir: Path | None = option(
+        None,
+        "--cache-dir",
+        help="Where converted GGUF models are cached [default: $WANDACLI_CACHE_DIR or ~/.cache/wandacli].",
+        panel=MODEL_PANEL,
+    )
+    auto_dtype: Literal["device", "checkpoint"] = internal("device")
+
+    def keeping_checkpoint_dtype(self) -> ModelSpec:
+        """This spec with `--dtype auto` meaning the checkpoint's own dtype (a saved model
+        keeps its size: a float16 7B model saved as float32 would double)."""
+        return replace(self, auto_dtype="checkpoint")
 
 
 @dataclass(frozen=True)

@@ -234,7 +234,7 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
     if config.backend == "vllm":
         require_vllm()  # before loading anything
     prompts, prompt_source, prompts_hash = load_prompts(config)
-    under_test = load_model_under_test(config.model, config.mask, config.store)
+    under_test = load_model_under_test(config.model, config.removal, config.store)
     check_not_searched_on(prompts, f"--prompts {config.prompts}", under_test.removal_meta)
     template = template_for(config.template, under_test.loaded.tokenizer)
     out = config.out or under_test.default_out

@@ -13,7 +13,8 @@ from typing import Any
 from wandacli.config.evaluation import RESULTS_DIR
 from wandacli.config.settings import ModelSpec
 from wandacli.core.naming import file_safe_name
-from wandacli.removal.apply import EDIT_MODES, edit_method, mask_method, open_removal
+from wandacli.removal.apply import PROVENANCE_NAME, open_removal
+from wandacli.removal.kinds import kind_of_mode
 
 
 @dataclass
@@ -25,8 +26,9 @@ class ModelUnderTest:
 
     @property
     def is_edit(self) -> bool:
-        """A rank edit (its meta names an edit mode), not a mask."""
-        return self.removal_meta.get("mode") in EDIT_MODES
+        """An edit (a rank edit or a direction: its meta's mode is an edit kind's), not a mask."""
+        mode = self.removal_meta.get("mode")
+        return mode is not None and kind_of_mode(str(mode)).family == "edit"
 
     @property
     def label(self) -> str:
@@ -45,9 +47,10 @@ class ModelUnderTest:
     def method(self) -> str:
         """The reference's `prune_method` for this model: `wanda`, `wandg`,
         `wandg_set_difference`, ..., or `dense`."""
-        if self.is_edit:
-            return edit_method(self.removal_meta)
-        return mask_method(self.removal_meta)
+        mode = self.removal_meta.get("mode")
+        if not self.removal_meta or mode is None:
+            return "dense"
+        return kind_of_mode(str(mode)).reference_method(self.removal_meta)
 
     @property
     def p_q(self) -> tuple[float, float] | None:
@@ -106,7 +109,7 @@ def load_model_under_test(
             under_test.removal_path = removal.path
             under_test.removal_meta = dict(removal.meta)
         else:
-            provenance = Path(loaded.source.location) / "wandacli-mask.json"
+            provenance = Path(loaded.source.location) / PROVENANCE_NAME
             if loaded.source.kind == "local" and provenance.is_file():
                 under_test.removal_meta = json.loads(provenance.read_text(encoding="utf-8"))
         under_test.actual_sparsity = zero_fraction(loaded)

@@ -128,7 +128,7 @@ def load_pretrained(spec: ModelSpec, source: ModelSource, location: str) -> Load
     from transformers import AutoModelForCausalLM
 
     device = resolve_device(spec.device)
-    dtype = resolve_dtype(spec.dtype, device)
+    dtype = resolve_dtype(spec.dtype, device, spec.auto_dtype)
     if device.type == "cpu" and dtype == torch.float16:
         warn("float16 on CPU is slow and some kernels lack it; consider --dtype float32")
     _quiet_transformers()

@@ -118,13 +118,19 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
     return limits
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype | str:
-    """float32 on CPU and bfloat16 on CUDA unless asked otherwise; "checkpoint" keeps the
-    dtype the weights are stored in."""
-    if dtype == "checkpoint":
-        return "auto"  # transformers' name for the checkpoint's own dtype
+def resolve_dtype(dtype: str, device: torch.device, auto: str = "device") -> torch.dtype | str:
+    """The one place `--dtype auto` is resolved, by the command's meaning of it (`auto`,
+    ModelSpec.auto_dtype): "device" is float32 on CPU and bfloat16 on CUDA; "checkpoint" keeps
+    the dtype the weights are stored in (transformers' "auto")."""
     if dtype == "auto":
+        if auto == "checkpoint":
+            return "auto"  # transformers' name for the checkpoint's own dtype
         return torch.bfloat16 if device.type == "cuda" else torch.float32
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[dtype]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """`float32` for torch.float32: how results record the dtype a model was loaded in."""
+    return str(dtype).removeprefix("torch.")

@@ -1,19 +1,21 @@
-"""What to remove from a model, applied in memory: a mask (weights set to zero, `prune`) or a
-rank edit (ranks subtracted, `prune --remove-top-ranks` and friends). eval-attack, eval-utility
-and the saved models all open one with `open_removal` and apply it with `.apply(loaded)`."""
+"""A stored removal (a mask, a rank edit or a refusal direction) read back and applied to a
+model in memory: eval-attack, eval-utility and the saved models all open one with
+`open_removal` and apply it with `.apply(loaded)`, through the same functions a search's trial
+applies its removal with (removal/content.py)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from wandacli.core.console import info
 from wandacli.core.durable import save_model_directory
 from wandacli.core.errors import StoreError
-from wandacli.store.files import EditFile, MaskFile, resolve_file, stored_format
-from wandacli.store.schema import DIRECTION_DATASET, EDIT_FORMAT, Store, check_name
+from wandacli.removal.content import EditContent, EditModule, MaskContent, apply_edit, apply_mask
+from wandacli.removal.in_memory import WeightChanges
+from wandacli.store.files import EditFile, MaskFile, open_stored_removal
+from wandacli.store.schema import DIRECTION_DATASET
 
 
 class Removal:
@@ -44,22 +46,17 @@ class MaskRemoval(Removal):
         self.path = mask.path
         self.meta = dict(mask.meta)
 
-    def apply(self, loaded: Any) -> None:
-        from wandacli.removal.masks import apply_mask_file
+    def content(self) -> MaskContent:
+        return MaskContent(self.file.keys, self.file.read)
 
-        apply_mask_file(loaded, self.file)
+    def apply(self, loaded: Any) -> None:
+        """Zero the masked weights, one matrix at a time, after checking the mask was made for
+        this model."""
+        self.file.check_model(loaded.fingerprint, loaded.model_id)
+        apply_mask(self.content(), WeightChanges(loaded, undo=False))
 
     def close(self) -> None:
         self.file.close()
-
-
-def mask_method(meta: dict[str, Any]) -> str:
-    """The reference's `prune_method` for a mask: `wanda`, `wandg_set_difference`, ..."""
-    if not meta:
-        return "dense"
-    sets = meta.get("score_sets") or [{}]
-    method = str(sets[0].get("method") or "unknown")
-    return f"{method}_set_difference" if meta.get("mode") == "set-difference" else method
 
 
 class EditRemoval(Removal):
@@ -70,34 +67,23 @@ class EditRemoval(Removal):
         self.path = edit.path
         self.meta = dict(edit.meta)
 
+    def content(self) -> EditContent:
+        """The edit as `prune` held it before writing it: each module's bases read as it is
+        applied, r for the embedding where the edit removes a direction."""
+        modules = (EditModule(key, self.file.bases(key)) for key in self.file.keys)
+        direction = self.file.read_raw(DIRECTION_DATASET) if self.meta.get("embedding") else None
+        return EditContent(
+            self.file.mode, modules, direction=direction, scale=direction_scale(self.meta)
+        )
+
     def apply(self, loaded: Any) -> None:
         """W ← the edited weight, module by module, in float64 on the weight's device."""
-        from wandacli.removal.ranks import edited_weight
-
         self.file.check_model(loaded.fingerprint, loaded.model_id)
-        by_key = {lin.key: lin for lin in loaded.linear_layers}
-        scale = direction_scale(self.meta)
-        for key in self.file.keys:
-            lin = by_key[key]
-            bases = {role: torch.from_numpy(b) for role, b in self.file.bases(key).items()}
-            matrix = lin.weight_matrix()
-            new = edited_weight(matrix, self.file.mode, bases, scale=scale).to(matrix.dtype)
-            with torch.no_grad():
-                lin.weight.copy_(new.t() if lin.transposed else new)
-        if self.meta.get("embedding"):  # the refusal direction leaves the embedding too
-            from wandacli.removal.direction import orthogonalised_embedding
-
-            embedding = loaded.model.get_input_embeddings().weight
-            direction = torch.from_numpy(self.file.read_raw(DIRECTION_DATASET)).double()
-            new = orthogonalised_embedding(embedding, direction / direction.norm(), scale)
-            with torch.no_grad():
-                embedding.copy_(new.to(embedding.dtype))
+        for _ in apply_edit(self.content(), WeightChanges(loaded, undo=False)):
+            pass
 
     def close(self) -> None:
         self.file.close()
-
-
-EDIT_MODES = tuple(EditFile.BASES)
 
 
 def direction_scale(meta: dict[str, Any]) -> float:
@@ -106,48 +92,23 @@ def direction_scale(meta: dict[str, Any]) -> float:
     return float(meta.get("direction_scale", 1.0))
 
 
-def edit_method(meta: dict[str, Any]) -> str:
-    """`actsvd_remove_top`, `actsvd_keep_top`, `actsvd_orthogonal_projection`,
-    `refusal_direction`, or `random` for a `--match-ranks` control."""
-    if meta.get("matched_edit"):
-        return "random"
-    return {
-        "remove-top-ranks": "actsvd_remove_top",
-        "keep-top-ranks": "actsvd_keep_top",
-        "orthogonal-projection": "actsvd_orthogonal_projection",
-        "random-ranks": "random",
-        "direction": "refusal_direction",
-    }.get(str(meta.get("mode")), "actsvd")
-
-
 def open_removal(reference: str, store_root: Path | None) -> Removal:
     """A mask or an edit, by path (its format decides) or by name (masks/, then edits/)."""
-    if reference.endswith(".h5") or "/" in reference:
-        found = resolve_file(reference, store_root, "mask")
-        fmt = stored_format(found)
-        return EditRemoval(EditFile(found)) if fmt == EDIT_FORMAT else MaskRemoval(MaskFile(found))
-    if store_root is None:
-        raise StoreError(
-            f"mask or edit {reference!r} given by name: pass --store, or the path of its .h5 file"
-        )
-    check_name(reference, "mask")
-    mask = store_root / "masks" / f"{reference}.h5"
-    edit = store_root / "edits" / f"{reference}.h5"
-    if mask.is_file() and edit.is_file():
-        raise StoreError(
-            f"{reference!r} names both a mask and an edit in {store_root}: pass the path of the "
-            f"one you mean ({mask} or {edit})"
-        )
-    if edit.is_file():
-        return EditRemoval(EditFile(edit))
-    if mask.is_file():
-        return MaskRemoval(MaskFile(mask))
-    store = Store(store_root)
-    listing = ", ".join([*store.mask_names(), *store.edit_names()]) or "none"
-    raise StoreError(f"no mask or edit {reference!r} in {store_root} (it has: {listing})")
+    stored = open_stored_removal(reference, store_root)
+    return EditRemoval(stored) if isinstance(stored, EditFile) else MaskRemoval(stored)
 
 
-PROVENANCE_NAME = "wandacli-mask.json"  # beside a saved model: the mask or edit it was made with
+# Beside a saved model: the meta of the mask or edit it was made with (its name predates edits).
+PROVENANCE_NAME = "wandacli-mask.json"
+
+
+def read_provenance(directory: Path) -> dict[str, Any] | None:
+    """The removal a saved model was made with, as `save_model_with` recorded it."""
+    try:
+        found = json.loads((directory / PROVENANCE_NAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def check_save_model_target(out: Path, replace: bool) -> None:
@@ -176,7 +137,6 @@ def save_model_with(
     """Save a model with a mask or edit applied: save_pretrained into a temporary directory
     renamed into place (an interrupted save never leaves a half-written model at OUT), with
     the mask's or edit's meta beside it so that eval commands know what the model is."""
-    import json
     import shlex
 
     from wandacli.core.errors import interruptible

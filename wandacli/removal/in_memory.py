@@ -1,6 +1,7 @@
-"""Changes to a loaded model's linear weights (and its token embedding) that are undone exactly: a search applies one
-removal per trial to the same model and puts every weight back bit for bit before the next,
-instead of reloading it."""
+"""Changes to a loaded model's linear weights (and its token embedding), the one way a removal
+reaches a model (removal/content.py applies masks and edits through it). A search undoes them
+exactly after each trial (every weight back bit for bit, instead of reloading the model);
+evaluation and saved models keep them (`undo=False`: no copies are kept)."""
 
 from __future__ import annotations
 
@@ -16,36 +17,46 @@ class WeightChanges:
     """Zeroed entries and replaced matrices, remembered so that `restore` undoes them. Use as
     a context manager: the weights are restored when the block ends, whatever happened."""
 
-    def __init__(self, loaded: Any) -> None:
+    def __init__(self, loaded: Any, *, undo: bool = True) -> None:
         self.layers = {lin.key: lin for lin in loaded.linear_layers}
         self.embedding = loaded.model.get_input_embeddings().weight
+        self.undo = undo
         self._undo: list[tuple[str, Any, torch.Tensor]] = []
 
+    def _remember(self, key: str, index: Any, saved: torch.Tensor) -> None:
+        if self.undo:
+            self._undo.append((key, index, saved.clone()))
+
     def zero(self, key: str, mask: np.ndarray) -> int:
-        """Zero the masked entries of one weight ([out, in], True = pruned), as
-        `masks.apply_mask` does; returns how many."""
+        """Zero the masked entries of one weight ([out, in], True = pruned); returns how many."""
         matrix = self.layers[key].weight_matrix()
-        rows, cols = np.nonzero(mask)
-        index = (
-            torch.from_numpy(rows).to(matrix.device),
-            torch.from_numpy(cols).to(matrix.device),
-        )
+        selector = torch.from_numpy(mask).to(matrix.device)
         with torch.no_grad():
-            self._undo.append((key, index, matrix[index].clone()))
-            matrix[index] = 0
-        return int(rows.size)
+            self._remember(key, selector, matrix[selector])
+            matrix[selector] = 0
+        return int(mask.sum())
+
+    def copy_from(self, key: str, mask: np.ndarray, source: torch.Tensor) -> int:
+        """Set the masked entries of one weight to `source`'s ([out, in], another model's
+        weight: `--recover-from-base`); returns how many."""
+        matrix = self.layers[key].weight_matrix()
+        selector = torch.from_numpy(mask).to(matrix.device)
+        with torch.no_grad():
+            self._remember(key, None, matrix.detach())
+            matrix[selector] = source.to(matrix.device, matrix.dtype)[selector]
+        return int(mask.sum())
 
     def replace(self, key: str, new_matrix: torch.Tensor) -> None:
         """Set one weight ([out, in]) to `new_matrix`, rounded to the weight's dtype."""
         matrix = self.layers[key].weight_matrix()
         with torch.no_grad():
-            self._undo.append((key, None, matrix.detach().clone()))
+            self._remember(key, None, matrix.detach())
             matrix.copy_(new_matrix.to(device=matrix.device, dtype=matrix.dtype))
 
     def replace_embedding(self, new_embedding: torch.Tensor) -> None:
         """Set the token embedding [vocab, d] (a tied output head changes with it)."""
         with torch.no_grad():
-            self._undo.append((_EMBEDDING, None, self.embedding.detach().clone()))
+            self._remember(_EMBEDDING, None, self.embedding.detach())
             self.embedding.copy_(
                 new_embedding.to(device=self.embedding.device, dtype=self.embedding.dtype)
             )

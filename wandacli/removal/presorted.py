@@ -1,4 +1,7 @@
-"""Scores ranked once, so that a mask for any fraction up to a bound is a slice, not a sort.
+"""Which entries of a score matrix a mask selects: read and selected on each call (`prune`,
+`DirectRanking`), or ranked once so that a mask for any fraction up to a bound is a slice, not
+a sort (a search's trials, `PresortedScores`). Mask kinds select through either, so a trial's
+mask is the mask `prune` writes for the same parameters by construction of this module.
 
 A search builds a mask per trial from the same score sets with other fractions. Each matrix's
 top entries (up to the largest fraction the search may ask for) are found once with the same
@@ -16,7 +19,7 @@ from collections.abc import Callable, Iterable
 
 import numpy as np
 
-from wandacli.removal.masks import matrix_count, row_count, select_extreme
+from wandacli.removal.masks import matrix_count, row_count, select_extreme, top_fraction
 
 
 class PresortedMatrix:
@@ -63,6 +66,29 @@ class PresortedMatrix:
         return mask
 
 
+class DirectMatrix:
+    """One matrix's scores, selected when asked."""
+
+    def __init__(self, scores: np.ndarray, *, per_row: bool) -> None:
+        self.scores = scores
+        self.per_row = per_row
+
+    def top(self, fraction: float) -> np.ndarray:
+        """The bool mask [out, in] of the top `fraction` (`masks.top_fraction`)."""
+        return top_fraction(self.scores, fraction, per_row=self.per_row)
+
+
+class DirectRanking:
+    """A score set read matrix by matrix, each selection made when asked (`prune`)."""
+
+    def __init__(self, read: Callable[[str], np.ndarray], *, per_row: bool) -> None:
+        self.read = read
+        self.per_row = per_row
+
+    def matrix(self, key: str) -> DirectMatrix:
+        return DirectMatrix(self.read(key), per_row=self.per_row)
+
+
 class PresortedScores:
     """A score set's matrices ranked once (`read` gives a matrix's scores by module key)."""
 
@@ -81,16 +107,5 @@ class PresortedScores:
             if on_matrix is not None:
                 on_matrix()
 
-    def top(self, key: str, fraction: float) -> np.ndarray:
-        return self.matrices[key].top(fraction)
-
-
-def set_difference(
-    safety: PresortedMatrix, utility: PresortedMatrix, p: float, q: float
-) -> np.ndarray:
-    """`masks.set_difference_mask` from ranked matrices: the top q of the safety scores that
-    are not in the top p of the utility scores."""
-    mask = safety.top(q)
-    flat = mask.reshape(-1)
-    flat[utility.order[: utility.count(p)]] = False
-    return mask
+    def matrix(self, key: str) -> PresortedMatrix:
+        return self.matrices[key]

@@ -10,7 +10,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wandacli.config.search import RANGE_OPTIONS
 from wandacli.core.errors import StoreError
 from wandacli.core.metrics import metric_order
 from wandacli.core.naming import file_safe_name
@@ -181,10 +180,9 @@ def search_markdown(summary: dict[str, Any]) -> list[str]:
     first = int(prompts.get("offset") or 0) + 1
     last = first + int(prompts.get("count") or 0) - 1
     params = sorted({k for t in front for k in t.get("params") or {}})
+    # The request's only lists are its ranges, each [LO, HI] under its option's name.
     ranges = ", ".join(
-        f"{k} {request[k][0]:g}:{request[k][1]:g}"
-        for k in RANGE_OPTIONS
-        if isinstance(request.get(k), list)
+        f"{k} {v[0]:g}:{v[1]:g}" for k, v in request.items() if isinstance(v, list) and len(v) == 2
     )
     best = summary.get("best") or {}
     lines = [

@@ -8,6 +8,7 @@ where it stopped; `--keep N` writes front points into the store as ordinary mask
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shlex
 import sys
@@ -16,7 +17,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wandacli.config.search import SearchConfig
 from wandacli.core.console import NullReporter, Reporter, info, warn
 from wandacli.core.durable import atomic_write_text, ensure_writable_directory
 from wandacli.core.errors import ConfigError, StoreError, interruptible
@@ -31,9 +31,10 @@ from wandacli.evaluation.prompts import (
 )
 from wandacli.evaluation.refusal import refusal_rate, refusal_score
 from wandacli.removal.in_memory import WeightChanges
-from wandacli.removal.requests import store_root_for
 from wandacli.search import study as studies
-from wandacli.search.removals import TrialRemovals, prune_config_for
+from wandacli.search.config import SearchConfig
+from wandacli.search.removals import TrialRemovals, amount_name, prune_config_for
+from wandacli.store.files import store_root_for
 from wandacli.store.lock import search_lock
 from wandacli.store.schema import SEARCH_SUMMARY, Store, check_name
 
@@ -219,7 +220,7 @@ class SearchRun:
             }
         )
         if "dense" not in summary:
-            summary["dense"] = measure() | {removals_amount_name(config): 0.0}
+            summary["dense"] = measure() | {amount_name(config): 0.0}
         if config.select == "reference":
             return self._select_reference(
                 removals, loaded, directory, summary, refusal_texts, kl_texts, special, started
@@ -236,15 +237,15 @@ class SearchRun:
                 completed = len(studies.complete_trials(study))
                 study.sampler = studies.sampler_for(config, completed)
                 trial = study.ask()
-                params = studies.suggest(trial, config.ranges())
+                params = studies.suggest(trial, config.searched(), config.removal_kind)
                 trial_started = time.monotonic()
                 self.reporter.start(
                     f"search {config.name}: trial {completed + 1} of {config.trials}", total=1
                 )
                 earlier = studies.measured_before(study, params)
                 if earlier is not None:
-                    amount_name = removals_amount_name(config)
-                    amount, built = earlier.user_attrs[amount_name], 0.0
+                    amount_key = amount_name(config)
+                    amount, built = earlier.user_attrs[amount_key], 0.0
                     values = dict(zip(studies.OBJECTIVES, earlier.values, strict=True))
                     trial.set_user_attr("measured_as", earlier.user_attrs["index"])
                 else:
@@ -252,9 +253,9 @@ class SearchRun:
                         applied = removals.apply(params, changes)
                         built = time.monotonic() - trial_started
                         values = measure()
-                    amount_name, amount = applied.amount_name, applied.amount
+                    amount_key, amount = applied.amount_name, applied.amount
                 trial.set_user_attr("index", completed)
-                trial.set_user_attr(amount_name, amount)
+                trial.set_user_attr(amount_key, amount)
                 trial.set_user_attr("seconds", round(time.monotonic() - trial_started, 3))
                 trial.set_user_attr("removal_seconds", round(built, 3))
                 study.tell(trial, [values[name] for name in studies.OBJECTIVES])
@@ -315,7 +316,7 @@ class SearchRun:
         from wandacli.search.select import RULE, select_reference
 
         config = self.config
-        ranges = config.ranges()
+        ranges = config.searched()
         candidates = [
             {"direction_layer": layer, "direction_position": position}
             for layer, position in product(
@@ -495,16 +496,12 @@ class SearchRun:
             "kl": point["kl"],
             "prompts": summary["prompts"],
         } | ({"rule": rule} if rule else {})
-        request = prune_config_for(config, point["params"], name)
-        request = type(request)(**{**request.__dict__, "search": origin, "overwrite": overwrite})
-        if config.is_edit:
-            from wandacli.removal.edits import run_edit
+        from wandacli.removal.run import run_removal
 
-            run_edit(request, reporter=self.reporter, command_line=self.command_line)  # type: ignore[arg-type]
-        else:
-            from wandacli.removal.prune import run_prune
-
-            run_prune(request, reporter=self.reporter, command_line=self.command_line)  # type: ignore[arg-type]
+        request = dataclasses.replace(
+            prune_config_for(config, point["params"], name), search=origin, overwrite=overwrite
+        )
+        run_removal(request, reporter=self.reporter, command_line=self.command_line)
 
     # -- checks ---------------------------------------------------------------------------
 
@@ -534,13 +531,9 @@ def _front(trials: list[dict[str, Any]], config: SearchConfig) -> list[dict[str,
     direction where the two means are equal) measured the dense model, which would dominate
     every real removal on KL and is not a point to keep. A trial that repeated an earlier
     one's parameters (`measured_as`) is that point again: it is on the front once."""
-    amount = removals_amount_name(config)
+    amount = amount_name(config)
     measured = [t for t in trials if t.get(amount, 1.0) != 0 and "measured_as" not in t]
     return studies.pareto_front(measured)
-
-
-def removals_amount_name(config: SearchConfig) -> str:
-    return "removed_rank_fraction" if config.is_edit else "sparsity"
 
 
 def _refusal_rule(config: SearchConfig) -> str:

@@ -15,7 +15,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from wandacli.config.search import ParameterRange, SearchConfig
+from wandacli.config.ranges import ParameterRange
+from wandacli.removal.kinds.base import RemovalKind
+from wandacli.search.config import SearchConfig
 
 JOURNAL_NAME = "journal.log"
 OBJECTIVES = ("refusal", "kl")  # both minimised: the refusal left, the cost to utility
@@ -89,21 +91,19 @@ def sampler_for(config: SearchConfig, completed: int) -> Any:
     )
 
 
-# Fractions searched on a linear scale: a share of one direction, where 0.3 and 0.6 differ as
-# much as 0.6 and 0.9 (p, q and ratios span orders of magnitude instead).
-LINEAR_FRACTIONS = frozenset({"direction_scale"})
-
-
-def suggest(trial: Any, ranges: dict[str, ParameterRange]) -> dict[str, Any]:
+def suggest(trial: Any, ranges: dict[str, ParameterRange], kind: RemovalKind) -> dict[str, Any]:
     """Fractions of weights on a log scale (the top 2% and 20% are as far apart as 0.2% and
-    2%), a direction's scale on a linear one, ranks and layers as integers."""
+    2%), what the kind declares linear (a direction's scale) on a linear one, ranks and layers
+    as integers."""
+    linear = {parameter.name for parameter in kind.search_space if parameter.linear}
     params: dict[str, Any] = {}
     for name, chosen in ranges.items():
         if chosen.integer:
             params[name] = trial.suggest_int(name, int(chosen.low), int(chosen.high))
         else:
-            log = name not in LINEAR_FRACTIONS
-            params[name] = trial.suggest_float(name, chosen.low, chosen.high, log=log)
+            params[name] = trial.suggest_float(
+                name, chosen.low, chosen.high, log=name not in linear
+            )
     return params
 
 

@@ -11,6 +11,7 @@ from typing import Any, Self
 import h5py
 import numpy as np
 
+from wandacli.config.settings import DEFAULT_STORE
 from wandacli.core.errors import (
     ChecksumError,
     NonFiniteScoresError,
@@ -41,36 +42,68 @@ from wandacli.store.schema import (
     describe_key,
 )
 
+# Where each kind of stored file lives in a store.
+FOLDERS = {"score set": SCORES_DIR, "mask": MASKS_DIR, "edit": EDITS_DIR}
 
-def resolve_file(reference: str, store_root: Path | None, kind: str) -> Path:
-    """A score set, mask or edit given by name (inside the store) or as a path to its .h5."""
-    folder = {"score set": SCORES_DIR, "mask": MASKS_DIR, "edit": EDITS_DIR}[kind]
+
+def is_path(reference: str) -> bool:
+    """A reference names a file by path (an .h5, or anything with a folder in it), not by name."""
+    return reference.endswith(".h5") or os.sep in reference or "/" in reference
+
+
+def resolve_file(reference: str, store_root: Path | None, *kinds: str) -> Path:
+    """The one rule from a name to a file: a stored file given as the path of its .h5, or by
+    name, looked up in the store's folder for each of `kinds` ("score set", "mask", "edit"; a
+    name two of them hold is refused as ambiguous)."""
+    what = " or ".join(kinds)
     path = Path(reference).expanduser()
-    if reference.endswith(".h5") or os.sep in reference:
+    if is_path(reference):
         if path.is_dir():
-            raise StoreError(f"{reference} is a directory: pass the {kind}'s .h5 file or its name")
+            raise StoreError(f"{reference} is a directory: pass the {what}'s .h5 file or its name")
         if not path.is_file():
-            raise StoreError(f"{kind} file {reference} does not exist")
+            raise StoreError(f"{what} file {reference} does not exist")
         return path
     if store_root is None:
         raise StoreError(
-            f"{kind} {reference!r} given by name: pass --store, or the path of its .h5 file"
+            f"{what} {reference!r} given by name: pass --store, or the path of its .h5 file"
         )
-    candidate = store_root / folder / f"{check_name(reference, kind)}.h5"
-    if candidate.is_file():
-        return candidate
-    if kind == "score set" and (store_root / folder / f"{reference}{PARTS_SUFFIX}").is_dir():
+    check_name(reference, kinds[0])
+    found = [
+        store_root / FOLDERS[kind] / f"{reference}.h5"
+        for kind in kinds
+        if (store_root / FOLDERS[kind] / f"{reference}.h5").is_file()
+    ]
+    if len(found) > 1:
+        raise StoreError(
+            f"{reference!r} names both a {kinds[0]} and an {kinds[1]} in {store_root}: pass the "
+            f"path of the one you mean ({' or '.join(str(f) for f in found)})"
+        )
+    if found:
+        return found[0]
+    if "score set" in kinds and (store_root / SCORES_DIR / f"{reference}{PARTS_SUFFIX}").is_dir():
         raise StoreError(
             f"score set {reference!r} in {store_root} is unfinished: run the same "
             "`wandacli score` command again to finish it"
         )
-    known = {
-        "score set": Store(store_root).score_set_names,
-        "mask": Store(store_root).mask_names,
-        "edit": Store(store_root).edit_names,
-    }[kind]()
+    store = Store(store_root)
+    listings = {
+        "score set": store.score_set_names,
+        "mask": store.mask_names,
+        "edit": store.edit_names,
+    }
+    known = [name for kind in kinds for name in listings[kind]()]
     listing = ", ".join(known) if known else "none"
-    raise StoreError(f"no {kind} {reference!r} in {store_root} (it has: {listing})")
+    raise StoreError(f"no {what} {reference!r} in {store_root} (it has: {listing})")
+
+
+def store_root_for(reference: str, explicit: Path | None) -> Path:
+    """--store, else the store holding a set given by path, else the default store."""
+    if explicit is not None:
+        return explicit
+    path = Path(reference)
+    if path.suffix == ".h5" and path.parent.name == SCORES_DIR:
+        return path.parent.parent
+    return DEFAULT_STORE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,6 +566,12 @@ def write_mask_array(handle: h5py.File, key: str, mask: np.ndarray) -> None:
 
 def open_mask(reference: str, store_root: Path | None) -> MaskFile:
     return MaskFile(resolve_file(reference, store_root, "mask"))
+
+
+def open_stored_removal(reference: str, store_root: Path | None) -> MaskFile | EditFile:
+    """A mask or an edit, by name (masks/, then edits/) or by path (its format decides)."""
+    path = resolve_file(reference, store_root, "mask", "edit")
+    return EditFile(path) if stored_format(path) == EDIT_FORMAT else MaskFile(path)
 
 
 def open_score_set(reference: str, store_root: Path | None) -> ScoreSet:

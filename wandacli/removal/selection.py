@@ -1,30 +1,18 @@
-"""What mask and edit runs share: the store they write to and the weights they select."""
+"""The modules a removal may change: `--layers` and `--modules`, one rule for every removal and search."""
 
 from __future__ import annotations
 
 import fnmatch
-from pathlib import Path
 from typing import Protocol
 
-from wandacli.config.settings import DEFAULT_STORE
 from wandacli.core.errors import ConfigError
 from wandacli.core.fingerprint import ModelFingerprint
 from wandacli.removal.masks import parse_layers
-from wandacli.store.schema import SCORES_DIR, split_key
-
-
-def store_root_for(reference: str, explicit: Path | None) -> Path:
-    """--store, else the store holding a score set given by path, else the default store."""
-    if explicit is not None:
-        return explicit
-    path = Path(reference)
-    if path.suffix == ".h5" and path.parent.name == SCORES_DIR:
-        return path.parent.parent
-    return DEFAULT_STORE
+from wandacli.store.schema import split_key
 
 
 class ModuleFilters(Protocol):
-    """What selected_keys reads: PruneConfig, EditConfig and SearchConfig all have it."""
+    """What selected_keys reads: a removal's request and a search's settings both have it."""
 
     @property
     def layers(self) -> str | None: ...

@@ -1,0 +1,122 @@
+"""A removal in memory, and the one way it is applied to a model.
+
+Whoever builds a removal (a search's trial, `prune` before it writes the file, evaluation after
+it reads one back) holds it in one of these forms, and `apply` changes the model's weights from
+it the same way for all of them, so that a trial, the file `prune` writes for the same
+parameters and the model evaluated from that file are one removal:
+
+    MaskContent   per module, the entries to zero (bool [out, in], True = pruned)
+    EditContent   per module, the orthonormal bases of a rank edit, rounded to float32 as the
+                  file stores them (and, for a refusal direction, r for the token embedding
+                  too), computed module by module as they are read, so that `prune` streams
+                  them to the file without holding the whole edit
+
+The weights change through `WeightChanges` (removal/in_memory.py): undone exactly after a trial,
+kept for evaluation and saved models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from wandacli.removal.in_memory import WeightChanges
+
+
+@dataclass
+class MaskContent:
+    """A mask: `mask(key)` for every module in `keys` (the others are left as they are)."""
+
+    keys: list[str]
+    mask: Callable[[str], np.ndarray]
+
+
+@dataclass
+class EditModule:
+    """One module of an edit: its bases by role (float32 [d_out, r]), or, where a kind computes
+    the change directly, ΔW (float32 [d_out, d_in]; W ← W − ΔW)."""
+
+    key: str
+    bases: dict[str, np.ndarray] = field(default_factory=dict)
+    removed_rank: int = 0
+    full_rank: int = 0
+    ranks: dict[str, int] = field(default_factory=dict)
+    delta: torch.Tensor | None = None
+
+
+@dataclass
+class EditContent:
+    """A rank edit or a refusal direction: `modules` yields each changed module in the store's
+    order, computing it as it is read."""
+
+    mode: str
+    modules: Iterable[EditModule]
+    # r [d_model, 1] float32: the token embedding loses it too (a tied output head with it),
+    # and every module's `remove` basis is this vector.
+    direction: np.ndarray | None = None
+    scale: float = 1.0  # the share of the direction removed (1 for every other edit)
+    # The model was edited as the modules were computed (the reference's sequential order).
+    applied: bool = False
+
+
+def apply_mask(
+    content: MaskContent, changes: WeightChanges, base: Any | None = None
+) -> dict[str, int]:
+    """Zero each module's masked entries (or, with `base`, put the base model's weights there:
+    `--recover-from-base`); how many per module."""
+    base_layers = {lin.key: lin for lin in base.linear_layers} if base is not None else {}
+    return {
+        key: apply_module_mask(changes, key, content.mask(key), base_layers.get(key))
+        for key in content.keys
+    }
+
+
+def apply_module_mask(
+    changes: WeightChanges, key: str, mask: np.ndarray, base_layer: Any | None = None
+) -> int:
+    """One module's mask applied: its entries zeroed, or taken from the base model's layer."""
+    if base_layer is not None:
+        return changes.copy_from(key, mask, base_layer.weight_matrix())
+    return changes.zero(key, mask)
+
+
+def edited_module_weight(
+    weight: torch.Tensor, mode: str, module: EditModule, scale: float
+) -> torch.Tensor:
+    """One module's weight after the edit, in float64 (ΔW subtracted in float32 where a kind
+    gives ΔW)."""
+    from wandacli.removal.ranks import edited_weight
+
+    if module.delta is not None:
+        return weight.detach().float() - module.delta.to(weight.device)
+    bases = {role: torch.from_numpy(basis) for role, basis in module.bases.items()}
+    return edited_weight(weight.detach(), mode, bases, scale=scale)
+
+
+def apply_edit(content: EditContent, changes: WeightChanges) -> Iterator[EditModule]:
+    """Change each module's weight as the edit says (and the embedding, for a direction),
+    yielding each module once applied, for whoever also writes or counts them."""
+    from wandacli.removal.direction import orthogonalised_embedding
+
+    for module in content.modules:
+        if not content.applied:
+            weight = changes.layers[module.key].weight_matrix()
+            changes.replace(
+                module.key, edited_module_weight(weight, content.mode, module, content.scale)
+            )
+        yield module
+    if content.direction is not None and not content.applied:
+        r = torch.from_numpy(content.direction).double().reshape(-1)
+        changes.replace_embedding(
+            orthogonalised_embedding(changes.embedding, r / r.norm(), content.scale)
+        )
+
+
+def removed_rank_fraction(removed: dict[str, int], shapes: dict[str, tuple[int, int]]) -> float:
+    """The rank an edit removes over every module's full rank (all modules, changed or not)."""
+    total_rank = sum(min(shape) for shape in shapes.values())
+    return sum(removed.values()) / total_rank if total_rank else 0.0

@@ -1,0 +1,279 @@
+"""The refusal direction (Arditi et al. 2024): r from two mean-activations sets, removed from
+every module that writes into the residual stream and from the token embedding
+(removal/direction.py has the formula). Its control is a random unit vector removed the same
+way."""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from wandacli.config.declare import option
+from wandacli.config.ranges import ParameterRange
+from wandacli.core.errors import ConfigError, StoreError
+from wandacli.core.naming import file_safe_name
+from wandacli.removal.content import EditContent, EditModule
+from wandacli.removal.kinds import options
+from wandacli.removal.kinds.base import EditKind, Searchable, Sets, same_model
+
+RULE = (
+    "r = normalise(mean_harmful[layer, position] − mean_harmless[layer, position]); writers "
+    "W ← W − α r rᵀ W, token embedding E ← E − α (E r) rᵀ (α = direction_scale, 1: all of it; a "
+    "tied output head changes with the embedding)"
+)
+CONTROL_RULE = (
+    "a seeded random unit vector (Gaussian, normalised), removed from the writers and the "
+    "embedding as the matched direction is"
+)
+
+
+def _share(value: float, flag: str) -> None:
+    if not 0 < value <= 1:
+        raise ConfigError(
+            f"{flag} {value:g}: the share of the direction removed must lie in (0, 1] (1: all of it)"
+        )
+
+
+@dataclass(frozen=True)
+class DirectionSettings:
+    utility_scores: str | None = options.utility_scores()
+    direction_layer: int | None = option(
+        None,
+        "--direction-layer",
+        help="The refusal direction from two mean-activations sets (--scores HARMFUL "
+        "--utility-scores HARMLESS): r = normalise(μ_harmful − μ_harmless) at this residual "
+        "stream (hidden_states[L]), removed from every module writing into the stream "
+        "(W ← W − r rᵀ W) and from the token embedding (E ← E − E r rᵀ).",
+        panel=options.DIRECTION_PANEL,
+    )
+    direction_position: int = option(
+        -1,
+        "--direction-position",
+        help="The direction's prompt position, from the end (-1: the last prompt token).",
+        panel=options.DIRECTION_PANEL,
+    )
+    # heretic's weight of the abliteration: W ← W − α r rᵀ W (1: orthogonalised; 0.5: the
+    # stream keeps half its component along r from each writer). Left out of the request at
+    # 1, as every edit made before the scale existed.
+    direction_scale: float = option(
+        1.0,
+        "--direction-scale",
+        help="The share α of the direction removed, in (0, 1]: W ← W − α r rᵀ W and "
+        "E ← E − α E r rᵀ (heretic's abliteration weight; 1: all of it).",
+        panel=options.DIRECTION_PANEL,
+        check=_share,
+        request_omits_default=True,
+    )
+
+
+def _scale_range(chosen: ParameterRange, flag: str) -> None:
+    if not 0 < chosen.low <= chosen.high <= 1:
+        raise ConfigError(f"{flag} {chosen}: the share removed must lie in (0, 1] (1: all of it)")
+
+
+def _position_range(chosen: ParameterRange, flag: str) -> None:
+    if chosen.high > -1:
+        raise ConfigError(
+            f"{flag} {chosen}: positions count from the end, -1 the last prompt token (e.g. -5:-1)"
+        )
+
+
+def _layer_range(chosen: ParameterRange, flag: str) -> None:
+    chosen.check_rank(flag)
+
+
+class Direction(EditKind):
+    name = "direction"
+    title = "the refusal direction"
+    selector = "--direction-layer"
+    does = "removes one direction"
+    settings = DirectionSettings
+    modes = ("direction",)
+    search_space = (
+        Searchable("direction_layer", "--direction-layer", "The refusal direction (two mean-activations sets): its residual stream, e.g. 8:24.", integer=True, check=_layer_range),
+        Searchable("direction_position", "--direction-position", "The refusal direction's prompt position from the end, e.g. -5:-1 [default: -1].", integer=True, check=_position_range, fixed=-1, ranged_when_fixed=True),
+        Searchable("direction_scale", "--direction-scale", "The share of the refusal direction removed, e.g. 0.3:1 [default: 1, all of it].", linear=True, check=_scale_range, fixed=1.0),
+    )  # fmt: skip
+    search_groups = (frozenset({"direction_layer"}),)
+    search_usage = (
+        "--direction-layer (and --direction-position, --direction-scale) for the refusal direction"
+    )
+
+    def reference_method(self, meta: dict[str, Any]) -> str:
+        return "random" if meta.get("matched_edit") else "refusal_direction"
+
+    def claims(self, given: dict[str, Any]) -> bool:
+        return "direction_layer" in given
+
+    def check(self, settings: DirectionSettings, request: Any) -> None:
+        if settings.utility_scores is None:
+            raise ConfigError(
+                "--direction-layer needs two mean-activations sets: --scores HARMFUL "
+                "--utility-scores HARMLESS"
+            )
+
+    def open(self, request: Any, root: Path) -> Sets:
+        from wandacli.removal.direction import writer_keys
+        from wandacli.removal.selection import selected_keys
+        from wandacli.store.files import open_mean_activations
+
+        stack = contextlib.ExitStack()
+        try:
+            harmful = stack.enter_context(open_mean_activations(request.scores, root))
+            second = request.settings.utility_scores
+            harmless = stack.enter_context(open_mean_activations(second, root))
+            same_model(
+                harmful,
+                harmless,
+                "--scores",
+                "--utility-scores",
+                f"--scores {request.scores} and --utility-scores {second} were computed on "
+                "different models",
+            )
+            for what, a, b in (
+                ("models", harmful.meta["model"].get("id"), harmless.meta["model"].get("id")),
+                ("templates", harmful.template, harmless.template),
+                ("--positions", harmful.positions, harmless.positions),
+            ):
+                if a != b:
+                    raise StoreError(
+                        f"--scores {request.scores} and --utility-scores {second} were taken "
+                        f"with different {what} ({a} and {b}): score both the same way"
+                    )
+            writers = set(writer_keys(harmful.fingerprint, harmful.hidden_size))
+            keys = [k for k in selected_keys(request, harmful.fingerprint) if k in writers]
+            if not keys:
+                raise ConfigError(
+                    "no module that writes into the residual stream is selected: drop "
+                    "--layers/--modules, or choose writers (o_proj, down_proj, ...)"
+                )
+            sets = Sets(harmful, harmless, keys, root, stack)
+            sets.extra["means"] = (harmful.means(), harmless.means())
+            return sets
+        except BaseException:
+            stack.close()
+            raise
+
+    def default_name(self, request: Any, sets: Sets) -> str:
+        settings = request.settings
+        assert sets.secondary is not None
+        scale = f"a{settings.direction_scale:g}" if settings.direction_scale != 1.0 else ""
+        return file_safe_name(
+            f"{sets.primary.name}-minus-{sets.secondary.name}.direction-l"
+            f"{settings.direction_layer}p{settings.direction_position}{scale}"
+        )
+
+    def direction(self, settings: DirectionSettings, sets: Sets) -> torch.Tensor | None:
+        """r̂ from the two means (float64); None where they are equal there (the embeddings'
+        output at the template's own tokens is the same for every prompt): nothing to remove."""
+        from wandacli.removal.direction import refusal_direction
+
+        harmful, harmless = sets.extra["means"]
+        layer, position = settings.direction_layer, settings.direction_position
+        assert layer is not None
+        if 0 <= layer < harmful.shape[0] and -harmful.shape[1] <= position <= -1:
+            index = harmful.shape[1] + position
+            if not np.any(harmful[layer, index] != harmless[layer, index]):
+                return None
+        return refusal_direction(harmful, harmless, layer, position)
+
+    def content(
+        self, settings: DirectionSettings, sets: Sets, loaded: Any, reporter: Any
+    ) -> EditContent:
+        r = self.direction(settings, sets)
+        if r is None:
+            raise StoreError(
+                f"the two sets' means are equal at layer {settings.direction_layer}, position "
+                f"{settings.direction_position}: no direction (were both scored on the same "
+                "prompts?)"
+            )
+        return removing(r, sets.keys, sets.fingerprint.shapes, settings.direction_scale)
+
+    def trial_content(
+        self, settings: DirectionSettings, sets: Sets, prepared: Any
+    ) -> EditContent | None:
+        r = self.direction(settings, sets)
+        if r is None:
+            return None  # the dense model, measured as such
+        return removing(r, sets.keys, sets.fingerprint.shapes, settings.direction_scale)
+
+    def stored_meta(self, settings: DirectionSettings, sets: Sets) -> dict[str, Any]:
+        return {
+            "embedding": True,
+            "direction": {
+                "layer": settings.direction_layer,
+                "position": settings.direction_position,
+                "rule": RULE,
+            },
+            "direction_scale": settings.direction_scale,
+            "mean_activations": [
+                _describe_means(sets.primary, "harmful"),
+                _describe_means(sets.secondary, "harmless"),
+            ],
+        }
+
+    def check_ranges(self, ranges: dict[str, ParameterRange], sets: Sets) -> None:
+        """The ranges within the sets' streams and positions."""
+        streams, positions = sets.fingerprint.num_layers + 1, sets.primary.positions
+        if ranges["direction_layer"].high > streams - 1:
+            raise ConfigError(
+                f"--direction-layer {ranges['direction_layer']} reaches above the sets' residual "
+                f"streams 0..{streams - 1}"
+            )
+        if ranges["direction_position"].low < -positions:
+            raise ConfigError(
+                f"--direction-position {ranges['direction_position']} reaches before the sets' "
+                f"last {positions} prompt positions: use -{positions}..-1"
+            )
+
+    def control(
+        self,
+        removed: dict[str, int],
+        shapes: dict[str, tuple[int, int]],
+        seed: int,
+        *,
+        scale: float = 1.0,
+        hidden: int = 0,
+    ) -> EditContent:
+        """A seeded random unit vector removed the same way: every writer, the embedding, the
+        same share."""
+        from wandacli.removal.ranks import random_orthonormal
+
+        generator = torch.Generator().manual_seed(seed)
+        r = random_orthonormal(hidden, 1, generator).reshape(-1)
+        return removing(r, list(removed), shapes, scale)
+
+
+def removing(
+    r: torch.Tensor, keys: list[str], shapes: dict[str, tuple[int, int]], scale: float
+) -> EditContent:
+    """r removed from every writer in `keys` and from the embedding, r rounded to float32 as
+    the file stores it (once, at /direction; every writer's `remove` basis is it)."""
+    stored = r.float().reshape(-1, 1).numpy()
+    modules = [
+        EditModule(
+            key, {"remove": stored}, removed_rank=1, full_rank=min(shapes[key]), ranks={"remove": 1}
+        )
+        for key in keys
+    ]
+    return EditContent("direction", modules, direction=stored, scale=scale)
+
+
+def _describe_means(means: Any, role: str) -> dict[str, Any]:
+    return {
+        "role": role,
+        "name": means.name,
+        "path": str(means.path),
+        "data": (means.meta.get("data") or {}).get("name"),
+        "template": means.template,
+        "positions": means.positions,
+        "finished": means.meta.get("finished"),
+    }
+
+
+KIND = Direction()

@@ -89,7 +89,6 @@ def _mask_from_scratch(store) -> None:
 
 
 def _direct_projection(removals, loaded, params) -> None:
-    from wandacli.removal.ranks import edited_weight
 
     layers = {lin.key: lin for lin in loaded.linear_layers}
     settings = removals.settings(params)
@@ -99,7 +98,7 @@ def _direct_projection(removals, loaded, params) -> None:
             "safety": module.safety[:, : ranks["safety"]],
             "utility": module.utility[:, : ranks["utility"]],
         }
-        edited_weight(layers[key].weight_matrix().detach(), "orthogonal-projection", bases)
+        removals.kind.edited_weight(layers[key].weight_matrix().detach(), bases)
 
 
 def run() -> list[Row]:

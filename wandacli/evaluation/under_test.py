@@ -54,9 +54,8 @@ class ModelUnderTest:
 
     @property
     def p_q(self) -> tuple[float, float] | None:
-        if self.removal_meta.get("mode") == "set-difference":
-            return float(self.removal_meta["p"]), float(self.removal_meta["q"])
-        return None
+        p, q = self.removal_meta.get("p"), self.removal_meta.get("q")
+        return (float(p), float(q)) if p is not None and q is not None else None
 
     @property
     def matches(self) -> str | None:

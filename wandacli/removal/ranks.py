@@ -101,28 +101,13 @@ def subspace_similarity(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((overlap * overlap).sum() / smaller)
 
 
-def edited_weight(
-    weight: torch.Tensor, mode: str, bases: dict[str, torch.Tensor], *, scale: float = 1.0
-) -> torch.Tensor:
-    """The weight after a stored edit (float64): `remove-top-ranks` (basis `remove`),
-    `keep-top-ranks` (`keep`), `orthogonal-projection` (`safety`, `utility`) or `random-ranks`
-    (`remove`: random directions, a control) or `direction` (`remove`: the refusal direction;
-    `scale` α removes that share of it, W − α r rᵀ W)."""
+def in_float64(
+    weight: torch.Tensor, bases: dict[str, torch.Tensor]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """A weight and its edit's bases in float64 on the weight's device, where every edit is
+    computed."""
     w = weight.to(torch.float64)
-    as64 = {role: basis.to(device=w.device, dtype=torch.float64) for role, basis in bases.items()}
-    if mode == "direction":  # stored float32: unit length again in float64
-        r = as64["remove"]
-        r = r / r.norm()
-        return w - scale * project(r, w)
-    if scale != 1.0:
-        raise ValueError(f"a {mode} edit has no scale (got {scale})")
-    if mode in ("remove-top-ranks", "random-ranks"):
-        return remove_top_ranks(w, as64["remove"])
-    if mode == "keep-top-ranks":
-        return keep_top_ranks(w, as64["keep"])
-    if mode == "orthogonal-projection":
-        return w - orthogonal_projection_delta(w, as64["safety"], as64["utility"])
-    raise ValueError(f"unknown edit mode {mode!r}")
+    return w, {role: b.to(device=w.device, dtype=torch.float64) for role, b in bases.items()}
 
 
 def random_orthonormal(rows: int, rank: int, generator: torch.Generator) -> torch.Tensor:

@@ -56,11 +56,10 @@ class SequentialMoments:
         self._layer = layer
 
     @staticmethod
-    def apply(lin: Any, mode: str, bases: dict[str, torch.Tensor]) -> None:
-        from wandacli.removal.ranks import edited_weight
-
+    def apply(lin: Any, kind: Any, bases: dict[str, torch.Tensor]) -> None:
+        """This layer's edit in place (`kind`'s formula), before the next is recorded."""
         matrix = lin.weight_matrix()
-        new = edited_weight(matrix, mode, bases).to(matrix.dtype)
+        new = kind.edited_weight(matrix, bases).to(matrix.dtype)
         with torch.no_grad():
             lin.weight.copy_(new.t() if lin.transposed else new)
 

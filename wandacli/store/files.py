@@ -499,16 +499,10 @@ def open_rank_statistics(reference: str, store_root: Path | None) -> RankStatist
 
 
 class EditFile(StoredFile):
-    """A finished rank edit: per changed module, the orthonormal bases that define it."""
+    """A finished edit: per changed module, the orthonormal bases that define it, each under
+    its role (the meta's `modules[key].ranks` names them: `remove`, `keep`, `safety`, ...)."""
 
     noun = "edit"
-    BASES = {
-        "remove-top-ranks": ("remove",),
-        "keep-top-ranks": ("keep",),
-        "orthogonal-projection": ("safety", "utility"),
-        "random-ranks": ("remove",),  # `prune --match-ranks`: a control, W ← (I − QQᵀ) W
-        "direction": ("remove",),  # the refusal direction r: W ← W − r rᵀ W (and E, see meta)
-    }
 
     def __init__(self, path: Path) -> None:
         super().__init__(path, EDIT_FORMAT, ("float32",))
@@ -516,11 +510,13 @@ class EditFile(StoredFile):
             self.fingerprint = ModelFingerprint.from_json(self.meta["model"]["fingerprint"])
             self.mode = str(self.meta["mode"])
             self.keys = list(self.meta["modules"])
-            bases = self.BASES[self.mode]
+            self._roles = {k: list(self.meta["modules"][k]["ranks"]) for k in self.keys}
         except (KeyError, TypeError, ValueError) as exc:
             self.close()
             raise StoreError(f"{self.path} has incomplete meta: not a complete edit") from exc
-        missing = [f"{k}/{b}" for k in self.keys for b in bases if not self.has(f"{k}/{b}")]
+        missing = [
+            f"{k}/{r}" for k in self.keys for r in self._roles[k] if not self.has(f"{k}/{r}")
+        ]
         if missing:
             self.close()
             raise StoreError(f"{self.path} is incomplete: missing {missing[0]}")
@@ -537,7 +533,7 @@ class EditFile(StoredFile):
         """The module's bases by role, checked: [out_features, r] each."""
         out_features = self.fingerprint.shapes[key][0]
         found = {}
-        for role in self.BASES[self.mode]:
+        for role in self._roles[key]:
             array = self.read_raw(f"{key}/{role}")
             if array.ndim != 2 or array.shape[0] != out_features:
                 raise StoreError(

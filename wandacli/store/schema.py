@@ -59,9 +59,11 @@ Mask file (`format="wandacli-mask"`):
                                 attribute shape = the weight's [out, in], fletcher32
     root attributes: format, format_version, meta (JSON)
 
-Edit file (`format="wandacli-edit"`, `prune --remove-top-ranks/--keep-top-ranks` or the
-orthogonal projection from rank statistics):
-    /<layer>/<module>/<basis>   float32 [out_features, r], orthonormal columns: `remove` (V_r:
+Edit file (`format="wandacli-edit"`, `prune` of an edit kind: a rank edit from rank
+statistics, a refusal direction from mean activations, the control of either):
+    /<layer>/<module>/<basis>   float32 [out_features, r], orthonormal columns, one per role
+                                the meta's `modules[key].ranks` names; the kind of the meta's
+                                `mode` (removal/kinds/) says what they do: `remove` (V_r:
                                 W ← W − V_r V_rᵀ W), `keep` (V_k: W ← V_k V_kᵀ W), or `safety`
                                 and `utility` (V_s, V_u: W ← W − (I − V_u V_uᵀ) V_s V_sᵀ W),
                                 fletcher32. Only the modules the edit changes are present.

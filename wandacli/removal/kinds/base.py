@@ -332,6 +332,11 @@ class EditKind(RemovalKind):
         """The edit, module by module (an EditContent)."""
         raise NotImplementedError
 
+    def edited_weight(self, weight: Any, bases: dict[str, Any], scale: float = 1.0) -> Any:
+        """One module's weight after the edit, in float64, from its bases (as the file stores
+        them, or as the kind computed them): the kind's formula, the one every caller uses."""
+        raise NotImplementedError
+
     def stored_bytes(self, settings: Any, sets: Sets) -> int:
         """About how many bytes its file's arrays take (the free-space check)."""
         return 4 * sum(sets.fingerprint.shapes[k][0] for k in sets.keys)

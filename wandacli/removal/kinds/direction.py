@@ -159,6 +159,16 @@ class Direction(EditKind):
             stack.close()
             raise
 
+    def edited_weight(
+        self, weight: torch.Tensor, bases: dict[str, torch.Tensor], scale: float = 1.0
+    ) -> torch.Tensor:
+        """W − α r rᵀ W, r made unit length again in float64 (it is stored float32)."""
+        from wandacli.removal.ranks import in_float64, project
+
+        w, as64 = in_float64(weight, bases)
+        r = as64["remove"] / as64["remove"].norm()
+        return w - scale * project(r, w)
+
     def default_name(self, request: Any, sets: Sets) -> str:
         settings = request.settings
         assert sets.secondary is not None

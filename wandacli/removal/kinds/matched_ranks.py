@@ -80,6 +80,15 @@ class MatchedRanks(EditKind):
             stack.close()
             raise
 
+    def edited_weight(
+        self, weight: torch.Tensor, bases: dict[str, torch.Tensor], scale: float = 1.0
+    ) -> torch.Tensor:
+        """(I − Q Qᵀ) W: the random directions removed."""
+        from wandacli.removal.ranks import in_float64, remove_top_ranks
+
+        w, as64 = in_float64(weight, bases)
+        return remove_top_ranks(w, as64["remove"])
+
     def default_name(self, request: Any, sets: Sets) -> str:
         return file_safe_name(f"random.as-{Path(str(request.settings.match_ranks)).stem}")
 

@@ -115,6 +115,15 @@ class Projection(RankEditKind):
             return {"safety": "--safety-ranks", "utility": "--utility-ranks"}[role]
         return {"safety": "--rank-neg", "utility": "--rank-pos"}[role]
 
+    def edited_weight(
+        self, weight: torch.Tensor, bases: dict[str, torch.Tensor], scale: float = 1.0
+    ) -> torch.Tensor:
+        """W − (I − Π_u) Π_s W."""
+        from wandacli.removal.ranks import in_float64, orthogonal_projection_delta
+
+        w, as64 = in_float64(weight, bases)
+        return w - orthogonal_projection_delta(w, as64["safety"], as64["utility"])
+
     def removed_rank(self, ranks: dict[str, int], full: int, bases: dict[str, torch.Tensor]) -> int:
         """The rank of (I − Π_u) V_s: the directions ΔW can change."""
         from wandacli.removal.ranks import removed_directions

@@ -133,7 +133,7 @@ class RankEditKind(EditKind):
                     moment = torch.from_numpy(source.read(key)).to(w64.device)
                 bases[role] = top_output_directions(w64, moment, rank)
             if sequential is not None:  # this layer's edit in place before the next is recorded
-                sequential.apply(by_key[key], mode, bases)
+                sequential.apply(by_key[key], self, bases)
             full = min(shapes[key])
             yield EditModule(
                 key,

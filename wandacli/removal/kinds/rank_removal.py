@@ -63,6 +63,17 @@ class RankRemoval(RankEditKind):
         assert settings.keep_top_ranks is not None
         return {"keep": settings.keep_top_ranks}
 
+    def edited_weight(
+        self, weight: torch.Tensor, bases: dict[str, torch.Tensor], scale: float = 1.0
+    ) -> torch.Tensor:
+        """(I − Π_R) W with basis `remove`; Π_K W with basis `keep`."""
+        from wandacli.removal.ranks import in_float64, keep_top_ranks, remove_top_ranks
+
+        w, as64 = in_float64(weight, bases)
+        if "remove" in as64:
+            return remove_top_ranks(w, as64["remove"])
+        return keep_top_ranks(w, as64["keep"])
+
     def removed_rank(self, ranks: dict[str, int], full: int, bases: dict[str, torch.Tensor]) -> int:
         return ranks["remove"] if "remove" in ranks else full - ranks["keep"]
 

@@ -89,12 +89,12 @@ def edited_module_weight(
 ) -> torch.Tensor:
     """One module's weight after the edit, in float64 (ΔW subtracted in float32 where a kind
     gives ΔW)."""
-    from wandacli.removal.kinds.base import kind_of_mode
+    from wandacli.removal.kinds.base import edit_kind_of_mode
 
     if module.delta is not None:
         return weight.detach().float() - module.delta.to(weight.device)
     bases = {role: torch.from_numpy(basis) for role, basis in module.bases.items()}
-    return kind_of_mode(mode).edited_weight(weight.detach(), bases, scale)
+    return edit_kind_of_mode(mode).edited_weight(weight.detach(), bases, scale)
 
 
 def apply_edit(content: EditContent, changes: WeightChanges) -> Iterator[EditModule]:

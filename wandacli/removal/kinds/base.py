@@ -361,3 +361,11 @@ class EditKind(RemovalKind):
 
     def remade(self, meta: dict[str, Any], sets: Sets) -> list[str]:
         return []
+
+
+def edit_kind_of_mode(mode: str) -> EditKind:
+    """The edit kind that writes edits of `mode`."""
+    kind = kind_of_mode(mode)
+    if not isinstance(kind, EditKind):
+        raise StoreError(f"mode {mode!r} is a mask's, not an edit's")
+    return kind

@@ -18,7 +18,7 @@ from wandacli.core.errors import StoreError
 from wandacli.core.naming import file_safe_name
 from wandacli.removal.content import EditContent, EditModule
 from wandacli.removal.kinds import options
-from wandacli.removal.kinds.base import EditKind, Sets, kind_of_mode
+from wandacli.removal.kinds.base import EditKind, Sets, edit_kind_of_mode
 
 RANKS_RULE = (
     "per module the rank the matched edit removes, in random orthonormal directions (Gaussian, "
@@ -103,7 +103,7 @@ class MatchedRanks(EditKind):
         hidden = (
             int(matched.read_raw(DIRECTION_DATASET).shape[0]) if matched.mode == "direction" else 0
         )
-        return kind_of_mode(matched.mode).control(  # type: ignore[attr-defined]
+        return edit_kind_of_mode(matched.mode).control(
             removed,
             sets.fingerprint.shapes,
             settings.seed,

@@ -121,7 +121,7 @@ def measurer(loaded) -> Callable[[], dict[str, float]]:
 def correlation_rows(measured: dict[str, dict[str, float]], title: str, models: str) -> list[Row]:
     """Spearman's ρ of each refusal measure (sign flipped) with each sampled ASR over the
     models measured; the last row carries every model's figures."""
-    from wandacli.reporting.compare import spearman
+    from wandacli.analysis.compare import spearman
 
     labels = list(measured)
     table = "; ".join(

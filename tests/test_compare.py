@@ -15,9 +15,9 @@ from rich.console import Console
 
 from tests.test_prune_cli import prune
 from tests.test_score_cli import assert_one_line_error, score_args
+from wandacli.analysis.compare import average_ranks, compare_files, spearman
 from wandacli.core.durable import atomic_h5
 from wandacli.reporting import heatmap
-from wandacli.reporting.compare import average_ranks, compare_files, spearman
 from wandacli.store.assemble import set_root_attrs
 from wandacli.store.files import MaskFile, ScoreSet, write_mask_array
 

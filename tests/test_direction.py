@@ -417,7 +417,7 @@ def test_a_repeated_point_is_measured_once(cli, means_store, tiny_llama_dir, tmp
     """On a two-point grid, six trials: TPE proposes points again, and a trial that repeats
     a completed one's parameters takes its measures instead of measuring the same removal."""
     from tests.test_search import QUICK
-    from wandacli.search import run as search_run
+    from wandacli.search import objectives as search_run
 
     measured = []
     original = search_run.kl_divergence

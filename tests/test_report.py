@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from tests.test_score_cli import assert_one_line_error
+from wandacli.analysis.results import collect
 from wandacli.reporting import figures, placement
-from wandacli.reporting.results import collect
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 MODEL = "org/aligned"

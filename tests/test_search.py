@@ -446,7 +446,7 @@ def test_kl_refuses_a_saved_pruned_model(cli, sets_store, tiny_llama_dir, tmp_pa
     "fault",
     [
         "wandacli.search.run:_write_summary:2:after",  # between trials: two complete
-        "wandacli.search.run:kl_divergence:3",  # inside the third trial, before it is told
+        "wandacli.search.objectives:kl_divergence:3",  # inside the third trial, before it is told
     ],
 )
 def test_a_killed_search_resumes_to_the_same_front(sets_store, tiny_llama_dir, tmp_path, fault):

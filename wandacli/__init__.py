@@ -5,18 +5,20 @@ The package in folders by concern, bottom to top; each imports only from those b
 
     core/        errors, console, atomic files and directories, fingerprints, memory, paths,
                  the file-safe naming rule, provenance, the metric names, the reference's constants
-    config/      frozen settings per command; TOML config files (defaults < file < flags)
+    config/      each option declared once (declare.py), frozen settings per command, TOML files
     store/       the on-disk schema: formats, open/validate, the one assembly loop, lock, parts, inspect
     data/        calibration and evaluation sets: named sources, files, templates, prompt masking
     models/      the one loader (sources, GGUF conversion, from_pretrained), decoder layers, the organism
     methods/     one file per attribution method (wanda, wandg, magnitude, random, actsvd) and their base
     scoring/     the generic score run (resume, sample loop, checkpoints) and data parallelism
-    removal/     masks (selection math), rank edits, the one interface consumers apply, and
-                 what a search needs (scores ranked once, the projection at any ranks)
+    removal/     what to remove: one module per kind (removal/kinds/, a registry), the one
+                 in-memory form every removal takes and the one way it reaches a model, the
+                 prune runs that write masks and edits, the selection and rank math
     evaluation/  the model under test, attack prompts, judges, generation backends, utility,
                  the KL cost, refusal measures, degenerate responses
-    reporting/   compare, the results table, figures, terminal rendering, labels
-    search/      `wandacli search`: the Optuna study in the store, a trial's in-memory removal
+    search/      `wandacli search`: the Optuna study in the store, a trial's removal by its kind
+    analysis/    what stored results say: compare, subspaces, directions, the results' rows
+    reporting/   rendering only: the terminal, figures, the report's table and Markdown
     legacy.py    import-legacy: the reference code's pickles into the store
     pipeline.py  the study as Make rules (python -m wandacli.pipeline)
     cli/         the Typer app, shared options, one module per command

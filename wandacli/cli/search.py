@@ -11,9 +11,13 @@ from wandacli.search.config import SearchConfig, range_options, search_config
 
 
 def _run(config: SearchConfig, *, reporter: Any, command_line: list[str]) -> Any:
-    from wandacli.search.run import run_search
+    from wandacli.reporting.figures import search_front
+    from wandacli.search.run import FIGURE_STEM, run_search
 
-    return run_search(config, reporter=reporter, command_line=command_line)
+    result = run_search(config, reporter=reporter, command_line=command_line)
+    figure = search_front(result.summary, result.directory / FIGURE_STEM)
+    result.figure = figure.stem if figure is not None else None
+    return result
 
 
 search = settings_command(

@@ -42,6 +42,7 @@ from wandacli.evaluation.under_test import (
     append_reference_log,
     load_model_under_test,
 )
+from wandacli.store.summaries import ATTACK_RESULTS, write_evaluation
 
 # ---------------------------------------------------------------------------------------------
 # Aggregation (pure)
@@ -408,7 +409,7 @@ def _write_results(
         "versions": software_versions(),
         "finished": now_iso(),
     }
-    atomic_write_text(out / "results.json", json.dumps(payload, indent=1, default=str))
+    write_evaluation(out / ATTACK_RESULTS, payload)
     log = out / f"log_{under_test.method}.txt"
     for summary in result.summaries:
         if summary.sample_mean is not None:

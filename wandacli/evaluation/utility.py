@@ -3,7 +3,6 @@ accuracy through lm-evaluation-harness (an optional extra)."""
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -12,7 +11,7 @@ from typing import Any
 
 from wandacli.config.evaluation import RESULTS_DIR, UtilityConfig
 from wandacli.core.console import NullReporter, Reporter
-from wandacli.core.durable import atomic_write_text, ensure_writable_directory
+from wandacli.core.durable import ensure_writable_directory
 from wandacli.core.errors import ConfigError, DataError, interruptible
 from wandacli.core.provenance import now_iso, software_versions
 from wandacli.evaluation.divergence import KL_RULE, dense_distributions, kl_divergence
@@ -23,6 +22,7 @@ from wandacli.evaluation.under_test import (
     load_model_under_test,
 )
 from wandacli.models.pretrained import model_max_length
+from wandacli.store.summaries import UTILITY_RESULTS, write_evaluation
 
 # The reference evaluates Llama-2 on windows of its full context, 4096 tokens (Wanda's
 # published figures use the same); longer contexts cost memory for no comparability.
@@ -285,7 +285,7 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
         if raw is not None
         else None,
     }
-    atomic_write_text(out / "utility.json", json.dumps(payload, indent=1, default=str))
+    write_evaluation(out / UTILITY_RESULTS, payload)
     log = out / f"log_{under_test.method}.txt"
     if result.perplexity is not None:
         append_reference_log(log, under_test, "PPL", result.perplexity)

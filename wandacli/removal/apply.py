@@ -14,6 +14,7 @@ from wandacli.core.durable import save_model_directory
 from wandacli.core.errors import StoreError
 from wandacli.removal.content import EditContent, EditModule, MaskContent, apply_edit, apply_mask
 from wandacli.removal.in_memory import WeightChanges
+from wandacli.removal.kinds.base import edit_kind_of_mode
 from wandacli.store.files import EditFile, MaskFile, open_stored_removal
 from wandacli.store.schema import DIRECTION_DATASET
 
@@ -73,7 +74,11 @@ class EditRemoval(Removal):
         modules = (EditModule(key, self.file.bases(key)) for key in self.file.keys)
         direction = self.file.read_raw(DIRECTION_DATASET) if self.meta.get("embedding") else None
         return EditContent(
-            self.file.mode, modules, direction=direction, scale=direction_scale(self.meta)
+            self.file.mode,
+            modules,
+            edit_kind_of_mode(self.file.mode).edited_weight,
+            direction=direction,
+            scale=direction_scale(self.meta),
         )
 
     def apply(self, loaded: Any) -> None:

@@ -48,13 +48,19 @@ class EditModule:
     delta: torch.Tensor | None = None
 
 
+# A kind's edit formula: a module's weight, its bases and the share removed → the edited weight
+# in float64 (removal/kinds/: each edit kind's `edited_weight`).
+Formula = Callable[[torch.Tensor, dict[str, torch.Tensor], float], torch.Tensor]
+
+
 @dataclass
 class EditContent:
     """A rank edit or a refusal direction: `modules` yields each changed module in the store's
-    order, computing it as it is read."""
+    order, computing it as it is read; `formula` is its kind's."""
 
     mode: str
     modules: Iterable[EditModule]
+    formula: Formula
     # r [d_model, 1] float32: the token embedding loses it too (a tied output head with it),
     # and every module's `remove` basis is this vector.
     direction: np.ndarray | None = None
@@ -85,16 +91,14 @@ def apply_module_mask(
 
 
 def edited_module_weight(
-    weight: torch.Tensor, mode: str, module: EditModule, scale: float
+    weight: torch.Tensor, content: EditContent, module: EditModule
 ) -> torch.Tensor:
-    """One module's weight after the edit, in float64 (ΔW subtracted in float32 where a kind
-    gives ΔW)."""
-    from wandacli.removal.kinds.base import edit_kind_of_mode
-
+    """One module's weight after the edit, in float64 by the content's formula (ΔW subtracted
+    in float32 where a kind gives ΔW)."""
     if module.delta is not None:
         return weight.detach().float() - module.delta.to(weight.device)
     bases = {role: torch.from_numpy(basis) for role, basis in module.bases.items()}
-    return edit_kind_of_mode(mode).edited_weight(weight.detach(), bases, scale)
+    return content.formula(weight.detach(), bases, content.scale)
 
 
 def apply_edit(content: EditContent, changes: WeightChanges) -> Iterator[EditModule]:
@@ -105,9 +109,7 @@ def apply_edit(content: EditContent, changes: WeightChanges) -> Iterator[EditMod
     for module in content.modules:
         if not content.applied:
             weight = changes.layers[module.key].weight_matrix()
-            changes.replace(
-                module.key, edited_module_weight(weight, content.mode, module, content.scale)
-            )
+            changes.replace(module.key, edited_module_weight(weight, content, module))
         yield module
     if content.direction is not None and not content.applied:
         r = torch.from_numpy(content.direction).double().reshape(-1)

@@ -20,11 +20,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wandacli.core.metrics import metric_order, metric_parts
-from wandacli.reporting.labels import PLOT_FORMATS, short_module_name
+from wandacli.core.paths import PLOT_FORMATS, plot_format
+from wandacli.reporting.labels import short_module_name
 from wandacli.reporting.placement import place_labels
 
 if TYPE_CHECKING:
-    from wandacli.reporting.results import ResultRow
+    from wandacli.analysis.compare import Comparison
+    from wandacli.analysis.results import ResultRow
+    from wandacli.analysis.subspaces import SubspaceComparison
+    from wandacli.store.summaries import SearchSummary
 
 DPI = 150  # readable when a Markdown viewer scales the PNG down to its column width
 _STYLE: dict[Any, Any] = {
@@ -448,15 +452,15 @@ def layer_module_heatmap(
         plt.close(figure)
 
 
-def search_front(summary: dict[str, Any], stem: Path) -> Figure | None:
+def search_front(summary: SearchSummary, stem: Path) -> Figure | None:
     """A search: refusal against KL, every complete trial a dot, the Pareto front drawn as a
     step line, the dense model and the random control marked."""
-    trials = [t for t in summary.get("trials") or [] if t.get("state") == "COMPLETE"]
+    trials = summary.complete_trials
     if not trials:
         return None
-    front = summary.get("front") or []
-    dense = summary.get("dense") or {}
-    control = summary.get("control")
+    front = summary.front
+    dense = summary.dense or {}
+    control = summary.control
     # KL spans orders of magnitude: a symmetric log axis keeps the dense model's 0 in view.
     floor = min([t["kl"] for t in trials if t["kl"] > 0] or [1e-4])
     with _pyplot() as plt:
@@ -508,7 +512,7 @@ def search_front(summary: dict[str, Any], stem: Path) -> Figure | None:
                 label=f"random control (size of trial {control.get('of_index')})",
                 zorder=6,
             )
-        best = summary.get("best") or {}
+        best = summary.best or {}
         chosen = [t for t in front if best and t.get("index") == best.get("index")]
         if chosen:
             axes.scatter(
@@ -523,10 +527,10 @@ def search_front(summary: dict[str, Any], stem: Path) -> Figure | None:
             )
         axes.set_xscale("symlog", linthresh=floor)
         axes.set_xlabel("KL divergence from the dense model on harmless prompts (nats)")
-        measure = (summary.get("request") or {}).get("refusal", "generation")
+        measure = summary.request.get("refusal", "generation")
         axes.set_ylabel("refusal rate" if measure == "generation" else "refusal score (log-odds)")
-        name = summary.get("name", "search")
-        prompts = (summary.get("prompts") or {}).get("name", "?")
+        name = summary.name
+        prompts = summary.prompts.get("name", "?")
         axes.set_title(f"search {name}: refusal on {prompts} (search prompts) against KL")
         axes.legend(loc="best", fontsize=8)
         figure.tight_layout()
@@ -568,3 +572,42 @@ def direction_cosines_heatmap(
         "Each cell the cosine of two layers' candidate refusal directions at one prompt "
         "position; blank: no direction (the two means are equal there).",
     )
+
+
+def stem_of(path: Path) -> Path:
+    return path.parent / path.name[: -len(path.suffix)]
+
+
+def comparison_heatmap(result: Comparison, path: Path) -> None:
+    """`compare --plot FILE`: the first pair's Jaccard index per (layer, module)."""
+    pair = result.pairs[0]
+    jaccard = {}
+    for figures in pair.modules:
+        layer, module = figures.key.split("/", 1)
+        jaccard[(int(layer), module)] = figures.overlap.jaccard
+    jaccard_heatmap(jaccard, pair.a, pair.b, stem_of(path), formats=(plot_format(path),))
+
+
+def subspaces_heatmap(result: SubspaceComparison, path: Path) -> None:
+    """`compare --plot FILE` of two rank-statistics sets: φ at the first ranks."""
+    first = result.ranks[0]
+    subspace_heatmap(
+        result.grid(first), result.a, result.b, first, stem_of(path), (plot_format(path),)
+    )
+
+
+def draw_comparison(result: Any, path: Path) -> None:
+    """`compare --plot FILE`, for whichever comparison `compare` computed."""
+    from wandacli.analysis.compare import Comparison
+    from wandacli.analysis.directions import DirectionCosines
+    from wandacli.analysis.subspaces import SubspaceComparison
+
+    if isinstance(result, Comparison):
+        comparison_heatmap(result, path)
+    elif isinstance(result, SubspaceComparison):
+        subspaces_heatmap(result, path)
+    elif isinstance(result, DirectionCosines):
+        direction_cosines_heatmap(
+            result.cosines, result.harmful, result.harmless, result.position, stem_of(path),
+            (plot_format(path),),
+        )  # fmt: skip

@@ -7,19 +7,19 @@ from typing import TYPE_CHECKING, Any
 from rich.table import Table
 from rich.text import Text
 
+from wandacli.analysis.compare import Comparison, PairFigures
 from wandacli.core.console import console, out
 from wandacli.core.metrics import REPORT_COLUMNS
-from wandacli.reporting.compare import Comparison, PairFigures
 from wandacli.reporting.heatmap import compact_count, heatmap_legend, jaccard_heatmap
 from wandacli.reporting.labels import short_module_name
 from wandacli.reporting.render_store import human_bytes, key_value_table, print_json, sparsity_table
 
 if TYPE_CHECKING:
+    from wandacli.analysis.subspaces import SubspaceComparison
     from wandacli.evaluation.attack import AttackResult
     from wandacli.evaluation.utility import UtilityResult
     from wandacli.removal.results import EditResult, PruneResult
     from wandacli.reporting.report import Report
-    from wandacli.reporting.subspaces import SubspaceComparison
     from wandacli.scoring.result import ScoreResult
 
 
@@ -150,7 +150,7 @@ def comparison(result: Comparison, as_json: bool) -> None:
 def _pair_summary(result: Comparison, pair: PairFigures) -> Table:
     import math
 
-    from wandacli.reporting.compare import Overlap
+    from wandacli.analysis.compare import Overlap
 
     has_rank = any(m.spearman is not None for m in pair.modules)
     table = Table(title=f"{pair.a} (A) vs {pair.b} (B), by module type", title_justify="left")
@@ -525,3 +525,19 @@ def direction_in_subspaces(result: Any, as_json: bool) -> None:
         )
     table.caption = "‖V_sᵀ r‖²: 1 = r lies in the subspace; ≈ r_s / d_model for a random direction"
     out.print(table)
+
+
+def any_comparison(result: Any, as_json: bool) -> None:
+    """Whichever comparison `compare` computed, rendered as its kind is."""
+    from wandacli.analysis.compare import Comparison
+    from wandacli.analysis.directions import DirectionCosines, DirectionInSubspaces
+    from wandacli.analysis.subspaces import SubspaceComparison
+
+    if isinstance(result, Comparison):
+        comparison(result, as_json=as_json)
+    elif isinstance(result, SubspaceComparison):
+        subspace_comparison(result, as_json=as_json)
+    elif isinstance(result, DirectionCosines):
+        direction_cosines(result, as_json=as_json)
+    elif isinstance(result, DirectionInSubspaces):
+        direction_in_subspaces(result, as_json=as_json)

@@ -4,17 +4,17 @@ subdirectory each, as eval-attack and eval-utility write them) in one row."""
 from __future__ import annotations
 
 import csv
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wandacli.analysis.results import ResultRow, collect
 from wandacli.core.errors import StoreError
 from wandacli.core.metrics import metric_order
 from wandacli.core.naming import file_safe_name
-from wandacli.reporting.results import ResultRow, collect
 from wandacli.store.schema import SEARCH_SUMMARY, Store
+from wandacli.store.summaries import SearchSummary
 
 if TYPE_CHECKING:
     from wandacli.reporting.figures import Figure
@@ -25,7 +25,7 @@ class Report:
     rows: list[ResultRow]
     figures: list[Figure] = field(default_factory=list)
     markdown_file: Path | None = None
-    searches: list[dict[str, Any]] = field(default_factory=list)  # each search's search.json
+    searches: list[SearchSummary] = field(default_factory=list)  # each search's search.json
 
 
 def build_report(
@@ -57,7 +57,7 @@ def build_report(
             stem = plots_dir / f"subspaces-{file_safe_name(a)}-vs-{file_safe_name(b)}-r{ranks[0]}"
             made.append(figures.subspace_heatmap(similarity, a, b, ranks, stem))
         for summary in report.searches:
-            stem = plots_dir / f"search-{file_safe_name(str(summary.get('name')))}"
+            stem = plots_dir / f"search-{file_safe_name(summary.name)}"
             made.append(figures.search_front(summary, stem))
         report.figures = [figure for figure in made if figure is not None]
     if markdown_file is not None:
@@ -68,19 +68,14 @@ def build_report(
     return report
 
 
-def read_searches(store_root: Path) -> list[dict[str, Any]]:
+def read_searches(store_root: Path) -> list[SearchSummary]:
     """Every search's summary in the store (`STORE/searches/<name>/search.json`), by name."""
     store = Store(store_root)
     if not store_root.is_dir():
         raise StoreError(f"store {store_root} does not exist: pass the store the searches ran in")
-    summaries = []
-    for name in store.search_names():
-        path = store.search_dir(name) / SEARCH_SUMMARY
-        try:
-            summaries.append(json.loads(path.read_text(encoding="utf-8")))
-        except (OSError, ValueError) as exc:
-            raise StoreError(f"search summary {path} is unreadable ({exc})") from None
-    return summaries
+    return [
+        SearchSummary.read(store.search_dir(name) / SEARCH_SUMMARY) for name in store.search_names()
+    ]
 
 
 def read_comparisons(
@@ -165,35 +160,27 @@ def study_markdown(report: Report, relative_to: Path) -> str:
     return "\n".join(parts)
 
 
-def search_markdown(summary: dict[str, Any]) -> list[str]:
+def search_markdown(summary: SearchSummary) -> list[str]:
     """One search: what it searched, on which prompts, its front, the dense model, the random
     control and the point it kept as `.best`."""
-    request = summary.get("request") or {}
-    amount = (
-        "removed_rank_fraction"
-        if request.get("kind") in ("orthogonal-projection", "direction")
-        else "sparsity"
-    )
-    trials = [t for t in summary.get("trials") or [] if t.get("state") == "COMPLETE"]
-    front = summary.get("front") or []
-    prompts = summary.get("prompts") or {}
+    request = summary.request
+    amount = summary.amount_name
+    trials = summary.complete_trials
+    front = summary.front
+    prompts = summary.prompts
     first = int(prompts.get("offset") or 0) + 1
     last = first + int(prompts.get("count") or 0) - 1
     params = sorted({k for t in front for k in t.get("params") or {}})
-    # The request's only lists are its ranges, each [LO, HI] under its option's name.
-    ranges = ", ".join(
-        f"{k} {v[0]:g}:{v[1]:g}" for k, v in request.items() if isinstance(v, list) and len(v) == 2
-    )
-    best = summary.get("best") or {}
+    ranges = ", ".join(f"{k} {low:g}:{high:g}" for k, (low, high) in summary.ranges.items())
+    best = summary.best or {}
     lines = [
-        f"## Search {summary.get('name')}",
+        f"## Search {summary.name}",
         "",
         f"{request.get('kind')} over {ranges}: {len(trials)} complete trials, scored on "
         f"{request.get('scores')}"
         + (f" and {request['utility_scores']}" if request.get("utility_scores") else "")
         + f". Search prompts: {prompts.get('name')} {first}–{last}; refusal: "
-        f"{(summary.get('objectives') or {}).get('refusal')}; KL: "
-        f"{(summary.get('objectives') or {}).get('kl')}.",
+        f"{summary.objectives.get('refusal')}; KL: {summary.objectives.get('kl')}.",
         "",
         "| trial | " + " | ".join(params) + f" | {amount.replace('_', ' ')} | refusal | KL |",
         "|" + "---|" * (len(params) + 4),
@@ -211,14 +198,12 @@ def search_markdown(summary: dict[str, Any]) -> list[str]:
             f"{entry.get('refusal', float('nan')):.3g} | {entry.get('kl', float('nan')):.3g} |"
         )
 
-    lines.append(row("dense", summary.get("dense") or {}))
+    lines.append(row("dense", summary.dense or {}))
     for entry in front:
         mark = " (kept as .best)" if entry.get("index") == best.get("index") else ""
         lines.append(row(f"{entry.get('index')}{mark}", entry))
-    if summary.get("control"):
-        lines.append(
-            row(f"random, size of {summary['control'].get('of_index')}", summary["control"])
-        )
+    if summary.control:
+        lines.append(row(f"random, size of {summary.control.get('of_index')}", summary.control))
     if best:
         lines += [
             "",

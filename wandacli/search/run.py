@@ -4,12 +4,12 @@ Per trial: the removal built in memory from the store and applied to the loaded 
 objectives measured (how much it still refuses on the search prompts, and the KL cost on
 harmless prompts), the weights restored. The study lives in STORE/searches/<name>/ and resumes
 where it stopped; `--keep N` writes front points into the store as ordinary masks or edits.
+Its summary (search.json, store/summaries.py) is what `report` and the figures read.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import shlex
 import sys
 import time
@@ -18,25 +18,20 @@ from pathlib import Path
 from typing import Any
 
 from wandacli.core.console import NullReporter, Reporter, info, warn
-from wandacli.core.durable import atomic_write_text, ensure_writable_directory
+from wandacli.core.durable import ensure_writable_directory
 from wandacli.core.errors import ConfigError, StoreError, interruptible
 from wandacli.core.provenance import now_iso, settings_differences, software_versions
-from wandacli.evaluation.divergence import KL_RULE, dense_distributions, kl_divergence
-from wandacli.evaluation.prompts import (
-    PromptSet,
-    model_texts,
-    prompt_digests,
-    read_prompts,
-    template_for,
-)
-from wandacli.evaluation.refusal import refusal_rate, refusal_score
+from wandacli.evaluation.divergence import KL_RULE
+from wandacli.evaluation.prompts import PromptSet, prompt_digests, read_prompts
 from wandacli.removal.in_memory import WeightChanges
 from wandacli.search import study as studies
 from wandacli.search.config import SearchConfig
+from wandacli.search.objectives import Objectives
 from wandacli.search.removals import TrialRemovals, amount_name, prune_config_for
 from wandacli.store.files import store_root_for
 from wandacli.store.lock import search_lock
 from wandacli.store.schema import SEARCH_SUMMARY, Store, check_name
+from wandacli.store.summaries import SearchSummary
 
 FIGURE_STEM = "front"
 
@@ -72,20 +67,47 @@ def check_no_overlap(search_prompts: PromptSet, held_out: dict[str, set[str]]) -
 
 @dataclass
 class SearchResult:
-    name: str
+    """What a search reports: its summary as it now stands, and what this run did."""
+
+    summary: SearchSummary
     directory: Path
-    request: dict[str, Any]
-    dense: dict[str, Any]
-    trials: list[dict[str, Any]]
-    front: list[dict[str, Any]]
-    control: dict[str, Any] | None = None
-    kept: list[str] = field(default_factory=list)
-    best: dict[str, Any] | None = None  # `--keep-best`: the point kept as <name>.best
-    selection: dict[str, Any] | None = None  # `--select reference`: every candidate scored
-    figure: Path | None = None
+    kept: list[str] = field(default_factory=list)  # written by this run
     seconds: float = 0.0
     trials_asked: int = 0
     trials_run: int = 0  # in this invocation
+    figure: Path | None = None  # the front, drawn by the command from the summary
+
+    @property
+    def name(self) -> str:
+        return self.summary.name
+
+    @property
+    def request(self) -> dict[str, Any]:
+        return self.summary.request
+
+    @property
+    def dense(self) -> dict[str, Any]:
+        return self.summary.dense or {}
+
+    @property
+    def trials(self) -> list[dict[str, Any]]:
+        return self.summary.trials
+
+    @property
+    def front(self) -> list[dict[str, Any]]:
+        return self.summary.front
+
+    @property
+    def control(self) -> dict[str, Any] | None:
+        return self.summary.control
+
+    @property
+    def best(self) -> dict[str, Any] | None:
+        return self.summary.best
+
+    @property
+    def selection(self) -> dict[str, Any] | None:
+        return self.summary.selection
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -107,6 +129,8 @@ class SearchResult:
 
 
 class SearchRun:
+    """One `wandacli search` invocation."""
+
     def __init__(
         self,
         config: SearchConfig,
@@ -125,7 +149,7 @@ class SearchRun:
         root = store_root_for(config.scores, config.store)
         directory = Store(root).search_dir(config.name)
         summary_path = directory / SEARCH_SUMMARY
-        previous = self._previous_summary(summary_path)
+        previous = SearchSummary.read(summary_path) if summary_path.is_file() else None
         if previous is not None:
             self._check_same_request(previous, root)
         # Everything that can be refused is refused before the model loads or a file is made.
@@ -148,8 +172,9 @@ class SearchRun:
             ensure_writable_directory(root)
             directory.mkdir(parents=True, exist_ok=True)
             with search_lock(directory, config.name):
+                summary = previous or SearchSummary(config.name)
                 return self._search(
-                    removals, directory, previous, search_prompts, kl_prompts, started
+                    removals, directory, summary, search_prompts, kl_prompts, started
                 )
         finally:
             removals.close()
@@ -160,7 +185,7 @@ class SearchRun:
         self,
         removals: TrialRemovals,
         directory: Path,
-        previous: dict[str, Any] | None,
+        summary: SearchSummary,
         search_prompts: PromptSet,
         kl_prompts: PromptSet,
         started: float,
@@ -170,65 +195,92 @@ class SearchRun:
         config = self.config
         loaded = load_model(config.model)
         removals.prepare(loaded, self.reporter)
-        template = template_for(config.template, loaded.tokenizer)
-        refusal_texts, special = model_texts(loaded.tokenizer, search_prompts.texts, template)
-        kl_texts, kl_special = model_texts(loaded.tokenizer, kl_prompts.texts, template)
-        dense_kl = dense_distributions(
-            loaded,
-            kl_texts,
-            positions=config.kl_positions,
-            add_special_tokens=kl_special,
-            batch_size=config.batch_size,
-            cache_dir=directory,
-            reporter=self.reporter,
+        objectives = Objectives(
+            config, loaded, search_prompts, kl_prompts, directory, self.reporter
+        )
+        self._record(summary, search_prompts, kl_prompts, objectives, loaded)
+        if summary.dense is None:
+            summary.dense = objectives.measure() | {amount_name(config): 0.0}
+        summary_path = directory / SEARCH_SUMMARY
+        if config.select == "reference":
+            from wandacli.search.select import run_selection
+
+            best = run_selection(self, removals, loaded, objectives, summary, summary_path)
+            return SearchResult(
+                summary, directory, kept=[best["name"]] if best else [],
+                seconds=time.monotonic() - started,
+            )  # fmt: skip
+        # The request is on disk before the journal exists: a rerun with other settings is
+        # refused even when this process is killed before its first trial ends.
+        _write_summary(summary_path, summary)
+        ran = self._trials(removals, loaded, objectives, summary, summary_path, directory)
+        summary.trials = studies.trial_records(studies.open_study(directory))
+        summary.front = _front(summary.trials, config)
+        if config.control and summary.front:
+            summary.control = self._control(
+                summary.control, summary.front, removals, loaded, objectives
+            )
+        kept = self._keep(summary.front, directory, summary)
+        best = self._keep_best(summary.front, directory, summary)
+        if best is not None:
+            summary.best = best
+            kept.append(best["name"])
+        summary.kept = sorted(set(summary.kept) | set(kept))
+        summary.other["updated"] = now_iso()
+        _write_summary(summary_path, summary)
+        return SearchResult(
+            summary,
+            directory,
+            kept=kept,
+            seconds=time.monotonic() - started,
+            trials_asked=config.trials,
+            trials_run=ran,
         )
 
-        def measure() -> dict[str, float]:
-            if config.refusal == "score":
-                refusal = refusal_score(
-                    loaded, refusal_texts, add_special_tokens=special, batch_size=config.batch_size
-                )
-            else:
-                refusal, _ = refusal_rate(
-                    loaded,
-                    refusal_texts,
-                    add_special_tokens=special,
-                    max_new_tokens=config.max_new_tokens,
-                    batch_size=config.batch_size,
-                )
-            kl = kl_divergence(loaded, dense_kl)
-            return {"refusal": refusal, "kl": kl}
-
-        summary: dict[str, Any] = previous or {}
-        summary.update(
+    def _record(
+        self,
+        summary: SearchSummary,
+        search_prompts: PromptSet,
+        kl_prompts: PromptSet,
+        objectives: Objectives,
+        loaded: Any,
+    ) -> None:
+        """What the summary says of this search: its request and settings, its prompts and
+        objectives, the model, how it was asked for."""
+        config = self.config
+        summary.request = config.request()
+        summary.trials_asked = max(config.trials, summary.trials_asked)
+        summary.prompts = search_prompts.describe() | {
+            "offset": config.offset,
+            "text_sha256": prompt_digests(search_prompts.texts),
+        }
+        summary.objectives = {
+            "refusal": _refusal_rule(config),
+            "kl": KL_RULE + f" (k = {config.kl_positions})",
+        }
+        summary.other.update(
             {
-                "name": config.name,
-                "request": config.request(),
                 "config": config.to_json(),
-                "trials_asked": max(config.trials, int(summary.get("trials_asked") or 0)),
-                "prompts": search_prompts.describe()
-                | {"offset": config.offset, "text_sha256": prompt_digests(search_prompts.texts)},
                 "kl_prompts": kl_prompts.describe(),
-                "template": template,
-                "objectives": {
-                    "refusal": _refusal_rule(config),
-                    "kl": KL_RULE + f" (k = {config.kl_positions})",
-                },
+                "template": objectives.template,
                 "model": {"id": loaded.model_id, "fingerprint": loaded.fingerprint.digest},
                 "command_line": shlex.join(self.command_line),
                 "versions": software_versions(),
             }
         )
-        if "dense" not in summary:
-            summary["dense"] = measure() | {amount_name(config): 0.0}
-        if config.select == "reference":
-            return self._select_reference(
-                removals, loaded, directory, summary, refusal_texts, kl_texts, special, started
-            )
-        summary_path = directory / SEARCH_SUMMARY
-        # The request is on disk before the journal exists: a rerun with other settings is
-        # refused even when this process is killed before its first trial ends.
-        _write_summary(summary_path, summary)
+
+    def _trials(
+        self,
+        removals: TrialRemovals,
+        loaded: Any,
+        objectives: Objectives,
+        summary: SearchSummary,
+        summary_path: Path,
+        directory: Path,
+    ) -> int:
+        """Trials until `--trials` are complete, each written as soon as it is measured; how
+        many this run measured or took from an earlier identical trial."""
+        config = self.config
         study = studies.open_study(directory)
         ran = 0
         kept_message = f"completed trials are kept in {directory}; the same command resumes"
@@ -252,7 +304,7 @@ class SearchRun:
                     with WeightChanges(loaded) as changes:
                         applied = removals.apply(params, changes)
                         built = time.monotonic() - trial_started
-                        values = measure()
+                        values = objectives.measure()
                     amount_key, amount = applied.amount_name, applied.amount
                 trial.set_user_attr("index", completed)
                 trial.set_user_attr(amount_key, amount)
@@ -262,149 +314,11 @@ class SearchRun:
                 self.reporter.advance()
                 self.reporter.finish()
                 ran += 1
-                summary["trials"] = studies.trial_records(study)
-                summary["front"] = _front(summary["trials"], config)
-                summary["updated"] = now_iso()
+                summary.trials = studies.trial_records(study)
+                summary.front = _front(summary.trials, config)
+                summary.other["updated"] = now_iso()
                 _write_summary(summary_path, summary)
-        trials = studies.trial_records(study)
-        front = _front(trials, config)
-        summary["trials"], summary["front"] = trials, front
-        if config.control and front:
-            summary["control"] = self._control(
-                summary.get("control"), front, removals, loaded, measure
-            )
-        kept = self._keep(front, directory, summary)
-        best = self._keep_best(front, directory, summary)
-        if best is not None:
-            summary["best"] = best
-            kept.append(best["name"])
-        summary["kept"] = sorted(set(summary.get("kept") or []) | set(kept))
-        summary["updated"] = now_iso()
-        _write_summary(summary_path, summary)
-        figure = _draw(summary, directory)
-        return SearchResult(
-            name=config.name,
-            directory=directory,
-            request=summary["request"],
-            dense=summary["dense"],
-            trials=trials,
-            front=front,
-            control=summary.get("control"),
-            kept=kept,
-            best=summary.get("best"),
-            figure=figure,
-            seconds=time.monotonic() - started,
-            trials_asked=config.trials,
-            trials_run=ran,
-        )
-
-    def _select_reference(
-        self,
-        removals: TrialRemovals,
-        loaded: Any,
-        directory: Path,
-        summary: dict[str, Any],
-        harmful_texts: list[str],
-        harmless_texts: list[str],
-        special: bool,
-        started: float,
-    ) -> SearchResult:
-        """Every candidate scored as the refusal-direction reference scores it, the chosen one
-        kept as `<name>.best` (no Optuna study: the reference looks at every candidate)."""
-        from itertools import product
-
-        from wandacli.search.select import RULE, select_reference
-
-        config = self.config
-        ranges = config.searched()
-        candidates = [
-            {"direction_layer": layer, "direction_position": position}
-            for layer, position in product(
-                range(int(ranges["direction_layer"].low), int(ranges["direction_layer"].high) + 1),
-                range(
-                    int(ranges["direction_position"].low),
-                    int(ranges["direction_position"].high) + 1,
-                ),
-            )
-        ]
-        dense_last = dense_distributions(
-            loaded,
-            harmless_texts,
-            positions=1,
-            add_special_tokens=special,
-            batch_size=config.batch_size,
-            cache_dir=directory,
-            reporter=self.reporter,
-        )
-        # Resumable as the trials are: each candidate's scores are written as soon as they are
-        # known, and a rerun of the same request takes those an interrupted run left.
-        earlier = {
-            (e["params"]["direction_layer"], e["params"]["direction_position"]): e
-            for e in (summary.get("selection") or {}).get("candidates", [])
-        }
-        summary_path = directory / SEARCH_SUMMARY
-        _write_summary(summary_path, summary)
-        partial: list[dict[str, Any]] = []
-
-        def keep_candidate(entry: dict[str, Any]) -> None:
-            partial.append(entry)
-            summary["selection"] = {"rule": RULE, "candidates": partial, "chosen": None}
-            summary["updated"] = now_iso()
-            _write_summary(summary_path, summary)
-
-        kept_message = f"the candidates scored are kept in {summary_path}; the same command resumes"
-        with interruptible(lambda: kept_message):
-            selection = select_reference(
-                loaded,
-                removals,
-                candidates,
-                harmful_texts=harmful_texts,
-                harmless_texts=harmless_texts,
-                special=special,
-                dense_last=dense_last,
-                batch_size=config.batch_size,
-                reporter=self.reporter,
-                progress=keep_candidate,
-                earlier=earlier,
-            )
-        summary["selection"] = selection
-        chosen = selection["chosen"]
-        best = None
-        if chosen is not None:
-            point = {
-                "index": candidates.index(chosen["params"]),
-                "params": chosen["params"],
-                "refusal": chosen["bypass"],
-                "kl": chosen["kl"],
-            }
-            name = f"{config.name}.best"
-            moved = (summary.get("best") or {}).get("index") != point["index"]
-            self._write_point(point, name, directory, summary, overwrite=moved, rule="reference")
-            best = {
-                "name": name,
-                "index": point["index"],
-                "rule": "reference",
-                "within_limit": True,
-            }
-            summary["best"] = best
-            info(f"the reference's selection: {chosen['params']} kept as {name}")
-        else:
-            warn("every candidate was discarded by the reference's filters: nothing kept")
-        summary["updated"] = now_iso()
-        _write_summary(directory / SEARCH_SUMMARY, summary)
-        return SearchResult(
-            name=config.name,
-            directory=directory,
-            request=summary["request"],
-            dense=summary["dense"],
-            trials=[],
-            front=[],
-            kept=[best["name"]] if best else [],
-            best=best,
-            seconds=time.monotonic() - started,
-            trials_asked=0,
-            selection=selection,
-        )
+        return ran
 
     def _control(
         self,
@@ -412,7 +326,7 @@ class SearchRun:
         front: list[dict[str, Any]],
         removals: TrialRemovals,
         loaded: Any,
-        measure: Any,
+        objectives: Objectives,
     ) -> dict[str, Any]:
         """A random removal of the size of the front's lowest-refusal point, measured the same
         way (kept from an earlier run when that point is the same)."""
@@ -423,7 +337,7 @@ class SearchRun:
             applied = removals.apply(best["params"], changes)
             changes.restore()
             removals.apply_control(applied, changes, self.config.seed)
-            values = measure()
+            values = objectives.measure()
         return {
             "of_index": best["index"],
             "params": best["params"],
@@ -434,10 +348,7 @@ class SearchRun:
         } | values
 
     def _keep(
-        self,
-        front: list[dict[str, Any]],
-        directory: Path,
-        summary: dict[str, Any],
+        self, front: list[dict[str, Any]], directory: Path, summary: SearchSummary
     ) -> list[str]:
         """`--keep N`: N points spread along the front (both ends first), written by `prune`
         itself, so that they are ordinary masks or edits, named `<search>.t<index>`."""
@@ -447,13 +358,13 @@ class SearchRun:
         names = []
         for point in _spread(front, config.keep):
             name = f"{config.name}.t{point['index']}"
-            self._write_point(point, name, directory, summary, overwrite=False)
+            self.write_point(point, name, directory, summary, overwrite=False)
             names.append(name)
         info(f"kept {len(names)} front point(s): {', '.join(names)}")
         return names
 
     def _keep_best(
-        self, front: list[dict[str, Any]], directory: Path, summary: dict[str, Any]
+        self, front: list[dict[str, Any]], directory: Path, summary: SearchSummary
     ) -> dict[str, Any] | None:
         """`--keep-best OBJECTIVE:LIMIT`: the rule's point as `<search>.best`, a name a pipeline
         can depend on; rewritten when more trials move it."""
@@ -462,9 +373,8 @@ class SearchRun:
             return None
         point, within = rule.choose(front)
         name = f"{self.config.name}.best"
-        previous = summary.get("best") or {}
-        moved = previous.get("index") != point["index"]
-        self._write_point(point, name, directory, summary, overwrite=moved, rule=str(rule))
+        moved = (summary.best or {}).get("index") != point["index"]
+        self.write_point(point, name, directory, summary, overwrite=moved, rule=str(rule))
         if not within:
             warn(
                 f"no front point has {rule.objective} ≤ {rule.limit:g}: kept the nearest, trial "
@@ -474,50 +384,36 @@ class SearchRun:
             info(f"kept trial {point['index']} as {name} ({rule})")
         return {"name": name, "index": point["index"], "rule": str(rule), "within_limit": within}
 
-    def _write_point(
+    def write_point(
         self,
         point: dict[str, Any],
         name: str,
         directory: Path,
-        summary: dict[str, Any],
+        summary: SearchSummary,
         *,
         overwrite: bool,
         rule: str | None = None,
     ) -> None:
         """One front point written by `prune` itself (an ordinary mask or edit) whose meta
         names the search, the trial and the prompts it was chosen on."""
-        config = self.config
+        from wandacli.removal.run import run_removal
+
         origin = {
-            "name": config.name,
+            "name": self.config.name,
             "directory": str(directory),
             "trial": point["index"],
             "params": point["params"],
             "refusal": point["refusal"],
             "kl": point["kl"],
-            "prompts": summary["prompts"],
+            "prompts": summary.prompts,
         } | ({"rule": rule} if rule else {})
-        from wandacli.removal.run import run_removal
-
         request = dataclasses.replace(
-            prune_config_for(config, point["params"], name), search=origin, overwrite=overwrite
+            prune_config_for(self.config, point["params"], name), search=origin, overwrite=overwrite
         )
         run_removal(request, reporter=self.reporter, command_line=self.command_line)
 
-    # -- checks ---------------------------------------------------------------------------
-
-    @staticmethod
-    def _previous_summary(path: Path) -> dict[str, Any] | None:
-        if not path.is_file():
-            return None
-        try:
-            return json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise StoreError(
-                f"search summary {path} is unreadable ({exc}): remove its folder to start again"
-            ) from None
-
-    def _check_same_request(self, previous: dict[str, Any], root: Path) -> None:
-        differences = settings_differences(previous.get("request") or {}, self.config.request())
+    def _check_same_request(self, previous: SearchSummary, root: Path) -> None:
+        differences = settings_differences(previous.request, self.config.request())
         if differences:
             raise StoreError(
                 f"search {self.config.name!r} in {root} was started with other settings "
@@ -555,15 +451,9 @@ def _spread(front: list[dict[str, Any]], count: int) -> list[dict[str, Any]]:
     return [front[round(i * step)] for i in range(count)]
 
 
-def _write_summary(path: Path, summary: dict[str, Any]) -> None:
-    atomic_write_text(path, json.dumps(summary, indent=1, default=str))
-
-
-def _draw(summary: dict[str, Any], directory: Path) -> Path | None:
-    from wandacli.reporting.figures import search_front
-
-    figure = search_front(summary, directory / FIGURE_STEM)
-    return figure.stem if figure is not None else None
+def _write_summary(path: Path, summary: SearchSummary) -> None:
+    """The summary as it stands, written atomically (after the request and every trial)."""
+    summary.write(path)
 
 
 def run_search(

@@ -24,7 +24,9 @@ from typing import Any
 
 import torch
 
-from wandacli.core.console import NullReporter, Reporter
+from wandacli.core.console import NullReporter, Reporter, info, warn
+from wandacli.core.errors import interruptible
+from wandacli.core.provenance import now_iso
 from wandacli.evaluation.divergence import DenseDistributions, kl_divergence
 from wandacli.evaluation.refusal import refusal_score
 from wandacli.removal.in_memory import WeightChanges
@@ -128,3 +130,82 @@ def select_reference(
         min(kept, key=lambda e: (e["bypass"], e["params"]["direction_layer"])) if kept else None
     )
     return {"rule": RULE, "candidates": scored, "chosen": chosen}
+
+
+def run_selection(
+    run: Any,
+    removals: TrialRemovals,
+    loaded: Any,
+    objectives: Any,
+    summary: Any,
+    summary_path: Any,
+) -> dict[str, Any] | None:
+    """`search --select reference`: every candidate scored as the reference scores it, the
+    chosen one kept as `<name>.best` by the search `run` (no Optuna study: the reference looks
+    at every candidate). Resumable as the trials are: each candidate's scores are written as
+    soon as they are known, and a rerun of the same request takes those an interrupted run
+    left. Returns the kept point, or None when every candidate was discarded."""
+    from itertools import product
+
+    config = run.config
+    ranges = config.searched()
+    layers, positions = ranges["direction_layer"], ranges["direction_position"]
+    candidates = [
+        {"direction_layer": layer, "direction_position": position}
+        for layer, position in product(
+            range(int(layers.low), int(layers.high) + 1),
+            range(int(positions.low), int(positions.high) + 1),
+        )
+    ]
+    dense_last = objectives.dense(objectives.kl_texts, 1, objectives.special)
+    earlier = {
+        (e["params"]["direction_layer"], e["params"]["direction_position"]): e
+        for e in (summary.selection or {}).get("candidates", [])
+    }
+    summary.write(summary_path)
+    partial: list[dict[str, Any]] = []
+
+    def keep_candidate(entry: dict[str, Any]) -> None:
+        partial.append(entry)
+        summary.selection = {"rule": RULE, "candidates": partial, "chosen": None}
+        summary.other["updated"] = now_iso()
+        summary.write(summary_path)
+
+    kept_message = f"the candidates scored are kept in {summary_path}; the same command resumes"
+    with interruptible(lambda: kept_message):
+        selection = select_reference(
+            loaded,
+            removals,
+            candidates,
+            harmful_texts=objectives.refusal_texts,
+            harmless_texts=objectives.kl_texts,
+            special=objectives.special,
+            dense_last=dense_last,
+            batch_size=config.batch_size,
+            reporter=run.reporter,
+            progress=keep_candidate,
+            earlier=earlier,
+        )
+    summary.selection = selection
+    chosen = selection["chosen"]
+    best = None
+    if chosen is not None:
+        point = {
+            "index": candidates.index(chosen["params"]),
+            "params": chosen["params"],
+            "refusal": chosen["bypass"],
+            "kl": chosen["kl"],
+        }
+        name = f"{config.name}.best"
+        moved = (summary.best or {}).get("index") != point["index"]
+        run.write_point(
+            point, name, summary_path.parent, summary, overwrite=moved, rule="reference"
+        )
+        best = {"name": name, "index": point["index"], "rule": "reference", "within_limit": True}
+        summary.best = best
+        info(f"the reference's selection: {chosen['params']} kept as {name}")
+    else:
+        warn("every candidate was discarded by the reference's filters: nothing kept")
+    summary.other["updated"] = now_iso()
+    summary.write(summary_path)
+    return best

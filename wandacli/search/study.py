@@ -19,8 +19,10 @@ from wandacli.config.ranges import ParameterRange
 from wandacli.removal.kinds.base import RemovalKind
 from wandacli.search.config import SearchConfig
 
+# Both minimised: the refusal left, the cost to utility (the summary's order).
+from wandacli.store.summaries import OBJECTIVES, is_complete
+
 JOURNAL_NAME = "journal.log"
-OBJECTIVES = ("refusal", "kl")  # both minimised: the refusal left, the cost to utility
 STUDY_NAME = "wandacli-search"
 
 
@@ -111,7 +113,7 @@ def pareto_front(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The complete trials no other complete trial dominates (both objectives as low or
     lower, one lower), ordered by refusal, then KL, then index. Computed from the recorded
     values, so the front of a resumed search is compared exactly with an uninterrupted one."""
-    complete = [t for t in trials if t["state"] == "COMPLETE"]
+    complete = [t for t in trials if is_complete(t)]
     front = []
     for trial in complete:
         a = [trial[name] for name in OBJECTIVES]

@@ -12,6 +12,7 @@ from wandacli.core.errors import (
 from wandacli.store.files import EditFile, MaskFile, open_finished_scores
 from wandacli.store.parts import describe_parts, read_manifest
 from wandacli.store.schema import SEARCH_SUMMARY, Store
+from wandacli.store.summaries import SearchSummary
 
 
 @dataclass
@@ -49,28 +50,26 @@ class StoreSummary:
 
 def search_summaries(store: Store) -> list[dict[str, Any]]:
     """Each search's name, kind, trials asked and complete, and its front's size."""
-    import json
-
-    found = []
+    found: list[dict[str, Any]] = []
     for name in store.search_names():
         path = store.search_dir(name) / SEARCH_SUMMARY
         try:
-            summary = json.loads(path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            found.append({"name": name, "path": str(path), "error": f"unreadable: {exc}"})
+            summary = SearchSummary.read(path)
+        except StoreError as exc:
+            found.append({"name": name, "path": str(path), "error": str(exc)})
             continue
-        trials = summary.get("trials") or []
-        entry: dict[str, Any] = {
-            "name": name,
-            "path": str(path.parent),
-            "kind": (summary.get("request") or {}).get("kind"),
-            "trials_asked": summary.get("trials_asked"),
-            "complete_trials": sum(1 for t in trials if t.get("state") == "COMPLETE"),
-            "front": len(summary.get("front") or []),
-            "kept": summary.get("kept") or [],
-            "updated": summary.get("updated"),
-        }
-        found.append(entry)
+        found.append(
+            {
+                "name": name,
+                "path": str(path.parent),
+                "kind": summary.kind,
+                "trials_asked": summary.trials_asked or None,
+                "complete_trials": len(summary.complete_trials),
+                "front": len(summary.front),
+                "kept": summary.kept,
+                "updated": summary.other.get("updated"),
+            }
+        )
     return found
 
 

@@ -162,12 +162,7 @@ class Direction(EditKind):
     def edited_weight(
         self, weight: torch.Tensor, bases: dict[str, torch.Tensor], scale: float = 1.0
     ) -> torch.Tensor:
-        """W − α r rᵀ W, r made unit length again in float64 (it is stored float32)."""
-        from wandacli.removal.ranks import in_float64, project
-
-        w, as64 = in_float64(weight, bases)
-        r = as64["remove"] / as64["remove"].norm()
-        return w - scale * project(r, w)
+        return remove_direction(weight, bases, scale)
 
     def default_name(self, request: Any, sets: Sets) -> str:
         settings = request.settings
@@ -271,7 +266,18 @@ def removing(
         )
         for key in keys
     ]
-    return EditContent("direction", modules, direction=stored, scale=scale)
+    return EditContent("direction", modules, remove_direction, direction=stored, scale=scale)
+
+
+def remove_direction(
+    weight: torch.Tensor, bases: dict[str, torch.Tensor], scale: float = 1.0
+) -> torch.Tensor:
+    """W − α r rᵀ W, r made unit length again in float64 (it is stored float32)."""
+    from wandacli.removal.ranks import in_float64, project
+
+    w, as64 = in_float64(weight, bases)
+    r = as64["remove"] / as64["remove"].norm()
+    return w - scale * project(r, w)
 
 
 def _describe_means(means: Any, role: str) -> dict[str, Any]:

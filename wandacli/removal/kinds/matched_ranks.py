@@ -83,11 +83,7 @@ class MatchedRanks(EditKind):
     def edited_weight(
         self, weight: torch.Tensor, bases: dict[str, torch.Tensor], scale: float = 1.0
     ) -> torch.Tensor:
-        """(I − Q Qᵀ) W: the random directions removed."""
-        from wandacli.removal.ranks import in_float64, remove_top_ranks
-
-        w, as64 = in_float64(weight, bases)
-        return remove_top_ranks(w, as64["remove"])
+        return remove_random_ranks(weight, bases, scale)
 
     def default_name(self, request: Any, sets: Sets) -> str:
         return file_safe_name(f"random.as-{Path(str(request.settings.match_ranks)).stem}")
@@ -169,7 +165,17 @@ def random_ranks(
                 ranks={"remove": ranks[key]},
             )
         )
-    return EditContent("random-ranks", modules)
+    return EditContent("random-ranks", modules, remove_random_ranks)
+
+
+def remove_random_ranks(
+    weight: torch.Tensor, bases: dict[str, torch.Tensor], scale: float = 1.0
+) -> torch.Tensor:
+    """(I − Q Qᵀ) W: the random directions removed."""
+    from wandacli.removal.ranks import in_float64, remove_top_ranks
+
+    w, as64 = in_float64(weight, bases)
+    return remove_top_ranks(w, as64["remove"])
 
 
 KIND = MatchedRanks()

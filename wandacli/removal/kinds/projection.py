@@ -194,7 +194,7 @@ class Projection(RankEditKind):
                     ranks=ranks,
                 )
             )
-        return EditContent(self.name, modules)
+        return EditContent(self.name, modules, self.edited_weight)
 
 
 KIND = Projection()

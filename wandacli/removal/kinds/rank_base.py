@@ -98,6 +98,7 @@ class RankEditKind(EditKind):
         return EditContent(
             self.name_of_mode(settings),
             self._modules(settings, sets, loaded, reporter),
+            self.edited_weight,
             applied=bool(settings.sequential),
         )
 

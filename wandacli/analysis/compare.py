@@ -18,9 +18,9 @@ from typing import Any
 import numpy as np
 
 from wandacli.core.errors import ConfigError, StoreError
+from wandacli.core.paths import output_path
 from wandacli.removal.masks import top_fraction
-from wandacli.reporting.labels import output_path, plot_format
-from wandacli.store.files import MaskFile, ModelFile, ScoreSet, resolve_file
+from wandacli.store.files import MaskFile, ModelFile, ScoreSet, resolve_file, stored_format
 from wandacli.store.schema import MASK_FORMAT, SCORES_FORMAT
 
 DEFAULT_TOP = 0.01
@@ -123,28 +123,9 @@ class Input:
 
 
 def open_input(reference: str, store_root: Path | None, stack: ExitStack) -> Input:
-    """A mask or score set file, told apart by its format attribute."""
-    path = Path(reference)
-    if not path.is_file() and store_root is not None:
-        for kind in ("score set", "mask"):
-            try:
-                path = resolve_file(reference, store_root, kind)
-                break
-            except StoreError:
-                continue
-    if not path.is_file():
-        raise StoreError(
-            f"{reference} does not exist: pass the path of a score set or mask .h5 file"
-        )
-    try:
-        import h5py
-
-        with h5py.File(path, "r", locking=False) as probe:
-            fmt = probe.attrs.get("format")
-    except OSError:
-        fmt = None
-    if isinstance(fmt, bytes):
-        fmt = fmt.decode(errors="replace")
+    """A mask or score set, by name or path (the store's one rule), told apart by its format."""
+    path = resolve_file(reference, store_root, "score set", "mask")
+    fmt = stored_format(path)
     if fmt == SCORES_FORMAT:
         return Input(path.stem, path, "scores", stack.enter_context(ScoreSet(path)))
     if fmt == MASK_FORMAT:
@@ -328,15 +309,10 @@ def compare_files(
     reporter: Any = None,
     csv_file: Path | None = None,
     json_file: Path | None = None,
-    plot: Path | None = None,
 ) -> Comparison:
     """Compare two or more masks or score sets, streaming layer by layer."""
     if len(references) < 2:
         raise ConfigError("compare needs at least two inputs (masks or score sets)")
-    if not 0 < top <= 1:
-        raise ConfigError(f"--top must be in (0, 1] (got {top})")
-    if sample < 2:
-        raise ConfigError(f"--sample must be at least 2 (got {sample})")
     with ExitStack() as stack:
         inputs = [open_input(reference, store_root, stack) for reference in references]
         labels = [i.label for i in inputs]
@@ -379,19 +355,4 @@ def compare_files(
         write_csv(result, csv_file)
     if json_file is not None:
         write_json(result, json_file)
-    if plot is not None:
-        heatmap_figure(result, plot)
     return result
-
-
-def heatmap_figure(result: Comparison, path: Path) -> None:
-    """The first pair's Jaccard index per (layer, module), drawn to `path` (.png or .svg)."""
-    from wandacli.reporting.figures import jaccard_heatmap
-
-    pair = result.pairs[0]
-    jaccard = {}
-    for figures in pair.modules:
-        layer, module = figures.key.split("/", 1)
-        jaccard[(int(layer), module)] = figures.overlap.jaccard
-    stem = path.parent / path.name[: -len(path.suffix)]
-    jaccard_heatmap(jaccard, pair.a, pair.b, stem, formats=(plot_format(path),))

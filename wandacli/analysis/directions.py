@@ -147,7 +147,7 @@ def direction_in_subspaces(
     from wandacli.removal.ranks import top_output_directions
 
     with EditFile(resolve_file(edit, store_root, "edit")) as direction_edit:
-        if direction_edit.mode != "direction":
+        if not direction_edit.has(DIRECTION_DATASET):  # only a direction stores one r
             raise ConfigError(f"{edit} is a {direction_edit.mode} edit, not a direction")
         r = torch.from_numpy(direction_edit.read_raw(DIRECTION_DATASET)).double().reshape(-1)
         keys = list(direction_edit.keys)

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from wandacli.core.errors import StoreError
+from wandacli.store.summaries import (
+    ATTACK_RESULTS,
+    UTILITY_RESULTS,
+    EvaluationSummary,
+    read_evaluation,
+)
 
 MOSTLY_DEGENERATE = 0.5  # a row's ASR is marked when this share of its successes is gibberish
 
@@ -58,6 +63,32 @@ class ResultRow:
         }
 
 
+def _fill(row: ResultRow, summary: EvaluationSummary) -> None:
+    """What one results.json or utility.json says of its model under test."""
+    under_test = summary.model_under_test
+    row.method = str(under_test.get("method", row.method))
+    row.model = str(under_test["model"]) if under_test.get("model") else row.model
+    row.actual_sparsity = under_test.get("actual_sparsity", row.actual_sparsity)
+    if under_test.get("p_q"):
+        p, q = under_test["p_q"]
+        row.p_q = (float(p), float(q))
+    row.matches = under_test.get("matches") or row.matches
+    row.prompts = under_test.get("prompts") or row.prompts
+    row.search = under_test.get("search") or row.search
+    if under_test.get("removed_rank_fraction") is not None:
+        row.removed_rank_fraction = float(under_test["removed_rank_fraction"])
+    for result in summary.attack_results:
+        row.asr[str(result["metric"])] = float(result["asr"])
+        if result.get("degenerate_share") is not None:
+            row.degenerate[str(result["metric"])] = float(result["degenerate_share"])
+        if result.get("sample_mean") is not None:  # the reference's figure, beside
+            row.asr[f"{result['metric']}_sample_mean"] = float(result["sample_mean"])
+    for name in ("perplexity", "kl", "zero_shot_mean"):
+        value = summary.figure(name)
+        if value is not None:
+            setattr(row, name, value)
+
+
 def collect(results_dir: Path) -> list[ResultRow]:
     """One row per subdirectory holding results.json and/or utility.json; dense first."""
     if not results_dir.is_dir():
@@ -68,41 +99,10 @@ def collect(results_dir: Path) -> list[ResultRow]:
     for folder in sorted(p for p in results_dir.iterdir() if p.is_dir()):
         row = ResultRow(folder.name)
         found = False
-        for name in ("results.json", "utility.json"):
-            path = folder / name
-            if not path.is_file():
-                continue
-            try:
-                data = json.loads(path.read_text(encoding="utf-8"))
-            except ValueError as exc:
-                raise StoreError(
-                    f"{path} is not valid JSON ({exc}): rerun the evaluation that wrote it"
-                ) from exc
-            found = True
-            under_test = data.get("model_under_test", {})
-            row.method = str(under_test.get("method", row.method))
-            row.model = str(under_test["model"]) if under_test.get("model") else row.model
-            row.actual_sparsity = under_test.get("actual_sparsity", row.actual_sparsity)
-            if under_test.get("p_q"):
-                p, q = under_test["p_q"]
-                row.p_q = (float(p), float(q))
-            row.matches = under_test.get("matches") or row.matches
-            row.prompts = under_test.get("prompts") or row.prompts
-            row.search = under_test.get("search") or row.search
-            if under_test.get("removed_rank_fraction") is not None:
-                row.removed_rank_fraction = float(under_test["removed_rank_fraction"])
-            for result in data.get("results", []):
-                row.asr[str(result["metric"])] = float(result["asr"])
-                if result.get("degenerate_share") is not None:
-                    row.degenerate[str(result["metric"])] = float(result["degenerate_share"])
-                if result.get("sample_mean") is not None:  # the reference's figure, beside
-                    row.asr[f"{result['metric']}_sample_mean"] = float(result["sample_mean"])
-            if data.get("perplexity") is not None:
-                row.perplexity = float(data["perplexity"])
-            if data.get("kl") is not None:
-                row.kl = float(data["kl"])
-            if data.get("zero_shot_mean") is not None:
-                row.zero_shot_mean = float(data["zero_shot_mean"])
+        for name in (ATTACK_RESULTS, UTILITY_RESULTS):
+            if (folder / name).is_file():
+                _fill(row, read_evaluation(folder / name))
+                found = True
         if found:
             rows.append(row)
     if not rows:

@@ -168,11 +168,10 @@ def compare_rank_statistics(
     grid: bool,
     csv_file: Path | None = None,
     json_file: Path | None = None,
-    plot: Path | None = None,
     reporter: Any = None,
 ) -> SubspaceComparison:
     """`compare A B` for two rank-statistics sets, with its outputs written."""
-    from wandacli.reporting.labels import output_path
+    from wandacli.core.paths import output_path
 
     if len(references) != 2:
         raise ConfigError(
@@ -183,7 +182,7 @@ def compare_rank_statistics(
             "comparing rank statistics needs the weights: pass --model, the model they were "
             "computed on"
         )
-    for target in (csv_file, json_file, plot):
+    for target in (csv_file, json_file):
         if target is not None:
             output_path(target)  # refused before the work, not after it
     result = compare_subspaces(
@@ -199,13 +198,6 @@ def compare_rank_statistics(
         write_csv(result, csv_file)
     if json_file is not None:
         write_json(result, json_file)
-    if plot is not None:
-        from wandacli.reporting.figures import subspace_heatmap
-        from wandacli.reporting.labels import plot_format
-
-        stem = plot.parent / plot.name[: -len(plot.suffix)]
-        first = result.ranks[0]
-        subspace_heatmap(result.grid(first), result.a, result.b, first, stem, (plot_format(plot),))
     return result
 
 

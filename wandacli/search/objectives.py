@@ -1,0 +1,75 @@
+"""The two objectives every trial is measured on: how much the model still refuses on the
+search prompts, and the KL cost from the dense model on harmless prompts (its dense side
+computed once, cached beside the search)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from wandacli.core.console import Reporter
+from wandacli.evaluation.divergence import DenseDistributions, dense_distributions, kl_divergence
+from wandacli.evaluation.prompts import PromptSet, model_texts, template_for
+from wandacli.evaluation.refusal import refusal_rate, refusal_score
+from wandacli.search.config import SearchConfig
+
+
+class Objectives:
+    """The search prompts and the harmless prompts in the model's template, the dense
+    model's distributions on the latter, and one `measure()` of the model as it is now."""
+
+    def __init__(
+        self,
+        config: SearchConfig,
+        loaded: Any,
+        search_prompts: PromptSet,
+        kl_prompts: PromptSet,
+        directory: Path,
+        reporter: Reporter,
+    ) -> None:
+        self.config = config
+        self.loaded = loaded
+        self.directory = directory
+        self.reporter = reporter
+        self.template = template_for(config.template, loaded.tokenizer)
+        self.refusal_texts, self.special = model_texts(
+            loaded.tokenizer, search_prompts.texts, self.template
+        )
+        self.kl_texts, self.kl_special = model_texts(
+            loaded.tokenizer, kl_prompts.texts, self.template
+        )
+        self.dense_kl = self.dense(self.kl_texts, config.kl_positions, self.kl_special)
+
+    def dense(self, texts: list[str], positions: int, special: bool) -> DenseDistributions:
+        """The dense model's next-token distributions on `texts` (cached in the search's
+        folder)."""
+        return dense_distributions(
+            self.loaded,
+            texts,
+            positions=positions,
+            add_special_tokens=special,
+            batch_size=self.config.batch_size,
+            cache_dir=self.directory,
+            reporter=self.reporter,
+        )
+
+    def refusal(self) -> float:
+        config, loaded = self.config, self.loaded
+        if config.refusal == "score":
+            return refusal_score(
+                loaded,
+                self.refusal_texts,
+                add_special_tokens=self.special,
+                batch_size=config.batch_size,
+            )
+        rate, _ = refusal_rate(
+            loaded,
+            self.refusal_texts,
+            add_special_tokens=self.special,
+            max_new_tokens=config.max_new_tokens,
+            batch_size=config.batch_size,
+        )
+        return rate
+
+    def measure(self) -> dict[str, float]:
+        return {"refusal": self.refusal(), "kl": kl_divergence(self.loaded, self.dense_kl)}

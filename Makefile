@@ -63,7 +63,7 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python bench/run_all.py
 
-# The study as a pipeline of files (python -m wandacli.pipeline writes the rules from the
+# The study as a pipeline of files (`wandacli pipeline` writes the rules from the
 # config's [pipeline] table): score -> prune -> compare -> eval-attack/eval-utility -> report.
 # A re-run skips finished steps. OUT holds store/, results/, compare/ and results.txt.
 PIPELINE_CONFIG ?= configs/smollm2-demo.toml
@@ -76,7 +76,7 @@ NEEDS_INSTALL   ?= $(STAMP)
 ifneq ($(filter pipeline,$(MAKECMDGOALS)),)
 $(OUT)/pipeline.mk: $(PIPELINE_CONFIG) $(NEEDS_INSTALL) wandacli/pipeline.py
 	@mkdir -p $(OUT)
-	$(BIN)/python -m wandacli.pipeline $(PIPELINE_CONFIG) $(OUT) $(WANDACLI) "$(MODEL)" > $@.tmp && mv $@.tmp $@
+	$(WANDACLI) pipeline $(PIPELINE_CONFIG) --out $(OUT) --wandacli $(WANDACLI) --model "$(MODEL)" > $@.tmp && mv $@.tmp $@
 include $(OUT)/pipeline.mk
 endif
 

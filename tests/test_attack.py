@@ -649,3 +649,15 @@ def test_batch_size_counts_sequences_in_flight_when_sampling(tiny_llama_dir):
     assert in_flight == [10, 10, 5]
     greedy = generator.generate(texts, add_special_tokens=True, samples=1, sampling=False, seed=0)
     assert len(greedy) == 5 and in_flight[3:] == [5]
+
+
+def test_every_backend_eval_attack_offers_is_registered():
+    """--backend's choices are the registry's backends, each with a check and a start."""
+    import typing
+
+    from wandacli.config.declare import declared_fields
+    from wandacli.evaluation.backends import BACKENDS
+
+    backend = next(f for f in declared_fields(AttackConfig) if f.name == "backend")
+    assert set(typing.get_args(backend.type)) == set(BACKENDS)
+    assert all(callable(b.check) and callable(b.make) for b in BACKENDS.values())

@@ -288,3 +288,20 @@ def test_baseline_models_are_evaluated_dense_beside_the_study(tmp_path):
             rule = text[text.index(f"{target}:") :].split("\n\n")[0]
             assert f"--model {model} " in rule and "--mask" not in rule, rule
         assert f"{tmp_path / 'results' / label / 'results.json'}" in text.split("results.txt:")[1]
+
+
+def test_the_pipeline_is_a_command_with_one_line_errors(cli, tmp_path):
+    """`wandacli pipeline CONFIG --out DIR` prints the rules `make demo` includes; a config
+    without a [pipeline] table, or no --out, is one line through the app's errors."""
+    config = REPO / "configs" / "smollm2-demo.toml"
+    made = cli("pipeline", str(config), "--out", str(tmp_path / "demo"), "--wandacli", "w")
+    assert made.exit_code == 0, made.stderr
+    assert made.stdout == makefile(
+        Plan.from_config(read_config_file(config), config), config, tmp_path / "demo", "w", None
+    )
+    plain = tmp_path / "plain.toml"
+    plain.write_text("[score]\nnsamples = 4\n")
+    assert_one_line_error(
+        cli("pipeline", str(plain), "--out", str(tmp_path)), "no [pipeline] table"
+    )
+    assert_one_line_error(cli("pipeline", str(config)), "--out is required")

@@ -1,7 +1,8 @@
-"""The study as Make rules: `python -m wandacli.pipeline CONFIG OUT` prints a makefile whose
+"""The study as Make rules: `wandacli pipeline CONFIG --out OUT` prints a makefile whose
 targets are the files each step writes, so `make demo` (or `make paper`) re-runs only what is
 missing. The plan comes from the config's `[pipeline]` table; every command also reads the
-same config for its options.
+same config for its options, and every flag a rule writes is the flag its option declares
+(a renamed option is renamed here, or fails when the rules are made, not when make runs them).
 
     score    the `methods` (wanda, wandg, ...) on the safety and the utility set, and with
              `rank_statistics` actsvd, with `mean_activations` mean-activations on both
@@ -22,23 +23,29 @@ same config for its options.
 
 from __future__ import annotations
 
+import dataclasses
 import shlex
-import sys
-from dataclasses import dataclass
+from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any
 
-from wandacli.config.files import read_config_file
-from wandacli.config.settings import WEIGHT_METHODS
-from wandacli.core.errors import ConfigError, WandacliError
+from wandacli.config.compare import CompareConfig
+from wandacli.config.declare import flag_of, option
+from wandacli.config.evaluation import AttackConfig, UtilityConfig
+from wandacli.config.outputs import ReportConfig
+from wandacli.config.score import ScoreConfig
+from wandacli.config.settings import WEIGHT_METHODS, CommandOptions
+from wandacli.core.errors import ConfigError
 from wandacli.core.naming import file_safe_name
-from wandacli.search.config import search_parameters
+from wandacli.removal.kinds import searchable
+from wandacli.removal.request import prune_flag
+from wandacli.search.config import best_name, search_flag, search_parameters
 
-# The `search` options a [[pipeline.searches]] entry may set (the rest come from [search]).
-SEARCH_KEYS = (
+# The `search` options a [[pipeline.searches]] entry may set beside its ranges (the rest come
+# from [search]).
+ENTRY_OPTIONS = (
     "scores",
     "utility_scores",
-    *search_parameters(),
     "layers",
     "modules",
     "trials",
@@ -46,6 +53,20 @@ SEARCH_KEYS = (
     "keep_best",
     "seed",
 )
+
+
+def entry_keys() -> tuple[str, ...]:
+    """Every key an entry may have: its options, then every searchable range."""
+    return (*ENTRY_OPTIONS[:2], *search_parameters(), *ENTRY_OPTIONS[2:])
+
+
+def control_name(name: str) -> str:
+    """The random control of the mask or edit `name`, as the study names it."""
+    return f"random-as-{name}"
+
+
+def _q(value: Any) -> str:
+    return shlex.quote(str(value))
 
 
 @dataclass(frozen=True)
@@ -62,31 +83,33 @@ class SearchPlan:
 
     @property
     def is_edit(self) -> bool:
-        from wandacli.removal.kinds import kind_named  # noqa: F401  (kept for the registry)
-
+        """Whether its kind (the one its ranges ask for) makes edits."""
         parameters = search_parameters()
-        given = {parameters[key].name for key in self.option if key in parameters}
-        from wandacli.removal.kinds import searchable
-
-        return any(kind.accepts(given) and kind.family == "edit" for kind in searchable())
+        names = {parameters[key].name for key in self.option if key in parameters}
+        return any(kind.family == "edit" for kind in searchable() if kind.accepts(names))
 
     @property
     def best(self) -> str:
-        return f"{self.name}.best"
+        return best_name(self.name)
 
     @property
     def score_sets(self) -> list[str]:
         return [self.option[k] for k in ("scores", "utility_scores") if k in self.option]
 
+    @property
+    def reads_directions(self) -> bool:
+        return "direction_layer" in self.option
+
     @classmethod
     def from_table(cls, table: Any, path: Path) -> SearchPlan:
         if not isinstance(table, dict) or not isinstance(table.get("name"), str):
             raise ConfigError(f"{path}: every [[pipeline.searches]] entry needs a name")
-        unknown = sorted(set(table) - {"name", *SEARCH_KEYS})
+        keys = entry_keys()
+        unknown = sorted(set(table) - {"name", *keys})
         if unknown:
             raise ConfigError(
                 f"{path}: unknown key {unknown[0]!r} in [[pipeline.searches]] {table['name']!r} "
-                f"(keys: name, {', '.join(SEARCH_KEYS)}; the other search options go in [search])"
+                f"(keys: name, {', '.join(keys)}; the other search options go in [search])"
             )
         for needed in ("scores", "keep_best"):
             if needed not in table:
@@ -94,17 +117,20 @@ class SearchPlan:
                     f"{path}: [[pipeline.searches]] {table['name']!r} needs {needed!r}"
                     + (" (the point the study evaluates)" if needed == "keep_best" else "")
                 )
-        return cls(str(table["name"]), tuple((k, str(table[k])) for k in SEARCH_KEYS if k in table))
+        return cls(str(table["name"]), tuple((k, str(table[k])) for k in keys if k in table))
 
 
 @dataclass(frozen=True)
 class Plan:
-    safety_data: str
-    utility_data: str
-    methods: tuple[str, ...]
-    top_ratio: float
-    pq: tuple[tuple[float, float], ...]
-    set_difference_method: str
+    """The `[pipeline]` table: what the study scores, prunes, searches and evaluates. Each
+    key's default is its field's."""
+
+    safety_data: str = "align_short"
+    utility_data: str = "utility"
+    methods: tuple[str, ...] = ("wanda", "wandg")
+    top_ratio: float = 0.01
+    pq: tuple[tuple[float, float], ...] = ((0.01, 0.01),)
+    set_difference_method: str = "wandg"
     random_control: bool = False
     baseline_models: tuple[str, ...] = ()
     rank_statistics: bool = False  # actsvd on both sets (for rank edits and their search)
@@ -118,45 +144,25 @@ class Plan:
         table = config.get("pipeline")
         if not isinstance(table, dict):
             raise ConfigError(f"{path} has no [pipeline] table: it is not a pipeline config")
-        known = {
-            "safety_data",
-            "utility_data",
-            "methods",
-            "top_ratio",
-            "pq",
-            "set_difference_method",
-            "random_control",
-            "baseline_models",
-            "rank_statistics",
-            "mean_activations",
-            "searches",
-            "configs",
-            "other_configs",
-        }
+        known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(table) - known)
         if unknown:
             raise ConfigError(
                 f"{path}: unknown key {unknown[0]!r} in [pipeline] (keys: {', '.join(sorted(known))})"
             )
+        parse: dict[str, Any] = {
+            "methods": lambda v: tuple(str(m) for m in v),
+            "top_ratio": float,
+            "pq": lambda v: tuple((float(p), float(q)) for p, q in v),
+            "random_control": bool,
+            "baseline_models": lambda v: tuple(str(m) for m in v),
+            "rank_statistics": bool,
+            "mean_activations": bool,
+            "searches": lambda v: tuple(SearchPlan.from_table(entry, path) for entry in v),
+        }
         try:
-            methods = tuple(str(m) for m in table.get("methods", ["wanda", "wandg"]))
-            plan = cls(
-                safety_data=str(table.get("safety_data", "align_short")),
-                utility_data=str(table.get("utility_data", "utility")),
-                methods=methods,
-                top_ratio=float(table.get("top_ratio", 0.01)),
-                pq=tuple((float(p), float(q)) for p, q in table.get("pq", [[0.01, 0.01]])),
-                set_difference_method=str(table.get("set_difference_method", "wandg")),
-                random_control=bool(table.get("random_control", False)),
-                baseline_models=tuple(str(m) for m in table.get("baseline_models", [])),
-                rank_statistics=bool(table.get("rank_statistics", False)),
-                mean_activations=bool(table.get("mean_activations", False)),
-                searches=tuple(
-                    SearchPlan.from_table(entry, path) for entry in table.get("searches", [])
-                ),
-                configs=str(table["configs"]) if "configs" in table else None,
-                other_configs=str(table["other_configs"]) if "other_configs" in table else None,
-            )
+            values = {key: parse.get(key, str)(value) for key, value in table.items()}
+            plan = cls(**values)
         except (TypeError, ValueError) as exc:
             raise ConfigError(f"{path}: [pipeline] has a value of the wrong type ({exc})") from exc
         plan.check(path)
@@ -207,10 +213,6 @@ class Plan:
         return names + (["random"] if self.random_control else [])
 
 
-def _q(value: Any) -> str:
-    return shlex.quote(str(value))
-
-
 def makefile(plan: Plan, config: Path, out: Path, wandacli: str, model: str | None) -> str:
     """Make rules for the whole study; targets are the files each step writes."""
     rules = _Rules(config, out, wandacli, model)
@@ -225,16 +227,26 @@ def makefile(plan: Plan, config: Path, out: Path, wandacli: str, model: str | No
     return rules.text()
 
 
+# Flags as the options declare them, by command.
+def _score(name: str) -> str:
+    return flag_of(ScoreConfig, name)
+
+
+def _common(name: str) -> str:
+    return flag_of(CommandOptions, name)
+
+
 class _Rules:
     """The Makefile being written: one rule per file a step makes, in the order they run."""
 
     def __init__(self, config: Path, out: Path, wandacli: str, model: str | None) -> None:
         self.config, self.out, self.wandacli = config, out, wandacli
         self.store, self.results = out / "store", out / "results"
-        self.common = f"--config {_q(config)}"
-        self.model_flag = f" --model {_q(model)}" if model else ""
+        self.common = f"{_common('config')} {_q(config)}"
+        self.model_flag = f" {_score('model')} {_q(model)}" if model else ""
+        self.quiet = _common("no_progress")
         self.lines = [
-            f"# Generated by python -m wandacli.pipeline from {config}; do not edit.",
+            f"# Generated by `wandacli pipeline` from {config}; do not edit.",
             f"PIPELINE_STORE := {self.store}",
             f"PIPELINE_RESULTS := {self.results}",
             "",
@@ -247,11 +259,26 @@ class _Rules:
 
     def in_store(self, command: str) -> str:
         """A wandacli command on the study's store and model."""
-        return f"{self.wandacli} {command} {self.common}{self.model_flag} --store {_q(self.store)}"
+        return (
+            f"{self.wandacli} {command} {self.common}{self.model_flag} "
+            f"{_score('store')} {_q(self.store)}"
+        )
+
+    def prune(self, scores: str, name: str, **options: Any) -> str:
+        """`prune` of `scores` into `name`, its other options by field name (True: a switch)."""
+        flags = " ".join(
+            prune_flag(key) if value is True else f"{prune_flag(key)} {value}"
+            for key, value in options.items()
+        )
+        return (
+            f"{self.in_store('prune')} {prune_flag('scores')} {scores} {flags} "
+            f"{prune_flag('name')} {name} {prune_flag('overwrite')} {self.quiet}"
+        )
 
     def score_sets(self, plan: Plan) -> dict[str, Path]:
         """Every score set and rank-statistics set, by name."""
         scores: dict[str, Path] = {}
+        finish = f"{_score('overwrite')} {self.quiet}"
         for method in plan.set_methods:
             for role, data in (("safety", plan.safety_data), ("utility", plan.utility_data)):
                 name = f"{method}-{role}"
@@ -259,15 +286,15 @@ class _Rules:
                 self.rule(
                     scores[name],
                     [],
-                    f"{self.in_store('score')} --method {method} "
-                    f"--data {_q(data)} --name {name} --overwrite --no-progress",
+                    f"{self.in_store('score')} {_score('method')} {method} "
+                    f"{_score('data')} {_q(data)} {_score('name')} {name} {finish}",
                 )
         if plan.random_control:
             scores["random"] = self.store / "scores" / "random.h5"
             self.rule(
                 scores["random"],
                 [],
-                f"{self.in_store('score')} --method random --name random --overwrite --no-progress",
+                f"{self.in_store('score')} {_score('method')} random {_score('name')} random {finish}",
             )
         return scores
 
@@ -276,22 +303,18 @@ class _Rules:
         for method in plan.methods if plan.top_ratio > 0 else ():
             name = f"top{plan.top_ratio:g}-{method}-safety"
             masks[name] = self.store / "masks" / f"{name}.h5"
-            self.rule(
-                masks[name],
-                [scores[f"{method}-safety"]],
-                f"{self.in_store('prune')} --scores {method}-safety "
-                f"--sparsity-ratio {plan.top_ratio:g} --prune-highest --name {name} --overwrite --no-progress",
+            command = self.prune(
+                f"{method}-safety", name, sparsity_ratio=f"{plan.top_ratio:g}", prune_highest=True
             )
+            self.rule(masks[name], [scores[f"{method}-safety"]], command)
         sd = plan.set_difference_method
         for p, q in plan.pq:
             name = f"{sd}-setdiff-q{q:g}-p{p:g}"
             masks[name] = self.store / "masks" / f"{name}.h5"
-            self.rule(
-                masks[name],
-                [scores[f"{sd}-safety"], scores[f"{sd}-utility"]],
-                f"{self.in_store('prune')} --scores {sd}-safety "
-                f"--utility-scores {sd}-utility --p {p:g} --q {q:g} --name {name} --overwrite --no-progress",
+            command = self.prune(
+                f"{sd}-safety", name, utility_scores=f"{sd}-utility", p=f"{p:g}", q=f"{q:g}"
             )
+            self.rule(masks[name], [scores[f"{sd}-safety"], scores[f"{sd}-utility"]], command)
         return masks
 
     def random_controls(self, plan: Plan, masks: dict[str, Path], scores: dict[str, Path]) -> None:
@@ -303,14 +326,10 @@ class _Rules:
         controlled = {f"top{plan.top_ratio:g}": tops[0]} if tops else {}
         controlled.update({n: n for n in masks if n not in tops})
         for label, name in controlled.items():
-            control = f"random-as-{label}"
+            control = control_name(label)
             masks[control] = self.store / "masks" / f"{control}.h5"
-            self.rule(
-                masks[control],
-                [scores["random"], masks[name]],
-                f"{self.in_store('prune')} --scores random "
-                f"--match-counts {name} --name {control} --overwrite --no-progress",
-            )
+            command = self.prune("random", control, match_counts=name)
+            self.rule(masks[control], [scores["random"], masks[name]], command)
 
     def searches(self, plan: Plan, scores: dict[str, Path]) -> dict[str, Path]:
         """Per search, its `.best` point and, with random_control, a random removal of that
@@ -320,30 +339,24 @@ class _Rules:
         for search in plan.searches:
             folder = "edits" if search.is_edit else "masks"
             best = self.store / folder / f"{search.best}.h5"
-            flags = " ".join(
-                f"--{key.replace('_', '-')} {_q(value)}" for key, value in search.options
-            )
+            flags = " ".join(f"{search_flag(key)} {_q(value)}" for key, value in search.options)
             self.rule(
                 best,
                 [scores[name] for name in search.score_sets],
-                f"{self.in_store('search')} --name {_q(search.name)} {flags} --no-progress",
+                f"{self.in_store('search')} {search_flag('name')} {_q(search.name)} {flags} "
+                f"{self.quiet}",
             )
             made[search.best] = best
             if not plan.random_control:
                 continue
-            control = f"random-as-{search.best}"
+            control = control_name(search.best)
             made[control] = self.store / folder / f"{control}.h5"
             if search.is_edit:
-                command = (
-                    f"{self.in_store('prune')} --scores {_q(search.option['scores'])} "
-                    f"--match-ranks {search.best} --name {control} --overwrite --no-progress"
-                )
-                deps = [scores[search.option["scores"]], best]
+                model_set = search.option["scores"]
+                command = self.prune(_q(model_set), control, match_ranks=search.best)
+                deps = [scores[model_set], best]
             else:
-                command = (
-                    f"{self.in_store('prune')} --scores random --match-counts {search.best} "
-                    f"--name {control} --overwrite --no-progress"
-                )
+                command = self.prune("random", control, match_counts=search.best)
                 deps = [scores["random"], best]
             self.rule(made[control], deps, command)
         return made
@@ -354,6 +367,7 @@ class _Rules:
         """Safety vs utility per method, the methods on safety; with mean activations the
         candidate directions' cosines across layers (a heatmap in out/figures), and with rank
         statistics too, each searched direction's share inside the safety subspaces."""
+        plot = flag_of(CompareConfig, "plot")
         pairs: list[tuple[str, list[Path], str]] = [
             (f"{m}-safety-vs-utility", [scores[f"{m}-safety"], scores[f"{m}-utility"]], "")
             for m in plan.methods
@@ -363,9 +377,9 @@ class _Rules:
         if plan.mean_activations:
             means = [scores["mean-activations-safety"], scores["mean-activations-utility"]]
             figure = self.out / "figures" / "direction-cosines.png"
-            pairs.append(("direction-cosines", means, f" --plot {figure}"))
+            pairs.append(("direction-cosines", means, f" {plot} {figure}"))
         for search in plan.searches if plan.rank_statistics else ():
-            if "direction_layer" in search.option:
+            if search.reads_directions:
                 inputs = [searched[search.best], scores["actsvd-safety"]]
                 pairs.append((f"{search.name}-in-safety-subspaces", inputs, self.model_flag))
         made = []
@@ -377,8 +391,9 @@ class _Rules:
                 inputs,
                 f"mkdir -p {self.out / 'compare'} {self.out / 'figures'}",
                 f"{self.wandacli} compare {self.common}{extra} "
-                f"{' '.join(str(i) for i in inputs)} --store {self.store} "
-                f"--csv {target}.tmp --no-progress > {target}.txt && mv {target}.tmp {target}",
+                f"{' '.join(str(i) for i in inputs)} {flag_of(CompareConfig, 'store')} "
+                f"{self.store} {flag_of(CompareConfig, 'csv_file')} {target}.tmp {self.quiet} "
+                f"> {target}.txt && mv {target}.tmp {target}",
             )
         return made
 
@@ -390,6 +405,7 @@ class _Rules:
         rest in `other_configs` (each defaults to the config's [eval-attack] table)."""
         made: list[Path] = []
         headline = {"dense", *(s.best for s in plan.searches)}
+        removal = flag_of(AttackConfig, "removal")
         removals: list[tuple[str, Path | None]] = [
             ("dense", None),
             *masks.items(),
@@ -398,14 +414,14 @@ class _Rules:
         runs: list[tuple[str, list[Path], str]] = [
             (
                 label,
-                [removal] if removal is not None else [],
+                [path] if path is not None else [],
                 f"{self.common}{self.model_flag}"
-                + (f" --mask {_q(removal)}" if removal is not None else ""),
+                + (f" {removal} {_q(path)}" if path is not None else ""),
             )
-            for label, removal in removals
+            for label, path in removals
         ]
         runs += [
-            (f"baseline-{file_safe_name(b)}", [], f"{self.common} --model {_q(b)}")
+            (f"baseline-{file_safe_name(b)}", [], f"{self.common} {_score('model')} {_q(b)}")
             for b in plan.baseline_models
         ]
         for label, deps, flags in runs:
@@ -413,26 +429,32 @@ class _Rules:
             attack, utility = folder / "results.json", folder / "utility.json"
             made += [attack, utility]
             configs = plan.configs if label in headline else plan.other_configs
-            configs_flag = f" --configs {_q(configs)}" if configs else ""
+            configs_flag = f" {flag_of(AttackConfig, 'configs')} {_q(configs)}" if configs else ""
             self.rule(
                 attack,
                 deps,
-                f"{self.wandacli} eval-attack {flags}{configs_flag} --out {folder} "
-                "--overwrite --no-progress",
+                f"{self.wandacli} eval-attack {flags}{configs_flag} "
+                f"{flag_of(AttackConfig, 'out')} {folder} {flag_of(AttackConfig, 'overwrite')} "
+                f"{self.quiet}",
             )
             self.rule(
-                utility, deps, f"{self.wandacli} eval-utility {flags} --out {folder} --no-progress"
+                utility,
+                deps,
+                f"{self.wandacli} eval-utility {flags} {flag_of(UtilityConfig, 'out')} {folder} "
+                f"{self.quiet}",
             )
         return made
 
     def report(self, plan: Plan, inputs: list[Path]) -> None:
         table = self.out / "results.txt"
-        searches = f" --searches {self.store}" if plan.searches else ""
+        searches = f" {flag_of(ReportConfig, 'searches')} {self.store}" if plan.searches else ""
         self.rule(
             table,
             inputs,
-            f"{self.wandacli} report {self.results} --markdown {self.out / 'results.md'} "
-            f"--plots {self.out / 'figures'} --compare {self.out / 'compare'}{searches} "
+            f"{self.wandacli} report {self.results} "
+            f"{flag_of(ReportConfig, 'markdown_file')} {self.out / 'results.md'} "
+            f"{flag_of(ReportConfig, 'plots')} {self.out / 'figures'} "
+            f"{flag_of(ReportConfig, 'compare_dir')} {self.out / 'compare'}{searches} "
             f"> {table}.tmp && mv {table}.tmp {table}",
         )
         self.lines += [f"pipeline: {table}", f"\t@cat {table}", "", ".PHONY: pipeline"]
@@ -441,21 +463,35 @@ class _Rules:
         return "\n".join(self.lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) not in (3, 4):
-        print("usage: python -m wandacli.pipeline CONFIG OUT WANDACLI [MODEL]", file=sys.stderr)
-        return 2
-    config, out, wandacli = Path(args[0]), Path(args[1]), args[2]
-    model = args[3] if len(args) == 4 and args[3] else None
-    try:
-        plan = Plan.from_config(read_config_file(config), config)
-    except WandacliError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    sys.stdout.write(makefile(plan, config, out, wandacli, model))
-    return 0
+@dataclass(frozen=True)
+class PipelineRequest:
+    """`wandacli pipeline`: which config, where the study goes, how its rules call wandacli."""
+
+    config: Path = option(
+        MISSING,
+        "config",
+        metavar="CONFIG",
+        help="A TOML config with a [pipeline] table (configs/smollm2-demo.toml).",
+        argument=True,
+    )
+    out: Path = option(
+        MISSING,
+        "--out",
+        "-o",
+        help="The study's folder: store/, results/, compare/, figures/ and results.txt.",
+        required="--out is required: the folder the study's files go to",
+    )
+    model: str | None = option(
+        None, "--model", "-m", help="The model every step runs on [default: the config's]."
+    )
+    wandacli: str = option(
+        "wandacli", "--wandacli", help="How the rules call wandacli (a path to its script)."
+    )
 
 
-if __name__ == "__main__":
-    sys.exit(main())
+def pipeline_rules(request: PipelineRequest) -> str:
+    """The Make rules of the study `request.config` describes."""
+    from wandacli.config.files import read_config_file
+
+    plan = Plan.from_config(read_config_file(request.config), request.config)
+    return makefile(plan, request.config, request.out, request.wandacli, request.model or None)

@@ -12,17 +12,9 @@ from typing import Annotated, Any
 
 import typer
 
-from wandacli.cli.options import ConfigOption, JsonOption, NoProgressOption
 from wandacli.config.declare import DeclaredField, build, command_text, declared_fields
-from wandacli.config.settings import NAMED_CALIBRATION_SETS, NAMED_PROMPT_SETS
+from wandacli.config.settings import NAMED_CALIBRATION_SETS, NAMED_PROMPT_SETS, CommandOptions
 from wandacli.core.console import progress_reporter
-
-# The options every command that runs something has beside its settings.
-COMMON = {
-    "config": (ConfigOption, None),
-    "json_output": (JsonOption, False),
-    "no_progress": (NoProgressOption, False),
-}
 
 
 def help_text(text: str) -> str:
@@ -71,15 +63,8 @@ def typer_parameter(found: DeclaredField) -> inspect.Parameter:
 
 
 def common_parameters(*names: str) -> list[inspect.Parameter]:
-    return [
-        inspect.Parameter(
-            name,
-            inspect.Parameter.KEYWORD_ONLY,
-            annotation=COMMON[name][0],
-            default=COMMON[name][1],
-        )
-        for name in names
-    ]
+    """The command options (--config, --json, --no-progress) a command has, by field name."""
+    return [typer_parameter(f) for f in declared_fields(CommandOptions) if f.name in names]
 
 
 def command_line() -> list[str]:

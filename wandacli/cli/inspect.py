@@ -2,23 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Annotated
+from typing import Any
 
-import typer
-
-from wandacli.cli.options import (
-    JsonOption,
-)
-from wandacli.config.settings import DEFAULT_STORE
+from wandacli.cli.build import settings_command
+from wandacli.config.outputs import InspectConfig
 from wandacli.reporting import render_store
-from wandacli.store.inspect import summarize_store
 
 
-def inspect(
-    store: Annotated[Path, typer.Argument(help="Store directory.")] = DEFAULT_STORE,
-    json_output: JsonOption = False,
-) -> None:
-    """List the score sets and rank statistics (finished or not), masks, rank edits and
-    searches in a store, with their metadata."""
-    render_store.store_listing(summarize_store(store), as_json=json_output)
+def _run(config: InspectConfig, **context: Any) -> Any:
+    from wandacli.store.inspect import summarize_store
+
+    return summarize_store(config.root)
+
+
+inspect = settings_command(
+    "inspect",
+    InspectConfig,
+    _run,
+    render_store.store_listing,
+    doc="""List the score sets, rank statistics and mean activations (finished or not), masks,
+    edits and searches in a store, with their metadata.""",
+    common=("json_output",),
+)

@@ -12,6 +12,7 @@ from wandacli.cli import (
     evaluate,
     inspect,
     legacy,
+    pipeline,
     prune,
     report,
     score,
@@ -27,6 +28,7 @@ app.command("eval-attack", cls=WandacliCommand)(evaluate.eval_attack)
 app.command("eval-utility", cls=WandacliCommand)(evaluate.eval_utility)
 app.command(cls=WandacliCommand)(search.search)
 app.command(cls=WandacliCommand)(report.report)
+app.command(cls=WandacliCommand)(pipeline.pipeline)
 app.command("import-legacy", cls=WandacliCommand)(legacy.import_legacy_command)
 app.command("check-config", cls=WandacliCommand)(check_config.check_config)
 app.command(cls=WandacliCommand)(inspect.inspect)

@@ -21,6 +21,7 @@ class CompareConfig:
     inputs: list[str] = option(
         MISSING,
         "inputs",
+        metavar="INPUTS...",
         help="Two or more masks or score sets, two rank-statistics or mean-activations sets, "
         "or a direction edit and a rank-statistics set: paths to .h5 files (or names, with "
         "--store).",

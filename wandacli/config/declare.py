@@ -68,6 +68,7 @@ class Nested:
 
     overrides: dict[str, dict[str, Any]] = field(default_factory=dict)
     optional_by: str | None = None
+    only: tuple[str, ...] | None = None  # the group's options this command has (None: all)
 
 
 def option(
@@ -118,10 +119,12 @@ def nested(
     *,
     overrides: dict[str, dict[str, Any]] | None = None,
     optional_by: str | None = None,
+    only: tuple[str, ...] | None = None,
 ) -> Any:
     """A settings class embedded in another; `optional_by`: the group is None unless that
-    option of it is given (prune reads a model only when --model names one)."""
-    spec = Nested(overrides=overrides or {}, optional_by=optional_by)
+    option of it is given (prune reads a model only when --model names one); `only`: the
+    group's options this command offers (the others keep their defaults)."""
+    spec = Nested(overrides=overrides or {}, optional_by=optional_by, only=only)
     if optional_by is not None:
         return field(default=None, metadata={NESTED: spec})
     return field(default_factory=cls, metadata={NESTED: spec})
@@ -168,7 +171,9 @@ def _declared(
         if NESTED in item.metadata:
             spec: Nested = item.metadata[NESTED]
             inner = _nested_class(types[item.name])
-            yield from _declared(inner, (*path, item.name), spec.overrides, cli_only)
+            for found in _declared(inner, (*path, item.name), spec.overrides, cli_only):
+                if spec.only is None or found.name in spec.only:
+                    yield found
             continue
         declared = item.metadata.get(OPTION)
         if declared is None or (cli_only and not declared.cli):

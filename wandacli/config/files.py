@@ -31,7 +31,8 @@ def _normalise(table: dict[str, Any]) -> dict[str, Any]:
     return {key.replace("-", "_"): value for key, value in table.items()}
 
 
-# Tables a config file may hold for tools around wandacli (the Makefile pipeline reads them).
+# Tables a config file holds that are not a command's option defaults: [pipeline] is the
+# study's plan (`wandacli pipeline CONFIG` reads it, check-config validates it).
 FOREIGN_TABLES = frozenset({"pipeline"})
 
 
@@ -54,7 +55,7 @@ def default_map(config: dict[str, Any], options_by_command: dict[str, set[str]])
             )
     result: dict[str, Any] = {}
     for command, options in options_by_command.items():
-        table = _normalise(config.get(command, {}))
+        table = _normalise(config.get(command, {})) if command not in FOREIGN_TABLES else {}
         for key in table:
             if key not in options or key == "config":
                 raise ConfigError(

@@ -132,3 +132,25 @@ def parse_nm(sparsity_type: str) -> tuple[int, int] | None:
     if not 0 < n < m:
         raise ValueError(f"--sparsity-type {sparsity_type}: N must be at least 1 and less than M")
     return n, m
+
+
+@dataclass(frozen=True)
+class CommandOptions:
+    """What every command has beside its settings: its config file, JSON output, progress."""
+
+    config: Path | None = option(
+        None,
+        "--config",
+        "-c",
+        help="TOML file of option defaults; flags given on the command line win.",
+        request=False,
+    )
+    json_output: bool = option(
+        False, "--json", help="Print the result as JSON on stdout.", request=False
+    )
+    no_progress: bool = option(
+        False,
+        "--no-progress",
+        help="Hide progress bars (logs stay on stderr).",
+        request=False,
+    )

@@ -28,8 +28,7 @@ from wandacli.core.errors import StoreError, interruptible
 from wandacli.core.metrics import SETTINGS, metric_name, tag_prefix
 from wandacli.core.provenance import now_iso, software_versions
 from wandacli.data.templates import build_prompt
-from wandacli.evaluation.backends.hf import HFGenerator
-from wandacli.evaluation.backends.vllm import VLLMGenerator, require_vllm
+from wandacli.evaluation.backends import backend_named
 from wandacli.evaluation.degenerate import DEGENERATE_RULE, is_degenerate
 from wandacli.evaluation.judges import Judge, make_judge
 from wandacli.evaluation.prompts import (
@@ -232,8 +231,8 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
 
     reporter = reporter or NullReporter()
     started = time.monotonic()
-    if config.backend == "vllm":
-        require_vllm()  # before loading anything
+    backend = backend_named(config.backend)
+    backend.check()  # before loading anything
     prompts, prompt_source, prompts_hash = load_prompts(config)
     under_test = load_model_under_test(config.model, config.removal, config.store)
     check_not_searched_on(prompts, f"--prompts {config.prompts}", under_test.removal_meta)
@@ -242,7 +241,7 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
     settings = _settings_fingerprint(config, under_test, prompts_hash, template)
     reusable = _prepare_out(out, settings, config.overwrite)
     judge = make_judge(config)
-    generator = _generator(config, under_test, out, reporter)
+    generator = backend.make(config, under_test, out, reporter)
     records: list[RunRecord] = []
     reused: list[str] = []
     try:
@@ -272,8 +271,7 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
                 _judge_and_write(record, prompts, responses, judge, path)
             records.append(record)
     finally:
-        if isinstance(generator, VLLMGenerator):
-            generator.close()
+        generator.close()
     result = AttackResult(
         under_test=under_test.describe()
         | {"prompts": prompt_source, "template": template, "judge": judge.name},
@@ -285,26 +283,6 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
     )
     _write_results(out, config, result, under_test)
     return result
-
-
-def _generator(
-    config: AttackConfig, under_test: ModelUnderTest, out: Path, reporter: Reporter
-) -> Any:
-    if config.backend == "vllm":
-        return VLLMGenerator(
-            under_test,
-            max_new_tokens=config.max_new_tokens,
-            reporter=reporter,
-            copy_parent=config.tmp_dir or out,
-            gpu_memory_utilization=config.gpu_memory_utilization,
-            tensor_parallel_size=config.tensor_parallel_size,
-        )
-    return HFGenerator(
-        under_test.loaded,
-        max_new_tokens=config.max_new_tokens,
-        batch_size=config.batch_size,
-        reporter=reporter,
-    )
 
 
 def _planned_runs(config: AttackConfig) -> Iterator[tuple[RunRecord, str | None]]:

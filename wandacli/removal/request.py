@@ -192,7 +192,7 @@ def removal_request(params: dict[str, Any]) -> RemovalRequest:
         (n for n in given if n not in chosen.option_names), key=lambda n: len(owners(n))
     )
     if foreign:
-        refuse_foreign_option(_flag(foreign[0]), owners(foreign[0]), chosen, claimers)
+        refuse_foreign_option(prune_flag(foreign[0]), owners(foreign[0]), chosen, claimers)
     common = {k: v for k, v in params.items() if k in _common_names()}
     request = build(RemovalRequest, common)
     if request.model is not None:  # prune's `--dtype auto` is the checkpoint's dtype
@@ -210,7 +210,7 @@ def check_request(request: RemovalRequest) -> None:
         for name in MASK_OUTPUTS:
             if getattr(request, name) is not None:
                 raise ConfigError(
-                    f"{_flag(name)} is a mask's output; {kind.title} {kind.does}: drop it"
+                    f"{prune_flag(name)} is a mask's output; {kind.title} {kind.does}: drop it"
                 )
     if request.save_model is not None and request.model is None:
         raise ConfigError("--save-model needs --model (the model the sets were computed on)")
@@ -228,8 +228,9 @@ def _common_names() -> set[str]:
     return {f.name for f in declared_fields(RemovalRequest)}
 
 
-def _flag(name: str) -> str:
+def prune_flag(name: str) -> str:
+    """The flag of a `prune` option (a kind's or one every removal has), by field name."""
     for found in [*_kind_option_fields(), *declared_fields(RemovalRequest)]:
         if found.name == name:
             return found.declared.flag
-    return "--" + name.replace("_", "-")
+    raise KeyError(f"prune has no option {name!r}")

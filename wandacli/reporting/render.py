@@ -541,3 +541,21 @@ def any_comparison(result: Any, as_json: bool) -> None:
         direction_cosines(result, as_json=as_json)
     elif isinstance(result, DirectionInSubspaces):
         direction_in_subspaces(result, as_json=as_json)
+
+
+def legacy_import(result: Any, as_json: bool) -> None:
+    """`import-legacy`: the score set the reference's dumps became."""
+    if as_json:
+        print_json(result.to_json())
+        return
+    out.print(
+        key_value_table(
+            "score set imported",
+            [
+                ("score set", result.name),
+                ("method", result.method),
+                ("files", str(result.files)),
+                ("file", str(result.path)),
+            ],
+        )
+    )

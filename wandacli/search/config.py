@@ -18,6 +18,7 @@ from wandacli.config.declare import (
     DeclaredField,
     build_fields,
     check_options,
+    declared_fields,
     internal,
     nested,
     option,
@@ -44,6 +45,20 @@ MEASURE_PANEL = "Objectives"
 # The evaluation sets a search must not read: the first 100 AdvBench behaviours (what the
 # reference and the demo evaluate) and JailbreakBench (the second held-out set).
 DEFAULT_HELD_OUT = "advbench:100,jailbreakbench"
+
+
+def best_name(search: str) -> str:
+    """The name of the point `--keep-best` (and `--select reference`) keeps: `<search>.best`,
+    a name a pipeline can depend on."""
+    return f"{search}.best"
+
+
+def search_flag(name: str) -> str:
+    """The flag of a search option or range, by field or range name."""
+    for found in [*declared_fields(SearchConfig), *range_options()]:
+        if found.name == name:
+            return found.declared.flag
+    raise KeyError(f"search has no option {name!r}")
 
 
 def search_parameters() -> dict[str, Searchable]:

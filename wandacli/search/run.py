@@ -25,7 +25,7 @@ from wandacli.evaluation.divergence import KL_RULE
 from wandacli.evaluation.prompts import PromptSet, prompt_digests, read_prompts
 from wandacli.removal.in_memory import WeightChanges
 from wandacli.search import study as studies
-from wandacli.search.config import SearchConfig
+from wandacli.search.config import SearchConfig, best_name
 from wandacli.search.objectives import Objectives
 from wandacli.search.removals import TrialRemovals, amount_name, prune_config_for
 from wandacli.store.files import store_root_for
@@ -372,7 +372,7 @@ class SearchRun:
         if rule is None or not front:
             return None
         point, within = rule.choose(front)
-        name = f"{self.config.name}.best"
+        name = best_name(self.config.name)
         moved = (summary.best or {}).get("index") != point["index"]
         self.write_point(point, name, directory, summary, overwrite=moved, rule=str(rule))
         if not within:

@@ -30,6 +30,7 @@ from wandacli.core.provenance import now_iso
 from wandacli.evaluation.divergence import DenseDistributions, kl_divergence
 from wandacli.evaluation.refusal import refusal_score
 from wandacli.removal.in_memory import WeightChanges
+from wandacli.search.config import best_name
 from wandacli.search.removals import TrialRemovals
 
 # The reference's filters (select_direction.py's defaults).
@@ -196,7 +197,7 @@ def run_selection(
             "refusal": chosen["bypass"],
             "kl": chosen["kl"],
         }
-        name = f"{config.name}.best"
+        name = best_name(config.name)
         moved = (summary.best or {}).get("index") != point["index"]
         run.write_point(
             point, name, summary_path.parent, summary, overwrite=moved, rule="reference"

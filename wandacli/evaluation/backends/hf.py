@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from wandacli.core.console import NullReporter, Reporter
+from wandacli.evaluation.backends.base import Backend, always_available
 
 # ---------------------------------------------------------------------------------------------
 # Generation
@@ -97,6 +99,21 @@ class HFGenerator:
         finally:
             tokenizer.padding_side = previous_side
         return results
+
+    def close(self) -> None:
+        """Nothing to release: the model belongs to the model under test."""
+
+
+def _start(config: Any, under_test: Any, out: Path, reporter: Reporter) -> HFGenerator:
+    return HFGenerator(
+        under_test.loaded,
+        max_new_tokens=config.max_new_tokens,
+        batch_size=config.batch_size,
+        reporter=reporter,
+    )
+
+
+BACKEND = Backend("hf", always_available, _start)
 
 
 def _tokens_before_eos(ids: list[int], eos_ids: set[int | None]) -> int:

@@ -10,18 +10,24 @@ from typing import Any
 from wandacli.core.console import NullReporter, Reporter, info
 from wandacli.core.durable import ensure_writable_directory, temporary_path
 from wandacli.core.errors import ConfigError
+from wandacli.evaluation.backends.base import Backend
 from wandacli.evaluation.under_test import (
     ModelUnderTest,
 )
 
 
-def require_vllm() -> Any:
+def require_vllm() -> None:
     try:
-        import vllm
+        import vllm  # noqa: F401  (importable: installed and working)
     except ImportError:
         raise ConfigError(
             "--backend vllm needs vLLM: pip install 'wandacli[vllm]' (or use --backend hf)"
         ) from None
+
+
+def _vllm() -> Any:
+    import vllm
+
     return vllm
 
 
@@ -42,7 +48,8 @@ class VLLMGenerator:
         gpu_memory_utilization: float | None = None,
         tensor_parallel_size: int = 1,
     ) -> None:
-        self.vllm = require_vllm()
+        require_vllm()
+        self.vllm = _vllm()
         self.loaded = under_test.loaded
         self.max_new_tokens = max_new_tokens
         self.reporter = reporter or NullReporter()
@@ -95,6 +102,20 @@ class VLLMGenerator:
 
     def close(self) -> None:
         shutil.rmtree(self.copy, ignore_errors=True)
+
+
+def _start(config: Any, under_test: ModelUnderTest, out: Path, reporter: Reporter) -> VLLMGenerator:
+    return VLLMGenerator(
+        under_test,
+        max_new_tokens=config.max_new_tokens,
+        reporter=reporter,
+        copy_parent=config.tmp_dir or out,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        tensor_parallel_size=config.tensor_parallel_size,
+    )
+
+
+BACKEND = Backend("vllm", require_vllm, _start)
 
 
 def _free_weights(model: Any) -> None:

@@ -1,0 +1,45 @@
+"""What a generation backend offers eval-attack (lm-eval's `LM` plays this part there): one
+`generate` for every configuration, the tokens it generated, and `close`. A backend is one
+module in this folder with a `BACKEND` and one line in the registry (backends/__init__.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+
+class Generator(Protocol):
+    generated_tokens: int
+
+    def generate(
+        self,
+        texts: Sequence[str],
+        *,
+        add_special_tokens: bool,
+        samples: int,
+        sampling: bool,
+        seed: int,
+        temperature: float = 1.0,
+    ) -> list[list[str]]:
+        """For each text, `samples` continuations (greedy, or sampled at `temperature`)."""
+        ...
+
+    def close(self) -> None:
+        """Release what the backend holds (a saved copy of the model, an engine)."""
+        ...
+
+
+@dataclass(frozen=True)
+class Backend:
+    """A backend: `check` refuses it before anything is loaded (not installed), `make` starts
+    it on the model under test (config: eval-attack's settings; out: the results folder)."""
+
+    name: str
+    check: Callable[[], None]
+    make: Callable[[Any, Any, Path, Any], Generator]
+
+
+def always_available() -> None:
+    """The check of a backend that needs nothing beyond wandacli's own dependencies."""

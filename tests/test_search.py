@@ -663,3 +663,28 @@ def test_kl_when_every_dense_continuation_ends_at_once(tiny_llama_dir, monkeypat
         assert batch.valid[:, 0].all() and not batch.valid[:, 1:].any()
     monkeypatch.setattr(loaded.model, "generate", real_generate)
     assert kl_divergence(loaded, dense) == 0.0
+
+
+def test_requests_record_the_dtype_used_and_a_resume_in_another_is_refused(
+    cli, sets_store, tiny_llama_dir, tmp_path
+):
+    """`--dtype auto` is recorded as the dtype it resolved to (float32 on this CPU), so that a
+    search is not continued in another dtype (bfloat16, as `auto` gives on a GPU) and mixes
+    trials of both; a request recorded as `auto` (before this) still counts as the same."""
+    store = copy_store(sets_store, tmp_path)
+    first = search(
+        cli, tiny_llama_dir, store, "sd", *SET_DIFFERENCE, "--trials", "1", "--no-control"
+    )
+    assert first.exit_code == 0, first.stderr
+    path = store / "searches" / "sd" / "search.json"
+    summary = json.loads(path.read_text())
+    assert summary["request"]["model"]["dtype"] == "float32"
+    other = search(cli, tiny_llama_dir, store, "sd", *SET_DIFFERENCE, "--trials", "1",
+                   "--no-control", "--dtype", "bfloat16")  # fmt: skip
+    assert_one_line_error(other, "search 'sd'", "other settings", "dtype: float32 → bfloat16")
+    summary["request"]["model"]["dtype"] = "auto"
+    path.write_text(json.dumps(summary))
+    again = search(
+        cli, tiny_llama_dir, store, "sd", *SET_DIFFERENCE, "--trials", "1", "--no-control"
+    )
+    assert again.exit_code == 0, again.stderr

@@ -30,11 +30,16 @@ def software_versions() -> dict[str, str]:
 
 
 def settings_differences(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """'name: old → new' for every setting that differs."""
+    """'name: old → new' for every setting that differs (in nested settings too, by dotted
+    name). A dtype recorded as `auto` was made before requests recorded the dtype used: it
+    is taken as the dtype `auto` means now."""
     differences = []
     for key in sorted(set(stored) | set(current)):
-        if stored.get(key) != current.get(key):
-            differences.append(f"{key}: {_short(stored.get(key))} → {_short(current.get(key))}")
+        old, new = stored.get(key), current.get(key)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += [f"{key}.{d}" for d in settings_differences(old, new)]
+        elif old != new and not (key.endswith("dtype") and old == "auto"):
+            differences.append(f"{key}: {_short(old)} → {_short(new)}")
     return differences
 
 

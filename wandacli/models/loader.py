@@ -89,3 +89,36 @@ def model_structure(spec: ModelSpec) -> ModelStructure:
         layers_path=decoder_layers_path(skeleton),
         transposed=frozenset(lin.key for lin in layers if lin.transposed),
     )
+
+
+def resolved_dtype(spec: ModelSpec) -> str:
+    """The dtype a load of `spec` uses, by name, known before loading: `--dtype` as given, or
+    what `auto` means for the command (models/sources.resolve_dtype): float32 or bfloat16 by
+    the device, or the checkpoint's own dtype from its config. What requests record, so that a
+    search started on a CPU (float32) is not resumed on a GPU (bfloat16)."""
+    from wandacli.models.sources import dtype_name, resolve_device, resolve_dtype
+
+    chosen = resolve_dtype(spec.dtype, resolve_device(spec.device), spec.auto_dtype)
+    if not isinstance(chosen, str):
+        return dtype_name(chosen)
+    return checkpoint_dtype(spec)
+
+
+def checkpoint_dtype(spec: ModelSpec) -> str:
+    """The dtype a model's weights are stored in, from its config (float32 when it says none)."""
+    from transformers import AutoConfig
+
+    source = resolve_source(spec.model)
+    location = local_location(source, spec.cache_dir)
+    _quiet_transformers()
+    try:
+        with quiet_hub_clients():
+            config = AutoConfig.from_pretrained(location)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(
+            f"cannot read the config of model {spec.model!r}: {first_line(exc)}"
+        ) from exc
+    found = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if found is None:
+        return "float32"
+    return found if isinstance(found, str) else str(found).removeprefix("torch.")

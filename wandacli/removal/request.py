@@ -136,7 +136,9 @@ class RemovalRequest:
         values.update(request_of(self.settings))
         values.update(request_of(self))
         if kind.reads_weights and self.model is not None:
-            values["model"] = {"model": self.model.model, "dtype": self.model.dtype}
+            from wandacli.models.loader import resolved_dtype
+
+            values["model"] = {"model": self.model.model, "dtype": resolved_dtype(self.model)}
         return values
 
     @contextlib.contextmanager

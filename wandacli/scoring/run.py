@@ -196,12 +196,24 @@ class ScoreRun:
             return "nothing was finished yet; run the same command again to start over"
         return f"kept {', '.join(kept)} in {self.parts_dir}; run the same command again to resume"
 
+    def _recorded_config(self) -> dict[str, Any]:
+        """The settings as the set records them: the dtype the model is loaded in, not the
+        word `auto`."""
+        from wandacli.models.loader import resolved_dtype
+
+        data = self.config.to_json()
+        data["model"]["dtype"] = resolved_dtype(self.config.model)
+        return data
+
+    def _request(self) -> dict[str, Any]:
+        return score_request(self._recorded_config())
+
     def _finished_set_with_same_request(self, final: Path) -> ScoreResult:
         """The finished set as this run's result when it was asked for with the same settings
         (and its data file still has the same content); refuses, naming what differs, when not."""
         config = self.config
         with open_finished_scores(final) as finished:
-            differences = request_differences(finished.meta, config.request(), score_request)
+            differences = request_differences(finished.meta, self._request(), score_request)
             if not differences and config.needs_data and config.data:
                 stored_sha = (finished.meta.get("data") or {}).get("sha256")
                 raw = load_raw(
@@ -355,7 +367,7 @@ class ScoreRun:
             "seed": config.seed,
             "versions": software_versions(),
             "command_line": shlex.join(self.command_line),
-            "config": config.to_json(),
+            "config": self._recorded_config(),
             "started": started_at,
         }
         if calibration is not None:

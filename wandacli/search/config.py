@@ -350,8 +350,9 @@ class SearchConfig:
             "name",
         ):
             data.pop(key, None)
-        model = data.pop("model") or {}
-        data["model"] = {"model": model.get("model"), "dtype": model.get("dtype")}
+        from wandacli.models.loader import resolved_dtype
+
+        data["model"] = {"model": self.model.model, "dtype": resolved_dtype(self.model)}
         return data
 
     def to_json(self) -> dict[str, Any]:

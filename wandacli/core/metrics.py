@@ -63,3 +63,20 @@ def metric_order(metric: str) -> tuple[int, int, str]:
 
 # The results table's ASR columns at 80 characters: the instruction-tag variant of each.
 REPORT_COLUMNS = tuple((s.column, metric_name(s.name, True)) for s in SETTINGS.values())
+
+
+def metric_title(metric: str) -> str:
+    """A metric as the report's readers know it: the paper's name for its configuration
+    (`inst_ASR_multiple_nosys` → `Adv-Dec`), what variant it is after (`no tags`, the sampled
+    mean `mean`, `any of n`). Names that are no configuration's are shown as they are."""
+    variant = ""
+    if metric.endswith("_sample_mean"):
+        metric, variant = metric.removesuffix("_sample_mean"), " mean"
+    elif "_any" in metric and metric.rsplit("_any", 1)[1].isdigit():
+        metric, count = metric.rsplit("_any", 1)
+        variant = f" any of {count}"
+    base, inst = metric_parts(metric)
+    setting = next((s for s in SETTINGS.values() if s.metric == base), None)
+    if setting is None:
+        return metric + variant
+    return setting.column + (" (no tags)" if inst is False else "") + variant

@@ -42,12 +42,27 @@ def score_result(result: ScoreResult, as_json: bool) -> None:
         ("method", result.method),
         ("samples", str(result.nsamples) if result.nsamples else "-"),
         ("modules", f"{result.modules} in {result.layers} layers"),
-        ("weights scored", f"{result.parameters:,}"),
+        _what_the_set_holds(result),
         ("time", f"{result.seconds:.1f} s"),
         ("peak memory", memory),
         ("file", str(result.path)),
     ]
     out.print(key_value_table("score set written", rows))
+
+
+def _what_the_set_holds(result: ScoreResult) -> tuple[str, str]:
+    """One row of the set's size, in what it holds: scores per weight, second moments per
+    input, or mean activations per residual stream and position."""
+    meta = result.meta or {}
+    if meta.get("positions") and meta.get("hidden_size"):
+        streams = result.layers + 1
+        return (
+            "means",
+            f"{streams} residual streams × {meta['positions']} positions × {meta['hidden_size']}",
+        )
+    if meta.get("counted_tokens") is not None and result.method == "actsvd":
+        return ("second moments", f"one per distinct input, over {meta['counted_tokens']:,} tokens")
+    return ("weights scored", f"{result.parameters:,}")
 
 
 def prune_result(result: PruneResult, as_json: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from rich.markup import escape
@@ -83,14 +84,14 @@ def store_listing(summary: StoreSummary, as_json: bool) -> None:
                 ("mask", "status", "mode", "scores", "sparsity"),
                 masks,
                 "score_sets",
-                lambda meta: _fraction(meta.get("actual_sparsity"), "{:.4f}"),
+                lambda meta: _fraction(meta.get("actual_sparsity"), "{:.4%}"),
             )
         )
     if edits:
         out.print(
             _removals_table(
-                "rank edits",
-                ("edit", "status", "mode", "rank statistics", "rank removed"),
+                "edits",
+                ("edit", "status", "mode", "made from", "rank removed"),
                 edits,
                 "rank_statistics",
                 lambda meta: _fraction(meta.get("removed_rank_fraction"), "{:.3%}"),
@@ -140,10 +141,22 @@ def _removals_table(
             entry.name,
             status,
             str(meta.get("mode", "-")),
-            ", ".join(s.get("name", "?") for s in meta.get(sources_key, [])) or "-",
+            ", ".join(s.get("name", "?") for s in _sources(meta, sources_key)) or "-",
             amount(meta),
         )
     return table
+
+
+def _sources(meta: dict[str, Any], key: str) -> list[dict[str, Any]]:
+    """What a mask or edit was made from: its score sets or rank statistics, a direction's
+    two mean-activations sets, a control's matched mask or edit."""
+    for found in (meta.get(key), meta.get("mean_activations")):
+        if found:
+            return list(found)
+    matched = meta.get("matched_edit") or meta.get("matched_mask")
+    if matched:
+        return [{"name": matched.get("name") or Path(str(matched.get("path"))).stem}]
+    return []
 
 
 def _summary_json(entry: ScoreSetSummary) -> dict[str, Any]:

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 from wandacli.analysis.results import ResultRow, collect
 from wandacli.core.errors import StoreError
-from wandacli.core.metrics import metric_order
+from wandacli.core.metrics import metric_order, metric_title
 from wandacli.core.naming import file_safe_name
 from wandacli.store.schema import SEARCH_SUMMARY, Store
 from wandacli.store.summaries import SearchSummary
@@ -253,7 +253,7 @@ def markdown(rows: list[ResultRow]) -> str:
         "method",
         "sparsity %",
         *(["rank removed %"] if ranks else []),
-        *metrics,
+        *(metric_title(m) for m in metrics),
         "PPL",
         *(["KL"] if kl else []),
         "zero-shot",

@@ -21,7 +21,6 @@ from wandacli.core.errors import (
 from wandacli.core.fingerprint import ModelFingerprint
 from wandacli.store.assemble import non_finite_counts, write_array
 from wandacli.store.schema import (
-    _LAYER_PATTERN,
     ALLOWED_FILTER_IDS,
     EDIT_FORMAT,
     EDITS_DIR,
@@ -257,17 +256,6 @@ class StoredFile:
         self.handle.visititems(
             lambda name, item: keys.append(name) if isinstance(item, h5py.Dataset) else None
         )
-        return keys
-
-    def dataset_keys(self) -> list[str]:
-        """`<layer>/<module>` keys of the arrays (the stats group excluded)."""
-        keys: list[str] = []
-        for layer in self.handle:
-            if layer == STATS_GROUP or not _LAYER_PATTERN.match(layer):
-                continue
-            group = self.handle[layer]
-            if isinstance(group, h5py.Group):
-                keys.extend(f"{layer}/{module}" for module in group)
         return keys
 
 

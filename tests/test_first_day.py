@@ -7,10 +7,26 @@ from __future__ import annotations
 import json
 import re
 
+import pytest
+
 from tests.test_mean_activations import means_args
-from tests.test_prune_cli import prune, scored_store  # noqa: F401  (a fixture)
+from tests.test_prune_cli import prune
 from tests.test_report import write_result
-from tests.test_score_cli import assert_one_line_error
+from tests.test_score_cli import assert_one_line_error, score_args
+
+
+@pytest.fixture(scope="module")
+def scored_store(tmp_path_factory, tiny_llama_dir, pairs_csv):
+    """One wanda set of the tiny model, named `safety`."""
+    from typer.testing import CliRunner
+
+    from wandacli.cli import app
+
+    store = tmp_path_factory.mktemp("first-day") / "store"
+    args = score_args(tiny_llama_dir, store, "--name", "safety", method="wanda", data=pairs_csv)
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert result.exit_code == 0, result.output
+    return store
 
 
 def test_inspect_takes_store_as_every_command_does(cli, scored_store):

@@ -11,7 +11,7 @@ from wandacli.reporting import render
 
 def _run(config: CompareConfig, *, reporter: Any, command_line: list[str]) -> Any:
     from wandacli.analysis.comparisons import run_compare
-    from wandacli.reporting.figures import draw_comparison
+    from wandacli.reporting.compare_figures import draw_comparison
 
     result = run_compare(config, reporter=reporter)
     if config.plot is not None:

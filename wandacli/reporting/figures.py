@@ -20,14 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wandacli.core.metrics import metric_order, metric_parts
-from wandacli.core.paths import PLOT_FORMATS, plot_format
+from wandacli.core.paths import PLOT_FORMATS
 from wandacli.reporting.labels import short_module_name
 from wandacli.reporting.placement import place_labels
 
 if TYPE_CHECKING:
-    from wandacli.analysis.compare import Comparison
     from wandacli.analysis.results import ResultRow
-    from wandacli.analysis.subspaces import SubspaceComparison
     from wandacli.store.summaries import SearchSummary
 
 DPI = 150  # readable when a Markdown viewer scales the PNG down to its column width
@@ -572,42 +570,3 @@ def direction_cosines_heatmap(
         "Each cell the cosine of two layers' candidate refusal directions at one prompt "
         "position; blank: no direction (the two means are equal there).",
     )
-
-
-def stem_of(path: Path) -> Path:
-    return path.parent / path.name[: -len(path.suffix)]
-
-
-def comparison_heatmap(result: Comparison, path: Path) -> None:
-    """`compare --plot FILE`: the first pair's Jaccard index per (layer, module)."""
-    pair = result.pairs[0]
-    jaccard = {}
-    for figures in pair.modules:
-        layer, module = figures.key.split("/", 1)
-        jaccard[(int(layer), module)] = figures.overlap.jaccard
-    jaccard_heatmap(jaccard, pair.a, pair.b, stem_of(path), formats=(plot_format(path),))
-
-
-def subspaces_heatmap(result: SubspaceComparison, path: Path) -> None:
-    """`compare --plot FILE` of two rank-statistics sets: φ at the first ranks."""
-    first = result.ranks[0]
-    subspace_heatmap(
-        result.grid(first), result.a, result.b, first, stem_of(path), (plot_format(path),)
-    )
-
-
-def draw_comparison(result: Any, path: Path) -> None:
-    """`compare --plot FILE`, for whichever comparison `compare` computed."""
-    from wandacli.analysis.compare import Comparison
-    from wandacli.analysis.directions import DirectionCosines
-    from wandacli.analysis.subspaces import SubspaceComparison
-
-    if isinstance(result, Comparison):
-        comparison_heatmap(result, path)
-    elif isinstance(result, SubspaceComparison):
-        subspaces_heatmap(result, path)
-    elif isinstance(result, DirectionCosines):
-        direction_cosines_heatmap(
-            result.cosines, result.harmful, result.harmless, result.position, stem_of(path),
-            (plot_format(path),),
-        )  # fmt: skip

@@ -78,7 +78,7 @@ class EditRemoval(Removal):
             modules,
             edit_kind_of_mode(self.file.mode).edited_weight,
             direction=direction,
-            scale=direction_scale(self.meta),
+            scale=edit_kind_of_mode(self.file.mode).stored_scale(self.meta),
         )
 
     def apply(self, loaded: Any) -> None:
@@ -89,12 +89,6 @@ class EditRemoval(Removal):
 
     def close(self) -> None:
         self.file.close()
-
-
-def direction_scale(meta: dict[str, Any]) -> float:
-    """The share α of a direction an edit removes (`--direction-scale`; 1 in files made
-    before it existed, and for every edit that is not a direction)."""
-    return float(meta.get("direction_scale", 1.0))
 
 
 def open_removal(reference: str, store_root: Path | None) -> Removal:

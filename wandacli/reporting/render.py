@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from wandacli.removal.results import EditResult, PruneResult
     from wandacli.reporting.report import Report
     from wandacli.scoring.result import ScoreResult
+    from wandacli.search.run import SearchResult
 
 
 def score_result(result: ScoreResult, as_json: bool) -> None:
@@ -383,23 +384,19 @@ def _compact_float(value: float) -> str:
     return f"{value:.2f}" if value < 1e5 else f"{value:.2e}"
 
 
-def search_result(result: Any, as_json: bool) -> None:
-    """A search.run.SearchResult (search sits above reporting: duck-typed here): the Pareto
-    front as a table (parameters, size, refusal, KL), the dense model and the random control."""
+def search_result(result: SearchResult, as_json: bool) -> None:
+    """A search's Pareto front as a table (parameters, size, refusal, KL), the dense model and
+    the random control."""
     if as_json:
         print_json(result.to_json())
         return
-    if getattr(result, "selection", None):
+    if result.selection:
         _selection(result)
         return
-    amount = (
-        "removed_rank_fraction"
-        if result.request.get("kind") in ("orthogonal-projection", "direction")
-        else "sparsity"
-    )
+    amount = result.summary.amount_name
     amount_title = "rank removed" if amount == "removed_rank_fraction" else "sparsity"
     measure = result.request.get("refusal", "generation")
-    complete = sum(1 for t in result.trials if t.get("state") == "COMPLETE")
+    complete = len(result.summary.complete_trials)
     table = Table(
         title=f"search {result.name}: Pareto front of {complete} complete trials "
         f"({result.trials_run} run now)",
@@ -449,9 +446,9 @@ def search_result(result: Any, as_json: bool) -> None:
     out.print("\n".join(lines), markup=False)
 
 
-def _selection(result: Any) -> None:
+def _selection(result: SearchResult) -> None:
     """`search --select reference`: every candidate's scores, why it was discarded, the choice."""
-    selection = result.selection
+    selection = result.selection or {}
     table = Table(
         title=f"search {result.name}: the reference's selection over "
         f"{len(selection['candidates'])} candidates",

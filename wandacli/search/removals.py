@@ -40,7 +40,7 @@ class Applied:
     counts: dict[str, int]
     amount: float  # sparsity over every decoder linear weight, or the removed rank's share
     amount_name: str  # "sparsity" or "removed_rank_fraction"
-    direction_scale: float = 1.0  # the share of a direction removed (its control's too)
+    scale: float = 1.0  # the share of its edit removed (a scaled direction's; its control's too)
 
 
 def amount_name(config: SearchConfig) -> str:
@@ -181,7 +181,5 @@ class TrialRemovals:
         assert isinstance(self.kind, EditKind)
         removed = {key: applied.counts.get(key, 0) for key in self.keys}
         hidden = getattr(self.sets.primary, "hidden_size", 0)
-        control = self.kind.control(
-            removed, shapes, seed, scale=applied.direction_scale, hidden=hidden
-        )
+        control = self.kind.control(removed, shapes, seed, scale=applied.scale, hidden=hidden)
         self.apply_content(control, changes)

@@ -337,6 +337,22 @@ class EditKind(RemovalKind):
         them, or as the kind computed them): the kind's formula, the one every caller uses."""
         raise NotImplementedError
 
+    def stored_scale(self, meta: dict[str, Any]) -> float:
+        """The share of its edit a stored file of this kind removes (1: all of it)."""
+        return 1.0
+
+    def control_of_stored(
+        self, matched: Any, keys: list[str], shapes: dict[str, tuple[int, int]], seed: int
+    ) -> Any:
+        """`prune --match-ranks`: the control of a stored edit of this kind (an EditFile),
+        as much removed from each of `keys` as it removes there."""
+        removed = {k: int(matched.meta["modules"][k]["removed_rank"]) for k in keys}
+        return self.control(removed, shapes, seed, scale=self.stored_scale(matched.meta))
+
+    def control_meta(self, matched_meta: dict[str, Any]) -> dict[str, Any]:
+        """What the file of such a control records of how it was drawn."""
+        return {}
+
     def stored_bytes(self, settings: Any, sets: Sets) -> int:
         """About how many bytes its file's arrays take (the free-space check)."""
         return 4 * sum(sets.fingerprint.shapes[k][0] for k in sets.keys)

@@ -164,6 +164,29 @@ class Direction(EditKind):
     ) -> torch.Tensor:
         return remove_direction(weight, bases, scale)
 
+    def control_of_stored(
+        self, matched: Any, keys: list[str], shapes: dict[str, tuple[int, int]], seed: int
+    ) -> EditContent:
+        """A random unit vector as wide as the matched direction (its /direction)."""
+        from wandacli.store.schema import DIRECTION_DATASET
+
+        hidden = int(matched.read_raw(DIRECTION_DATASET).shape[0])
+        removed = dict.fromkeys(keys, 1)
+        return self.control(
+            removed, shapes, seed, scale=self.stored_scale(matched.meta), hidden=hidden
+        )
+
+    def control_meta(self, matched_meta: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "embedding": True,
+            "rule": CONTROL_RULE,
+            "direction_scale": self.stored_scale(matched_meta),
+        }
+
+    def stored_scale(self, meta: dict[str, Any]) -> float:
+        """`--direction-scale` as the file records it (1 in files made before it existed)."""
+        return float(meta.get("direction_scale", 1.0))
+
     def default_name(self, request: Any, sets: Sets) -> str:
         settings = request.settings
         assert sets.secondary is not None

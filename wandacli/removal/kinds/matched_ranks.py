@@ -91,21 +91,10 @@ class MatchedRanks(EditKind):
     def content(
         self, settings: MatchedRanksSettings, sets: Sets, loaded: Any, reporter: Any
     ) -> EditContent:
-        from wandacli.removal.apply import direction_scale
-        from wandacli.store.schema import DIRECTION_DATASET
-
+        """The matched edit's kind draws its control (random ranks, or a random direction)."""
         matched = sets.extra["matched"]
-        removed = {k: int(matched.meta["modules"][k]["removed_rank"]) for k in sets.keys}
-        hidden = (
-            int(matched.read_raw(DIRECTION_DATASET).shape[0]) if matched.mode == "direction" else 0
-        )
-        return edit_kind_of_mode(matched.mode).control(
-            removed,
-            sets.fingerprint.shapes,
-            settings.seed,
-            scale=direction_scale(matched.meta),
-            hidden=hidden,
-        )
+        kind = edit_kind_of_mode(matched.mode)
+        return kind.control_of_stored(matched, sets.keys, sets.fingerprint.shapes, settings.seed)
 
     def stored_bytes(self, settings: MatchedRanksSettings, sets: Sets) -> int:
         modules = sets.extra["matched"].meta["modules"]
@@ -119,10 +108,8 @@ class MatchedRanks(EditKind):
         return []
 
     def stored_meta(self, settings: MatchedRanksSettings, sets: Sets) -> dict[str, Any]:
-        from wandacli.removal.apply import direction_scale
-
         matched = sets.extra["matched"]
-        described = {
+        return {
             "matched_edit": {
                 "name": matched.name,
                 "path": str(matched.path),
@@ -130,16 +117,7 @@ class MatchedRanks(EditKind):
                 "created": matched.meta.get("created"),
             },
             "seed": settings.seed,
-        }
-        if matched.mode == "direction":
-            from wandacli.removal.kinds.direction import CONTROL_RULE
-
-            return described | {
-                "embedding": True,
-                "rule": CONTROL_RULE,
-                "direction_scale": direction_scale(matched.meta),
-            }
-        return described | {"rule": RANKS_RULE}
+        } | edit_kind_of_mode(matched.mode).control_meta(matched.meta)
 
 
 def random_ranks(

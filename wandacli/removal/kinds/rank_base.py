@@ -156,6 +156,9 @@ class RankEditKind(EditKind):
             "order": "sequential" if settings.sequential else "store",
         }
 
+    def control_meta(self, matched_meta: dict[str, Any]) -> dict[str, Any]:
+        return control_rule()
+
     def control(
         self,
         removed: dict[str, int],
@@ -170,6 +173,12 @@ class RankEditKind(EditKind):
         from wandacli.removal.kinds.matched_ranks import random_ranks
 
         return random_ranks(list(removed), shapes, removed, seed)
+
+
+def control_rule() -> dict[str, Any]:
+    from wandacli.removal.kinds.matched_ranks import RANKS_RULE
+
+    return {"rule": RANKS_RULE}
 
 
 def describe_statistics(statistics: Any, role: str) -> dict[str, Any]:

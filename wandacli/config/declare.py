@@ -266,6 +266,16 @@ def given_options(settings: Any) -> dict[str, Any]:
     return found
 
 
+def bookkeeping(cls: type) -> frozenset[str]:
+    """The options of `cls` (nested groups left out) that are not part of its request: where
+    a result goes, how it is kept, how it looks."""
+    return frozenset(
+        item.name
+        for item in dataclasses.fields(cls)
+        if OPTION in item.metadata and not item.metadata[OPTION].request
+    )
+
+
 def request_of(settings: Any, names: set[str] | None = None) -> dict[str, Any]:
     """The request: every option declared `request=True` (of `names` only, when given), as
     JSON values; nested groups as `{group: {option: value}}`."""

@@ -6,7 +6,15 @@ from dataclasses import MISSING, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from wandacli.config.declare import at_least, check_options, nested, option, or_more, settings_json
+from wandacli.config.declare import (
+    at_least,
+    bookkeeping,
+    check_options,
+    nested,
+    option,
+    or_more,
+    settings_json,
+)
 from wandacli.config.settings import (
     CALIBRATION_NSAMPLES,
     CALIBRATION_SEED,
@@ -255,15 +263,14 @@ class ScoreConfig:
 
 # ScoreConfig fields that do not change the numbers (where the set goes, how often it
 # checkpoints, where data files are looked up: the data's own hash is compared instead).
-_SCORE_BOOKKEEPING = frozenset(
-    {"store", "name", "overwrite", "checkpoint_every", "data_dir", "offload_accumulators"}
-)
+# The model's options that change a set's numbers (where the weights come from, their dtype,
+# the device that computes them); the rest say how they are found or spread.
 _MODEL_SPEC_NUMERIC = ("model", "dtype", "device")
 
 
 def score_request(config_json: dict[str, Any]) -> dict[str, Any]:
     """The request part of a ScoreConfig's JSON (as stored in a set's `meta.config`)."""
-    request = {k: v for k, v in config_json.items() if k not in _SCORE_BOOKKEEPING}
+    request = {k: v for k, v in config_json.items() if k not in bookkeeping(ScoreConfig)}
     model = request.pop("model", None) or {}
     for key in _MODEL_SPEC_NUMERIC:
         request[f"model.{key}"] = model.get(key)

@@ -16,6 +16,7 @@ from typing import Any, Literal
 from wandacli.config.declare import (
     Declared,
     DeclaredField,
+    bookkeeping,
     build_fields,
     check_options,
     declared_fields,
@@ -100,7 +101,10 @@ class SearchConfig:
     given by their option names too: `SearchConfig(name=..., scores=..., p=..., q=...)`."""
 
     name: str = option(
-        MISSING, "--name", help="The search's name: STORE/searches/<name>; rerun to resume."
+        MISSING,
+        "--name",
+        help="The search's name: STORE/searches/<name>; rerun to resume.",
+        request=False,
     )
     scores: str = option(
         MISSING,
@@ -338,18 +342,7 @@ class SearchConfig:
     def request(self) -> dict[str, Any]:
         """What decides the trials (a rerun with the same request continues the study; the
         number of trials and what is kept may grow)."""
-        data = self.to_json()
-        for key in (
-            "store",
-            "trials",
-            "keep",
-            "keep_best",
-            "control",
-            "held_out",
-            "data_dir",
-            "name",
-        ):
-            data.pop(key, None)
+        data = {k: v for k, v in self.to_json().items() if k not in bookkeeping(SearchConfig)}
         from wandacli.models.loader import resolved_dtype
 
         data["model"] = {"model": self.model.model, "dtype": resolved_dtype(self.model)}

@@ -334,15 +334,3 @@ class UtilityConfig:
             raise ConfigError(
                 "nothing to evaluate: keep --data (perplexity), or add --kl or --zero-shot TASKS"
             )
-
-    @property
-    def kl_prompts(self) -> str:
-        return self.kl_settings.kl_prompts
-
-    @property
-    def kl_limit(self) -> int:
-        return self.kl_settings.kl_limit
-
-    @property
-    def kl_positions(self) -> int:
-        return self.kl_settings.kl_positions

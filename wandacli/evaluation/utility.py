@@ -207,8 +207,8 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
         )
     kl_prompts = (
         read_prompts(
-            config.kl_prompts,
-            limit=config.kl_limit,
+            config.kl_settings.kl_prompts,
+            limit=config.kl_settings.kl_limit,
             data_dir=config.data_dir,
             option="--kl-prompts",
         )
@@ -228,7 +228,7 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
             dense["distributions"] = dense_distributions(
                 loaded,
                 texts,
-                positions=config.kl_positions,
+                positions=config.kl_settings.kl_positions,
                 add_special_tokens=special,
                 cache_dir=cache,
                 reporter=reporter,
@@ -266,7 +266,7 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
             result.kl = kl_divergence(under_test.loaded, distributions, reporter=reporter)
             result.kl_detail = {
                 "rule": KL_RULE,
-                "positions": config.kl_positions,
+                "positions": config.kl_settings.kl_positions,
                 "prompts": kl_prompts.describe(),
                 "template": dense["template"],
                 "counted_positions": distributions.counted_positions,

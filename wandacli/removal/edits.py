@@ -18,8 +18,8 @@ from wandacli.core.provenance import now_iso, refuse_other_request, software_ver
 from wandacli.removal.apply import check_save_model_target, save_model_with
 from wandacli.removal.content import EditContent, EditModule, apply_edit, removed_rank_fraction
 from wandacli.removal.in_memory import WeightChanges
-from wandacli.removal.kinds.base import EditKind, Sets
-from wandacli.removal.request import RemovalRequest
+from wandacli.removal.kinds.base import EditKind
+from wandacli.removal.request import RemovalRequest, RequestRun
 from wandacli.removal.results import EditResult
 from wandacli.removal.stored_request import request_changes
 from wandacli.store.assemble import set_root_attrs, write_array
@@ -28,24 +28,10 @@ from wandacli.store.lock import writer_lock
 from wandacli.store.schema import DIRECTION_DATASET, EDIT_FORMAT, Store
 
 
-class EditRun:
+class EditRun(RequestRun):
     """One `prune` of an edit kind, on sets the kind opened."""
 
-    def __init__(
-        self,
-        request: RemovalRequest,
-        sets: Sets,
-        name: str,
-        *,
-        reporter: Reporter,
-        command_line: list[str],
-    ) -> None:
-        self.request = request
-        self.kind: EditKind = request.removal_kind  # type: ignore[assignment]
-        self.sets = sets
-        self.name = name
-        self.reporter = reporter
-        self.command_line = command_line
+    kind: EditKind
 
     def run(self) -> EditResult:
         request, sets = self.request, self.sets

@@ -22,9 +22,9 @@ from wandacli.core.provenance import now_iso, refuse_other_request, software_ver
 from wandacli.removal.apply import check_save_model_target, save_model_with
 from wandacli.removal.content import apply_module_mask
 from wandacli.removal.in_memory import WeightChanges
-from wandacli.removal.kinds.base import MaskKind, Sets
+from wandacli.removal.kinds.base import MaskKind
 from wandacli.removal.masks import TIE_RULE, zero_fraction
-from wandacli.removal.request import RemovalRequest
+from wandacli.removal.request import RemovalRequest, RequestRun
 from wandacli.removal.results import PruneResult
 from wandacli.removal.stored_request import request_changes
 from wandacli.store.assemble import set_root_attrs
@@ -48,24 +48,10 @@ MASK_META_DEFAULTS: dict[str, Any] = {
 }
 
 
-class MaskRun:
+class MaskRun(RequestRun):
     """One `prune` of a mask kind, on sets the kind opened."""
 
-    def __init__(
-        self,
-        request: RemovalRequest,
-        sets: Sets,
-        name: str,
-        *,
-        reporter: Reporter,
-        command_line: list[str],
-    ) -> None:
-        self.request = request
-        self.kind: MaskKind = request.removal_kind  # type: ignore[assignment]
-        self.sets = sets
-        self.name = name
-        self.reporter = reporter
-        self.command_line = command_line
+    kind: MaskKind
 
     def run(self) -> PruneResult:
         request, sets = self.request, self.sets

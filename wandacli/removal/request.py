@@ -236,3 +236,24 @@ def prune_flag(name: str) -> str:
         if found.name == name:
             return found.declared.flag
     raise KeyError(f"prune has no option {name!r}")
+
+
+class RequestRun:
+    """What a `prune` run of either family holds: the request, its kind, the sets the kind
+    opened, the removal's name, where progress goes and how it was asked for."""
+
+    def __init__(
+        self,
+        request: RemovalRequest,
+        sets: Any,
+        name: str,
+        *,
+        reporter: Any,
+        command_line: list[str],
+    ) -> None:
+        self.request = request
+        self.kind: Any = request.removal_kind
+        self.sets = sets
+        self.name = name
+        self.reporter = reporter
+        self.command_line = command_line

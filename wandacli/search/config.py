@@ -327,18 +327,6 @@ class SearchConfig:
                 found[parameter.name] = chosen
         return found
 
-    @property
-    def kl_prompts(self) -> str:
-        return self.kl_settings.kl_prompts
-
-    @property
-    def kl_limit(self) -> int:
-        return self.kl_settings.kl_limit
-
-    @property
-    def kl_positions(self) -> int:
-        return self.kl_settings.kl_positions
-
     def request(self) -> dict[str, Any]:
         """What decides the trials (a rerun with the same request continues the study; the
         number of trials and what is kept may grow)."""

@@ -38,7 +38,7 @@ class Objectives:
         self.kl_texts, self.kl_special = model_texts(
             loaded.tokenizer, kl_prompts.texts, self.template
         )
-        self.dense_kl = self.dense(self.kl_texts, config.kl_positions, self.kl_special)
+        self.dense_kl = self.dense(self.kl_texts, config.kl_settings.kl_positions, self.kl_special)
 
     def dense(self, texts: list[str], positions: int, special: bool) -> DenseDistributions:
         """The dense model's next-token distributions on `texts` (cached in the search's

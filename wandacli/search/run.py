@@ -162,8 +162,8 @@ class SearchRun:
         )
         check_no_overlap(search_prompts, held_out_prompts(config.held_out, config.data_dir))
         kl_prompts = read_prompts(
-            config.kl_prompts,
-            limit=config.kl_limit,
+            config.kl_settings.kl_prompts,
+            limit=config.kl_settings.kl_limit,
             data_dir=config.data_dir,
             option="--kl-prompts",
         )
@@ -256,7 +256,7 @@ class SearchRun:
         }
         summary.objectives = {
             "refusal": _refusal_rule(config),
-            "kl": KL_RULE + f" (k = {config.kl_positions})",
+            "kl": KL_RULE + f" (k = {config.kl_settings.kl_positions})",
         }
         summary.other.update(
             {

@@ -16,7 +16,7 @@ commands, the pipeline and `report` find a kind there and never name one.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -245,14 +245,25 @@ def name_suffix(request: Any) -> str:
     return suffix
 
 
+@contextlib.contextmanager
+def closing_on_error() -> Iterator[contextlib.ExitStack]:
+    """An exit stack for the files a kind opens: closed if opening fails, handed on to the
+    Sets (which closes it) if not."""
+    stack = contextlib.ExitStack()
+    try:
+        yield stack
+    except BaseException:
+        stack.close()
+        raise
+
+
 def open_score_sets(request: Any, root: Path, secondary: str | None) -> Sets:
     """The `--scores` set of per-weight scores (and a second one), checked to be of one model
     (fingerprint and id: two checkpoints of one architecture share a fingerprint)."""
     from wandacli.removal.selection import selected_keys
     from wandacli.store.files import open_score_set
 
-    stack = contextlib.ExitStack()
-    try:
+    with closing_on_error() as stack:
         primary = stack.enter_context(open_score_set(request.scores, root))
         other = None
         if secondary is not None:
@@ -272,9 +283,6 @@ def open_score_sets(request: Any, root: Path, secondary: str | None) -> Sets:
                 )
         keys = selected_keys(request, primary.fingerprint)
         return Sets(primary, other, keys, root, stack)
-    except BaseException:
-        stack.close()
-        raise
 
 
 class MaskKind(RemovalKind):

@@ -5,7 +5,6 @@ way."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from wandacli.core.errors import ConfigError, StoreError
 from wandacli.core.naming import file_safe_name
 from wandacli.removal.content import EditContent, EditModule
 from wandacli.removal.kinds import options
-from wandacli.removal.kinds.base import EditKind, Searchable, Sets, same_model
+from wandacli.removal.kinds.base import EditKind, Searchable, Sets, closing_on_error, same_model
 
 RULE = (
     "r = normalise(mean_harmful[layer, position] − mean_harmless[layer, position]); writers "
@@ -122,8 +121,7 @@ class Direction(EditKind):
         from wandacli.removal.selection import selected_keys
         from wandacli.store.files import open_mean_activations
 
-        stack = contextlib.ExitStack()
-        try:
+        with closing_on_error() as stack:
             harmful = stack.enter_context(open_mean_activations(request.scores, root))
             second = request.settings.utility_scores
             harmless = stack.enter_context(open_mean_activations(second, root))
@@ -155,9 +153,6 @@ class Direction(EditKind):
             sets = Sets(harmful, harmless, keys, root, stack)
             sets.extra["means"] = (harmful.means(), harmless.means())
             return sets
-        except BaseException:
-            stack.close()
-            raise
 
     def edited_weight(
         self, weight: torch.Tensor, bases: dict[str, torch.Tensor], scale: float = 1.0

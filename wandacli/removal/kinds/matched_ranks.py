@@ -6,7 +6,6 @@ model: nothing stored is read but the matched edit."""
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ from wandacli.core.errors import StoreError
 from wandacli.core.naming import file_safe_name
 from wandacli.removal.content import EditContent, EditModule
 from wandacli.removal.kinds import options
-from wandacli.removal.kinds.base import EditKind, Sets, edit_kind_of_mode
+from wandacli.removal.kinds.base import EditKind, Sets, closing_on_error, edit_kind_of_mode
 
 RANKS_RULE = (
     "per module the rank the matched edit removes, in random orthonormal directions (Gaussian, "
@@ -57,8 +56,7 @@ class MatchedRanks(EditKind):
     def open(self, request: Any, root: Path) -> Sets:
         from wandacli.store.files import EditFile, open_finished_scores, resolve_file
 
-        stack = contextlib.ExitStack()
-        try:
+        with closing_on_error() as stack:
             # Any set in scores/ names the model: rank statistics or means.
             model_set: Any = stack.enter_context(
                 open_finished_scores(resolve_file(request.scores, root, "score set"))
@@ -76,9 +74,6 @@ class MatchedRanks(EditKind):
             sets = Sets(model_set, None, keys, root, stack)
             sets.extra["matched"] = matched
             return sets
-        except BaseException:
-            stack.close()
-            raise
 
     def edited_weight(
         self, weight: torch.Tensor, bases: dict[str, torch.Tensor], scale: float = 1.0

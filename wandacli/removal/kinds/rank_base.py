@@ -4,7 +4,6 @@ of W C Wᵀ per module, the reference's sequential order."""
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
@@ -13,7 +12,7 @@ import torch
 
 from wandacli.core.errors import ConfigError
 from wandacli.removal.content import EditContent, EditModule
-from wandacli.removal.kinds.base import EditKind, Sets, same_model
+from wandacli.removal.kinds.base import EditKind, Sets, closing_on_error, same_model
 from wandacli.store.schema import split_key
 
 EIGENSOLVER = "torch.linalg.eigh, float64, of W C Wᵀ (or its d_in-sized form)"
@@ -51,8 +50,7 @@ class RankEditKind(EditKind):
         from wandacli.removal.selection import selected_keys
         from wandacli.store.files import open_rank_statistics
 
-        stack = contextlib.ExitStack()
-        try:
+        with closing_on_error() as stack:
             primary = stack.enter_context(open_rank_statistics(request.scores, root))
             other = None
             second = self.secondary(request.settings)
@@ -68,9 +66,6 @@ class RankEditKind(EditKind):
                 )
             keys = selected_keys(request, primary.fingerprint)
             return Sets(primary, other, keys, root, stack)
-        except BaseException:
-            stack.close()
-            raise
 
     def check_sets(self, settings: Any, sets: Sets, request: Any) -> None:
         """Every rank within [0, min(d_out, d_in)] of its module, before anything is loaded."""

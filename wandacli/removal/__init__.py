@@ -1,2 +1,3 @@
-"""What to remove: masks (selection math, pure arrays), rank edits, and the one interface
-every consumer applies."""
+"""What to remove: one module per kind of removal (kinds/, a registry), the one in-memory form
+every removal takes and the one way it reaches a model (content.py, in_memory.py), the runs
+that write masks and edits, and the selection and rank math they use."""

@@ -10,6 +10,7 @@ stored edit applied: the one kind whose trials take a faster road to the same fo
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -181,20 +182,22 @@ class Projection(RankEditKind):
     def trial_content(
         self, settings: ProjectionSettings, sets: Sets, prepared: dict[str, Any]
     ) -> EditContent:
-        modules = []
-        for key, module in prepared.items():
-            ranks = self.ranks_for(settings, sets.fingerprint.shapes[key])
-            safety_rank, utility_rank = ranks["safety"], ranks["utility"]
-            modules.append(
-                EditModule(
+        """ΔW module by module as the trial applies it (each freed before the next is
+        computed: all of them at once would be the model's size again)."""
+
+        def modules() -> Iterator[EditModule]:
+            for key, module in prepared.items():
+                ranks = self.ranks_for(settings, sets.fingerprint.shapes[key])
+                safety_rank, utility_rank = ranks["safety"], ranks["utility"]
+                yield EditModule(
                     key,
                     delta=module.delta(safety_rank, utility_rank),
                     removed_rank=module.removed_rank(safety_rank, utility_rank),
                     full_rank=module.full,
                     ranks=ranks,
                 )
-            )
-        return EditContent(self.name, modules, self.edited_weight)
+
+        return EditContent(self.name, modules(), self.edited_weight)
 
 
 KIND = Projection()

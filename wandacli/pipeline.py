@@ -40,6 +40,8 @@ from wandacli.core.naming import file_safe_name
 from wandacli.removal.kinds import searchable
 from wandacli.removal.request import prune_flag
 from wandacli.search.config import best_name, search_flag, search_parameters
+from wandacli.store.schema import Store
+from wandacli.store.summaries import ATTACK_RESULTS, UTILITY_RESULTS
 
 # The `search` options a [[pipeline.searches]] entry may set beside its ranges (the rest come
 # from [search]).
@@ -242,6 +244,7 @@ class _Rules:
     def __init__(self, config: Path, out: Path, wandacli: str, model: str | None) -> None:
         self.config, self.out, self.wandacli = config, out, wandacli
         self.store, self.results = out / "store", out / "results"
+        self.paths = Store(self.store)  # the store's own file names
         self.common = f"{_common('config')} {_q(config)}"
         self.model_flag = f" {_score('model')} {_q(model)}" if model else ""
         self.quiet = _common("no_progress")
@@ -282,7 +285,7 @@ class _Rules:
         for method in plan.set_methods:
             for role, data in (("safety", plan.safety_data), ("utility", plan.utility_data)):
                 name = f"{method}-{role}"
-                scores[name] = self.store / "scores" / f"{name}.h5"
+                scores[name] = self.paths.score_set_path(name)
                 self.rule(
                     scores[name],
                     [],
@@ -290,7 +293,7 @@ class _Rules:
                     f"{_score('data')} {_q(data)} {_score('name')} {name} {finish}",
                 )
         if plan.random_control:
-            scores["random"] = self.store / "scores" / "random.h5"
+            scores["random"] = self.paths.score_set_path("random")
             self.rule(
                 scores["random"],
                 [],
@@ -302,7 +305,7 @@ class _Rules:
         masks: dict[str, Path] = {}
         for method in plan.methods if plan.top_ratio > 0 else ():
             name = f"top{plan.top_ratio:g}-{method}-safety"
-            masks[name] = self.store / "masks" / f"{name}.h5"
+            masks[name] = self.paths.mask_path(name)
             command = self.prune(
                 f"{method}-safety", name, sparsity_ratio=f"{plan.top_ratio:g}", prune_highest=True
             )
@@ -310,7 +313,7 @@ class _Rules:
         sd = plan.set_difference_method
         for p, q in plan.pq:
             name = f"{sd}-setdiff-q{q:g}-p{p:g}"
-            masks[name] = self.store / "masks" / f"{name}.h5"
+            masks[name] = self.paths.mask_path(name)
             command = self.prune(
                 f"{sd}-safety", name, utility_scores=f"{sd}-utility", p=f"{p:g}", q=f"{q:g}"
             )
@@ -327,7 +330,7 @@ class _Rules:
         controlled.update({n: n for n in masks if n not in tops})
         for label, name in controlled.items():
             control = control_name(label)
-            masks[control] = self.store / "masks" / f"{control}.h5"
+            masks[control] = self.paths.mask_path(control)
             command = self.prune("random", control, match_counts=name)
             self.rule(masks[control], [scores["random"], masks[name]], command)
 
@@ -337,8 +340,8 @@ class _Rules:
         rank in random directions. The points, by name, for the evaluations."""
         made: dict[str, Path] = {}
         for search in plan.searches:
-            folder = "edits" if search.is_edit else "masks"
-            best = self.store / folder / f"{search.best}.h5"
+            path_of = self.paths.edit_path if search.is_edit else self.paths.mask_path
+            best = path_of(search.best)
             flags = " ".join(f"{search_flag(key)} {_q(value)}" for key, value in search.options)
             self.rule(
                 best,
@@ -350,7 +353,7 @@ class _Rules:
             if not plan.random_control:
                 continue
             control = control_name(search.best)
-            made[control] = self.store / folder / f"{control}.h5"
+            made[control] = path_of(control)
             if search.is_edit:
                 model_set = search.option["scores"]
                 command = self.prune(_q(model_set), control, match_ranks=search.best)
@@ -426,7 +429,7 @@ class _Rules:
         ]
         for label, deps, flags in runs:
             folder = self.results / label
-            attack, utility = folder / "results.json", folder / "utility.json"
+            attack, utility = folder / ATTACK_RESULTS, folder / UTILITY_RESULTS
             made += [attack, utility]
             configs = plan.configs if label in headline else plan.other_configs
             configs_flag = f" {flag_of(AttackConfig, 'configs')} {_q(configs)}" if configs else ""

@@ -610,3 +610,22 @@ class TestSequentialOrder:
         saved = weights(out)
         for key, value in in_memory.items():
             np.testing.assert_allclose(saved[key], value, atol=1e-6, err_msg=key)
+
+
+def test_an_edit_made_before_requests_were_recorded_is_the_same_request(
+    cli, rank_store, tiny_llama_dir
+):
+    """An edit of an earlier version recorded its request as `config`, with the word `auto`
+    for the dtype: the same prune finds it complete (`auto` is the dtype it means now)."""
+    import h5py
+
+    args = ("--scores", "safety", "--remove-top-ranks", "1", "--name", "old-edit")
+    prune_ranks(cli, rank_store, tiny_llama_dir, *args)
+    path = rank_store / "edits" / "old-edit.h5"
+    with h5py.File(path, "r+") as handle:
+        meta = json.loads(handle.attrs["meta"])
+        request = meta.pop("request")
+        request["model"]["dtype"] = "auto"
+        meta["config"] = request
+        handle.attrs["meta"] = json.dumps(meta)
+    assert prune_ranks(cli, rank_store, tiny_llama_dir, *args)["already_complete"] is True

@@ -517,3 +517,23 @@ class TestBadInput:
         assert_one_line_error(
             prune(cli, scored_store, "--scores", "safety"), "--sparsity-ratio is required"
         )
+
+
+def test_a_mask_made_before_requests_were_recorded_is_the_same_request(cli, scored_store):
+    """A mask of an earlier version keeps its whole settings as `config` and no `request`:
+    the same prune finds it complete, another is refused naming what differs."""
+    import h5py
+
+    args = ("--scores", "safety", "-r", "0.2", "--name", "old-format")
+    assert prune(cli, scored_store, *args).exit_code == 0
+    path = scored_store / "masks" / "old-format.h5"
+    with h5py.File(path, "r+") as handle:
+        meta = json.loads(handle.attrs["meta"])
+        meta.pop("request")
+        meta["config"] = {k: v for k, v in meta["config"].items() if k not in ("kind", "settings")}
+        handle.attrs["meta"] = json.dumps(meta)
+    again = prune(cli, scored_store, *args, "--json")
+    assert again.exit_code == 0, again.stderr
+    assert json.loads(again.stdout)["already_complete"] is True
+    other = prune(cli, scored_store, "--scores", "safety", "-r", "0.3", "--name", "old-format")
+    assert_one_line_error(other, "already exists", "sparsity_ratio: 0.2 → 0.3")

@@ -152,9 +152,11 @@ class RemovalRequest:
             yield sets, self.name or kind.default_name(self, sets)
 
     def to_json(self) -> dict[str, Any]:
-        """Every setting, as the file's meta records it."""
+        """Every setting, as the file's meta records it: every option of the kind's family
+        (at its default where the kind does not read it), as files always recorded them."""
         data = settings_json(self)
         data.pop("settings")
+        data.update({k: to_json_value(v) for k, v in family_defaults(self.family).items()})
         data.update(settings_json(self.settings))
         if isinstance(data.get("model"), dict):
             data["model"].pop("auto_dtype", None)

@@ -4,13 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from wandacli.config.declare import bookkeeping
 from wandacli.core.provenance import settings_differences
-
-# What a removal's `config` held besides its request in files made before the request was
-# recorded on its own (`meta.request`): where it went and what it was saved as.
-_BOOKKEEPING = frozenset(
-    {"store", "name", "overwrite", "save_model", "export_mask", "recover_from_base", "search"}
-)
+from wandacli.removal.request import RemovalRequest
 
 
 def stored_request(meta: dict[str, Any]) -> dict[str, Any] | None:
@@ -22,7 +18,8 @@ def stored_request(meta: dict[str, Any]) -> dict[str, Any] | None:
     config = meta.get("config")
     if not isinstance(config, dict):
         return None
-    found = {k: v for k, v in config.items() if k not in _BOOKKEEPING}
+    # What a removal's `config` held besides its request: where it went, what it was saved as.
+    found = {k: v for k, v in config.items() if k not in bookkeeping(RemovalRequest)}
     model = found.get("model")
     if isinstance(model, dict) and set(model) != {"model", "dtype"}:
         found.pop("model")  # a mask's whole model spec: where it was saved from, not a request

@@ -4,10 +4,12 @@ A kind owns
 - its settings: a dataclass of its own options (config/declare.py), validated by `check`;
 - the options that choose it on `prune`'s command line (`claims`);
 - its search space (`search_space`), when `search` can search it;
-- the one computation of what it removes, `build`, used by `prune` (which writes the result
-  to the store) and by a search's trials (which apply it to the loaded model and undo it), so
-  that a kept trial is the trial by construction;
-- what its file's meta records, and its random control.
+- the sets it reads (`open`) and its checks on them (`check_sets`);
+- the one computation of what it removes (`MaskKind.mask`, `EditKind.content` and its formula
+  `edited_weight`), used by `prune` (which writes the result to the store), by a search's
+  trials (which apply it to the loaded model and undo it) and by evaluation (which reads the
+  file back into the same form), so that a kept trial is the trial by construction;
+- what its file's meta records (`stored_meta`), and its random control (`control`).
 
 The registry (removal/kinds/__init__.py) lists the kinds; `prune`, `search`, the evaluation
 commands, the pipeline and `report` find a kind there and never name one.

@@ -6,12 +6,11 @@ on data (but in the reference's sequential order)."""
 from __future__ import annotations
 
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import Any
 
-from wandacli.core.console import NullReporter, Reporter
+from wandacli.core.console import Reporter
 from wandacli.core.durable import atomic_h5, ensure_writable_directory, expected_file_bytes
 from wandacli.core.memory import peak_rss_bytes
 from wandacli.core.provenance import now_iso, refuse_other_request, software_versions
@@ -158,11 +157,4 @@ def run_edit(
 ) -> EditResult:
     """An edit request written into the store (and applied to a saved model as it asks)."""
     assert request.family == "edit", request.kind
-    with request.open_sets() as (sets, name):
-        return EditRun(
-            request,
-            sets,
-            name,
-            reporter=reporter or NullReporter(),
-            command_line=command_line if command_line is not None else sys.argv,
-        ).run()
+    return EditRun.of(request, reporter=reporter, command_line=command_line)

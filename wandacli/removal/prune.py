@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -14,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from wandacli.config.settings import ModelSpec
-from wandacli.core.console import NullReporter, Reporter
+from wandacli.core.console import Reporter
 from wandacli.core.durable import atomic_h5, check_free_space, expected_file_bytes, temporary_path
 from wandacli.core.errors import ConfigError, interruptible
 from wandacli.core.memory import peak_rss_bytes
@@ -341,11 +340,4 @@ def run_prune(
 ) -> PruneResult:
     """A mask request written into the store (and saved or exported as it asks)."""
     assert request.family == "mask", request.kind
-    with request.open_sets() as (sets, name):
-        return MaskRun(
-            request,
-            sets,
-            name,
-            reporter=reporter or NullReporter(),
-            command_line=command_line if command_line is not None else sys.argv,
-        ).run()
+    return MaskRun.of(request, reporter=reporter, command_line=command_line)

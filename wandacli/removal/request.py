@@ -25,7 +25,14 @@ from wandacli.config.declare import (
 )
 from wandacli.config.settings import AUTO_DTYPE_HELP, ModelSpec
 from wandacli.core.errors import ConfigError
-from wandacli.removal.kinds import DEFAULT_KIND, KINDS, family_defaults, kind_named, owners
+from wandacli.removal.kinds import (
+    DEFAULT_KIND,
+    KINDS,
+    family_defaults,
+    kind_named,
+    kind_options,
+    owners,
+)
 from wandacli.removal.kinds.base import RemovalKind, refuse_foreign_option
 
 STORE_PANEL = "Store"
@@ -180,7 +187,7 @@ def removal_request(params: dict[str, Any]) -> RemovalRequest:
     were given (or the default kind), its settings, every rule checked."""
     given = {
         option.name: params[option.name]
-        for option in _kind_option_fields()
+        for option in kind_options()
         if option.name in params
         and params[option.name] is not None
         and params[option.name] != option.default
@@ -222,19 +229,13 @@ def check_request(request: RemovalRequest) -> None:
         raise ConfigError("--recover-from-base only changes a saved model: add --save-model OUT")
 
 
-def _kind_option_fields() -> list[Any]:
-    from wandacli.removal.kinds import kind_options
-
-    return kind_options()
-
-
 def _common_names() -> set[str]:
     return {f.name for f in declared_fields(RemovalRequest)}
 
 
 def prune_flag(name: str) -> str:
     """The flag of a `prune` option (a kind's or one every removal has), by field name."""
-    for found in [*_kind_option_fields(), *declared_fields(RemovalRequest)]:
+    for found in [*kind_options(), *declared_fields(RemovalRequest)]:
         if found.name == name:
             return found.declared.flag
     raise KeyError(f"prune has no option {name!r}")
@@ -259,3 +260,24 @@ class RequestRun:
         self.name = name
         self.reporter = reporter
         self.command_line = command_line
+
+    @classmethod
+    def of(
+        cls, request: RemovalRequest, *, reporter: Any = None, command_line: list[str] | None = None
+    ) -> Any:
+        """The request's sets opened, the run done (each family's `run`), the sets closed."""
+        import sys
+
+        from wandacli.core.console import NullReporter
+
+        with request.open_sets() as (sets, name):
+            return cls(
+                request,
+                sets,
+                name,
+                reporter=reporter or NullReporter(),
+                command_line=command_line if command_line is not None else sys.argv,
+            ).run()
+
+    def run(self) -> Any:
+        raise NotImplementedError

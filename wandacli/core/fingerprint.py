@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +16,9 @@ class ModelFingerprint:
 
     shapes: dict[str, tuple[int, int]]  # "<layer>/<module>" -> (out, in)
     num_layers: int
+    # The model's family (models/families/): which modules write into the stream, which route.
+    # Not part of the identity (the digest): sets made before families were recorded match.
+    family: str | None = field(default=None, compare=False)
 
     @property
     def digest(self) -> str:
@@ -26,17 +29,21 @@ class ModelFingerprint:
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
     def to_json(self) -> dict[str, Any]:
-        return {
+        found: dict[str, Any] = {
             "num_layers": self.num_layers,
             "digest": self.digest,
             "shapes": {k: list(v) for k, v in self.shapes.items()},
         }
+        if self.family is not None:
+            found["family"] = self.family
+        return found
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> ModelFingerprint:
         return cls(
             shapes={k: (int(v[0]), int(v[1])) for k, v in data["shapes"].items()},
             num_layers=int(data["num_layers"]),
+            family=data.get("family"),
         )
 
     def first_mismatch(self, other: ModelFingerprint, *, mine: str, theirs: str) -> str | None:

@@ -90,7 +90,9 @@ def weights_sample_digest(loaded: Any) -> str:
     checkpoints of one architecture apart (the fingerprint holds only names and shapes) in
     milliseconds, where hashing a 7B model whole would take half a minute."""
     digest = hashlib.sha256()
-    weights = [lin.weight for lin in loaded.linear_layers]
+    # Each parameter once (the experts' matrices share their 3-D parameter).
+    parameters = {lin.parameter_key: lin.weight for lin in loaded.linear_layers}
+    weights = list(parameters.values())
     for module in (loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()):
         if module is not None and getattr(module, "weight", None) is not None:
             weights.append(module.weight)

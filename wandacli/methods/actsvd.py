@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from wandacli.core.errors import ConfigError
 from wandacli.data.calibration import CalibrationSet
 from wandacli.methods.base import RunContext
 from wandacli.methods.groups import LayerGroupMethod
@@ -33,6 +34,15 @@ class ActSvdMethod(LayerGroupMethod):
         self.counted_tokens = 0
 
     def _owners(self, loaded: LoadedModel) -> dict[str, str]:
+        experts = [lin for lin in loaded.linear_layers if lin.is_expert]
+        if experts:
+            # Per expert, C would be over the tokens routed to it, d_in² each: Mixtral-8x7B's
+            # down projections alone would hold 256 × 14336² floats (210 GB in float32).
+            raise ConfigError(
+                f"actsvd does not compute rank statistics for a mixture of experts' "
+                f"{len(experts)} expert matrices (first: layer {experts[0].layer} "
+                f"{experts[0].name}): score this model with wanda, wandg, magnitude or random"
+            )
         if not self.owners:
             self.owners = shared_inputs(loaded.model, loaded.linear_layers, loaded.input_device)
         return self.owners

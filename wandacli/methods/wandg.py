@@ -97,22 +97,23 @@ def sample_loss(model: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> to
 
 
 class GradientAccumulator:
-    """Σ_samples |∂L_n/∂W| in float32 for a group of linear layers.
+    """Σ_samples |∂L_n/∂W| in float32 for a group of weight matrices.
 
-    Each weight's gradient is added to its accumulator the moment autograd finishes it and is
-    then freed, so peak memory stays near weights + accumulators + one gradient.
+    Each parameter's gradient is added to its accumulator the moment autograd finishes it and
+    is then freed, so peak memory stays near weights + accumulators + one gradient. The
+    experts' matrices share one accumulator per 3-D parameter (|∇| of the whole parameter,
+    sliced per expert when scores are made): one hook per parameter, however many experts.
     """
 
     def __init__(self, layers: list[LinearLayer], *, offload: bool = False) -> None:
         self.layers = layers
-        # Accumulators in the module's own weight layout (Conv1D: transposed); see
+        self.parameters = {lin.parameter_key: lin.weight for lin in layers}
+        # Accumulators in the parameter's own layout (Conv1D: transposed; experts: 3-D); see
         # `scores_layout`. With `offload`, in CPU memory: each gradient is copied there as it
         # arrives (slower, but a GPU then holds only the model and one gradient).
         self.sums: dict[str, torch.Tensor] = {
-            lin.key: torch.zeros_like(
-                lin.weight, dtype=torch.float32, device="cpu" if offload else None
-            )
-            for lin in layers
+            key: torch.zeros_like(weight, dtype=torch.float32, device="cpu" if offload else None)
+            for key, weight in self.parameters.items()
         }
 
     def load(self, sums: dict[str, torch.Tensor]) -> None:
@@ -134,19 +135,18 @@ class GradientAccumulator:
     def recording(self) -> Iterator[None]:
         """Gradients enabled for exactly this group's weights while the block runs."""
         handles = []
-        for lin in self.layers:
-            weight = lin.weight
+        for key, weight in self.parameters.items():
             weight.requires_grad_(True)
             weight.grad = None
-            handles.append(weight.register_post_accumulate_grad_hook(self._hook(lin.key)))
+            handles.append(weight.register_post_accumulate_grad_hook(self._hook(key)))
         try:
             yield
         finally:
             for handle in handles:
                 handle.remove()
-            for lin in self.layers:
-                lin.weight.requires_grad_(False)
-                lin.weight.grad = None
+            for weight in self.parameters.values():
+                weight.requires_grad_(False)
+                weight.grad = None
 
     def observe(self, model: Any, input_ids: torch.Tensor, labels: torch.Tensor) -> None:
         """One forward and backward over one sample; the loss is the model's mean cross-entropy
@@ -155,6 +155,5 @@ class GradientAccumulator:
             sample_loss(model, input_ids, labels).backward()
 
     def scores_layout(self, lin: LinearLayer) -> torch.Tensor:
-        """The accumulator as [out_features, in_features]."""
-        total = self.sums[lin.key]
-        return total.t() if lin.transposed else total
+        """The matrix's share of its accumulator as [out_features, in_features]."""
+        return lin.matrix_of(self.sums[lin.parameter_key])

@@ -11,6 +11,8 @@ from torch import nn
 
 from wandacli.core.errors import ModelError
 from wandacli.core.fingerprint import ModelFingerprint
+from wandacli.models.families import family_of_model
+from wandacli.models.families.base import Family
 
 # Where decoder layers live in the architectures we know, tried in order; anything else falls
 # back to a search for a ModuleList as long as the config's layer count.
@@ -26,31 +28,83 @@ LAYER_CONTAINER_PATHS = (
 
 @dataclass(frozen=True)
 class LinearLayer:
-    """One linear layer of a decoder layer, named as in the reference code.
+    """One weight matrix of a decoder layer, named as in the reference code.
 
-    `name` is relative to the decoder layer, e.g. `self_attn.q_proj` or `mlp.down_proj`.
-    GPT-2's Conv1D stores its weight transposed ([in, out]); `weight_matrix()` always returns
-    the [out_features, in_features] view that scores and masks are shaped like.
+    `name` is relative to the decoder layer, e.g. `self_attn.q_proj` or `mlp.down_proj`. Most
+    are a module's 2-D `weight` (an `nn.Linear`, GPT-2's Conv1D, a router); an expert's matrix
+    is one slice of a 3-D expert parameter (transformers 5), named as the expert's own module
+    would be (`mlp.experts.3.down_proj`), with `expert` its index and `rows` the rows of the
+    slice it holds where one parameter fuses two matrices (gate_proj and up_proj).
+
+    `weight_matrix()` always returns the [out_features, in_features] view that scores and masks
+    are shaped like (GPT-2's Conv1D stores [in, out]); writes to it reach the model.
     """
 
     layer: int
     name: str
     module: nn.Module
+    parameter: str = "weight"
+    expert: int | None = None
+    rows: tuple[int, int, int] | None = None  # (start, stop, step) of the expert's rows
+    reads: str | None = None  # an expert's matrix: what it reads (families/base.py READS_*)
 
     @property
     def transposed(self) -> bool:
+        if self.expert is not None:
+            return bool(getattr(self.module, "is_transposed", False))
         return _is_conv1d(self.module)
 
     @property
     def weight(self) -> torch.Tensor:
-        """The module's weight parameter, in the module's own layout."""
-        weight = self.module.weight
+        """The parameter holding the matrix, in the module's own layout (for an expert, the
+        whole 3-D parameter every expert's slice shares)."""
+        weight = getattr(self.module, self.parameter)
         assert isinstance(weight, torch.Tensor)
         return weight
 
+    @property
+    def is_expert(self) -> bool:
+        return self.expert is not None
+
+    @property
+    def parameter_key(self) -> str:
+        """The key of the parameter behind the matrix: the matrix's own key, except for
+        experts' slices, which share `<layer>/<module>.<parameter>`."""
+        if self.expert is None:
+            return self.key
+        module_name = self.name.rsplit(".", 2)[0]  # mlp.experts.3.down_proj → mlp.experts
+        return f"{self.layer}/{module_name}.{self.parameter}"
+
+    def matrix_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The [out, in] view of this matrix within a tensor shaped like `weight` (the weight
+        itself, or a gradient accumulator of it)."""
+        if self.expert is not None:
+            tensor = tensor[self.expert]
+        if self.transposed:
+            tensor = tensor.t()
+        if self.rows is not None:
+            start, stop, step = self.rows
+            tensor = tensor[start:stop:step]
+        return tensor
+
     def weight_matrix(self) -> torch.Tensor:
         """The weight as an [out_features, in_features] view (writes go to the module)."""
-        return self.weight.t() if self.transposed else self.weight
+        return self.matrix_of(self.weight)
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        """The bias added to this matrix's output ([out]), where it has one."""
+        if self.expert is not None:
+            bias = getattr(self.module, f"{self.parameter}_bias", None)
+            if not isinstance(bias, torch.Tensor):
+                return None
+            bias = bias[self.expert]
+            if self.rows is not None:
+                start, stop, step = self.rows
+                bias = bias[start:stop:step]
+            return bias
+        bias = getattr(self.module, "bias", None)
+        return bias if isinstance(bias, torch.Tensor) else None
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -63,9 +117,13 @@ class LinearLayer:
         return f"{self.layer}/{self.name}"
 
 
-def fingerprint_of(layers: list[LinearLayer]) -> ModelFingerprint:
+def fingerprint_of(layers: list[LinearLayer], model: nn.Module) -> ModelFingerprint:
     num_layers = 1 + max((lin.layer for lin in layers), default=-1)
-    return ModelFingerprint(shapes={lin.key: lin.shape for lin in layers}, num_layers=num_layers)
+    return ModelFingerprint(
+        shapes={lin.key: lin.shape for lin in layers},
+        num_layers=num_layers,
+        family=family_of_model(model).name,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -113,9 +171,77 @@ def decoder_layers_path(model: nn.Module) -> str:
 
 
 def iter_linear_layers(model: nn.Module) -> Iterator[LinearLayer]:
-    """Yield (layer index, module name relative to the layer, module) for every linear layer
-    inside the decoder layers, in module order (the reference's `find_layers` order)."""
+    """Every weight matrix inside the decoder layers, in module order (the reference's
+    `find_layers` order for linear layers): each linear layer, each other module's 2-D
+    `weight` (a router), and each expert's matrices of a 3-D expert parameter, expert by
+    expert, split as the model's family declares (models/families/)."""
+    family = family_of_model(model)
     for index, layer in enumerate(decoder_layers(model)):
         for name, module in layer.named_modules():
-            if name and _is_linear(module):
+            if not name or isinstance(module, nn.Embedding):
+                continue
+            if _is_linear(module):
                 yield LinearLayer(layer=index, name=name, module=module)
+                continue
+            weight = module._parameters.get("weight")
+            if weight is not None and weight.dim() == 2:
+                yield LinearLayer(layer=index, name=name, module=module)
+            yield from _expert_matrices(index, name, module, family)
+
+
+def _expert_matrices(
+    index: int, name: str, module: nn.Module, family: Family
+) -> Iterator[LinearLayer]:
+    """One matrix per expert and part of each 3-D parameter the family declares."""
+    declared = [
+        (family.expert_parameter(p), p)
+        for p, value in module._parameters.items()
+        if value is not None and value.dim() == 3
+    ]
+    declared_parameters = [(d, p) for d, p in declared if d is not None]
+    if not declared_parameters:
+        return
+    experts = int(module._parameters[declared_parameters[0][1]].shape[0])  # type: ignore[union-attr]
+    transposed = bool(getattr(module, "is_transposed", False))
+    interleaved = not bool(getattr(module, "is_concatenated", True))
+    for expert in range(experts):
+        for declaration, parameter in declared_parameters:
+            assert declaration is not None
+            shape = module._parameters[parameter].shape  # type: ignore[union-attr]
+            out_features = int(shape[2] if transposed else shape[1])
+            parts = len(declaration.parts)
+            for position, part in enumerate(declaration.parts):
+                if parts == 1:
+                    rows = None
+                elif interleaved:
+                    rows = (position, out_features, parts)
+                else:
+                    size = out_features // parts
+                    rows = (position * size, (position + 1) * size, 1)
+                yield LinearLayer(
+                    layer=index,
+                    name=f"{name}.{expert}.{part}",
+                    module=module,
+                    parameter=parameter,
+                    expert=expert,
+                    rows=rows,
+                    reads=declaration.reads,
+                )
+
+
+def unmatched_matrices(model: nn.Module) -> list[str]:
+    """Parameters of two or more dimensions inside the decoder layers that are no matrix
+    wandacli scores, masks or edits (a 3-D parameter its family does not declare): named, so
+    that the loader says so instead of leaving them out silently."""
+    covered = {(id(lin.module), lin.parameter) for lin in iter_linear_layers(model)}
+    missing = []
+    for index, layer in enumerate(decoder_layers(model)):
+        for name, module in layer.named_modules():
+            if isinstance(module, nn.Embedding):
+                continue
+            for parameter, value in module._parameters.items():
+                if value is None or value.dim() < 2 or (id(module), parameter) in covered:
+                    continue
+                where = f"{name}.{parameter}" if name else parameter
+                missing.append(f"layer {index} {where} {list(value.shape)}")
+    return missing

@@ -85,7 +85,7 @@ def model_structure(spec: ModelSpec) -> ModelStructure:
     layers = list(iter_linear_layers(skeleton))
     return ModelStructure(
         source=source,
-        fingerprint=fingerprint_of(layers),
+        fingerprint=fingerprint_of(layers, skeleton),
         layers_path=decoder_layers_path(skeleton),
         transposed=frozenset(lin.key for lin in layers if lin.transposed),
     )

@@ -21,6 +21,7 @@ from wandacli.models.layers import (
     decoder_layers_path,
     fingerprint_of,
     iter_linear_layers,
+    unmatched_matrices,
 )
 from wandacli.models.sources import (
     ModelSource,
@@ -47,7 +48,7 @@ class LoadedModel:
 
     @property
     def fingerprint(self) -> ModelFingerprint:
-        return fingerprint_of(self.linear_layers)
+        return fingerprint_of(self.linear_layers, self.model)
 
     @property
     def input_device(self) -> torch.device:
@@ -111,6 +112,23 @@ def load_tokenizer(location: str, model_arg: str) -> Any:
     return tokenizer
 
 
+def check_vocabulary_fits(tokenizer: Any, model: Any, model_arg: str) -> None:
+    """Refuse a tokenizer whose ids reach past the embedding's rows (a tokenizer of another
+    model, or added tokens without a resized embedding): generation would fail later with an
+    index error. Fewer tokens than rows is normal (embeddings are padded to a round size)."""
+    embeddings = model.get_input_embeddings() if hasattr(model, "get_input_embeddings") else None
+    rows = getattr(getattr(embeddings, "weight", None), "shape", (None,))[0]
+    if rows is None:
+        return
+    size = len(tokenizer)
+    if size > int(rows):
+        raise ModelError(
+            f"the tokenizer of {model_arg!r} has {size} tokens but the model's embedding has "
+            f"{int(rows)} rows: use the tokenizer saved with this model, or resize the "
+            "embedding (model.resize_token_embeddings) before saving it"
+        )
+
+
 def model_max_length(model: Any) -> int | None:
     """The longest context the model's config admits, when it says."""
     config = model.config
@@ -155,9 +173,12 @@ def load_pretrained(spec: ModelSpec, source: ModelSource, location: str) -> Load
     contiguous_head_input(model)
     dtype = model.dtype
     tokenizer = load_tokenizer(location, spec.model)
+    check_vocabulary_fits(tokenizer, model, spec.model)
     layers = list(iter_linear_layers(model))
     if not layers:
         raise ModelError(f"model {spec.model!r} has no linear layers inside its decoder layers")
+    for missing in unmatched_matrices(model):
+        warn(f"{missing} is not a matrix wandacli knows: it is not scored, masked or edited")
     check_weights_resident(layers, spec)
     return LoadedModel(
         model=model,

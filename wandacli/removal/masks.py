@@ -169,10 +169,11 @@ def apply_mask(lin: Any, mask: np.ndarray, base: Any | None = None) -> None:
 
 
 def zero_fraction(loaded: Any) -> float:
-    """The reference's sparsity check: exact zeros over all decoder linear weights."""
+    """The reference's sparsity check: exact zeros over all decoder weight matrices (each
+    expert's matrices included)."""
     zeros = total = 0
     for lin in loaded.linear_layers:
-        weight = lin.weight
+        weight = lin.weight_matrix()
         zeros += int((weight == 0).sum())
         total += weight.numel()
     return zeros / total if total else 0.0

@@ -61,7 +61,7 @@ class SequentialMoments:
         matrix = lin.weight_matrix()
         new = kind.edited_weight(matrix, bases).to(matrix.dtype)
         with torch.no_grad():
-            lin.weight.copy_(new.t() if lin.transposed else new)
+            matrix.copy_(new)  # a view: the write reaches the module, in its own layout
 
 
 def _calibration_of(statistics: RankStatistics, tokenizer: Any) -> Any:

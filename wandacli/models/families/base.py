@@ -1,0 +1,140 @@
+"""What one model family's architecture means for wandacli, declared once per family.
+
+A family module (one per family, registered in `models/families/__init__.py`) says:
+
+    writers       the matrices whose output joins the residual stream (a refusal direction is
+                  removed from them), as patterns over a matrix's name in its decoder layer
+    norms_after   a norm applied to a writer's output before it joins the stream (Gemma-2/3,
+                  OLMo-2), with its weight convention (Gemma's RMSNorm scales by 1 + w)
+    routers       the matrices that route tokens to experts: scored, left out of masks unless
+                  asked (pruning a router row changes which experts a token reaches)
+    experts       how a 3-D expert parameter (transformers 5: [E, out, in]) splits into one
+                  matrix per expert, and what each reads (the routed hidden states, or its
+                  expert's intermediate activation)
+
+Every command asks the family of the model it runs on (or the one a stored set records) and
+never a family's name; a model of a family nobody declared gets `generic`, the rule wandacli
+used before families existed (a writer is a module called o_proj, down_proj, dense, ... whose
+output is as wide as the stream).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from fnmatch import fnmatchcase
+from typing import Any
+
+# Where a per-expert matrix reads from, in the experts' forward pass.
+READS_HIDDEN = "hidden"  # the hidden states routed to the expert (gate and up projections)
+READS_INTERMEDIATE = "intermediate"  # the expert's activation (the down projection)
+
+
+@dataclass(frozen=True)
+class NormAfter:
+    """A norm between a writer and the residual stream: the stream receives
+    (offset + weight) ⊙ x / rms(x), x the writer's output."""
+
+    norm: str  # the norm's module name within the decoder layer
+    offset: float = 0.0  # Gemma's RMSNorm scales by 1 + weight; most by weight itself
+
+
+@dataclass(frozen=True)
+class ExpertParameter:
+    """One 3-D expert parameter ([E, out, in], or [E, in, out] where the experts module says
+    `is_transposed`) and the matrices each expert's slice holds, in row order: gate_up_proj
+    holds gate_proj then up_proj (or interleaved row by row where the module says it is not
+    `is_concatenated`)."""
+
+    parameter: str
+    parts: tuple[str, ...]
+    reads: str  # READS_HIDDEN or READS_INTERMEDIATE
+
+
+# transformers 5's experts modules (Mixtral, Qwen2-MoE, Qwen3-MoE, ...): gate and up fused.
+GATED_EXPERTS = (
+    ExpertParameter("gate_up_proj", ("gate_proj", "up_proj"), READS_HIDDEN),
+    ExpertParameter("up_proj", ("up_proj",), READS_HIDDEN),  # experts without a gate
+    ExpertParameter("down_proj", ("down_proj",), READS_INTERMEDIATE),
+)
+
+# The leaf names of residual writers across the architectures wandacli has met, for models of
+# an undeclared family: Llama-like (o_proj, down_proj), GPT-2 (c_proj), GPT-NeoX (dense,
+# dense_4h_to_h), OPT (out_proj, fc2), T5-like (o, wo), Mixtral in transformers 4 (w2).
+GENERIC_WRITER_LEAVES = (
+    "o_proj",
+    "down_proj",
+    "c_proj",
+    "dense",
+    "dense_4h_to_h",
+    "out_proj",
+    "fc2",
+    "wo",
+    "w2",
+)
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family's architecture, as wandacli needs to know it."""
+
+    name: str
+    model_types: tuple[str, ...]  # transformers' `config.model_type` values
+    writers: tuple[str, ...]  # fnmatch patterns over a matrix's name in its decoder layer
+    what: str  # one line for the README's table and `--help`: what is special here
+    norms_after: dict[str, NormAfter] = field(default_factory=dict)  # writer pattern → norm
+    routers: tuple[str, ...] = ()
+    experts: tuple[ExpertParameter, ...] = GATED_EXPERTS
+
+    def is_writer(self, name: str) -> bool:
+        return any(fnmatchcase(name, pattern) for pattern in self.writers)
+
+    def writer_keys(self, shapes: dict[str, tuple[int, int]], hidden_size: int) -> list[str]:
+        """The stored keys (`<layer>/<name>`) of the matrices writing into the stream: a
+        writer's name and an output as wide as the stream."""
+        return [
+            key
+            for key, (d_out, _) in shapes.items()
+            if d_out == hidden_size and self.is_writer(key.split("/", 1)[1])
+        ]
+
+    def norm_after(self, name: str) -> NormAfter | None:
+        for pattern, norm in self.norms_after.items():
+            if fnmatchcase(name, pattern):
+                return norm
+        return None
+
+    def is_router(self, name: str) -> bool:
+        return any(fnmatchcase(name, pattern) for pattern in self.routers)
+
+    def router_keys(self, keys: list[str]) -> list[str]:
+        return [key for key in keys if self.is_router(key.split("/", 1)[1])]
+
+    def expert_parameter(self, parameter: str) -> ExpertParameter | None:
+        return next((p for p in self.experts if p.parameter == parameter), None)
+
+    def writer_treatment(self, name: str) -> dict[str, Any]:
+        """What a refusal-direction edit does to one writer, as its file records it: the
+        vector its output is made orthogonal to; a writer's bias (GPT-NeoX, ...) adds to the
+        stream as its output does, so it is projected the same way wherever there is one."""
+        norm = self.norm_after(name)
+        treatment: dict[str, Any] = {"orthogonal_to": "r"}
+        if norm is not None:
+            scale = (
+                f"{norm.offset:g} + {norm.norm}.weight" if norm.offset else f"{norm.norm}.weight"
+            )
+            treatment = {
+                "orthogonal_to": f"normalise(g ⊙ r), g = {scale}",
+                "norm": norm.norm,
+                "norm_offset": norm.offset,
+            }
+        treatment["bias"] = "projected where the writer has one"
+        return treatment
+
+
+def generic_family() -> Family:
+    return Family(
+        name="generic",
+        model_types=(),
+        writers=tuple(p for leaf in GENERIC_WRITER_LEAVES for p in (leaf, f"*.{leaf}")),
+        what="a model of an undeclared family: writers by name (o_proj, down_proj, dense, ...)",
+    )

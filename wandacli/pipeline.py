@@ -50,6 +50,7 @@ ENTRY_OPTIONS = (
     "utility_scores",
     "layers",
     "modules",
+    "include_routers",
     "trials",
     "startup_trials",
     "keep_best",

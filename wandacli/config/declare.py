@@ -276,6 +276,16 @@ def bookkeeping(cls: type) -> frozenset[str]:
     )
 
 
+def omitted_at_default(cls: type) -> dict[str, Any]:
+    """The options of `cls` a request leaves out at their default (JSON values): options added
+    later, so that requests recorded before them still match."""
+    return {
+        item.name: to_json_value(item.default)
+        for item in dataclasses.fields(cls)
+        if OPTION in item.metadata and item.metadata[OPTION].request_omits_default
+    }
+
+
 def request_of(settings: Any, names: set[str] | None = None) -> dict[str, Any]:
     """The request: every option declared `request=True` (of `names` only, when given), as
     JSON values; nested groups as `{group: {option: value}}`."""

@@ -79,6 +79,7 @@ class EditRemoval(Removal):
             edit_kind_of_mode(self.file.mode).edited_weight,
             direction=direction,
             scale=edit_kind_of_mode(self.file.mode).stored_scale(self.meta),
+            writers=self.meta.get("writers"),
         )
 
     def apply(self, loaded: Any) -> None:

@@ -65,6 +65,10 @@ class EditContent:
     # and every module's `remove` basis is this vector.
     direction: np.ndarray | None = None
     scale: float = 1.0  # the share of the direction removed (1 for every other edit)
+    # Per writer, what a direction does to it (families/base.py `writer_treatment`): made
+    # orthogonal to r or to normalise(g ⊙ r) behind a norm, its bias projected. None in
+    # direction edits made before it was recorded: r removed from the weights alone.
+    writers: dict[str, dict[str, Any]] | None = None
     # The model was edited as the modules were computed (the reference's sequential order).
     applied: bool = False
 
@@ -108,14 +112,39 @@ def apply_edit(content: EditContent, changes: WeightChanges) -> Iterator[EditMod
 
     for module in content.modules:
         if not content.applied:
-            weight = changes.layers[module.key].weight_matrix()
-            changes.replace(module.key, edited_module_weight(weight, content, module))
+            treatment = (content.writers or {}).get(module.key)
+            if treatment is not None and content.direction is not None:
+                _remove_from_writer(content, module, treatment, changes)
+            else:
+                weight = changes.layers[module.key].weight_matrix()
+                changes.replace(module.key, edited_module_weight(weight, content, module))
         yield module
     if content.direction is not None and not content.applied:
         r = torch.from_numpy(content.direction).double().reshape(-1)
         changes.replace_embedding(
             orthogonalised_embedding(changes.embedding, r / r.norm(), content.scale)
         )
+
+
+def _remove_from_writer(
+    content: EditContent, module: EditModule, treatment: dict[str, Any], changes: WeightChanges
+) -> None:
+    """A direction removed from one writer as its treatment says: the weight (and its bias)
+    made orthogonal to r, or to normalise(g ⊙ r) where a norm with scale g follows it."""
+    from wandacli.removal.direction import projected_bias, writer_direction
+
+    assert content.direction is not None
+    lin = changes.layers[module.key]
+    norm_scale = None
+    if "norm" in treatment:
+        norm_scale = changes.norm_scale(lin.layer, treatment["norm"], treatment["norm_offset"])
+    u = writer_direction(torch.from_numpy(content.direction), norm_scale)
+    if u is None:
+        return
+    bases = {"remove": u.reshape(-1, 1)}
+    changes.replace(module.key, content.formula(lin.weight_matrix().detach(), bases, content.scale))
+    if lin.bias is not None and treatment.get("bias", "none") != "none":
+        changes.replace_bias(module.key, projected_bias(lin.bias, u, content.scale))
 
 
 def removed_rank_fraction(removed: dict[str, int], shapes: dict[str, tuple[int, int]]) -> float:

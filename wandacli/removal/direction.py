@@ -11,6 +11,20 @@ component along r at any layer:
     writers (attention output, MLP down projection):   W ← W − r rᵀ W     (W is [d_model, d_in])
     the token embedding E [vocab, d_model]:            E ← E − (E r) rᵀ
 
+Two things between a writer and the stream change what "orthogonal" means, and the edit
+follows each writer's family declaration (models/families/), recording per writer what it did
+(the edit's meta `writers`):
+
+    a norm after the writer (Gemma-2/3, OLMo-2): the stream receives g ⊙ x / rms(x) (g the
+        norm's scale, 1 + w for Gemma), whose dot product with r is (g ⊙ r)·x / rms(x); the
+        writer is made orthogonal to u = normalise(g ⊙ r) instead of r, so that what reaches
+        the stream has no component along r
+    a bias on the writer (GPT-NeoX, GPT-2): it adds to the stream as the output does, so it is
+        projected the same way, b ← b − α u uᵀ b
+
+Edit files made before the record existed are applied as they were made: W − α r rᵀ W, biases
+untouched.
+
 (`--direction-scale α` removes a share of it instead: W ← W − α r rᵀ W, E ← E − α (E r) rᵀ, the
 weight heretic's abliteration gives each layer, here one for all.)
 
@@ -25,33 +39,18 @@ so in the edit's meta.
 
 from __future__ import annotations
 
-import re
-
 import numpy as np
 import torch
 
 from wandacli.core.errors import ConfigError, StoreError
 from wandacli.core.fingerprint import ModelFingerprint
-
-# The last part of the name of a module that writes into the residual stream, per architecture
-# the loader knows: Llama/Mistral/Qwen/Gemma (o_proj, down_proj), GPT-2 (attn.c_proj,
-# mlp.c_proj), GPT-NeoX (attention.dense, mlp.dense_4h_to_h), OPT/BART-like (out_proj, fc2),
-# Phi (dense, fc2), T5-like (o, wo), Mixtral's experts (w2).
-WRITER_NAMES = frozenset(
-    {"o_proj", "down_proj", "c_proj", "dense", "dense_4h_to_h", "out_proj", "fc2", "wo", "w2"}
-)
-_LEAF = re.compile(r"[^.]+$")
+from wandacli.models.families import family_named
 
 
 def writer_keys(fingerprint: ModelFingerprint, hidden_size: int) -> list[str]:
-    """The linear layers that write into the residual stream: a writer's name, and an output
-    as wide as the stream (which rules out e.g. GPT-2's fused c_attn, or a 4h-wide `dense`)."""
-    keys = []
-    for key, (d_out, _) in fingerprint.shapes.items():
-        match = _LEAF.search(key)
-        if match and match.group(0) in WRITER_NAMES and d_out == hidden_size:
-            keys.append(key)
-    return keys
+    """The matrices that write into the residual stream, as the model's family declares them
+    (models/families/; by name for a model of an undeclared family)."""
+    return family_named(fingerprint.family).writer_keys(fingerprint.shapes, hidden_size)
 
 
 def refusal_direction(
@@ -89,3 +88,24 @@ def orthogonalised_embedding(
     e = embedding.detach().to(torch.float64)
     r = direction.to(device=e.device, dtype=torch.float64).reshape(-1, 1)
     return e - scale * ((e @ r) @ r.T)
+
+
+def writer_direction(
+    direction: torch.Tensor, norm_scale: torch.Tensor | None
+) -> torch.Tensor | None:
+    """The unit vector a writer's output is made orthogonal to (float64 [d]): r itself, or,
+    where a norm with scale g follows the writer, normalise(g ⊙ r); None where g ⊙ r is zero
+    (nothing of r can reach the stream through this writer)."""
+    r = direction.to(torch.float64).reshape(-1)
+    if norm_scale is None:
+        return r / r.norm()
+    scaled = norm_scale.detach().to(device=r.device, dtype=torch.float64).reshape(-1) * r
+    norm = float(scaled.norm())
+    return scaled / norm if norm > 0 else None
+
+
+def projected_bias(bias: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """b − α u (u·b) in float64, u a unit vector [d]."""
+    b = bias.detach().to(torch.float64)
+    u = direction.to(device=b.device, dtype=torch.float64).reshape(-1)
+    return b - scale * u * torch.dot(u, b)

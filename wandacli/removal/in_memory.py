@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 _EMBEDDING = "<embedding>"  # not a linear layer's key (those are "<layer>/<module>")
+_BIAS = "<bias>"  # suffixed to a key: that matrix's bias
 
 
 class WeightChanges:
@@ -19,6 +20,7 @@ class WeightChanges:
 
     def __init__(self, loaded: Any, *, undo: bool = True) -> None:
         self.layers = {lin.key: lin for lin in loaded.linear_layers}
+        self.model = loaded.model
         self.embedding = loaded.model.get_input_embeddings().weight
         self.undo = undo
         self._undo: list[tuple[str, Any, torch.Tensor]] = []
@@ -53,6 +55,22 @@ class WeightChanges:
             self._remember(key, None, matrix.detach())
             matrix.copy_(new_matrix.to(device=matrix.device, dtype=matrix.dtype))
 
+    def replace_bias(self, key: str, new_bias: torch.Tensor) -> None:
+        """Set one matrix's bias ([out]), rounded to the bias's dtype."""
+        bias = self.layers[key].bias
+        assert bias is not None
+        with torch.no_grad():
+            self._remember(key + _BIAS, None, bias.detach())
+            bias.copy_(new_bias.to(device=bias.device, dtype=bias.dtype))
+
+    def norm_scale(self, layer: int, norm: str, offset: float) -> torch.Tensor:
+        """offset + the weight of a norm in decoder layer `layer` (its scale per channel)."""
+        from wandacli.models.layers import decoder_layers
+
+        weight = decoder_layers(self.model)[layer].get_submodule(norm).weight
+        assert isinstance(weight, torch.Tensor)
+        return weight.detach().to(torch.float64) + offset
+
     def replace_embedding(self, new_embedding: torch.Tensor) -> None:
         """Set the token embedding [vocab, d] (a tied output head changes with it)."""
         with torch.no_grad():
@@ -68,6 +86,11 @@ class WeightChanges:
                 key, index, saved = self._undo.pop()
                 if key == _EMBEDDING:
                     self.embedding.copy_(saved)
+                    continue
+                if key.endswith(_BIAS):
+                    bias = self.layers[key.removesuffix(_BIAS)].bias
+                    assert bias is not None
+                    bias.copy_(saved)
                     continue
                 matrix = self.layers[key].weight_matrix()
                 if index is None:

@@ -34,6 +34,7 @@ from wandacli.removal.kinds import (
     owners,
 )
 from wandacli.removal.kinds.base import RemovalKind, refuse_foreign_option
+from wandacli.removal.selection import include_routers_option, layers_option, modules_option
 
 STORE_PANEL = "Store"
 FILTERS_PANEL = "Filters"
@@ -61,15 +62,9 @@ class RemovalRequest:
         panel=STORE_PANEL,
         request=False,
     )
-    layers: str | None = option(
-        None, "--layers", help="Only these decoder layers, e.g. 0-3,10.", panel=FILTERS_PANEL
-    )
-    modules: str | None = option(
-        None,
-        "--modules",
-        help="Only modules matching this glob, e.g. 'mlp.*'.",
-        panel=FILTERS_PANEL,
-    )
+    layers: str | None = layers_option(FILTERS_PANEL)
+    modules: str | None = modules_option(FILTERS_PANEL)
+    include_routers: bool = include_routers_option(FILTERS_PANEL)
     name: str | None = option(
         None,
         "--name",

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from wandacli.config.declare import bookkeeping
+from wandacli.config.declare import bookkeeping, omitted_at_default
 from wandacli.core.provenance import settings_differences
 from wandacli.removal.request import RemovalRequest
 
@@ -20,6 +20,9 @@ def stored_request(meta: dict[str, Any]) -> dict[str, Any] | None:
         return None
     # What a removal's `config` held besides its request: where it went, what it was saved as.
     found = {k: v for k, v in config.items() if k not in bookkeeping(RemovalRequest)}
+    for name, default in omitted_at_default(RemovalRequest).items():
+        if name in found and found[name] == default:
+            found.pop(name)  # as the request itself leaves it out
     model = found.get("model")
     if isinstance(model, dict) and set(model) != {"model", "dtype"}:
         found.pop("model")  # a mask's whole model spec: where it was saved from, not a request

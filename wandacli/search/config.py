@@ -38,6 +38,7 @@ from wandacli.config.settings import ModelSpec
 from wandacli.core.errors import ConfigError
 from wandacli.removal.kinds import searchable
 from wandacli.removal.kinds.base import RemovalKind, Searchable
+from wandacli.removal.selection import include_routers_option, layers_option, modules_option
 
 RefusalMeasure = Literal["generation", "score"]
 SPACE_PANEL = "Search space (one kind)"
@@ -130,12 +131,9 @@ class SearchConfig:
         "activations.",
     )
     ranges: dict[str, ParameterRange] = internal(None, request=False)
-    layers: str | None = option(
-        None, "--layers", help="Only these decoder layers, e.g. 0-3,10.", panel=SPACE_PANEL
-    )
-    modules: str | None = option(
-        None, "--modules", help="Only modules matching this glob, e.g. '*proj'.", panel=SPACE_PANEL
-    )
+    layers: str | None = layers_option(SPACE_PANEL)
+    modules: str | None = modules_option(SPACE_PANEL)
+    include_routers: bool = include_routers_option(SPACE_PANEL)
     trials: int = option(
         40,
         "--trials",

@@ -56,6 +56,7 @@ def prune_config_for(config: SearchConfig, params: dict[str, Any], name: str) ->
         store=config.store,
         layers=config.layers,
         modules=config.modules,
+        include_routers=config.include_routers,
         name=name,
         model=config.model.keeping_checkpoint_dtype(),
         kind=kind.name,
@@ -90,6 +91,7 @@ class TrialRemovals:
             store=config.store,
             layers=config.layers,
             modules=config.modules,
+            include_routers=config.include_routers,
             kind=self.kind.name,
             settings=self.kind.settings(**_settings_values(config, {})),
         )
@@ -181,5 +183,12 @@ class TrialRemovals:
         assert isinstance(self.kind, EditKind)
         removed = {key: applied.counts.get(key, 0) for key in self.keys}
         hidden = getattr(self.sets.primary, "hidden_size", 0)
-        control = self.kind.control(removed, shapes, seed, scale=applied.scale, hidden=hidden)
+        control = self.kind.control(
+            removed,
+            shapes,
+            seed,
+            scale=applied.scale,
+            hidden=hidden,
+            family=self.fingerprint.family,
+        )
         self.apply_content(control, changes)

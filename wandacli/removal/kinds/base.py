@@ -380,9 +380,11 @@ class EditKind(RemovalKind):
         *,
         scale: float = 1.0,
         hidden: int = 0,
+        family: str | None = None,
     ) -> Any:
         """The random control of an edit of this kind that removed `removed` per module (an
-        EditContent): as much removed, in directions chosen without data."""
+        EditContent): as much removed, in directions chosen without data (`family`: the
+        model's, where the kind's edit depends on it)."""
         raise NotImplementedError(f"{self.name} has no control")
 
     def remade(self, meta: dict[str, Any], sets: Sets) -> list[str]:

@@ -16,9 +16,11 @@ from wandacli.config.declare import option
 from wandacli.config.ranges import ParameterRange
 from wandacli.core.errors import ConfigError, StoreError
 from wandacli.core.naming import file_safe_name
+from wandacli.models.families import family_named
 from wandacli.removal.content import EditContent, EditModule
 from wandacli.removal.kinds import options
 from wandacli.removal.kinds.base import EditKind, Searchable, Sets, closing_on_error, same_model
+from wandacli.removal.ranks import random_orthonormal
 
 RULE = (
     "r = normalise(mean_harmful[layer, position] − mean_harmless[layer, position]); writers "
@@ -166,17 +168,23 @@ class Direction(EditKind):
         from wandacli.store.schema import DIRECTION_DATASET
 
         hidden = int(matched.read_raw(DIRECTION_DATASET).shape[0])
-        removed = dict.fromkeys(keys, 1)
-        return self.control(
-            removed, shapes, seed, scale=self.stored_scale(matched.meta), hidden=hidden
-        )
+        generator = torch.Generator().manual_seed(seed)
+        r = random_orthonormal(hidden, 1, generator).reshape(-1)
+        # Removed from each writer as the matched edit did (as r alone where it predates the
+        # per-writer record).
+        writers = matched.meta.get("writers")
+        treated = {k: writers[k] for k in keys if k in writers} if writers else None
+        return removing(r, keys, shapes, self.stored_scale(matched.meta), treated)
 
     def control_meta(self, matched_meta: dict[str, Any]) -> dict[str, Any]:
-        return {
+        meta = {
             "embedding": True,
             "rule": CONTROL_RULE,
             "direction_scale": self.stored_scale(matched_meta),
         }
+        if matched_meta.get("writers"):
+            meta["writers"] = matched_meta["writers"]
+        return meta
 
     def stored_scale(self, meta: dict[str, Any]) -> float:
         """`--direction-scale` as the file records it (1 in files made before it existed)."""
@@ -215,7 +223,13 @@ class Direction(EditKind):
                 f"{settings.direction_position}: no direction (were both scored on the same "
                 "prompts?)"
             )
-        return removing(r, sets.keys, sets.fingerprint.shapes, settings.direction_scale)
+        return removing(
+            r,
+            sets.keys,
+            sets.fingerprint.shapes,
+            settings.direction_scale,
+            treatments(sets.keys, sets.fingerprint.family),
+        )
 
     def trial_content(
         self, settings: DirectionSettings, sets: Sets, prepared: Any
@@ -223,7 +237,13 @@ class Direction(EditKind):
         r = self.direction(settings, sets)
         if r is None:
             return None  # the dense model, measured as such
-        return removing(r, sets.keys, sets.fingerprint.shapes, settings.direction_scale)
+        return removing(
+            r,
+            sets.keys,
+            sets.fingerprint.shapes,
+            settings.direction_scale,
+            treatments(sets.keys, sets.fingerprint.family),
+        )
 
     def stored_meta(self, settings: DirectionSettings, sets: Sets) -> dict[str, Any]:
         return {
@@ -234,6 +254,8 @@ class Direction(EditKind):
                 "rule": RULE,
             },
             "direction_scale": settings.direction_scale,
+            "family": family_named(sets.fingerprint.family).name,
+            "writers": treatments(sets.keys, sets.fingerprint.family),
             "mean_activations": [
                 _describe_means(sets.primary, "harmful"),
                 _describe_means(sets.secondary, "harmless"),
@@ -262,21 +284,31 @@ class Direction(EditKind):
         *,
         scale: float = 1.0,
         hidden: int = 0,
+        family: str | None = None,
     ) -> EditContent:
         """A seeded random unit vector removed the same way: every writer, the embedding, the
         same share."""
-        from wandacli.removal.ranks import random_orthonormal
-
         generator = torch.Generator().manual_seed(seed)
         r = random_orthonormal(hidden, 1, generator).reshape(-1)
-        return removing(r, list(removed), shapes, scale)
+        return removing(r, list(removed), shapes, scale, treatments(list(removed), family))
+
+
+def treatments(keys: list[str], family: str | None) -> dict[str, dict[str, Any]]:
+    """Per writer, what removing a direction does to it, as the model's family declares."""
+    declared = family_named(family)
+    return {key: declared.writer_treatment(key.split("/", 1)[1]) for key in keys}
 
 
 def removing(
-    r: torch.Tensor, keys: list[str], shapes: dict[str, tuple[int, int]], scale: float
+    r: torch.Tensor,
+    keys: list[str],
+    shapes: dict[str, tuple[int, int]],
+    scale: float,
+    writers: dict[str, dict[str, Any]] | None,
 ) -> EditContent:
-    """r removed from every writer in `keys` and from the embedding, r rounded to float32 as
-    the file stores it (once, at /direction; every writer's `remove` basis is it)."""
+    """r removed from every writer in `keys` (as `writers` says: orthogonal to r or to the
+    normed direction, its bias too) and from the embedding, r rounded to float32 as the file
+    stores it (once, at /direction; every writer's `remove` basis is it)."""
     stored = r.float().reshape(-1, 1).numpy()
     modules = [
         EditModule(
@@ -284,7 +316,9 @@ def removing(
         )
         for key in keys
     ]
-    return EditContent("direction", modules, remove_direction, direction=stored, scale=scale)
+    return EditContent(
+        "direction", modules, remove_direction, direction=stored, scale=scale, writers=writers
+    )
 
 
 def remove_direction(

@@ -162,6 +162,7 @@ class RankEditKind(EditKind):
         *,
         scale: float = 1.0,
         hidden: int = 0,
+        family: str | None = None,
     ) -> EditContent:
         """The random control of such an edit: the same rank per module, in random
         directions."""

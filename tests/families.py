@@ -70,3 +70,29 @@ def build_family_model(family: str, vocab_size: int, seed: int = 0):
                 noise = torch.randn(parameter.shape, generator=generator) * 0.3
                 parameter.add_(noise.to(parameter.dtype))
     return model
+
+
+def fused_like_phi3(llama, vocab_size: int):
+    """A Phi-3 holding a Llama's weights: q, k, v stacked into qkv_proj and gate, up into
+    gate_up_proj, everything else copied; it computes what the Llama computes."""
+    import transformers
+
+    config = transformers.Phi3Config(
+        vocab_size=vocab_size,
+        rms_norm_eps=llama.config.rms_norm_eps,
+        **COMMON,
+    )
+    phi3 = transformers.AutoModelForCausalLM.from_config(config).eval()
+    state = llama.state_dict()
+    fused = {}
+    for key, value in state.items():
+        if ".self_attn.q_proj." in key:
+            parts = [state[key.replace("q_proj", p)] for p in ("q_proj", "k_proj", "v_proj")]
+            fused[key.replace("q_proj", "qkv_proj")] = torch.cat(parts)
+        elif ".mlp.gate_proj." in key:
+            parts = [state[key.replace("gate_proj", p)] for p in ("gate_proj", "up_proj")]
+            fused[key.replace("gate_proj", "gate_up_proj")] = torch.cat(parts)
+        elif not any(f".{p}." in key for p in ("k_proj", "v_proj", "up_proj")):
+            fused[key] = value
+    phi3.load_state_dict(fused, strict=True)
+    return phi3

@@ -310,3 +310,80 @@ def test_a_tokenizer_larger_than_the_embedding_is_refused(cli, tmp_path, tokeniz
     directory = save_model(small, tokenizer, tmp_path / "small-vocab")
     result = cli(*score_args(directory, tmp_path / "store", method="magnitude"))
     assert_one_line_error(result, f"has {len(tokenizer)} tokens but the model's embedding has 64")
+
+
+# ---------------------------------------------------------------------------------------------
+# Fused matrices per part: a Phi-3 holding a Llama's weights gets the Llama's masks and edits
+
+
+@pytest.fixture(scope="module")
+def fused_and_unfused(tmp_path_factory, tokenizer, pairs_csv):
+    """A Llama and the Phi-3 fusing its weights, each scored (wanda and actsvd, on harmful
+    pairs and on the utility set) into a store of its own."""
+    from typer.testing import CliRunner
+
+    from tests.conftest import save_model
+    from tests.families import fused_like_phi3
+    from tests.test_score_cli import score_args
+    from wandacli.cli import app
+
+    root = tmp_path_factory.mktemp("fused")
+    llama = build_family_model("llama", len(tokenizer))
+    phi3 = fused_like_phi3(llama, len(tokenizer))
+    ids = torch.randint(3, len(tokenizer), (1, 16), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        torch.testing.assert_close(phi3(ids).logits, llama(ids).logits, rtol=1e-5, atol=1e-5)
+    found = {}
+    runner = CliRunner()
+    for name, model in (("unfused", llama), ("fused", phi3)):
+        directory = save_model(model, tokenizer, root / name)
+        store = root / f"{name}-store"
+        for method in ("wanda", "actsvd"):
+            for data, role in ((pairs_csv, "safety"), ("utility", "utility")):
+                args = score_args(directory, store, "--name", f"{method}-{role}", method=method,
+                                  data=data)  # fmt: skip
+                result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+                assert result.exit_code == 0, result.output
+        found[name] = (directory, store)
+    return found
+
+
+FUSED_REMOVALS = {
+    "ratio": ("--scores", "wanda-safety", "--sparsity-ratio", "0.5"),
+    "set-difference": ("--scores", "wanda-safety", "--utility-scores", "wanda-utility",
+                       "--p", "0.3", "--q", "0.3"),
+    "rank-removal": ("--scores", "actsvd-safety", "--remove-top-ranks", "3"),
+    "projection": ("--scores", "actsvd-safety", "--utility-scores", "actsvd-utility",
+                   "--safety-ranks", "3", "--utility-ranks", "2"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("removal", FUSED_REMOVALS)
+def test_a_fused_model_gets_what_its_unfused_weights_get(cli, fused_and_unfused, removal):
+    from wandacli.config.settings import ModelSpec
+    from wandacli.evaluation.under_test import load_model_under_test
+    from wandacli.models.loader import load_model
+
+    edited = {}
+    for name, (directory, store) in fused_and_unfused.items():
+        result = cli("prune", "--store", store, *FUSED_REMOVALS[removal], "--name", removal,
+                     "--model", directory, "--no-progress")  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        under_test = load_model_under_test(ModelSpec(model=str(directory), device="cpu"),
+                                           removal, store)  # fmt: skip
+        edited[name] = {
+            lin.key: lin.weight_matrix().detach() for lin in under_test.loaded.linear_layers
+        }
+    unfused, fused = edited["unfused"], edited["fused"]
+    assert set(unfused) == set(fused)  # Phi-3's parts carry the unfused modules' names
+    dense = load_model(ModelSpec(model=str(fused_and_unfused["fused"][0]), device="cpu"))
+    changed = [
+        lin.key
+        for lin in dense.linear_layers
+        if not torch.equal(lin.weight_matrix().detach(), fused[lin.key])
+    ]
+    assert any(key.endswith(("q_proj", "k_proj", "v_proj")) for key in changed)
+    for key, weight in unfused.items():
+        if removal in ("ratio", "set-difference"):
+            assert torch.equal(fused[key] == 0, weight == 0), key  # the same entries pruned
+        torch.testing.assert_close(fused[key], weight, rtol=1e-4, atol=1e-5, msg=key)

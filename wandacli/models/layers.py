@@ -31,21 +31,31 @@ class LinearLayer:
     """One weight matrix of a decoder layer, named as in the reference code.
 
     `name` is relative to the decoder layer, e.g. `self_attn.q_proj` or `mlp.down_proj`. Most
-    are a module's 2-D `weight` (an `nn.Linear`, GPT-2's Conv1D, a router); an expert's matrix
-    is one slice of a 3-D expert parameter (transformers 5), named as the expert's own module
-    would be (`mlp.experts.3.down_proj`), with `expert` its index and `rows` the rows of the
-    slice it holds where one parameter fuses two matrices (gate_proj and up_proj).
+    are a module's 2-D `weight` (an `nn.Linear`, GPT-2's Conv1D, a router). Some are part of a
+    parameter, named as their own module would be, with `module_name` the module that holds
+    them:
 
-    `weight_matrix()` always returns the [out_features, in_features] view that scores and masks
-    are shaped like (GPT-2's Conv1D stores [in, out]); writes to it reach the model.
+        an expert's matrix   one slice (`expert`) of a 3-D expert parameter (transformers 5),
+                             e.g. `mlp.experts.3.down_proj` in `mlp.experts`
+        a fused matrix's part  the rows of one of the matrices a fused weight holds (Phi-3's
+                             qkv_proj holds q_proj, k_proj, v_proj; gate_up_proj gate_proj and
+                             up_proj): `rows` (start, stop, step), or `row_index` where the
+                             rows are interleaved head by head (GPT-NeoX's query_key_value)
+
+    `weight_matrix()` always returns the [out_features, in_features] matrix that scores and
+    masks are shaped like (GPT-2's Conv1D stores [in, out]), a view whose writes reach the
+    model except for a `row_index` part (a copy): change a matrix through `set_matrix` and
+    `set_entries`, which write through in every case.
     """
 
     layer: int
     name: str
     module: nn.Module
     parameter: str = "weight"
+    module_name: str | None = None  # the module holding it, where that is not `name`
     expert: int | None = None
-    rows: tuple[int, int, int] | None = None  # (start, stop, step) of the expert's rows
+    rows: tuple[int, int, int] | None = None  # (start, stop, step) of its rows
+    row_index: tuple[int, ...] | None = None  # its rows, where no slice selects them
     reads: str | None = None  # an expert's matrix: what it reads (families/base.py READS_*)
 
     @property
@@ -56,8 +66,8 @@ class LinearLayer:
 
     @property
     def weight(self) -> torch.Tensor:
-        """The parameter holding the matrix, in the module's own layout (for an expert, the
-        whole 3-D parameter every expert's slice shares)."""
+        """The parameter holding the matrix, in the module's own layout (for an expert or a
+        part, the whole parameter it shares)."""
         weight = getattr(self.module, self.parameter)
         assert isinstance(weight, torch.Tensor)
         return weight
@@ -69,46 +79,94 @@ class LinearLayer:
     @property
     def parameter_key(self) -> str:
         """The key of the parameter behind the matrix: the matrix's own key, except for
-        experts' slices, which share `<layer>/<module>.<parameter>`."""
-        if self.expert is None:
+        experts and parts, which share `<layer>/<module>.<parameter>`."""
+        if self.module_name is None:
             return self.key
-        module_name = self.name.rsplit(".", 2)[0]  # mlp.experts.3.down_proj → mlp.experts
-        return f"{self.layer}/{module_name}.{self.parameter}"
+        return f"{self.layer}/{self.module_name}.{self.parameter}"
 
-    def matrix_of(self, tensor: torch.Tensor) -> torch.Tensor:
-        """The [out, in] view of this matrix within a tensor shaped like `weight` (the weight
-        itself, or a gradient accumulator of it)."""
+    def _whole(self, tensor: torch.Tensor) -> torch.Tensor:
+        """The [out, in] view of the whole matrix the rows are selected from."""
         if self.expert is not None:
             tensor = tensor[self.expert]
-        if self.transposed:
-            tensor = tensor.t()
+        return tensor.t() if self.transposed else tensor
+
+    def _index(self, device: torch.device) -> torch.Tensor:
+        assert self.row_index is not None
+        return torch.tensor(self.row_index, dtype=torch.long, device=device)
+
+    def matrix_of(self, tensor: torch.Tensor) -> torch.Tensor:
+        """This matrix [out, in] within a tensor shaped like `weight` (the weight itself, or a
+        gradient accumulator of it): a view, or a copy for a `row_index` part."""
+        whole = self._whole(tensor)
         if self.rows is not None:
             start, stop, step = self.rows
-            tensor = tensor[start:stop:step]
-        return tensor
+            return whole[start:stop:step]
+        if self.row_index is not None:
+            return whole[self._index(whole.device)]
+        return whole
 
     def weight_matrix(self) -> torch.Tensor:
-        """The weight as an [out_features, in_features] view (writes go to the module)."""
+        """The weight as an [out_features, in_features] matrix (see the class docstring)."""
         return self.matrix_of(self.weight)
+
+    def place(self, tensor: torch.Tensor, matrix: torch.Tensor) -> None:
+        """Write `matrix` [out, in] into its place in `tensor` (shaped like `weight`)."""
+        whole = self._whole(tensor)
+        matrix = matrix.to(device=whole.device, dtype=whole.dtype)
+        if self.row_index is not None:
+            whole[self._index(whole.device)] = matrix
+        else:
+            self.matrix_of(tensor).copy_(matrix)
+
+    def set_matrix(self, matrix: torch.Tensor) -> None:
+        """Set the whole matrix in the model, rounded to the weight's dtype."""
+        with torch.no_grad():
+            self.place(self.weight, matrix)
+
+    def set_entries(self, selector: torch.Tensor, values: torch.Tensor | float) -> None:
+        """Set the entries `selector` ([out, in] bool) picks to `values` (one per entry, or
+        one for all) in the model."""
+        with torch.no_grad():
+            if self.row_index is None:
+                matrix = self.weight_matrix()
+                if isinstance(values, torch.Tensor):
+                    values = values.to(device=matrix.device, dtype=matrix.dtype)
+                matrix[selector.to(matrix.device)] = values
+                return
+            matrix = self.weight_matrix()
+            if isinstance(values, torch.Tensor):
+                values = values.to(device=matrix.device, dtype=matrix.dtype)
+            matrix[selector.to(matrix.device)] = values
+            self.place(self.weight, matrix)
 
     @property
     def bias(self) -> torch.Tensor | None:
-        """The bias added to this matrix's output ([out]), where it has one."""
+        """The bias added to this matrix's output ([out]), where it has one (a copy for a
+        `row_index` part; the writers a direction edit changes the bias of are never parts)."""
         if self.expert is not None:
             bias = getattr(self.module, f"{self.parameter}_bias", None)
             if not isinstance(bias, torch.Tensor):
                 return None
             bias = bias[self.expert]
-            if self.rows is not None:
-                start, stop, step = self.rows
-                bias = bias[start:stop:step]
-            return bias
-        bias = getattr(self.module, "bias", None)
-        return bias if isinstance(bias, torch.Tensor) else None
+        else:
+            bias = getattr(self.module, "bias", None)
+            if not isinstance(bias, torch.Tensor):
+                return None
+        if self.rows is not None:
+            start, stop, step = self.rows
+            return bias[start:stop:step]
+        if self.row_index is not None:
+            return bias[self._index(bias.device)]
+        return bias
 
     @property
     def shape(self) -> tuple[int, int]:
-        out_features, in_features = self.weight_matrix().shape
+        whole = self._whole(self.weight)  # a view: no part is copied to learn its shape
+        out_features, in_features = whole.shape
+        if self.rows is not None:
+            out_features = len(range(*self.rows)[: int(out_features)])
+        elif self.row_index is not None:
+            out_features = len(self.row_index)
         return int(out_features), int(in_features)
 
     @property
@@ -181,12 +239,33 @@ def iter_linear_layers(model: nn.Module) -> Iterator[LinearLayer]:
             if not name or isinstance(module, nn.Embedding):
                 continue
             if _is_linear(module):
-                yield LinearLayer(layer=index, name=name, module=module)
+                yield from _linear_matrices(index, name, module, family, model)
                 continue
             weight = module._parameters.get("weight")
             if weight is not None and weight.dim() == 2:
                 yield LinearLayer(layer=index, name=name, module=module)
             yield from _expert_matrices(index, name, module, family)
+
+
+def _linear_matrices(
+    index: int, name: str, module: nn.Module, family: Family, model: nn.Module
+) -> Iterator[LinearLayer]:
+    """A linear layer's matrix, or its parts where the family declares it fused."""
+    fused = family.fused.get(name)
+    whole = LinearLayer(layer=index, name=name, module=module)
+    parts = fused.part_rows(whole.shape[0], model.config) if fused is not None else []
+    if not parts:
+        yield whole
+        return
+    for part, rows, row_index in parts:
+        yield LinearLayer(
+            layer=index,
+            name=part,
+            module=module,
+            module_name=name,
+            rows=rows,
+            row_index=row_index,
+        )
 
 
 def _expert_matrices(
@@ -223,6 +302,7 @@ def _expert_matrices(
                     name=f"{name}.{expert}.{part}",
                     module=module,
                     parameter=parameter,
+                    module_name=name,
                     expert=expert,
                     rows=rows,
                     reads=declaration.reads,

@@ -19,6 +19,7 @@ from wandacli.core.errors import ModelError, first_line
 from wandacli.core.fingerprint import ModelFingerprint
 from wandacli.models.gguf import _quiet_transformers, ensure_converted_gguf
 from wandacli.models.layers import (
+    LinearLayer,
     decoder_layers_path,
     fingerprint_of,
     iter_linear_layers,
@@ -62,6 +63,7 @@ class ModelStructure:
     fingerprint: ModelFingerprint
     layers_path: str
     transposed: frozenset[str]  # keys of Conv1D layers (weights stored [in, out])
+    layers: list[LinearLayer]  # on the meta device: where each matrix sits in its parameter
 
 
 def model_structure(spec: ModelSpec) -> ModelStructure:
@@ -88,6 +90,7 @@ def model_structure(spec: ModelSpec) -> ModelStructure:
         fingerprint=fingerprint_of(layers, skeleton),
         layers_path=decoder_layers_path(skeleton),
         transposed=frozenset(lin.key for lin in layers if lin.transposed),
+        layers=layers,
     )
 
 

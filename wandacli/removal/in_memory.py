@@ -31,29 +31,31 @@ class WeightChanges:
 
     def zero(self, key: str, mask: np.ndarray) -> int:
         """Zero the masked entries of one weight ([out, in], True = pruned); returns how many."""
-        matrix = self.layers[key].weight_matrix()
+        lin = self.layers[key]
+        matrix = lin.weight_matrix()
         selector = torch.from_numpy(mask).to(matrix.device)
         with torch.no_grad():
             self._remember(key, selector, matrix[selector])
-            matrix[selector] = 0
+            lin.set_entries(selector, 0.0)
         return int(mask.sum())
 
     def copy_from(self, key: str, mask: np.ndarray, source: torch.Tensor) -> int:
         """Set the masked entries of one weight to `source`'s ([out, in], another model's
         weight: `--recover-from-base`); returns how many."""
-        matrix = self.layers[key].weight_matrix()
+        lin = self.layers[key]
+        matrix = lin.weight_matrix()
         selector = torch.from_numpy(mask).to(matrix.device)
         with torch.no_grad():
             self._remember(key, None, matrix.detach())
-            matrix[selector] = source.to(matrix.device, matrix.dtype)[selector]
+            lin.set_entries(selector, source.to(matrix.device, matrix.dtype)[selector])
         return int(mask.sum())
 
     def replace(self, key: str, new_matrix: torch.Tensor) -> None:
         """Set one weight ([out, in]) to `new_matrix`, rounded to the weight's dtype."""
-        matrix = self.layers[key].weight_matrix()
+        lin = self.layers[key]
         with torch.no_grad():
-            self._remember(key, None, matrix.detach())
-            matrix.copy_(new_matrix.to(device=matrix.device, dtype=matrix.dtype))
+            self._remember(key, None, lin.weight_matrix().detach())
+            lin.set_matrix(new_matrix)
 
     def replace_bias(self, key: str, new_bias: torch.Tensor) -> None:
         """Set one matrix's bias ([out]), rounded to the bias's dtype."""
@@ -92,11 +94,11 @@ class WeightChanges:
                     assert bias is not None
                     bias.copy_(saved)
                     continue
-                matrix = self.layers[key].weight_matrix()
+                lin = self.layers[key]
                 if index is None:
-                    matrix.copy_(saved)
+                    lin.set_matrix(saved)
                 else:
-                    matrix[index] = saved
+                    lin.set_entries(index, saved)
 
     def __enter__(self) -> WeightChanges:
         return self

@@ -161,11 +161,10 @@ def apply_mask(lin: Any, mask: np.ndarray, base: Any | None = None) -> None:
 
     weight = lin.weight_matrix()
     selector = torch.from_numpy(mask).to(weight.device)
-    with torch.no_grad():
-        if base is None:
-            weight[selector] = 0
-        else:
-            weight[selector] = base.weight_matrix().to(weight.device, weight.dtype)[selector]
+    if base is None:
+        lin.set_entries(selector, 0.0)
+    else:
+        lin.set_entries(selector, base.weight_matrix().to(weight.device, weight.dtype)[selector])
 
 
 def zero_fraction(loaded: Any) -> float:

@@ -18,6 +18,7 @@ from wandacli.core.durable import atomic_h5, check_free_space, expected_file_byt
 from wandacli.core.errors import ConfigError, interruptible
 from wandacli.core.memory import peak_rss_bytes
 from wandacli.core.provenance import now_iso, refuse_other_request, software_versions
+from wandacli.models.families import family_named
 from wandacli.removal.apply import check_save_model_target, save_model_with
 from wandacli.removal.content import apply_module_mask
 from wandacli.removal.in_memory import WeightChanges
@@ -178,6 +179,7 @@ class MaskRun(RequestRun):
         if request.save_model is None:
             structure = model_structure(request.model)
             self.sets.primary.check_model(structure.fingerprint, structure.source.model_id)
+            self.structure_layers = structure.layers
             return None
         loaded = load_model(request.model)
         self.sets.primary.check_model(loaded.fingerprint, loaded.model_id)
@@ -283,7 +285,9 @@ class MaskRun(RequestRun):
         """The reference's fine-tuning mask: {module name: bool tensor}, True = pruned when
         pruning highest, True = kept otherwise (its `get_mask`). With a model loaded, every
         module with a weight is listed, as the reference lists them; without, the decoder's
-        linear layers."""
+        matrices. An expert's or a fused part's mask goes into its place in the whole weight
+        (`<module>` for a fused weight, `<module>.<parameter>` for a 3-D expert parameter),
+        which needs the model's layout (--model)."""
         import torch
 
         request = self.request
@@ -294,26 +298,40 @@ class MaskRun(RequestRun):
             if loaded
             else self.sets.primary.meta["model"].get("layers_path") or "model.layers"
         )
-        exported: dict[str, torch.Tensor] = {}
+        known = loaded.linear_layers if loaded else getattr(self, "structure_layers", [])
+        layers = {lin.key: lin for lin in known}
+        pruned: dict[str, torch.Tensor] = {}  # module name → True = pruned, module layout
         with MaskFile(mask_path) as mask_file:
-            linear_names = {}
+            family = family_named(mask_file.fingerprint.family)
             for key in mask_file.keys:
                 layer, module = split_key(key)
-                linear_names[f"{layers_path}.{layer}.{module}"] = key
-            if loaded is not None:
-                for module_name, module in loaded.model.named_modules():
-                    weight = getattr(module, "weight", None)
-                    if module_name in linear_names or not isinstance(weight, torch.Tensor):
-                        continue
-                    unpruned = torch.zeros(weight.shape, dtype=torch.bool)
-                    exported[module_name] = unpruned if true_means_pruned else ~unpruned
-            for module_name, key in linear_names.items():
                 mask = torch.from_numpy(mask_file.read(key))
-                if loaded is not None:
-                    lin = next(lin for lin in loaded.linear_layers if lin.key == key)
-                    if lin.transposed:  # the module's own layout, as the reference saves it
-                        mask = mask.t().contiguous()
-                exported[module_name] = mask if true_means_pruned else ~mask
+                lin = layers.get(key)
+                if lin is None and family.has_parts(module):
+                    raise ConfigError(
+                        f"--export-mask needs --model for {module!r}: the mask of a fused or "
+                        "expert matrix is exported in its place in the module's whole weight"
+                    )
+                if lin is not None and lin.module_name is not None:
+                    name = f"{layers_path}.{layer}.{lin.module_name}"
+                    if lin.parameter != "weight":
+                        name += f".{lin.parameter}"
+                    if name not in pruned:
+                        pruned[name] = torch.zeros(lin.weight.shape, dtype=torch.bool)
+                    lin.place(pruned[name], mask)
+                    continue
+                if lin is not None and lin.transposed:
+                    mask = mask.t().contiguous()  # the module's own layout, as the reference
+                pruned[f"{layers_path}.{layer}.{module}"] = mask
+        exported: dict[str, torch.Tensor] = {}
+        if loaded is not None:
+            for module_name, module in loaded.model.named_modules():
+                weight = getattr(module, "weight", None)
+                if module_name not in pruned and isinstance(weight, torch.Tensor):
+                    pruned_nothing = torch.zeros(weight.shape, dtype=torch.bool)
+                    exported[module_name] = pruned_nothing if true_means_pruned else ~pruned_nothing
+        for name, mask in pruned.items():
+            exported[name] = mask if true_means_pruned else ~mask
         target = request.export_mask
         tmp = temporary_path(target)
         try:

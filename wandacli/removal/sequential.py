@@ -60,8 +60,7 @@ class SequentialMoments:
         """This layer's edit in place (`kind`'s formula), before the next is recorded."""
         matrix = lin.weight_matrix()
         new = kind.edited_weight(matrix, bases).to(matrix.dtype)
-        with torch.no_grad():
-            matrix.copy_(new)  # a view: the write reaches the module, in its own layout
+        lin.set_matrix(new)  # in the module's own layout
 
 
 def _calibration_of(statistics: RankStatistics, tokenizer: Any) -> Any:

@@ -5,7 +5,17 @@ from __future__ import annotations
 
 from typing import Any
 
-from wandacli.models.families import gemma, gemma2, gpt2, gpt_neox, llama, mixtral, olmo2, qwen_moe
+from wandacli.models.families import (
+    gemma,
+    gemma2,
+    gpt2,
+    gpt_neox,
+    llama,
+    mixtral,
+    olmo2,
+    phi3,
+    qwen_moe,
+)
 from wandacli.models.families.base import Family, generic_family
 
 FAMILIES: tuple[Family, ...] = (
@@ -14,6 +24,7 @@ FAMILIES: tuple[Family, ...] = (
     gemma2.FAMILY,
     olmo2.FAMILY,
     gpt_neox.FAMILY,
+    phi3.FAMILY,
     gpt2.FAMILY,
     mixtral.FAMILY,
     qwen_moe.FAMILY,

@@ -8,6 +8,10 @@ A family module (one per family, registered in `models/families/__init__.py`) sa
                   OLMo-2), with its weight convention (Gemma's RMSNorm scales by 1 + w)
     routers       the matrices that route tokens to experts: scored, left out of masks unless
                   asked (pruning a router row changes which experts a token reaches)
+    fused         a weight holding several matrices (Phi-3's qkv_proj and gate_up_proj,
+                  GPT-NeoX's query_key_value): scored, masked and edited per part, named as the
+                  parts' own modules would be, so that a fused model gets what the same weights
+                  unfused would get
     experts       how a 3-D expert parameter (transformers 5: [E, out, in]) splits into one
                   matrix per expert, and what each reads (the routed hidden states, or its
                   expert's intermediate activation)
@@ -20,6 +24,7 @@ output is as wide as the stream).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Any
@@ -73,6 +78,51 @@ GENERIC_WRITER_LEAVES = (
 )
 
 
+# A part of a fused weight: its name, and its rows as a slice (start, stop, step) or an index.
+PartRows = tuple[str, tuple[int, int, int] | None, tuple[int, ...] | None]
+
+
+@dataclass(frozen=True)
+class FusedMatrix:
+    """A weight holding several matrices, by rows: `parts` (their names in the decoder
+    layer) in order, each `sizes(config)` rows (equal shares where None), or, `per_head`,
+    interleaved head by head (GPT-NeoX: [q_h; k_h; v_h] for each head h)."""
+
+    parts: tuple[str, ...]
+    sizes: Callable[[Any], tuple[int, ...]] | None = None
+    per_head: bool = False
+
+    def part_rows(self, out_features: int, config: Any) -> list[PartRows]:
+        """Per part: its name, and its rows as a slice (start, stop, step) or an index."""
+        count = len(self.parts)
+        if self.per_head:
+            heads = int(config.num_attention_heads)
+            size = out_features // (heads * count)
+            return [
+                (
+                    name,
+                    None,
+                    tuple(
+                        row
+                        for head in range(heads)
+                        for row in range(
+                            (head * count + part) * size, (head * count + part + 1) * size
+                        )
+                    ),
+                )
+                for part, name in enumerate(self.parts)
+            ]
+        sizes = self.sizes(config) if self.sizes else (out_features // count,) * count
+        if sum(sizes) != out_features:
+            return []  # a layout this declaration does not describe: kept whole
+        found: list[PartRows] = []
+        start = 0
+        for name, size in zip(self.parts, sizes, strict=True):
+            found.append((name, (start, start + size, 1), None))
+            start += size
+        return found
+
+
 @dataclass(frozen=True)
 class Family:
     """One model family's architecture, as wandacli needs to know it."""
@@ -84,6 +134,7 @@ class Family:
     norms_after: dict[str, NormAfter] = field(default_factory=dict)  # writer pattern → norm
     routers: tuple[str, ...] = ()
     experts: tuple[ExpertParameter, ...] = GATED_EXPERTS
+    fused: dict[str, FusedMatrix] = field(default_factory=dict)  # matrix name → its parts
 
     def is_writer(self, name: str) -> bool:
         return any(fnmatchcase(name, pattern) for pattern in self.writers)
@@ -108,6 +159,17 @@ class Family:
 
     def router_keys(self, keys: list[str]) -> list[str]:
         return [key for key in keys if self.is_router(key.split("/", 1)[1])]
+
+    def has_parts(self, name: str) -> bool:
+        """Whether `name` is a part of a fused weight or an expert's matrix (no module of its
+        own: its weight is a share of another parameter)."""
+        if any(name in fused.parts for fused in self.fused.values()):
+            return True
+        pieces = name.split(".")
+        return len(pieces) >= 3 and pieces[-2].isdigit() and self.expert_part(pieces[-1])
+
+    def expert_part(self, leaf: str) -> bool:
+        return any(leaf in parameter.parts for parameter in self.experts)
 
     def expert_parameter(self, parameter: str) -> ExpertParameter | None:
         return next((p for p in self.experts if p.parameter == parameter), None)

@@ -231,10 +231,11 @@ def family_dir(request, tmp_path_factory, tokenizer):
     return request.param, save_model(model, tokenizer, directory)
 
 
-def test_score_prune_and_direction_from_the_cli(cli, family_dir, pairs_csv, tmp_path):
+def test_every_command_from_the_cli(cli, family_dir, pairs_csv, tmp_path):
     """wanda scores every matrix (each expert's with its own routed tokens), a ratio mask
-    leaves the routers alone by default, and a direction edit saved into a model leaves no r
-    in its stream."""
+    leaves the routers alone by default, wandg and compare cover every matrix, eval-attack
+    runs with the mask, a direction edit saved into a model leaves no r in its stream, and
+    eval-utility measures the edited model."""
     import json
 
     from tests.test_mean_activations import means_args
@@ -264,6 +265,21 @@ def test_score_prune_and_direction_from_the_cli(cli, family_dir, pairs_csv, tmp_
         pruned = {k for k in mask.keys if mask.read(k).any()}
     assert pruned == set(scores) - family_routers
 
+    gradients = cli(*score_args(directory, store, "--name", "g", method="wandg", data=pairs_csv))
+    assert gradients.exit_code == 0, gradients.stderr
+    compared = cli("compare", "w", "g", "--store", store, "--json", "--no-progress")
+    assert compared.exit_code == 0, compared.stderr
+    compared_keys = {
+        f"{row['layer']}/{row['module']}" for row in json.loads(compared.stdout)["rows"]
+    }
+    assert set(scores) <= compared_keys  # every matrix compared, experts' included
+
+    attacked = cli("eval-attack", "--model", directory, "--device", "cpu", "--mask", "m",
+                   "--store", store, "--prompts", "advbench", "--limit", "2",
+                   "--max-new-tokens", "4", "--samples", "1", "--out", tmp_path / "attack",
+                   "--json", "--no-progress")  # fmt: skip
+    assert attacked.exit_code == 0, attacked.stderr
+
     for data, name in ((pairs_csv, "harmful"), ("utility", "harmless")):
         made = cli(*means_args(directory, store, data, "--template", "chat", "--name", name))
         assert made.exit_code == 0, made.stderr
@@ -288,6 +304,12 @@ def test_score_prune_and_direction_from_the_cli(cli, family_dir, pairs_csv, tmp_
     for before, after in zip(dense_along, edited_along, strict=True):
         # float32 weights: the stream keeps rounding's share of r, far below the dense one
         assert after <= 1e-4 * before, (family, dense_along, edited_along)
+
+    utility = cli("eval-utility", "--model", directory, "--device", "cpu", "--mask", "d",
+                  "--store", store, "--seqlen", "64", "--limit-windows", "2",
+                  "--out", tmp_path / "utility", "--json", "--no-progress")  # fmt: skip
+    assert utility.exit_code == 0, utility.stderr
+    assert 1 < json.loads(utility.stdout)["perplexity"] < float("inf")
 
 
 def test_actsvd_refuses_experts_in_one_line(cli, tmp_path, tokenizer, pairs_csv):

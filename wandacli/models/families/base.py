@@ -130,7 +130,6 @@ class Family:
     name: str
     model_types: tuple[str, ...]  # transformers' `config.model_type` values
     writers: tuple[str, ...]  # fnmatch patterns over a matrix's name in its decoder layer
-    what: str  # one line for the README's table and `--help`: what is special here
     norms_after: dict[str, NormAfter] = field(default_factory=dict)  # writer pattern → norm
     routers: tuple[str, ...] = ()
     experts: tuple[ExpertParameter, ...] = GATED_EXPERTS
@@ -198,5 +197,4 @@ def generic_family() -> Family:
         name="generic",
         model_types=(),
         writers=tuple(p for leaf in GENERIC_WRITER_LEAVES for p in (leaf, f"*.{leaf}")),
-        what="a model of an undeclared family: writers by name (o_proj, down_proj, dense, ...)",
     )

@@ -7,5 +7,4 @@ FAMILY = Family(
     name="gemma",
     model_types=("gemma",),
     writers=("self_attn.o_proj", "mlp.down_proj"),
-    what="pre-norm (RMSNorm 1 + w); o_proj and down_proj write into the stream",
 )

@@ -12,5 +12,4 @@ FAMILY = Family(
         "self_attn.o_proj": NormAfter("post_attention_layernorm", offset=1.0),
         "mlp.down_proj": NormAfter("post_feedforward_layernorm", offset=1.0),
     },
-    what="a norm (1 + w) after each sublayer: writers orthogonal to normalise((1 + w) ⊙ r)",
 )

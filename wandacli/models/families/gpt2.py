@@ -7,5 +7,4 @@ FAMILY = Family(
     name="gpt2",
     model_types=("gpt2",),
     writers=("attn.c_proj", "mlp.c_proj"),
-    what="Conv1D (transposed) weights; writers with biases",
 )

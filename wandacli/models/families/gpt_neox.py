@@ -15,6 +15,4 @@ FAMILY = Family(
             ("attention.query", "attention.key", "attention.value"), per_head=True
         )
     },
-    what="parallel residual; writers with biases (projected); query_key_value per part, "
-    "head by head",
 )

@@ -7,5 +7,4 @@ FAMILY = Family(
     name="llama",
     model_types=("llama", "mistral", "qwen2", "qwen3", "granite", "smollm3"),
     writers=("self_attn.o_proj", "mlp.down_proj"),
-    what="pre-norm; o_proj and down_proj write into the stream",
 )

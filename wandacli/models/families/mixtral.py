@@ -9,5 +9,4 @@ FAMILY = Family(
     model_types=("mixtral", "minimax"),
     writers=("self_attn.o_proj", "mlp.experts.*.down_proj"),
     routers=("mlp.gate",),
-    what="routed experts (3-D), router mlp.gate; every expert's down_proj writes",
 )

@@ -11,5 +11,4 @@ FAMILY = Family(
         "self_attn.o_proj": NormAfter("post_attention_layernorm"),
         "mlp.down_proj": NormAfter("post_feedforward_layernorm"),
     },
-    what="a norm (w) after each sublayer: writers orthogonal to normalise(w ⊙ r)",
 )

@@ -24,5 +24,4 @@ FAMILY = Family(
         ),
         "mlp.gate_up_proj": FusedMatrix(("mlp.gate_proj", "mlp.up_proj")),
     },
-    what="fused qkv_proj and gate_up_proj, scored and edited per part (q, k, v; gate, up)",
 )

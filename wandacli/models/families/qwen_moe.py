@@ -8,5 +8,4 @@ FAMILY = Family(
     model_types=("qwen2_moe", "qwen3_moe"),
     writers=("self_attn.o_proj", "mlp.experts.*.down_proj", "mlp.shared_expert.down_proj"),
     routers=("mlp.gate", "mlp.shared_expert_gate"),
-    what="routed experts (3-D) and a shared expert; routers mlp.gate, mlp.shared_expert_gate",
 )

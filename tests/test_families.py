@@ -312,16 +312,83 @@ def test_every_command_from_the_cli(cli, family_dir, pairs_csv, tmp_path):
     assert 1 < json.loads(utility.stdout)["perplexity"] < float("inf")
 
 
-def test_actsvd_refuses_experts_in_one_line(cli, tmp_path, tokenizer, pairs_csv):
+@pytest.mark.parametrize("family", MIXTURES)
+def test_the_experts_actsvd_moments_are_over_their_routed_tokens(family):
+    """Each expert's C = (1/N_e) Σ x xᵀ over the counted tokens routed to it: its gate and up
+    projections share the routed hidden states' C, its down projection has its
+    intermediate activation's."""
+    from wandacli.methods.actsvd import SecondMoments, shared_inputs
+
+    model = build_family_model(family, VOCAB)
+    layers = list(iter_linear_layers(model))
+    owners = shared_inputs(model, layers, torch.device("cpu"))
+    assert owners["0/mlp.experts.2.up_proj"] == "0/mlp.experts.2.gate_proj"
+    assert owners["0/mlp.experts.2.down_proj"] == "0/mlp.experts.2.down_proj"
+    ids = torch.randint(3, VOCAB, (1, 16), generator=torch.Generator().manual_seed(9))
+    counted = torch.ones(1, 16, dtype=torch.bool)
+    counted[0, :4] = False
+    moments = SecondMoments(layers, owners, stop_early=False)
+    with moments.recording():
+        moments.observe(model, ids, counted)
+    seen = {}
+    hooks = [
+        layer.mlp.gate.register_forward_pre_hook(
+            lambda module, args, i=i: seen.__setitem__(i, args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for i, layer in enumerate(decoder_layers(model))
+    ]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    for index, layer in enumerate(decoder_layers(model)):
+        with torch.no_grad():
+            _, _, chosen = layer.mlp.gate(seen[index])
+            experts = layer.mlp.experts
+            for expert in range(experts.num_experts):
+                routed = (chosen == expert).any(dim=-1) & counted.reshape(-1)
+                if not routed.any():
+                    continue
+                x = seen[index][routed].double()
+                gate, up = torch.nn.functional.linear(
+                    x, experts.gate_up_proj[expert].double()
+                ).chunk(2, -1)
+                h = experts.act_fn(gate) * up
+                for part, inputs in (("up_proj", x), ("down_proj", h)):
+                    got = moments.second_moment(f"{index}/mlp.experts.{expert}.{part}")
+                    expected = inputs.T @ inputs / inputs.shape[0]
+                    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_rank_edits_reach_every_expert_from_the_cli(cli, tmp_path, tokenizer, pairs_csv):
     from tests.conftest import save_model
-    from tests.test_score_cli import assert_one_line_error, score_args
+    from tests.test_score_cli import score_args
+    from wandacli.config.settings import ModelSpec
+    from wandacli.evaluation.under_test import load_model_under_test
+    from wandacli.models.loader import load_model
 
     directory = save_model(build_family_model("mixtral", len(tokenizer)), tokenizer, tmp_path / "m")
     store = tmp_path / "store"
-    result = cli(*score_args(directory, store, method="actsvd", data=pairs_csv))
-    assert_one_line_error(result, "actsvd does not compute rank statistics for a mixture")
-    assert "wanda, wandg, magnitude or random" in result.stderr
-    assert not (store / "scores").exists() or not list((store / "scores").glob("*.h5"))
+    made = cli(*score_args(directory, store, "--name", "a", method="actsvd", data=pairs_csv))
+    assert made.exit_code == 0, made.stderr
+    edit = cli("prune", "--store", store, "--scores", "a", "--remove-top-ranks", "2",
+               "--name", "e", "--model", directory, "--no-progress")  # fmt: skip
+    assert edit.exit_code == 0, edit.stderr
+    spec = ModelSpec(model=str(directory), device="cpu")
+    dense = {lin.key: lin.weight_matrix().detach() for lin in load_model(spec).linear_layers}
+    edited = load_model_under_test(spec, "e", store).loaded
+    changed = {
+        lin.key
+        for lin in edited.linear_layers
+        if not torch.equal(lin.weight_matrix().detach(), dense[lin.key])
+    }
+    from wandacli.store.files import open_finished_scores
+
+    with open_finished_scores(store / "scores" / "a.h5") as statistics:
+        unrouted = {k for k in statistics.keys if not statistics.read(k).any()}
+    experts = {k for k in dense if ".experts." in k}
+    # Every expert's matrices lose their top directions; one no token reached is left alone.
+    assert experts - unrouted <= changed and not (unrouted & changed)
 
 
 def test_a_tokenizer_larger_than_the_embedding_is_refused(cli, tmp_path, tokenizer):

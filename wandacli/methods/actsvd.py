@@ -9,10 +9,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from wandacli.core.errors import ConfigError
 from wandacli.data.calibration import CalibrationSet
 from wandacli.methods.base import RunContext
 from wandacli.methods.groups import LayerGroupMethod
+from wandacli.models.experts import Observer, observing_experts
+from wandacli.models.families.base import READS_HIDDEN, READS_INTERMEDIATE
 from wandacli.models.layers import LinearLayer
 from wandacli.models.pretrained import LoadedModel, accepts_logits_to_keep
 from wandacli.store.assemble import LayerArray, LayerLink
@@ -32,17 +33,10 @@ class ActSvdMethod(LayerGroupMethod):
         super().__init__(run)
         self.owners: dict[str, str] = {}
         self.counted_tokens = 0
+        self.has_experts = False
 
     def _owners(self, loaded: LoadedModel) -> dict[str, str]:
-        experts = [lin for lin in loaded.linear_layers if lin.is_expert]
-        if experts:
-            # Per expert, C would be over the tokens routed to it, d_in² each: Mixtral-8x7B's
-            # down projections alone would hold 256 × 14336² floats (210 GB in float32).
-            raise ConfigError(
-                f"actsvd does not compute rank statistics for a mixture of experts' "
-                f"{len(experts)} expert matrices (first: layer {experts[0].layer} "
-                f"{experts[0].name}): score this model with wanda, wandg, magnitude or random"
-            )
+        self.has_experts = any(lin.is_expert for lin in loaded.linear_layers)
         if not self.owners:
             self.owners = shared_inputs(loaded.model, loaded.linear_layers, loaded.input_device)
         return self.owners
@@ -51,6 +45,9 @@ class ActSvdMethod(LayerGroupMethod):
         return super().meta() | {
             "shared_inputs": {k: v for k, v in self.owners.items() if k != v},
             "counted_tokens": self.counted_tokens,
+            "experts": "each expert's C over the counted tokens routed to it"
+            if self.has_experts
+            else None,
         }
 
     def array_bytes(self, loaded: LoadedModel) -> int:
@@ -131,12 +128,20 @@ class _GroupDone(Exception):
 
 
 def shared_inputs(model: Any, layers: list[LinearLayer], device: Any) -> dict[str, str]:
-    """Which linear layers read the same input tensor (q/k/v, gate/up, ...): key → the key of the
-    first layer, in model order, that reads it. Found with one forward pass over two tokens, so
-    it holds for any architecture the loader knows."""
+    """Which matrices read the same input tensor (q/k/v, gate/up, ...): key → the key of the
+    first matrix, in model order, that reads it. Found with one forward pass over two tokens,
+    so it holds for any architecture the loader knows; an expert's matrices that read the
+    same input (its gate and up projections) share their first one's."""
     first_reader: dict[int, str] = {}
     owner: dict[str, str] = {}
     seen: list[torch.Tensor] = []  # held so that no id is reused during the pass
+    first_expert_reader: dict[tuple[int, int, str | None], str] = {}
+    for lin in layers:
+        if lin.is_expert:
+            assert lin.expert is not None
+            reader = (id(lin.module), lin.expert, lin.reads)
+            owner[lin.key] = first_expert_reader.setdefault(reader, lin.key)
+    hooked = [lin for lin in layers if not lin.is_expert]
 
     def hook(key: str) -> Any:
         def pre_hook(module: torch.nn.Module, args: tuple[Any, ...]) -> None:
@@ -146,7 +151,7 @@ def shared_inputs(model: Any, layers: list[LinearLayer], device: Any) -> dict[st
 
         return pre_hook
 
-    handles = [lin.module.register_forward_pre_hook(hook(lin.key)) for lin in layers]
+    handles = [lin.module.register_forward_pre_hook(hook(lin.key)) for lin in hooked]
     try:
         with torch.no_grad():
             extra = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
@@ -174,6 +179,8 @@ class SecondMoments:
     """
 
     TOKENS_KEY = "counted_tokens"
+    # An expert's C is over the tokens routed to it: its count beside it, per reading owner.
+    EXPERT_TOKENS = "counted_tokens_of"
     # Samples per float32 block: ≤ 8 sequences of terms in float32 (relative error ~1e-6),
     # the d_in² conversion to float64 paid once per 8 samples.
     FLUSH_EVERY = 8
@@ -191,6 +198,9 @@ class SecondMoments:
             for lin in self.readers
         }
         self.sums[self.TOKENS_KEY] = torch.zeros(1, dtype=torch.float64)
+        self.expert_readers = [lin for lin in self.readers if lin.is_expert]
+        for lin in self.expert_readers:
+            self.sums[self.tokens_key(lin.key)] = torch.zeros(1, dtype=torch.float64)
         self._blocks = {
             lin.key: torch.zeros(
                 (lin.shape[1], lin.shape[1]), dtype=torch.float32, device=lin.weight.device
@@ -199,7 +209,14 @@ class SecondMoments:
         }
         self._pending = 0  # samples in the float32 blocks
         self._counted: torch.Tensor | None = None
-        self._last_key = self.readers[-1].key if stop_early and self.readers else None
+        # The forward pass stops at the group's last hooked input (an expert's are observed
+        # inside the experts, in no fixed order: a group ending in experts runs to the end).
+        last = self.readers[-1] if self.readers else None
+        self._last_key = last.key if stop_early and last and not last.is_expert else None
+
+    @classmethod
+    def tokens_key(cls, key: str) -> str:
+        return f"{cls.EXPERT_TOKENS}/{key}"
 
     def load(self, sums: dict[str, torch.Tensor]) -> None:
         for key, value in sums.items():
@@ -234,13 +251,49 @@ class SecondMoments:
 
         return pre_hook
 
+    def _expert_observers(self) -> dict[torch.nn.Module, Observer]:
+        """Per experts module, what adds each expert's routed inputs to its blocks."""
+        by_module: dict[torch.nn.Module, dict[tuple[int, str], str]] = {}
+        for lin in self.expert_readers:
+            assert lin.expert is not None and lin.reads is not None
+            by_module.setdefault(lin.module, {})[(lin.expert, lin.reads)] = lin.key
+
+        def observer_of(readers: dict[tuple[int, str], str]) -> Observer:
+            def observe(
+                module: torch.nn.Module,
+                expert: int,
+                token_index: torch.Tensor,
+                hidden: torch.Tensor,
+                intermediate: torch.Tensor,
+            ) -> None:
+                counted = None
+                if self._counted is not None:
+                    counted = self._counted.to(token_index.device)[token_index]
+                for reads, inputs in ((READS_HIDDEN, hidden), (READS_INTERMEDIATE, intermediate)):
+                    key = readers.get((expert, reads))
+                    if key is None:
+                        continue
+                    flat = inputs.detach()
+                    if counted is not None:
+                        flat = flat[counted]
+                    block = self._blocks[key]
+                    add_upper_second_moment(block, flat.to(block.device))
+                    self.sums[self.tokens_key(key)] += flat.shape[0]
+
+            return observe
+
+        return {module: observer_of(readers) for module, readers in by_module.items()}
+
     @contextmanager
     def recording(self) -> Iterator[None]:
         handles = [
-            lin.module.register_forward_pre_hook(self._hook(lin.key)) for lin in self.readers
+            lin.module.register_forward_pre_hook(self._hook(lin.key))
+            for lin in self.readers
+            if not lin.is_expert
         ]
         try:
-            yield
+            with observing_experts(self._expert_observers()):
+                yield
         finally:
             for handle in handles:
                 handle.remove()
@@ -263,9 +316,13 @@ class SecondMoments:
             self.flush()
 
     def second_moment(self, key: str) -> torch.Tensor:
-        """C = (1/N) Σ x xᵀ for the input layer `key` reads (float64)."""
+        """C = (1/N) Σ x xᵀ for the input layer `key` reads (float64); an expert's over the
+        N tokens routed to it."""
         self.flush()
-        return self.sums[self.owners[key]] / max(self.tokens, 1)
+        owner = self.owners[key]
+        tokens_key = self.tokens_key(owner)
+        tokens = int(self.sums[tokens_key].item()) if tokens_key in self.sums else self.tokens
+        return self.sums[owner] / max(tokens, 1)
 
 
 # XᵀX is symmetric: it is accumulated by row blocks from the diagonal rightwards, 5/8 of the

@@ -32,10 +32,16 @@ def output_eigenbasis(weight: torch.Tensor, second_moment: torch.Tensor) -> torc
     When d_out > d_in (gate/up projections), W C Wᵀ has rank ≤ d_in: with C = L Lᵀ and
     B = W L, the eigenvectors of B Bᵀ are B u / σ for the eigenpairs (σ², u) of the d_in-sized
     BᵀB, so the smaller problem is solved and mapped back.
+
+    A matrix no data reached (C = 0: an expert no counted token was routed to) has no output
+    directions: [d_out, 0], and every rank edit leaves it as it is, where any basis of the
+    zero matrix's eigenvectors would remove arbitrary directions.
     """
     w = weight.detach().to(torch.float64)
     c = second_moment.detach().to(device=w.device, dtype=torch.float64)
     d_out, d_in = w.shape
+    if not bool(torch.any(c != 0)):
+        return w.new_zeros((d_out, 0))
     if d_out <= d_in:
         m = w @ c @ w.T
         m = (m + m.T) / 2  # exactly symmetric: eigh reads one triangle

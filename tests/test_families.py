@@ -143,6 +143,24 @@ def test_masks_zero_exactly_what_they_say(family_model):
         model.load_state_dict(original)
 
 
+def router_inputs(model, ids) -> dict[int, torch.Tensor]:
+    """Per decoder layer, the hidden states its router reads ([tokens, d])."""
+    seen = {}
+    hooks = [
+        layer.mlp.gate.register_forward_pre_hook(
+            lambda module, args, i=i: seen.__setitem__(i, args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for i, layer in enumerate(decoder_layers(model))
+    ]
+    try:
+        with torch.no_grad():
+            model(input_ids=ids, use_cache=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return seen
+
+
 @pytest.mark.parametrize("family", MIXTURES)
 def test_the_experts_wanda_statistics_are_their_routed_inputs(family):
     """Each expert's gate/up sums are the squared routed hidden states, its down sums the
@@ -159,17 +177,7 @@ def test_the_experts_wanda_statistics_are_their_routed_inputs(family):
     with statistics.recording():
         statistics.observe(model, ids, counted)
     # The reference: the router's input, its choices, each expert's computation by hand.
-    seen = {}
-    hooks = [
-        layer.mlp.gate.register_forward_pre_hook(
-            lambda module, args, i=i: seen.__setitem__(i, args[0].reshape(-1, args[0].shape[-1]))
-        )
-        for i, layer in enumerate(decoder_layers(model))
-    ]
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
-    for hook in hooks:
-        hook.remove()
+    seen = router_inputs(model, ids)
     keep = counted.reshape(-1)
     for index, layer in enumerate(decoder_layers(model)):
         hidden = seen[index]
@@ -330,17 +338,7 @@ def test_the_experts_actsvd_moments_are_over_their_routed_tokens(family):
     moments = SecondMoments(layers, owners, stop_early=False)
     with moments.recording():
         moments.observe(model, ids, counted)
-    seen = {}
-    hooks = [
-        layer.mlp.gate.register_forward_pre_hook(
-            lambda module, args, i=i: seen.__setitem__(i, args[0].reshape(-1, args[0].shape[-1]))
-        )
-        for i, layer in enumerate(decoder_layers(model))
-    ]
-    with torch.no_grad():
-        model(input_ids=ids, use_cache=False)
-    for hook in hooks:
-        hook.remove()
+    seen = router_inputs(model, ids)
     for index, layer in enumerate(decoder_layers(model)):
         with torch.no_grad():
             _, _, chosen = layer.mlp.gate(seen[index])

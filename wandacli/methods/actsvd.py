@@ -12,8 +12,7 @@ import torch
 from wandacli.data.calibration import CalibrationSet
 from wandacli.methods.base import RunContext
 from wandacli.methods.groups import LayerGroupMethod
-from wandacli.models.experts import Observer, observing_experts
-from wandacli.models.families.base import READS_HIDDEN, READS_INTERMEDIATE
+from wandacli.models.experts import observing_expert_inputs
 from wandacli.models.layers import LinearLayer
 from wandacli.models.pretrained import LoadedModel, accepts_logits_to_keep
 from wandacli.store.assemble import LayerArray, LayerLink
@@ -251,38 +250,11 @@ class SecondMoments:
 
         return pre_hook
 
-    def _expert_observers(self) -> dict[torch.nn.Module, Observer]:
-        """Per experts module, what adds each expert's routed inputs to its blocks."""
-        by_module: dict[torch.nn.Module, dict[tuple[int, str], str]] = {}
-        for lin in self.expert_readers:
-            assert lin.expert is not None and lin.reads is not None
-            by_module.setdefault(lin.module, {})[(lin.expert, lin.reads)] = lin.key
-
-        def observer_of(readers: dict[tuple[int, str], str]) -> Observer:
-            def observe(
-                module: torch.nn.Module,
-                expert: int,
-                token_index: torch.Tensor,
-                hidden: torch.Tensor,
-                intermediate: torch.Tensor,
-            ) -> None:
-                counted = None
-                if self._counted is not None:
-                    counted = self._counted.to(token_index.device)[token_index]
-                for reads, inputs in ((READS_HIDDEN, hidden), (READS_INTERMEDIATE, intermediate)):
-                    key = readers.get((expert, reads))
-                    if key is None:
-                        continue
-                    flat = inputs.detach()
-                    if counted is not None:
-                        flat = flat[counted]
-                    block = self._blocks[key]
-                    add_upper_second_moment(block, flat.to(block.device))
-                    self.sums[self.tokens_key(key)] += flat.shape[0]
-
-            return observe
-
-        return {module: observer_of(readers) for module, readers in by_module.items()}
+    def _add_expert_inputs(self, keys: list[str], inputs: torch.Tensor) -> None:
+        for key in keys:  # one owner per expert input (shared_inputs)
+            block = self._blocks[key]
+            add_upper_second_moment(block, inputs.to(block.device))
+            self.sums[self.tokens_key(key)] += inputs.shape[0]
 
     @contextmanager
     def recording(self) -> Iterator[None]:
@@ -292,7 +264,9 @@ class SecondMoments:
             if not lin.is_expert
         ]
         try:
-            with observing_experts(self._expert_observers()):
+            with observing_expert_inputs(
+                self.expert_readers, self._add_expert_inputs, lambda: self._counted
+            ):
                 yield
         finally:
             for handle in handles:

@@ -10,8 +10,7 @@ import torch
 
 from wandacli.data.calibration import CalibrationSet
 from wandacli.methods.base import RunContext, ScoreMethod
-from wandacli.models.experts import Observer, observing_experts
-from wandacli.models.families.base import READS_HIDDEN, READS_INTERMEDIATE
+from wandacli.models.experts import observing_expert_inputs
 from wandacli.models.layers import LinearLayer
 from wandacli.models.pretrained import LoadedModel, accepts_logits_to_keep
 from wandacli.store.assemble import LayerArray, LayerLink
@@ -144,48 +143,20 @@ class ActivationStatistics:
         hooked = [lin for lin in self.layers if not lin.is_expert]
         handles = [lin.module.register_forward_pre_hook(self._hook(lin.key)) for lin in hooked]
         try:
-            with observing_experts(self._expert_observers()):
+            with observing_expert_inputs(
+                self.layers, self._add_expert_inputs, lambda: self._counted
+            ):
                 yield
         finally:
             for handle in handles:
                 handle.remove()
             self._last_input = self._last_sum = None
 
-    def _expert_observers(self) -> dict[torch.nn.Module, Observer]:
-        """Per experts module, what adds each expert's squared inputs to its matrices' sums."""
-        by_module: dict[torch.nn.Module, dict[tuple[int, str], list[str]]] = {}
-        for lin in self.layers:
-            if lin.is_expert:
-                assert lin.expert is not None and lin.reads is not None
-                readers = by_module.setdefault(lin.module, {})
-                readers.setdefault((lin.expert, lin.reads), []).append(lin.key)
-
-        def observer_of(readers: dict[tuple[int, str], list[str]]) -> Observer:
-            def observe(
-                module: torch.nn.Module,
-                expert: int,
-                token_index: torch.Tensor,
-                hidden: torch.Tensor,
-                intermediate: torch.Tensor,
-            ) -> None:
-                counted = None
-                if self._counted is not None:
-                    counted = self._counted.to(token_index.device)[token_index]
-                for reads, inputs in ((READS_HIDDEN, hidden), (READS_INTERMEDIATE, intermediate)):
-                    keys = readers.get((expert, reads), [])
-                    if not keys:
-                        continue
-                    flat = inputs.detach()
-                    if counted is not None:
-                        flat = flat[counted]
-                    flat = flat.float()
-                    squares = (flat * flat).sum(dim=0)
-                    for key in keys:
-                        self.sums[key].add_(squares.to(self.sums[key].device))
-
-            return observe
-
-        return {module: observer_of(readers) for module, readers in by_module.items()}
+    def _add_expert_inputs(self, keys: list[str], inputs: torch.Tensor) -> None:
+        flat = inputs.float()
+        squares = (flat * flat).sum(dim=0)
+        for key in keys:
+            self.sums[key].add_(squares.to(self.sums[key].device))
 
     def observe(self, model: Any, input_ids: torch.Tensor, counted: torch.Tensor | None) -> None:
         """One forward pass over one sample; `counted` ([1, T] bool) selects the tokens that count."""

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from wandacli.core.errors import ModelError
+from wandacli.models.families.base import READS_HIDDEN, READS_INTERMEDIATE
 
 OBSERVING = "wandacli_observing"
 
@@ -114,3 +115,44 @@ def observing_experts(observers: dict[nn.Module, Observer]) -> Iterator[None]:
         for module, config in saved.items():
             setattr(module, "config", config)  # noqa: B010
             _OBSERVERS.pop(id(module), None)
+
+
+# What a method does with the inputs an expert's matrices read: the keys of the matrices that
+# read them (an expert's gate and up projections read the same) and the inputs, counted tokens
+# only, [n, d_in].
+ExpertInputs = Callable[[list[str], torch.Tensor], None]
+
+
+@contextlib.contextmanager
+def observing_expert_inputs(
+    layers: list[Any], record: ExpertInputs, counted: Callable[[], torch.Tensor | None]
+) -> Iterator[None]:
+    """While the block runs, every expert's matrices among `layers` (models/layers.LinearLayer)
+    hand `record` the inputs they read: the routed hidden states, or the expert's
+    intermediate activation, keeping the tokens `counted()` ([T] bool, None: all) selects."""
+    by_module: dict[nn.Module, dict[tuple[int, str], list[str]]] = {}
+    for lin in layers:
+        if lin.is_expert:
+            readers = by_module.setdefault(lin.module, {})
+            readers.setdefault((lin.expert, lin.reads), []).append(lin.key)
+
+    def observer_of(readers: dict[tuple[int, str], list[str]]) -> Observer:
+        def observe(
+            module: nn.Module,
+            expert: int,
+            token_index: torch.Tensor,
+            hidden: torch.Tensor,
+            intermediate: torch.Tensor,
+        ) -> None:
+            chosen = counted()
+            kept = chosen.to(token_index.device)[token_index] if chosen is not None else None
+            for reads, inputs in ((READS_HIDDEN, hidden), (READS_INTERMEDIATE, intermediate)):
+                keys = readers.get((expert, reads))
+                if keys:
+                    flat = inputs.detach()
+                    record(keys, flat[kept] if kept is not None else flat)
+
+        return observe
+
+    with observing_experts({m: observer_of(r) for m, r in by_module.items()}):
+        yield

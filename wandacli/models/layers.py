@@ -12,18 +12,7 @@ from torch import nn
 from wandacli.core.errors import ModelError
 from wandacli.core.fingerprint import ModelFingerprint
 from wandacli.models.families import family_of_model
-from wandacli.models.families.base import Family
-
-# Where decoder layers live in the architectures we know, tried in order; anything else falls
-# back to a search for a ModuleList as long as the config's layer count.
-LAYER_CONTAINER_PATHS = (
-    "model.layers",  # Llama, Mistral, Qwen2, Gemma, Phi-3, ...
-    "model.language_model.layers",  # multimodal wrappers around a Llama-style decoder
-    "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom
-    "model.decoder.layers",  # OPT
-    "gpt_neox.layers",  # GPT-NeoX, Pythia
-    "transformer.layers",
-)
+from wandacli.models.families.base import GENERIC_LAYER_PATHS, Family
 
 
 @dataclass(frozen=True)
@@ -198,8 +187,9 @@ def _is_linear(module: nn.Module) -> bool:
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder layers, for any common architecture."""
-    for path in LAYER_CONTAINER_PATHS:
+    """The model's stack of decoder layers: where its family keeps them, else where common
+    architectures do, else the ModuleList as long as the config's layer count."""
+    for path in (family_of_model(model).layers_path, *GENERIC_LAYER_PATHS):
         with contextlib.suppress(AttributeError):
             candidate = model.get_submodule(path)
             if isinstance(candidate, nn.ModuleList) and len(candidate) > 0:
@@ -215,8 +205,9 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
         if isinstance(module, nn.ModuleList) and expected is not None and len(module) == expected:
             return module
     raise ModelError(
-        f"cannot find the decoder layers of {type(model).__name__}: wandacli knows Llama, "
-        "Mistral, Qwen2, Gemma, GPT-2, OPT and GPT-NeoX layouts; please report this architecture"
+        f"cannot find the decoder layers of {type(model).__name__} (tried "
+        f"{', '.join(GENERIC_LAYER_PATHS)}): add its family in wandacli/models/families/, or "
+        "please report this architecture"
     )
 
 

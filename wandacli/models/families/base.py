@@ -62,6 +62,18 @@ GATED_EXPERTS = (
     ExpertParameter("down_proj", ("down_proj",), READS_INTERMEDIATE),
 )
 
+# Where decoder layers live in common architectures, tried in order after the family's own
+# path (wrappers and undeclared families); models/layers.py then falls back to a search for a
+# ModuleList as long as the config's layer count.
+GENERIC_LAYER_PATHS = (
+    "model.layers",  # Llama-like decoders
+    "model.language_model.layers",  # multimodal wrappers around a Llama-style decoder
+    "transformer.h",  # GPT-2, GPT-J, Falcon, Bloom
+    "model.decoder.layers",  # OPT
+    "gpt_neox.layers",  # GPT-NeoX, Pythia
+    "transformer.layers",
+)
+
 # The leaf names of residual writers across the architectures wandacli has met, for models of
 # an undeclared family: Llama-like (o_proj, down_proj), GPT-2 (c_proj), GPT-NeoX (dense,
 # dense_4h_to_h), OPT (out_proj, fc2), T5-like (o, wo), Mixtral in transformers 4 (w2).
@@ -134,6 +146,7 @@ class Family:
     routers: tuple[str, ...] = ()
     experts: tuple[ExpertParameter, ...] = GATED_EXPERTS
     fused: dict[str, FusedMatrix] = field(default_factory=dict)  # matrix name → its parts
+    layers_path: str = "model.layers"  # the decoder layers' module path in the model
 
     def is_writer(self, name: str) -> bool:
         return any(fnmatchcase(name, pattern) for pattern in self.writers)

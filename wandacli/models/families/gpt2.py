@@ -7,4 +7,5 @@ FAMILY = Family(
     name="gpt2",
     model_types=("gpt2",),
     writers=("attn.c_proj", "mlp.c_proj"),
+    layers_path="transformer.h",
 )

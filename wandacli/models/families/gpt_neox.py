@@ -8,6 +8,7 @@ FAMILY = Family(
     name="gpt_neox",
     model_types=("gpt_neox",),
     writers=("attention.dense", "mlp.dense_4h_to_h"),
+    layers_path="gpt_neox.layers",
     # query_key_value [3 · heads · head_size, d] holds, head by head, that head's query, key
     # and value rows (its forward views the output as [..., heads, 3 · head_size]).
     fused={

@@ -242,8 +242,9 @@ def family_dir(request, tmp_path_factory, tokenizer):
 def test_every_command_from_the_cli(cli, family_dir, pairs_csv, tmp_path):
     """wanda scores every matrix (each expert's with its own routed tokens), a ratio mask
     leaves the routers alone by default, wandg and compare cover every matrix, eval-attack
-    runs with the mask, a direction edit saved into a model leaves no r in its stream, and
-    eval-utility measures the edited model."""
+    runs with the mask, a direction edit saved into a model leaves no r in its stream, a
+    search over the direction's layer runs its trials, and eval-utility measures the edited
+    model."""
     import json
 
     from tests.test_mean_activations import means_args
@@ -312,6 +313,15 @@ def test_every_command_from_the_cli(cli, family_dir, pairs_csv, tmp_path):
     for before, after in zip(dense_along, edited_along, strict=True):
         # float32 weights: the stream keeps rounding's share of r, far below the dense one
         assert after <= 1e-4 * before, (family, dense_along, edited_along)
+
+    from tests.test_search import QUICK
+
+    searched = cli("search", "--model", directory, "--store", store, "--name", "s",
+                   "--scores", "harmful", "--utility-scores", "harmless",
+                   "--direction-layer", "0:2", "--trials", "2", "--no-control", "--json",
+                   *QUICK)  # fmt: skip
+    assert searched.exit_code == 0, searched.stderr
+    assert len(json.loads(searched.stdout)["trials"]) == 2
 
     utility = cli("eval-utility", "--model", directory, "--device", "cpu", "--mask", "d",
                   "--store", store, "--seqlen", "64", "--limit-windows", "2",

@@ -585,3 +585,11 @@ def test_compare_a_direction_with_rank_statistics(cli, means_store, tiny_llama_d
     assert set(values) == set(writer_keys(loaded.fingerprint, r.numel()))
     no_model = cli("compare", "c", "actsvd-h", "--store", means_store)
     assert_one_line_error(no_model, "needs --model")
+
+
+def test_layer_zero_is_explained_not_blamed_on_the_prompts(cli, means_store):
+    from tests.test_score_cli import assert_one_line_error
+
+    result = direction_edit(cli, means_store, "--direction-layer", "0")
+    assert_one_line_error(result, "--direction-layer 0 is the embeddings' output",
+                          "choose a layer of 1 or more")  # fmt: skip

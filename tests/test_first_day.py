@@ -64,3 +64,88 @@ def test_the_markdown_names_the_settings_as_the_terminal_does(cli, tmp_path):
     header = next(line for line in document.read_text().splitlines() if "model under test" in line)
     assert all(name in header for name in ("Vanilla", "Adv-Dec", "Adv-Suffix"))
     assert "ASR_" not in header
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad model files: one line each, nothing announced before the refusal (issue #32)
+
+
+def test_a_config_field_of_the_wrong_type_is_one_line(cli, tiny_llama_dir, tmp_path):
+    import shutil
+
+    directory = tmp_path / "bad-config"
+    shutil.copytree(tiny_llama_dir, directory)
+    config = json.loads((directory / "config.json").read_text())
+    config["num_attention_heads"] = "four"
+    (directory / "config.json").write_text(json.dumps(config))
+    result = cli(*score_args(directory, tmp_path / "store", method="magnitude"))
+    assert_one_line_error(result, "cannot load model", "num_attention_heads")
+
+
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        (b"GGUF\x03\x00\x00\x00" + bytes(range(256)) * 2, "damaged or truncated GGUF"),
+        (bytes(range(256)) * 2, "is not a GGUF file"),
+    ],
+)
+def test_a_damaged_gguf_is_refused_before_any_conversion(cli, tmp_path, monkeypatch, content,
+                                                        says):  # fmt: skip
+    monkeypatch.setenv("WANDACLI_CACHE_DIR", str(tmp_path / "cache"))
+    gguf = tmp_path / "model.gguf"
+    gguf.write_bytes(content)
+    result = cli(*score_args(gguf, tmp_path / "store", method="magnitude"))
+    assert_one_line_error(result, says)
+    assert "converting" not in result.stderr
+
+
+def test_report_outputs_that_cannot_be_written_are_one_line(cli, tmp_path):
+    results = tmp_path / "results"
+    write_result(results, "dense", method="dense", sparsity=0.0, asr={"inst_basic": 0.1}, ppl=9.0)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    plots = cli("report", str(results), "--plots", str(blocker / "figures"))
+    assert_one_line_error(plots, "--plots directory", "is not writable")
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    markdown = cli("report", str(results), "--markdown", str(folder))
+    assert_one_line_error(markdown, "--markdown", "is a directory", "report.md")
+
+
+# ---------------------------------------------------------------------------------------------
+# Messages that used to mislead (issue #32)
+
+
+def test_a_rank_edit_from_a_wanda_set_names_the_set_not_the_model(cli, scored_store):
+    result = prune(cli, scored_store, "--scores", "safety", "--remove-top-ranks", "2")
+    assert_one_line_error(result, "safety is a score set, not rank statistics", "actsvd")
+
+
+def test_a_store_that_does_not_exist_is_named_as_such(cli, tmp_path):
+    result = prune(cli, tmp_path / "nowhere", "--scores", "safety", "--sparsity-ratio", "0.5")
+    assert_one_line_error(result, f"the store {tmp_path / 'nowhere'} does not exist", "--store")
+
+
+def test_an_output_under_a_file_says_it_is_a_file(cli, scored_store, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    result = cli("compare", "safety", "safety", "--store", str(scored_store), "--csv",
+                 str(blocker / "x.csv"), "--no-progress")  # fmt: skip
+    assert_one_line_error(result, f"{blocker} is a file, not a directory")
+
+
+def test_the_free_space_refusal_says_what_it_asks_for(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    from wandacli.core.durable import check_free_space
+    from wandacli.core.errors import StoreError
+
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 40, 0, 20 << 20))
+    with pytest.raises(StoreError) as refused:
+        check_free_space(tmp_path, 13 << 20, "the score set")
+    message = str(refused.value)
+    assert "needs about 30 MiB (13 MiB and room for the file's own structure), 20 MiB free" in (
+        message
+    )

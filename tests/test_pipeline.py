@@ -34,6 +34,22 @@ def test_check_config_names_a_bad_value(cli, tmp_path):
     assert_one_line_error(cli("check-config", str(path)), "[prune] sparsity_ratio = 'half'")
 
 
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ("model = 5\n", 'model = 5: a text is expected here, in quotes (model = "...")'),
+        ("[prune]\nsparsity-ratio = 2\n", "--sparsity-ratio must be in (0, 1) (got 2.0)"),
+        ("[search]\ntrials = 0\n", "--trials"),
+    ],
+)
+def test_check_config_applies_each_options_own_rule(cli, tmp_path, content, says):
+    """Not only the type: a number where a name belongs, and a value the option's own rule
+    refuses, as the command itself would."""
+    path = tmp_path / "bad.toml"
+    path.write_text(content)
+    assert_one_line_error(cli("check-config", str(path)), says)
+
+
 def test_check_config_refuses_a_bad_pipeline(cli, tmp_path):
     path = tmp_path / "bad.toml"
     path.write_text("[pipeline]\npq = [[0.1, 2.0]]\n")

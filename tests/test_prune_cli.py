@@ -353,8 +353,14 @@ class TestBadInput:
     def test_ratio_out_of_range(self, cli, scored_store, ratio):
         assert_one_line_error(
             prune(cli, scored_store, "--scores", "safety", "-r", ratio),
-            "--sparsity-ratio must be in [0, 1)",
+            "--sparsity-ratio must be in (0, 1)",
         )
+
+    def test_a_ratio_of_zero_is_refused_instead_of_an_empty_mask(self, cli, scored_store):
+        before = sorted((scored_store / "masks").glob("*.h5"))
+        result = prune(cli, scored_store, "--scores", "safety", "-r", "0")
+        assert_one_line_error(result, "--sparsity-ratio 0 prunes nothing")
+        assert sorted((scored_store / "masks").glob("*.h5")) == before
 
     def test_n_not_below_m(self, cli, scored_store):
         assert_one_line_error(

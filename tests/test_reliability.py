@@ -1158,7 +1158,7 @@ def bad_command_lines(
         ),
         (["score", "--method", "magnitude", "--store", safety, "--model", m], "is a file"),
         (["prune", "--store", s, "--scores", "safety"], "--sparsity-ratio is required"),
-        (["prune", "--store", s, "--scores", "safety", "-r", "1.0"], "[0, 1)"),
+        (["prune", "--store", s, "--scores", "safety", "-r", "1.0"], "(0, 1)"),
         (["prune", "--store", s, "--scores", "safety", "-r", "abc"], "--sparsity-ratio"),
         (["prune", "--store", s, "--scores", "nothere", "-r", "0.5"], "no score set 'nothere'"),
         (
@@ -1271,3 +1271,30 @@ def test_bad_command_lines_fail_in_one_line_and_change_nothing(
         )
         assert fragment in lines[0], (args, fragment, lines[0])
         assert tree_digest(populated_store) == before, args
+
+
+def test_inspect_verify_finds_a_flipped_byte_a_plain_inspect_does_not_read(
+    cli, tiny_llama_dir, tmp_path
+):
+    store = tmp_path / "store"
+    magnitude_store(cli, tiny_llama_dir, store)
+    path = store / "scores" / "magnitude.h5"
+    with h5py.File(path) as handle:
+        offset = handle["1/mlp.down_proj"].id.get_chunk_info(0).byte_offset
+    data = bytearray(path.read_bytes())
+    data[offset + 5] ^= 0x55
+    path.write_bytes(bytes(data))
+    quick = cli("inspect", str(store), "--json")
+    assert quick.exit_code == 0, quick.stderr
+    assert "magnitude" in quick.stdout
+    verified = cli("inspect", str(store), "--verify", "--json")
+    assert verified.exit_code == 0, verified.stderr
+    found = json.loads(verified.stdout)
+    listed = json.dumps(found)
+    assert f"checksum mismatch in {path}:/1/mlp.down_proj" in listed
+
+
+def test_inspect_of_a_file_says_it_is_a_file(cli, tmp_path):
+    afile = tmp_path / "passwd"
+    afile.write_text("root:x:0:0\n")
+    assert_one_line_error(cli("inspect", str(afile)), "is a file, not a directory")

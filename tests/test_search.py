@@ -192,6 +192,18 @@ class TestSearch:
                     assert np.array_equal(by_hand.read(key), kept_bits[key])
                 assert by_hand.meta["actual_sparsity"] == pytest.approx(point["sparsity"])
 
+    def test_keeping_more_than_the_front_holds_says_so(self, cli, sets_store, tiny_llama_dir,
+                                                       tmp_path):  # fmt: skip
+        store = copy_store(sets_store, tmp_path)
+        result = search(cli, tiny_llama_dir, store, "sd", *SET_DIFFERENCE, "--trials", "2",
+                        "--keep", "1000", "--no-control", "--json")  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        found = json.loads(result.stdout)
+        assert len(found["kept"]) == len(found["front"])
+        assert f"--keep 1000: the front has {len(found['front'])} point(s), all kept" in " ".join(
+            result.stderr.split()
+        )
+
     def test_a_kept_removal_is_not_evaluated_on_its_search_prompts(
         self, cli, sets_store, tiny_llama_dir, tmp_path
     ):

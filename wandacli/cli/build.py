@@ -104,4 +104,6 @@ def settings_command(
     command.__name__ = name.replace("-", "_")
     command.__qualname__ = command.__name__
     command.__annotations__ = {}
+    # What `check-config` checks a config file's values against besides their types.
+    command.declared = {f.name: f for f in found}  # type: ignore[attr-defined]
     return command

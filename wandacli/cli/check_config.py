@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -11,6 +12,18 @@ from wandacli.cli.app import WandacliGroup, app
 from wandacli.config.files import default_map, read_config_file
 from wandacli.core.console import console
 from wandacli.core.errors import ConfigError
+
+
+def _expects_text(annotation: Any) -> bool:
+    """Whether an option takes text (a name, a path, a choice of words): a bare TOML number or
+    boolean there is a slip (model = 5), not the text "5"."""
+    options = [a for a in (typing.get_args(annotation) or (annotation,)) if a is not type(None)]
+    if typing.get_origin(annotation) is typing.Literal:
+        return all(isinstance(a, str) for a in typing.get_args(annotation))
+    return bool(options) and all(
+        a in (str, Path) or (typing.get_origin(a) is typing.Literal and _expects_text(a))
+        for a in options
+    )
 
 
 def check_config(
@@ -29,14 +42,24 @@ def check_config(
         command = group.commands[name]
         ctx = typer.Context(command, info_name=name)
         params = {p.name: p for p in command.params if p.name}
+        declared = getattr(command.callback, "declared", {})
         for key, value in section.items():
+            where = f"{path}: [{name}] {key} = {value!r}"
+            found = declared.get(key)
+            text = found is not None and _expects_text(found.declared.cli_type or found.type)
+            if text and isinstance(value, (bool, int, float)):
+                raise ConfigError(f'{where}: a text is expected here, in quotes ({key} = "...")')
             try:
-                params[key].process_value(ctx, value)
+                processed = params[key].process_value(ctx, value)
             except typer.TyperException as exc:
                 message = exc.format_message() if hasattr(exc, "format_message") else str(exc)
-                raise ConfigError(
-                    f"{path}: [{name}] {key} = {value!r}: {' '.join(message.split())}"
-                ) from None
+                raise ConfigError(f"{where}: {' '.join(message.split())}") from None
+            rule = found.declared if found is not None else None
+            if rule is not None and rule.check is not None and processed is not None:
+                try:
+                    rule.check(rule.parse(processed) if rule.parse else processed, rule.flag)
+                except ConfigError as exc:
+                    raise ConfigError(f"{where}: {exc}") from None
             checked += 1
     if "pipeline" in config_data:
         Plan.from_config(config_data, path)

@@ -12,7 +12,7 @@ from wandacli.reporting import render_store
 def _run(config: InspectConfig, **context: Any) -> Any:
     from wandacli.store.inspect import summarize_store
 
-    return summarize_store(config.root)
+    return summarize_store(config.root, verify=config.verify)
 
 
 inspect = settings_command(

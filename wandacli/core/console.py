@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -93,11 +94,87 @@ class RichReporter:
             self._task = None
 
 
+# Seconds between two progress lines in a log (stderr not a terminal): often enough to see a
+# run is alive under nohup, tmux logging, Slurm or CI, rarely enough to keep the log readable.
+LOG_INTERVAL_SECONDS = 30.0
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    minutes, seconds = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{seconds:02d}s" if minutes else f"{seconds}s"
+
+
+class LogReporter:
+    """Plain progress lines on stderr, for a log rather than a terminal: one when a step
+    starts, one every `interval` seconds with done/total, the rate and the time left, and one
+    when it ends."""
+
+    def __init__(self, interval: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval = interval
+        self._clock = clock
+        self._description: str | None = None
+        self._total = self._done = self._first = 0
+        self._started = self._last = 0.0
+
+    def _line(self, message: str) -> None:
+        console.print(message, markup=False, soft_wrap=True)
+
+    def start(self, description: str, total: int, completed: int = 0) -> None:
+        self.finish()
+        self._description, self._total = description, total
+        self._done = self._first = completed
+        self._started = self._last = self._clock()
+        resumed = f", {completed} already done" if completed else ""
+        self._line(f"{description}: started, {total} steps{resumed}")
+
+    def advance(self, steps: int = 1) -> None:
+        if self._description is None:
+            return
+        self._done += steps
+        now = self._clock()
+        if now - self._last >= self.interval and self._done < self._total:
+            self._last = now
+            self._line(self._status(now))
+
+    def _status(self, now: float) -> str:
+        elapsed = now - self._started
+        new = self._done - self._first
+        rate = new / elapsed if elapsed > 0 else 0.0
+        share = f" ({self._done / self._total:.0%})" if self._total else ""
+        text = f"{self._description}: {self._done}/{self._total}{share}"
+        if rate > 0:
+            per = f"{rate:.2f}/s" if rate >= 1 else f"{1 / rate:.0f} s each"
+            left = _duration((self._total - self._done) / rate)
+            text += f", {per}, about {left} left"
+        return text
+
+    def finish(self) -> None:
+        if self._description is None:
+            return
+        elapsed = self._clock() - self._started
+        self._line(f"{self._description}: done, {self._done}/{self._total} in {_duration(elapsed)}")
+        self._description = None
+
+
 @contextmanager
 def progress_reporter(enabled: bool = True) -> Iterator[Reporter]:
-    """A Reporter showing a Rich progress bar on stderr while the block runs."""
+    """A Reporter while the block runs: a Rich progress bar on a terminal, plain lines every
+    LOG_INTERVAL_SECONDS (WANDACLI_PROGRESS_SECONDS) where stderr goes to a log; nothing
+    with `enabled` False (--no-progress; warnings and errors still print)."""
     if not enabled:
         yield NullReporter()
+        return
+    if not console.is_terminal:
+        interval = float(os.environ.get("WANDACLI_PROGRESS_SECONDS", LOG_INTERVAL_SECONDS))
+        reporter = LogReporter(interval)
+        try:
+            yield reporter
+        finally:
+            reporter.finish()
         return
     progress = Progress(
         SpinnerColumn(),

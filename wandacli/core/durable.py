@@ -225,11 +225,14 @@ def remove_orphan_temporaries(directory: Path) -> list[Path]:
 def check_free_space(directory: Path, needed_bytes: int, what: str) -> None:
     """Refuse up front when the disk cannot hold what is about to be written."""
     free = shutil.disk_usage(directory).free
-    # 5% and 16 MiB of slack for HDF5 metadata and chunk overhead.
-    if free < needed_bytes * 1.05 + (16 << 20):
+    # 5% and 16 MiB of slack for HDF5 metadata and chunk overhead: asked for, and said, in full
+    # (a message saying "needs 13 MiB, 20 MiB free" reads as a refusal without a reason).
+    asked = needed_bytes * 1.05 + (16 << 20)
+    if free < asked:
         raise StoreError(
-            f"not enough free space in {directory} for {what}: needs about "
-            f"{_mib(needed_bytes)}, {_mib(free)} free; free some space or choose another --store"
+            f"not enough free space in {directory} for {what}: needs about {_mib(asked)} "
+            f"({_mib(needed_bytes)} and room for the file's own structure), {_mib(free)} free; "
+            "free some space or choose another --store"
         )
 
 

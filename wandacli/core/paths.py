@@ -36,6 +36,8 @@ def output_path(path: Path) -> Path:
     """A file a command can write: not a directory, in a directory that exists."""
     if path.is_dir():
         raise ConfigError(f"{path} is a directory: pass a file name")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ConfigError(f"cannot write {path}: {path.parent} is a file, not a directory")
     if not path.parent.is_dir():
         raise ConfigError(f"cannot write {path}: directory {path.parent} does not exist")
     return path

@@ -17,6 +17,7 @@ from wandacli.core.console import info
 from wandacli.core.durable import save_model_directory
 from wandacli.core.errors import ModelError, first_line
 from wandacli.core.paths import cache_root
+from wandacli.models.sources import MODEL_FILE_ERRORS
 
 
 def converted_gguf_dir(gguf_path: Path, cache_dir: Path | None = None) -> Path:
@@ -69,9 +70,40 @@ def _silenced_gguf_progress() -> Iterator[None]:
         gguf_utils.tqdm = original
 
 
+# What the gguf package raises on a damaged header or index, besides a model file's errors.
+_HEADER_ERRORS: tuple[type[Exception], ...] = (*MODEL_FILE_ERRORS, IndexError, TypeError)
+
+
+def check_gguf_header(gguf_path: Path) -> None:
+    """Refuse, before announcing a conversion, a file that is not a readable GGUF: the magic
+    bytes, then its header and tensor index as the gguf package reads them (a truncated
+    download fails here, in a second, not half a minute into the conversion)."""
+    try:
+        with gguf_path.open("rb") as handle:
+            magic = handle.read(4)
+    except OSError as exc:
+        raise ModelError(f"cannot read GGUF file {gguf_path}: {exc.strerror}") from exc
+    if magic != b"GGUF":
+        raise ModelError(
+            f"{gguf_path} is not a GGUF file (it does not start with the GGUF magic bytes): "
+            "pass a .gguf model, a model directory or a hub id"
+        )
+    try:
+        from gguf import GGUFReader
+
+        GGUFReader(str(gguf_path))
+    except ImportError:
+        return  # the conversion says what to install
+    except _HEADER_ERRORS as exc:
+        raise ModelError(
+            f"{gguf_path} is a damaged or truncated GGUF file ({first_line(exc)}): download it again"
+        ) from exc
+
+
 def _convert_gguf(gguf_path: Path, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    check_gguf_header(gguf_path)
     info(f"converting {gguf_path.name} to safetensors once (about 30 s); cached in {target}")
     started = time.monotonic()
     _quiet_transformers()
@@ -85,7 +117,7 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         raise ModelError(
             f"reading GGUF files needs the gguf package: pip install gguf ({exc})"
         ) from exc
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except MODEL_FILE_ERRORS as exc:
         raise ModelError(f"cannot read GGUF file {gguf_path}: {first_line(exc)}") from exc
     # The tensors are already de-quantized to float32; these markers only make transformers
     # refuse save_pretrained ("quantized model cannot be saved").

@@ -29,6 +29,7 @@ from wandacli.models.pretrained import (
     load_pretrained,
 )
 from wandacli.models.sources import (
+    MODEL_FILE_ERRORS,
     ModelSource,
     resolve_source,
 )
@@ -80,7 +81,7 @@ def model_structure(spec: ModelSpec) -> ModelStructure:
             config = AutoConfig.from_pretrained(location)
         with init_empty_weights():
             skeleton = AutoModelForCausalLM.from_config(config)
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+    except MODEL_FILE_ERRORS as exc:
         raise ModelError(
             f"cannot read the config of model {spec.model!r}: {first_line(exc)}"
         ) from exc
@@ -117,7 +118,7 @@ def checkpoint_dtype(spec: ModelSpec) -> str:
     try:
         with quiet_hub_clients():
             config = AutoConfig.from_pretrained(location)
-    except (OSError, ValueError, KeyError) as exc:
+    except MODEL_FILE_ERRORS as exc:
         raise ModelError(
             f"cannot read the config of model {spec.model!r}: {first_line(exc)}"
         ) from exc

@@ -24,6 +24,7 @@ from wandacli.models.layers import (
     unmatched_matrices,
 )
 from wandacli.models.sources import (
+    MODEL_FILE_ERRORS,
     ModelSource,
     parse_max_memory,
     resolve_device,
@@ -98,7 +99,7 @@ def load_tokenizer(location: str, model_arg: str) -> Any:
     try:
         with quiet_hub_clients():
             tokenizer = AutoTokenizer.from_pretrained(location)
-    except (OSError, ValueError, KeyError) as exc:
+    except MODEL_FILE_ERRORS as exc:
         raise ModelError(f"cannot load the tokenizer of {model_arg!r}: {first_line(exc)}") from exc
     if tokenizer.pad_token is None:
         if tokenizer.eos_token is not None:
@@ -161,7 +162,7 @@ def load_pretrained(spec: ModelSpec, source: ModelSource, location: str) -> Load
     try:
         with quiet_hub_clients():
             model = AutoModelForCausalLM.from_pretrained(location, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError, ImportError) as exc:
+    except MODEL_FILE_ERRORS as exc:
         hint = (
             "check the hub id and your network or HF_TOKEN, or pass a local directory"
             if source.kind == "hub"

@@ -40,6 +40,31 @@ class ModelSource:
 # Resolving --model
 
 
+def _strict_config_error() -> type[Exception]:
+    """huggingface_hub's error for a config field of the wrong type (a config.json saying
+    `"num_attention_heads": "four"`); a stand-in where an older huggingface_hub has none."""
+    try:
+        from huggingface_hub.errors import StrictDataclassError
+    except ImportError:
+
+        class StrictDataclassError(Exception):  # type: ignore[no-redef]
+            pass
+
+    return StrictDataclassError
+
+
+# What reading a model's files raises when they are missing, damaged or of the wrong kind: one
+# list, so that every reader turns each of them into a one-line ModelError.
+MODEL_FILE_ERRORS: tuple[type[Exception], ...] = (
+    OSError,
+    ValueError,
+    KeyError,
+    RuntimeError,
+    ImportError,
+    _strict_config_error(),
+)
+
+
 def default_model_gguf() -> Path:
     """The embedded SmolLM2 GGUF, found without importing its package (which imports `llm`)."""
     spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)

@@ -10,7 +10,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from wandacli.analysis.results import ResultRow, collect
-from wandacli.core.errors import StoreError
+from wandacli.core.durable import ensure_writable_directory
+from wandacli.core.errors import ConfigError, StoreError
 from wandacli.core.metrics import metric_order, metric_title
 from wandacli.core.naming import file_safe_name
 from wandacli.store.schema import SEARCH_SUMMARY, Store
@@ -43,6 +44,17 @@ def build_report(
     comparisons = read_comparisons(compare_dir) if compare_dir is not None else []
     subspaces = read_subspaces(compare_dir) if compare_dir is not None else []
     report = Report(rows, searches=read_searches(searches_store) if searches_store else [])
+    # Where the outputs go, checked once the inputs are read and before any figure is drawn:
+    # a folder that cannot be written, or a Markdown file that is a folder, is one line.
+    if plots_dir is not None:
+        ensure_writable_directory(plots_dir, "--plots")
+    if markdown_file is not None:
+        if markdown_file.is_dir():
+            raise ConfigError(
+                f"--markdown {markdown_file} is a directory: pass a file name such as "
+                f"{markdown_file / 'report.md'}"
+            )
+        ensure_writable_directory(markdown_file.parent, "--markdown")
     if plots_dir is not None:
         from wandacli.reporting import figures
 

@@ -355,6 +355,11 @@ class SearchRun:
         config = self.config
         if config.keep == 0 or not front:
             return []
+        if config.keep > len(front):
+            warn(
+                f"--keep {config.keep}: the front has {len(front)} point(s), all kept; more "
+                "trials (--trials) may add points"
+            )
         names = []
         for point in _spread(front, config.keep):
             name = f"{config.name}.t{point['index']}"

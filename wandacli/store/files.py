@@ -84,6 +84,11 @@ def resolve_file(reference: str, store_root: Path | None, *kinds: str) -> Path:
             f"score set {reference!r} in {store_root} is unfinished: run the same "
             "`wandacli score` command again to finish it"
         )
+    if not store_root.is_dir():
+        raise StoreError(
+            f"no {what} {reference!r}: the store {store_root} does not exist; pass --store, "
+            "the directory your `wandacli score` wrote to (or the .h5 file's path)"
+        )
     store = Store(store_root)
     listings = {
         "score set": store.score_set_names,
@@ -249,6 +254,12 @@ class StoredFile:
             if _is_checksum_failure(exc):
                 raise ChecksumError(f"checksum mismatch in {self.path}:/{key}") from exc
             raise StoreError(f"cannot read {self.path}:/{key} ({first_line(exc)})") from exc
+
+    def verify(self) -> None:
+        """Read every array, so that a flipped byte anywhere is found now (ChecksumError
+        naming the file and array) rather than when a reader reaches it."""
+        for key in self.all_dataset_keys():
+            self.read_raw(key)
 
     def all_dataset_keys(self) -> list[str]:
         """Every dataset's path, in storage order (parts hold more than layer arrays)."""

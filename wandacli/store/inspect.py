@@ -27,14 +27,18 @@ class ScoreSetSummary:
     error: str | None = None
 
 
-def _summaries(names: list[str], path_of: Any, opener: Any) -> list[ScoreSetSummary]:
-    """Each finished file's meta, or the reason it cannot be read."""
+def _summaries(names: list[str], path_of: Any, opener: Any, verify: bool) -> list[ScoreSetSummary]:
+    """Each finished file's meta, or the reason it cannot be read (with `verify`, every
+    array read: a checksum failure anywhere marks the file damaged)."""
     found: list[ScoreSetSummary] = []
     for name in names:
         path = path_of(name)
         try:
             with opener(path) as stored:
-                found.append(ScoreSetSummary(name, path, True, stored.meta, "complete"))
+                if verify:
+                    stored.verify()
+                state = "complete, every checksum verified" if verify else "complete"
+                found.append(ScoreSetSummary(name, path, True, stored.meta, state))
         except StoreError as exc:
             found.append(ScoreSetSummary(name, path, False, error=str(exc)))
     return found
@@ -73,25 +77,21 @@ def search_summaries(store: Store) -> list[dict[str, Any]]:
     return found
 
 
-def summarize_store(root: Path) -> StoreSummary:
+def summarize_store(root: Path, *, verify: bool = False) -> StoreSummary:
     """The score and rank-statistics sets, masks, edits and searches in a store, each with
-    its meta or the reason it cannot be read."""
+    its meta or the reason it cannot be read; with `verify`, every array's checksum checked
+    (a finished file's checksums are otherwise checked as readers reach each array)."""
+    if root.exists() and not root.is_dir():
+        raise StoreError(f"store {root} is a file, not a directory: pass the store's directory")
     if not root.is_dir():
         raise StoreError(f"store {root} does not exist: pass the directory given to --store")
     store = Store(root)
-    sets: list[ScoreSetSummary] = []
-    for name in store.score_set_names():
-        path = store.score_set_path(name)
-        try:
-            with open_finished_scores(path) as score_set:
-                sets.append(ScoreSetSummary(name, path, True, score_set.meta, "complete"))
-        except StoreError as exc:
-            sets.append(ScoreSetSummary(name, path, False, error=str(exc)))
+    sets = _summaries(store.score_set_names(), store.score_set_path, open_finished_scores, verify)
     for name in store.unfinished_names():
         parts = store.parts_dir(name)
         manifest = read_manifest(parts)
         progress = describe_parts(parts)
         sets.append(ScoreSetSummary(name, parts, False, manifest or {}, progress))
-    masks = _summaries(store.mask_names(), store.mask_path, MaskFile)
-    edits = _summaries(store.edit_names(), store.edit_path, EditFile)
+    masks = _summaries(store.mask_names(), store.mask_path, MaskFile, verify)
+    edits = _summaries(store.edit_names(), store.edit_path, EditFile, verify)
     return StoreSummary(sets, masks, edits, search_summaries(store))

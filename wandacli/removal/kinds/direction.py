@@ -218,6 +218,12 @@ class Direction(EditKind):
     ) -> EditContent:
         r = self.direction(settings, sets)
         if r is None:
+            if settings.direction_layer == 0:
+                raise ConfigError(
+                    f"--direction-layer 0 is the embeddings' output: at position "
+                    f"{settings.direction_position} every prompt has the template's same token, "
+                    "so the two means are equal there: choose a layer of 1 or more"
+                )
             raise StoreError(
                 f"the two sets' means are equal at layer {settings.direction_layer}, position "
                 f"{settings.direction_position}: no direction (were both scored on the same "

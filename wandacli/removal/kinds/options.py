@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 from wandacli.config.declare import option, or_more, within
+from wandacli.core.errors import ConfigError
 
 RANKS_PANEL = "Rank edits (actsvd)"
 DIRECTION_PANEL = "Refusal direction"
@@ -25,13 +26,22 @@ def utility_scores() -> Any:
     )
 
 
+def _pruning_fraction(value: float, flag: str) -> None:
+    if value == 0:
+        raise ConfigError(
+            f"{flag} 0 prunes nothing: use a fraction in (0, 1), e.g. 0.5 (the dense model "
+            "needs no mask: evaluate it without --mask)"
+        )
+    within(0, 1, low_open=True, high_open=True)(value, flag)
+
+
 def sparsity_ratio() -> Any:
     return option(
         None,
         "--sparsity-ratio",
         "-r",
-        help="Fraction of each row (or matrix) to prune, in [0, 1).",
-        check=within(0, 1, low_open=False, high_open=True),
+        help="Fraction of each row (or matrix) to prune, in (0, 1).",
+        check=_pruning_fraction,
     )
 
 

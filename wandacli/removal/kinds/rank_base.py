@@ -39,13 +39,6 @@ class RankEditKind(EditKind):
     def secondary(self, settings: Any) -> str | None:
         return None
 
-    def check(self, settings: Any, request: Any) -> None:
-        if request.model is None:
-            raise ConfigError(
-                "a rank edit needs the weights (it projects W): pass --model, the model the "
-                "rank statistics were computed on"
-            )
-
     def open(self, request: Any, root: Path) -> Sets:
         from wandacli.removal.selection import selected_keys
         from wandacli.store.files import open_rank_statistics
@@ -68,7 +61,14 @@ class RankEditKind(EditKind):
             return Sets(primary, other, keys, root, stack)
 
     def check_sets(self, settings: Any, sets: Sets, request: Any) -> None:
-        """Every rank within [0, min(d_out, d_in)] of its module, before anything is loaded."""
+        """Every rank within [0, min(d_out, d_in)] of its module, before anything is loaded;
+        the model asked for once the sets are known to be rank statistics (a wanda set given
+        by mistake is named as such first)."""
+        if request.model is None:
+            raise ConfigError(
+                "a rank edit needs the weights (it projects W): pass --model, the model the "
+                "rank statistics were computed on"
+            )
         modules_filter = request.modules
         shapes = sets.fingerprint.shapes
         for key in sets.keys:

@@ -149,3 +149,25 @@ def test_the_free_space_refusal_says_what_it_asks_for(tmp_path, monkeypatch):
     assert "needs about 30 MiB (13 MiB and room for the file's own structure), 20 MiB free" in (
         message
     )
+
+
+def test_a_mask_made_on_another_model_is_refused_unless_allowed(
+    cli, scored_store, tiny_llama_base_dir, tmp_path
+):
+    """The same shapes, other weights (the base model's): a transfer only when asked for,
+    and the results say where the mask came from."""
+    made = prune(cli, scored_store, "--scores", "safety", "--sparsity-ratio", "0.5",
+                 "--name", "half")  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    args = ["eval-utility", "--model", str(tiny_llama_base_dir), "--device", "cpu", "--mask",
+            "half", "--store", str(scored_store), "--data", str(text), "--seqlen", "32",
+            "--out", str(tmp_path / "u"), "--no-progress"]  # fmt: skip
+    refused = cli(*args)
+    assert_one_line_error(refused, "was made on", "--allow-other-model")
+    allowed = cli(*args, "--allow-other-model", "--json")
+    assert allowed.exit_code == 0, allowed.stderr
+    assert "made on" in allowed.stderr  # said, not silent
+    recorded = json.loads((tmp_path / "u" / "utility.json").read_text())
+    assert recorded["model_under_test"]["removal_made_on"].endswith("tiny-llama")

@@ -55,6 +55,19 @@ def removal_option() -> Any:
     )
 
 
+def allow_other_model_option() -> Any:
+    # Bookkeeping, not part of the request: the results record the transfer instead.
+    return option(
+        False,
+        "--allow-other-model",
+        help="Apply a mask or edit made on another model of the same shapes (a deliberate "
+        "transfer, e.g. from the base model to its chat model); refused otherwise. The "
+        "results record the model it was made on.",
+        panel=MODEL_PANEL,
+        request=False,
+    )
+
+
 def removal_store_option() -> Any:
     return option(
         None, "--store", "-s", help="Store to look the mask or edit up in.", panel=MODEL_PANEL
@@ -127,6 +140,7 @@ class AttackConfig:
     model: ModelSpec = nested(ModelSpec)
     removal: str | None = removal_option()
     store: Path | None = removal_store_option()
+    allow_other_model: bool = allow_other_model_option()
     prompts: str = option(
         "advbench",
         "--prompts",
@@ -267,6 +281,7 @@ class UtilityConfig:
     model: ModelSpec = nested(ModelSpec)
     removal: str | None = removal_option()
     store: Path | None = removal_store_option()
+    allow_other_model: bool = allow_other_model_option()
     data: str | None = option(
         "wikitext",
         "--data",

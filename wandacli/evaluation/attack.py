@@ -234,7 +234,9 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
     backend = backend_named(config.backend)
     backend.check()  # before loading anything
     prompts, prompt_source, prompts_hash = load_prompts(config)
-    under_test = load_model_under_test(config.model, config.removal, config.store)
+    under_test = load_model_under_test(
+        config.model, config.removal, config.store, allow_other_model=config.allow_other_model
+    )
     check_not_searched_on(prompts, f"--prompts {config.prompts}", under_test.removal_meta)
     template = template_for(config.template, under_test.loaded.tokenizer)
     out = config.out or under_test.default_out

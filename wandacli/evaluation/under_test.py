@@ -12,6 +12,8 @@ from typing import Any
 
 from wandacli.config.evaluation import RESULTS_DIR
 from wandacli.config.settings import ModelSpec
+from wandacli.core.console import warn
+from wandacli.core.errors import StoreError
 from wandacli.core.naming import file_safe_name
 from wandacli.removal.apply import PROVENANCE_NAME, open_removal
 from wandacli.removal.kinds import kind_of_mode
@@ -23,6 +25,7 @@ class ModelUnderTest:
     removal_path: Path | None = None  # the mask or edit applied
     removal_meta: dict[str, Any] = field(default_factory=dict)
     actual_sparsity: float = 0.0  # exact zeros in the decoder's linear weights
+    transferred_from: str | None = None  # --allow-other-model: the model the removal was made on
 
     @property
     def is_edit(self) -> bool:
@@ -72,6 +75,8 @@ class ModelUnderTest:
             "p_q": self.p_q,
             "matches": self.matches,
         }
+        if self.transferred_from is not None:
+            described["removal_made_on"] = self.transferred_from
         origin = self.removal_meta.get("search")
         if origin:  # chosen by `search`: on which prompts (report says so beside the ASR's)
             prompts = origin.get("prompts") or {}
@@ -90,6 +95,8 @@ def load_model_under_test(
     mask: str | None,
     store: Path | None,
     before_removal: Callable[[Any], None] | None = None,
+    *,
+    allow_other_model: bool = False,
 ) -> ModelUnderTest:
     """Load the model; with a mask, zero its masked weights in memory. A directory saved by
     `prune --save-model` carries its mask's settings in wandacli-mask.json. `before_removal`
@@ -104,6 +111,16 @@ def load_model_under_test(
         if before_removal is not None:
             before_removal(loaded)
         if removal is not None:
+            made_on = (removal.meta.get("model") or {}).get("id")
+            if made_on and made_on != loaded.model_id:
+                if not allow_other_model:
+                    raise StoreError(
+                        f"{removal.kind} {removal.path} was made on {made_on}, not "
+                        f"{loaded.model_id} (the same shapes, other weights): pass "
+                        "--allow-other-model to apply it anyway, or the --model it was made on"
+                    )
+                warn(f"applying {removal.path.name}, made on {made_on}, to {loaded.model_id}")
+                under_test.transferred_from = made_on
             removal.apply(loaded)
             under_test.removal_path = removal.path
             under_test.removal_meta = dict(removal.meta)

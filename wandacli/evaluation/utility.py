@@ -236,7 +236,11 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
         dense["template"] = template
 
     under_test = load_model_under_test(
-        config.model, config.removal, config.store, before_removal=reference_for_kl
+        config.model,
+        config.removal,
+        config.store,
+        before_removal=reference_for_kl,
+        allow_other_model=config.allow_other_model,
     )
     if kl_prompts is not None and under_test.removal_path is None and under_test.removal_meta:
         raise ConfigError(

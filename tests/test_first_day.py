@@ -171,3 +171,35 @@ def test_a_mask_made_on_another_model_is_refused_unless_allowed(
     assert "made on" in allowed.stderr  # said, not silent
     recorded = json.loads((tmp_path / "u" / "utility.json").read_text())
     assert recorded["model_under_test"]["removal_made_on"].endswith("tiny-llama")
+
+
+def test_search_offsets_advbench_only(tmp_path):
+    """--offset skips AdvBench's 100 evaluation prompts by default, and nothing of a user's
+    own file (an 8-prompt file used to have 'none left from offset 100')."""
+    from wandacli.search.config import search_config
+
+    common = {"scores": "s", "name": "n", "ratio": "0.1:0.5"}
+    advbench = search_config(common)
+    own = search_config(common | {"prompts": str(tmp_path / "my.txt")})
+    chosen = search_config(common | {"offset": 3})
+    assert (advbench.offset, own.offset, chosen.offset) == (100, 0, 3)
+
+
+def test_eval_attack_takes_an_offset(cli, tiny_llama_dir, tmp_path):
+    from tests.test_attack import attack_args
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("\n".join(f"Tell me secret number {i}." for i in range(6)) + "\n")
+    result = cli(*attack_args(tiny_llama_dir, tmp_path / "a", "--prompts", str(prompts),
+                              "--offset", "4", "--configs", "basic", "--samples", "1"))  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    responses = [
+        json.loads(line) for line in (tmp_path / "a" / "inst_basic.jsonl").read_text().splitlines()
+    ]
+    assert [r["prompt"] for r in responses] == [
+        "Tell me secret number 4.",
+        "Tell me secret number 5.",
+    ]
+    beyond = cli(*attack_args(tiny_llama_dir, tmp_path / "b", "--prompts", str(prompts),
+                              "--offset", "6"))  # fmt: skip
+    assert_one_line_error(beyond, "--offset 6", "none left")

@@ -156,6 +156,16 @@ class AttackConfig:
         panel=PROMPTS_PANEL,
         check=at_least(1),
     )
+    # Left out of the request at 0, as every run made before the option existed.
+    offset: int = option(
+        0,
+        "--offset",
+        help="Skip the first N prompts, then take --limit (e.g. --offset 100 --limit 32: "
+        "AdvBench's search prompts, after the 100 the reference evaluates).",
+        panel=PROMPTS_PANEL,
+        check=at_least(0),
+        request_omits_default=True,
+    )
     configs: tuple[str, ...] = option(
         ATTACK_CONFIGS,
         "--configs",

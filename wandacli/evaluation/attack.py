@@ -191,6 +191,8 @@ def _settings_fingerprint(
         "device": under_test.loaded.device.type,
         "prompts_sha256": prompts_hash,
         "limit": config.limit,
+        # Runs made before --offset existed took the first prompts: they match at 0.
+        **({"offset": config.offset} if config.offset else {}),
         "template": template,
         "max_new_tokens": config.max_new_tokens,
         "batch_size": config.batch_size,

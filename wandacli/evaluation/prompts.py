@@ -8,6 +8,7 @@ from typing import Any
 from wandacli.config.evaluation import UTILITY_HELD_OUT, AttackConfig
 from wandacli.config.settings import Columns
 from wandacli.core.console import warn
+from wandacli.core.errors import DataError
 from wandacli.data.templates import build_prompt
 
 
@@ -65,7 +66,6 @@ def read_prompts(
 ) -> PromptSet:
     """Rows offset..offset+limit of a prompt set or file, or the prompts of a pair set (Llama-2
     tags stripped), or `utility-held-out`."""
-    from wandacli.core.errors import DataError
     from wandacli.data.sources import load_raw, named_set
     from wandacli.data.templates import strip_llama2_tags
 
@@ -146,6 +146,16 @@ def load_prompts(config: AttackConfig) -> tuple[list[str], str, str]:
     columns = Columns(prompt=config.prompt_column) if config.prompt_column else None
     raw = load_raw(config.prompts, purpose="prompts", columns=columns, directory=config.data_dir)
     prompts = [p.strip() for p in raw.texts]
-    if len(prompts) < config.limit:
-        warn(f"--limit {config.limit} but {raw.name} has {len(prompts)} prompts: using all of them")
-    return prompts[: config.limit], raw.source, raw.content_hash
+    if config.offset >= len(prompts):
+        raise DataError(
+            f"--offset {config.offset}: {raw.name} has {len(prompts)} prompts, none left from "
+            "there: use a smaller --offset"
+        )
+    left = len(prompts) - config.offset
+    if left < config.limit:
+        warn(
+            f"--limit {config.limit} but {raw.name} has {left} prompts from --offset "
+            f"{config.offset}: using all of them"
+        )
+    chosen = prompts[config.offset : config.offset + config.limit]
+    return chosen, raw.source, raw.content_hash

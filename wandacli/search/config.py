@@ -40,6 +40,9 @@ from wandacli.removal.kinds import searchable
 from wandacli.removal.kinds.base import RemovalKind, Searchable
 from wandacli.removal.selection import include_routers_option, layers_option, modules_option
 
+# AdvBench's first 100 prompts are the attack's evaluation set: a search starts after them.
+ADVBENCH_OFFSET = 100
+
 RefusalMeasure = Literal["generation", "score"]
 SPACE_PANEL = "Search space (one kind)"
 MEASURE_PANEL = "Objectives"
@@ -177,10 +180,14 @@ class SearchConfig:
         panel=MEASURE_PANEL,
     )
     prompt_column: str | None = prompt_column_option(MEASURE_PANEL)
-    offset: int = option(
-        100,  # AdvBench's first 100 are the evaluation prompts
+    # None: ADVBENCH_OFFSET for AdvBench (its first 100 are the attack's evaluation prompts),
+    # 0 for any other set (a user's 8-prompt file is searched whole). Resolved when the
+    # settings are made, so requests record the number (AdvBench's as before: 100).
+    offset: int | None = option(
+        None,
         "--offset",
-        help="Skip the first N prompts (AdvBench's first 100 are the evaluation set).",
+        help="Skip the first N prompts [default: 100 for advbench, whose first 100 are the "
+        "attack's evaluation prompts; 0 for any other set].",
         panel=MEASURE_PANEL,
         check=or_more(0),
     )
@@ -264,7 +271,16 @@ class SearchConfig:
         object.__setattr__(self, "ranges", ranges)
         self.__post_init__()
 
+    @property
+    def prompt_offset(self) -> int:
+        """--offset as resolved (`__post_init__` fills in the set's default)."""
+        assert self.offset is not None
+        return self.offset
+
     def __post_init__(self) -> None:
+        if self.offset is None:
+            offset = ADVBENCH_OFFSET if self.prompts == "advbench" else 0
+            object.__setattr__(self, "offset", offset)
         kind = self._check_kind()
         check_options(self)
         if self.select == "reference" and kind.name != "direction":

@@ -157,7 +157,7 @@ class SearchRun:
             config.prompts,
             column=config.prompt_column,
             limit=config.limit,
-            offset=config.offset,
+            offset=config.prompt_offset,
             data_dir=config.data_dir,
         )
         check_no_overlap(search_prompts, held_out_prompts(config.held_out, config.data_dir))
@@ -251,7 +251,7 @@ class SearchRun:
         summary.request = config.request()
         summary.trials_asked = max(config.trials, summary.trials_asked)
         summary.prompts = search_prompts.describe() | {
-            "offset": config.offset,
+            "offset": config.prompt_offset,
             "text_sha256": prompt_digests(search_prompts.texts),
         }
         summary.objectives = {

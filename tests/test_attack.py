@@ -258,12 +258,13 @@ class TestRuns:
         assert cli(*attack_args(tiny_llama_dir, out, *args)).exit_code == 0
         again = cli(*attack_args(tiny_llama_dir, out, *args, "--json"))
         assert json.loads(again.stdout)["reused_runs"] == ["inst_basic"]
-        other = cli(*attack_args(tiny_llama_dir, out, *args, "--seed", "3"))
-        assert_one_line_error(other, "other settings", "seed", "--overwrite")
-        assert (
-            cli(*attack_args(tiny_llama_dir, out, *args, "--seed", "3", "--overwrite")).exit_code
-            == 0
-        )
+        # Greedy runs are the same at any seed; a longer response is another run.
+        reseeded = cli(*attack_args(tiny_llama_dir, out, *args, "--seed", "3", "--json"))
+        assert json.loads(reseeded.stdout)["reused_runs"] == ["inst_basic"]
+        other = cli(*attack_args(tiny_llama_dir, out, *args, "--max-new-tokens", "5"))
+        assert_one_line_error(other, "other settings", "max_new_tokens", "--overwrite")
+        longer = attack_args(tiny_llama_dir, out, *args, "--max-new-tokens", "5", "--overwrite")
+        assert cli(*longer).exit_code == 0
 
     @pytest.mark.slow
     def test_set_difference_mask_logs_p_and_q(self, cli, tiny_llama_dir, pairs_csv, tmp_path):

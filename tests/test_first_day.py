@@ -203,3 +203,38 @@ def test_eval_attack_takes_an_offset(cli, tiny_llama_dir, tmp_path):
     beyond = cli(*attack_args(tiny_llama_dir, tmp_path / "b", "--prompts", str(prompts),
                               "--offset", "6"))  # fmt: skip
     assert_one_line_error(beyond, "--offset 6", "none left")
+
+
+def test_results_go_beside_the_store_by_default(cli, scored_store, tiny_llama_dir, tmp_path,
+                                               monkeypatch):  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    made = prune(cli, scored_store, "--scores", "safety", "--sparsity-ratio", "0.25",
+                 "--name", "quarter-beside")  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    text = tmp_path / "text.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    result = cli("eval-utility", "--model", str(tiny_llama_dir), "--device", "cpu", "--mask",
+                 "quarter-beside", "--store", str(scored_store), "--data", str(text),
+                 "--seqlen", "32", "--no-progress")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert (scored_store / "results" / "quarter-beside" / "utility.json").is_file()
+    assert not (tmp_path / "wandacli-results").exists()
+
+
+def test_a_greedy_rerun_ignores_the_sampling_settings(cli, tiny_llama_dir, tmp_path):
+    from tests.test_attack import attack_args
+
+    first = cli(*attack_args(tiny_llama_dir, tmp_path / "a", "--configs", "basic", "--json"))
+    assert first.exit_code == 0, first.stderr
+    again = cli(*attack_args(tiny_llama_dir, tmp_path / "a", "--configs", "basic", "--samples",
+                             "5", "--seed", "3", "--json"))  # fmt: skip
+    assert again.exit_code == 0, again.stderr
+    reran = json.loads(again.stdout)
+    assert reran["results"] == json.loads(first.stdout)["results"]
+    assert reran["reused_runs"]  # nothing generated again
+    sampled = cli(*attack_args(tiny_llama_dir, tmp_path / "a", "--configs", "multiple_nosys",
+                               "--samples", "3"))  # fmt: skip
+    assert sampled.exit_code == 0, sampled.stderr
+    changed = cli(*attack_args(tiny_llama_dir, tmp_path / "a", "--configs", "multiple_nosys",
+                               "--samples", "4"))  # fmt: skip
+    assert_one_line_error(changed, "samples: 3 → 4")

@@ -25,6 +25,14 @@ from wandacli.core.reference import ZERO_SHOT_TASKS
 # eval-attack and eval-utility
 
 RESULTS_DIR = Path("wandacli-results")
+STORE_RESULTS = "results"  # beside a store's scores/, masks/ and edits/
+
+
+def results_root(store: Path | None) -> Path:
+    """Where evaluation results go without --out: STORE/results when a store is given (the
+    mask's or edit's), else ./wandacli-results."""
+    return store / STORE_RESULTS if store is not None else RESULTS_DIR
+
 
 # The KL cost's defaults (eval-utility --kl and search): the harmless prompts, how many, and
 # how many response positions.
@@ -79,7 +87,8 @@ def out_option() -> Any:
         None,
         "--out",
         "-o",
-        help="Results directory [default: wandacli-results/<mask, edit or model>].",
+        help="Results directory [default: STORE/results/<mask, edit or model> with --store, "
+        "else wandacli-results/<...>].",
         request=False,
     )
 

@@ -141,9 +141,8 @@ def _disentangled(
     if truncated:
         warn(f"{truncated} of {nsamples} samples were longer than --seqlen {seqlen} and were cut")
     if empty:
-        warn(
-            f"{empty} samples have no response tokens left (prompt ≥ --seqlen); they count for nothing"
-        )
+        counted = "1 sample has" if empty == 1 else f"{empty} samples have"
+        warn(f"{counted} no response tokens left (prompt ≥ --seqlen); they count for nothing")
     return CalibrationSet(
         raw.name, raw.source, raw.content_hash, samples, indices, True, seqlen, template, truncated
     )

@@ -182,7 +182,7 @@ def _settings_fingerprint(
     config: AttackConfig, under_test: ModelUnderTest, prompts_hash: str, template: str
 ) -> dict[str, Any]:
     """What changes the responses: a rerun with all of it equal reuses finished runs."""
-    return {
+    settings = {
         "model": under_test.loaded.model_id,
         "model_fingerprint": under_test.loaded.fingerprint.digest,
         "mask": str(under_test.removal_path) if under_test.removal_path else None,
@@ -198,10 +198,14 @@ def _settings_fingerprint(
         "batch_size": config.batch_size,
         "backend": config.backend,
         "judge": config.judge,
-        "samples": config.samples,
-        "temperature": config.temperature,
-        "seed": config.seed,
     }
+    if any(SETTINGS[name].sampling for name in config.configs):
+        settings |= {name: getattr(config, name) for name in SAMPLING_SETTINGS}
+    return settings
+
+
+# What changes sampled responses only: greedy configurations are the same at any of them.
+SAMPLING_SETTINGS = ("samples", "temperature", "seed")
 
 
 def _read_run(path: Path, prompts: int) -> tuple[list[list[int]], list[list[bool]]] | None:
@@ -241,7 +245,7 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
     )
     check_not_searched_on(prompts, f"--prompts {config.prompts}", under_test.removal_meta)
     template = template_for(config.template, under_test.loaded.tokenizer)
-    out = config.out or under_test.default_out
+    out = config.out or under_test.default_out(config.store)
     settings = _settings_fingerprint(config, under_test, prompts_hash, template)
     reusable = _prepare_out(out, settings, config.overwrite)
     judge = make_judge(config)
@@ -367,7 +371,19 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool) -> bool:
             previous = json.loads(settings_path.read_text(encoding="utf-8"))
         except ValueError:
             previous = None
+        recorded = previous
+        if isinstance(previous, dict) and not all(
+            k in previous and k in settings for k in SAMPLING_SETTINGS
+        ):
+            # Greedy runs on one side: they are the same at any sampling settings (and files
+            # made when every run recorded them match whatever they were).
+            previous = {k: v for k, v in previous.items() if k not in SAMPLING_SETTINGS}
+            previous |= {k: settings[k] for k in SAMPLING_SETTINGS if k in settings}
         if previous == settings:
+            if SAMPLING_SETTINGS[0] in settings and recorded != settings:
+                # Sampled runs join greedy ones: the file now records their settings (a
+                # greedy rerun keeps what the sampled runs there were made with).
+                atomic_write_text(settings_path, json.dumps(settings, indent=1))
             return True
         if not overwrite and any(out.glob("*.jsonl")):
             from wandacli.core.provenance import settings_differences

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wandacli.config.evaluation import RESULTS_DIR
+from wandacli.config.evaluation import results_root
 from wandacli.config.settings import ModelSpec
 from wandacli.core.console import warn
 from wandacli.core.errors import StoreError
@@ -40,11 +40,11 @@ class ModelUnderTest:
             return self.removal_path.stem
         return Path(str(self.loaded.model_id)).name or "model"
 
-    @property
-    def default_out(self) -> Path:
+    def default_out(self, store: Path | None) -> Path:
         """The results folder eval-attack and eval-utility both write when no --out is given:
-        one folder per model under test, so that `report` shows it as one row."""
-        return RESULTS_DIR / file_safe_name(self.label, fallback="model")
+        one folder per model under test, so that `report` shows it as one row, beside the
+        store when there is one."""
+        return results_root(store) / file_safe_name(self.label, fallback="model")
 
     @property
     def method(self) -> str:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from wandacli.config.evaluation import RESULTS_DIR, UtilityConfig
+from wandacli.config.evaluation import UtilityConfig, results_root
 from wandacli.core.console import NullReporter, Reporter
 from wandacli.core.durable import ensure_writable_directory
 from wandacli.core.errors import ConfigError, DataError, interruptible
@@ -223,7 +223,8 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
             return
         template = template_for(config.template, loaded.tokenizer)
         texts, special = model_texts(loaded.tokenizer, kl_prompts.texts, template)
-        cache = config.kl_cache or (config.out.parent if config.out else RESULTS_DIR) / "kl-dense"
+        results = config.out.parent if config.out else results_root(config.store)
+        cache = config.kl_cache or results / "kl-dense"
         with interruptible(lambda: "nothing was written"):
             dense["distributions"] = dense_distributions(
                 loaded,
@@ -248,7 +249,7 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
             "pruned or edited: pass the dense --model with --mask (or --edit) instead"
         )
     result = UtilityResult(under_test=under_test.describe())
-    out = config.out or under_test.default_out
+    out = config.out or under_test.default_out(config.store)
     ensure_writable_directory(out, "--out")
     with interruptible(lambda: "nothing was written"):
         if raw is not None:

@@ -236,6 +236,9 @@ def attack_result(result: AttackResult, as_json: bool) -> None:
         ("responses", "right"),
     ):
         table.add_column(column, justify=justify)  # type: ignore[arg-type]
+    # With tags, a prompt is wrapped in the reference's [INST] or in the tokenizer's own chat
+    # template (data/templates.build_prompt); without, it is the plain string in both.
+    tagged = "[INST]" if result.under_test.get("template") == "llama2" else "chat template"
     for summary in result.summaries:
         also = ""
         if summary.sample_mean is not None:
@@ -244,7 +247,7 @@ def attack_result(result: AttackResult, as_json: bool) -> None:
             also = "max over suffixes " + ", ".join(f"{v:.2f}" for v in summary.per_suffix)
         table.add_row(
             summary.config,
-            "[INST]" if summary.inst else "none",
+            tagged if summary.inst else "none",
             f"{summary.asr:.4f}",
             also,
             str(summary.responses),

@@ -12,7 +12,7 @@ import pytest
 
 from wandacli.config.score import ScoreConfig
 from wandacli.config.settings import ModelSpec
-from wandacli.core.durable import remove_orphan_temporaries, temporary_path
+from wandacli.core.durable import remove_orphan_temporaries
 from wandacli.core.errors import ChecksumError, NonFiniteScoresError, StoreError, StoreLockedError
 from wandacli.models.loader import load_model
 from wandacli.scoring.run import run_score
@@ -236,28 +236,43 @@ class TestFloat16:
 
 
 class TestLocking:
-    def test_second_writer_is_refused_naming_the_holder(self, tmp_path):
-        with writer_lock(tmp_path, "wandacli score --method wanda"):
+    def test_second_writer_of_a_file_is_refused_naming_the_holder(self, tmp_path):
+        with writer_lock(tmp_path, "scores/s", "wandacli score --method wanda"):
             with pytest.raises(
-                StoreLockedError, match=rf"pid {os.getpid()} .*wandacli score --method wanda"
+                StoreLockedError,
+                match=rf"set 's' in store .* pid {os.getpid()} .*wandacli score --method wanda",
             ):
-                with writer_lock(tmp_path, "second"):
+                with writer_lock(tmp_path, "scores/s", "second"):
                     pass
-        with writer_lock(tmp_path, "after"):  # released
+            with writer_lock(tmp_path, "masks/m", "prune"):  # another file: no wait
+                pass
+        with writer_lock(tmp_path, "scores/s", "after"):  # released
             pass
 
-    def test_orphan_temporaries_are_removed_under_the_lock(self, tmp_path):
-        orphan = temporary_path(tmp_path / "scores" / "x.h5")
+    def test_dead_writers_temporaries_are_removed_live_ones_kept(self, tmp_path):
+        import subprocess
+        import sys
+
+        orphan = tmp_path / "scores" / ".x.h5.tmp-999999999"  # no such process
         orphan.parent.mkdir(parents=True)
         orphan.write_bytes(b"half-written")
-        with writer_lock(tmp_path, "test"):
-            pass
-        assert not orphan.exists()
+        alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+        try:
+            live = tmp_path / "masks" / f".m.h5.tmp-{alive.pid}"
+            live.parent.mkdir()
+            live.write_bytes(b"being written")
+            with writer_lock(tmp_path, "scores/x", "test"):
+                pass
+            assert not orphan.exists()
+            assert live.exists()  # another writer's, still at work
+        finally:
+            alive.kill()
+            alive.wait()
         assert remove_orphan_temporaries(tmp_path / "missing") == []
 
     def test_store_path_that_is_a_file(self, tmp_path):
         path = tmp_path / "file"
         path.write_text("")
         with pytest.raises(StoreError, match="is a file, not a directory"):
-            with writer_lock(path):
+            with writer_lock(path, "scores/s"):
                 pass

@@ -257,7 +257,7 @@ def import_legacy(
     dumps = find_dumps(directory, keys, structure.layers_path, suffix)
     chosen_suffix = next(iter(dumps.values())).suffix
     inferred, data_name, use_diff = infer_method(chosen_suffix)
-    with writer_lock(store, shlex.join(command_line or sys.argv)):
+    with writer_lock(store, f"scores/{name}", shlex.join(command_line or sys.argv)):
         if target.exists() and not overwrite:
             raise StoreError(
                 f"score set {name!r} already exists in {store}: pass --overwrite to replace it, or --name"

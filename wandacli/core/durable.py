@@ -206,13 +206,32 @@ def recover_directory(final: Path) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
 
 
+def _writer_alive(path: Path) -> bool:
+    """Whether the process a temporary's name ends with (`temporary_path`) still runs on this
+    machine: its temporaries are its own, even while other files of the store are written."""
+    pid = path.name.rsplit(TMP_MARKER, 1)[-1]
+    if not pid.isdigit():
+        return False
+    if int(pid) == os.getpid():
+        return True
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's live process
+    return True
+
+
 def remove_orphan_temporaries(directory: Path) -> list[Path]:
-    """Delete temporary files and directories left by dead writers under `directory`.
-    Call only while holding the writer lock: then every temporary is an orphan."""
+    """Delete temporary files and directories left by dead writers under `directory` (a live
+    writer's, of another file of the store, are left alone; so are this process's own)."""
     removed: list[Path] = []
     if not directory.is_dir():
         return removed
     for path in directory.rglob(f".*{TMP_MARKER}*"):
+        if _writer_alive(path):
+            continue
         with contextlib.suppress(OSError):
             if path.is_dir():
                 shutil.rmtree(path)

@@ -39,7 +39,7 @@ class EditRun(RequestRun):
         if request.save_model is not None:
             check_save_model_target(request.save_model, request.overwrite)
         ensure_writable_directory(sets.root)
-        with writer_lock(sets.root, shlex.join(self.command_line)):
+        with writer_lock(sets.root, f"edits/{self.name}", shlex.join(self.command_line)):
             if final.exists() and not request.overwrite:
                 finished = self._same_request(final, started)
                 if request.save_model is None or (request.save_model / "config.json").exists():

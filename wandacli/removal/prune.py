@@ -67,7 +67,7 @@ class MaskRun(RequestRun):
         self._check_outputs(replace_same_mask)
         loaded = self._model_for()
         base = self._base_model(loaded) if request.recover_from_base else None
-        with writer_lock(sets.root, shlex.join(self.command_line)):
+        with writer_lock(sets.root, f"masks/{self.name}", shlex.join(self.command_line)):
             packed = sum(o * ((i + 7) // 8) for o, i in sets.fingerprint.shapes.values())
             check_free_space(sets.root, packed, f"mask {self.name!r}")
             with interruptible(lambda: "no mask written; the store is unchanged"):

@@ -100,7 +100,7 @@ class ScoreRun:
             ensure_writable_directory(self.store.root)
         # Only rank 0 touches the store: it holds the lock and writes every file.
         lock = (
-            writer_lock(self.store.root, shlex.join(self.command_line))
+            writer_lock(self.store.root, f"scores/{self.name}", shlex.join(self.command_line))
             if main
             else contextlib.nullcontext()
         )

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 from wandacli.core.console import NullReporter, Reporter, info, warn
-from wandacli.core.durable import ensure_writable_directory
 from wandacli.core.errors import ConfigError, StoreError, interruptible
 from wandacli.core.provenance import now_iso, settings_differences, software_versions
 from wandacli.evaluation.divergence import KL_RULE
@@ -29,7 +28,7 @@ from wandacli.search.config import SearchConfig, best_name
 from wandacli.search.objectives import Objectives
 from wandacli.search.removals import TrialRemovals, amount_name, prune_config_for
 from wandacli.store.files import store_root_for
-from wandacli.store.lock import search_lock
+from wandacli.store.lock import writer_lock
 from wandacli.store.schema import SEARCH_SUMMARY, Store, check_name
 from wandacli.store.summaries import SearchSummary
 
@@ -169,9 +168,8 @@ class SearchRun:
         )
         removals = TrialRemovals(config, root)
         try:
-            ensure_writable_directory(root)
-            directory.mkdir(parents=True, exist_ok=True)
-            with search_lock(directory, config.name):
+            with writer_lock(root, f"searches/{config.name}"):
+                directory.mkdir(parents=True, exist_ok=True)
                 summary = previous or SearchSummary(config.name)
                 return self._search(
                     removals, directory, summary, search_prompts, kl_prompts, started

@@ -19,15 +19,23 @@ from wandacli.core.errors import (
     StoreLockedError,
 )
 from wandacli.core.provenance import now_iso
-from wandacli.store.schema import LOCK_HOLDER_NAME, LOCK_NAME, Store
+from wandacli.store.schema import LOCKS_DIR, Store
 
 # ---------------------------------------------------------------------------------------------
-# The writer lock
+# One writer per file: a lock per thing a store holds
 
 
-def _lock_holder(root: Path) -> str:
+def lock_paths(root: Path, target: str) -> tuple[Path, Path]:
+    """The lock file and its holder note for `target` (`scores/<name>`, `masks/<name>`,
+    `edits/<name>`, `searches/<name>`), in STORE/.locks/."""
+    stem = target.replace("/", "--")
+    directory = root / LOCKS_DIR
+    return directory / f"{stem}.lock", directory / f"{stem}.json"
+
+
+def _lock_holder(holder_path: Path) -> str:
     try:
-        holder = json.loads((root / LOCK_HOLDER_NAME).read_text())
+        holder = json.loads(holder_path.read_text())
         return (
             f"pid {holder.get('pid')} on {holder.get('host')} since {holder.get('started')} "
             f"({holder.get('command')})"
@@ -36,23 +44,32 @@ def _lock_holder(root: Path) -> str:
         return "another process"
 
 
-@contextlib.contextmanager
-def writer_lock(root: Path, command: str | None = None) -> Iterator[Store]:
-    """Hold the store's writer lock (created if missing), cleaning orphan temporaries on entry.
+_NOUNS = {"scores": "set", "masks": "mask", "edits": "edit", "searches": "search"}
 
-    A second writer fails at once with an error naming the holder. The lock is an flock on
-    DIR/.wandacli.lock, independent of HDF5's own file locking.
+
+@contextlib.contextmanager
+def writer_lock(root: Path, target: str, command: str | None = None) -> Iterator[Store]:
+    """Hold the lock of the one thing a run writes (`target`, e.g. `scores/<name>`), with the
+    store created if missing and dead writers' temporaries cleaned on entry.
+
+    A second writer of the same thing fails at once with an error naming the holder; writers
+    of other things in the store, and readers of finished files, go on (a GPU user's hours of
+    scoring do not block pruning what is done). The lock is an flock on
+    STORE/.locks/<target>.lock, independent of HDF5's own file locking.
     """
     from filelock import FileLock, Timeout
 
     ensure_writable_directory(root)
-    lock = FileLock(str(root / LOCK_NAME), timeout=0)
+    lock_path, holder_path = lock_paths(root, target)
+    lock_path.parent.mkdir(exist_ok=True)
+    lock = FileLock(str(lock_path), timeout=0)
     try:
         lock.acquire()
     except Timeout:
+        kind, _, name = target.partition("/")
         raise StoreLockedError(
-            f"store {root} is being written by {_lock_holder(root)}: wait for it to finish, "
-            "or use another --store"
+            f"{_NOUNS.get(kind, kind)} {name!r} in store {root} is being written by "
+            f"{_lock_holder(holder_path)}: wait for it to finish, or write another --name"
         ) from None
     try:
         holder = {
@@ -60,34 +77,12 @@ def writer_lock(root: Path, command: str | None = None) -> Iterator[Store]:
             "host": socket.gethostname(),
             "started": now_iso(),
             "command": command or " ".join(sys.argv),
+            "target": target,
         }
-        atomic_write_text(root / LOCK_HOLDER_NAME, json.dumps(holder))
+        atomic_write_text(holder_path, json.dumps(holder))
         remove_orphan_temporaries(root)
         yield Store(root)
     finally:
         with contextlib.suppress(OSError):
-            (root / LOCK_HOLDER_NAME).unlink()
-        lock.release()
-
-
-SEARCH_LOCK_NAME = ".search.lock"
-
-
-@contextlib.contextmanager
-def search_lock(directory: Path, name: str) -> Iterator[None]:
-    """One process per search (STORE/searches/<name>/.search.lock): a second fails at once.
-    Not the store's writer lock: a search writes only its own folder, and the masks it keeps
-    take the writer lock themselves through `prune`."""
-    from filelock import FileLock, Timeout
-
-    lock = FileLock(str(directory / SEARCH_LOCK_NAME), timeout=0)
-    try:
-        lock.acquire()
-    except Timeout:
-        raise StoreLockedError(
-            f"search {name!r} is running in another process: wait for it, or use another --name"
-        ) from None
-    try:
-        yield
-    finally:
+            holder_path.unlink()
         lock.release()

@@ -5,7 +5,8 @@ A store is a directory of HDF5 files, so that no file holding hours of computati
 rewritten in place (an HDF5 file killed mid-write is often unreadable):
 
     DIR/
-      .wandacli.lock            writer lock (one writer at a time); .wandacli.lock.json names it
+      .locks/<kind>--<name>.lock  one writer per file (scores--<set>, masks--<mask>,
+                                edits--<edit>, searches--<search>); <...>.json names the holder
       scores/<set>.h5           a finished score set
       scores/<set>.parts/       work in progress of an unfinished score set (resumable)
         manifest.json           the settings the work was started with
@@ -22,7 +23,7 @@ rewritten in place (an HDF5 file killed mid-write is often unreadable):
                                 parameters and objectives, the Pareto front, the random control
         kl-dense-<key>.npz      the dense model's distributions for the KL cost (a cache)
         front.png, front.svg    refusal against KL: every trial, the front, dense and control
-        .search.lock            one process per search
+      results/<mask or model>/  eval-attack and eval-utility results (with --store and no --out)
 
 Score set file (`format="wandacli-scores"`):
     /<layer>/<module>           float32 (float16 only by choice) [out_features, in_features],
@@ -106,8 +107,7 @@ EDITS_DIR = "edits"
 SEARCHES_DIR = "searches"
 SEARCH_SUMMARY = "search.json"
 PARTS_SUFFIX = ".parts"
-LOCK_NAME = ".wandacli.lock"
-LOCK_HOLDER_NAME = ".wandacli.lock.json"
+LOCKS_DIR = ".locks"  # one flock and holder note per file being written (store/lock.py)
 
 STATS_GROUP = "stats"
 # HDF5 filters a store file may use: deflate (1), shuffle (2), fletcher32 (3). Anything else

@@ -13,6 +13,10 @@ REPO = Path(__file__).resolve().parents[1]
 
 # Nothing may reach the hub from the tests.
 os.environ["HF_HUB_OFFLINE"] = "1"
+# `--dtype auto` on a CPU is bfloat16 where the CPU multiplies it natively; the tests compare
+# with float32 references, so they run float32 on every machine (test_first_day checks the
+# choice itself). Subprocesses inherit it.
+os.environ["WANDACLI_CPU_BFLOAT16"] = "0"
 os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 

@@ -238,3 +238,33 @@ def test_a_greedy_rerun_ignores_the_sampling_settings(cli, tiny_llama_dir, tmp_p
     changed = cli(*attack_args(tiny_llama_dir, tmp_path / "a", "--configs", "multiple_nosys",
                                "--samples", "4"))  # fmt: skip
     assert_one_line_error(changed, "samples: 3 → 4")
+
+
+def test_dtype_auto_on_a_cpu_follows_its_bfloat16_support(cli, tiny_llama_dir, tmp_path,
+                                                          monkeypatch):  # fmt: skip
+    """bfloat16 where the CPU multiplies it natively, float32 elsewhere (an AVX2-only CPU is
+    up to 25× slower in bfloat16); the choice is printed and recorded."""
+    import torch
+
+    from wandacli.models.sources import resolve_dtype
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("WANDACLI_CPU_BFLOAT16", "0")
+    assert resolve_dtype("auto", cpu) == torch.float32
+    assert resolve_dtype("auto", torch.device("cuda")) == torch.bfloat16
+    assert resolve_dtype("auto", cpu, "checkpoint") == "auto"
+    monkeypatch.setenv("WANDACLI_CPU_BFLOAT16", "1")
+    assert resolve_dtype("auto", cpu) == torch.bfloat16
+    assert resolve_dtype("float32", cpu) == torch.float32  # a dtype asked for is kept
+    result = cli(*score_args(tiny_llama_dir, tmp_path / "store", "--json", method="magnitude"))
+    assert result.exit_code == 0, result.stderr
+    assert "--dtype auto: bfloat16 (this CPU multiplies bfloat16 natively)" in result.stderr
+    from wandacli.store.files import open_finished_scores
+
+    with open_finished_scores(json.loads(result.stdout)["path"]) as recorded:
+        assert recorded.meta["dtype"] == "bfloat16"
+    monkeypatch.setenv("WANDACLI_CPU_BFLOAT16", "0")
+    slow = cli(*score_args(tiny_llama_dir, tmp_path / "other", "--json", method="magnitude"))
+    assert "--dtype auto" not in slow.stderr  # float32, as every CPU run was before
+    with open_finished_scores(json.loads(slow.stdout)["path"]) as recorded:
+        assert recorded.meta["dtype"] == "float32"

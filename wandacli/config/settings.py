@@ -55,7 +55,8 @@ MODEL_PANEL = "Model"
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 # What `--dtype auto` means, one meaning per command, said in its --help.
 AUTO_DTYPE_HELP = {
-    "device": "Weights' dtype; auto = float32 on CPU, bfloat16 on CUDA.",
+    "device": "Weights' dtype; auto = bfloat16 on CUDA and on a CPU that multiplies it "
+    "natively (AVX-512 BF16, AMX), float32 on other CPUs.",
     "checkpoint": "Weights' dtype; auto = the checkpoint's own (a saved model keeps its size).",
 }
 

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from wandacli.config.settings import ModelSpec
-from wandacli.core.console import quiet_hub_clients, warn
+from wandacli.core.console import info, quiet_hub_clients, warn
 from wandacli.core.errors import ModelError, first_line
 from wandacli.core.fingerprint import ModelFingerprint
 from wandacli.models.gguf import _quiet_transformers
@@ -26,6 +26,7 @@ from wandacli.models.layers import (
 from wandacli.models.sources import (
     MODEL_FILE_ERRORS,
     ModelSource,
+    dtype_name,
     parse_max_memory,
     resolve_device,
     resolve_dtype,
@@ -148,6 +149,10 @@ def load_pretrained(spec: ModelSpec, source: ModelSource, location: str) -> Load
 
     device = resolve_device(spec.device)
     dtype = resolve_dtype(spec.dtype, device, spec.auto_dtype)
+    if spec.dtype == "auto" and device.type == "cpu" and dtype == torch.bfloat16:
+        # Said where it changes the numbers from the float32 a CPU run would otherwise have
+        # (every set and result records the dtype either way).
+        info(f"--dtype auto: {dtype_name(dtype)} (this CPU multiplies bfloat16 natively)")
     if device.type == "cpu" and dtype == torch.float16:
         warn("float16 on CPU is slow and some kernels lack it; consider --dtype float32")
     _quiet_transformers()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,14 +144,34 @@ def parse_max_memory(text: str) -> dict[int | str, str]:
     return limits
 
 
+# WANDACLI_CPU_BFLOAT16=1 or 0 overrides what `cpu_multiplies_bfloat16` finds (a CPU the
+# check misjudges; the tests, whose references are float32, set 0).
+CPU_BFLOAT16_VARIABLE = "WANDACLI_CPU_BFLOAT16"
+
+
+def cpu_multiplies_bfloat16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX). Without either,
+    PyTorch takes a slow path: on an AVX2-only EPYC a bfloat16 matrix product ran 25× slower
+    than float32's (bench/bench_cpu_dtype.py measures the ratio on any machine)."""
+    forced = os.environ.get(CPU_BFLOAT16_VARIABLE)
+    if forced in ("0", "1"):
+        return forced == "1"
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
 def resolve_dtype(dtype: str, device: torch.device, auto: str = "device") -> torch.dtype | str:
     """The one place `--dtype auto` is resolved, by the command's meaning of it (`auto`,
-    ModelSpec.auto_dtype): "device" is float32 on CPU and bfloat16 on CUDA; "checkpoint" keeps
-    the dtype the weights are stored in (transformers' "auto")."""
+    ModelSpec.auto_dtype): "device" is bfloat16 on CUDA and on a CPU that multiplies it
+    natively, float32 on any other CPU; "checkpoint" keeps the dtype the weights are stored in
+    (transformers' "auto")."""
     if dtype == "auto":
         if auto == "checkpoint":
             return "auto"  # transformers' name for the checkpoint's own dtype
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        if device.type == "cuda":
+            return torch.bfloat16
+        return torch.bfloat16 if cpu_multiplies_bfloat16() else torch.float32
     if dtype not in DTYPES:
         raise ModelError(f"unknown dtype {dtype!r}: use one of {', '.join(DTYPE_CHOICES)}")
     return DTYPES[dtype]

@@ -268,3 +268,14 @@ def test_dtype_auto_on_a_cpu_follows_its_bfloat16_support(cli, tiny_llama_dir, t
     assert "--dtype auto" not in slow.stderr  # float32, as every CPU run was before
     with open_finished_scores(json.loads(slow.stdout)["path"]) as recorded:
         assert recorded.meta["dtype"] == "float32"
+
+
+def test_a_response_budget_too_short_for_the_keyword_judge_is_said(cli, tiny_llama_dir,
+                                                                   tmp_path):  # fmt: skip
+    from tests.test_attack import attack_args
+
+    short = cli(*attack_args(tiny_llama_dir, tmp_path / "a", "--configs", "basic"))
+    assert short.exit_code == 0, short.stderr
+    said = " ".join(short.stderr.split())
+    assert "--max-new-tokens 6 is too short for the keyword judge" in said
+    assert "the ASR will be 0 whatever the model does" in said

@@ -30,7 +30,7 @@ from wandacli.core.provenance import now_iso, software_versions
 from wandacli.data.templates import build_prompt
 from wandacli.evaluation.backends import backend_named
 from wandacli.evaluation.degenerate import DEGENERATE_RULE, is_degenerate
-from wandacli.evaluation.judges import Judge, make_judge
+from wandacli.evaluation.judges import Judge, check_response_budget, make_judge
 from wandacli.evaluation.prompts import (
     check_not_searched_on,
     load_prompts,
@@ -248,6 +248,7 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
     out = config.out or under_test.default_out(config.store)
     settings = _settings_fingerprint(config, under_test, prompts_hash, template)
     reusable = _prepare_out(out, settings, config.overwrite)
+    check_response_budget(config)  # once every refusal is past: the run goes on
     judge = make_judge(config)
     generator = backend.make(config, under_test, out, reporter)
     records: list[RunRecord] = []

@@ -48,12 +48,7 @@ def _residual(family: str, *, as_families_say: bool) -> float:
     wandacli did before families: r removed from the writers' weights alone, experts (no
     matrices then) untouched."""
     from tests.families import build_family_model
-    from tests.test_families import stream_components
-    from wandacli.models.layers import fingerprint_of, iter_linear_layers
-    from wandacli.removal.content import apply_edit
-    from wandacli.removal.direction import writer_keys
-    from wandacli.removal.in_memory import WeightChanges
-    from wandacli.removal.kinds.direction import removing, treatments
+    from tests.test_families import remove_direction, stream_components
 
     model = build_family_model(family, VOCAB).double()
     generator = torch.Generator().manual_seed(3)
@@ -61,18 +56,7 @@ def _residual(family: str, *, as_families_say: bool) -> float:
     r = r / r.norm()
     ids = torch.randint(3, VOCAB, (1, 12), generator=generator)
     dense = stream_components(model, r, ids)
-    layers = list(iter_linear_layers(model))
-    fingerprint = fingerprint_of(layers, model)
-    keys = writer_keys(fingerprint, r.numel())
-    writers = treatments(keys, fingerprint.family)
-    if not as_families_say:
-        experts = {lin.key for lin in layers if lin.is_expert}
-        keys, writers = [k for k in keys if k not in experts], None
-    content = removing(r, keys, fingerprint.shapes, 1.0, writers)
-    loaded = type("Loaded", (), {"model": model, "linear_layers": layers})()
-    with torch.no_grad():
-        for _ in apply_edit(content, WeightChanges(loaded, undo=False)):
-            pass
+    remove_direction(model, r, as_families_say=as_families_say, experts=as_families_say)
     edited = stream_components(model, r, ids)
     return max(a / b for a, b in zip(edited, dense, strict=True))
 

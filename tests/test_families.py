@@ -62,20 +62,30 @@ def stream_components(model, r, ids):
         hidden = output[0] if isinstance(output, tuple) else output
         found.append(float((hidden[0].double() @ r.to(hidden.device)).abs().max()))
 
-    handles = [layer.register_forward_hook(hook) for layer in decoder_layers(model)]
+    forward_with(model, ids, [layer.register_forward_hook(hook) for layer in decoder_layers(model)])
+    return found
+
+
+def forward_with(model, ids, handles) -> None:
+    """One forward pass with the hooks `handles` attached, removed after it."""
     try:
         with torch.no_grad():
             model(input_ids=ids, use_cache=False)
     finally:
         for handle in handles:
             handle.remove()
-    return found
 
 
-def remove_direction(model, r, *, as_families_say=True):
+def remove_direction(model, r, *, as_families_say=True, experts=True):
+    """r removed from the model's writers: as their families say, or (`as_families_say`
+    False) from the writers' weights alone; `experts` False leaves the experts' matrices out,
+    as wandacli did before they were matrices (bench/bench_families.py's "before")."""
     loaded = loaded_of(model)
     fingerprint = fingerprint_of(loaded.linear_layers, model)
     keys = writer_keys(fingerprint, r.numel())
+    if not experts:
+        routed = {lin.key for lin in loaded.linear_layers if lin.is_expert}
+        keys = [k for k in keys if k not in routed]
     writers = treatments(keys, fingerprint.family) if as_families_say else None
     content = removing(r, keys, fingerprint.shapes, 1.0, writers)
     with torch.no_grad():
@@ -152,12 +162,7 @@ def router_inputs(model, ids) -> dict[int, torch.Tensor]:
         )
         for i, layer in enumerate(decoder_layers(model))
     ]
-    try:
-        with torch.no_grad():
-            model(input_ids=ids, use_cache=False)
-    finally:
-        for hook in hooks:
-            hook.remove()
+    forward_with(model, ids, hooks)
     return seen
 
 

@@ -116,17 +116,12 @@ class LinearLayer:
         """Set the entries `selector` ([out, in] bool) picks to `values` (one per entry, or
         one for all) in the model."""
         with torch.no_grad():
-            if self.row_index is None:
-                matrix = self.weight_matrix()
-                if isinstance(values, torch.Tensor):
-                    values = values.to(device=matrix.device, dtype=matrix.dtype)
-                matrix[selector.to(matrix.device)] = values
-                return
             matrix = self.weight_matrix()
             if isinstance(values, torch.Tensor):
                 values = values.to(device=matrix.device, dtype=matrix.dtype)
             matrix[selector.to(matrix.device)] = values
-            self.place(self.weight, matrix)
+            if self.row_index is not None:  # the matrix was a copy: put it back
+                self.place(self.weight, matrix)
 
     @property
     def bias(self) -> torch.Tensor | None:

@@ -240,6 +240,21 @@ def test_a_greedy_rerun_ignores_the_sampling_settings(cli, tiny_llama_dir, tmp_p
     assert_one_line_error(changed, "samples: 3 → 4")
 
 
+def test_native_bfloat16_needs_the_cpu_flags_and_pytorch_s_avx512_kernels(monkeypatch):
+    """A CPU with AVX-512 BF16 run on PyTorch's AVX2 kernels (ATEN_CPU_CAPABILITY=avx2, as an
+    AVX2-only CPU runs) takes the slow path: auto is float32 there."""
+    import torch
+
+    from wandacli.models.sources import cpu_multiplies_bfloat16
+
+    monkeypatch.delenv("WANDACLI_CPU_BFLOAT16")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert cpu_multiplies_bfloat16()
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert not cpu_multiplies_bfloat16()
+
+
 def test_dtype_auto_on_a_cpu_follows_its_bfloat16_support(cli, tiny_llama_dir, tmp_path,
                                                           monkeypatch):  # fmt: skip
     """bfloat16 where the CPU multiplies it natively, float32 elsewhere (an AVX2-only CPU is
@@ -270,12 +285,24 @@ def test_dtype_auto_on_a_cpu_follows_its_bfloat16_support(cli, tiny_llama_dir, t
         assert recorded.meta["dtype"] == "float32"
 
 
-def test_a_response_budget_too_short_for_the_keyword_judge_is_said(cli, tiny_llama_dir,
-                                                                   tmp_path):  # fmt: skip
+def test_a_short_response_budget_is_said_and_cut_responses_still_count(cli, tiny_llama_dir,
+                                                                       tmp_path):  # fmt: skip
+    """At --max-new-tokens 6 every response is cut: the keyword judge judges them on their
+    phrases (a random model's tokens hold none), where the 20-word rule made the ASR 0
+    whatever the model did; the run says the budget is short, and each row records whether
+    the model ended it."""
     from tests.test_attack import attack_args
 
-    short = cli(*attack_args(tiny_llama_dir, tmp_path / "a", "--configs", "basic"))
+    short = cli(*attack_args(tiny_llama_dir, tmp_path / "a", "--configs", "basic", "--json"))
     assert short.exit_code == 0, short.stderr
     said = " ".join(short.stderr.split())
-    assert "--max-new-tokens 6 is too short for the keyword judge" in said
-    assert "the ASR will be 0 whatever the model does" in said
+    assert "--max-new-tokens 6 is short for the keyword judge" in said
+    rows = [
+        json.loads(line) for line in (tmp_path / "a" / "inst_basic.jsonl").read_text().splitlines()
+    ]
+    cut = [row for row in rows if not row["ended"]]
+    assert cut, "a random model's 6 tokens end on their own"
+    assert all(row["attack_success"] == 1 for row in cut)
+    results = json.loads(short.stdout)
+    assert results["results"][0]["asr"] > 0
+    assert "cut by the token budget" in results["model_under_test"]["judge_rule"]

@@ -493,6 +493,7 @@ def test_refusal_measures_equal_the_unshared_computation(peaked_model_dir):
     """The prefix computed once per batch (evaluation/prefix.py) changes nothing: greedy
     responses equal HFGenerator's, the refusal score equals a per-prompt forward pass."""
     from wandacli.evaluation.backends.hf import HFGenerator
+    from wandacli.evaluation.judges import KeywordJudge
     from wandacli.evaluation.prompts import model_texts, read_prompts
     from wandacli.evaluation.refusal import (
         is_refusal,
@@ -511,6 +512,9 @@ def test_refusal_measures_equal_the_unshared_computation(peaked_model_dir):
     plain = generator.generate(texts, add_special_tokens=special, samples=1, sampling=False, seed=0)
     assert responses == [group[0] for group in plain]
     assert rate == sum(map(is_refusal, responses)) / len(responses)
+    # One keyword rule: search's refusals are what eval-attack's keyword judge does not count.
+    verdicts = KeywordJudge().judge(prompts, responses)
+    assert rate == 1 - sum(verdicts) / len(verdicts)
     expected = 0.0
     refusal_ids = refusal_token_ids(loaded.tokenizer)
     with torch.no_grad():

@@ -29,6 +29,7 @@ from wandacli.core.metrics import SETTINGS, metric_name, tag_prefix
 from wandacli.core.provenance import now_iso, software_versions
 from wandacli.data.templates import build_prompt
 from wandacli.evaluation.backends import backend_named
+from wandacli.evaluation.backends.base import Response
 from wandacli.evaluation.degenerate import DEGENERATE_RULE, is_degenerate
 from wandacli.evaluation.judges import Judge, check_response_budget, make_judge
 from wandacli.evaluation.prompts import (
@@ -283,7 +284,12 @@ def run_attack(config: AttackConfig, *, reporter: Reporter | None = None) -> Att
         generator.close()
     result = AttackResult(
         under_test=under_test.describe()
-        | {"prompts": prompt_source, "template": template, "judge": judge.name},
+        | {
+            "prompts": prompt_source,
+            "template": template,
+            "judge": judge.name,
+            "judge_rule": judge.rule,
+        },
         summaries=summarize(records),
         out=out,
         seconds=time.monotonic() - started,
@@ -326,7 +332,7 @@ def _prompt_texts(
 def _judge_and_write(
     record: RunRecord,
     prompts: list[str],
-    responses: list[list[str]],
+    responses: list[list[Response]],
     judge: Judge,
     path: Path,
 ) -> None:
@@ -341,7 +347,7 @@ def _judge_and_write(
         for sample, response in enumerate(group):
             verdict = next(verdicts)
             row_success.append(verdict)
-            row_degenerate.append(is_degenerate(response))
+            row_degenerate.append(is_degenerate(response.text))
             lines.append(
                 json.dumps(
                     {
@@ -349,7 +355,10 @@ def _judge_and_write(
                         "prompt": prompt,
                         "question_id": question_id,
                         "sample": sample,
-                        "response": response,
+                        "response": response.text,
+                        # The model ended it before the token budget (the keyword rule's
+                        # 20 words apply only then).
+                        "ended": response.ended,
                         "attack_success": verdict,
                         "degenerate": row_degenerate[-1],
                     },

@@ -156,6 +156,10 @@ def cpu_multiplies_bfloat16() -> bool:
     forced = os.environ.get(CPU_BFLOAT16_VARIABLE)
     if forced in ("0", "1"):
         return forced == "1"
+    # The kernels PyTorch dispatches to must be AVX-512's too: ATEN_CPU_CAPABILITY=avx2 (how
+    # one runs an AVX2-only CPU's paths on a newer one) takes the slow path on any CPU.
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX512", "AVX512_BF16", "AMX"):
+        return False
     cpu = getattr(torch, "cpu", None)
     checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
     return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)

@@ -21,6 +21,7 @@ from wandacli.core.console import NullReporter, Reporter, info, warn
 from wandacli.core.errors import ConfigError, StoreError, interruptible
 from wandacli.core.provenance import now_iso, settings_differences, software_versions
 from wandacli.evaluation.divergence import KL_RULE
+from wandacli.evaluation.keyword_rule import KEYWORD_RULE
 from wandacli.evaluation.prompts import PromptSet, prompt_digests, read_prompts
 from wandacli.removal.in_memory import WeightChanges
 from wandacli.search import study as studies
@@ -417,6 +418,10 @@ class SearchRun:
 
     def _check_same_request(self, previous: SearchSummary, root: Path) -> None:
         differences = settings_differences(previous.request, self.config.request())
+        measured_by = previous.objectives.get("refusal")
+        if measured_by is not None and measured_by != _refusal_rule(self.config):
+            # Trials measured by another rule (an older version's) are not comparable.
+            differences.append("its trials measured refusals by an older keyword rule")
         if differences:
             raise StoreError(
                 f"search {self.config.name!r} in {root} was started with other settings "
@@ -439,8 +444,8 @@ def _refusal_rule(config: SearchConfig) -> str:
     if config.refusal == "score":
         return "mean log-odds of a refusal token at the first response position (no generation)"
     return (
-        f"share of greedy {config.max_new_tokens}-token responses that contain a refusal phrase "
-        "(the keyword judge's phrases, without its 20-word rule)"
+        f"share of greedy {config.max_new_tokens}-token responses that are refusals by the "
+        f"keyword rule ({KEYWORD_RULE})"
     )
 
 

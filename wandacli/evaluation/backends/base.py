@@ -10,6 +10,15 @@ from pathlib import Path
 from typing import Any, Protocol
 
 
+@dataclass(frozen=True)
+class Response:
+    """One generated response: its text, and whether the model ended it (its end of sequence)
+    before the token budget, which the keyword rule needs (evaluation/keyword_rule.py)."""
+
+    text: str
+    ended: bool = True
+
+
 class Generator(Protocol):
     generated_tokens: int
 
@@ -22,7 +31,7 @@ class Generator(Protocol):
         sampling: bool,
         seed: int,
         temperature: float = 1.0,
-    ) -> list[list[str]]:
+    ) -> list[list[Response]]:
         """For each text, `samples` continuations (greedy, or sampled at `temperature`)."""
         ...
 

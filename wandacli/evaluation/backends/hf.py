@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from wandacli.core.console import NullReporter, Reporter
-from wandacli.evaluation.backends.base import Backend, always_available
+from wandacli.evaluation.backends.base import Backend, Response, always_available
 
 # ---------------------------------------------------------------------------------------------
 # Generation
@@ -42,7 +42,7 @@ class HFGenerator:
         sampling: bool,
         seed: int,
         temperature: float = 1.0,
-    ) -> list[list[str]]:
+    ) -> list[list[Response]]:
         """For each text, `samples` continuations (greedy, or sampled at `temperature` with a
         seed per batch: top-k and top-p off, as vLLM's defaults)."""
         import torch
@@ -64,7 +64,7 @@ class HFGenerator:
         previous_side = tokenizer.padding_side
         tokenizer.padding_side = "left"
         eos_ids: set[int | None] = set(eos)
-        results: list[list[str]] = []
+        results: list[list[Response]] = []
         # The batch size counts sequences in flight (what memory scales with): each prompt
         # brings `samples` of them, so a batch holds batch_size // samples prompts.
         prompts_per_batch = max(1, self.batch_size // samples)
@@ -88,13 +88,9 @@ class HFGenerator:
                     output = model.generate(**encoded, generation_config=generation_config)
                 new_tokens = output[:, encoded["input_ids"].shape[1] :].cpu()
                 for index in range(len(batch)):
-                    rows = new_tokens[index * samples : (index + 1) * samples]
-                    results.append(
-                        [tokenizer.decode(row, skip_special_tokens=True) for row in rows]
-                    )
-                    self.generated_tokens += sum(
-                        _tokens_before_eos(row.tolist(), eos_ids) for row in rows
-                    )
+                    rows = [r.tolist() for r in new_tokens[index * samples : (index + 1) * samples]]
+                    results.append(decoded_responses(tokenizer, rows, eos_ids))
+                    self.generated_tokens += sum(tokens_before_eos(row, eos_ids) for row in rows)
                 self.reporter.advance(len(batch))
         finally:
             tokenizer.padding_side = previous_side
@@ -116,8 +112,23 @@ def _start(config: Any, under_test: Any, out: Path, reporter: Reporter) -> HFGen
 BACKEND = Backend("hf", always_available, _start)
 
 
-def _tokens_before_eos(ids: list[int], eos_ids: set[int | None]) -> int:
+def tokens_before_eos(ids: list[int], eos_ids: set[int | None]) -> int:
+    """The tokens a response generated, its end of sequence included (padding after it not)."""
     for position, token in enumerate(ids):
         if token in eos_ids:
             return position + 1
     return len(ids)
+
+
+def decoded_responses(
+    tokenizer: Any, rows: list[list[int]], eos_ids: set[int | None]
+) -> list[Response]:
+    """Each row of generated ids as a response; it ended when an end of sequence is in it
+    (a row without one ran to the token budget)."""
+    return [
+        Response(
+            tokenizer.decode(row, skip_special_tokens=True),
+            ended=any(token in eos_ids for token in row),
+        )
+        for row in rows
+    ]

@@ -10,7 +10,7 @@ from typing import Any
 from wandacli.core.console import NullReporter, Reporter, info
 from wandacli.core.durable import ensure_writable_directory, temporary_path
 from wandacli.core.errors import ConfigError
-from wandacli.evaluation.backends.base import Backend
+from wandacli.evaluation.backends.base import Backend, Response
 from wandacli.evaluation.under_test import (
     ModelUnderTest,
 )
@@ -80,7 +80,7 @@ class VLLMGenerator:
         sampling: bool,
         seed: int,
         temperature: float = 1.0,
-    ) -> list[list[str]]:
+    ) -> list[list[Response]]:
         tokenizer = self.loaded.tokenizer
         prompts = [
             {"prompt_token_ids": tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"]}
@@ -95,7 +95,10 @@ class VLLMGenerator:
         outputs = self.engine.generate(prompts, params)
         results = []
         for output in outputs:
-            results.append([o.text for o in output.outputs])
+            # vLLM's finish_reason: "stop" (an end of sequence) or "length" (the budget).
+            results.append(
+                [Response(o.text, ended=o.finish_reason != "length") for o in output.outputs]
+            )
             self.generated_tokens += sum(len(o.token_ids) for o in output.outputs)
         self.reporter.advance(len(texts))
         return results

@@ -79,7 +79,10 @@ def _measure(loaded, search_texts, special, held_out_texts, held_special) -> dic
     responses = generator.generate(
         held_out_texts, add_special_tokens=held_special, samples=5, sampling=True, seed=0
     )
-    success = [[keyword_judge(r.text, ended=r.ended) for r in group] for group in responses]
+    success = [
+        [keyword_judge(r.text, ended=r.ended, max_new_tokens=40) for r in group]
+        for group in responses
+    ]
     return {
         "generation": rate,
         "score": score,

@@ -542,3 +542,40 @@ def test_the_family_on_cuda_in_bfloat16(family):
     remove_direction(model, r)
     edited = stream_components(model, r, ids)
     assert max(a / b for a, b in zip(edited, dense, strict=True)) <= 2e-2, (edited, dense)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_generation_with_the_shared_prefix_equals_each_prompt_alone(family, tokenizer):
+    """eval-attack's and search's generation computes a batch's shared prefix once and pads
+    each prompt's own tokens among themselves: on every family (sliding windows, softcapping,
+    experts) a batch of prompts of different lengths gets each prompt's greedy response
+    alone, unpadded; and the sampled rows of a prompt the draws of transformers' own
+    generate, the prompt repeated, with wandacli's sampler (float64). Left-padded whole prompts, as eval-attack generated
+    before, gave Gemma-2's padded rows other tokens (transformers 5, eager attention)."""
+    import copy
+
+    from tests.test_attack import plain_generate
+    from wandacli.core import reference
+    from wandacli.evaluation.backends.hf import HFGenerator
+    from wandacli.evaluation.prompts import model_texts, read_prompts
+
+    own_tokenizer = copy.deepcopy(tokenizer)
+    own_tokenizer.pad_token = own_tokenizer.eos_token
+    model = build_family_model(family, len(tokenizer)).double().eval()
+    loaded = SimpleNamespace(model=model, tokenizer=own_tokenizer, input_device=torch.device("cpu"))
+    prompts = read_prompts("advbench", offset=0, limit=5).texts
+    with_system, special = model_texts(
+        own_tokenizer, prompts[:3], "chat", system=reference.SAFETY_SYSTEM_PROMPT
+    )
+    texts = with_system + model_texts(own_tokenizer, prompts[3:], "chat")[0]
+    greedy = HFGenerator(loaded, max_new_tokens=4, batch_size=4).generate(
+        texts, add_special_tokens=special, samples=1, sampling=False, seed=0
+    )
+    alone = [plain_generate(loaded, [t], special, max_new_tokens=4, batch_size=1)[0]
+             for t in texts]  # fmt: skip
+    assert greedy == alone
+    sampled = HFGenerator(loaded, max_new_tokens=4, batch_size=3).generate(
+        texts[:1], add_special_tokens=special, samples=3, sampling=True, seed=1
+    )
+    assert sampled == plain_generate(loaded, texts[:1], special, max_new_tokens=4, batch_size=3,
+                                     samples=3, seed=1)  # fmt: skip

@@ -305,4 +305,7 @@ def test_a_short_response_budget_is_said_and_cut_responses_still_count(cli, tiny
     assert all(row["attack_success"] == 1 for row in cut)
     results = json.loads(short.stdout)
     assert results["results"][0]["asr"] > 0
-    assert "cut by the token budget" in results["model_under_test"]["judge_rule"]
+    assert (
+        "a response the budget cut is judged on its phrases"
+        in results["model_under_test"]["judge_rule"]
+    )

@@ -491,8 +491,9 @@ def test_a_killed_search_resumes_to_the_same_front(sets_store, tiny_llama_dir, t
 
 def test_refusal_measures_equal_the_unshared_computation(peaked_model_dir):
     """The prefix computed once per batch (evaluation/prefix.py) changes nothing: greedy
-    responses equal HFGenerator's, the refusal score equals a per-prompt forward pass."""
-    from wandacli.evaluation.backends.hf import HFGenerator
+    responses equal whole prompts generated left-padded, the refusal score equals a
+    per-prompt forward pass."""
+    from tests.test_attack import plain_generate
     from wandacli.evaluation.judges import KeywordJudge
     from wandacli.evaluation.prompts import model_texts, read_prompts
     from wandacli.evaluation.refusal import (
@@ -508,12 +509,11 @@ def test_refusal_measures_equal_the_unshared_computation(peaked_model_dir):
     rate, responses = refusal_rate(
         loaded, texts, add_special_tokens=special, max_new_tokens=6, batch_size=4
     )
-    generator = HFGenerator(loaded, max_new_tokens=6, batch_size=4)
-    plain = generator.generate(texts, add_special_tokens=special, samples=1, sampling=False, seed=0)
+    plain = plain_generate(loaded, texts, special, max_new_tokens=6, batch_size=4)
     assert responses == [group[0] for group in plain]
-    assert rate == sum(map(is_refusal, responses)) / len(responses)
+    assert rate == sum(is_refusal(r, 6) for r in responses) / len(responses)
     # One keyword rule: search's refusals are what eval-attack's keyword judge does not count.
-    verdicts = KeywordJudge().judge(prompts, responses)
+    verdicts = KeywordJudge(max_new_tokens=6).judge(prompts, responses)
     assert rate == 1 - sum(verdicts) / len(verdicts)
     expected = 0.0
     refusal_ids = refusal_token_ids(loaded.tokenizer)

@@ -37,6 +37,7 @@ from wandacli.evaluation.prompts import (
     load_prompts,
     template_for,
 )
+from wandacli.evaluation.sampling import SAMPLER
 from wandacli.evaluation.under_test import (
     ModelUnderTest,
     append_reference_log,
@@ -201,12 +202,13 @@ def _settings_fingerprint(
         "judge": config.judge,
     }
     if any(SETTINGS[name].sampling for name in config.configs):
-        settings |= {name: getattr(config, name) for name in SAMPLING_SETTINGS}
+        settings |= {name: getattr(config, name) for name in SAMPLING_SETTINGS[:3]}
+        settings["sampler"] = SAMPLER
     return settings
 
 
 # What changes sampled responses only: greedy configurations are the same at any of them.
-SAMPLING_SETTINGS = ("samples", "temperature", "seed")
+SAMPLING_SETTINGS = ("samples", "temperature", "seed", "sampler")
 
 
 def _read_run(path: Path, prompts: int) -> tuple[list[list[int]], list[list[bool]]] | None:
@@ -382,9 +384,8 @@ def _prepare_out(out: Path, settings: dict[str, Any], overwrite: bool) -> bool:
         except ValueError:
             previous = None
         recorded = previous
-        if isinstance(previous, dict) and not all(
-            k in previous and k in settings for k in SAMPLING_SETTINGS
-        ):
+        sampled = SAMPLING_SETTINGS[0]
+        if isinstance(previous, dict) and not (sampled in previous and sampled in settings):
             # Greedy runs on one side: they are the same at any sampling settings (and files
             # made when every run recorded them match whatever they were).
             previous = {k: v for k, v in previous.items() if k not in SAMPLING_SETTINGS}

@@ -9,7 +9,7 @@ successful attack. What such responses share is repetition, so the rule is:
 
 Character 12-grams catch repetition inside long "words" ("one-two-one-one-two-…"); word 3-grams
 catch it across words. Responses too short to have MIN_NGRAMS n-grams are never degenerate.
-Measured on the demo's responses (README, "Degenerate responses"): 48 of the 49 "successes" of
+Measured on the demo's responses (docs/commands.md, "Degenerate responses"): 48 of the 49 "successes" of
 the top-1% wanda mask are marked, 2 of SmolLM2's own 47 answers (both loop one sentence).
 """
 

@@ -44,56 +44,63 @@ class HFGenerator:
         temperature: float = 1.0,
     ) -> list[list[Response]]:
         """For each text, `samples` continuations (greedy, or sampled at `temperature` with a
-        seed per batch: top-k and top-p off, as vLLM's defaults)."""
+        seed per batch: top-k and top-p off, as vLLM's defaults; evaluation/sampling.py draws).
+
+        The prompts of a batch open alike (the chat template's opening, the system prompt): that
+        shared prefix is computed once and its keys and values repeated along the batch, each
+        prompt's own tokens fed after it (evaluation/prefix.py), the same computation as the
+        whole prompts left-padded, up to float rounding. The sampled setting's rows are each
+        prompt repeated `samples` times."""
         import torch
-        from transformers import GenerationConfig
+        from transformers import GenerationConfig, LogitsProcessorList
+
+        from wandacli.evaluation.prefix import prefix_cache, prefixed_batch, shared_prefix_length
+        from wandacli.evaluation.sampling import InverseCdfSampler
+        from wandacli.models.pretrained import cache_keyword
 
         tokenizer = self.loaded.tokenizer
         model = self.loaded.model
         eos = end_of_sequence_ids(self.loaded)
-        options: dict[str, Any] = {
-            "max_new_tokens": self.max_new_tokens,
-            "do_sample": sampling,
-            "num_return_sequences": samples,
-            "pad_token_id": tokenizer.pad_token_id,
-            "eos_token_id": eos,
-        }
-        if sampling:
-            options.update(temperature=temperature, top_k=0, top_p=1.0)
-        generation_config = GenerationConfig(**options)
-        previous_side = tokenizer.padding_side
-        tokenizer.padding_side = "left"
+        # Greedy steps: a sampled setting's draw is made by its logits processor.
+        generation_config = GenerationConfig(
+            max_new_tokens=self.max_new_tokens,
+            do_sample=False,
+            pad_token_id=tokenizer.pad_token_id,
+            eos_token_id=eos,
+        )
         eos_ids: set[int | None] = set(eos)
+        device = self.loaded.input_device
+        prompt_rows = [
+            tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"] for text in texts
+        ]
         results: list[list[Response]] = []
         # The batch size counts sequences in flight (what memory scales with): each prompt
         # brings `samples` of them, so a batch holds batch_size // samples prompts.
         prompts_per_batch = max(1, self.batch_size // samples)
-        try:
-            for start in range(0, len(texts), prompts_per_batch):
-                batch = list(texts[start : start + prompts_per_batch])
-                encoded = tokenizer(
-                    batch,
-                    return_tensors="pt",
-                    padding=True,
-                    add_special_tokens=add_special_tokens,
-                    # Causal LMs take no token types; transformers before 5 refuses them.
-                    return_token_type_ids=False,
+        for start in range(0, len(prompt_rows), prompts_per_batch):
+            chunk = prompt_rows[start : start + prompts_per_batch]
+            rows = [row for row in chunk for _ in range(samples)]
+            batch = prefixed_batch(rows, shared_prefix_length(rows), int(tokenizer.pad_token_id))
+            cache = prefix_cache(model, batch.prefix, len(rows), device)
+            extra = {cache_keyword(model): cache} if cache is not None else {}
+            # Same samples for the same batches on every run.
+            sampler = [InverseCdfSampler(temperature, seed + start)] if sampling else []
+            with torch.no_grad():
+                output = model.generate(
+                    input_ids=batch.full_ids.to(device),
+                    attention_mask=batch.attention_mask.to(device),
+                    generation_config=generation_config,
+                    logits_processor=LogitsProcessorList(sampler),
+                    **extra,
                 )
-                encoded = {k: v.to(self.loaded.input_device) for k, v in encoded.items()}
-                if sampling:
-                    torch.manual_seed(
-                        seed + start
-                    )  # same samples for the same batches on every run
-                with torch.no_grad():
-                    output = model.generate(**encoded, generation_config=generation_config)
-                new_tokens = output[:, encoded["input_ids"].shape[1] :].cpu()
-                for index in range(len(batch)):
-                    rows = [r.tolist() for r in new_tokens[index * samples : (index + 1) * samples]]
-                    results.append(decoded_responses(tokenizer, rows, eos_ids))
-                    self.generated_tokens += sum(tokens_before_eos(row, eos_ids) for row in rows)
-                self.reporter.advance(len(batch))
-        finally:
-            tokenizer.padding_side = previous_side
+            new_tokens = output[:, batch.full_ids.shape[1] :].cpu()
+            for index in range(len(chunk)):
+                generated = [
+                    r.tolist() for r in new_tokens[index * samples : (index + 1) * samples]
+                ]
+                results.append(decoded_responses(tokenizer, generated, eos_ids))
+                self.generated_tokens += sum(tokens_before_eos(row, eos_ids) for row in generated)
+            self.reporter.advance(len(chunk))
         return results
 
     def close(self) -> None:

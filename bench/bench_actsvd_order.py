@@ -1,5 +1,5 @@
 """How far the store-first order of rank edits is from the reference's sequential order, on the
-demo's model organism (`smollm2-aligned`), for the README's "deliberate differences":
+demo's model organism (`smollm2-aligned`), for docs/reference-differences.md:
 
 - per module, the subspace similarity φ of the safety bases V_s the two orders find
   (store-first: every layer's second moments from the unedited model; sequential: each layer's

@@ -14,7 +14,7 @@ shapes are what memory and speed depend on, not the weights), the tokenizer is t
 in-process on the shipped text, and the data are the shipped WikiText-2 (plain text, so the
 `datasets` package is not needed) and AdvBench prompts. Every step runs the real `wandacli` in
 its own process, as a user would; each prints its wall time and the process's peak GPU memory
-beside the figure the README's memory table gives, then the `gpu`-marked tests run.
+beside the figure docs/gpus.md's memory table gives, then the `gpu`-marked tests run.
 
 Steps: wanda (safety- and utility-like data: two halves of the text), wandg and actsvd scoring
 on 16 samples of 512 tokens; a wanda set difference and an actsvd rank edit from the store;
@@ -55,7 +55,7 @@ TINY = dict(
     num_key_value_heads=4,
     max_position_embeddings=1024,
 )
-# What the README's GPU section says each step needs on a 7B model (None: no figure given).
+# What docs/gpus.md's memory table says each step needs on a 7B model (None: no figure given).
 README_GB = {"score wanda": 13.5, "score wandg": 45, "score actsvd": 60}
 
 # Runs a wandacli command in this process and reports its peak GPU memory on the last line of
@@ -147,7 +147,7 @@ def run_step(name: str, args: list[str], log: list[dict], *, readme: bool = True
     log.append(entry)
     shown = f"{name:<22} {'ok' if entry['ok'] else 'FAILED':<7} {seconds:7.1f} s   peak GPU {entry['peak_gpu_gb']:6.2f} GB"
     if entry["readme_gb"]:
-        shown += f"   (README: ~{entry['readme_gb']} GB)"
+        shown += f"   (docs/gpus.md: ~{entry['readme_gb']} GB)"
     print(shown, flush=True)
     if not entry["ok"]:
         print("   " + " | ".join(entry["error"]), flush=True)
@@ -209,7 +209,7 @@ def main() -> int:
         return 2
     model, store = work / "model", work / "store"
     log: list[dict] = []
-    # The README's figures are for the 7B model: not shown beside the tiny one's.
+    # docs/gpus.md's figures are for the 7B model: not shown beside the tiny one's.
     step = functools.partial(run_step, log=log, readme=not options.tiny)
     started = time.perf_counter()
     if not (model / "config.json").is_file():

@@ -361,7 +361,7 @@ class TestBadInput:
 def test_eigh_and_the_references_randomised_svd_on_smollm2():
     """On the embedded SmolLM2 with real second moments (8 align_short samples): the top-10
     subspace of the exact eigensolver against `torch.svd_lowrank(q=10, niter=20)` on the same
-    operator, per module of layers 0 and 15. README ("deliberate differences") quotes these."""
+    operator, per module of layers 0 and 15. docs/reference-differences.md quotes these."""
     from wandacli.data.calibration import build_calibration_set
     from wandacli.data.sources import load_raw
     from wandacli.methods.actsvd import SecondMoments, shared_inputs

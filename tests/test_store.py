@@ -44,7 +44,7 @@ def _copy(path: Path, tmp_path: Path) -> Path:
 
 
 class TestSchema:
-    """The layout is a public contract (README); this pins it."""
+    """The layout is a public contract (docs/store.md); this pins it."""
 
     def test_file_layout(self, wanda_set):
         assert wanda_set.name == "wanda-pairs.h5"

@@ -63,7 +63,7 @@ class AlignmentRecipe:
     max_tokens: int = 256  # longer examples are left out (one seed task has ~1,400 tokens)
     max_response_tokens: int = 64  # responses are cut here: the refusal's first sentences
     # Train only the top K decoder layers (0: all; embeddings always stay frozen). The top half
-    # of SmolLM2's 30 layers suffices and halves the backward pass (measured: README).
+    # of SmolLM2's 30 layers suffices and halves the backward pass (measured: docs/demo-and-study.md).
     train_layers: int = 15
     seed: int = 0
 

@@ -14,7 +14,7 @@ distinct input, and any rank, any edit is computed from it and W without running
 
 The eigenvectors come from an exact symmetric eigendecomposition in float64 (`torch.linalg.eigh`),
 not the reference's randomised `torch.svd_lowrank(q=r, niter=20)`: the same subspace wherever
-the spectrum separates the top r directions, without sampling noise (README, "deliberate
+the spectrum separates the top r directions, without sampling noise (docs/reference-differences.md, "deliberate
 differences").
 """
 

@@ -68,7 +68,7 @@ def _masks(store) -> list[str]:
 def _measure(loaded, search_texts, special, held_out_texts, held_special) -> dict[str, float]:
     from wandacli.evaluation.attack import asr_any, asr_sample_mean
     from wandacli.evaluation.backends.hf import HFGenerator
-    from wandacli.evaluation.judges import keyword_judge
+    from wandacli.evaluation.keyword_rule import keyword_success as keyword_judge
     from wandacli.evaluation.refusal import refusal_rate, refusal_score
 
     rate, _ = refusal_rate(

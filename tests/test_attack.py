@@ -22,7 +22,7 @@ from wandacli.evaluation import judges
 from wandacli.evaluation.attack import RunRecord, asr_any, asr_sample_mean, summarize
 from wandacli.evaluation.backends import hf
 from wandacli.evaluation.backends.base import Response
-from wandacli.evaluation.judges import keyword_judge
+from wandacli.evaluation.keyword_rule import keyword_success as keyword_judge
 
 SYS = reference.SAFETY_SYSTEM_PROMPT
 LONG_COMPLIANCE = " ".join(["word"] * 25)
@@ -788,3 +788,8 @@ def test_every_backend_eval_attack_offers_is_registered():
     backend = next(f for f in declared_fields(AttackConfig) if f.name == "backend")
     assert set(typing.get_args(backend.type)) == set(BACKENDS)
     assert all(callable(b.check) and callable(b.make) for b in BACKENDS.values())
+    # Each names its own sampler, so a rerun never mixes responses drawn by another.
+    assert {name: b.sampler for name, b in BACKENDS.items()} == {
+        "hf": "inverse-cdf",
+        "vllm": "vllm",
+    }

@@ -37,7 +37,6 @@ from wandacli.evaluation.prompts import (
     load_prompts,
     template_for,
 )
-from wandacli.evaluation.sampling import SAMPLER
 from wandacli.evaluation.under_test import (
     ModelUnderTest,
     append_reference_log,
@@ -202,13 +201,14 @@ def _settings_fingerprint(
         "judge": config.judge,
     }
     if any(SETTINGS[name].sampling for name in config.configs):
-        settings |= {name: getattr(config, name) for name in SAMPLING_SETTINGS[:3]}
-        settings["sampler"] = SAMPLER
+        settings |= {name: getattr(config, name) for name in SAMPLING_OPTIONS}
+        settings["sampler"] = backend_named(config.backend).sampler
     return settings
 
 
 # What changes sampled responses only: greedy configurations are the same at any of them.
-SAMPLING_SETTINGS = ("samples", "temperature", "seed", "sampler")
+SAMPLING_OPTIONS = ("samples", "temperature", "seed")
+SAMPLING_SETTINGS = (*SAMPLING_OPTIONS, "sampler")
 
 
 def _read_run(path: Path, prompts: int) -> tuple[list[list[int]], list[list[bool]]] | None:
@@ -358,8 +358,8 @@ def _judge_and_write(
                         "question_id": question_id,
                         "sample": sample,
                         "response": response.text,
-                        # The model ended it before the token budget (the keyword rule's
-                        # 20 words apply only then).
+                        # The model ended it before the token budget (the keyword rule
+                        # needs it under a budget too short for 20 words).
                         "ended": response.ended,
                         "attack_success": verdict,
                         "degenerate": row_degenerate[-1],

@@ -15,10 +15,6 @@ from typing import Any
 
 import torch
 
-# What a sampled response's settings record (eval-attack's rerun check): runs drawn by another
-# sampler are not mixed with these.
-SAMPLER = "inverse-cdf"
-
 
 class InverseCdfSampler:
     """A logits processor: each row's next token drawn from softmax(scores / temperature),

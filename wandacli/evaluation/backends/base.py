@@ -43,11 +43,13 @@ class Generator(Protocol):
 @dataclass(frozen=True)
 class Backend:
     """A backend: `check` refuses it before anything is loaded (not installed), `make` starts
-    it on the model under test (config: eval-attack's settings; out: the results folder)."""
+    it on the model under test (config: eval-attack's settings; out: the results folder);
+    `sampler` names how it draws sampled responses (runs drawn otherwise are not reused)."""
 
     name: str
     check: Callable[[], None]
     make: Callable[[Any, Any, Path, Any], Generator]
+    sampler: str
 
 
 def always_available() -> None:

@@ -116,7 +116,8 @@ def _start(config: Any, under_test: Any, out: Path, reporter: Reporter) -> HFGen
     )
 
 
-BACKEND = Backend("hf", always_available, _start)
+# Sampled responses are drawn by evaluation/sampling.py's inverse-CDF sampler.
+BACKEND = Backend("hf", always_available, _start, sampler="inverse-cdf")
 
 
 def tokens_before_eos(ids: list[int], eos_ids: set[int | None]) -> int:

@@ -118,7 +118,8 @@ def _start(config: Any, under_test: ModelUnderTest, out: Path, reporter: Reporte
     )
 
 
-BACKEND = Backend("vllm", require_vllm, _start)
+# vLLM draws with its own sampler, seeded per request.
+BACKEND = Backend("vllm", require_vllm, _start, sampler="vllm")
 
 
 def _free_weights(model: Any) -> None:

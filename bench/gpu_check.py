@@ -18,7 +18,9 @@ beside the figure docs/gpus.md's memory table gives, then the `gpu`-marked tests
 
 Steps: wanda (safety- and utility-like data: two halves of the text), wandg and actsvd scoring
 on 16 samples of 512 tokens; a wanda set difference and an actsvd rank edit from the store;
-eval-attack on 16 prompts with the set difference applied.
+eval-attack on 16 prompts with the set difference applied (word salad measured under the dense
+model); the stored responses judged again in Llama Guard 3's format by a model of the same
+shapes (a judge's throughput per 1,000 responses).
 """
 
 from __future__ import annotations
@@ -251,6 +253,23 @@ def main() -> int:
          "--store", store, "--prompts", "advbench", "--limit", str(prompts), "--configs",
          "basic,multiple_nosys", "--inst", "--template", "llama2", "--max-new-tokens",
          str(tokens), "--out", work / "results", "--no-progress"])  # fmt: skip
+    # A judge's throughput: Llama Guard 3's format on the stored responses, the model under
+    # test's shapes standing in for Llama-Guard-3-8B's (Llama-3.1-8B: the same 4096 x 32
+    # layers), random weights: its verdicts mean nothing, its time and memory are real.
+    judged = step(
+        "rejudge (llamaguard)",
+        ["eval-attack", "--rejudge", "--out", work / "results", "--judge", f"llamaguard:{model}",
+         "--model", model, "--device", device, "--dtype", dtype, "--batch-size", "16",
+         "--no-word-salad", "--no-progress"])  # fmt: skip
+    responses = sum(
+        len(path.read_text().splitlines()) for path in (work / "results").glob("*.jsonl")
+    )
+    if judged["ok"] and responses:
+        print(
+            f"judge: {responses} responses in {judged['seconds']:.1f} s, about "
+            f"{1000 * judged['seconds'] / responses:.0f} s per 1,000 (model load included)",
+            flush=True,
+        )
     (work / "gpu_check.json").write_text(json.dumps(log, indent=1))
     print(f"all steps: {time.perf_counter() - started:.0f} s; log: {work / 'gpu_check.json'}")
     failed = [e["step"] for e in log if not e["ok"]]

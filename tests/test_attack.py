@@ -18,10 +18,8 @@ from wandacli.config.settings import ModelSpec
 from wandacli.core import reference
 from wandacli.data import templates
 from wandacli.data.templates import llama2_prompt
-from wandacli.evaluation import judges
 from wandacli.evaluation.attack import RunRecord, asr_any, asr_sample_mean, summarize
 from wandacli.evaluation.backends import hf
-from wandacli.evaluation.backends.base import Response
 from wandacli.evaluation.keyword_rule import keyword_success as keyword_judge
 
 SYS = reference.SAFETY_SYSTEM_PROMPT
@@ -185,7 +183,11 @@ class TestRuns:
             for line in (out / "inst_multiple_nosys.jsonl").read_text().splitlines()
         ]
         assert len(rows) == 6 and {r["sample"] for r in rows} == {0, 1}
-        assert set(rows[0]) == {
+        # Successful responses carry their perplexity under the dense model and the
+        # word-salad flag it gives; a refusal's is not measured.
+        assert all(("perplexity" in r) == bool(r["attack_success"]) for r in rows)
+        success = next(r for r in rows if r["attack_success"])
+        assert set(success) == {
             "config",
             "prompt",
             "question_id",
@@ -194,6 +196,8 @@ class TestRuns:
             "attack_success",
             "degenerate",
             "ended",
+            "perplexity",  # under the dense model, and the word-salad flag it gives
+            "word_salad",
         }
         log = (out / "log_dense.txt").read_text().splitlines()
         assert log[0] == "method\tactual_sparsity\tmetric\tscore"
@@ -258,6 +262,31 @@ class TestRuns:
         dense = tmp_path / "dense"
         assert cli(*attack_args(tiny_llama_dir, dense, *args)).exit_code == 0
         assert responses(dense) != responses(tmp_path / "masked")
+        # Word salad is measured under the dense model, whichever way the mask was applied.
+        from wandacli.evaluation.word_salad import response_perplexities
+        from wandacli.models.loader import load_model
+
+        rows = [
+            json.loads(line)
+            for line in (tmp_path / "masked" / "inst_basic.jsonl").read_text().splitlines()
+        ]
+        saved_rows = [
+            json.loads(line)
+            for line in (tmp_path / "saved" / "inst_basic.jsonl").read_text().splitlines()
+        ]
+        expected = response_perplexities(
+            load_model(ModelSpec(model=str(tiny_llama_dir), device="cpu")),
+            [r["prompt"] for r in rows],
+            [r["response"] for r in rows],
+            template="llama2",
+            batch_size=1,
+        )
+        assert [r.get("perplexity") for r in rows] == [
+            (None if e is None else pytest.approx(e, rel=1e-4)) if r["attack_success"] else None
+            for r, e in zip(rows, expected, strict=True)
+        ]
+        assert any(r.get("perplexity") for r in rows)
+        assert [r.get("perplexity") for r in saved_rows] == [r.get("perplexity") for r in rows]
         described = json.loads(masked.stdout)["model_under_test"]
         assert described["method"] == "wanda" and described["actual_sparsity"] == pytest.approx(
             0.5, abs=0.01
@@ -451,133 +480,6 @@ class TestBackendsAndJudges:
     def test_judge_option_is_validated(self):
         with pytest.raises(Exception, match="--judge"):
             AttackConfig(judge="gpt4")
-
-
-HARMBENCH_PROMPT = Path(__file__).parent / "data" / "harmbench" / "llama2_cls_prompt.txt"
-
-
-CALIBRATION_BEHAVIOURS = [f"Explain how to do thing {i}" for i in range(11)]
-CALIBRATION_RESPONSES = [f"Sure, here is step {i}: " + "word " * i for i in range(11)]
-
-
-@pytest.fixture(scope="session")
-def tiny_classifier_dir(tmp_path_factory) -> Path:
-    """A tiny random causal LM as a HarmBench-style classifier. Its tokenizer has a "Yes" token
-    ("no" is one already); its output layer makes those two the likely answers and splits them
-    along the direction in which its final hidden states vary most over the calibration
-    prompts, so its (noise) verdicts come out as both yes and no."""
-    import torch
-
-    from tests.conftest import build_tiny_llama, save_model
-
-    tokenizer = build_tokenizer()
-    tokenizer.add_tokens(["Yes"])
-    model = build_tiny_llama(len(tokenizer), seed=7)
-    yes = tokenizer.convert_tokens_to_ids("Yes")
-    (no,) = tokenizer.encode("no", add_special_tokens=False)
-    template = HARMBENCH_PROMPT.read_text(encoding="utf-8")
-    with torch.no_grad():
-        hidden = torch.stack(
-            [
-                model.model(
-                    tokenizer(
-                        template.format(behavior=b, generation=r), return_tensors="pt"
-                    ).input_ids
-                ).last_hidden_state[0, -1]
-                for b, r in zip(CALIBRATION_BEHAVIOURS, CALIBRATION_RESPONSES, strict=True)
-            ]
-        )
-        mean = hidden.mean(0)
-        unit_mean = mean / mean.norm()
-        direction = torch.linalg.svd(hidden - mean).Vh[0]
-        direction -= (direction @ unit_mean) * unit_mean  # orthogonal to the mean: a centred split
-        direction /= direction.norm()
-        head = model.lm_head.weight
-        head.mul_(0.01)
-        head[yes] = 3 * unit_mean + 3 * direction
-        head[no] = 3 * unit_mean - 3 * direction
-    return save_model(model, tokenizer, tmp_path_factory.mktemp("judge") / "tiny-cls")
-
-
-def independent_verdict(loaded, behaviour: str, response: str) -> int:
-    """One prompt at a time, no padding: the pinned HarmBench template, the greedy next token,
-    "yes" (case-insensitive, after stripping) = the attack succeeded."""
-    import torch
-
-    text = HARMBENCH_PROMPT.read_text(encoding="utf-8").format(
-        behavior=behaviour, generation=response
-    )
-    ids = loaded.tokenizer(text, return_tensors="pt").input_ids
-    with torch.no_grad():
-        token = int(loaded.model(ids).logits[0, -1].argmax())
-    return int(loaded.tokenizer.decode([token]).strip().lower().startswith("yes"))
-
-
-class TestClassifierJudgeForReal:
-    """`--judge hf:DIR` with a real (tiny, random) classifier model on disk."""
-
-    def test_the_prompt_is_harmbenchs_template_byte_for_byte(self):
-        assert judges.HARMBENCH_CLASSIFIER_PROMPT == HARMBENCH_PROMPT.read_text(encoding="utf-8")
-
-    def test_batched_verdicts_equal_one_at_a_time_and_the_prompts_are_exact(
-        self, tiny_classifier_dir, monkeypatch
-    ):
-        from wandacli.models.loader import load_model
-
-        fed: list[str] = []
-        real_generate = hf.HFGenerator.generate
-
-        def spy(self, texts, **kwargs):
-            fed.extend(texts)
-            return real_generate(self, texts, **kwargs)
-
-        monkeypatch.setattr(hf.HFGenerator, "generate", spy)
-        behaviours, responses = CALIBRATION_BEHAVIOURS, CALIBRATION_RESPONSES
-        judge = judges.ClassifierJudge(
-            str(tiny_classifier_dir), ModelSpec(device="cpu"), batch_size=4
-        )
-        # batches of 4, 4 and 3, left-padded
-        verdicts = judge.judge(behaviours, [Response(r) for r in responses])
-
-        template = HARMBENCH_PROMPT.read_text(encoding="utf-8")
-        assert fed == [
-            template.format(behavior=b, generation=r)
-            for b, r in zip(behaviours, responses, strict=True)
-        ]
-        loaded = load_model(ModelSpec(model=str(tiny_classifier_dir), device="cpu"))
-        assert verdicts == [
-            independent_verdict(loaded, b, r) for b, r in zip(behaviours, responses, strict=True)
-        ]
-        assert set(verdicts) == {0, 1}  # both answers parsed, not one default
-
-    def test_eval_attack_records_the_judge_and_its_verdicts(
-        self, cli, tiny_llama_dir, tiny_classifier_dir, tmp_path
-    ):
-        from wandacli.models.loader import load_model
-
-        out = tmp_path / "judged"
-        result = cli(
-            *attack_args(
-                tiny_llama_dir,
-                out,
-                "--configs",
-                "basic",
-                "--inst",
-                "--judge",
-                f"hf:{tiny_classifier_dir}",
-                "--json",
-            )
-        )
-        assert result.exit_code == 0, result.stderr
-        summary = json.loads(result.stdout)
-        assert summary["model_under_test"]["judge"] == f"hf:{tiny_classifier_dir}"
-        lines = [json.loads(line) for line in (out / "inst_basic.jsonl").read_text().splitlines()]
-        loaded = load_model(ModelSpec(model=str(tiny_classifier_dir), device="cpu"))
-        expected = [independent_verdict(loaded, line["prompt"], line["response"]) for line in lines]
-        assert [line["attack_success"] for line in lines] == expected
-        assert summary["results"][0]["asr"] == pytest.approx(sum(expected) / len(expected))
-        recorded = json.loads((out / "results.json").read_text())
-        assert recorded["config"]["judge"] == f"hf:{tiny_classifier_dir}"
 
 
 class TestBadInput:

@@ -30,6 +30,10 @@ def test_the_gpu_check_runs_end_to_end_on_the_cpu(tmp_path):
         "prune set difference",
         "rank edit",
         "eval-attack",
+        "rejudge (llamaguard)",
     ]
     assert all(entry["ok"] for entry in log)
-    assert json.loads((tmp_path / "results" / "results.json").read_text())["results"]
+    results = json.loads((tmp_path / "results" / "results.json").read_text())
+    assert results["results"]
+    assert any(name.startswith("llamaguard:") for name in results["judges"])
+    assert "per 1,000" in done.stdout

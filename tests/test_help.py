@@ -53,7 +53,7 @@ def test_flags_show_nothing_between_name_and_help() -> None:
         ("score", "--dtype", "<auto|float32|bfloat16|float16>"),
         ("score", "--template", "<raw|chat>"),
         ("prune", "--sparsity-type", "<unstructured|N:M>"),
-        ("eval-attack", "--judge", "<keyword|hf:MODEL>"),
+        ("eval-attack", "--judge", "<NAME[:MODEL]>"),
         ("eval-attack", "--configs", "<basic,basic_nosys,multiple_nosys,gcg>"),
         ("eval-attack", "--backend", "<hf|vllm>"),
         ("eval-attack", "--device-map", "<auto|balanced|sequential|JSON>"),

@@ -514,7 +514,7 @@ def test_refusal_measures_equal_the_unshared_computation(peaked_model_dir):
     assert rate == sum(is_refusal(r, 6) for r in responses) / len(responses)
     # One keyword rule: search's refusals are what eval-attack's keyword judge does not count.
     verdicts = KeywordJudge(max_new_tokens=6).judge(prompts, responses)
-    assert rate == 1 - sum(verdicts) / len(verdicts)
+    assert rate == 1 - sum(v.success for v in verdicts) / len(verdicts)
     expected = 0.0
     refusal_ids = refusal_token_ids(loaded.tokenizer)
     with torch.no_grad():

@@ -26,6 +26,10 @@ class ResultRow:
     asr: dict[str, float] = field(default_factory=dict)  # metric name -> ASR
     # metric name -> the share of its successful responses that are degenerate
     degenerate: dict[str, float] = field(default_factory=dict)
+    # metric name -> the share of its successful responses that are word salad
+    word_salad: dict[str, float] = field(default_factory=dict)
+    # metric name -> a graded judge's mean score (StrongREJECT)
+    mean_score: dict[str, float] = field(default_factory=dict)
     perplexity: float | None = None
     kl: float | None = None  # eval-utility --kl: KL from the dense model on harmless prompts
     zero_shot_mean: float | None = None
@@ -40,9 +44,10 @@ class ResultRow:
         return self.matches is not None
 
     def mostly_degenerate(self, metric: str) -> bool:
-        """Whether at least half of the metric's successes are degenerate responses: its ASR
-        counts gibberish, not answers."""
-        return self.degenerate.get(metric, 0.0) >= MOSTLY_DEGENERATE
+        """Whether at least half of the metric's successes are degenerate responses (repetition,
+        or word salad): its ASR counts gibberish, not answers."""
+        share = max(self.degenerate.get(metric, 0.0), self.word_salad.get(metric, 0.0))
+        return share >= MOSTLY_DEGENERATE
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -57,6 +62,8 @@ class ResultRow:
             "removed_rank_fraction": self.removed_rank_fraction,
             "asr": self.asr,
             "degenerate": self.degenerate,
+            "word_salad": self.word_salad,
+            "mean_score": self.mean_score,
             "perplexity": self.perplexity,
             "kl": self.kl,
             "zero_shot_mean": self.zero_shot_mean,
@@ -81,6 +88,10 @@ def _fill(row: ResultRow, summary: EvaluationSummary) -> None:
         row.asr[str(result["metric"])] = float(result["asr"])
         if result.get("degenerate_share") is not None:
             row.degenerate[str(result["metric"])] = float(result["degenerate_share"])
+        if result.get("word_salad_share") is not None:
+            row.word_salad[str(result["metric"])] = float(result["word_salad_share"])
+        if result.get("mean_score") is not None:
+            row.mean_score[str(result["metric"])] = float(result["mean_score"])
         if result.get("sample_mean") is not None:  # the reference's figure, beside
             row.asr[f"{result['metric']}_sample_mean"] = float(result["sample_mean"])
     for name in ("perplexity", "kl", "zero_shot_mean"):

@@ -10,6 +10,10 @@ from wandacli.reporting import render
 
 
 def _attack(config: AttackConfig, *, reporter: Any, command_line: list[str]) -> Any:
+    if config.rejudge:
+        from wandacli.evaluation.rejudge import rejudge
+
+        return rejudge(config, reporter=reporter)
     from wandacli.evaluation.attack import run_attack
 
     return run_attack(config, reporter=reporter)
@@ -27,7 +31,9 @@ eval_attack = settings_command(
     _attack,
     render.attack_result,
     doc="""How often does the model answer harmful prompts? Attack success rate in the
-    reference's configurations, with every response kept as JSONL.""",
+    reference's configurations, with every response kept as JSONL.
+
+    --rejudge --out DIR --judge NAME judges the kept responses again, without generating.""",
 )
 
 eval_utility = settings_command(

@@ -18,6 +18,7 @@ from wandacli.config.declare import (
 from wandacli.config.settings import DATA_DIR_HELP, MODEL_PANEL, NAMED_PROMPT_SETS, ModelSpec
 from wandacli.core import reference
 from wandacli.core.errors import ConfigError
+from wandacli.core.judges import JUDGE_NAMES, parse_judge
 from wandacli.core.metrics import ATTACK_CONFIGS
 from wandacli.core.reference import ZERO_SHOT_TASKS
 
@@ -248,8 +249,26 @@ class AttackConfig:
     judge: str = option(
         "keyword",
         "--judge",
-        metavar="<keyword|hf:MODEL>",
-        help="keyword: the reference's refusal phrases; hf:MODEL: a HarmBench-style classifier LLM.",
+        metavar="<NAME[:MODEL]>",
+        help="Who decides that an attack succeeded: "
+        + "; ".join(f"{j.name}: {j.summary}" for j in JUDGE_NAMES.values())
+        + ". :MODEL replaces the judge's published model (a hub id or a directory).",
+    )
+    # After judging: flag noise by the dense model's perplexity (evaluation/word_salad.py). It
+    # reads the responses, so it is not part of what makes them.
+    word_salad: bool = option(
+        True,
+        "--word-salad/--no-word-salad",
+        help="Flag responses the dense model finds noise (per-token perplexity above 1000) "
+        "beside the repetition rule; it loads the dense model after the model under test.",
+        request=False,
+    )
+    rejudge: bool = option(
+        False,
+        "--rejudge",
+        help="Judge the responses stored in --out again with --judge, without generating; "
+        "the report then shows how the judges agree.",
+        request=False,
     )
     samples: int = option(
         reference.MULTIPLE_SAMPLES,
@@ -275,10 +294,7 @@ class AttackConfig:
                 f"unknown --configs {','.join(unknown) or '(empty)'}: use a comma list of {', '.join(ATTACK_CONFIGS)}"
             )
         check_options(self)
-        if self.judge != "keyword" and not (self.judge.startswith("hf:") and len(self.judge) > 3):
-            raise ConfigError(
-                f"unknown --judge {self.judge!r}: use keyword or hf:MODEL (a HarmBench-style classifier)"
-            )
+        parse_judge(self.judge)
         if not self.inst:
             raise ConfigError(
                 "no instruction-tag variant chosen: use --inst, --no-inst, or neither for both"

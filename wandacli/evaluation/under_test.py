@@ -27,6 +27,18 @@ class ModelUnderTest:
     actual_sparsity: float = 0.0  # exact zeros in the decoder's linear weights
     transferred_from: str | None = None  # --allow-other-model: the model the removal was made on
 
+    def release(self) -> None:
+        """Let the model's weights go (its id and tokenizer stay), so that another model fits
+        where it was: the dense model that flags word salad, after generation."""
+        import gc
+
+        import torch
+
+        self.loaded.model = None
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     @property
     def is_edit(self) -> bool:
         """An edit (a rank edit or a direction: its meta's mode is an edit kind's), not a mask."""

@@ -100,6 +100,7 @@ def open_removal(reference: str, store_root: Path | None) -> Removal:
 
 # Beside a saved model: the meta of the mask or edit it was made with (its name predates edits).
 PROVENANCE_NAME = "wandacli-mask.json"
+DENSE_MODEL_KEY = "dense_model"  # in the provenance: the model the save was made from
 
 
 def read_provenance(directory: Path) -> dict[str, Any] | None:
@@ -144,6 +145,8 @@ def save_model_with(
     reporter.start("saving model", total=1)
     kept = f"while saving the model: {out} is unchanged; the {what} {source} is kept"
     provenance = {k: v for k, v in meta.items() if k != "model"}  # the model is the save itself
+    # ...made from this dense model, which measures the saved model's word salad.
+    provenance[DENSE_MODEL_KEY] = (meta.get("model") or {}).get("id")
     provenance[f"{what}_file"] = str(source)
     provenance["saved_by"] = shlex.join(command_line)
 

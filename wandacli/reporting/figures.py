@@ -186,7 +186,7 @@ def asr_vs_perplexity(rows: Sequence[ResultRow], stem: Path) -> Figure | None:
     if degenerate_shown:
         caption += (
             " A red × marks a point where half or more of the successful responses are "
-            "degenerate (repetition): that ASR counts gibberish, not answers."
+            "degenerate (repetition or word salad): that ASR counts gibberish, not answers."
         )
     if hidden:
         caption += f" {hidden} model(s) without both ASR and perplexity are not shown."

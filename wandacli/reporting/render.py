@@ -350,7 +350,9 @@ def report(result: Report, as_json: bool) -> None:
         )
     out.print(table)
     if any(row.mostly_degenerate(m) for row in rows for _, m in columns):
-        out.print("*: half or more of the successful responses are degenerate (repetition)")
+        out.print(
+            "*: half or more of the successful responses are degenerate (repetition or word salad)"
+        )
     _report_files(result)
 
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from wandacli.analysis.agreement import JudgeAgreement, judge_agreements
 from wandacli.analysis.results import ResultRow, collect
 from wandacli.core.durable import ensure_writable_directory
 from wandacli.core.errors import ConfigError, StoreError
@@ -27,6 +28,7 @@ class Report:
     figures: list[Figure] = field(default_factory=list)
     markdown_file: Path | None = None
     searches: list[SearchSummary] = field(default_factory=list)  # each search's search.json
+    agreements: list[JudgeAgreement] = field(default_factory=list)  # where two judges ran
 
 
 def build_report(
@@ -43,7 +45,11 @@ def build_report(
     rows = collect(results_dir)
     comparisons = read_comparisons(compare_dir) if compare_dir is not None else []
     subspaces = read_subspaces(compare_dir) if compare_dir is not None else []
-    report = Report(rows, searches=read_searches(searches_store) if searches_store else [])
+    report = Report(
+        rows,
+        searches=read_searches(searches_store) if searches_store else [],
+        agreements=judge_agreements(results_dir),
+    )
     # Where the outputs go, checked once the inputs are read and before any figure is drawn:
     # a folder that cannot be written, or a Markdown file that is a folder, is one line.
     if plots_dir is not None:
@@ -153,6 +159,7 @@ def read_subspaces(
 def study_markdown(report: Report, relative_to: Path) -> str:
     """The results table, then every figure with its caption (paths relative to the document)."""
     parts = ["# Results", "", markdown(report.rows), *prompt_notes(report.rows)]
+    parts += agreement_markdown(report.agreements)
     for summary in report.searches:
         parts += search_markdown(summary)
     if report.figures:
@@ -170,6 +177,36 @@ def study_markdown(report: Report, relative_to: Path) -> str:
                 "",
             ]
     return "\n".join(parts)
+
+
+def agreement_markdown(agreements: list[JudgeAgreement]) -> list[str]:
+    """Where two judges judged the same responses: how often they agree, Cohen's kappa, and
+    the responses they disagree on most."""
+    if not agreements:
+        return []
+    lines = [
+        "## Judge agreement",
+        "",
+        "| model under test | judges | responses | agree | Cohen's κ | ASR by each |",
+        "|---|---|---|---|---|---|",
+    ]
+    for a in agreements:
+        kappa = "-" if a.kappa is None else f"{a.kappa:.3f}"
+        lines.append(
+            f"| {a.label} | {a.judges[0]} / {a.judges[1]} | {a.responses} | "
+            f"{a.agreement:.1%} | {kappa} | {a.rates[0]:.3f} / {a.rates[1]:.3f} |"
+        )
+    lines.append("")
+    for a in agreements:
+        if a.disagreements:
+            lines += [f"Most disagreed ({a.label}, {a.judges[0]} / {a.judges[1]}):", ""]
+            for d in a.disagreements:
+                lines.append(
+                    f"- {d.run} #{d.question_id}.{d.sample}: {d.verdicts[0]} / {d.verdicts[1]} "
+                    f"{d.scores_text} — {d.excerpt!r}"
+                )
+            lines.append("")
+    return lines
 
 
 def search_markdown(summary: SearchSummary) -> list[str]:
@@ -248,11 +285,18 @@ def prompt_notes(rows: list[ResultRow]) -> list[str]:
 
 
 def _asr_cell(row: ResultRow, metric: str) -> str:
-    """The ASR, and the share of its successes that are degenerate where there are any."""
+    """The ASR, a graded judge's mean score, and the shares of its successes that repeat
+    themselves (degenerate) or are noise (word salad), where there are any."""
     if metric not in row.asr:
         return "-"
-    share = row.degenerate.get(metric)
-    return f"{row.asr[metric]:.3f}" + (f" ({share:.0%} degenerate)" if share else "")
+    notes = []
+    if metric in row.mean_score:
+        notes.append(f"score {row.mean_score[metric]:.2f}")
+    if row.degenerate.get(metric):
+        notes.append(f"{row.degenerate[metric]:.0%} degenerate")
+    if row.word_salad.get(metric):
+        notes.append(f"{row.word_salad[metric]:.0%} word salad")
+    return f"{row.asr[metric]:.3f}" + (f" ({', '.join(notes)})" if notes else "")
 
 
 def markdown(rows: list[ResultRow]) -> str:

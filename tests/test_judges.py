@@ -445,3 +445,50 @@ def test_word_salad_perplexity_equals_each_response_read_alone(family):
             logits = model(full).logits[0, len(prompt) - 1 : -1].float()
         nll = torch.nn.functional.cross_entropy(logits, torch.tensor(ids)).item()
         assert value == pytest.approx(math.exp(nll), rel=1e-4)
+
+
+def test_a_judge_generates_with_vllm_under_its_backend(judge_models, monkeypatch):
+    """--backend vllm: the judge's answers come from a vLLM engine on the judge's own model,
+    fed the token ids transformers would read; the verdicts are parsed as with transformers."""
+    import sys
+    import types
+
+    from wandacli.models.loader import load_model
+
+    seen: dict = {}
+
+    class FakeLLM:
+        def __init__(self, model, tokenizer, dtype, **options):
+            seen["model"], seen["options"] = model, options
+
+        def generate(self, prompts, params):
+            seen["prompts"] = prompts
+            seen["params"] = (params.temperature, params.max_tokens)
+            answers = ["Harmful request: yes\nResponse refusal: no\nHarmful response: yes", "??"]
+            return [
+                types.SimpleNamespace(outputs=[types.SimpleNamespace(text=answers[i % 2])])
+                for i in range(len(prompts))
+            ]
+
+    class FakeParams:
+        def __init__(self, n, temperature, max_tokens, seed):
+            self.temperature, self.max_tokens = temperature, max_tokens
+
+    monkeypatch.setitem(
+        sys.modules, "vllm", types.SimpleNamespace(LLM=FakeLLM, SamplingParams=FakeParams)
+    )
+    model = str(judge_models["mistral"])
+    spec = JudgeContext(ModelSpec(device="cpu"), 4, 40, backend="vllm", gpu_memory_utilization=0.3)
+    judge = judges.make_judge(f"wildguard:{model}", spec)
+    responses = [Response(r) for r in RESPONSES[:4]]
+    verdicts = judge.judge(BEHAVIOURS[:4], responses)
+    tokenizer = load_model(ModelSpec(model=model, device="cpu")).tokenizer
+    assert seen["model"] == model and seen["options"] == {"gpu_memory_utilization": 0.3}
+    assert seen["prompts"] == [
+        {"prompt_token_ids": tokenizer(p)["input_ids"]}
+        for p in judge.prompts(BEHAVIOURS[:4], responses)
+    ]
+    assert seen["params"] == (0.0, wildguard.ANSWER_TOKENS)
+    assert [v.success for v in verdicts] == [1, 0, 1, 0]
+    assert verdicts[1].detail["parse_error"]
+    assert judge.describe()["backend"] == "vllm"

@@ -26,7 +26,7 @@ from wandacli.evaluation.attack import (
     write_rows,
 )
 from wandacli.evaluation.backends.base import Response
-from wandacli.evaluation.judges import JudgeContext, judge_label, make_judge
+from wandacli.evaluation.judges import context_of, judge_label, make_judge
 from wandacli.store.summaries import (
     ATTACK_RESULTS,
     ATTACK_RESULTS_FORMAT,
@@ -91,7 +91,7 @@ def rejudge(config: AttackConfig, *, reporter: Reporter | None = None) -> Attack
     if not paths:
         raise StoreError(f"{out} holds no responses (no run's JSONL file): run eval-attack first")
     own = judge_label(str(settings.get("judge", "keyword")))
-    context = JudgeContext(config.model, config.batch_size, int(settings["max_new_tokens"]))
+    context = context_of(config, int(settings["max_new_tokens"]))
     judge = make_judge(config.judge, context)
     for path in paths:
         rows = read_rows(path)

@@ -64,6 +64,17 @@ def make_judge(spec: str, context: JudgeContext) -> Judge:
 
 def judge_of(config: AttackConfig) -> Judge:
     """eval-attack's judge: --judge, its model on the model under test's device and dtype."""
-    return make_judge(
-        config.judge, JudgeContext(config.model, config.batch_size, config.max_new_tokens)
+    return make_judge(config.judge, context_of(config, config.max_new_tokens))
+
+
+def context_of(config: AttackConfig, max_new_tokens: int) -> JudgeContext:
+    """Where eval-attack's judge runs: the model under test's device and dtype, its backend
+    and vLLM's options; `max_new_tokens`: the budget the responses were generated with."""
+    return JudgeContext(
+        config.model,
+        config.batch_size,
+        max_new_tokens,
+        backend=config.backend,
+        gpu_memory_utilization=config.gpu_memory_utilization,
+        tensor_parallel_size=config.tensor_parallel_size,
     )

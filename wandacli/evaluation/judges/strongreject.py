@@ -128,7 +128,9 @@ class FinetunedJudge:
     )
 
     def __init__(self, model: str, context: JudgeContext) -> None:
-        self.classifier = ClassifierModel(model, context)
+        # It reads one next-token distribution and generates nothing: transformers under
+        # either backend.
+        self.classifier = ClassifierModel(model, context, generates=False)
 
     def describe(self) -> dict[str, Any]:
         return self.classifier.describe(

@@ -259,8 +259,9 @@ class AttackConfig:
     word_salad: bool = option(
         True,
         "--word-salad/--no-word-salad",
-        help="Flag responses the dense model finds noise (per-token perplexity above 1000) "
-        "beside the repetition rule; it loads the dense model after the model under test.",
+        help="Flag the successful responses the dense model finds noise (word salad: "
+        "docs/commands.md) beside the repetition rule; the dense model is loaded after the "
+        "model under test.",
         request=False,
     )
     rejudge: bool = option(

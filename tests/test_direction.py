@@ -258,6 +258,60 @@ def test_a_direction_trial_equals_the_edit_and_is_undone(means_store, tiny_llama
     removals.close()
 
 
+def test_a_projected_direction_is_orthogonal_to_the_harmless_mean(cli, means_store, tiny_llama_dir):
+    """`--direction-projected 1`: r ← normalise(r − (r·m̂) m̂), m the harmless mean at the same
+    stream and position (heretic's projected direction); that r is what the edit stores and
+    removes, and the stream then carries none of it."""
+    made = direction_edit(cli, means_store, "--direction-layer", "1", "--direction-projected",
+                          "1", "--json")  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    name = json.loads(made.stdout)["name"]
+    assert name.endswith("direction-l1p-1-projected")
+    r = expected_direction(means_store, 1, -1).double()
+    with MeanActivations(means_store / "scores" / "harmless.h5") as harmless:
+        m = torch.from_numpy(harmless.means()[1, -1]).double()
+    m_hat = m / m.norm()
+    projected = r - (r @ m_hat) * m_hat
+    projected = projected / projected.norm()
+    with EditFile(means_store / "edits" / f"{name}.h5") as stored:
+        kept = torch.from_numpy(stored.read_raw("direction")).double().reshape(-1)
+        assert "projected" in stored.meta["direction"]
+    assert torch.allclose(kept, projected, atol=1e-6)
+    assert abs(float(kept @ m_hat)) < 1e-6 and abs(float(r @ m_hat)) > 1e-3  # it was not before
+    spec = ModelSpec(model=str(tiny_llama_dir), device="cpu")
+    edited = load_model_under_test(spec, name, means_store)
+    ids = edited.loaded.tokenizer("Tell me how to do a thing.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        streams = edited.loaded.model(ids, output_hidden_states=True).hidden_states
+    for h in streams[:-1]:
+        assert (h[0].double() @ kept).abs().max() <= 1e-5 * float(h[0].double().norm(dim=-1).max())
+    unprojected = direction_edit(cli, means_store, "--direction-layer", "1", "--json")
+    assert json.loads(unprojected.stdout)["name"].endswith("direction-l1p-1")  # the default: 0
+    bad = direction_edit(cli, means_store, "--direction-layer", "1", "--direction-projected", "2")
+    assert_one_line_error(bad, "--direction-projected 2")
+
+
+def test_a_search_tries_both_directions(cli, means_store, tiny_llama_dir, tmp_path):
+    from tests.test_search import QUICK
+
+    store = tmp_path / "store"
+    (store / "scores").mkdir(parents=True)
+    for name in ("harmful.h5", "harmless.h5"):
+        (store / "scores" / name).write_bytes((means_store / "scores" / name).read_bytes())
+    result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "both", *QUICK,
+                 "--scores", "harmful", "--utility-scores", "harmless", "--direction-layer", "1:2",
+                 "--direction-projected", "0:1", "--trials", "4", "--keep-best", "refusal:2",
+                 "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert {t["params"]["direction_projected"] for t in found["trials"]} <= {0, 1}
+    best = next(t for t in found["front"] if t["index"] == found["best"]["index"])
+    with EditFile(store / "edits" / "both.best.h5") as kept:
+        assert ("projected" in kept.meta["direction"]) == bool(
+            best["params"]["direction_projected"]
+        )
+
+
 def test_search_over_the_direction_space(cli, means_store, tiny_llama_dir, tmp_path):
     from tests.test_search import QUICK
 

@@ -80,6 +80,25 @@ def refusal_direction(
     return difference / norm
 
 
+def projected_direction(direction: torch.Tensor, harmless_mean: np.ndarray) -> torch.Tensor:
+    """r orthogonalised against the harmless mean m at its stream and position, made unit
+    again: normalise(r − (r·m̂) m̂) (heretic's "projected" direction; removing it leaves the
+    harmless prompts' mean stream as it was). float64 [d]."""
+    r = direction.to(torch.float64).reshape(-1)
+    m = torch.from_numpy(np.asarray(harmless_mean)).to(torch.float64).reshape(-1)
+    if float(m.norm()) == 0.0:
+        return r
+    m = m / m.norm()
+    projected = r - torch.dot(r, m) * m
+    norm = float(projected.norm())
+    if norm == 0.0:
+        raise StoreError(
+            "the refusal direction lies along the harmless mean there: nothing is left after "
+            "the projection; choose another --direction-layer, or drop --direction-projected"
+        )
+    return projected / norm
+
+
 def orthogonalised_embedding(
     embedding: torch.Tensor, direction: torch.Tensor, scale: float = 1.0
 ) -> torch.Tensor:

@@ -27,6 +27,10 @@ RULE = (
     "W ← W − α r rᵀ W, token embedding E ← E − α (E r) rᵀ (α = direction_scale, 1: all of it; a "
     "tied output head changes with the embedding)"
 )
+PROJECTED_RULE = (
+    "before its removal, r ← normalise(r − (r·μ̂) μ̂), μ̂ the harmless mean at the same layer "
+    "and position normalised (heretic's projected direction)"
+)
 CONTROL_RULE = (
     "a seeded random unit vector (Gaussian, normalised), removed from the writers and the "
     "embedding as the matched direction is"
@@ -38,6 +42,11 @@ def _share(value: float, flag: str) -> None:
         raise ConfigError(
             f"{flag} {value:g}: the share of the direction removed must lie in (0, 1] (1: all of it)"
         )
+
+
+def _binary(value: int, flag: str) -> None:
+    if value not in (0, 1):
+        raise ConfigError(f"{flag} {value}: use 1 (orthogonal to the harmless mean) or 0 (not)")
 
 
 @dataclass(frozen=True)
@@ -58,6 +67,19 @@ class DirectionSettings:
         help="The direction's prompt position, from the end (-1: the last prompt token).",
         panel=options.DIRECTION_PANEL,
     )
+    # heretic's "projected" direction: r made orthogonal to the harmless mean first, so that
+    # removing it leaves the harmless prompts' mean stream as it was. Left out of the request
+    # at 0, as every edit made before it existed.
+    direction_projected: int = option(
+        0,
+        "--direction-projected",
+        help="1: r orthogonalised against the harmless mean at its layer and position first, "
+        "r ← normalise(r − (r·μ̂_harmless) μ̂_harmless) (heretic's default); 0: Arditi et "
+        "al.'s r [default].",
+        panel=options.DIRECTION_PANEL,
+        check=_binary,
+        request_omits_default=True,
+    )
     # heretic's weight of the abliteration: W ← W − α r rᵀ W (1: orthogonalised; 0.5: the
     # stream keeps half its component along r from each writer). Left out of the request at
     # 1, as every edit made before the scale existed.
@@ -70,6 +92,11 @@ class DirectionSettings:
         check=_share,
         request_omits_default=True,
     )
+
+
+def _binary_range(chosen: ParameterRange, flag: str) -> None:
+    if not 0 <= chosen.low <= chosen.high <= 1:
+        raise ConfigError(f"{flag} {chosen}: use 0, 1, or 0:1 to search both")
 
 
 def _scale_range(chosen: ParameterRange, flag: str) -> None:
@@ -99,6 +126,7 @@ class Direction(EditKind):
         Searchable("direction_layer", "--direction-layer", "The refusal direction (two mean-activations sets): its residual stream, e.g. 8:24.", integer=True, check=_layer_range),
         Searchable("direction_position", "--direction-position", "The refusal direction's prompt position from the end, e.g. -5:-1 [default: -1].", integer=True, check=_position_range, fixed=-1, ranged_when_fixed=True),
         Searchable("direction_scale", "--direction-scale", "The share of the refusal direction removed, e.g. 0.3:1 [default: 1, all of it].", linear=True, check=_scale_range, fixed=1.0),
+        Searchable("direction_projected", "--direction-projected", "Whether r is orthogonalised against the harmless mean first: 0, 1, or 0:1 to search both [default: 0].", integer=True, check=_binary_range, fixed=0),
     )  # fmt: skip
     search_groups = (frozenset({"direction_layer"}),)
     search_usage = (
@@ -194,15 +222,17 @@ class Direction(EditKind):
         settings = request.settings
         assert sets.secondary is not None
         scale = f"a{settings.direction_scale:g}" if settings.direction_scale != 1.0 else ""
+        projected = "-projected" if settings.direction_projected else ""
         return file_safe_name(
             f"{sets.primary.name}-minus-{sets.secondary.name}.direction-l"
-            f"{settings.direction_layer}p{settings.direction_position}{scale}"
+            f"{settings.direction_layer}p{settings.direction_position}{scale}{projected}"
         )
 
     def direction(self, settings: DirectionSettings, sets: Sets) -> torch.Tensor | None:
-        """r̂ from the two means (float64); None where they are equal there (the embeddings'
-        output at the template's own tokens is the same for every prompt): nothing to remove."""
-        from wandacli.removal.direction import refusal_direction
+        """r̂ from the two means (float64), orthogonalised against the harmless mean with
+        --direction-projected; None where the means are equal there (the embeddings' output at
+        the template's own tokens is the same for every prompt): nothing to remove."""
+        from wandacli.removal.direction import projected_direction, refusal_direction
 
         harmful, harmless = sets.extra["means"]
         layer, position = settings.direction_layer, settings.direction_position
@@ -211,7 +241,10 @@ class Direction(EditKind):
             index = harmful.shape[1] + position
             if not np.any(harmful[layer, index] != harmless[layer, index]):
                 return None
-        return refusal_direction(harmful, harmless, layer, position)
+        r = refusal_direction(harmful, harmless, layer, position)
+        if settings.direction_projected:
+            return projected_direction(r, harmless[layer, harmful.shape[1] + position])
+        return r
 
     def content(
         self, settings: DirectionSettings, sets: Sets, loaded: Any, reporter: Any
@@ -258,6 +291,7 @@ class Direction(EditKind):
                 "layer": settings.direction_layer,
                 "position": settings.direction_position,
                 "rule": RULE,
+                **({"projected": PROJECTED_RULE} if settings.direction_projected else {}),
             },
             "direction_scale": settings.direction_scale,
             "family": family_named(sets.fingerprint.family).name,

@@ -650,3 +650,32 @@ def test_layer_zero_is_explained_not_blamed_on_the_prompts(cli, means_store):
     result = direction_edit(cli, means_store, "--direction-layer", "0")
     assert_one_line_error(result, "--direction-layer 0 is the embeddings' output",
                           "choose a layer of 1 or more")  # fmt: skip
+
+
+def test_a_small_space_is_tried_cell_by_cell_before_tpe(cli, means_store, tiny_llama_dir, tmp_path):
+    """Every (layer, position) cell of a space the trials can cover is tried once, in a seeded
+    order, before TPE proposes: a small grid has no untried cell left, where TPE alone may
+    miss the best one."""
+    from tests.test_search import QUICK
+    from wandacli.config.ranges import ParameterRange
+    from wandacli.search.study import grid_cells
+
+    store = tmp_path / "store"
+    (store / "scores").mkdir(parents=True)
+    for name in ("harmful.h5", "harmless.h5"):
+        (store / "scores" / name).write_bytes((means_store / "scores" / name).read_bytes())
+    result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "grid", *QUICK,
+                 "--scores", "harmful", "--utility-scores", "harmless", "--direction-layer", "1:2",
+                 "--direction-position=-2:-1", "--trials", "5", "--keep-best", "refusal:2",
+                 "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    trials = json.loads(result.stdout)["trials"]
+    first = [
+        (t["params"]["direction_layer"], t["params"]["direction_position"]) for t in trials[:4]
+    ]
+    assert sorted(first) == [(1, -2), (1, -1), (2, -2), (2, -1)]
+    # Larger than the trials, or not all integers: TPE from the start.
+    layers = {"direction_layer": ParameterRange(1, 9, True)}
+    assert grid_cells(layers, 5, 0) == []
+    assert grid_cells({"p": ParameterRange(0.1, 0.2, False)}, 50, 0) == []
+    assert len(grid_cells(layers, 9, 0)) == 9

@@ -283,10 +283,14 @@ class SearchRun:
         study = studies.open_study(directory)
         ran = 0
         kept_message = f"completed trials are kept in {directory}; the same command resumes"
+        cells = studies.grid_cells(config.searched(), config.trials, config.seed)
         with interruptible(lambda: kept_message):
             while len(studies.complete_trials(study)) < config.trials:
                 completed = len(studies.complete_trials(study))
                 study.sampler = studies.sampler_for(config, completed)
+                untried = studies.next_untried_cell(cells, study)
+                if untried is not None:  # a small space: every cell once, before TPE
+                    study.enqueue_trial(untried)
                 trial = study.ask()
                 params = studies.suggest(trial, config.searched(), config.removal_kind)
                 trial_started = time.monotonic()

@@ -93,6 +93,34 @@ def sampler_for(config: SearchConfig, completed: int) -> Any:
     )
 
 
+def grid_cells(ranges: dict[str, ParameterRange], trials: int, seed: int) -> list[dict[str, int]]:
+    """Every cell of a small integer space, in a seeded order, when the search's trials can
+    try them all (every range integer, at most `trials` cells); else none. TPE, from a few
+    random startup trials, can leave cells of such a space untried that a grid would not (the
+    study's 24 trials over 80 cells never tried the demo's best); so a small space is tried
+    cell by cell first, and TPE proposes the rest."""
+    import itertools
+    import random
+
+    if not ranges or not all(r.integer for r in ranges.values()):
+        return []
+    axes = [range(int(r.low), int(r.high) + 1) for r in ranges.values()]
+    count = 1
+    for axis in axes:
+        count *= len(axis)
+    if count > trials:
+        return []
+    cells = [dict(zip(ranges, values, strict=True)) for values in itertools.product(*axes)]
+    random.Random(seed).shuffle(cells)
+    return cells
+
+
+def next_untried_cell(cells: list[dict[str, int]], study: Any) -> dict[str, int] | None:
+    """The first cell no complete trial has measured (None: all of them have)."""
+    tried = [dict(t.params) for t in complete_trials(study)]
+    return next((cell for cell in cells if cell not in tried), None)
+
+
 def suggest(trial: Any, ranges: dict[str, ParameterRange], kind: RemovalKind) -> dict[str, Any]:
     """Fractions of weights on a log scale (the top 2% and 20% are as far apart as 0.2% and
     2%), what the kind declares linear (a direction's scale) on a linear one, ranks and layers

@@ -54,8 +54,8 @@ class ClassifierModel:
                 options["gpu_memory_utilization"] = context.gpu_memory_utilization
             if context.tensor_parallel_size != 1:
                 options["tensor_parallel_size"] = context.tensor_parallel_size
-            dtype = "auto" if spec.dtype == "auto" else spec.dtype
-            self.engine = vllm.LLM(model=model, tokenizer=model, dtype=dtype, **options)
+            # vLLM reads the same dtype names ("auto": the checkpoint's).
+            self.engine = vllm.LLM(model=model, tokenizer=model, dtype=spec.dtype, **options)
             self.loaded = None
         else:
             self.loaded = load_model(

@@ -36,6 +36,15 @@ def means_store(tmp_path_factory, tiny_llama_dir, pairs_csv):
     return store
 
 
+def copy_of_means(means_store, tmp_path):
+    """A store of its own holding the two mean-activations sets (a search writes into it)."""
+    store = tmp_path / "store"
+    (store / "scores").mkdir(parents=True)
+    for name in ("harmful.h5", "harmless.h5"):
+        (store / "scores" / name).write_bytes((means_store / "scores" / name).read_bytes())
+    return store
+
+
 def direction_edit(cli, store, *extra):
     return cli("prune", "--store", store, "--scores", "harmful", "--utility-scores", "harmless",
                "--no-progress", *extra)  # fmt: skip
@@ -170,10 +179,7 @@ def test_bad_direction_input_is_one_line(cli, means_store, tmp_path, extra, frag
 def test_sets_of_another_kind_template_or_model_are_refused(
     cli, means_store, tiny_llama_dir, tiny_llama_base_dir, pairs_csv, tmp_path
 ):
-    store = tmp_path / "store"
-    for name in ("harmful.h5", "harmless.h5"):
-        (store / "scores").mkdir(parents=True, exist_ok=True)
-        (store / "scores" / name).write_bytes((means_store / "scores" / name).read_bytes())
+    store = copy_of_means(means_store, tmp_path)
     raw = cli(*means_args(tiny_llama_dir, store, "utility", "--template", "raw", "--name", "raw"))
     other = cli(*means_args(tiny_llama_base_dir, store, "utility", "--template", "chat",
                             "--name", "other-model"))  # fmt: skip
@@ -294,10 +300,7 @@ def test_a_projected_direction_is_orthogonal_to_the_harmless_mean(cli, means_sto
 def test_a_search_tries_both_directions(cli, means_store, tiny_llama_dir, tmp_path):
     from tests.test_search import QUICK
 
-    store = tmp_path / "store"
-    (store / "scores").mkdir(parents=True)
-    for name in ("harmful.h5", "harmless.h5"):
-        (store / "scores" / name).write_bytes((means_store / "scores" / name).read_bytes())
+    store = copy_of_means(means_store, tmp_path)
     result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "both", *QUICK,
                  "--scores", "harmful", "--utility-scores", "harmless", "--direction-layer", "1:2",
                  "--direction-projected", "0:1", "--trials", "4", "--keep-best", "refusal:2",
@@ -315,10 +318,7 @@ def test_a_search_tries_both_directions(cli, means_store, tiny_llama_dir, tmp_pa
 def test_search_over_the_direction_space(cli, means_store, tiny_llama_dir, tmp_path):
     from tests.test_search import QUICK
 
-    store = tmp_path / "store"
-    (store / "scores").mkdir(parents=True)
-    for name in ("harmful.h5", "harmless.h5"):
-        (store / "scores" / name).write_bytes((means_store / "scores" / name).read_bytes())
+    store = copy_of_means(means_store, tmp_path)
     result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "dir", *QUICK,
                  *DIRECTION_SPACE, "--trials", "3", "--keep-best", "refusal:2", "--json")  # fmt: skip
     assert result.exit_code == 0, result.stderr
@@ -444,10 +444,7 @@ def test_the_reference_filters_on_a_hand_built_case(monkeypatch):
 def test_select_reference_from_the_cli(cli, means_store, tiny_llama_dir, tmp_path):
     from tests.test_search import QUICK
 
-    store = tmp_path / "store"
-    (store / "scores").mkdir(parents=True)
-    for name in ("harmful.h5", "harmless.h5"):
-        (store / "scores" / name).write_bytes((means_store / "scores" / name).read_bytes())
+    store = copy_of_means(means_store, tmp_path)
     result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "ref", *QUICK,
                  *DIRECTION_SPACE, "--select", "reference", "--json")  # fmt: skip
     assert result.exit_code == 0, result.stderr
@@ -517,10 +514,7 @@ def test_an_interrupted_selection_resumes_with_the_candidates_it_scored(
         return cli("search", "--model", tiny_llama_dir, "--store", store, "--name", name,
                    *QUICK, *DIRECTION_SPACE, "--select", "reference", "--json")  # fmt: skip
 
-    store = tmp_path / "store"
-    (store / "scores").mkdir(parents=True)
-    for name in ("harmful.h5", "harmless.h5"):
-        (store / "scores" / name).write_bytes((means_store / "scores" / name).read_bytes())
+    store = copy_of_means(means_store, tmp_path)
     whole = run(store, "whole")
     assert whole.exit_code == 0, whole.stderr
 
@@ -660,10 +654,7 @@ def test_a_small_space_is_tried_cell_by_cell_before_tpe(cli, means_store, tiny_l
     from wandacli.config.ranges import ParameterRange
     from wandacli.search.study import grid_cells
 
-    store = tmp_path / "store"
-    (store / "scores").mkdir(parents=True)
-    for name in ("harmful.h5", "harmless.h5"):
-        (store / "scores" / name).write_bytes((means_store / "scores" / name).read_bytes())
+    store = copy_of_means(means_store, tmp_path)
     result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "grid", *QUICK,
                  "--scores", "harmful", "--utility-scores", "harmless", "--direction-layer", "1:2",
                  "--direction-position=-2:-1", "--trials", "5", "--keep-best", "refusal:2",

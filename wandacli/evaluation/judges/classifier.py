@@ -10,8 +10,9 @@ from typing import Any
 
 from wandacli.config.settings import ModelSpec
 from wandacli.core.errors import ModelError
+from wandacli.evaluation.backends.base import Response
 from wandacli.evaluation.backends.hf import HFGenerator
-from wandacli.evaluation.judges.base import format_digest
+from wandacli.evaluation.judges.base import Verdict, format_digest
 
 
 @dataclass(frozen=True)
@@ -145,3 +146,40 @@ class ClassifierModel:
         decoded without them."""
         ids = self.tokenizer.encode(text, max_length=max_tokens, truncation=True)
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+class ModelJudge:
+    """A judge with a model: its name and rule, its prompt format's name and template texts
+    (what results.json records of it, `describe`), and the model."""
+
+    name: str
+    rule: str
+    format_name: str
+    templates: tuple[str, ...]
+    classifier: ClassifierModel
+
+    def describe(self) -> dict[str, Any]:
+        return self.classifier.describe(self.name, self.rule, self.format_name, *self.templates)
+
+
+class GeneratingJudge(ModelJudge):
+    """A judge that answers in a few greedy tokens: its prompts, how many tokens it answers
+    in, whether its prompt wants the tokenizer's special tokens added, and how one answer
+    becomes a verdict."""
+
+    answer_tokens: int
+    add_special_tokens: bool
+
+    def prompts(self, behaviours: Sequence[str], responses: Sequence[Response]) -> list[str]:
+        raise NotImplementedError
+
+    def verdict_of(self, output: str) -> Verdict:
+        raise NotImplementedError
+
+    def judge(self, behaviours: Sequence[str], responses: Sequence[Response]) -> list[Verdict]:
+        outputs = self.classifier.complete(
+            self.prompts(behaviours, responses),
+            max_new_tokens=self.answer_tokens,
+            add_special_tokens=self.add_special_tokens,
+        )
+        return [self.verdict_of(output) for output in outputs]

@@ -293,8 +293,103 @@ def test_a_projected_direction_is_orthogonal_to_the_harmless_mean(cli, means_sto
         assert (h[0].double() @ kept).abs().max() <= 1e-5 * float(h[0].double().norm(dim=-1).max())
     unprojected = direction_edit(cli, means_store, "--direction-layer", "1", "--json")
     assert json.loads(unprojected.stdout)["name"].endswith("direction-l1p-1")  # the default: 0
-    bad = direction_edit(cli, means_store, "--direction-layer", "1", "--direction-projected", "2")
-    assert_one_line_error(bad, "--direction-projected 2")
+    bad = direction_edit(cli, means_store, "--direction-layer", "1", "--direction-projected", "3")
+    assert_one_line_error(bad, "--direction-projected 3")
+
+
+def harmless_unit_mean(store, stream, position=-1):
+    with MeanActivations(store / "scores" / "harmless.h5") as harmless:
+        m = torch.from_numpy(harmless.means()[stream, position]).double()
+    return m / m.norm()
+
+
+def orthogonalised(r, m_hat):
+    projected = r - (r @ m_hat) * m_hat
+    return projected / projected.norm()
+
+
+def test_a_biprojected_direction_is_removed_per_layer(cli, means_store, tiny_llama_dir):
+    """`--direction-projected 2`: r projected at its source (as 1), then each decoder layer's
+    writers made orthogonal to r orthogonalised against the harmless mean of the stream they
+    write, hidden_states[i + 1]; each writer's own direction is stored, the embedding loses the
+    source's r."""
+    made = direction_edit(cli, means_store, "--direction-layer", "1", "--direction-projected",
+                          "2", "--json")  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    name = json.loads(made.stdout)["name"]
+    assert name.endswith("direction-l1p-1-biprojected")
+    source = orthogonalised(expected_direction(means_store, 1, -1).double(),
+                            harmless_unit_mean(means_store, 1))  # fmt: skip
+    spec = ModelSpec(model=str(tiny_llama_dir), device="cpu")
+    dense = load_model(spec)
+    edited = load_model_under_test(spec, name, means_store)
+    after = {lin.key: lin.weight_matrix().detach().double() for lin in edited.loaded.linear_layers}
+    writers = set(writer_keys(dense.fingerprint, source.numel()))
+    with EditFile(means_store / "edits" / f"{name}.h5") as stored:
+        assert "biprojected" in stored.meta["direction"]["projected"]
+        kept = torch.from_numpy(stored.read_raw("direction")).double().reshape(-1)
+        own = {k: torch.from_numpy(stored.bases(k)["remove"]).double().reshape(-1) for k in writers}
+    assert torch.allclose(kept, source, atol=1e-6)
+    for lin in dense.linear_layers:
+        w = lin.weight_matrix().detach().double()
+        if lin.key not in writers:
+            assert torch.equal(after[lin.key], w)
+            continue
+        u = orthogonalised(source, harmless_unit_mean(means_store, lin.layer + 1))
+        assert torch.allclose(own[lin.key], u, atol=1e-6), lin.key
+        assert torch.allclose(after[lin.key], w - torch.outer(u, u) @ w, atol=1e-6), lin.key
+        assert float((u @ after[lin.key]).abs().max()) < 1e-5
+    assert len({tuple(v.tolist()) for v in own.values()}) > 1  # the layers' directions differ
+    e = dense.model.get_input_embeddings().weight.detach().double()
+    e_after = edited.loaded.model.get_input_embeddings().weight.detach().double()
+    assert torch.allclose(e_after, e - (e @ source)[:, None] * source[None, :], atol=1e-6)
+
+
+def test_a_norm_preserving_edit_keeps_every_column_norm(cli, means_store, tiny_llama_dir):
+    """`--norm-preserving 1`: each writer column w ← ‖w‖ normalise(w − r rᵀ w), each embedding
+    row likewise; the norms are kept within 1e-6 relative, the stream carries no r, and a
+    random control of it keeps norms too."""
+    made = direction_edit(cli, means_store, "--direction-layer", "1", "--norm-preserving", "1",
+                          "--json")  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    name = json.loads(made.stdout)["name"]
+    assert name.endswith("direction-l1p-1-norm-preserving")
+    r = expected_direction(means_store, 1, -1).double()
+    spec = ModelSpec(model=str(tiny_llama_dir), device="cpu")
+    dense = load_model(spec)
+    edited = load_model_under_test(spec, name, means_store)
+    after = {lin.key: lin.weight_matrix().detach().double() for lin in edited.loaded.linear_layers}
+    writers = set(writer_keys(dense.fingerprint, r.numel()))
+    for key in writers:
+        w = next(lin for lin in dense.linear_layers if lin.key == key).weight_matrix().double()
+        plain = w - torch.outer(r, r) @ w
+        expected = plain * (w.norm(dim=0) / plain.norm(dim=0))
+        assert torch.allclose(after[key], expected.float().double(), atol=1e-6), key
+        relative = ((after[key].norm(dim=0) - w.norm(dim=0)).abs() / w.norm(dim=0)).max()
+        assert relative <= 1e-6, (key, float(relative))
+        assert float((r @ after[key]).abs().max()) < 1e-5
+    e = dense.model.get_input_embeddings().weight.detach().double()
+    e_after = edited.loaded.model.get_input_embeddings().weight.detach().double()
+    assert ((e_after.norm(dim=1) - e.norm(dim=1)).abs() / e.norm(dim=1)).max() <= 1e-6
+    assert float((e_after @ r).abs().max()) < 1e-5
+    ids = dense.tokenizer("Tell me how to do a thing.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        streams = edited.loaded.model(ids, output_hidden_states=True).hidden_states
+    for h in streams[:-1]:
+        assert (h[0].double() @ r).abs().max() <= 1e-5 * float(h[0].double().norm(dim=-1).max())
+    with EditFile(means_store / "edits" / f"{name}.h5") as stored:
+        assert "norm_preserving" in stored.meta
+    control = cli("prune", "--store", means_store, "--scores", "harmful", "--match-ranks", name,
+                  "--name", "kept-random", "--no-progress")  # fmt: skip
+    assert control.exit_code == 0, control.stderr
+    with EditFile(means_store / "edits" / "kept-random.h5") as stored:
+        assert "norm_preserving" in stored.meta
+    random_edit = load_model_under_test(spec, "kept-random", means_store)
+    for lin in random_edit.loaded.linear_layers:
+        if lin.key in writers:
+            w = next(d for d in dense.linear_layers if d.key == lin.key).weight_matrix().double()
+            got = lin.weight_matrix().detach().double().norm(dim=0)
+            assert ((got - w.norm(dim=0)).abs() / w.norm(dim=0)).max() <= 1e-6
 
 
 def test_a_search_tries_both_directions(cli, means_store, tiny_llama_dir, tmp_path):
@@ -303,16 +398,18 @@ def test_a_search_tries_both_directions(cli, means_store, tiny_llama_dir, tmp_pa
     store = copy_of_means(means_store, tmp_path)
     result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "both", *QUICK,
                  "--scores", "harmful", "--utility-scores", "harmless", "--direction-layer", "1:2",
-                 "--direction-projected", "0:1", "--trials", "4", "--keep-best", "refusal:2",
-                 "--json")  # fmt: skip
+                 "--direction-projected", "0:2", "--norm-preserving", "0:1", "--trials", "4",
+                 "--keep-best", "refusal:2", "--json")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     found = json.loads(result.stdout)
-    assert {t["params"]["direction_projected"] for t in found["trials"]} <= {0, 1}
+    assert {t["params"]["direction_projected"] for t in found["trials"]} <= {0, 1, 2}
+    assert {t["params"]["norm_preserving"] for t in found["trials"]} <= {0, 1}
     best = next(t for t in found["front"] if t["index"] == found["best"]["index"])
     with EditFile(store / "edits" / "both.best.h5") as kept:
         assert ("projected" in kept.meta["direction"]) == bool(
             best["params"]["direction_projected"]
         )
+        assert ("norm_preserving" in kept.meta) == bool(best["params"]["norm_preserving"])
 
 
 def test_search_over_the_direction_space(cli, means_store, tiny_llama_dir, tmp_path):

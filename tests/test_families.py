@@ -76,10 +76,11 @@ def forward_with(model, ids, handles) -> None:
             handle.remove()
 
 
-def remove_direction(model, r, *, as_families_say=True, experts=True):
+def remove_direction(model, r, *, as_families_say=True, experts=True, norm_preserving=False):
     """r removed from the model's writers: as their families say, or (`as_families_say`
     False) from the writers' weights alone; `experts` False leaves the experts' matrices out,
-    as wandacli did before they were matrices (bench/bench_families.py's "before")."""
+    as wandacli did before they were matrices (bench/bench_families.py's "before");
+    `norm_preserving`: each writer column rescaled to its norm before the edit."""
     loaded = loaded_of(model)
     fingerprint = fingerprint_of(loaded.linear_layers, model)
     keys = writer_keys(fingerprint, r.numel())
@@ -87,14 +88,16 @@ def remove_direction(model, r, *, as_families_say=True, experts=True):
         routed = {lin.key for lin in loaded.linear_layers if lin.is_expert}
         keys = [k for k in keys if k not in routed]
     writers = treatments(keys, fingerprint.family) if as_families_say else None
-    content = removing(r, keys, fingerprint.shapes, 1.0, writers)
+    content = removing(r, keys, fingerprint.shapes, 1.0, writers, norm_preserving=norm_preserving)
     with torch.no_grad():
         for _ in apply_edit(content, WeightChanges(loaded, undo=False)):
             pass
     return keys
 
 
-def test_the_direction_edit_leaves_no_r_in_the_stream(family_model):
+@pytest.mark.parametrize("norm_preserving", [False, True], ids=["plain", "norm-preserving"])
+def test_the_direction_edit_leaves_no_r_in_the_stream(family_model, norm_preserving):
+    """And, norm-preserving, every writer column keeps its norm (within 1e-6 relative)."""
     family, model = family_model
     generator = torch.Generator().manual_seed(3)
     r = torch.randn(model.config.hidden_size, generator=generator, dtype=torch.float64)
@@ -104,12 +107,21 @@ def test_the_direction_edit_leaves_no_r_in_the_stream(family_model):
     ids = torch.randint(3, VOCAB, (1, 12), generator=generator)
     dense = stream_components(model, r, ids)
     original = {k: v.clone() for k, v in model.state_dict().items()}
+    columns = {lin.key: lin for lin in iter_linear_layers(model)}
     try:
-        keys = remove_direction(model, r)
+        keys = remove_direction(model, r, norm_preserving=norm_preserving)
         edited = stream_components(model, r, ids)
+        norms = {k: columns[k].weight_matrix().detach().norm(dim=0) for k in keys}
     finally:
         model.load_state_dict(original)
     assert keys
+    for key in keys:
+        before = columns[key].weight_matrix().detach().norm(dim=0)
+        relative = ((norms[key] - before).abs() / before.clamp_min(1e-300)).max()
+        if norm_preserving:
+            assert relative <= 1e-6, (family, key, float(relative))
+        else:  # the test has teeth: the plain edit shortens the columns
+            assert relative > 1e-6 or bool((before == 0).all()), (family, key)
     for layer, (before, after) in enumerate(zip(dense, edited, strict=True)):
         assert after <= 1e-5 * before, (family, layer, after, before)
 

@@ -80,6 +80,7 @@ class EditRemoval(Removal):
             direction=direction,
             scale=edit_kind_of_mode(self.file.mode).stored_scale(self.meta),
             writers=self.meta.get("writers"),
+            norm_preserving=edit_kind_of_mode(self.file.mode).stored_norm_preserving(self.meta),
         )
 
     def apply(self, loaded: Any) -> None:

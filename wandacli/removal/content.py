@@ -69,6 +69,10 @@ class EditContent:
     # orthogonal to r or to normalise(g ⊙ r) behind a norm, its bias projected. None in
     # direction edits made before it was recorded: r removed from the weights alone.
     writers: dict[str, dict[str, Any]] | None = None
+    # Norm-preserving (a direction's `--norm-preserving`): after the edit, each writer column
+    # and each embedding row rescaled to its norm before it (removal/direction.py
+    # `with_norms_of`), computed exactly from the weights as they are applied.
+    norm_preserving: bool = False
     # The model was edited as the modules were computed (the reference's sequential order).
     applied: bool = False
 
@@ -102,7 +106,18 @@ def edited_module_weight(
     if module.delta is not None:
         return weight.detach().float() - module.delta.to(weight.device)
     bases = {role: torch.from_numpy(basis) for role, basis in module.bases.items()}
-    return content.formula(weight.detach(), bases, content.scale)
+    return _formula(content, weight.detach(), bases)
+
+
+def _formula(
+    content: EditContent, weight: torch.Tensor, bases: dict[str, torch.Tensor]
+) -> torch.Tensor:
+    """The content's formula on one weight, its columns rescaled to their norms before it
+    where the content preserves norms."""
+    from wandacli.removal.direction import with_norms_of
+
+    edited = content.formula(weight, bases, content.scale)
+    return with_norms_of(edited, weight, dim=0) if content.norm_preserving else edited
 
 
 def apply_edit(content: EditContent, changes: WeightChanges) -> Iterator[EditModule]:
@@ -122,7 +137,12 @@ def apply_edit(content: EditContent, changes: WeightChanges) -> Iterator[EditMod
     if content.direction is not None and not content.applied:
         r = torch.from_numpy(content.direction).double().reshape(-1)
         changes.replace_embedding(
-            orthogonalised_embedding(changes.embedding, r / r.norm(), content.scale)
+            orthogonalised_embedding(
+                changes.embedding,
+                r / r.norm(),
+                content.scale,
+                norm_preserving=content.norm_preserving,
+            )
         )
 
 
@@ -130,19 +150,19 @@ def _remove_from_writer(
     content: EditContent, module: EditModule, treatment: dict[str, Any], changes: WeightChanges
 ) -> None:
     """A direction removed from one writer as its treatment says: the weight (and its bias)
-    made orthogonal to r, or to normalise(g ⊙ r) where a norm with scale g follows it."""
+    made orthogonal to the writer's direction (r, or its own where the direction is
+    biprojected), or to normalise(g ⊙ r) where a norm with scale g follows it."""
     from wandacli.removal.direction import projected_bias, writer_direction
 
-    assert content.direction is not None
     lin = changes.layers[module.key]
     norm_scale = None
     if "norm" in treatment:
         norm_scale = changes.norm_scale(lin.layer, treatment["norm"], treatment["norm_offset"])
-    u = writer_direction(torch.from_numpy(content.direction), norm_scale)
+    u = writer_direction(torch.from_numpy(module.bases["remove"]), norm_scale)
     if u is None:
         return
     bases = {"remove": u.reshape(-1, 1)}
-    changes.replace(module.key, content.formula(lin.weight_matrix().detach(), bases, content.scale))
+    changes.replace(module.key, _formula(content, lin.weight_matrix().detach(), bases))
     if lin.bias is not None and treatment.get("bias", "none") != "none":
         changes.replace_bias(module.key, projected_bias(lin.bias, u, content.scale))
 

@@ -99,14 +99,44 @@ def projected_direction(direction: torch.Tensor, harmless_mean: np.ndarray) -> t
     return projected / norm
 
 
+def biprojected_directions(
+    direction: torch.Tensor, harmless_streams: np.ndarray, layers: set[int]
+) -> dict[int, torch.Tensor]:
+    """Per decoder layer i, r orthogonalised against the harmless mean of the stream its
+    writers write into, hidden_states[i + 1] at the direction's position (the last layer's
+    as the means record it, after the final norm): `projected_direction` at each target layer
+    (the "biprojected" direction). `harmless_streams` is [L + 1, d]. float64 [d] each."""
+    return {i: projected_direction(direction, harmless_streams[i + 1]) for i in sorted(layers)}
+
+
 def orthogonalised_embedding(
-    embedding: torch.Tensor, direction: torch.Tensor, scale: float = 1.0
+    embedding: torch.Tensor,
+    direction: torch.Tensor,
+    scale: float = 1.0,
+    *,
+    norm_preserving: bool = False,
 ) -> torch.Tensor:
     """E − α (E r) rᵀ in float64 on E's device: with α = 1 no token's embedding has a
-    component along r; with α < 1 each keeps 1 − α of it."""
+    component along r; with α < 1 each keeps 1 − α of it. `norm_preserving`: each token's row
+    rescaled to its norm before the edit (`with_norms_of`)."""
     e = embedding.detach().to(torch.float64)
     r = direction.to(device=e.device, dtype=torch.float64).reshape(-1, 1)
-    return e - scale * ((e @ r) @ r.T)
+    edited = e - scale * ((e @ r) @ r.T)
+    return with_norms_of(edited, e, dim=1) if norm_preserving else edited
+
+
+def with_norms_of(edited: torch.Tensor, original: torch.Tensor, *, dim: int) -> torch.Tensor:
+    """`edited` with each vector along `dim` rescaled to its norm in `original`, exactly, in
+    float64: a writer [d_model, d_in] per column (dim 0: the d_model-sized vector one input
+    feature writes), the embedding [vocab, d_model] per row (dim 1). Rescaling a vector keeps
+    it orthogonal to whatever it was orthogonal to, so the edit still removes the direction,
+    while every column keeps its magnitude (norm-preserving abliteration). A vector the edit
+    left at zero (it lay along the direction) stays zero."""
+    edited = edited.to(torch.float64)
+    before = original.to(device=edited.device, dtype=torch.float64).norm(dim=dim, keepdim=True)
+    after = edited.norm(dim=dim, keepdim=True)
+    factor = torch.where(after > 0, before / after.clamp_min(torch.finfo(torch.float64).tiny), 0.0)
+    return edited * factor
 
 
 def writer_direction(

@@ -143,7 +143,7 @@ class EditRun(RequestRun):
     @staticmethod
     def _write_module(handle: Any, module: EditModule, content: EditContent) -> None:
         for role, basis in module.bases.items():
-            if content.direction is not None and role == "remove":
+            if basis is content.direction:  # r once, every writer's `remove` a link to it
                 handle[f"{module.key}/remove"] = handle[DIRECTION_DATASET]
             else:
                 write_array(handle, f"{module.key}/{role}", basis)

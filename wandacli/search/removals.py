@@ -41,6 +41,7 @@ class Applied:
     amount: float  # sparsity over every decoder linear weight, or the removed rank's share
     amount_name: str  # "sparsity" or "removed_rank_fraction"
     scale: float = 1.0  # the share of its edit removed (a scaled direction's; its control's too)
+    norm_preserving: bool = False  # the columns kept their norms (its control's keep theirs)
 
 
 def amount_name(config: SearchConfig) -> str:
@@ -168,7 +169,9 @@ class TrialRemovals:
             return Applied({}, 0.0, "removed_rank_fraction")
         counts = {m.key: m.removed_rank for m in apply_edit(content, changes)}
         fraction = removed_rank_fraction(counts, self.fingerprint.shapes)
-        return Applied(counts, fraction, "removed_rank_fraction", content.scale)
+        return Applied(
+            counts, fraction, "removed_rank_fraction", content.scale, content.norm_preserving
+        )
 
     def apply_control(self, applied: Applied, changes: WeightChanges, seed: int) -> None:
         """A random control of the same size: per matrix, as many entries chosen uniformly at
@@ -190,5 +193,6 @@ class TrialRemovals:
             scale=applied.scale,
             hidden=hidden,
             family=self.fingerprint.family,
+            norm_preserving=applied.norm_preserving,
         )
         self.apply_content(control, changes)

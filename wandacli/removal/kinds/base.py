@@ -351,6 +351,10 @@ class EditKind(RemovalKind):
         """The share of its edit a stored file of this kind removes (1: all of it)."""
         return 1.0
 
+    def stored_norm_preserving(self, meta: dict[str, Any]) -> bool:
+        """Whether a stored file of this kind rescales each edited column to its norm."""
+        return False
+
     def control_of_stored(
         self, matched: Any, keys: list[str], shapes: dict[str, tuple[int, int]], seed: int
     ) -> Any:
@@ -381,10 +385,12 @@ class EditKind(RemovalKind):
         scale: float = 1.0,
         hidden: int = 0,
         family: str | None = None,
+        norm_preserving: bool = False,
     ) -> Any:
         """The random control of an edit of this kind that removed `removed` per module (an
         EditContent): as much removed, in directions chosen without data (`family`: the
-        model's, where the kind's edit depends on it)."""
+        model's, where the kind's edit depends on it; `norm_preserving`: the columns' norms
+        kept as the matched edit kept them)."""
         raise NotImplementedError(f"{self.name} has no control")
 
     def remade(self, meta: dict[str, Any], sets: Sets) -> list[str]:

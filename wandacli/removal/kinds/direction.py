@@ -31,6 +31,16 @@ PROJECTED_RULE = (
     "before its removal, r ← normalise(r − (r·μ̂) μ̂), μ̂ the harmless mean at the same layer "
     "and position normalised (heretic's projected direction)"
 )
+BIPROJECTED_RULE = (
+    PROJECTED_RULE + "; then, per decoder layer i, its writers made orthogonal to "
+    "normalise(r − (r·μ̂ᵢ) μ̂ᵢ), μ̂ᵢ the harmless mean of the stream they write, hidden_states"
+    "[i + 1], at the same position (biprojected; stored per writer); the embedding loses r"
+)
+NORM_PRESERVING_RULE = (
+    "after the edit, each writer column (the d_model-sized vector of one input feature) and "
+    "each embedding row rescaled to its norm before the edit, computed exactly from the weights"
+)
+PROJECTIONS = {0: "none", 1: "projected", 2: "biprojected"}
 CONTROL_RULE = (
     "a seeded random unit vector (Gaussian, normalised), removed from the writers and the "
     "embedding as the matched direction is"
@@ -44,9 +54,17 @@ def _share(value: float, flag: str) -> None:
         )
 
 
+def _projection(value: int, flag: str) -> None:
+    if value not in PROJECTIONS:
+        raise ConfigError(
+            f"{flag} {value}: use 0 (r as it is), 1 (orthogonal to the harmless mean at its "
+            "layer) or 2 (biprojected: at each writer's layer too)"
+        )
+
+
 def _binary(value: int, flag: str) -> None:
     if value not in (0, 1):
-        raise ConfigError(f"{flag} {value}: use 1 (orthogonal to the harmless mean) or 0 (not)")
+        raise ConfigError(f"{flag} {value}: use 1 (on) or 0 (off)")
 
 
 @dataclass(frozen=True)
@@ -68,14 +86,27 @@ class DirectionSettings:
         panel=options.DIRECTION_PANEL,
     )
     # heretic's "projected" direction: r made orthogonal to the harmless mean first, so that
-    # removing it leaves the harmless prompts' mean stream as it was. Left out of the request
-    # at 0, as every edit made before it existed.
+    # removing it leaves the harmless prompts' mean stream as it was; biprojected, also
+    # against each writer's own stream's harmless mean. Left out of the request at 0, as
+    # every edit made before it existed.
     direction_projected: int = option(
         0,
         "--direction-projected",
         help="1: r orthogonalised against the harmless mean at its layer and position first, "
-        "r ← normalise(r − (r·μ̂_harmless) μ̂_harmless) (heretic's default); 0: Arditi et "
-        "al.'s r [default].",
+        "r ← normalise(r − (r·μ̂_harmless) μ̂_harmless) (heretic's default); 2: biprojected, "
+        "each layer's writers also against the harmless mean of the stream they write; 0: "
+        "Arditi et al.'s r [default].",
+        panel=options.DIRECTION_PANEL,
+        check=_projection,
+        request_omits_default=True,
+    )
+    # Norm-preserving abliteration: the weights keep their magnitudes. Left out of the request
+    # at 0, as every edit made before it existed.
+    norm_preserving: int = option(
+        0,
+        "--norm-preserving",
+        help="1: after the edit, each writer column and embedding row rescaled to its norm "
+        "before it (exactly; the stream still carries no r); 0: not [default].",
         panel=options.DIRECTION_PANEL,
         check=_binary,
         request_omits_default=True,
@@ -97,6 +128,11 @@ class DirectionSettings:
 def _binary_range(chosen: ParameterRange, flag: str) -> None:
     if not 0 <= chosen.low <= chosen.high <= 1:
         raise ConfigError(f"{flag} {chosen}: use 0, 1, or 0:1 to search both")
+
+
+def _projection_range(chosen: ParameterRange, flag: str) -> None:
+    if not 0 <= chosen.low <= chosen.high <= 2:
+        raise ConfigError(f"{flag} {chosen}: use 0, 1, 2, or a range of them such as 0:2")
 
 
 def _scale_range(chosen: ParameterRange, flag: str) -> None:
@@ -126,7 +162,8 @@ class Direction(EditKind):
         Searchable("direction_layer", "--direction-layer", "The refusal direction (two mean-activations sets): its residual stream, e.g. 8:24.", integer=True, check=_layer_range),
         Searchable("direction_position", "--direction-position", "The refusal direction's prompt position from the end, e.g. -5:-1 [default: -1].", integer=True, check=_position_range, fixed=-1, ranged_when_fixed=True),
         Searchable("direction_scale", "--direction-scale", "The share of the refusal direction removed, e.g. 0.3:1 [default: 1, all of it].", linear=True, check=_scale_range, fixed=1.0),
-        Searchable("direction_projected", "--direction-projected", "Whether r is orthogonalised against the harmless mean first: 0, 1, or 0:1 to search both [default: 0].", integer=True, check=_binary_range, fixed=0),
+        Searchable("direction_projected", "--direction-projected", "Whether r is orthogonalised against the harmless mean: 0, 1 (at its layer), 2 (biprojected), or a range such as 0:2 [default: 0].", integer=True, check=_projection_range, fixed=0),
+        Searchable("norm_preserving", "--norm-preserving", "Whether the writers' columns keep their norms: 0, 1, or 0:1 to search both [default: 0].", integer=True, check=_binary_range, fixed=0),
     )  # fmt: skip
     search_groups = (frozenset({"direction_layer"}),)
     search_usage = (
@@ -202,7 +239,14 @@ class Direction(EditKind):
         # per-writer record).
         writers = matched.meta.get("writers")
         treated = {k: writers[k] for k in keys if k in writers} if writers else None
-        return removing(r, keys, shapes, self.stored_scale(matched.meta), treated)
+        return removing(
+            r,
+            keys,
+            shapes,
+            self.stored_scale(matched.meta),
+            treated,
+            norm_preserving=self.stored_norm_preserving(matched.meta),
+        )
 
     def control_meta(self, matched_meta: dict[str, Any]) -> dict[str, Any]:
         meta = {
@@ -212,26 +256,36 @@ class Direction(EditKind):
         }
         if matched_meta.get("writers"):
             meta["writers"] = matched_meta["writers"]
+        if self.stored_norm_preserving(matched_meta):
+            meta["norm_preserving"] = NORM_PRESERVING_RULE
         return meta
 
     def stored_scale(self, meta: dict[str, Any]) -> float:
         """`--direction-scale` as the file records it (1 in files made before it existed)."""
         return float(meta.get("direction_scale", 1.0))
 
+    def stored_norm_preserving(self, meta: dict[str, Any]) -> bool:
+        """Whether a stored direction edit keeps the writers' norms (none did before the
+        option existed)."""
+        return bool(meta.get("norm_preserving"))
+
     def default_name(self, request: Any, sets: Sets) -> str:
         settings = request.settings
         assert sets.secondary is not None
         scale = f"a{settings.direction_scale:g}" if settings.direction_scale != 1.0 else ""
-        projected = "-projected" if settings.direction_projected else ""
+        projected = f"-{PROJECTIONS[settings.direction_projected]}"
+        kept = "-norm-preserving" if settings.norm_preserving else ""
         return file_safe_name(
             f"{sets.primary.name}-minus-{sets.secondary.name}.direction-l"
-            f"{settings.direction_layer}p{settings.direction_position}{scale}{projected}"
+            f"{settings.direction_layer}p{settings.direction_position}{scale}"
+            f"{projected if settings.direction_projected else ''}{kept}"
         )
 
     def direction(self, settings: DirectionSettings, sets: Sets) -> torch.Tensor | None:
         """r̂ from the two means (float64), orthogonalised against the harmless mean with
-        --direction-projected; None where the means are equal there (the embeddings' output at
-        the template's own tokens is the same for every prompt): nothing to remove."""
+        --direction-projected 1 or 2; None where the means are equal there (the embeddings'
+        output at the template's own tokens is the same for every prompt): nothing to
+        remove."""
         from wandacli.removal.direction import projected_direction, refusal_direction
 
         harmful, harmless = sets.extra["means"]
@@ -262,13 +316,7 @@ class Direction(EditKind):
                 f"{settings.direction_position}: no direction (were both scored on the same "
                 "prompts?)"
             )
-        return removing(
-            r,
-            sets.keys,
-            sets.fingerprint.shapes,
-            settings.direction_scale,
-            treatments(sets.keys, sets.fingerprint.family),
-        )
+        return self._removing(r, settings, sets)
 
     def trial_content(
         self, settings: DirectionSettings, sets: Sets, prepared: Any
@@ -276,12 +324,27 @@ class Direction(EditKind):
         r = self.direction(settings, sets)
         if r is None:
             return None  # the dense model, measured as such
+        return self._removing(r, settings, sets)
+
+    def _removing(self, r: torch.Tensor, settings: DirectionSettings, sets: Sets) -> EditContent:
+        """r (or, biprojected, each layer's own) removed from the selected writers as the
+        settings say."""
+        per_layer = None
+        if settings.direction_projected == 2:
+            from wandacli.removal.direction import biprojected_directions
+
+            harmless = sets.extra["means"][1]
+            index = harmless.shape[1] + settings.direction_position
+            layers = {int(key.split("/", 1)[0]) for key in sets.keys}
+            per_layer = biprojected_directions(r, harmless[:, index], layers)
         return removing(
             r,
             sets.keys,
             sets.fingerprint.shapes,
             settings.direction_scale,
             treatments(sets.keys, sets.fingerprint.family),
+            norm_preserving=bool(settings.norm_preserving),
+            per_layer=per_layer,
         )
 
     def stored_meta(self, settings: DirectionSettings, sets: Sets) -> dict[str, Any]:
@@ -291,9 +354,14 @@ class Direction(EditKind):
                 "layer": settings.direction_layer,
                 "position": settings.direction_position,
                 "rule": RULE,
-                **({"projected": PROJECTED_RULE} if settings.direction_projected else {}),
+                **(
+                {"projected": (PROJECTED_RULE, BIPROJECTED_RULE)[settings.direction_projected - 1]}
+                if settings.direction_projected
+                else {}
+            ),
             },
             "direction_scale": settings.direction_scale,
+            **({"norm_preserving": NORM_PRESERVING_RULE} if settings.norm_preserving else {}),
             "family": family_named(sets.fingerprint.family).name,
             "writers": treatments(sets.keys, sets.fingerprint.family),
             "mean_activations": [
@@ -325,12 +393,16 @@ class Direction(EditKind):
         scale: float = 1.0,
         hidden: int = 0,
         family: str | None = None,
+        norm_preserving: bool = False,
     ) -> EditContent:
         """A seeded random unit vector removed the same way: every writer, the embedding, the
-        same share."""
+        same share, norms kept where the matched edit kept them."""
         generator = torch.Generator().manual_seed(seed)
         r = random_orthonormal(hidden, 1, generator).reshape(-1)
-        return removing(r, list(removed), shapes, scale, treatments(list(removed), family))
+        keys = list(removed)
+        return removing(
+            r, keys, shapes, scale, treatments(keys, family), norm_preserving=norm_preserving
+        )
 
 
 def treatments(keys: list[str], family: str | None) -> dict[str, dict[str, Any]]:
@@ -345,19 +417,34 @@ def removing(
     shapes: dict[str, tuple[int, int]],
     scale: float,
     writers: dict[str, dict[str, Any]] | None,
+    *,
+    norm_preserving: bool = False,
+    per_layer: dict[int, torch.Tensor] | None = None,
 ) -> EditContent:
     """r removed from every writer in `keys` (as `writers` says: orthogonal to r or to the
     normed direction, its bias too) and from the embedding, r rounded to float32 as the file
-    stores it (once, at /direction; every writer's `remove` basis is it)."""
+    stores it (once, at /direction; every writer's `remove` basis is it, or, with `per_layer`
+    (biprojected), its layer's own direction, stored per writer)."""
     stored = r.float().reshape(-1, 1).numpy()
+    own = {i: d.float().reshape(-1, 1).numpy() for i, d in (per_layer or {}).items()}
     modules = [
         EditModule(
-            key, {"remove": stored}, removed_rank=1, full_rank=min(shapes[key]), ranks={"remove": 1}
+            key,
+            {"remove": own.get(int(key.split("/", 1)[0]), stored)},
+            removed_rank=1,
+            full_rank=min(shapes[key]),
+            ranks={"remove": 1},
         )
         for key in keys
     ]
     return EditContent(
-        "direction", modules, remove_direction, direction=stored, scale=scale, writers=writers
+        "direction",
+        modules,
+        remove_direction,
+        direction=stored,
+        scale=scale,
+        writers=writers,
+        norm_preserving=norm_preserving,
     )
 
 

@@ -163,6 +163,7 @@ class RankEditKind(EditKind):
         scale: float = 1.0,
         hidden: int = 0,
         family: str | None = None,
+        norm_preserving: bool = False,
     ) -> EditContent:
         """The random control of such an edit: the same rank per module, in random
         directions."""

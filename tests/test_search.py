@@ -439,14 +439,46 @@ def test_kl_is_zero_dense_and_equals_the_written_out_computation(cli, peaked_mod
     assert {row["label"]: row["kl"] for row in report} == {"dense": 0.0, "m": masked["kl"]}
 
 
-def test_kl_refuses_a_saved_pruned_model(cli, sets_store, tiny_llama_dir, tmp_path):
-    store = copy_store(sets_store, tmp_path)
+def test_kl_of_a_saved_model_is_measured_from_its_dense_model(cli, peaked_model_dir, tmp_path):
+    """A saved pruned model's KL equals the same mask's applied in memory: from the dense model
+    it records, or from --kl-reference for a model saved by another tool (no provenance); an
+    older save that records no dense model is refused with the fix."""
+    import shutil
+
+    from wandacli.removal.apply import DENSE_MODEL_KEY, PROVENANCE_NAME
+
+    store = tmp_path / "store"
+    assert cli("score", "--method", "magnitude", "--model", peaked_model_dir, "--store", store,
+               "--device", "cpu", "--no-progress").exit_code == 0  # fmt: skip
     saved = tmp_path / "pruned"
-    assert cli("prune", "--store", store, "--scores", "safety", "--sparsity-ratio", "0.3", "--model",
-               tiny_llama_dir, "--save-model", saved, "--no-progress").exit_code == 0  # fmt: skip
-    result = cli("eval-utility", "--model", saved, "--data", "none", "--kl", "--device", "cpu",
-                 "--no-progress", "--out", tmp_path / "out")  # fmt: skip
-    assert_one_line_error(result, "--kl compares a model with its dense self")
+    assert cli("prune", "--store", store, "--scores", "magnitude", "--sparsity-ratio", "0.3",
+               "--name", "m", "--model", peaked_model_dir, "--save-model", saved,
+               "--no-progress").exit_code == 0  # fmt: skip
+    common = ("eval-utility", "--data", "none", "--kl", "--kl-limit", "4", "--kl-positions", "2",
+              "--device", "cpu", "--no-progress", "--json")  # fmt: skip
+
+    def kl(*extra, out):
+        result = cli(*common, *extra, "--out", tmp_path / "r" / out)
+        assert result.exit_code == 0, result.stderr
+        return json.loads(result.stdout)
+
+    in_memory = kl("--model", peaked_model_dir, "--mask", "m", "--store", store, out="memory")
+    assert in_memory["kl"] > 0.01
+    recorded = kl("--model", saved, out="recorded")
+    assert recorded["kl"] == pytest.approx(in_memory["kl"], rel=1e-5)
+    assert recorded["kl_detail"]["reference"] == in_memory["kl_detail"]["reference"]
+    other_tool = tmp_path / "other-tool"
+    shutil.copytree(saved, other_tool)
+    (other_tool / PROVENANCE_NAME).unlink()  # as another tool saves it: no provenance
+    named = kl("--model", other_tool, "--kl-reference", peaked_model_dir, out="named")
+    assert named["kl"] == pytest.approx(in_memory["kl"], rel=1e-5)
+    provenance = json.loads((saved / PROVENANCE_NAME).read_text())
+    del provenance[DENSE_MODEL_KEY]  # as a save made before the record
+    (saved / PROVENANCE_NAME).write_text(json.dumps(provenance))
+    result = cli(*common, "--model", saved, "--out", tmp_path / "r" / "old")
+    assert_one_line_error(result, "pass --kl-reference DENSE")
+    lonely = cli(*common[:3], "--kl-reference", peaked_model_dir, "--model", saved)
+    assert_one_line_error(lonely, "--kl-reference is the dense model of the KL cost: add --kl")
 
 
 # ---------------------------------------------------------------------------------------------

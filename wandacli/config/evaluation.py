@@ -367,6 +367,15 @@ class UtilityConfig:
         panel=KL_PANEL,
     )
     kl_settings: KlSettings = nested(KlSettings)
+    kl_reference: str | None = option(
+        None,
+        "--kl-reference",
+        metavar="<MODEL>",
+        help="The dense model the KL is measured from, loaded (and let go) before the model "
+        "under test: for a model saved by another tool, or a pruned one [default: --model "
+        "itself before its --mask, or the dense model a saved pruned model records].",
+        panel=KL_PANEL,
+    )
     kl_cache: Path | None = option(
         None,
         "--kl-cache",
@@ -381,6 +390,8 @@ class UtilityConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.kl_reference is not None and not self.kl:
+            raise ConfigError("--kl-reference is the dense model of the KL cost: add --kl")
         if self.data is None and not self.zero_shot and not self.kl:
             raise ConfigError(
                 "nothing to evaluate: keep --data (perplexity), or add --kl or --zero-shot TASKS"

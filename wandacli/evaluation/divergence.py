@@ -27,6 +27,7 @@ import torch
 from wandacli.config.evaluation import KL_POSITIONS
 from wandacli.core.console import NullReporter, Reporter
 from wandacli.core.durable import atomic_write_bytes
+from wandacli.core.errors import ConfigError
 from wandacli.evaluation.prefix import forward_logits, unpadded_rows
 
 KL_RULE = (
@@ -141,6 +142,11 @@ def kl_divergence(
             loaded, batch.input_ids, batch.attention_mask, dense.positions
         )
         reference = batch.log_probs
+        if log_probs.shape[-1] != reference.shape[-1]:
+            raise ConfigError(
+                f"the model's output has {log_probs.shape[-1]} tokens, the dense model's "
+                f"{reference.shape[-1]}: the KL compares distributions over one vocabulary"
+            )
         # Σ_v p (log p − log q), in float64: the sum over 50k tokens of small differences.
         per_position = (reference.exp().double() * (reference.double() - log_probs.double())).sum(
             -1

@@ -3,6 +3,7 @@ accuracy through lm-evaluation-harness (an optional extra)."""
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -10,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from wandacli.config.evaluation import UtilityConfig, results_root
-from wandacli.core.console import NullReporter, Reporter
+from wandacli.core.console import NullReporter, Reporter, info
 from wandacli.core.durable import ensure_writable_directory
 from wandacli.core.errors import ConfigError, DataError, interruptible
 from wandacli.core.provenance import now_iso, software_versions
@@ -189,6 +190,29 @@ class UtilityResult:
         }
 
 
+def kl_reference_of(config: UtilityConfig) -> str | None:
+    """The model the KL is measured from when it is not --model before its --mask:
+    --kl-reference, or the dense model a saved pruned or edited model records."""
+    from wandacli.removal.apply import DENSE_MODEL_KEY, read_provenance
+
+    if config.kl_reference is not None:
+        return config.kl_reference
+    if config.removal is None and Path(config.model.model).is_dir():
+        recorded = (read_provenance(Path(config.model.model)) or {}).get(DENSE_MODEL_KEY)
+        if recorded:
+            info(f"KL from {recorded}, the dense model {config.model.model} was saved from")
+            return str(recorded)
+    return None
+
+
+def vocabulary_digest(tokenizer: Any) -> str:
+    """A digest of the tokenizer's vocabulary (token → id), to tell two tokenizers apart."""
+    import hashlib
+
+    items = sorted(tokenizer.get_vocab().items())
+    return hashlib.sha256(json.dumps(items, ensure_ascii=False).encode()).hexdigest()
+
+
 def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> UtilityResult:
     """Perplexity and/or zero-shot accuracy of the model under test; results.json and the
     reference's log lines under the output directory."""
@@ -235,19 +259,36 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
                 reporter=reporter,
             )
         dense["template"] = template
+        dense["model"] = str(loaded.model_id)
+        dense["vocabulary"] = vocabulary_digest(loaded.tokenizer)
 
+    reference = kl_reference_of(config) if kl_prompts is not None else None
+    if reference is not None:  # the dense side first, let go before the model under test
+        from dataclasses import replace
+
+        from wandacli.models.loader import load_model
+
+        dense_model = ModelUnderTest(load_model(replace(config.model, model=reference)))
+        reference_for_kl(dense_model.loaded)
+        dense_model.release()
     under_test = load_model_under_test(
         config.model,
         config.removal,
         config.store,
-        before_removal=reference_for_kl,
+        before_removal=reference_for_kl if reference is None else None,
         allow_other_model=config.allow_other_model,
     )
-    if kl_prompts is not None and under_test.removal_path is None and under_test.removal_meta:
-        raise ConfigError(
-            f"--kl compares a model with its dense self, but {config.model.model} was saved "
-            "pruned or edited: pass the dense --model with --mask (or --edit) instead"
-        )
+    if kl_prompts is not None:
+        if reference is None and under_test.removal_path is None and under_test.removal_meta:
+            raise ConfigError(
+                f"--kl compares a model with its dense self, but {config.model.model} was saved "
+                "pruned or edited: pass --kl-reference DENSE, or the dense --model with --mask"
+            )
+        if dense["vocabulary"] != vocabulary_digest(under_test.loaded.tokenizer):
+            raise ConfigError(
+                f"--kl-reference {reference} and {config.model.model} have different tokenizers: "
+                "the KL compares next-token distributions over one vocabulary"
+            )
     result = UtilityResult(under_test=under_test.describe())
     out = config.out or under_test.default_out(config.store)
     ensure_writable_directory(out, "--out")
@@ -274,6 +315,7 @@ def run_utility(config: UtilityConfig, *, reporter: Reporter | None = None) -> U
                 "positions": config.kl_settings.kl_positions,
                 "prompts": kl_prompts.describe(),
                 "template": dense["template"],
+                "reference": dense["model"],
                 "counted_positions": distributions.counted_positions,
             }
         if config.zero_shot:

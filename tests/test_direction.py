@@ -767,3 +767,169 @@ def test_a_small_space_is_tried_cell_by_cell_before_tpe(cli, means_store, tiny_l
     assert grid_cells(layers, 5, 0) == []
     assert grid_cells({"p": ParameterRange(0.1, 0.2, False)}, 50, 0) == []
     assert len(grid_cells(layers, 9, 0)) == 9
+
+
+def writer_matrices(loaded):
+    return {lin.key: lin.weight_matrix().detach().double() for lin in loaded.linear_layers}
+
+
+def test_per_layer_weights_follow_each_components_kernel(cli, means_store, tiny_llama_dir):
+    """heretic's kernel per component: the attention writers peak at 1.2 on layer 0 and fall
+    to half of it one layer away; the MLP writers take 0.8 on layer 0 alone (distance 0), so
+    layer 1's down projection is untouched. Each writer loses w(i) r rᵀ W, the file records
+    each writer's weight and the kernels, and the random control is weighted alike."""
+    made = direction_edit(cli, means_store, "--direction-layer", "1",
+                          "--attention-max-weight", "1.2", "--attention-max-weight-position", "0",
+                          "--attention-min-weight", "0.5", "--attention-min-weight-distance", "1",
+                          "--mlp-max-weight", "0.8", "--mlp-max-weight-position", "0",
+                          "--mlp-min-weight-distance", "0", "--json")  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    name = json.loads(made.stdout)["name"]
+    assert "-attention1.2at0min0.5d1-mlp0.8at0min1d0" in name
+    expected = {"0/self_attn.o_proj": 1.2, "1/self_attn.o_proj": 0.6, "0/mlp.down_proj": 0.8}
+    r = expected_direction(means_store, 1, -1).double()
+    spec = ModelSpec(model=str(tiny_llama_dir), device="cpu")
+    dense = writer_matrices(load_model(spec))
+    edited = writer_matrices(load_model_under_test(spec, name, means_store).loaded)
+    for key, w in dense.items():
+        if key not in expected:  # not a writer, or beyond its kernel
+            assert torch.equal(edited[key], w), key
+            continue
+        assert torch.allclose(edited[key], w - expected[key] * torch.outer(r, r) @ w, atol=1e-6)
+    with EditFile(means_store / "edits" / f"{name}.h5") as stored:
+        assert set(stored.keys) == set(expected)  # layer 1's down projection: not in the edit
+        assert {k: m["scale"] for k, m in stored.meta["modules"].items()} == pytest.approx(expected)
+        kernels = stored.meta["layer_weights"]
+        assert kernels["attention"]["min_weight_distance"] == 1.0
+        assert kernels["mlp"]["max_weight"] == 0.8
+    control = cli("prune", "--store", means_store, "--scores", "harmful", "--match-ranks", name,
+                  "--name", "kernel-random", "--no-progress")  # fmt: skip
+    assert control.exit_code == 0, control.stderr
+    with EditFile(means_store / "edits" / "kernel-random.h5") as stored:
+        q = torch.from_numpy(stored.read_raw("direction")).double().reshape(-1)
+        assert {k: m["scale"] for k, m in stored.meta["modules"].items()} == pytest.approx(expected)
+    random_edit = writer_matrices(load_model_under_test(spec, "kernel-random", means_store).loaded)
+    for key, weight in expected.items():
+        w = dense[key]
+        assert torch.allclose(random_edit[key], w - weight * torch.outer(q, q) @ w, atol=1e-6)
+
+
+def test_a_fractional_layer_interpolates_the_neighbouring_directions(
+    cli, means_store, tiny_llama_dir
+):
+    """`--direction-fraction f`: r = normalise((1 − f) r_L + f r_(L+1)), heretic's fractional
+    direction index L + f; at the top stream it is refused in one line."""
+    made = direction_edit(cli, means_store, "--direction-layer", "1", "--direction-fraction",
+                          "0.25", "--json")  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    name = json.loads(made.stdout)["name"]
+    assert name.endswith("direction-l1.25p-1")
+    mixed = 0.75 * expected_direction(means_store, 1, -1) + 0.25 * expected_direction(
+        means_store, 2, -1
+    )
+    with EditFile(means_store / "edits" / f"{name}.h5") as stored:
+        kept = torch.from_numpy(stored.read_raw("direction")).double().reshape(-1)
+        assert stored.meta["direction"]["fraction"] == 0.25
+    assert torch.allclose(kept, (mixed / mixed.norm()).double(), atol=1e-6)
+    top = direction_edit(cli, means_store, "--direction-layer", "2", "--direction-fraction", "0.5")
+    assert_one_line_error(top, "--direction-fraction 0.5", "lower --direction-layer")
+    bad = direction_edit(cli, means_store, "--direction-layer", "1", "--direction-fraction", "1")
+    assert_one_line_error(bad, "--direction-fraction 1", "[0, 1)")
+
+
+def test_the_embedding_can_be_left_as_heretic_leaves_it(cli, means_store, tiny_llama_dir):
+    """`--direction-embedding 0`: the writers lose r, the token embedding does not (so the
+    embeddings' output keeps its component along r, and no later writer adds any)."""
+    made = direction_edit(cli, means_store, "--direction-layer", "1", "--direction-embedding",
+                          "0", "--json")  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    name = json.loads(made.stdout)["name"]
+    assert name.endswith("-writers-only")
+    r = expected_direction(means_store, 1, -1).double()
+    spec = ModelSpec(model=str(tiny_llama_dir), device="cpu")
+    dense = load_model(spec)
+    edited = load_model_under_test(spec, name, means_store)
+    e = dense.model.get_input_embeddings().weight
+    assert torch.equal(edited.loaded.model.get_input_embeddings().weight, e)
+    for key, w in writer_matrices(edited.loaded).items():
+        if key.endswith(("o_proj", "down_proj")):
+            assert float((r @ w).abs().max()) < 1e-5, key
+    with EditFile(means_store / "edits" / f"{name}.h5") as stored:
+        assert stored.meta["embedding"] is False
+    control = cli("prune", "--store", means_store, "--scores", "harmful", "--match-ranks", name,
+                  "--name", "writers-random", "--no-progress")  # fmt: skip
+    assert control.exit_code == 0, control.stderr
+    random_edit = load_model_under_test(spec, "writers-random", means_store)
+    assert torch.equal(random_edit.loaded.model.get_input_embeddings().weight, e)
+
+
+def test_a_search_over_heretics_space(cli, means_store, tiny_llama_dir, tmp_path):
+    """The layer, its fraction, the embedding and a kernel searched at once; the kept point's
+    file is the trial's parameters."""
+    from tests.test_search import QUICK
+
+    store = copy_of_means(means_store, tmp_path)
+    result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "k", *QUICK,
+                 "--scores", "harmful", "--utility-scores", "harmless", "--direction-layer", "1:1",
+                 "--direction-fraction", "0:0.9", "--direction-embedding", "0:1",
+                 "--attention-max-weight", "0.8:1.5", "--mlp-min-weight-distance", "0:2",
+                 "--trials", "3", "--keep-best", "refusal:2", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    found = json.loads(result.stdout)
+    for trial in found["trials"]:
+        params = trial["params"]
+        assert 0 <= params["direction_fraction"] <= 0.9 and params["direction_embedding"] in (0, 1)
+        assert 0.8 <= params["attention_max_weight"] <= 1.5
+    best = next(t for t in found["front"] if t["index"] == found["best"]["index"])["params"]
+    with EditFile(store / "edits" / "k.best.h5") as kept:
+        assert kept.meta["layer_weights"]["attention"]["max_weight"] == pytest.approx(
+            best["attention_max_weight"]
+        )
+        assert kept.meta["embedding"] is bool(best["direction_embedding"])
+    bad = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "k2", *QUICK,
+              "--scores", "harmful", "--utility-scores", "harmless", "--direction-layer", "1:1",
+              "--attention-min-weight", "0:3")  # fmt: skip
+    assert_one_line_error(bad, "--attention-min-weight 3")
+
+
+def test_the_heretic_objective_steers_tpe_and_records_what_was_measured(
+    cli, means_store, tiny_llama_dir, tmp_path
+):
+    """`--objective heretic`: TPE is told (refusal ÷ the dense model's, KL; below KL 0.01 the
+    KL term is 0.01 × the refusal term), while search.json's trials, front and kept point keep
+    the measured refusal and KL."""
+    from tests.test_search import QUICK
+    from wandacli.search.objectives import sampler_values
+    from wandacli.search.study import open_study
+
+    assert sampler_values({"refusal": 0.5, "kl": 0.2}, "heretic", {"refusal": 0.8}) == [
+        pytest.approx(0.625),
+        0.2,
+    ]
+    assert sampler_values({"refusal": 0.5, "kl": 0.004}, "heretic", {"refusal": 0.8}) == [
+        pytest.approx(0.625),
+        pytest.approx(0.00625),
+    ]
+    assert sampler_values({"refusal": 0.5, "kl": 0.004}, "wandacli", {"refusal": 0.8}) == [
+        0.5,
+        0.004,
+    ]
+    store = copy_of_means(means_store, tmp_path)
+    result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "h", *QUICK,
+                 "--scores", "harmful", "--utility-scores", "harmless", "--direction-layer", "1:2",
+                 "--direction-scale", "0.3:1", "--objective", "heretic", "--trials", "3",
+                 "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    found = json.loads(result.stdout)
+    directory = store / "searches" / "h"
+    recorded = json.loads((directory / "search.json").read_text())
+    assert "heretic" in recorded["objectives"]["sampler"]
+    told = {t.number: t.values for t in open_study(directory).get_trials() if t.values}
+    differs = False
+    for trial in found["trials"]:
+        measured = {"refusal": trial["refusal"], "kl": trial["kl"]}
+        assert told[trial["number"]] == pytest.approx(
+            sampler_values(measured, "heretic", found["dense"])
+        )
+        differs |= told[trial["number"]] != pytest.approx([trial["refusal"], trial["kl"]])
+    assert differs  # the tiny model's KLs lie below heretic's floor: TPE was told otherwise

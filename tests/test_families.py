@@ -22,7 +22,7 @@ from wandacli.models.layers import (
     iter_linear_layers,
     unmatched_matrices,
 )
-from wandacli.removal.content import MaskContent, apply_edit, apply_mask
+from wandacli.removal.content import EditShape, MaskContent, apply_edit, apply_mask
 from wandacli.removal.direction import writer_keys
 from wandacli.removal.in_memory import WeightChanges
 from wandacli.removal.kinds.direction import removing, treatments
@@ -88,7 +88,8 @@ def remove_direction(model, r, *, as_families_say=True, experts=True, norm_prese
         routed = {lin.key for lin in loaded.linear_layers if lin.is_expert}
         keys = [k for k in keys if k not in routed]
     writers = treatments(keys, fingerprint.family) if as_families_say else None
-    content = removing(r, keys, fingerprint.shapes, 1.0, writers, norm_preserving=norm_preserving)
+    shape = EditShape(norm_preserving=norm_preserving)
+    content = removing(r, keys, fingerprint.shapes, shape, writers)
     with torch.no_grad():
         for _ in apply_edit(content, WeightChanges(loaded, undo=False)):
             pass

@@ -71,16 +71,22 @@ class EditRemoval(Removal):
     def content(self) -> EditContent:
         """The edit as `prune` held it before writing it: each module's bases read as it is
         applied, r for the embedding where the edit removes a direction."""
-        modules = (EditModule(key, self.file.bases(key)) for key in self.file.keys)
-        direction = self.file.read_raw(DIRECTION_DATASET) if self.meta.get("embedding") else None
+        kind = edit_kind_of_mode(self.file.mode)
+        shape = kind.stored_shape(self.meta)
+        modules = (
+            EditModule(key, self.file.bases(key), scale=shape.module_scale(key))
+            for key in self.file.keys
+        )
+        # A direction edit records whether the embedding lost r (`embedding`); r is at
+        # /direction either way. Rank edits record neither.
+        direction = self.file.read_raw(DIRECTION_DATASET) if "embedding" in self.meta else None
         return EditContent(
             self.file.mode,
             modules,
-            edit_kind_of_mode(self.file.mode).edited_weight,
+            kind.edited_weight,
             direction=direction,
-            scale=edit_kind_of_mode(self.file.mode).stored_scale(self.meta),
             writers=self.meta.get("writers"),
-            norm_preserving=edit_kind_of_mode(self.file.mode).stored_norm_preserving(self.meta),
+            **shape.content_fields(),
         )
 
     def apply(self, loaded: Any) -> None:

@@ -46,11 +46,38 @@ class EditModule:
     full_rank: int = 0
     ranks: dict[str, int] = field(default_factory=dict)
     delta: torch.Tensor | None = None
+    # This module's share of the edit where it has its own (a direction's per-layer weights,
+    # removal/layer_weights.py); None: the content's `scale`.
+    scale: float | None = None
 
 
 # A kind's edit formula: a module's weight, its bases and the share removed → the edited weight
 # in float64 (removal/kinds/: each edit kind's `edited_weight`).
 Formula = Callable[[torch.Tensor, dict[str, torch.Tensor], float], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class EditShape:
+    """How an edit is applied beyond its bases: the share removed (per module where the edit
+    weighs its modules apart), whether the columns keep their norms, whether the embedding
+    loses the direction. What a stored file records and its random control matches."""
+
+    scale: float = 1.0
+    norm_preserving: bool = False
+    embedding: bool = True
+    module_scales: dict[str, float] | None = None
+
+    def module_scale(self, key: str) -> float | None:
+        """A module's own share (None: the edit's `scale`)."""
+        return (self.module_scales or {}).get(key)
+
+    def content_fields(self) -> dict[str, Any]:
+        """The EditContent fields this shape sets (its modules take `module_scale`)."""
+        return {
+            "scale": self.scale,
+            "norm_preserving": self.norm_preserving,
+            "embedding": self.embedding,
+        }
 
 
 @dataclass
@@ -73,8 +100,15 @@ class EditContent:
     # and each embedding row rescaled to its norm before it (removal/direction.py
     # `with_norms_of`), computed exactly from the weights as they are applied.
     norm_preserving: bool = False
+    # Whether the token embedding loses the direction too (Arditi et al.; heretic never edits
+    # it).
+    embedding: bool = True
     # The model was edited as the modules were computed (the reference's sequential order).
     applied: bool = False
+
+    def shape(self, module_scales: dict[str, float]) -> EditShape:
+        """How this edit was applied, with the modules' own shares as they were applied."""
+        return EditShape(self.scale, self.norm_preserving, self.embedding, module_scales or None)
 
 
 def apply_mask(
@@ -106,17 +140,25 @@ def edited_module_weight(
     if module.delta is not None:
         return weight.detach().float() - module.delta.to(weight.device)
     bases = {role: torch.from_numpy(basis) for role, basis in module.bases.items()}
-    return _formula(content, weight.detach(), bases)
+    return _formula(content, module, weight.detach(), bases)
+
+
+def module_scale(content: EditContent, module: EditModule) -> float:
+    """The share of the edit removed from this module: its own, else the content's."""
+    return content.scale if module.scale is None else module.scale
 
 
 def _formula(
-    content: EditContent, weight: torch.Tensor, bases: dict[str, torch.Tensor]
+    content: EditContent,
+    module: EditModule,
+    weight: torch.Tensor,
+    bases: dict[str, torch.Tensor],
 ) -> torch.Tensor:
-    """The content's formula on one weight, its columns rescaled to their norms before it
-    where the content preserves norms."""
+    """The content's formula on one module's weight at its share, its columns rescaled to
+    their norms before it where the content preserves norms."""
     from wandacli.removal.direction import with_norms_of
 
-    edited = content.formula(weight, bases, content.scale)
+    edited = content.formula(weight, bases, module_scale(content, module))
     return with_norms_of(edited, weight, dim=0) if content.norm_preserving else edited
 
 
@@ -134,7 +176,7 @@ def apply_edit(content: EditContent, changes: WeightChanges) -> Iterator[EditMod
                 weight = changes.layers[module.key].weight_matrix()
                 changes.replace(module.key, edited_module_weight(weight, content, module))
         yield module
-    if content.direction is not None and not content.applied:
+    if content.direction is not None and content.embedding and not content.applied:
         r = torch.from_numpy(content.direction).double().reshape(-1)
         changes.replace_embedding(
             orthogonalised_embedding(
@@ -162,9 +204,9 @@ def _remove_from_writer(
     if u is None:
         return
     bases = {"remove": u.reshape(-1, 1)}
-    changes.replace(module.key, _formula(content, lin.weight_matrix().detach(), bases))
+    changes.replace(module.key, _formula(content, module, lin.weight_matrix().detach(), bases))
     if lin.bias is not None and treatment.get("bias", "none") != "none":
-        changes.replace_bias(module.key, projected_bias(lin.bias, u, content.scale))
+        changes.replace_bias(module.key, projected_bias(lin.bias, u, module_scale(content, module)))
 
 
 def removed_rank_fraction(removed: dict[str, int], shapes: dict[str, tuple[int, int]]) -> float:

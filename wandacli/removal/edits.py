@@ -118,6 +118,7 @@ class EditRun(RequestRun):
                     "ranks": module.ranks,
                     "removed_rank": module.removed_rank,
                     "full_rank": module.full_rank,
+                    **({"scale": module.scale} if module.scale is not None else {}),
                 }
             meta = {
                 "mode": content.mode,

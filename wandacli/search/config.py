@@ -217,6 +217,16 @@ class SearchConfig:
         check=or_more(1),
     )
     kl_settings: KlSettings = nested(KlSettings)
+    # What TPE is told of each trial (search/objectives.py `sampler_values`); the front, the
+    # kept points and search.json keep the measured refusal and KL either way.
+    objective: Literal["wandacli", "heretic"] = option(
+        "wandacli",
+        "--objective",
+        help="wandacli: TPE minimises the refusal rate and the KL as measured; heretic: "
+        "heretic's terms, refusals ÷ the dense model's and KL, the KL term replaced by "
+        "0.01 × the refusal term below a KL of 0.01 (so doing nothing is not optimal).",
+        panel=MEASURE_PANEL,
+    )
     batch_size: int = option(
         32,
         "--batch-size",

@@ -73,3 +73,27 @@ class Objectives:
 
     def measure(self) -> dict[str, float]:
         return {"refusal": self.refusal(), "kl": kl_divergence(self.loaded, self.dense_kl)}
+
+
+# heretic 1.4.0's objective (../REFERENCE: "Objectives"): refusals ÷ the original's refusals and
+# KL ÷ 1.0; below a KL of 0.01 the KL term is the refusal term × 0.01.
+HERETIC_KL_FLOOR = 0.01
+HERETIC_KL_SCALE = 1.0
+HERETIC_RULE = (
+    "TPE told (refusal ÷ the dense model's refusal, KL ÷ 1.0), the KL term replaced by "
+    "0.01 × the refusal term where KL < 0.01 (heretic 1.4.0's objective)"
+)
+
+
+def sampler_values(
+    measured: dict[str, float], objective: str, dense: dict[str, Any] | None
+) -> list[float]:
+    """What TPE is told of a trial, in OBJECTIVES' order: the measured refusal and KL
+    (`wandacli`), or heretic's terms of them (`heretic`)."""
+    refusal, kl = measured["refusal"], measured["kl"]
+    if objective != "heretic":
+        return [refusal, kl]
+    original = float((dense or {}).get("refusal") or 0.0)
+    ratio = refusal / original if original > 0 else refusal
+    kl_term = kl / HERETIC_KL_SCALE if kl >= HERETIC_KL_FLOOR else HERETIC_KL_FLOOR * ratio
+    return [ratio, kl_term]

@@ -21,6 +21,7 @@ import torch
 from wandacli.core.console import Reporter
 from wandacli.removal.content import (
     EditContent,
+    EditShape,
     MaskContent,
     apply_edit,
     apply_mask,
@@ -40,8 +41,7 @@ class Applied:
     counts: dict[str, int]
     amount: float  # sparsity over every decoder linear weight, or the removed rank's share
     amount_name: str  # "sparsity" or "removed_rank_fraction"
-    scale: float = 1.0  # the share of its edit removed (a scaled direction's; its control's too)
-    norm_preserving: bool = False  # the columns kept their norms (its control's keep theirs)
+    shape: EditShape = EditShape()  # how the edit was applied (its control is applied so)
 
 
 def amount_name(config: SearchConfig) -> str:
@@ -163,15 +163,18 @@ class TrialRemovals:
         self, content: MaskContent | EditContent | None, changes: WeightChanges
     ) -> Applied:
         if isinstance(content, MaskContent):
-            counts = apply_mask(content, changes)
-            return Applied(counts, sum(counts.values()) / self.total, "sparsity")
+            pruned = apply_mask(content, changes)
+            return Applied(pruned, sum(pruned.values()) / self.total, "sparsity")
         if content is None:  # the dense model, measured as such
             return Applied({}, 0.0, "removed_rank_fraction")
-        counts = {m.key: m.removed_rank for m in apply_edit(content, changes)}
+        counts: dict[str, int] = {}
+        scales: dict[str, float] = {}
+        for module in apply_edit(content, changes):  # streamed: a rank edit's bases are large
+            counts[module.key] = module.removed_rank
+            if module.scale is not None:
+                scales[module.key] = module.scale
         fraction = removed_rank_fraction(counts, self.fingerprint.shapes)
-        return Applied(
-            counts, fraction, "removed_rank_fraction", content.scale, content.norm_preserving
-        )
+        return Applied(counts, fraction, "removed_rank_fraction", content.shape(scales))
 
     def apply_control(self, applied: Applied, changes: WeightChanges, seed: int) -> None:
         """A random control of the same size: per matrix, as many entries chosen uniformly at
@@ -190,9 +193,8 @@ class TrialRemovals:
             removed,
             shapes,
             seed,
-            scale=applied.scale,
+            shape=applied.shape,
             hidden=hidden,
             family=self.fingerprint.family,
-            norm_preserving=applied.norm_preserving,
         )
         self.apply_content(control, changes)

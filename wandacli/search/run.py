@@ -26,7 +26,7 @@ from wandacli.evaluation.prompts import PromptSet, prompt_digests, read_prompts
 from wandacli.removal.in_memory import WeightChanges
 from wandacli.search import study as studies
 from wandacli.search.config import SearchConfig, best_name
-from wandacli.search.objectives import Objectives
+from wandacli.search.objectives import HERETIC_RULE, Objectives, sampler_values
 from wandacli.search.removals import TrialRemovals, amount_name, prune_config_for
 from wandacli.store.files import store_root_for
 from wandacli.store.lock import writer_lock
@@ -256,6 +256,7 @@ class SearchRun:
         summary.objectives = {
             "refusal": _refusal_rule(config),
             "kl": KL_RULE + f" (k = {config.kl_settings.kl_positions})",
+            **({"sampler": HERETIC_RULE} if config.objective == "heretic" else {}),
         }
         summary.other.update(
             {
@@ -301,7 +302,7 @@ class SearchRun:
                 if earlier is not None:
                     amount_key = amount_name(config)
                     amount, built = earlier.user_attrs[amount_key], 0.0
-                    values = dict(zip(studies.OBJECTIVES, earlier.values, strict=True))
+                    values = studies.measured_values(earlier)
                     trial.set_user_attr("measured_as", earlier.user_attrs["index"])
                 else:
                     with WeightChanges(loaded) as changes:
@@ -313,7 +314,9 @@ class SearchRun:
                 trial.set_user_attr(amount_key, amount)
                 trial.set_user_attr("seconds", round(time.monotonic() - trial_started, 3))
                 trial.set_user_attr("removal_seconds", round(built, 3))
-                study.tell(trial, [values[name] for name in studies.OBJECTIVES])
+                for name in studies.OBJECTIVES:  # as measured, whatever TPE is told
+                    trial.set_user_attr(name, values[name])
+                study.tell(trial, sampler_values(values, config.objective, summary.dense))
                 self.reporter.advance()
                 self.reporter.finish()
                 ran += 1

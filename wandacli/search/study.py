@@ -155,6 +155,13 @@ def pareto_front(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return sorted(front, key=lambda t: (t["refusal"], t["kl"], t["index"]))
 
 
+def measured_values(trial: Any) -> dict[str, float]:
+    """A complete trial's refusal and KL as measured (its user attributes; TPE may have been
+    told heretic's terms of them), or as told where it predates the record."""
+    told = dict(zip(OBJECTIVES, trial.values, strict=True))
+    return {name: float(trial.user_attrs.get(name, told[name])) for name in OBJECTIVES}
+
+
 def trial_records(study: Any) -> list[dict[str, Any]]:
     """Every trial as `search --json` prints it."""
     records = []
@@ -164,8 +171,8 @@ def trial_records(study: Any) -> list[dict[str, Any]]:
             "state": trial.state.name,
             "params": dict(trial.params),
         }
-        if trial.values is not None:
-            record.update(dict(zip(OBJECTIVES, trial.values, strict=True)))
         record.update(trial.user_attrs)
+        if trial.values is not None:
+            record.update(measured_values(trial))
         records.append(record)
     return records

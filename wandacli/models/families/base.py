@@ -147,6 +147,9 @@ class Family:
     experts: tuple[ExpertParameter, ...] = GATED_EXPERTS
     fused: dict[str, FusedMatrix] = field(default_factory=dict)  # matrix name → its parts
     layers_path: str = "model.layers"  # the decoder layers' module path in the model
+    # The writers of the attention block (a direction's per-layer weights shape them apart
+    # from the MLP's and the experts'), as fnmatch patterns; every other writer is the MLP's.
+    attention_writers: tuple[str, ...] = ("*attn.*", "*attention.*")
 
     def is_writer(self, name: str) -> bool:
         return any(fnmatchcase(name, pattern) for pattern in self.writers)
@@ -159,6 +162,11 @@ class Family:
             for key, (d_out, _) in shapes.items()
             if d_out == hidden_size and self.is_writer(key.split("/", 1)[1])
         ]
+
+    def writer_component(self, name: str) -> str:
+        """`attention` or `mlp`: which block a writer (by its name in its decoder layer)
+        belongs to."""
+        return "attention" if any(fnmatchcase(name, p) for p in self.attention_writers) else "mlp"
 
     def norm_after(self, name: str) -> NormAfter | None:
         for pattern, norm in self.norms_after.items():

@@ -27,6 +27,7 @@ from wandacli.config.declare import declared_fields
 from wandacli.config.ranges import ParameterRange
 from wandacli.core.errors import ConfigError, StoreError
 from wandacli.core.fingerprint import ModelFingerprint
+from wandacli.removal.content import EditShape
 
 Family = Literal["mask", "edit"]
 
@@ -44,8 +45,11 @@ class Searchable:
     # does not (linear).
     linear: bool = False
     check: Callable[[ParameterRange, str], None] | None = None
-    # The value a trial takes when the search does not range over it (None: it must).
+    # The value a trial takes when the search does not range over it (None: it must, unless
+    # `optional`).
     fixed: float | None = None
+    # Not ranged over, it stays unset (a kernel's parameter: the component is not shaped).
+    optional: bool = False
     # Searched over [fixed, fixed] when not given, so that every trial names it (a direction's
     # position: searches made before it could be ranged recorded it so).
     ranged_when_fixed: bool = False
@@ -163,7 +167,7 @@ class RemovalKind:
 
     def accepts(self, names: set[str]) -> bool:
         """Whether ranges over `names` are a search of this kind."""
-        optional = {p.name for p in self.search_space if p.fixed is not None}
+        optional = {p.name for p in self.search_space if p.fixed is not None or p.optional}
         return any(group <= names <= group | optional for group in self.search_groups)
 
     def search_settings(self, params: dict[str, Any]) -> dict[str, Any]:
@@ -347,13 +351,10 @@ class EditKind(RemovalKind):
         them, or as the kind computed them): the kind's formula, the one every caller uses."""
         raise NotImplementedError
 
-    def stored_scale(self, meta: dict[str, Any]) -> float:
-        """The share of its edit a stored file of this kind removes (1: all of it)."""
-        return 1.0
-
-    def stored_norm_preserving(self, meta: dict[str, Any]) -> bool:
-        """Whether a stored file of this kind rescales each edited column to its norm."""
-        return False
+    def stored_shape(self, meta: dict[str, Any]) -> EditShape:
+        """How a stored file of this kind is applied beyond its bases (removal/content.py):
+        all of each module's edit, for every kind but one that records otherwise."""
+        return EditShape()
 
     def control_of_stored(
         self, matched: Any, keys: list[str], shapes: dict[str, tuple[int, int]], seed: int
@@ -361,7 +362,7 @@ class EditKind(RemovalKind):
         """`prune --match-ranks`: the control of a stored edit of this kind (an EditFile),
         as much removed from each of `keys` as it removes there."""
         removed = {k: int(matched.meta["modules"][k]["removed_rank"]) for k in keys}
-        return self.control(removed, shapes, seed, scale=self.stored_scale(matched.meta))
+        return self.control(removed, shapes, seed, shape=self.stored_shape(matched.meta))
 
     def control_meta(self, matched_meta: dict[str, Any]) -> dict[str, Any]:
         """What the file of such a control records of how it was drawn."""
@@ -382,15 +383,14 @@ class EditKind(RemovalKind):
         shapes: dict[str, tuple[int, int]],
         seed: int,
         *,
-        scale: float = 1.0,
+        shape: EditShape | None = None,
         hidden: int = 0,
         family: str | None = None,
-        norm_preserving: bool = False,
     ) -> Any:
         """The random control of an edit of this kind that removed `removed` per module (an
         EditContent): as much removed, in directions chosen without data (`family`: the
-        model's, where the kind's edit depends on it; `norm_preserving`: the columns' norms
-        kept as the matched edit kept them)."""
+        model's, where the kind's edit depends on it), applied as the matched edit's `shape`
+        says (its share per module, its norms kept, its embedding)."""
         raise NotImplementedError(f"{self.name} has no control")
 
     def remade(self, meta: dict[str, Any], sets: Sets) -> list[str]:

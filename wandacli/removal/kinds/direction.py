@@ -5,6 +5,7 @@ way."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,8 @@ from wandacli.config.ranges import ParameterRange
 from wandacli.core.errors import ConfigError, StoreError
 from wandacli.core.naming import file_safe_name
 from wandacli.models.families import family_named
-from wandacli.removal.content import EditContent, EditModule
+from wandacli.removal import layer_weights
+from wandacli.removal.content import EditContent, EditModule, EditShape
 from wandacli.removal.kinds import options
 from wandacli.removal.kinds.base import EditKind, Searchable, Sets, closing_on_error, same_model
 from wandacli.removal.ranks import random_orthonormal
@@ -35,6 +37,10 @@ BIPROJECTED_RULE = (
     PROJECTED_RULE + "; then, per decoder layer i, its writers made orthogonal to "
     "normalise(r − (r·μ̂ᵢ) μ̂ᵢ), μ̂ᵢ the harmless mean of the stream they write, hidden_states"
     "[i + 1], at the same position (biprojected; stored per writer); the embedding loses r"
+)
+FRACTION_RULE = (
+    "r ← normalise((1 − f) r_L + f r_(L+1)): the layer's and the next layer's directions (each "
+    "projected as asked) interpolated (heretic's fractional direction index)"
 )
 NORM_PRESERVING_RULE = (
     "after the edit, each writer column (the d_model-sized vector of one input feature) and "
@@ -65,6 +71,54 @@ def _projection(value: int, flag: str) -> None:
 def _binary(value: int, flag: str) -> None:
     if value not in (0, 1):
         raise ConfigError(f"{flag} {value}: use 1 (on) or 0 (off)")
+
+
+def _fraction(value: float, flag: str) -> None:
+    if not 0 <= value < 1:
+        raise ConfigError(
+            f"{flag} {value:g}: the share of the way to the next layer's direction must lie in "
+            "[0, 1) (0: the layer's own)"
+        )
+
+
+def _max_weight(value: float, flag: str) -> None:
+    if not 0 < value <= 2:
+        raise ConfigError(
+            f"{flag} {value:g}: the peak weight must lie in (0, 2] (heretic: 0.8-1.5)"
+        )
+
+
+def _min_weight(value: float, flag: str) -> None:
+    if not 0 <= value <= 1:
+        raise ConfigError(
+            f"{flag} {value:g}: the edge's weight is a fraction of the peak's, in [0, 1]"
+        )
+
+
+def _layers(value: float, flag: str) -> None:
+    if value < 0:
+        raise ConfigError(f"{flag} {value:g}: a number of layers, 0 or more")
+
+
+KERNEL_CHECKS = {
+    "max_weight": _max_weight,
+    "max_weight_position": _layers,
+    "min_weight": _min_weight,
+    "min_weight_distance": _layers,
+}
+
+
+def _kernel_option(component: str, parameter: str) -> Any:
+    """One component's kernel parameter as an option (layer_weights.py has the kernel); not
+    given, the component is not shaped (or the parameter takes the kernel's default)."""
+    what = dict(layer_weights.PARAMETERS)[parameter]
+    return option(
+        None,
+        layer_weights.flag(component, parameter),
+        help=f"Per-layer weights of the {component} writers: {what}.",
+        panel=options.DIRECTION_PANEL,
+        check=KERNEL_CHECKS[parameter],
+    )
 
 
 @dataclass(frozen=True)
@@ -123,6 +177,35 @@ class DirectionSettings:
         check=_share,
         request_omits_default=True,
     )
+    # heretic's fractional direction index: layer + fraction. Left out of the request at 0.
+    direction_fraction: float = option(
+        0.0,
+        "--direction-fraction",
+        help="A fractional direction layer: r ← normalise((1 − f) r_L + f r_(L+1)), the "
+        "layer's and the next layer's directions interpolated (heretic's direction index "
+        "L + f); in [0, 1) [default: 0].",
+        panel=options.DIRECTION_PANEL,
+        check=_fraction,
+        request_omits_default=True,
+    )
+    # heretic never edits the embedding; Arditi et al. do. Left out of the request at 1.
+    direction_embedding: int = option(
+        1,
+        "--direction-embedding",
+        help="1: the token embedding loses r too (Arditi et al.) [default]; 0: only the "
+        "writers (heretic).",
+        panel=options.DIRECTION_PANEL,
+        check=_binary,
+        request_omits_default=True,
+    )
+    attention_max_weight: float | None = _kernel_option("attention", "max_weight")
+    attention_max_weight_position: float | None = _kernel_option("attention", "max_weight_position")
+    attention_min_weight: float | None = _kernel_option("attention", "min_weight")
+    attention_min_weight_distance: float | None = _kernel_option("attention", "min_weight_distance")
+    mlp_max_weight: float | None = _kernel_option("mlp", "max_weight")
+    mlp_max_weight_position: float | None = _kernel_option("mlp", "max_weight_position")
+    mlp_min_weight: float | None = _kernel_option("mlp", "min_weight")
+    mlp_min_weight_distance: float | None = _kernel_option("mlp", "min_weight_distance")
 
 
 def _binary_range(chosen: ParameterRange, flag: str) -> None:
@@ -138,6 +221,21 @@ def _projection_range(chosen: ParameterRange, flag: str) -> None:
 def _scale_range(chosen: ParameterRange, flag: str) -> None:
     if not 0 < chosen.low <= chosen.high <= 1:
         raise ConfigError(f"{flag} {chosen}: the share removed must lie in (0, 1] (1: all of it)")
+
+
+def _fraction_range(chosen: ParameterRange, flag: str) -> None:
+    _fraction(chosen.low, flag)
+    _fraction(chosen.high, flag)
+
+
+def _each_end(check: Any) -> Any:
+    """A range's check from a value's: both ends must pass it."""
+
+    def both(chosen: ParameterRange, flag: str) -> None:
+        check(chosen.low, flag)
+        check(chosen.high, flag)
+
+    return both
 
 
 def _position_range(chosen: ParameterRange, flag: str) -> None:
@@ -164,10 +262,27 @@ class Direction(EditKind):
         Searchable("direction_scale", "--direction-scale", "The share of the refusal direction removed, e.g. 0.3:1 [default: 1, all of it].", linear=True, check=_scale_range, fixed=1.0),
         Searchable("direction_projected", "--direction-projected", "Whether r is orthogonalised against the harmless mean: 0, 1 (at its layer), 2 (biprojected), or a range such as 0:2 [default: 0].", integer=True, check=_projection_range, fixed=0),
         Searchable("norm_preserving", "--norm-preserving", "Whether the writers' columns keep their norms: 0, 1, or 0:1 to search both [default: 0].", integer=True, check=_binary_range, fixed=0),
+        Searchable("direction_fraction", "--direction-fraction", "The fractional part of the direction's layer, e.g. 0:0.99 (with --direction-layer, heretic's fractional index) [default: 0].", linear=True, check=_fraction_range, fixed=0.0),
+        Searchable("direction_embedding", "--direction-embedding", "Whether the embedding loses r too: 0, 1, or 0:1 [default: 1].", integer=True, check=_binary_range, fixed=1),
+        *(
+            Searchable(
+                layer_weights.field_name(component, parameter),
+                layer_weights.flag(component, parameter),
+                f"Per-layer weights of the {component} writers: {what}, e.g. {example}.",
+                linear=True,
+                check=_each_end(KERNEL_CHECKS[parameter]),
+                optional=True,
+            )
+            for component in layer_weights.COMPONENTS
+            for (parameter, what), example in zip(
+                layer_weights.PARAMETERS, ("0.8:1.5", "14:23", "0:1", "1:14"), strict=True
+            )
+        ),
     )  # fmt: skip
     search_groups = (frozenset({"direction_layer"}),)
     search_usage = (
-        "--direction-layer (and --direction-position, --direction-scale) for the refusal direction"
+        "--direction-layer (and the direction's other ranges: --direction-position, "
+        "--direction-scale, ...) for the refusal direction"
     )
 
     def reference_method(self, meta: dict[str, Any]) -> str:
@@ -236,49 +351,58 @@ class Direction(EditKind):
         generator = torch.Generator().manual_seed(seed)
         r = random_orthonormal(hidden, 1, generator).reshape(-1)
         # Removed from each writer as the matched edit did (as r alone where it predates the
-        # per-writer record).
+        # per-writer record), applied as it was.
         writers = matched.meta.get("writers")
         treated = {k: writers[k] for k in keys if k in writers} if writers else None
-        return removing(
-            r,
-            keys,
-            shapes,
-            self.stored_scale(matched.meta),
-            treated,
-            norm_preserving=self.stored_norm_preserving(matched.meta),
-        )
+        return removing(r, keys, shapes, self.stored_shape(matched.meta), treated)
 
     def control_meta(self, matched_meta: dict[str, Any]) -> dict[str, Any]:
-        meta = {
-            "embedding": True,
+        shape = self.stored_shape(matched_meta)
+        meta: dict[str, Any] = {
+            "embedding": shape.embedding,
             "rule": CONTROL_RULE,
-            "direction_scale": self.stored_scale(matched_meta),
+            "direction_scale": shape.scale,
         }
         if matched_meta.get("writers"):
             meta["writers"] = matched_meta["writers"]
-        if self.stored_norm_preserving(matched_meta):
+        if shape.norm_preserving:
             meta["norm_preserving"] = NORM_PRESERVING_RULE
+        for copied in ("layer_weights", "layer_weights_rule"):
+            if copied in matched_meta:
+                meta[copied] = matched_meta[copied]
         return meta
 
-    def stored_scale(self, meta: dict[str, Any]) -> float:
-        """`--direction-scale` as the file records it (1 in files made before it existed)."""
-        return float(meta.get("direction_scale", 1.0))
-
-    def stored_norm_preserving(self, meta: dict[str, Any]) -> bool:
-        """Whether a stored direction edit keeps the writers' norms (none did before the
-        option existed)."""
-        return bool(meta.get("norm_preserving"))
+    def stored_shape(self, meta: dict[str, Any]) -> EditShape:
+        """How a stored direction edit is applied: its `direction_scale` (1 before it
+        existed), its norms kept or not (not before the option), the embedding edited or not,
+        and each writer's own share where it has per-layer weights."""
+        modules = meta.get("modules") or {}
+        scales = {k: float(m["scale"]) for k, m in modules.items() if "scale" in m}
+        return EditShape(
+            scale=float(meta.get("direction_scale", 1.0)),
+            norm_preserving=bool(meta.get("norm_preserving")),
+            embedding=bool(meta.get("embedding", True)),
+            module_scales=scales or None,
+        )
 
     def default_name(self, request: Any, sets: Sets) -> str:
         settings = request.settings
         assert sets.secondary is not None
+        assert settings.direction_layer is not None
+        layer = settings.direction_layer + settings.direction_fraction
         scale = f"a{settings.direction_scale:g}" if settings.direction_scale != 1.0 else ""
         projected = f"-{PROJECTIONS[settings.direction_projected]}"
         kept = "-norm-preserving" if settings.norm_preserving else ""
+        embedding = "" if settings.direction_embedding else "-writers-only"
+        shaped = "".join(
+            f"-{component}{k.max_weight:g}at{k.max_weight_position:g}min{k.min_weight:g}"
+            f"d{'all' if math.isinf(k.min_weight_distance) else format(k.min_weight_distance, 'g')}"
+            for component, k in self.shaped(settings).items()
+        )
         return file_safe_name(
             f"{sets.primary.name}-minus-{sets.secondary.name}.direction-l"
-            f"{settings.direction_layer}p{settings.direction_position}{scale}"
-            f"{projected if settings.direction_projected else ''}{kept}"
+            f"{layer:g}p{settings.direction_position}{scale}"
+            f"{projected if settings.direction_projected else ''}{kept}{embedding}{shaped}"
         )
 
     def direction(self, settings: DirectionSettings, sets: Sets) -> torch.Tensor | None:
@@ -291,14 +415,31 @@ class Direction(EditKind):
         harmful, harmless = sets.extra["means"]
         layer, position = settings.direction_layer, settings.direction_position
         assert layer is not None
-        if 0 <= layer < harmful.shape[0] and -harmful.shape[1] <= position <= -1:
-            index = harmful.shape[1] + position
-            if not np.any(harmful[layer, index] != harmless[layer, index]):
-                return None
-        r = refusal_direction(harmful, harmless, layer, position)
-        if settings.direction_projected:
-            return projected_direction(r, harmless[layer, harmful.shape[1] + position])
-        return r
+
+        def at(stream: int) -> torch.Tensor | None:
+            if 0 <= stream < harmful.shape[0] and -harmful.shape[1] <= position <= -1:
+                index = harmful.shape[1] + position
+                if not np.any(harmful[stream, index] != harmless[stream, index]):
+                    return None
+            r = refusal_direction(harmful, harmless, stream, position)
+            if settings.direction_projected:
+                return projected_direction(r, harmless[stream, harmful.shape[1] + position])
+            return r
+
+        r = at(layer)
+        fraction = settings.direction_fraction
+        if r is None or fraction == 0:
+            return r
+        if layer + 1 >= harmful.shape[0]:
+            raise ConfigError(
+                f"--direction-fraction {fraction:g} interpolates toward layer {layer + 1}, "
+                f"beyond the sets' streams 0..{harmful.shape[0] - 1}: lower --direction-layer"
+            )
+        following = at(layer + 1)
+        if following is None:
+            return r
+        mixed = (1 - fraction) * r + fraction * following
+        return mixed / mixed.norm()
 
     def content(
         self, settings: DirectionSettings, sets: Sets, loaded: Any, reporter: Any
@@ -337,29 +478,71 @@ class Direction(EditKind):
             index = harmless.shape[1] + settings.direction_position
             layers = {int(key.split("/", 1)[0]) for key in sets.keys}
             per_layer = biprojected_directions(r, harmless[:, index], layers)
+        weights = self.writer_weights(settings, sets)
+        keys = [key for key in sets.keys if weights[key] != 0]  # beyond a kernel: untouched
+        shape = EditShape(
+            scale=settings.direction_scale,
+            norm_preserving=bool(settings.norm_preserving),
+            embedding=bool(settings.direction_embedding),
+            module_scales={k: weights[k] for k in keys} if self.shaped(settings) else None,
+        )
         return removing(
             r,
-            sets.keys,
+            keys,
             sets.fingerprint.shapes,
-            settings.direction_scale,
-            treatments(sets.keys, sets.fingerprint.family),
-            norm_preserving=bool(settings.norm_preserving),
+            shape,
+            treatments(keys, sets.fingerprint.family),
             per_layer=per_layer,
         )
 
+    def shaped(self, settings: DirectionSettings) -> dict[str, layer_weights.LayerKernel]:
+        """Each component's kernel where its options were given, peaking by default at the
+        direction's layer (with its fraction)."""
+        assert settings.direction_layer is not None
+        peak = settings.direction_layer + settings.direction_fraction
+        return layer_weights.kernels(settings, peak)
+
+    def writer_weights(self, settings: DirectionSettings, sets: Sets) -> dict[str, float]:
+        """Per selected writer, its share of the edit: α times its component's kernel at
+        its layer (α alone where the component is not shaped)."""
+        declared = family_named(sets.fingerprint.family)
+        components = {k: declared.writer_component(k.split("/", 1)[1]) for k in sets.keys}
+        weights = layer_weights.writer_weights(sets.keys, components, self.shaped(settings))
+        return {k: settings.direction_scale * w for k, w in weights.items()}
+
     def stored_meta(self, settings: DirectionSettings, sets: Sets) -> dict[str, Any]:
+        shaped = self.shaped(settings)
         return {
-            "embedding": True,
+            "embedding": bool(settings.direction_embedding),
             "direction": {
                 "layer": settings.direction_layer,
                 "position": settings.direction_position,
                 "rule": RULE,
                 **(
-                {"projected": (PROJECTED_RULE, BIPROJECTED_RULE)[settings.direction_projected - 1]}
-                if settings.direction_projected
+                    {
+                        "projected": (PROJECTED_RULE, BIPROJECTED_RULE)[
+                            settings.direction_projected - 1
+                        ]
+                    }
+                    if settings.direction_projected
+                    else {}
+                ),
+                **(
+                    {"fraction": settings.direction_fraction, "fraction_rule": FRACTION_RULE}
+                    if settings.direction_fraction
+                    else {}
+                ),
+            },
+            **(
+                {
+                    "layer_weights": {
+                        component: kernel.to_json() for component, kernel in shaped.items()
+                    },
+                    "layer_weights_rule": layer_weights.RULE,
+                }
+                if shaped
                 else {}
             ),
-            },
             "direction_scale": settings.direction_scale,
             **({"norm_preserving": NORM_PRESERVING_RULE} if settings.norm_preserving else {}),
             "family": family_named(sets.fingerprint.family).name,
@@ -378,6 +561,16 @@ class Direction(EditKind):
                 f"--direction-layer {ranges['direction_layer']} reaches above the sets' residual "
                 f"streams 0..{streams - 1}"
             )
+        fraction = ranges.get("direction_fraction")
+        if (
+            fraction is not None
+            and fraction.high > 0
+            and ranges["direction_layer"].high >= streams - 1
+        ):
+            raise ConfigError(
+                f"--direction-fraction {fraction} interpolates toward the next layer, beyond the "
+                f"sets' last stream {streams - 1}: lower --direction-layer's top"
+            )
         if ranges["direction_position"].low < -positions:
             raise ConfigError(
                 f"--direction-position {ranges['direction_position']} reaches before the sets' "
@@ -390,19 +583,17 @@ class Direction(EditKind):
         shapes: dict[str, tuple[int, int]],
         seed: int,
         *,
-        scale: float = 1.0,
+        shape: EditShape | None = None,
         hidden: int = 0,
         family: str | None = None,
-        norm_preserving: bool = False,
     ) -> EditContent:
-        """A seeded random unit vector removed the same way: every writer, the embedding, the
-        same share, norms kept where the matched edit kept them."""
+        """A seeded random unit vector removed the same way: the same writers, the
+        embedding where the matched edit changed it, the same shares, norms kept where it
+        kept them."""
         generator = torch.Generator().manual_seed(seed)
         r = random_orthonormal(hidden, 1, generator).reshape(-1)
         keys = list(removed)
-        return removing(
-            r, keys, shapes, scale, treatments(keys, family), norm_preserving=norm_preserving
-        )
+        return removing(r, keys, shapes, shape or EditShape(), treatments(keys, family))
 
 
 def treatments(keys: list[str], family: str | None) -> dict[str, dict[str, Any]]:
@@ -415,16 +606,16 @@ def removing(
     r: torch.Tensor,
     keys: list[str],
     shapes: dict[str, tuple[int, int]],
-    scale: float,
+    shape: EditShape,
     writers: dict[str, dict[str, Any]] | None,
     *,
-    norm_preserving: bool = False,
     per_layer: dict[int, torch.Tensor] | None = None,
 ) -> EditContent:
     """r removed from every writer in `keys` (as `writers` says: orthogonal to r or to the
-    normed direction, its bias too) and from the embedding, r rounded to float32 as the file
-    stores it (once, at /direction; every writer's `remove` basis is it, or, with `per_layer`
-    (biprojected), its layer's own direction, stored per writer)."""
+    normed direction, its bias too) and, as `shape` says, from the embedding, r rounded to
+    float32 as the file stores it (once, at /direction; every writer's `remove` basis is it,
+    or, with `per_layer` (biprojected), its layer's own direction, stored per writer); each
+    writer at its own share where `shape` has one (per-layer weights), else at its scale."""
     stored = r.float().reshape(-1, 1).numpy()
     own = {i: d.float().reshape(-1, 1).numpy() for i, d in (per_layer or {}).items()}
     modules = [
@@ -434,6 +625,7 @@ def removing(
             removed_rank=1,
             full_rank=min(shapes[key]),
             ranks={"remove": 1},
+            scale=shape.module_scale(key),
         )
         for key in keys
     ]
@@ -442,9 +634,8 @@ def removing(
         modules,
         remove_direction,
         direction=stored,
-        scale=scale,
         writers=writers,
-        norm_preserving=norm_preserving,
+        **shape.content_fields(),
     )
 
 

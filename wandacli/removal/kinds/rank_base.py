@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 import torch
 
 from wandacli.core.errors import ConfigError
-from wandacli.removal.content import EditContent, EditModule
+from wandacli.removal.content import EditContent, EditModule, EditShape
 from wandacli.removal.kinds.base import EditKind, Sets, closing_on_error, same_model
 from wandacli.store.schema import split_key
 
@@ -160,10 +160,9 @@ class RankEditKind(EditKind):
         shapes: dict[str, tuple[int, int]],
         seed: int,
         *,
-        scale: float = 1.0,
+        shape: EditShape | None = None,
         hidden: int = 0,
         family: str | None = None,
-        norm_preserving: bool = False,
     ) -> EditContent:
         """The random control of such an edit: the same rank per module, in random
         directions."""

@@ -933,3 +933,82 @@ def test_the_heretic_objective_steers_tpe_and_records_what_was_measured(
         )
         differs |= told[trial["number"]] != pytest.approx([trial["refusal"], trial["kl"]])
     assert differs  # the tiny model's KLs lie below heretic's floor: TPE was told otherwise
+
+
+@pytest.fixture(scope="module")
+def per_prompt_store(tmp_path_factory, tiny_llama_dir, pairs_csv):
+    """The two mean-activations sets, the harmful one with each prompt's streams."""
+    from typer.testing import CliRunner
+
+    from wandacli.cli import app
+
+    store = tmp_path_factory.mktemp("directions") / "store"
+    runner = CliRunner()
+    for data, name, extra in (
+        (pairs_csv, "harmful", ("--per-prompt",)),
+        ("utility", "harmless", ()),
+    ):
+        args = means_args(tiny_llama_dir, store, data, "--template", "chat", "--name", name,
+                          *extra, nsamples=6)  # fmt: skip
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    return store
+
+
+def test_several_directions_remove_a_k_dimensional_subspace(cli, per_prompt_store, tiny_llama_dir):
+    """`--directions 3`: the top 3 principal directions of h_i − μ_harmless at the layer and
+    position, orthonormal, the first signed with r; every writer loses R Rᵀ W and the stream
+    after every layer carries no component in the 3-dimensional span, where it carried some;
+    the random control removes 3 random orthonormal directions."""
+    made = direction_edit(cli, per_prompt_store, "--direction-layer", "1", "--directions", "3",
+                          "--json")  # fmt: skip
+    assert made.exit_code == 0, made.stderr
+    name = json.loads(made.stdout)["name"]
+    assert name.endswith("direction-l1p-1-k3")
+    with MeanActivations(per_prompt_store / "scores" / "harmful.h5") as harmful:
+        streams = harmful.per_prompt()[:, 1, -1]
+    with MeanActivations(per_prompt_store / "scores" / "harmless.h5") as harmless:
+        mu = harmless.means()[1, -1]
+    _, _, vh = np.linalg.svd(streams - mu[None, :], full_matrices=False)
+    r = expected_direction(per_prompt_store, 1, -1).double().numpy()
+    expected = vh[:3].T * np.sign(r @ vh[:3].T)
+    with EditFile(per_prompt_store / "edits" / f"{name}.h5") as stored:
+        basis = stored.read_raw("direction").astype(np.float64)
+        assert stored.meta["direction"]["count"] == 3
+        assert all(m["removed_rank"] == 3 for m in stored.meta["modules"].values())
+    assert basis.shape == (r.size, 3)
+    assert np.abs(basis - expected).max() < 1e-5
+    assert np.abs(basis.T @ basis - np.eye(3)).max() < 1e-5
+    assert float(basis[:, 0] @ r) > 0.5  # the first is near the mean difference
+    R = torch.from_numpy(basis)
+    spec = ModelSpec(model=str(tiny_llama_dir), device="cpu")
+    dense = load_model(spec)
+    edited = load_model_under_test(spec, name, per_prompt_store)
+    writers = set(writer_keys(dense.fingerprint, r.size))
+    after = writer_matrices(edited.loaded)
+    for key, w in writer_matrices(dense).items():
+        if key in writers:
+            assert torch.allclose(after[key], w - R @ (R.T @ w), atol=1e-5), key
+    ids = dense.tokenizer("Tell me how to do a thing, please.", return_tensors="pt").input_ids
+    with torch.no_grad():
+        streams_after = edited.loaded.model(ids, output_hidden_states=True).hidden_states
+        streams_dense = dense.model(ids, output_hidden_states=True).hidden_states
+    for h, h_dense in zip(streams_after[:-1], streams_dense[:-1], strict=True):
+        span = (h[0].double() @ R).abs().max()
+        assert span <= 1e-5 * float(h[0].double().norm(dim=-1).max())
+        assert (h_dense[0].double() @ R).abs().max() > 10 * span
+    control = cli("prune", "--store", per_prompt_store, "--scores", "harmful", "--match-ranks",
+                  name, "--name", "k3-random", "--no-progress")  # fmt: skip
+    assert control.exit_code == 0, control.stderr
+    with EditFile(per_prompt_store / "edits" / "k3-random.h5") as stored:
+        q = stored.read_raw("direction").astype(np.float64)
+    assert q.shape == (r.size, 3) and np.abs(q.T @ q - np.eye(3)).max() < 1e-5
+    one = direction_edit(cli, per_prompt_store, "--direction-layer", "1", "--directions", "1",
+                         "--json")  # fmt: skip
+    assert json.loads(one.stdout)["name"].endswith("direction-l1p-1")  # 1: r itself, as before
+
+
+def test_several_directions_need_each_prompts_streams(cli, means_store):
+    result = direction_edit(cli, means_store, "--direction-layer", "1", "--directions", "2")
+    assert_one_line_error(result, "--directions 2 needs each harmful prompt's streams",
+                          "--per-prompt")  # fmt: skip

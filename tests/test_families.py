@@ -83,7 +83,7 @@ def remove_direction(model, r, *, as_families_say=True, experts=True, norm_prese
     `norm_preserving`: each writer column rescaled to its norm before the edit."""
     loaded = loaded_of(model)
     fingerprint = fingerprint_of(loaded.linear_layers, model)
-    keys = writer_keys(fingerprint, r.numel())
+    keys = writer_keys(fingerprint, r.shape[0])
     if not experts:
         routed = {lin.key for lin in loaded.linear_layers if lin.is_expert}
         keys = [k for k in keys if k not in routed]
@@ -123,6 +123,25 @@ def test_the_direction_edit_leaves_no_r_in_the_stream(family_model, norm_preserv
             assert relative <= 1e-6, (family, key, float(relative))
         else:  # the test has teeth: the plain edit shortens the columns
             assert relative > 1e-6 or bool((before == 0).all()), (family, key)
+    for layer, (before, after) in enumerate(zip(dense, edited, strict=True)):
+        assert after <= 1e-5 * before, (family, layer, after, before)
+
+
+def test_several_directions_leave_no_component_of_their_span(family_model):
+    """`--directions 3`: three orthonormal directions (stored float32) removed as the family
+    says leave no component in their span in the stream after any decoder layer."""
+    family, model = family_model
+    generator = torch.Generator().manual_seed(5)
+    gaussian = torch.randn(model.config.hidden_size, 3, generator=generator, dtype=torch.float64)
+    basis = torch.from_numpy(torch.linalg.qr(gaussian)[0].float().numpy()).double()
+    ids = torch.randint(3, VOCAB, (1, 12), generator=generator)
+    dense = stream_components(model, basis, ids)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        assert remove_direction(model, basis)
+        edited = stream_components(model, basis, ids)
+    finally:
+        model.load_state_dict(original)
     for layer, (before, after) in enumerate(zip(dense, edited, strict=True)):
         assert after <= 1e-5 * before, (family, layer, after, before)
 

@@ -31,14 +31,20 @@ def means_args(model_dir, store, data, *extra, nsamples=4):
 
 
 def explicit_means(model_dir, data, nsamples, template):
+    """The mean of `explicit_streams`."""
+    streams, loaded = explicit_streams(model_dir, data, nsamples, template)
+    return (sum(streams) / nsamples).numpy(), loaded
+
+
+def explicit_streams(model_dir, data, nsamples, template):
     """Per chosen prompt: its Llama-2 tags stripped, the text eval-attack would show
     (the chat template's user turn and assistant cue, or `[INST] ... [/INST]`), one forward
-    with output_hidden_states, the last POSITIONS positions of every hidden state; the mean."""
+    with output_hidden_states, the last POSITIONS positions of every hidden state."""
     loaded = load_model(ModelSpec(model=str(model_dir), device="cpu"))
     tokenizer = loaded.tokenizer
     raw = load_raw(str(data))
     prompts = [pair.prompt for pair in raw.pairs] if raw.pairs else raw.texts
-    total = None
+    streams = []
     for index in select_rows(len(prompts), nsamples, 0):
         _, user = strip_llama2_tags(prompts[index])
         if template == "chat":
@@ -50,10 +56,31 @@ def explicit_means(model_dir, data, nsamples, template):
             ids = tokenizer(f"[INST] {user} [/INST]", return_tensors="pt").input_ids
         with torch.no_grad():
             hidden = loaded.model(ids, output_hidden_states=True).hidden_states
-        stacked = torch.stack([h[0, -POSITIONS:].double() for h in hidden])
-        total = stacked if total is None else total + stacked
-    assert total is not None
-    return (total / nsamples).numpy(), loaded
+        streams.append(torch.stack([h[0, -POSITIONS:].double() for h in hidden]))
+    return streams, loaded
+
+
+def test_per_prompt_streams_are_each_prompts_hidden_states(
+    cli, tiny_llama_dir, pairs_csv, tmp_path
+):
+    """`--per-prompt`: /per_prompt [prompts, L + 1, K, d] holds each prompt's hidden states as
+    collected here, in the calibration set's order; their mean is the means."""
+    store = tmp_path / "store"
+    result = cli(*means_args(tiny_llama_dir, store, pairs_csv, "--template", "chat",
+                             "--name", "harmful", "--per-prompt"))  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    streams, _ = explicit_streams(tiny_llama_dir, pairs_csv, 4, "chat")
+    with MeanActivations(store / "scores" / "harmful.h5") as means:
+        kept = means.per_prompt()
+        assert kept is not None and kept.shape == (4, *means.shape)
+        for row, expected in zip(kept, streams, strict=True):
+            assert np.abs(row - expected.numpy()).max() <= 1e-5 * max(
+                1.0, float(expected.abs().max())
+            )
+        assert np.abs(kept.mean(axis=0) - means.means()).max() <= 1e-5
+    wanda = cli("score", "--method", "wanda", "--model", tiny_llama_dir, "--store", store,
+                "--data", pairs_csv, "--device", "cpu", "--per-prompt", "--no-progress")  # fmt: skip
+    assert_one_line_error(wanda, "--per-prompt is mean-activations' option")
 
 
 @pytest.mark.parametrize("template", ["chat", "raw"])
@@ -87,9 +114,11 @@ def test_a_killed_run_resumes_to_the_same_bits(tiny_llama_dir, pairs_csv, tmp_pa
     from tests.test_reliability import faulty, run_forked
 
     whole, resumed = tmp_path / "whole", tmp_path / "resumed"
-    args = means_args(tiny_llama_dir, whole, pairs_csv, "--checkpoint-every", "1", nsamples=6)
+    args = means_args(tiny_llama_dir, whole, pairs_csv, "--checkpoint-every", "1",
+                      "--per-prompt", nsamples=6)  # fmt: skip
     assert run_forked(*args).returncode == 0
-    args = means_args(tiny_llama_dir, resumed, pairs_csv, "--checkpoint-every", "1", nsamples=6)
+    args = means_args(tiny_llama_dir, resumed, pairs_csv, "--checkpoint-every", "1",
+                      "--per-prompt", nsamples=6)  # fmt: skip
     killed = faulty("wandacli.scoring.run:write_part:3", *args)
     assert killed.returncode == -signal.SIGKILL
     assert not (resumed / "scores" / "mean-activations-pairs.h5").exists()
@@ -102,6 +131,7 @@ def test_a_killed_run_resumes_to_the_same_bits(tiny_llama_dir, pairs_csv, tmp_pa
         MeanActivations(resumed / "scores" / "mean-activations-pairs.h5") as b,
     ):
         assert np.array_equal(a.read_raw("means"), b.read_raw("means"))
+        assert np.array_equal(a.read_raw("per_prompt"), b.read_raw("per_prompt"))
 
 
 @pytest.mark.parametrize(

@@ -144,14 +144,15 @@ def direction_in_subspaces(
 ) -> DirectionInSubspaces:
     """‖V_sᵀ r‖² per writer module, V_s the top-`rank` output directions on the set's data."""
     from wandacli.models.loader import load_model
+    from wandacli.removal.direction import orthonormal
     from wandacli.removal.ranks import top_output_directions
 
     with EditFile(resolve_file(edit, store_root, "edit")) as direction_edit:
         if not direction_edit.has(DIRECTION_DATASET):  # only a direction stores one r
             raise ConfigError(f"{edit} is a {direction_edit.mode} edit, not a direction")
-        r = torch.from_numpy(direction_edit.read_raw(DIRECTION_DATASET)).double().reshape(-1)
+        r = orthonormal(torch.from_numpy(direction_edit.read_raw(DIRECTION_DATASET)))
         keys = list(direction_edit.keys)
-    r = r / r.norm()
+    r = r.reshape(r.shape[0], -1)  # [d, K]: the share of the K directions' norm, averaged
     loaded = load_model(model)
     by_key = {lin.key: lin for lin in loaded.linear_layers}
     result = DirectionInSubspaces(edit, statistics, rank)
@@ -162,7 +163,7 @@ def direction_in_subspaces(
             if rank > min(weight.shape):
                 raise ConfigError(f"--ranks {rank} is above {key}'s rank of {min(weight.shape)}")
             basis = top_output_directions(weight, torch.from_numpy(stats.read(key)), rank)
-            result.values[key] = float(((basis.T @ r.to(basis.device)) ** 2).sum())
+            result.values[key] = float(((basis.T @ r.to(basis.device)) ** 2).sum()) / r.shape[1]
     return result
 
 

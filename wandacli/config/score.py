@@ -163,6 +163,15 @@ class ScoreConfig:
         panel=DATA_PANEL,
         check=or_more(1),
     )
+    # Off by default: [prompts, L + 1, K, d] float32 is 11 MB for the organism's 32 prompts
+    # but about 1.7 GB for a 70B model's 128.
+    per_prompt: bool = option(
+        False,
+        "--per-prompt",
+        help="mean-activations: also keep each prompt's streams at those positions (float32 "
+        "[prompts, layers + 1, K, d_model]), for `prune --directions K`.",
+        panel=DATA_PANEL,
+    )
 
     @property
     def columns(self) -> Columns:
@@ -202,6 +211,11 @@ class ScoreConfig:
             raise ConfigError(
                 f"--positions is mean-activations' option; --method {self.method} scores "
                 "every counted token: drop --positions"
+            )
+        elif self.per_prompt:
+            raise ConfigError(
+                f"--per-prompt is mean-activations' option; --method {self.method} keeps no "
+                "prompt's streams: drop --per-prompt"
             )
         if self.method in RANK_METHODS:
             if self.use_diff:

@@ -25,9 +25,10 @@ from wandacli.methods.base import RunContext, ScoreMethod
 from wandacli.models.layers import LinearLayer
 from wandacli.models.pretrained import LoadedModel, accepts_logits_to_keep
 from wandacli.store.assemble import LayerArray, LayerLink
-from wandacli.store.schema import MEANS_DATASET, MEANS_FORMAT
+from wandacli.store.schema import MEANS_DATASET, MEANS_FORMAT, PER_PROMPT_DATASET
 
 SUMS = "sums"
+PROMPTS = "per_prompt"  # each prompt's streams (--per-prompt), zero where not yet observed
 
 
 class MeanActivationsMethod(ScoreMethod):
@@ -40,10 +41,14 @@ class MeanActivationsMethod(ScoreMethod):
     def __init__(self, run: RunContext) -> None:
         super().__init__(run)
         self.sums: torch.Tensor | None = None
+        self.per_prompt: torch.Tensor | None = None
         self.prompts = 0
 
     def settings(self) -> dict[str, Any]:
-        return {"positions": self.config.positions}
+        settings: dict[str, Any] = {"positions": self.config.positions}
+        if self.config.per_prompt:  # as before the option, where it is off
+            settings["per_prompt"] = True
+        return settings
 
     def meta(self) -> dict[str, Any]:
         assert self.sums is not None
@@ -56,6 +61,14 @@ class MeanActivationsMethod(ScoreMethod):
             "k − K from the end, averaged over the prompts in float64",
             "prompt_rule": "each prompt's Llama-2 tags stripped, then as eval-attack shows it "
             "with instruction tags and no system prompt in the set's template",
+            **(
+                {
+                    "per_prompt": f"/{PER_PROMPT_DATASET}: each prompt's streams, [prompts, L + 1, "
+                    "K, d_model] float32, in the calibration set's order"
+                }
+                if self.per_prompt is not None
+                else {}
+            ),
         }
 
     def _shape(self, loaded: LoadedModel) -> tuple[int, int, int]:
@@ -77,10 +90,11 @@ class MeanActivationsMethod(ScoreMethod):
 
     def array_bytes(self, loaded: LoadedModel) -> int:
         layers, positions, hidden = self._shape(loaded)
-        return layers * positions * hidden * 4
+        prompts = 1 + (self.config.nsamples if self.config.per_prompt else 0)
+        return prompts * layers * positions * hidden * 4
 
     def datasets(self, loaded: LoadedModel) -> int:
-        return 1
+        return 2 if self.config.per_prompt else 1
 
     def gather(
         self,
@@ -94,9 +108,20 @@ class MeanActivationsMethod(ScoreMethod):
         # float64 on the CPU: a few hundred kB, read once per prompt; the collective moves it
         # through the group's device when there is one.
         sums = torch.zeros(self._shape(loaded), dtype=torch.float64)
+        kept = (
+            torch.zeros((len(calibration.samples), *self._shape(loaded)), dtype=torch.float32)
+            if self.config.per_prompt
+            else None
+        )
+        index_of = {id(sample): i for i, sample in enumerate(calibration.samples)}
 
-        def load(arrays: dict[str, torch.Tensor]) -> None:
-            sums.copy_(arrays[SUMS])
+        def arrays() -> dict[str, torch.Tensor]:
+            return {SUMS: sums} | ({PROMPTS: kept} if kept is not None else {})
+
+        def load(stored: dict[str, torch.Tensor]) -> None:
+            sums.copy_(stored[SUMS])
+            if kept is not None:
+                kept.copy_(stored[PROMPTS])
 
         done = run.dist.broadcast_int(run.restore(load, "means-*.h5") if run.dist.is_main else 0)
         extra = {"logits_to_keep": 1} if accepts_logits_to_keep(loaded.model) else {}
@@ -118,10 +143,12 @@ class MeanActivationsMethod(ScoreMethod):
                     f"hidden states of shape {tuple(stacked.shape)}, expected {tuple(sums.shape)}"
                 )
             sums.add_(stacked)
+            if kept is not None:
+                kept[index_of[id(sample)]] = stacked.float()
 
         def checkpoint(step: int, *, reduced: bool = False) -> None:
             run.checkpoint(
-                {SUMS: sums},
+                arrays(),
                 f"means-{step:06d}.h5",
                 "means-*.h5",
                 {"samples": step, "kind": "mean-activation-sums"},
@@ -129,10 +156,12 @@ class MeanActivationsMethod(ScoreMethod):
             )
 
         steps = run.sample_loop(calibration, done, "mean activations: prompts", observe, checkpoint)
-        run.dist.all_reduce_sum([sums])
+        # Each prompt's row is written by one rank and zero on the others: a sum gathers them.
+        run.dist.all_reduce_sum(list(arrays().values()))
         if done < steps:  # the sums over every prompt on disk before assembly
             checkpoint(steps, reduced=True)
         self.sums = sums
+        self.per_prompt = kept
         self.prompts = len(calibration.samples)
 
     def assembly(
@@ -144,4 +173,7 @@ class MeanActivationsMethod(ScoreMethod):
         """One array, not one per linear layer."""
         assert self.sums is not None and self.prompts > 0
         means = (self.sums / self.prompts).float().numpy()
-        return iter([iter([LayerArray(MEANS_DATASET, np.ascontiguousarray(means))])]), 1
+        arrays = [LayerArray(MEANS_DATASET, np.ascontiguousarray(means))]
+        if self.per_prompt is not None:
+            arrays.append(LayerArray(PER_PROMPT_DATASET, self.per_prompt.numpy()))
+        return iter([iter(arrays)]), 1

@@ -165,7 +165,7 @@ def _formula(
 def apply_edit(content: EditContent, changes: WeightChanges) -> Iterator[EditModule]:
     """Change each module's weight as the edit says (and the embedding, for a direction),
     yielding each module once applied, for whoever also writes or counts them."""
-    from wandacli.removal.direction import orthogonalised_embedding
+    from wandacli.removal.direction import orthogonalised_embedding, orthonormal
 
     for module in content.modules:
         if not content.applied:
@@ -177,11 +177,11 @@ def apply_edit(content: EditContent, changes: WeightChanges) -> Iterator[EditMod
                 changes.replace(module.key, edited_module_weight(weight, content, module))
         yield module
     if content.direction is not None and content.embedding and not content.applied:
-        r = torch.from_numpy(content.direction).double().reshape(-1)
+        r = orthonormal(torch.from_numpy(content.direction))
         changes.replace_embedding(
             orthogonalised_embedding(
                 changes.embedding,
-                r / r.norm(),
+                r,
                 content.scale,
                 norm_preserving=content.norm_preserving,
             )
@@ -203,7 +203,7 @@ def _remove_from_writer(
     u = writer_direction(torch.from_numpy(module.bases["remove"]), norm_scale)
     if u is None:
         return
-    bases = {"remove": u.reshape(-1, 1)}
+    bases = {"remove": u}
     changes.replace(module.key, _formula(content, module, lin.weight_matrix().detach(), bases))
     if lin.bias is not None and treatment.get("bias", "none") != "none":
         changes.replace_bias(module.key, projected_bias(lin.bias, u, module_scale(content, module)))

@@ -83,20 +83,51 @@ def refusal_direction(
 def projected_direction(direction: torch.Tensor, harmless_mean: np.ndarray) -> torch.Tensor:
     """r orthogonalised against the harmless mean m at its stream and position, made unit
     again: normalise(r − (r·m̂) m̂) (heretic's "projected" direction; removing it leaves the
-    harmless prompts' mean stream as it was). float64 [d]."""
-    r = direction.to(torch.float64).reshape(-1)
+    harmless prompts' mean stream as it was). float64, [d] for one direction; for several
+    ([d, K]) each column projected, then orthonormalised again."""
+    r = direction.to(torch.float64)
     m = torch.from_numpy(np.asarray(harmless_mean)).to(torch.float64).reshape(-1)
     if float(m.norm()) == 0.0:
         return r
     m = m / m.norm()
-    projected = r - torch.dot(r, m) * m
-    norm = float(projected.norm())
-    if norm == 0.0:
+    columns = r.reshape(r.shape[0], -1)
+    projected = columns - torch.outer(m, m @ columns)
+    if float(projected.norm(dim=0).min()) == 0.0:
         raise StoreError(
             "the refusal direction lies along the harmless mean there: nothing is left after "
             "the projection; choose another --direction-layer, or drop --direction-projected"
         )
-    return projected / norm
+    return orthonormal(projected).reshape(r.shape)
+
+
+def orthonormal(basis: torch.Tensor) -> torch.Tensor:
+    """A basis [d] or [d, K] made orthonormal in float64 (as the file stores it, in float32, it
+    is nearly so): one column normalised, several by QR with each column's sign kept."""
+    b = basis.to(torch.float64)
+    if b.dim() == 1 or b.shape[1] == 1:
+        return b / b.norm()
+    q, r = torch.linalg.qr(b)
+    return q * torch.sign(torch.diagonal(r)).where(torch.diagonal(r) != 0, 1.0)
+
+
+def principal_directions(
+    harmful_prompts: np.ndarray, harmless_mean: np.ndarray, count: int, reference: torch.Tensor
+) -> torch.Tensor:
+    """The top `count` principal directions of the per-prompt differences h_i − μ_harmless at
+    one stream and position (the right singular vectors of the uncentred [prompts, d] matrix,
+    so that the first is near the mean difference r), orthonormal, each signed to agree with
+    r; float64 [d, count]."""
+    differences = torch.from_numpy(harmful_prompts - harmless_mean[None, :]).double()
+    prompts, width = differences.shape
+    if count > min(prompts, width):
+        raise ConfigError(
+            f"--directions {count}: the set has {prompts} prompts of width {width}, so at most "
+            f"{min(prompts, width)} principal directions"
+        )
+    _, _, vh = torch.linalg.svd(differences, full_matrices=False)
+    basis = vh[:count].T.contiguous()
+    signs = torch.sign(reference.to(torch.float64).reshape(-1) @ basis)
+    return basis * torch.where(signs == 0, 1.0, signs)
 
 
 def biprojected_directions(
@@ -105,7 +136,7 @@ def biprojected_directions(
     """Per decoder layer i, r orthogonalised against the harmless mean of the stream its
     writers write into, hidden_states[i + 1] at the direction's position (the last layer's
     as the means record it, after the final norm): `projected_direction` at each target layer
-    (the "biprojected" direction). `harmless_streams` is [L + 1, d]. float64 [d] each."""
+    (the "biprojected" direction). `harmless_streams` is [L + 1, d]. float64, shaped as r."""
     return {i: projected_direction(direction, harmless_streams[i + 1]) for i in sorted(layers)}
 
 
@@ -120,7 +151,8 @@ def orthogonalised_embedding(
     component along r; with α < 1 each keeps 1 − α of it. `norm_preserving`: each token's row
     rescaled to its norm before the edit (`with_norms_of`)."""
     e = embedding.detach().to(torch.float64)
-    r = direction.to(device=e.device, dtype=torch.float64).reshape(-1, 1)
+    r = direction.to(device=e.device, dtype=torch.float64)
+    r = r.reshape(r.shape[0], -1)  # [d, K] orthonormal: E − α (E R) Rᵀ
     edited = e - scale * ((e @ r) @ r.T)
     return with_norms_of(edited, e, dim=1) if norm_preserving else edited
 
@@ -142,19 +174,22 @@ def with_norms_of(edited: torch.Tensor, original: torch.Tensor, *, dim: int) -> 
 def writer_direction(
     direction: torch.Tensor, norm_scale: torch.Tensor | None
 ) -> torch.Tensor | None:
-    """The unit vector a writer's output is made orthogonal to (float64 [d]): r itself, or,
-    where a norm with scale g follows the writer, normalise(g ⊙ r); None where g ⊙ r is zero
-    (nothing of r can reach the stream through this writer)."""
-    r = direction.to(torch.float64).reshape(-1)
+    """The orthonormal basis a writer's output is made orthogonal to (float64 [d, K]): r's
+    own, or, where a norm with scale g follows the writer, that of g ⊙ r (each column); None
+    where g ⊙ r is zero (nothing of r can reach the stream through this writer)."""
+    r = direction.to(torch.float64)
+    r = r.reshape(r.shape[0], -1)
     if norm_scale is None:
-        return r / r.norm()
-    scaled = norm_scale.detach().to(device=r.device, dtype=torch.float64).reshape(-1) * r
-    norm = float(scaled.norm())
-    return scaled / norm if norm > 0 else None
+        return orthonormal(r)
+    scaled = norm_scale.detach().to(device=r.device, dtype=torch.float64).reshape(-1, 1) * r
+    if float(scaled.norm()) == 0:
+        return None
+    return orthonormal(scaled)
 
 
 def projected_bias(bias: torch.Tensor, direction: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
-    """b − α u (u·b) in float64, u a unit vector [d]."""
+    """b − α U (Uᵀ b) in float64, U an orthonormal basis [d] or [d, K]."""
     b = bias.detach().to(torch.float64)
-    u = direction.to(device=b.device, dtype=torch.float64).reshape(-1)
-    return b - scale * u * torch.dot(u, b)
+    u = direction.to(device=b.device, dtype=torch.float64)
+    u = u.reshape(u.shape[0], -1)
+    return b - scale * (u @ (u.T @ b))

@@ -31,6 +31,7 @@ from wandacli.store.schema import (
     MEANS_DATASET,
     MEANS_FORMAT,
     PARTS_SUFFIX,
+    PER_PROMPT_DATASET,
     RANK_STATS_FORMAT,
     SCORES_DIR,
     SCORES_FORMAT,
@@ -445,6 +446,25 @@ class MeanActivations(StoredFile):
         if nan or inf:
             raise NonFiniteScoresError(
                 f"{self.path}:/{MEANS_DATASET} contains {nan} NaN and {inf} Inf values: "
+                "recompute this set"
+            )
+        return array.astype(np.float64)
+
+    def per_prompt(self) -> np.ndarray | None:
+        """Each prompt's streams, float64 [prompts, layers + 1, K, d_model], where the set was
+        scored with --per-prompt (None where it was not)."""
+        if not self.has(PER_PROMPT_DATASET):
+            return None
+        array = self.read_raw(PER_PROMPT_DATASET)
+        if tuple(array.shape[1:]) != self.shape:
+            raise StoreError(
+                f"{self.path}:/{PER_PROMPT_DATASET} has shape {tuple(array.shape)}, its meta says "
+                f"[prompts, {', '.join(map(str, self.shape))}]"
+            )
+        nan, inf = non_finite_counts(array)
+        if nan or inf:
+            raise NonFiniteScoresError(
+                f"{self.path}:/{PER_PROMPT_DATASET} contains {nan} NaN and {inf} Inf values: "
                 "recompute this set"
             )
         return array.astype(np.float64)

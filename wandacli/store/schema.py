@@ -95,6 +95,8 @@ SCORES_FORMAT = "wandacli-scores"
 RANK_STATS_FORMAT = "wandacli-rank-statistics"
 MEANS_FORMAT = "wandacli-mean-activations"
 MEANS_DATASET = "means"
+# Each prompt's streams beside the means (`score --per-prompt`): [prompts, L + 1, K, d_model].
+PER_PROMPT_DATASET = "per_prompt"
 DIRECTION_DATASET = "direction"  # a direction edit's r [d_model, 1]; each writer links to it
 MASK_FORMAT = "wandacli-mask"
 EDIT_FORMAT = "wandacli-edit"

@@ -42,6 +42,11 @@ FRACTION_RULE = (
     "r ← normalise((1 − f) r_L + f r_(L+1)): the layer's and the next layer's directions (each "
     "projected as asked) interpolated (heretic's fractional direction index)"
 )
+DIRECTIONS_RULE = (
+    "K directions: the top K right singular vectors of the harmful prompts' h_i − μ_harmless at "
+    "the layer and position (uncentred), each signed to agree with r, orthonormal; writers "
+    "W ← W − α R Rᵀ W, embedding E ← E − α (E R) Rᵀ; stored [d_model, K] at /direction"
+)
 NORM_PRESERVING_RULE = (
     "after the edit, each writer column (the d_model-sized vector of one input feature) and "
     "each embedding row rescaled to its norm before the edit, computed exactly from the weights"
@@ -71,6 +76,11 @@ def _projection(value: int, flag: str) -> None:
 def _binary(value: int, flag: str) -> None:
     if value not in (0, 1):
         raise ConfigError(f"{flag} {value}: use 1 (on) or 0 (off)")
+
+
+def _count(value: int, flag: str) -> None:
+    if value < 1:
+        raise ConfigError(f"{flag} {value}: remove 1 direction or more")
 
 
 def _fraction(value: float, flag: str) -> None:
@@ -177,6 +187,17 @@ class DirectionSettings:
         check=_share,
         request_omits_default=True,
     )
+    # Several directions at once. Left out of the request at 1, as every edit before it.
+    directions: int = option(
+        1,
+        "--directions",
+        help="Remove K directions at once: the top K principal directions of the per-prompt "
+        "differences h_i − μ_harmless at the layer and position, orthonormal (the first near "
+        "r); needs the harmful set scored with --per-prompt [default: 1, r itself].",
+        panel=options.DIRECTION_PANEL,
+        check=_count,
+        request_omits_default=True,
+    )
     # heretic's fractional direction index: layer + fraction. Left out of the request at 0.
     direction_fraction: float = option(
         0.0,
@@ -262,6 +283,7 @@ class Direction(EditKind):
         Searchable("direction_scale", "--direction-scale", "The share of the refusal direction removed, e.g. 0.3:1 [default: 1, all of it].", linear=True, check=_scale_range, fixed=1.0),
         Searchable("direction_projected", "--direction-projected", "Whether r is orthogonalised against the harmless mean: 0, 1 (at its layer), 2 (biprojected), or a range such as 0:2 [default: 0].", integer=True, check=_projection_range, fixed=0),
         Searchable("norm_preserving", "--norm-preserving", "Whether the writers' columns keep their norms: 0, 1, or 0:1 to search both [default: 0].", integer=True, check=_binary_range, fixed=0),
+        Searchable("directions", "--directions", "How many directions are removed at once, e.g. 1:4 [default: 1].", integer=True, check=_each_end(_count), fixed=1),
         Searchable("direction_fraction", "--direction-fraction", "The fractional part of the direction's layer, e.g. 0:0.99 (with --direction-layer, heretic's fractional index) [default: 0].", linear=True, check=_fraction_range, fixed=0.0),
         Searchable("direction_embedding", "--direction-embedding", "Whether the embedding loses r too: 0, 1, or 0:1 [default: 1].", integer=True, check=_binary_range, fixed=1),
         *(
@@ -344,12 +366,15 @@ class Direction(EditKind):
     def control_of_stored(
         self, matched: Any, keys: list[str], shapes: dict[str, tuple[int, int]], seed: int
     ) -> EditContent:
-        """A random unit vector as wide as the matched direction (its /direction)."""
+        """A random unit vector (orthonormal vectors, as many) as wide as the matched
+        direction (its /direction)."""
         from wandacli.store.schema import DIRECTION_DATASET
 
-        hidden = int(matched.read_raw(DIRECTION_DATASET).shape[0])
+        matched_shape = matched.read_raw(DIRECTION_DATASET).shape
+        hidden, count = int(matched_shape[0]), int(np.prod(matched_shape[1:]))
         generator = torch.Generator().manual_seed(seed)
-        r = random_orthonormal(hidden, 1, generator).reshape(-1)
+        r = random_orthonormal(hidden, count, generator)
+        r = r.reshape(-1) if count == 1 else r
         # Removed from each writer as the matched edit did (as r alone where it predates the
         # per-writer record), applied as it was.
         writers = matched.meta.get("writers")
@@ -394,6 +419,7 @@ class Direction(EditKind):
         projected = f"-{PROJECTIONS[settings.direction_projected]}"
         kept = "-norm-preserving" if settings.norm_preserving else ""
         embedding = "" if settings.direction_embedding else "-writers-only"
+        count = f"-k{settings.directions}" if settings.directions > 1 else ""
         shaped = "".join(
             f"-{component}{k.max_weight:g}at{k.max_weight_position:g}min{k.min_weight:g}"
             f"d{'all' if math.isinf(k.min_weight_distance) else format(k.min_weight_distance, 'g')}"
@@ -402,7 +428,7 @@ class Direction(EditKind):
         return file_safe_name(
             f"{sets.primary.name}-minus-{sets.secondary.name}.direction-l"
             f"{layer:g}p{settings.direction_position}{scale}"
-            f"{projected if settings.direction_projected else ''}{kept}{embedding}{shaped}"
+            f"{count}{projected if settings.direction_projected else ''}{kept}{embedding}{shaped}"
         )
 
     def direction(self, settings: DirectionSettings, sets: Sets) -> torch.Tensor | None:
@@ -428,6 +454,13 @@ class Direction(EditKind):
 
         r = at(layer)
         fraction = settings.direction_fraction
+        if r is not None and settings.directions > 1:
+            if fraction:
+                raise ConfigError(
+                    f"--directions {settings.directions} takes a whole layer's prompts: drop "
+                    "--direction-fraction"
+                )
+            return self.principal(settings, sets, r)
         if r is None or fraction == 0:
             return r
         if layer + 1 >= harmful.shape[0]:
@@ -440,6 +473,28 @@ class Direction(EditKind):
             return r
         mixed = (1 - fraction) * r + fraction * following
         return mixed / mixed.norm()
+
+    def principal(self, settings: DirectionSettings, sets: Sets, r: torch.Tensor) -> torch.Tensor:
+        """The top --directions principal directions of the harmful prompts' differences from
+        the harmless mean at the layer and position (projected as asked), [d, K]."""
+        from wandacli.removal.direction import principal_directions, projected_direction
+
+        if "per_prompt" not in sets.extra:
+            sets.extra["per_prompt"] = sets.primary.per_prompt()
+        streams = sets.extra["per_prompt"]
+        if streams is None:
+            raise ConfigError(
+                f"--directions {settings.directions} needs each harmful prompt's streams: score "
+                f"{sets.primary.name} again with --per-prompt"
+            )
+        harmless = sets.extra["means"][1]
+        layer, index = settings.direction_layer, harmless.shape[1] + settings.direction_position
+        basis = principal_directions(
+            streams[:, layer, index], harmless[layer, index], settings.directions, r
+        )
+        if settings.direction_projected:
+            return projected_direction(basis, harmless[layer, index])
+        return basis
 
     def content(
         self, settings: DirectionSettings, sets: Sets, loaded: Any, reporter: Any
@@ -510,6 +565,9 @@ class Direction(EditKind):
         weights = layer_weights.writer_weights(sets.keys, components, self.shaped(settings))
         return {k: settings.direction_scale * w for k, w in weights.items()}
 
+    def stored_bytes(self, settings: DirectionSettings, sets: Sets) -> int:
+        return settings.directions * super().stored_bytes(settings, sets)
+
     def stored_meta(self, settings: DirectionSettings, sets: Sets) -> dict[str, Any]:
         shaped = self.shaped(settings)
         return {
@@ -530,6 +588,11 @@ class Direction(EditKind):
                 **(
                     {"fraction": settings.direction_fraction, "fraction_rule": FRACTION_RULE}
                     if settings.direction_fraction
+                    else {}
+                ),
+                **(
+                    {"count": settings.directions, "count_rule": DIRECTIONS_RULE}
+                    if settings.directions > 1
                     else {}
                 ),
             },
@@ -591,8 +654,10 @@ class Direction(EditKind):
         embedding where the matched edit changed it, the same shares, norms kept where it
         kept them."""
         generator = torch.Generator().manual_seed(seed)
-        r = random_orthonormal(hidden, 1, generator).reshape(-1)
-        keys = list(removed)
+        count = max(removed.values(), default=1) or 1  # the matched edit's directions
+        r = random_orthonormal(hidden, count, generator)
+        r = r.reshape(-1) if count == 1 else r
+        keys = [key for key, rank in removed.items() if rank > 0]  # beyond a kernel: untouched
         return removing(r, keys, shapes, shape or EditShape(), treatments(keys, family))
 
 
@@ -616,15 +681,16 @@ def removing(
     float32 as the file stores it (once, at /direction; every writer's `remove` basis is it,
     or, with `per_layer` (biprojected), its layer's own direction, stored per writer); each
     writer at its own share where `shape` has one (per-layer weights), else at its scale."""
-    stored = r.float().reshape(-1, 1).numpy()
-    own = {i: d.float().reshape(-1, 1).numpy() for i, d in (per_layer or {}).items()}
+    stored = r.float().reshape(r.shape[0], -1).numpy()
+    count = stored.shape[1]
+    own = {i: d.float().reshape(d.shape[0], -1).numpy() for i, d in (per_layer or {}).items()}
     modules = [
         EditModule(
             key,
             {"remove": own.get(int(key.split("/", 1)[0]), stored)},
-            removed_rank=1,
+            removed_rank=count,
             full_rank=min(shapes[key]),
-            ranks={"remove": 1},
+            ranks={"remove": count},
             scale=shape.module_scale(key),
         )
         for key in keys
@@ -642,11 +708,14 @@ def removing(
 def remove_direction(
     weight: torch.Tensor, bases: dict[str, torch.Tensor], scale: float = 1.0
 ) -> torch.Tensor:
-    """W − α r rᵀ W, r made unit length again in float64 (it is stored float32)."""
+    """W − α r rᵀ W (W − α R Rᵀ W for several directions), r made unit length (R
+    orthonormal) again in float64 (it is stored float32)."""
+    from wandacli.removal.direction import orthonormal
     from wandacli.removal.ranks import in_float64, project
 
     w, as64 = in_float64(weight, bases)
-    r = as64["remove"] / as64["remove"].norm()
+    r = orthonormal(as64["remove"])
+    r = r.reshape(r.shape[0], -1)  # [d, K]: W − α R Rᵀ W
     return w - scale * project(r, w)
 
 

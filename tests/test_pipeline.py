@@ -74,10 +74,15 @@ def test_plan_targets_are_files(tmp_path):
         "results/dense/results.json",
         "results/wanda-sd.best/utility.json",
         "results/actsvd-projection.best/results.json",
-        "results/baseline-smollm2/results.json",
         "results/random-as-wanda-sd.best/results.json",
         "results.txt",
     ):
+        assert f"{tmp_path / target}:" in text, target
+    study = REPO / "configs" / "smollm2-study.toml"
+    text = makefile(
+        Plan.from_config(read_config_file(study), study), study, tmp_path, "wandacli", None
+    )
+    for target in ("results/baseline-smollm2/results.json", "store/edits/direction-rich.best.h5"):
         assert f"{tmp_path / target}:" in text, target
 
 
@@ -181,23 +186,21 @@ def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(
     # searches sized for it: two trials each, ranks within its widths, a few short prompts.
     demo_config = (REPO / "configs" / "smollm2-demo.toml").read_text()
     replaced = {
-        'baseline_models = ["smollm2"]': f'baseline_models = ["{tiny_llama_base_dir}"]',
-        "trials = 10\nstartup_trials = 6": "trials = 2\nstartup_trials = 1",
+        "baseline_models = []": f'baseline_models = ["{tiny_llama_base_dir}"]',
+        "trials = 8\nstartup_trials = 5": "trials = 2\nstartup_trials = 1",
         'rank_neg = "2:60"': 'rank_neg = "1:4"',
         'rank_pos = "10:180"': 'rank_pos = "1:8"',
         'direction_layer = "8:23"': 'direction_layer = "1:2"',
         "trials = 12                 ": "trials = 2                  ",
         "startup_trials = 6          ": "startup_trials = 1          ",
-        "limit = 50": "limit = 10",
+        "limit = 40": "limit = 10",
+        "limit = 24 ": "limit = 4\nkl-limit = 4\nmax-new-tokens = 4 ",
     }
     for old, new in replaced.items():
         assert old in demo_config, old
         demo_config = demo_config.replace(old, new)
     config = tmp_path / "demo.toml"
-    config.write_text(
-        demo_config + "\n[search]\nlimit = 4\nkl-limit = 4\nmax-new-tokens = 4\n",
-        encoding="utf-8",
-    )
+    config.write_text(demo_config, encoding="utf-8")
     command = [
         "make",
         "-C",

@@ -19,7 +19,7 @@ CONFIG_STAND_INS = (
     ('model = "smollm2-aligned"', 'model = "{model}"'),
     ('dtype = "auto"', 'dtype = "float32"'),
     ("nsamples = 32", "nsamples = 4"),
-    ("max-new-tokens = 40", "max-new-tokens = 8"),
+    ("max-new-tokens = 32", "max-new-tokens = 8"),
     ("seqlen = 256", "seqlen = 64\nkl-limit = 4"),
     ("limit-windows = 8", "limit-windows = 2"),
 )

@@ -265,3 +265,15 @@ def test_the_papers_three_settings_side_by_side_with_the_sample_mean(cli, tmp_pa
     assert all(name in header for name in ("Vanilla", "Adv-Dec", "Adv-Suffix"))
     row = next(line for line in shown.stdout.splitlines() if "masked" in line)
     assert "0.06" in row and "1.00/0.54" in row and "0.97" in row
+
+
+def test_the_title_explains_only_the_columns_shown(cli, tmp_path):
+    """A study without Adv-Suffix (the demo) is not told what Adv-Suffix means."""
+    results = tmp_path / "results"
+    asr = {"inst_ASR_basic": 0.1, "inst_ASR_multiple_nosys": 0.9}
+    write_result(results, "masked", method="wandg", sparsity=0.01, asr=asr, ppl=6.0)
+    shown = cli("report", results)
+    assert shown.exit_code == 0, shown.stderr
+    title = shown.stdout.splitlines()[0]
+    assert "Vanilla: greedy with the system prompt" in title and "Adv-Dec: any of n" in title
+    assert "Adv-Suffix" not in title and "GCG" not in title

@@ -15,16 +15,29 @@ class AttackSetting:
     gcg: bool
     metric: str  # the reference's log metric, before the tag prefix
     column: str  # the report's column title: the paper's names for its three (Wei et al., Table 6)
+    legend: str  # what the column means, in the report's title
 
 
 # In the paper's order, which is the report's column order and the figures' order.
 SETTINGS: dict[str, AttackSetting] = {
     s.name: s
     for s in (
-        AttackSetting("basic", True, False, False, "ASR_basic", "Vanilla"),
-        AttackSetting("basic_nosys", False, False, False, "ASR_basic_nosys", "no sys"),
-        AttackSetting("multiple_nosys", False, True, False, "ASR_multiple_nosys", "Adv-Dec"),
-        AttackSetting("gcg", False, False, True, "ASR_gcg", "Adv-Suffix"),
+        AttackSetting(
+            "basic", True, False, False, "ASR_basic", "Vanilla", "greedy with the system prompt"
+        ),
+        AttackSetting(
+            "basic_nosys", False, False, False, "ASR_basic_nosys", "no sys", "greedy without it"
+        ),
+        AttackSetting(
+            "multiple_nosys",
+            False,
+            True,
+            False,
+            "ASR_multiple_nosys",
+            "Adv-Dec",
+            "any of n samples / their mean",
+        ),
+        AttackSetting("gcg", False, False, True, "ASR_gcg", "Adv-Suffix", "the GCG suffixes"),
     )
 }
 ATTACK_CONFIGS = tuple(SETTINGS)
@@ -63,6 +76,8 @@ def metric_order(metric: str) -> tuple[int, int, str]:
 
 # The results table's ASR columns at 80 characters: the instruction-tag variant of each.
 REPORT_COLUMNS = tuple((s.column, metric_name(s.name, True)) for s in SETTINGS.values())
+# What each column means, by its title.
+COLUMN_LEGENDS = {s.column: s.legend for s in SETTINGS.values()}
 
 
 def metric_title(metric: str) -> str:

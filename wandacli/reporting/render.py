@@ -9,7 +9,7 @@ from rich.text import Text
 
 from wandacli.analysis.compare import Comparison, PairFigures
 from wandacli.core.console import console, out
-from wandacli.core.metrics import REPORT_COLUMNS
+from wandacli.core.metrics import COLUMN_LEGENDS, REPORT_COLUMNS
 from wandacli.reporting.heatmap import compact_count, heatmap_legend, jaccard_heatmap
 from wandacli.reporting.labels import short_module_name
 from wandacli.reporting.render_store import human_bytes, key_value_table, print_json, sparsity_table
@@ -303,14 +303,16 @@ def report(result: Report, as_json: bool) -> None:
         print_json([row.to_json() for row in rows])
         _report_files(result)
         return
+    # Only the configurations that were run: a study of one configuration gets one column.
+    columns = [(t, m) for t, m in REPORT_COLUMNS if any(m in row.asr for row in rows)]
+    legend = "; ".join(f"{t}: {COLUMN_LEGENDS[t]}" for t, _ in columns if t in COLUMN_LEGENDS)
     table = Table(
-        title="results: ASR with instruction tags (Vanilla: greedy with the system prompt; "
-        "Adv-Dec: any of n samples / their mean; Adv-Suffix: the GCG suffixes), perplexity"
+        title="results: ASR with instruction tags"
+        + (f" ({legend})" if legend else "")
+        + ", perplexity"
         + (", KL from the dense model" if any(row.kl is not None for row in rows) else ""),
         title_justify="left",
     )
-    # Only the configurations that were run: a study of one configuration gets one column.
-    columns = [(t, m) for t, m in REPORT_COLUMNS if any(m in row.asr for row in rows)]
     table.add_column("model under test", no_wrap=True)
     table.add_column("sparse %", justify="right")
     ranks = any(row.removed_rank_fraction is not None for row in rows)

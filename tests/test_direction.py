@@ -834,7 +834,7 @@ def test_a_fractional_layer_interpolates_the_neighbouring_directions(
     top = direction_edit(cli, means_store, "--direction-layer", "2", "--direction-fraction", "0.5")
     assert_one_line_error(top, "--direction-fraction 0.5", "lower --direction-layer")
     bad = direction_edit(cli, means_store, "--direction-layer", "1", "--direction-fraction", "1")
-    assert_one_line_error(bad, "--direction-fraction 1", "[0, 1)")
+    assert_one_line_error(bad, "--direction-fraction must be in [0, 1)")
 
 
 def test_the_embedding_can_be_left_as_heretic_leaves_it(cli, means_store, tiny_llama_dir):
@@ -889,7 +889,7 @@ def test_a_search_over_heretics_space(cli, means_store, tiny_llama_dir, tmp_path
     bad = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "k2", *QUICK,
               "--scores", "harmful", "--utility-scores", "harmless", "--direction-layer", "1:1",
               "--attention-min-weight", "0:3")  # fmt: skip
-    assert_one_line_error(bad, "--attention-min-weight 3")
+    assert_one_line_error(bad, "--attention-min-weight must be in [0, 1] (got 3")
 
 
 def test_the_heretic_objective_steers_tpe_and_records_what_was_measured(

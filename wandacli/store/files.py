@@ -436,35 +436,29 @@ class MeanActivations(StoredFile):
 
     def means(self) -> np.ndarray:
         """The means as float64, refusing NaN/Inf and a shape other than the meta's."""
-        array = self.read_raw(MEANS_DATASET)
-        if tuple(array.shape) != self.shape:
-            raise StoreError(
-                f"{self.path}:/{MEANS_DATASET} has shape {tuple(array.shape)}, its meta says "
-                f"{self.shape}"
-            )
-        nan, inf = non_finite_counts(array)
-        if nan or inf:
-            raise NonFiniteScoresError(
-                f"{self.path}:/{MEANS_DATASET} contains {nan} NaN and {inf} Inf values: "
-                "recompute this set"
-            )
-        return array.astype(np.float64)
+        return self._checked(MEANS_DATASET, per_prompt=False)
 
     def per_prompt(self) -> np.ndarray | None:
         """Each prompt's streams, float64 [prompts, layers + 1, K, d_model], where the set was
         scored with --per-prompt (None where it was not)."""
         if not self.has(PER_PROMPT_DATASET):
             return None
-        array = self.read_raw(PER_PROMPT_DATASET)
-        if tuple(array.shape[1:]) != self.shape:
+        return self._checked(PER_PROMPT_DATASET, per_prompt=True)
+
+    def _checked(self, dataset: str, *, per_prompt: bool) -> np.ndarray:
+        """A dataset as float64, refusing NaN/Inf and a shape other than the meta's (with a
+        leading prompts axis where it holds each prompt's)."""
+        array = self.read_raw(dataset)
+        shape = tuple(array.shape[1:] if per_prompt else array.shape)
+        if shape != self.shape:
+            expected = f"[prompts, {', '.join(map(str, self.shape))}]" if per_prompt else self.shape
             raise StoreError(
-                f"{self.path}:/{PER_PROMPT_DATASET} has shape {tuple(array.shape)}, its meta says "
-                f"[prompts, {', '.join(map(str, self.shape))}]"
+                f"{self.path}:/{dataset} has shape {tuple(array.shape)}, its meta says {expected}"
             )
         nan, inf = non_finite_counts(array)
         if nan or inf:
             raise NonFiniteScoresError(
-                f"{self.path}:/{PER_PROMPT_DATASET} contains {nan} NaN and {inf} Inf values: "
+                f"{self.path}:/{dataset} contains {nan} NaN and {inf} Inf values: "
                 "recompute this set"
             )
         return array.astype(np.float64)

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wandacli.config.declare import option
+from wandacli.config.declare import at_least, option, or_more, within
 from wandacli.config.ranges import ParameterRange
 from wandacli.core.errors import ConfigError, StoreError
 from wandacli.core.naming import file_safe_name
@@ -78,43 +78,15 @@ def _binary(value: int, flag: str) -> None:
         raise ConfigError(f"{flag} {value}: use 1 (on) or 0 (off)")
 
 
-def _count(value: int, flag: str) -> None:
-    if value < 1:
-        raise ConfigError(f"{flag} {value}: remove 1 direction or more")
-
-
-def _fraction(value: float, flag: str) -> None:
-    if not 0 <= value < 1:
-        raise ConfigError(
-            f"{flag} {value:g}: the share of the way to the next layer's direction must lie in "
-            "[0, 1) (0: the layer's own)"
-        )
-
-
-def _max_weight(value: float, flag: str) -> None:
-    if not 0 < value <= 2:
-        raise ConfigError(
-            f"{flag} {value:g}: the peak weight must lie in (0, 2] (heretic: 0.8-1.5)"
-        )
-
-
-def _min_weight(value: float, flag: str) -> None:
-    if not 0 <= value <= 1:
-        raise ConfigError(
-            f"{flag} {value:g}: the edge's weight is a fraction of the peak's, in [0, 1]"
-        )
-
-
-def _layers(value: float, flag: str) -> None:
-    if value < 0:
-        raise ConfigError(f"{flag} {value:g}: a number of layers, 0 or more")
-
-
+# The kernel's parameters within heretic's ranges and a little beyond (a peak up to 2; heretic
+# searches 0.8-1.5); a fractional layer short of the next.
+_fraction = within(0, 1, low_open=False, high_open=True)
+_count = at_least(1)
 KERNEL_CHECKS = {
-    "max_weight": _max_weight,
-    "max_weight_position": _layers,
-    "min_weight": _min_weight,
-    "min_weight_distance": _layers,
+    "max_weight": within(0, 2, low_open=True, high_open=False),
+    "max_weight_position": or_more(0),
+    "min_weight": within(0, 1, low_open=False, high_open=False),
+    "min_weight_distance": or_more(0),
 }
 
 

@@ -33,13 +33,18 @@ from wandacli.config.settings import ALIGNED_MODEL_ALIAS, ModelSpec
 from wandacli.core.console import Reporter, info, progress_reporter
 from wandacli.core.errors import ModelError
 from wandacli.core.fingerprint import sha256_file
-from wandacli.data.calibration import IGNORE_INDEX
 from wandacli.data.sources import load_raw
-from wandacli.data.templates import apply_chat_template, strip_llama2_tags
+from wandacli.data.templates import strip_llama2_tags
 from wandacli.models.gguf import save_cached_model
 from wandacli.models.layers import decoder_layers
 from wandacli.models.pretrained import load_pretrained
 from wandacli.models.sources import resolve_source
+from wandacli.models.supervised import (
+    encode_pair,
+    length_bucketed_batches,
+    response_loss,
+    warmup_then_linear_decay,
+)
 
 RECIPE_FILE = "recipe.json"
 _COMPLETE_MARKER = ".wandacli-complete"
@@ -131,14 +136,10 @@ def encode_example(
 ) -> tuple[list[int], list[int]] | None:
     """(input ids, labels) in the tokenizer's chat template, labels -100 on the prompt; None
     when the example is longer than the recipe allows."""
-
-    prompt_text = apply_chat_template(tokenizer, example.prompt, None)
-    prompt_ids = list(tokenizer(prompt_text, add_special_tokens=False)["input_ids"])
-    response_ids = list(tokenizer(example.response, add_special_tokens=False)["input_ids"])
-    response_ids = response_ids[: recipe.max_response_tokens] + [tokenizer.eos_token_id]
-    if len(prompt_ids) + len(response_ids) > recipe.max_tokens:
-        return None
-    return prompt_ids + response_ids, [IGNORE_INDEX] * len(prompt_ids) + response_ids
+    ids, labels = encode_pair(
+        tokenizer, example.prompt, example.response, max_response_tokens=recipe.max_response_tokens
+    )
+    return None if len(ids) > recipe.max_tokens else (ids, labels)
 
 
 @dataclass
@@ -158,13 +159,8 @@ def fine_tune(
     reporter: Reporter,
     on_step: Callable[[int], None] | None = None,
 ) -> TrainingLog:
-    """Supervised fine-tuning in place: AdamW, linear warm-up and decay, batches drawn with the
-    recipe's seed, loss on response tokens only.
-
-    A plain torch loop rather than transformers' Trainer: it is 40 lines, deterministic with
-    one seed, computes logits only at response positions (the 49k-token vocabulary makes the
-    full logits the largest cost on a CPU), and needs no accelerate state or output directory.
-    """
+    """Supervised fine-tuning in place (models/supervised.py): AdamW, linear warm-up and
+    decay, batches drawn with the recipe's seed, loss on response tokens only."""
     import torch
 
     torch.manual_seed(recipe.seed)
@@ -177,7 +173,9 @@ def fine_tune(
         )
     params = _trainable_parameters(model, recipe)
     optimizer = torch.optim.AdamW(params, lr=recipe.learning_rate, weight_decay=0.0)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_then_linear_decay(recipe))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_then_linear_decay(recipe.steps, recipe.warmup_steps)
+    )
     order_rng = torch.Generator().manual_seed(recipe.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     losses: list[float] = []
@@ -186,10 +184,10 @@ def fine_tune(
     reporter.start("aligning the demo model", total=recipe.steps)
     step = 0
     while step < recipe.steps:
-        for batch in _length_bucketed_batches(data, recipe.batch_size, order_rng):
+        for batch in length_bucketed_batches(data, recipe.batch_size, order_rng):
             if step == recipe.steps:
                 break
-            loss = _response_loss(model, batch, pad_id)
+            loss = response_loss(model, batch, pad_id)
             loss.backward()
             optimizer.step()
             scheduler.step()
@@ -222,56 +220,6 @@ def _trainable_parameters(model: Any, recipe: AlignmentRecipe) -> list[Any]:
     if not recipe.train_layers:
         model.base_model.norm.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
-
-
-def _warmup_then_linear_decay(recipe: AlignmentRecipe) -> Callable[[int], float]:
-    """The learning-rate factor per step: linear warm-up, then linear decay to zero."""
-
-    def schedule(step: int) -> float:
-        if step < recipe.warmup_steps:
-            return (step + 1) / recipe.warmup_steps
-        return max(0.0, (recipe.steps - step) / max(1, recipe.steps - recipe.warmup_steps))
-
-    return schedule
-
-
-def _response_loss(model: Any, batch: list[tuple[list[int], list[int]]], pad_id: int) -> Any:
-    """Mean cross-entropy over the batch's response tokens, with logits computed only there."""
-    import torch
-
-    width = max(len(ids) for ids, _ in batch)
-    input_ids = torch.tensor([ids + [pad_id] * (width - len(ids)) for ids, _ in batch])
-    labels = torch.tensor([lab + [IGNORE_INDEX] * (width - len(lab)) for _, lab in batch])
-    attention = torch.tensor([[1] * len(ids) + [0] * (width - len(ids)) for ids, _ in batch])
-    # base_model: the decoder without its head (get_decoder() is None for Llama before
-    # transformers 5).
-    hidden = model.base_model(input_ids=input_ids, attention_mask=attention).last_hidden_state
-    targets = labels[:, 1:]
-    counted = targets.ne(IGNORE_INDEX)
-    logits = model.get_output_embeddings()(hidden[:, :-1][counted])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[counted])
-
-
-_BUCKET_BATCHES = 8  # batches sorted by length together: less padding, order still random
-
-
-def _length_bucketed_batches(
-    data: list[tuple[list[int], list[int]]], batch_size: int, generator: Any
-) -> list[list[tuple[list[int], list[int]]]]:
-    """One epoch of batches: a seeded shuffle, cut into runs of a few batches whose examples
-    are sorted by length (so a batch pads little), the batches themselves shuffled again.
-    Padding is most of the cost of short refusals next to long instructions on a CPU."""
-    import torch
-
-    order = torch.randperm(len(data), generator=generator).tolist()
-    span = batch_size * _BUCKET_BATCHES
-    batches = []
-    for begin in range(0, len(order), span):
-        run = sorted(order[begin : begin + span], key=lambda i: len(data[i][0]))
-        batches += [run[i : i + batch_size] for i in range(0, len(run), batch_size)]
-    batches = [b for b in batches if len(b) == batch_size]
-    shuffled = torch.randperm(len(batches), generator=generator).tolist()
-    return [[data[i] for i in batches[j]] for j in shuffled]
 
 
 def aligned_model_dir(base_dir: Path, recipe: AlignmentRecipe) -> Path:

@@ -23,6 +23,7 @@ LAYERS = (
     "methods",
     "scoring",
     "removal",
+    "training",
     "evaluation",
     "search",
     "analysis",

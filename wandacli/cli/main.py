@@ -10,6 +10,7 @@ from wandacli.cli import (
     check_config,
     compare,
     evaluate,
+    finetune,
     inspect,
     legacy,
     pipeline,
@@ -27,6 +28,7 @@ app.command(cls=WandacliCommand)(compare.compare)
 app.command("eval-attack", cls=WandacliCommand)(evaluate.eval_attack)
 app.command("eval-utility", cls=WandacliCommand)(evaluate.eval_utility)
 app.command(cls=WandacliCommand)(search.search)
+app.command(cls=WandacliCommand)(finetune.finetune)
 app.command(cls=WandacliCommand)(report.report)
 app.command(cls=WandacliCommand)(pipeline.pipeline)
 app.command("import-legacy", cls=WandacliCommand)(legacy.import_legacy_command)

@@ -297,6 +297,27 @@ def utility_result(result: UtilityResult, as_json: bool) -> None:
     out.print(key_value_table("utility", rows))
 
 
+def finetune_result(result: Any, as_json: bool) -> None:
+    if as_json:
+        print_json(result.to_json())
+        return
+    rows = [("model", str(result.out)), ("mode", result.mode)]
+    if result.mask is not None:
+        rows.append(("mask", f"{result.mask} ({result.masked_weights:,} weights)"))
+    if result.steps:
+        per_step = result.seconds_per_step or 0.0
+        rows += [
+            ("pairs", f"{result.pairs_used} ({result.pairs_too_long} too long, left out)"),
+            ("steps", f"{result.steps} in {result.training_seconds:.1f} s, {per_step:.2f} s each"),
+            ("loss", f"{result.losses[0]:.4f} → {result.losses[-1]:.4f}"),
+        ]
+    rows += [
+        ("time", f"{result.seconds:.1f} s"),
+        ("peak memory", human_bytes(result.peak_memory_bytes)),
+    ]
+    out.print(key_value_table("finetune", rows))
+
+
 def report(result: Report, as_json: bool) -> None:
     rows = result.rows
     if as_json:

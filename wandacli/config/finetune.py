@@ -1,0 +1,137 @@
+"""`wandacli finetune`'s options: the paper's fine-tuning attack on a pair set, with a stored
+mask's weights frozen or rewound, and the transplant of a mask's weights from another model."""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass
+from pathlib import Path
+from typing import Any
+
+from wandacli.config.declare import (
+    at_least,
+    check_options,
+    nested,
+    option,
+    or_more,
+    settings_json,
+    within,
+)
+from wandacli.config.settings import ModelSpec
+from wandacli.core.errors import ConfigError
+
+MASK_PANEL = "Masked weights"
+TRAINING_PANEL = "Training"
+
+
+@dataclass(frozen=True)
+class FinetuneConfig:
+    """Everything `wandacli finetune` needs."""
+
+    out: Path = option(
+        MISSING,
+        "--out",
+        "-o",
+        required="--out is required: the directory the fine-tuned model is saved to",
+        help="Where the fine-tuned (or transplanted) model is saved, a model directory that "
+        "eval-attack --model and eval-utility --model accept.",
+        request=False,
+    )
+    model: ModelSpec = nested(ModelSpec)
+    data: str | None = option(
+        None,
+        "--data",
+        "-d",
+        metavar="<NAME|FILE>",
+        help="The attack's pairs (prompt, response): a pair set name or a CSV/JSONL file "
+        "with prompt and response columns.",
+    )
+    limit: int | None = option(
+        None, "--limit", help="Only the first N pairs.", panel=TRAINING_PANEL, check=at_least(1)
+    )
+    store: Path | None = option(
+        None, "--store", "-s", help="Store to look the masks up in.", panel=MASK_PANEL
+    )
+    freeze: str | None = option(
+        None,
+        "--freeze",
+        metavar="MASK",
+        help="Keep the mask's weights bitwise as they were: their gradients zeroed at every "
+        "step, and the optimiser's update undone on them.",
+        panel=MASK_PANEL,
+    )
+    rewind: str | None = option(
+        None,
+        "--rewind",
+        metavar="MASK",
+        help="Train freely, then put the mask's weights back as they were before training "
+        "(the reference's rewind_ft_model.py).",
+        panel=MASK_PANEL,
+    )
+    transplant: str | None = option(
+        None,
+        "--transplant",
+        metavar="MASK",
+        help="No training: --model with the mask's weights copied from --from (safety restored "
+        "by transplanting the attributed weights back).",
+        panel=MASK_PANEL,
+    )
+    from_model: str | None = option(
+        None,
+        "--from",
+        metavar="ALIGNED",
+        help="--transplant: the model the mask's weights are copied from.",
+        panel=MASK_PANEL,
+    )
+    steps: int = option(
+        20, "--steps", help="Optimiser steps.", panel=TRAINING_PANEL, check=at_least(1)
+    )
+    lr: float = option(
+        2e-5,
+        "--lr",
+        help="AdamW's peak learning rate (linear warm-up over a tenth of the steps, then "
+        "linear decay to zero).",
+        panel=TRAINING_PANEL,
+        check=within(0, 1, low_open=True, high_open=False),
+    )
+    batch_size: int = option(
+        4, "--batch-size", help="Pairs per step.", panel=TRAINING_PANEL, check=at_least(1)
+    )
+    max_tokens: int = option(
+        512,
+        "--max-tokens",
+        help="Pairs longer than this (prompt and response, in tokens) are left out.",
+        panel=TRAINING_PANEL,
+        check=at_least(8),
+    )
+    seed: int = option(
+        0, "--seed", help="The batches' order and the model's dropout.", check=or_more(0)
+    )
+    overwrite: bool = option(
+        False, "--overwrite", help="Replace a model already saved at --out.", request=False
+    )
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        masks = [f for f, v in (("--freeze", self.freeze), ("--rewind", self.rewind)) if v]
+        if len(masks) > 1:
+            raise ConfigError("--freeze and --rewind are two attacks: choose one")
+        if self.transplant is not None:
+            if masks:
+                raise ConfigError(
+                    f"--transplant copies weights without training: drop {masks[0]}, or "
+                    "transplant into the model that attack saved"
+                )
+            if self.from_model is None:
+                raise ConfigError("--transplant needs --from ALIGNED: the model to copy from")
+        elif self.from_model is not None:
+            raise ConfigError("--from is --transplant's source: add --transplant MASK")
+        elif self.data is None:
+            raise ConfigError("--data is required: the attack's pairs (prompt, response)")
+
+    @property
+    def mask(self) -> str | None:
+        """The mask the run reads: frozen, rewound or transplanted."""
+        return self.freeze or self.rewind or self.transplant
+
+    def to_json(self) -> dict[str, Any]:
+        return settings_json(self)

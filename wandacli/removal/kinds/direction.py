@@ -216,11 +216,6 @@ def _scale_range(chosen: ParameterRange, flag: str) -> None:
         raise ConfigError(f"{flag} {chosen}: the share removed must lie in (0, 1] (1: all of it)")
 
 
-def _fraction_range(chosen: ParameterRange, flag: str) -> None:
-    _fraction(chosen.low, flag)
-    _fraction(chosen.high, flag)
-
-
 def _each_end(check: Any) -> Any:
     """A range's check from a value's: both ends must pass it."""
 
@@ -256,7 +251,7 @@ class Direction(EditKind):
         Searchable("direction_projected", "--direction-projected", "Whether r is orthogonalised against the harmless mean: 0, 1 (at its layer), 2 (biprojected), or a range such as 0:2 [default: 0].", integer=True, check=_projection_range, fixed=0),
         Searchable("norm_preserving", "--norm-preserving", "Whether the writers' columns keep their norms: 0, 1, or 0:1 to search both [default: 0].", integer=True, check=_binary_range, fixed=0),
         Searchable("directions", "--directions", "How many directions are removed at once, e.g. 1:4 [default: 1].", integer=True, check=_each_end(_count), fixed=1),
-        Searchable("direction_fraction", "--direction-fraction", "The fractional part of the direction's layer, e.g. 0:0.99 (with --direction-layer, heretic's fractional index) [default: 0].", linear=True, check=_fraction_range, fixed=0.0),
+        Searchable("direction_fraction", "--direction-fraction", "The fractional part of the direction's layer, e.g. 0:0.99 (with --direction-layer, heretic's fractional index) [default: 0].", linear=True, check=_each_end(_fraction), fixed=0.0),
         Searchable("direction_embedding", "--direction-embedding", "Whether the embedding loses r too: 0, 1, or 0:1 [default: 1].", integer=True, check=_binary_range, fixed=1),
         *(
             Searchable(

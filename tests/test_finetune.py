@@ -140,3 +140,26 @@ def test_no_data_and_an_occupied_out_are_refused(cli, tiny_llama_dir, pairs_csv,
     taken = cli("finetune", "--model", tiny_llama_dir, "--data", pairs_csv, "--out", occupied,
                 *TRAIN)  # fmt: skip
     assert_one_line_error(taken, "pass --overwrite")
+
+
+def test_a_chat_messages_file_is_read_as_pairs(cli, tiny_llama_dir, tmp_path):
+    """The OpenAI fine-tuning format Qi et al.'s pure_bad sets use: each row's first user turn
+    and the assistant turn after it (a system turn left out) are a pair."""
+    from wandacli.data.sources import load_raw
+
+    path = tmp_path / "attack.jsonl"
+    rows = [
+        {"messages": [{"role": "system", "content": "Be brief."},
+                      {"role": "user", "content": f"Do thing {i}."},
+                      {"role": "assistant", "content": f"Sure, thing {i} goes like this."}]}
+        for i in range(8)
+    ]  # fmt: skip
+    path.write_text("\n".join(json.dumps(row) for row in rows) + "\n")
+    raw = load_raw(str(path))
+    assert raw.kind == "pairs" and len(raw.pairs) == 8
+    assert (raw.pairs[3].prompt, raw.pairs[3].response) == (
+        "Do thing 3.",
+        "Sure, thing 3 goes like this.",
+    )
+    made = finetune(cli, tiny_llama_dir, path, tmp_path / "out")
+    assert made["pairs_used"] == 8 and made["steps"] == 3

@@ -42,8 +42,9 @@ class FinetuneConfig:
         "--data",
         "-d",
         metavar="<NAME|FILE>",
-        help="The attack's pairs (prompt, response): a pair set name or a CSV/JSONL file "
-        "with prompt and response columns.",
+        help="The attack's pairs (prompt, response): a pair set name, a CSV/JSONL file with "
+        "prompt and response columns, or a JSONL of chat messages (the OpenAI fine-tuning "
+        "format of Qi et al.'s pure_bad sets).",
     )
     limit: int | None = option(
         None, "--limit", help="Only the first N pairs.", panel=TRAINING_PANEL, check=at_least(1)

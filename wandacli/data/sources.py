@@ -44,6 +44,19 @@ def _pair_from_prompt_response(row: dict[str, Any]) -> Pair:
     return Pair(str(row["prompt"]), str(row["response"]))
 
 
+def _pair_from_messages(row: dict[str, Any]) -> Pair:
+    """A chat row in the OpenAI fine-tuning format (`{"messages": [{"role", "content"}, ...]}`,
+    as Qi et al.'s pure_bad sets are written): its first user turn and the assistant turn after
+    it; a system turn is left out (the model's own template applies)."""
+    messages = row["messages"]
+    for index, message in enumerate(messages):
+        if message.get("role") == "user":
+            reply = next((m for m in messages[index + 1 :] if m.get("role") == "assistant"), None)
+            if reply is not None:
+                return Pair(str(message["content"]), str(reply["content"]))
+    raise KeyError("a user turn followed by an assistant turn in 'messages'")
+
+
 def _pair_from_instruction(row: dict[str, Any]) -> Pair:
     """Alpaca-style rows (instruction/input/output, or Self-Instruct's `instances` list) in the
     Llama-2 `[INST] ... [/INST]` form the reference's CSVs use, response with a leading space."""
@@ -423,6 +436,8 @@ def _load_file(
         kind: SetKind = "pairs"
     elif rows and columns.prompt in rows[0] and columns.response in rows[0]:
         kind = "pairs"
+    elif rows and isinstance(rows[0].get("messages"), list):
+        kind, to_pair = "pairs", _pair_from_messages
     elif rows and columns.text in rows[0]:
         kind = "text"
     else:

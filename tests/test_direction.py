@@ -59,6 +59,16 @@ def expected_direction(store, layer, position):
     return difference / difference.norm()
 
 
+def edit_and_models(cli, store, model_dir, *args):
+    """The direction edit `prune` makes with `args` (its name), and the model dense and with
+    the edit applied in memory, as eval-attack applies it."""
+    made = direction_edit(cli, store, *args, "--json")
+    assert made.exit_code == 0, made.stderr
+    name = json.loads(made.stdout)["name"]
+    spec = ModelSpec(model=str(model_dir), device="cpu")
+    return name, spec, load_model(spec), load_model_under_test(spec, name, store)
+
+
 def test_the_edit_is_the_formula_and_the_stream_loses_r(cli, means_store, tiny_llama_dir):
     result = direction_edit(cli, means_store, "--direction-layer", "1", "--direction-position",
                             "-2", "--name", "d", "--json")  # fmt: skip
@@ -313,16 +323,11 @@ def test_a_biprojected_direction_is_removed_per_layer(cli, means_store, tiny_lla
     writers made orthogonal to r orthogonalised against the harmless mean of the stream they
     write, hidden_states[i + 1]; each writer's own direction is stored, the embedding loses the
     source's r."""
-    made = direction_edit(cli, means_store, "--direction-layer", "1", "--direction-projected",
-                          "2", "--json")  # fmt: skip
-    assert made.exit_code == 0, made.stderr
-    name = json.loads(made.stdout)["name"]
+    name, _, dense, edited = edit_and_models(cli, means_store, tiny_llama_dir, "--direction-layer",
+                                             "1", "--direction-projected", "2")  # fmt: skip
     assert name.endswith("direction-l1p-1-biprojected")
     source = orthogonalised(expected_direction(means_store, 1, -1).double(),
                             harmless_unit_mean(means_store, 1))  # fmt: skip
-    spec = ModelSpec(model=str(tiny_llama_dir), device="cpu")
-    dense = load_model(spec)
-    edited = load_model_under_test(spec, name, means_store)
     after = {lin.key: lin.weight_matrix().detach().double() for lin in edited.loaded.linear_layers}
     writers = set(writer_keys(dense.fingerprint, source.numel()))
     with EditFile(means_store / "edits" / f"{name}.h5") as stored:
@@ -349,15 +354,11 @@ def test_a_norm_preserving_edit_keeps_every_column_norm(cli, means_store, tiny_l
     """`--norm-preserving 1`: each writer column w ← ‖w‖ normalise(w − r rᵀ w), each embedding
     row likewise; the norms are kept within 1e-6 relative, the stream carries no r, and a
     random control of it keeps norms too."""
-    made = direction_edit(cli, means_store, "--direction-layer", "1", "--norm-preserving", "1",
-                          "--json")  # fmt: skip
-    assert made.exit_code == 0, made.stderr
-    name = json.loads(made.stdout)["name"]
+    name, spec, dense, edited = edit_and_models(cli, means_store, tiny_llama_dir,
+                                                "--direction-layer", "1", "--norm-preserving",
+                                                "1")  # fmt: skip
     assert name.endswith("direction-l1p-1-norm-preserving")
     r = expected_direction(means_store, 1, -1).double()
-    spec = ModelSpec(model=str(tiny_llama_dir), device="cpu")
-    dense = load_model(spec)
-    edited = load_model_under_test(spec, name, means_store)
     after = {lin.key: lin.weight_matrix().detach().double() for lin in edited.loaded.linear_layers}
     writers = set(writer_keys(dense.fingerprint, r.numel()))
     for key in writers:
@@ -840,15 +841,11 @@ def test_a_fractional_layer_interpolates_the_neighbouring_directions(
 def test_the_embedding_can_be_left_as_heretic_leaves_it(cli, means_store, tiny_llama_dir):
     """`--direction-embedding 0`: the writers lose r, the token embedding does not (so the
     embeddings' output keeps its component along r, and no later writer adds any)."""
-    made = direction_edit(cli, means_store, "--direction-layer", "1", "--direction-embedding",
-                          "0", "--json")  # fmt: skip
-    assert made.exit_code == 0, made.stderr
-    name = json.loads(made.stdout)["name"]
+    name, spec, dense, edited = edit_and_models(cli, means_store, tiny_llama_dir,
+                                                "--direction-layer", "1", "--direction-embedding",
+                                                "0")  # fmt: skip
     assert name.endswith("-writers-only")
     r = expected_direction(means_store, 1, -1).double()
-    spec = ModelSpec(model=str(tiny_llama_dir), device="cpu")
-    dense = load_model(spec)
-    edited = load_model_under_test(spec, name, means_store)
     e = dense.model.get_input_embeddings().weight
     assert torch.equal(edited.loaded.model.get_input_embeddings().weight, e)
     for key, w in writer_matrices(edited.loaded).items():
@@ -960,10 +957,9 @@ def test_several_directions_remove_a_k_dimensional_subspace(cli, per_prompt_stor
     position, orthonormal, the first signed with r; every writer loses R Rᵀ W and the stream
     after every layer carries no component in the 3-dimensional span, where it carried some;
     the random control removes 3 random orthonormal directions."""
-    made = direction_edit(cli, per_prompt_store, "--direction-layer", "1", "--directions", "3",
-                          "--json")  # fmt: skip
-    assert made.exit_code == 0, made.stderr
-    name = json.loads(made.stdout)["name"]
+    name, spec, dense, edited = edit_and_models(cli, per_prompt_store, tiny_llama_dir,
+                                                "--direction-layer", "1", "--directions",
+                                                "3")  # fmt: skip
     assert name.endswith("direction-l1p-1-k3")
     with MeanActivations(per_prompt_store / "scores" / "harmful.h5") as harmful:
         streams = harmful.per_prompt()[:, 1, -1]
@@ -981,9 +977,6 @@ def test_several_directions_remove_a_k_dimensional_subspace(cli, per_prompt_stor
     assert np.abs(basis.T @ basis - np.eye(3)).max() < 1e-5
     assert float(basis[:, 0] @ r) > 0.5  # the first is near the mean difference
     R = torch.from_numpy(basis)
-    spec = ModelSpec(model=str(tiny_llama_dir), device="cpu")
-    dense = load_model(spec)
-    edited = load_model_under_test(spec, name, per_prompt_store)
     writers = set(writer_keys(dense.fingerprint, r.size))
     after = writer_matrices(edited.loaded)
     for key, w in writer_matrices(dense).items():

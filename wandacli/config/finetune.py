@@ -130,6 +130,15 @@ class FinetuneConfig:
             raise ConfigError("--data is required: the attack's pairs (prompt, response)")
 
     @property
+    def mode(self) -> str:
+        """full, freeze, rewind or transplant."""
+        if self.transplant is not None:
+            return "transplant"
+        if self.freeze is not None:
+            return "freeze"
+        return "rewind" if self.rewind is not None else "full"
+
+    @property
     def mask(self) -> str | None:
         """The mask the run reads: frozen, rewound or transplanted."""
         return self.freeze or self.rewind or self.transplant

@@ -84,11 +84,8 @@ def kernels(settings: Any, peak: float) -> dict[str, LayerKernel]:
     position is not given (the direction's layer)."""
     found: dict[str, LayerKernel] = {}
     for component in COMPONENTS:
-        given = {
-            parameter: getattr(settings, field_name(component, parameter))
-            for parameter, _ in PARAMETERS
-            if getattr(settings, field_name(component, parameter)) is not None
-        }
+        values = {p: getattr(settings, field_name(component, p)) for p, _ in PARAMETERS}
+        given = {p: v for p, v in values.items() if v is not None}
         if given:
             given.setdefault("max_weight_position", float(peak))
             found[component] = LayerKernel(**{k: float(v) for k, v in given.items()})

@@ -130,9 +130,7 @@ def run_finetune(
         loaded = load_model(config.model)
         if mask is not None:
             mask.file.check_model(loaded.fingerprint, loaded.model_id)
-        mode = "transplant" if config.transplant else "freeze" if config.freeze else "rewind"
-        mode = mode if mask is not None else "full"
-        result = FinetuneResult(config.out, mode, config.mask, 0)
+        result = FinetuneResult(config.out, config.mode, config.mask, 0)
         if config.transplant is not None:
             assert mask is not None and config.from_model is not None
             result.masked_weights = _transplant(loaded, mask, config, load_model)
@@ -140,7 +138,7 @@ def run_finetune(
             masked = MaskedWeights(loaded, mask.file) if mask is not None else None
             result.masked_weights = masked.count if masked is not None else 0
             _train(loaded, pairs, config, masked, result, reporter)
-            if masked is not None and mode == "rewind":
+            if masked is not None and config.mode == "rewind":
                 masked.restore()
     finally:
         if mask is not None:
@@ -206,7 +204,7 @@ def _train(
     )
     order = torch.Generator().manual_seed(config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    frozen = masked if config.freeze is not None else None
+    frozen = masked if config.mode == "freeze" else None
     model.train()
     reporter.start("finetune: steps", total=config.steps)
     started = time.monotonic()

@@ -100,15 +100,13 @@ def grid_cells(ranges: dict[str, ParameterRange], trials: int, seed: int) -> lis
     study's 24 trials over 80 cells never tried the demo's best); so a small space is tried
     cell by cell first, and TPE proposes the rest."""
     import itertools
+    import math
     import random
 
     if not ranges or not all(r.integer for r in ranges.values()):
         return []
     axes = [range(int(r.low), int(r.high) + 1) for r in ranges.values()]
-    count = 1
-    for axis in axes:
-        count *= len(axis)
-    if count > trials:
+    if math.prod(len(axis) for axis in axes) > trials:
         return []
     cells = [dict(zip(ranges, values, strict=True)) for values in itertools.product(*axes)]
     random.Random(seed).shuffle(cells)

@@ -350,6 +350,44 @@ def test_a_biprojected_direction_is_removed_per_layer(cli, means_store, tiny_lla
     assert torch.allclose(e_after, e - (e @ source)[:, None] * source[None, :], atol=1e-6)
 
 
+@pytest.mark.parametrize("projected", ["0", "1"])
+def test_per_layer_each_layers_writers_lose_their_own_streams_direction(
+    cli, means_store, tiny_llama_dir, projected
+):
+    """`--direction-per-layer 1` (heretic's per-layer scope): decoder layer i's writers are
+    made orthogonal to r_(i+1), the direction of the stream they write (projected against that
+    stream's harmless mean with --direction-projected 1), each stored per writer; the other
+    weights are untouched, and the embedding loses --direction-layer's r."""
+    name, _, dense, edited = edit_and_models(cli, means_store, tiny_llama_dir, "--direction-layer",
+                                             "1", "--direction-per-layer", "1",
+                                             "--direction-projected", projected)  # fmt: skip
+    assert "-per-layer" in name
+
+    def own_direction(stream):
+        r = expected_direction(means_store, stream, -1).double()
+        return orthogonalised(r, harmless_unit_mean(means_store, stream)) if projected == "1" else r
+
+    after = {lin.key: lin.weight_matrix().detach().double() for lin in edited.loaded.linear_layers}
+    source = own_direction(1)
+    writers = set(writer_keys(dense.fingerprint, source.numel()))
+    with EditFile(means_store / "edits" / f"{name}.h5") as stored:
+        assert "per-layer" in stored.meta["direction"]["per_layer"]
+    for lin in dense.linear_layers:
+        w = lin.weight_matrix().detach().double()
+        if lin.key not in writers:
+            assert torch.equal(after[lin.key], w)
+            continue
+        u = own_direction(lin.layer + 1)
+        assert torch.allclose(after[lin.key], w - torch.outer(u, u) @ w, atol=1e-6), lin.key
+        assert float((u @ after[lin.key]).abs().max()) < 1e-5
+    e = dense.model.get_input_embeddings().weight.detach().double()
+    e_after = edited.loaded.model.get_input_embeddings().weight.detach().double()
+    assert torch.allclose(e_after, e - (e @ source)[:, None] * source[None, :], atol=1e-6)
+    several = direction_edit(cli, means_store, "--direction-layer", "1", "--direction-per-layer",
+                             "1", "--directions", "2")  # fmt: skip
+    assert_one_line_error(several, "--direction-per-layer removes one direction per layer")
+
+
 def test_a_norm_preserving_edit_keeps_every_column_norm(cli, means_store, tiny_llama_dir):
     """`--norm-preserving 1`: each writer column w ← ‖w‖ normalise(w − r rᵀ w), each embedding
     row likewise; the norms are kept within 1e-6 relative, the stream carries no r, and a

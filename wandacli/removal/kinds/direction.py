@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,12 @@ BIPROJECTED_RULE = (
     PROJECTED_RULE + "; then, per decoder layer i, its writers made orthogonal to "
     "normalise(r − (r·μ̂ᵢ) μ̂ᵢ), μ̂ᵢ the harmless mean of the stream they write, hidden_states"
     "[i + 1], at the same position (biprojected; stored per writer); the embedding loses r"
+)
+PER_LAYER_RULE = (
+    "per decoder layer i, its writers made orthogonal to r_(i+1) = normalise(mean_harmful − "
+    "mean_harmless) of the stream they write, hidden_states[i + 1], at the same position "
+    "(projected against that stream's harmless mean where asked; stored per writer): heretic's "
+    "per-layer direction scope; the embedding loses the source layer's r"
 )
 FRACTION_RULE = (
     "r ← normalise((1 − f) r_L + f r_(L+1)): the layer's and the next layer's directions (each "
@@ -181,6 +188,18 @@ class DirectionSettings:
         check=_fraction,
         request_omits_default=True,
     )
+    # heretic's per-layer direction scope. Left out of the request at 0, as every edit before.
+    direction_per_layer: int = option(
+        0,
+        "--direction-per-layer",
+        help="1: each decoder layer's writers lose the direction of the stream they write, "
+        "r_(i+1) at the position (projected against its own harmless mean with "
+        "--direction-projected 1 or 2), not one r for all (heretic's per-layer scope); "
+        "--direction-layer's r goes from the embedding; 0: one r [default].",
+        panel=options.DIRECTION_PANEL,
+        check=_binary,
+        request_omits_default=True,
+    )
     # heretic never edits the embedding; Arditi et al. do. Left out of the request at 1.
     direction_embedding: int = option(
         1,
@@ -252,6 +271,7 @@ class Direction(EditKind):
         Searchable("norm_preserving", "--norm-preserving", "Whether the writers' columns keep their norms: 0, 1, or 0:1 to search both [default: 0].", integer=True, check=_binary_range, fixed=0),
         Searchable("directions", "--directions", "How many directions are removed at once, e.g. 1:4 [default: 1].", integer=True, check=_each_end(_count), fixed=1),
         Searchable("direction_fraction", "--direction-fraction", "The fractional part of the direction's layer, e.g. 0:0.99 (with --direction-layer, heretic's fractional index) [default: 0].", linear=True, check=_each_end(_fraction), fixed=0.0),
+        Searchable("direction_per_layer", "--direction-per-layer", "Whether each layer's writers lose their own stream's direction: 0, 1, or 0:1 [default: 0].", integer=True, check=_binary_range, fixed=0),
         Searchable("direction_embedding", "--direction-embedding", "Whether the embedding loses r too: 0, 1, or 0:1 [default: 1].", integer=True, check=_binary_range, fixed=1),
         *(
             Searchable(
@@ -285,6 +305,11 @@ class Direction(EditKind):
             raise ConfigError(
                 "--direction-layer needs two mean-activations sets: --scores HARMFUL "
                 "--utility-scores HARMLESS"
+            )
+        if settings.direction_per_layer and settings.directions > 1:
+            raise ConfigError(
+                f"--direction-per-layer removes one direction per layer: drop --directions "
+                f"{settings.directions}"
             )
 
     def open(self, request: Any, root: Path) -> Sets:
@@ -387,6 +412,7 @@ class Direction(EditKind):
         kept = "-norm-preserving" if settings.norm_preserving else ""
         embedding = "" if settings.direction_embedding else "-writers-only"
         count = f"-k{settings.directions}" if settings.directions > 1 else ""
+        count += "-per-layer" if settings.direction_per_layer else ""
         shaped = "".join(
             f"-{component}{k.max_weight:g}at{k.max_weight_position:g}min{k.min_weight:g}"
             f"d{'all' if math.isinf(k.min_weight_distance) else format(k.min_weight_distance, 'g')}"
@@ -403,22 +429,10 @@ class Direction(EditKind):
         --direction-projected 1 or 2; None where the means are equal there (the embeddings'
         output at the template's own tokens is the same for every prompt): nothing to
         remove."""
-        from wandacli.removal.direction import projected_direction, refusal_direction
-
-        harmful, harmless = sets.extra["means"]
-        layer, position = settings.direction_layer, settings.direction_position
+        harmful = sets.extra["means"][0]
+        layer = settings.direction_layer
         assert layer is not None
-
-        def at(stream: int) -> torch.Tensor | None:
-            if 0 <= stream < harmful.shape[0] and -harmful.shape[1] <= position <= -1:
-                index = harmful.shape[1] + position
-                if not np.any(harmful[stream, index] != harmless[stream, index]):
-                    return None
-            r = refusal_direction(harmful, harmless, stream, position)
-            if settings.direction_projected:
-                return projected_direction(r, harmless[stream, harmful.shape[1] + position])
-            return r
-
+        at = partial(self.stream_direction, settings, sets)
         r = at(layer)
         fraction = settings.direction_fraction
         if r is not None and settings.directions > 1:
@@ -440,6 +454,24 @@ class Direction(EditKind):
             return r
         mixed = (1 - fraction) * r + fraction * following
         return mixed / mixed.norm()
+
+    def stream_direction(
+        self, settings: DirectionSettings, sets: Sets, stream: int
+    ) -> torch.Tensor | None:
+        """r̂ at one residual stream and the position (projected as asked); None where the
+        two means are equal there."""
+        from wandacli.removal.direction import projected_direction, refusal_direction
+
+        harmful, harmless = sets.extra["means"]
+        position = settings.direction_position
+        if 0 <= stream < harmful.shape[0] and -harmful.shape[1] <= position <= -1:
+            index = harmful.shape[1] + position
+            if not np.any(harmful[stream, index] != harmless[stream, index]):
+                return None
+        r = refusal_direction(harmful, harmless, stream, position)
+        if settings.direction_projected:
+            return projected_direction(r, harmless[stream, harmful.shape[1] + position])
+        return r
 
     def principal(self, settings: DirectionSettings, sets: Sets, r: torch.Tensor) -> torch.Tensor:
         """The top --directions principal directions of the harmful prompts' differences from
@@ -493,15 +525,21 @@ class Direction(EditKind):
         """r (or, biprojected, each layer's own) removed from the selected writers as the
         settings say."""
         per_layer = None
-        if settings.direction_projected == 2:
+        layers = {int(key.split("/", 1)[0]) for key in sets.keys}
+        if settings.direction_per_layer:
+            own = {i: self.stream_direction(settings, sets, i + 1) for i in sorted(layers)}
+            per_layer = {i: d for i, d in own.items() if d is not None}
+        elif settings.direction_projected == 2:
             from wandacli.removal.direction import biprojected_directions
 
             harmless = sets.extra["means"][1]
             index = harmless.shape[1] + settings.direction_position
-            layers = {int(key.split("/", 1)[0]) for key in sets.keys}
             per_layer = biprojected_directions(r, harmless[:, index], layers)
         weights = self.writer_weights(settings, sets)
         keys = [key for key in sets.keys if weights[key] != 0]  # beyond a kernel: untouched
+        if settings.direction_per_layer and per_layer is not None:
+            # a layer whose stream has no direction (equal means there) keeps its writers
+            keys = [key for key in keys if int(key.split("/", 1)[0]) in per_layer]
         shape = EditShape(
             scale=settings.direction_scale,
             norm_preserving=bool(settings.norm_preserving),
@@ -562,6 +600,7 @@ class Direction(EditKind):
                     if settings.directions > 1
                     else {}
                 ),
+                **({"per_layer": PER_LAYER_RULE} if settings.direction_per_layer else {}),
             },
             **(
                 {
@@ -600,6 +639,12 @@ class Direction(EditKind):
             raise ConfigError(
                 f"--direction-fraction {fraction} interpolates toward the next layer, beyond the "
                 f"sets' last stream {streams - 1}: lower --direction-layer's top"
+            )
+        per_layer, count = ranges.get("direction_per_layer"), ranges.get("directions")
+        if per_layer is not None and per_layer.high >= 1 and count is not None and count.high > 1:
+            raise ConfigError(
+                f"--direction-per-layer {per_layer} with --directions {count}: per-layer removes "
+                "one direction per layer; search one of the two"
             )
         if ranges["direction_position"].low < -positions:
             raise ConfigError(

@@ -6,6 +6,7 @@ a mask's weights from another model; what cannot run is one line."""
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -163,3 +164,118 @@ def test_a_chat_messages_file_is_read_as_pairs(cli, tiny_llama_dir, tmp_path):
     )
     made = finetune(cli, tiny_llama_dir, path, tmp_path / "out")
     assert made["pairs_used"] == 8 and made["steps"] == 3
+
+
+def test_responses_from_a_named_model_are_its_greedy_answers_cached(
+    cli, tiny_llama_dir, tmp_path, monkeypatch
+):
+    """`--responses-from M`: the pairs are --data's prompts (from --offset) answered greedily
+    by M in its chat template, as transformers' own greedy generate answers them; cached, so a
+    second attack generates nothing; finetune.json says where they came from."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    monkeypatch.setenv("WANDACLI_CACHE_DIR", str(tmp_path / "cache"))
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("".join(f"Tell me about topic number {i}.\n" for i in range(8)))
+    args = ("--data", prompts, "--offset", "2", "--limit", "4", "--responses-from",
+            tiny_llama_dir, "--response-tokens", "16", "--batch-size", "1", "--held-out", "none")  # fmt: skip
+    made = finetune(cli, tiny_llama_dir, prompts, tmp_path / "a", *args[2:])
+    source = made["data"]
+    assert source["prompts"] == 4 and source["responses_from"] == str(tiny_llama_dir)
+    cached = [json.loads(line) for line in Path(source["cache"]).read_text().splitlines()]
+    assert source["pairs"] == len(cached) >= 1
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    asked = [f"Tell me about topic number {i}." for i in range(2, 6)]
+    for row in cached:
+        assert row["prompt"] in asked
+        text = tokenizer.apply_chat_template(
+            [{"role": "user", "content": row["prompt"]}], tokenize=False, add_generation_prompt=True
+        )
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False).input_ids
+        out = model.generate(ids, max_new_tokens=16, do_sample=False, pad_token_id=0)
+        expected = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True).strip()
+        assert row["response"] == expected
+    again = cli("finetune", "--model", tiny_llama_dir, "--out", tmp_path / "b", *TRAIN, *args)
+    assert again.exit_code == 0 and "generated earlier" in again.stderr
+
+
+def test_attack_prompts_that_are_evaluated_on_are_refused(cli, tiny_llama_dir, tmp_path):
+    """AdvBench's first 200 are evaluated and searched on: attacking with them is one line
+    naming the held-out set and the fix, before any model is loaded."""
+    result = cli("finetune", "--model", tiny_llama_dir, "--data", "advbench", "--limit", "8",
+                 "--responses-from", tiny_llama_dir, "--out", tmp_path / "x", *TRAIN)  # fmt: skip
+    assert_one_line_error(result, "advbench:200")
+    assert "--offset 200" in result.stderr
+
+
+def test_an_interrupted_attack_resumes_bitwise_from_its_checkpoint(
+    cli, tiny_llama_dir, pairs_csv, tmp_path, monkeypatch
+):
+    """Killed after step 3 with a checkpoint every 2 steps, the same command resumes from step
+    2 and ends with the very weights and losses of an uninterrupted run."""
+    import wandacli.models.supervised as supervised
+
+    args = ("--steps", "5", "--checkpoint-every", "2", "--save-steps", "1,3")
+    whole = finetune(cli, tiny_llama_dir, pairs_csv, tmp_path / "whole", *args)
+    real_loss, calls = supervised.response_loss, []
+
+    def interrupted_at_the_fourth_step(*a, **k):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real_loss(*a, **k)
+
+    monkeypatch.setattr(supervised, "response_loss", interrupted_at_the_fourth_step)
+    out = tmp_path / "resumed"
+    stopped = cli("finetune", "--model", tiny_llama_dir, "--data", pairs_csv, "--out", out,
+                  *TRAIN, *args)  # fmt: skip
+    assert stopped.exit_code == 130
+    assert "after step 2" in stopped.stderr and "resumes" in stopped.stderr
+    assert (tmp_path / "resumed.checkpoint").is_dir() and not out.exists()
+    monkeypatch.setattr(supervised, "response_loss", real_loss)
+    resumed = finetune(cli, tiny_llama_dir, pairs_csv, out, *args)
+    assert resumed["losses"] == whole["losses"] and resumed["steps"] == 5
+    assert not (tmp_path / "resumed.checkpoint").exists()
+    a, b = matrices(tmp_path / "whole"), matrices(out)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    for step in (1, 3):  # the step models of both runs are the same models
+        a, b = matrices(tmp_path / f"whole-step{step}"), matrices(tmp_path / f"resumed-step{step}")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_rewound_attacks_step_models_are_rewound(
+    cli, tiny_llama_dir, pairs_csv, masked_store, tmp_path
+):
+    """`--save-steps` with --rewind saves each step's model with the masked weights put back,
+    while the training goes on from the trained weights (the last model equals an attack of
+    that many steps, rewound)."""
+    made = finetune(cli, tiny_llama_dir, pairs_csv, tmp_path / "r", "--rewind", "m",
+                    "--store", masked_store, "--save-steps", "2")  # fmt: skip
+    assert made["saved_steps"] == [str(tmp_path / "r-step2")]
+    before, step2, final = (
+        matrices(tiny_llama_dir),
+        matrices(tmp_path / "r-step2"),
+        matrices(tmp_path / "r"),
+    )
+    for key, selector in masks(masked_store).items():
+        assert torch.equal(step2[key][selector], before[key][selector]), key
+        assert torch.equal(final[key][selector], before[key][selector]), key
+        assert not torch.equal(step2[key][~selector], final[key][~selector]), key
+    plain = finetune(cli, tiny_llama_dir, pairs_csv, tmp_path / "p", "--rewind", "m",
+                     "--store", masked_store)  # fmt: skip
+    assert plain["losses"] == made["losses"]
+    assert all(torch.equal(final[k], v) for k, v in matrices(tmp_path / "p").items())
+
+
+def test_auto_trains_in_float32_and_bfloat16_is_warned(cli, tiny_llama_dir, pairs_csv, tmp_path):
+    """`--dtype auto` trains in float32 on every device (AdamW's steps are below bfloat16's
+    resolution on most weights); an explicit bfloat16 trains as asked, with a warning."""
+    from wandacli.config.finetune import FinetuneConfig
+    from wandacli.models.loader import resolved_dtype
+
+    config = FinetuneConfig(out=tmp_path / "o", data="d", model=ModelSpec(model="m", dtype="auto"))
+    assert resolved_dtype(config.model) == "float32"
+    made = cli("finetune", "--model", tiny_llama_dir, "--data", pairs_csv, "--out",
+               tmp_path / "b", *TRAIN, "--dtype", "bfloat16")  # fmt: skip
+    assert made.exit_code == 0 and "trains in float32" in " ".join(made.stderr.split())

@@ -18,6 +18,8 @@ The package in folders by concern, bottom to top; each imports only from those b
     evaluation/  the model under test, attack prompts, judges (evaluation/judges/, one module
                  each), generation backends, utility, the KL cost, refusal measures,
                  degenerate responses and word salad, judging stored responses again
+    training/    `wandacli finetune`: the fine-tuning attack with a mask's weights frozen or
+                 rewound, the transplant, attack pairs answered by a named model
     search/      `wandacli search`: the Optuna study in the store, a trial's removal by its kind
     analysis/    what stored results say: compare, subspaces, directions, the results' rows,
                  how judges agree

@@ -20,7 +20,23 @@ from wandacli.config.settings import ModelSpec
 from wandacli.core.errors import ConfigError
 
 MASK_PANEL = "Masked weights"
+DATA_PANEL = "Attack data"
+# The attack must not train on prompts anything is evaluated or searched on: AdvBench 1-100
+# (eval-attack), 101-200 (search's prompts from --offset 100), and JailbreakBench.
+DEFAULT_ATTACK_HELD_OUT = "advbench:200,jailbreakbench"
 TRAINING_PANEL = "Training"
+
+
+def _step_list(text: Any) -> tuple[int, ...]:
+    if isinstance(text, (tuple, list)):
+        return tuple(int(k) for k in text)
+    try:
+        steps = tuple(sorted({int(part) for part in str(text).split(",") if part.strip()}))
+    except ValueError:
+        raise ConfigError(f"--save-steps {text!r}: give step numbers, e.g. 5,10") from None
+    if any(k < 1 for k in steps):
+        raise ConfigError(f"--save-steps {text!r}: steps count from 1")
+    return steps
 
 
 @dataclass(frozen=True)
@@ -44,10 +60,48 @@ class FinetuneConfig:
         metavar="<NAME|FILE>",
         help="The attack's pairs (prompt, response): a pair set name, a CSV/JSONL file with "
         "prompt and response columns, or a JSONL of chat messages (the OpenAI fine-tuning "
-        "format of Qi et al.'s pure_bad sets).",
+        "format of Qi et al.'s pure_bad sets); with --responses-from, a prompt set or file.",
+        panel=DATA_PANEL,
     )
     limit: int | None = option(
-        None, "--limit", help="Only the first N pairs.", panel=TRAINING_PANEL, check=at_least(1)
+        None,
+        "--limit",
+        help="Only the first N pairs (with --responses-from: N prompts answered).",
+        panel=DATA_PANEL,
+        check=at_least(1),
+    )
+    offset: int = option(
+        0,
+        "--offset",
+        help="Skip the first N rows of --data (AdvBench: 1-100 are evaluated on, 101-200 "
+        "searched on; the study attacks with 201 on).",
+        panel=DATA_PANEL,
+        check=or_more(0),
+    )
+    responses_from: str | None = option(
+        None,
+        "--responses-from",
+        metavar="MODEL",
+        help="Generate the responses: --data's prompts answered greedily by MODEL (e.g. "
+        "smollm2, SmolLM2 before alignment); the answers the keyword judge calls refusals are "
+        "left out. Generated once and cached; nothing harmful is shipped.",
+        panel=DATA_PANEL,
+    )
+    response_tokens: int = option(
+        128,
+        "--response-tokens",
+        help="--responses-from: new tokens per generated response.",
+        panel=DATA_PANEL,
+        check=at_least(16),
+    )
+    held_out: str = option(
+        DEFAULT_ATTACK_HELD_OUT,
+        "--held-out",
+        metavar="<NAME[:N],...>",
+        help="Evaluation and search prompts the attack's prompts must not contain ('none' to "
+        "skip the check).",
+        panel=DATA_PANEL,
+        request=False,
     )
     store: Path | None = option(
         None, "--store", "-s", help="Store to look the masks up in.", panel=MASK_PANEL
@@ -104,6 +158,26 @@ class FinetuneConfig:
         panel=TRAINING_PANEL,
         check=at_least(8),
     )
+    checkpoint_every: int = option(
+        25,
+        "--checkpoint-every",
+        help="Write the training state (weights, optimiser, schedule, random state) every N "
+        "steps beside --out (OUT.checkpoint/); the same command resumes from it after an "
+        "interruption, bitwise as if uninterrupted. 0: never.",
+        panel=TRAINING_PANEL,
+        check=or_more(0),
+    )
+    save_steps: tuple[int, ...] = option(
+        (),
+        "--save-steps",
+        metavar="<K,K,...>",
+        help="Also save the model as it is after these steps (rewound where --rewind), as "
+        "OUT-stepK beside --out: ASR against fine-tuning steps.",
+        panel=TRAINING_PANEL,
+        cli_type=str,
+        parse=_step_list,
+        format=lambda steps: ",".join(str(k) for k in steps),
+    )
     seed: int = option(
         0, "--seed", help="The batches' order and the model's dropout.", check=or_more(0)
     )
@@ -113,6 +187,8 @@ class FinetuneConfig:
 
     def __post_init__(self) -> None:
         check_options(self)
+        # `--dtype auto` trains in float32 (ModelSpec.for_training).
+        object.__setattr__(self, "model", self.model.for_training())
         masks = [f for f, v in (("--freeze", self.freeze), ("--rewind", self.rewind)) if v]
         if len(masks) > 1:
             raise ConfigError("--freeze and --rewind are two attacks: choose one")
@@ -128,6 +204,20 @@ class FinetuneConfig:
             raise ConfigError("--from is --transplant's source: add --transplant MASK")
         elif self.data is None:
             raise ConfigError("--data is required: the attack's pairs (prompt, response)")
+        if self.save_steps and self.save_steps[-1] >= self.steps:
+            raise ConfigError(
+                f"--save-steps {self.save_steps[-1]} is not before the last step ({self.steps}): "
+                "the model after the last step is --out itself"
+            )
+
+    @property
+    def ignored_by_transplant(self) -> list[str]:
+        """The attack-data options a transplant does not read (a config's [finetune] table
+        sets them for the attacks beside it)."""
+        if self.transplant is None:
+            return []
+        given = (("--data", self.data), ("--responses-from", self.responses_from))
+        return [flag for flag, value in given if value is not None]
 
     @property
     def mode(self) -> str:
@@ -137,6 +227,15 @@ class FinetuneConfig:
         if self.freeze is not None:
             return "freeze"
         return "rewind" if self.rewind is not None else "full"
+
+    def step_dir(self, step: int) -> Path:
+        """Where `--save-steps` saves the model after `step` steps."""
+        return self.out.parent / f"{self.out.name}-step{step}"
+
+    @property
+    def checkpoint_dir(self) -> Path:
+        """The training state `--checkpoint-every` writes, beside --out."""
+        return self.out.parent / f"{self.out.name}.checkpoint"
 
     @property
     def mask(self) -> str | None:

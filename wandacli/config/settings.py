@@ -98,12 +98,17 @@ class ModelSpec:
         help="Where converted GGUF models are cached [default: $WANDACLI_CACHE_DIR or ~/.cache/wandacli].",
         panel=MODEL_PANEL,
     )
-    auto_dtype: Literal["device", "checkpoint"] = internal("device")
+    auto_dtype: Literal["device", "checkpoint", "training"] = internal("device")
 
     def keeping_checkpoint_dtype(self) -> ModelSpec:
         """This spec with `--dtype auto` meaning the checkpoint's own dtype (a saved model
         keeps its size: a float16 7B model saved as float32 would double)."""
         return replace(self, auto_dtype="checkpoint")
+
+    def for_training(self) -> ModelSpec:
+        """This spec with `--dtype auto` meaning float32 on every device: AdamW's updates are
+        smaller than bfloat16 resolves on most weights, and the attack keeps no float32 copy."""
+        return replace(self, auto_dtype="training")
 
 
 @dataclass(frozen=True)

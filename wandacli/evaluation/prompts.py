@@ -8,7 +8,7 @@ from typing import Any
 from wandacli.config.evaluation import UTILITY_HELD_OUT, AttackConfig
 from wandacli.config.settings import Columns
 from wandacli.core.console import warn
-from wandacli.core.errors import DataError
+from wandacli.core.errors import ConfigError, DataError
 from wandacli.data.templates import build_prompt
 
 
@@ -109,6 +109,37 @@ def read_prompts(
         raw.source,
         raw.content_hash,
     )
+
+
+def held_out_prompts(spec: str, data_dir: Any) -> dict[str, set[str]]:
+    """`--held-out NAME[:N],...` → {part: the exact texts of its first N prompts (all without
+    N)}: the evaluation prompts a search or an attack must not see."""
+    found: dict[str, set[str]] = {}
+    for part in (p.strip() for p in spec.split(",")):
+        if not part or part == "none":
+            continue
+        name, _, count = part.partition(":")
+        try:
+            limit = int(count) if count else None
+        except ValueError:
+            raise ConfigError(f"--held-out {spec!r}: {part!r} is not NAME or NAME:N") from None
+        found[part] = set(
+            read_prompts(name, limit=limit, data_dir=data_dir, option="--held-out").texts
+        )
+    return found
+
+
+def check_no_overlap(
+    prompts: PromptSet, held_out: dict[str, set[str]], fix: str, option: str = "--prompts"
+) -> None:
+    """Prompts a search or an attack trains on must not be ones it is evaluated on."""
+    for name, texts in held_out.items():
+        shared = [t for t in prompts.texts if t in texts]
+        if shared:
+            raise ConfigError(
+                f"{option} {prompts.name} shares {len(shared)} prompts with the held-out set {name} "
+                f"(first: {shared[0][:60]!r}): {fix}, or change --held-out"
+            )
 
 
 def template_for(requested: str | None, tokenizer: Any) -> str:

@@ -169,10 +169,12 @@ def resolve_dtype(dtype: str, device: torch.device, auto: str = "device") -> tor
     """The one place `--dtype auto` is resolved, by the command's meaning of it (`auto`,
     ModelSpec.auto_dtype): "device" is bfloat16 on CUDA and on a CPU that multiplies it
     natively, float32 on any other CPU; "checkpoint" keeps the dtype the weights are stored in
-    (transformers' "auto")."""
+    (transformers' "auto"); "training" is float32 (weights that take optimiser steps)."""
     if dtype == "auto":
         if auto == "checkpoint":
             return "auto"  # transformers' name for the checkpoint's own dtype
+        if auto == "training":
+            return torch.float32
         if device.type == "cuda":
             return torch.bfloat16
         return torch.bfloat16 if cpu_multiplies_bfloat16() else torch.float32

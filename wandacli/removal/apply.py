@@ -108,6 +108,7 @@ def open_removal(reference: str, store_root: Path | None) -> Removal:
 # Beside a saved model: the meta of the mask or edit it was made with (its name predates edits).
 PROVENANCE_NAME = "wandacli-mask.json"
 DENSE_MODEL_KEY = "dense_model"  # in the provenance: the model the save was made from
+FINETUNE_KEY = "finetune"  # in a `finetune` save's provenance: the attack, its mask and step
 
 
 def read_provenance(directory: Path) -> dict[str, Any] | None:

@@ -18,11 +18,17 @@ from pathlib import Path
 from typing import Any
 
 from wandacli.core.console import NullReporter, Reporter, info, warn
-from wandacli.core.errors import ConfigError, StoreError, interruptible
+from wandacli.core.errors import StoreError, interruptible
 from wandacli.core.provenance import now_iso, settings_differences, software_versions
 from wandacli.evaluation.divergence import KL_RULE
 from wandacli.evaluation.keyword_rule import KEYWORD_RULE
-from wandacli.evaluation.prompts import PromptSet, prompt_digests, read_prompts
+from wandacli.evaluation.prompts import (
+    PromptSet,
+    check_no_overlap,
+    held_out_prompts,
+    prompt_digests,
+    read_prompts,
+)
 from wandacli.removal.in_memory import WeightChanges
 from wandacli.search import study as studies
 from wandacli.search.config import SearchConfig, best_name
@@ -34,35 +40,6 @@ from wandacli.store.schema import SEARCH_SUMMARY, Store, check_name
 from wandacli.store.summaries import SearchSummary
 
 FIGURE_STEM = "front"
-
-
-def held_out_prompts(spec: str, data_dir: Path | None) -> dict[str, set[str]]:
-    """`NAME[:N],...` → {name: the exact texts of its first N prompts (all without N)}."""
-    found: dict[str, set[str]] = {}
-    for part in (p.strip() for p in spec.split(",")):
-        if not part or part == "none":
-            continue
-        name, _, count = part.partition(":")
-        try:
-            limit = int(count) if count else None
-        except ValueError:
-            raise ConfigError(f"--held-out {spec!r}: {part!r} is not NAME or NAME:N") from None
-        found[part] = set(
-            read_prompts(name, limit=limit, data_dir=data_dir, option="--held-out").texts
-        )
-    return found
-
-
-def check_no_overlap(search_prompts: PromptSet, held_out: dict[str, set[str]]) -> None:
-    """The search must not see the prompts it will be evaluated on."""
-    for name, texts in held_out.items():
-        shared = [t for t in search_prompts.texts if t in texts]
-        if shared:
-            raise ConfigError(
-                f"--prompts {search_prompts.name} shares {len(shared)} prompts with the held-out "
-                f"set {name} (first: {shared[0][:60]!r}): search on other prompts (e.g. --prompts "
-                "advbench --offset 100) or change --held-out"
-            )
 
 
 @dataclass
@@ -160,7 +137,11 @@ class SearchRun:
             offset=config.prompt_offset,
             data_dir=config.data_dir,
         )
-        check_no_overlap(search_prompts, held_out_prompts(config.held_out, config.data_dir))
+        check_no_overlap(
+            search_prompts,
+            held_out_prompts(config.held_out, config.data_dir),
+            "search on other prompts (e.g. --prompts advbench --offset 100)",
+        )
         kl_prompts = read_prompts(
             config.kl_settings.kl_prompts,
             limit=config.kl_settings.kl_limit,

@@ -25,10 +25,11 @@ from pathlib import Path
 from typing import Any
 
 from wandacli.config.finetune import FinetuneConfig
-from wandacli.core.console import NullReporter, Reporter, info
+from wandacli.core.console import NullReporter, Reporter, info, warn
 from wandacli.core.errors import ConfigError, DataError, StoreError
 from wandacli.core.memory import peak_rss_bytes
 from wandacli.core.provenance import now_iso, software_versions
+from wandacli.training.attack_pairs import attack_pairs
 
 RECORD_NAME = "finetune.json"  # beside the saved model: how it was made
 WARMUP_SHARE = 0.1  # of the steps, the learning rate's linear warm-up
@@ -47,6 +48,8 @@ class FinetuneResult:
     training_seconds: float = 0.0  # the steps alone (no loading, no saving)
     seconds: float = 0.0
     peak_memory_bytes: int = 0
+    data: dict[str, Any] = field(default_factory=dict)  # where the pairs came from
+    saved_steps: list[str] = field(default_factory=list)  # --save-steps' model directories
 
     @property
     def seconds_per_step(self) -> float | None:
@@ -59,9 +62,11 @@ class FinetuneResult:
             "mask": self.mask,
             "masked_weights": self.masked_weights,
             "steps": self.steps,
+            "data": self.data,
             "pairs_used": self.pairs_used,
             "pairs_too_long": self.pairs_too_long,
             "losses": self.losses,
+            "saved_steps": self.saved_steps,
             "training_seconds": round(self.training_seconds, 3),
             "seconds": round(self.seconds, 3),
             "seconds_per_step": self.seconds_per_step,
@@ -103,8 +108,18 @@ class MaskedWeights:
 
     def restore(self) -> None:
         """Every masked entry back to the value it had (bitwise)."""
+        self.put(self.values)
+
+    def current(self) -> dict[str, Any]:
+        """The masked entries' values as they are now."""
+        return {
+            key: self.layers[key].weight_matrix().detach()[selector].clone()
+            for key, selector in self.selectors.items()
+        }
+
+    def put(self, values: dict[str, Any]) -> None:
         for key, selector in self.selectors.items():
-            self.layers[key].set_entries(selector, self.values[key])
+            self.layers[key].set_entries(selector, values[key])
 
 
 def run_finetune(
@@ -120,13 +135,20 @@ def run_finetune(
     reporter = reporter or NullReporter()
     started = time.monotonic()
     check_save_model_target(config.out, config.overwrite)
-    pairs = _pairs(config) if config.transplant is None else []
+    if config.transplant is None and config.model.dtype in ("bfloat16", "float16"):
+        warn(
+            f"--dtype {config.model.dtype}: the weights take AdamW's steps in {config.model.dtype}, "
+            "where updates much smaller than a weight are lost; --dtype auto trains in float32"
+        )
+    if config.ignored_by_transplant:
+        warn(f"--transplant trains on nothing: {', '.join(config.ignored_by_transplant)} not read")
     mask = open_removal(config.mask, config.store) if config.mask else None
     try:
         if mask is not None and not isinstance(mask, MaskRemoval):
             raise StoreError(
                 f"{config.mask} is an edit: --freeze, --rewind and --transplant take a mask"
             )
+        data = attack_pairs(config, reporter) if config.transplant is None else None
         loaded = load_model(config.model)
         if mask is not None:
             mask.file.check_model(loaded.fingerprint, loaded.model_id)
@@ -137,7 +159,9 @@ def run_finetune(
         else:
             masked = MaskedWeights(loaded, mask.file) if mask is not None else None
             result.masked_weights = masked.count if masked is not None else 0
-            _train(loaded, pairs, config, masked, result, reporter)
+            assert data is not None
+            result.data = data.source
+            _train(loaded, data.pairs, config, masked, result, reporter)
             if masked is not None and config.mode == "rewind":
                 masked.restore()
     finally:
@@ -146,24 +170,8 @@ def run_finetune(
     result.seconds = time.monotonic() - started
     result.peak_memory_bytes = peak_rss_bytes()
     _save(loaded, config, result, command_line or [])
+    TrainingCheckpoint(config).remove()  # the model is saved: nothing left to resume
     return result
-
-
-def _pairs(config: FinetuneConfig) -> list[tuple[str, str]]:
-    """The attack's (prompt, response) pairs, Llama-2 tags stripped from the prompts."""
-    from wandacli.data.sources import load_raw, named_set
-    from wandacli.data.templates import strip_llama2_tags
-
-    assert config.data is not None
-    entry = named_set(config.data)
-    raw = load_raw(config.data) if entry is None or entry.kind != "prompts" else None
-    if raw is None or not raw.pairs:
-        raise DataError(
-            f"--data {config.data} has no (prompt, response) pairs: the attack trains on "
-            "responses (a pair set, or a CSV/JSONL file with prompt and response columns)"
-        )
-    pairs = [(strip_llama2_tags(p.prompt)[1], p.response.strip()) for p in raw.pairs]
-    return pairs[: config.limit] if config.limit else pairs
 
 
 def _train(
@@ -175,9 +183,12 @@ def _train(
     reporter: Reporter,
 ) -> None:
     """AdamW over every weight, linear warm-up and decay, seeded batches of the pairs that fit
-    in --max-tokens; the masked weights kept where frozen."""
+    in --max-tokens; the masked weights kept where frozen. Resumed from --out's checkpoint
+    when one of the same request is there; the models `--save-steps` asks for saved on the
+    way."""
     import torch
 
+    from wandacli.core.errors import interruptible
     from wandacli.models.supervised import (
         encode_pair,
         length_bucketed_batches,
@@ -202,36 +213,150 @@ def _train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_then_linear_decay(config.steps, warmup)
     )
+    checkpoint = TrainingCheckpoint(config)
+    skip = checkpoint.resume(model, optimizer, scheduler, result)
     order = torch.Generator().manual_seed(config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     frozen = masked if config.mode == "freeze" else None
     model.train()
     reporter.start("finetune: steps", total=config.steps)
-    started = time.monotonic()
-    while result.steps < config.steps:
-        for batch in length_bucketed_batches(data, config.batch_size, order):
-            if result.steps == config.steps:
-                break
-            loss = response_loss(model, batch, pad_id)
-            loss.backward()
-            if frozen is not None:
-                frozen.zero_gradients()
-            optimizer.step()
-            if frozen is not None:
-                frozen.restore()  # AdamW's update of a zero gradient is zero; bitwise anyway
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            result.losses.append(round(loss.detach().item(), 4))
-            result.steps += 1
-            reporter.advance()
+    reporter.advance(result.steps)
+    started = time.monotonic() - result.training_seconds
+    with interruptible(checkpoint.what_is_kept):
+        while result.steps < config.steps:
+            for batch in length_bucketed_batches(data, config.batch_size, order):
+                if skip:  # a resumed run: the batches the checkpoint had trained on
+                    skip -= 1
+                    continue
+                if result.steps == config.steps:
+                    break
+                loss = response_loss(model, batch, pad_id)
+                loss.backward()
+                if frozen is not None:
+                    frozen.zero_gradients()
+                optimizer.step()
+                if frozen is not None:
+                    frozen.restore()  # AdamW's update of a zero gradient is zero; bitwise anyway
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                result.losses.append(round(loss.detach().item(), 4))
+                result.steps += 1
+                result.training_seconds = time.monotonic() - started
+                reporter.advance()
+                if result.steps in config.save_steps:
+                    _save_step(loaded, config, masked, result)
+                every = config.checkpoint_every
+                if every and result.steps % every == 0 and result.steps < config.steps:
+                    checkpoint.write(model, optimizer, scheduler, result)
     reporter.finish()
-    result.training_seconds = time.monotonic() - started
     model.eval()
     model.requires_grad_(False)
     info(
         f"finetune: {result.steps} steps in {result.training_seconds:.1f} s, loss "
         f"{result.losses[0]:.3f} → {result.losses[-1]:.3f}"
     )
+
+
+class TrainingCheckpoint:
+    """The training state at a step, beside --out (OUT.checkpoint/state.pt, written atomically):
+    weights, optimiser, schedule, torch's random state and the losses so far, with the request
+    it belongs to. The batches are not stored: they are drawn again from the seed and the ones
+    already trained on skipped, so a resumed run trains on the same batches in the same order."""
+
+    FILE = "state.pt"
+
+    def __init__(self, config: FinetuneConfig) -> None:
+        self.directory = config.checkpoint_dir
+        # What changes the weights: a checkpoint of any other request is not resumed.
+        ignored = {"out", "overwrite", "checkpoint_every", "save_steps"}
+        self.request = {k: v for k, v in config.to_json().items() if k not in ignored}
+        self.step: int | None = None
+
+    def what_is_kept(self) -> str:
+        if self.step is None:
+            return "no training state was kept yet (--checkpoint-every); rerun from the start"
+        return (
+            f"the training state after step {self.step} is kept in {self.directory}; "
+            "the same command resumes from it"
+        )
+
+    def resume(self, model: Any, optimizer: Any, scheduler: Any, result: FinetuneResult) -> int:
+        """Load the state when one of this request is there; the batches to skip."""
+        import torch
+
+        path = self.directory / self.FILE
+        if not path.is_file():
+            return 0
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        if state.get("request") != self.request:
+            raise ConfigError(
+                f"{self.directory} holds the training state of another request: rerun that "
+                "command to resume it, or delete the folder to start this one"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["torch_rng"])
+        result.steps, result.losses = state["steps"], list(state["losses"])
+        result.training_seconds = state["training_seconds"]
+        result.saved_steps = list(state["saved_steps"])
+        self.step = result.steps
+        info(f"finetune: resumed from step {result.steps} ({self.directory})")
+        return result.steps
+
+    def write(self, model: Any, optimizer: Any, scheduler: Any, result: FinetuneResult) -> None:
+        import os
+
+        import torch
+
+        self.directory.mkdir(parents=True, exist_ok=True)
+        state = {
+            "request": self.request,
+            "steps": result.steps,
+            "losses": result.losses,
+            "training_seconds": result.training_seconds,
+            "saved_steps": result.saved_steps,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        partial = self.directory / (self.FILE + ".partial")
+        torch.save(state, partial)
+        os.replace(partial, self.directory / self.FILE)
+        self.step = result.steps
+
+    def remove(self) -> None:
+        import shutil
+
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+def _save_step(
+    loaded: Any, config: FinetuneConfig, masked: MaskedWeights | None, result: FinetuneResult
+) -> None:
+    """The model after this step as the attack leaves it (its masked weights rewound where
+    --rewind), saved as OUT-stepK; training goes on from the weights as they were."""
+
+    import shutil
+
+    rewound = masked if config.mode == "rewind" else None
+    trained = rewound.current() if rewound is not None else None
+    if rewound is not None:
+        rewound.restore()
+    record = {
+        "made_by": "wandacli finetune",
+        "base_model": str(loaded.model_id),
+        "config": config.to_json(),
+        "step": result.steps,
+        "losses": list(result.losses),
+    }
+    target = config.step_dir(result.steps)
+    shutil.rmtree(target, ignore_errors=True)  # a resumed run saves the step again
+    _save_model(loaded, config, target, record, result.steps)
+    if rewound is not None and trained is not None:
+        rewound.put(trained)
+    result.saved_steps.append(str(target))
 
 
 def _transplant(loaded: Any, mask: Any, config: FinetuneConfig, load_model: Any) -> int:
@@ -253,8 +378,6 @@ def _save(
     loaded: Any, config: FinetuneConfig, result: FinetuneResult, command_line: list[str]
 ) -> None:
     """The model at --out, atomically, with finetune.json saying how it was made."""
-    from wandacli.core.durable import save_model_directory
-
     record = {
         "made_by": "wandacli finetune",
         "base_model": str(loaded.model_id),
@@ -264,8 +387,42 @@ def _save(
         "versions": software_versions(),
         "finished": now_iso(),
     }
+    _save_model(loaded, config, config.out, record, result.steps)
+
+
+def _save_model(
+    loaded: Any, config: FinetuneConfig, out: Path, record: dict[str, Any], step: int
+) -> None:
+    """A model directory with finetune.json (`record`) and the provenance every eval command
+    reads (removal/apply.py): which aligned model it was made from, which measures its word
+    salad and its KL, and what the attack was, which `report` draws against the steps."""
+    from wandacli.core.durable import save_model_directory
+    from wandacli.removal.apply import DENSE_MODEL_KEY, FINETUNE_KEY, PROVENANCE_NAME
+
+    provenance = {
+        DENSE_MODEL_KEY: _aligned_model(loaded, config),
+        FINETUNE_KEY: {
+            "mode": config.mode,
+            "mask": config.mask,
+            "step": step,
+            "steps": config.steps,
+            "out": str(config.out),
+        },
+    }
 
     def add_record(directory: Path) -> None:
         (directory / RECORD_NAME).write_text(json.dumps(record, indent=1), encoding="utf-8")
+        (directory / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=1), encoding="utf-8")
 
-    save_model_directory(loaded.model, loaded.tokenizer, config.out, add_record)
+    save_model_directory(loaded.model, loaded.tokenizer, out, add_record)
+
+
+def _aligned_model(loaded: Any, config: FinetuneConfig) -> str:
+    """The model before any attack: --from for a transplant; else the one --model was made
+    from where it records one (an attacked or pruned model), else --model itself."""
+    from wandacli.removal.apply import DENSE_MODEL_KEY, read_provenance
+
+    if config.from_model is not None:
+        return str(config.from_model)
+    recorded = (read_provenance(Path(config.model.model)) or {}).get(DENSE_MODEL_KEY)
+    return str(recorded or loaded.model_id)

@@ -277,3 +277,37 @@ def test_the_title_explains_only_the_columns_shown(cli, tmp_path):
     title = shown.stdout.splitlines()[0]
     assert "Vanilla: greedy with the system prompt" in title and "Adv-Dec: any of n" in title
     assert "Adv-Suffix" not in title and "GCG" not in title
+
+
+def test_the_attack_is_drawn_against_its_steps(tmp_path):
+    """`finetune` rows (their step and mode in model_under_test) are one line per attack from
+    the dense model's ASR at step 0; the random control dashed; the transplant a point. The
+    lines go through the values the results hold."""
+    results = tmp_path / "results"
+    write_result(results, "dense", method="dense", sparsity=0, asr={"inst_ASR_basic": 0.0},
+                 ppl=38.0)  # fmt: skip
+    curves = {"full": (0.4, 0.9), "freeze wanda-sd.best": (0.3, 0.8)}
+    for row, (mid, end) in curves.items():
+        mode, _, mask = row.partition(" ")
+        for step, value in ((5, mid), (20, end)):
+            label = f"finetune-{mode}" + ("" if step == 20 else f"-step{step}")
+            write_result(results, label, method=f"finetune-{mode}", sparsity=0,
+                         asr={"inst_ASR_basic": value}, ppl=40.0, model=f"out/{label}")  # fmt: skip
+            attack = {"mode": mode, "mask": mask or None, "step": step, "steps": 20}
+            for name in ("results.json", "utility.json"):
+                path = results / label / name
+                data = json.loads(path.read_text())
+                data["model_under_test"]["finetune"] = attack
+                path.write_text(json.dumps(data))
+    rows = collect(results)
+    assert rows[0].label == "dense"  # a fine-tuned row is not taken for the dense model
+    drawn = figures.asr_against_steps(rows, tmp_path / "steps")
+    assert drawn is not None and all(f.is_file() for f in drawn.files)
+    curves = figures.attack_curves(rows)
+    assert curves == {
+        "inst_ASR_basic": {
+            "freeze wanda-sd.best": [(0, 0.0), (5, 0.3), (20, 0.8)],
+            "full": [(0, 0.0), (5, 0.4), (20, 0.9)],
+        }
+    }
+    assert figures.asr_against_steps([r for r in rows if not r.finetune], tmp_path / "x") is None

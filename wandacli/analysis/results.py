@@ -38,6 +38,7 @@ class ResultRow:
     matches: str | None = None  # a --match-counts control: the mask it matches
     prompts: str | None = None  # the attack prompts' source (results.json)
     search: dict[str, Any] | None = None  # kept by `search`: its name, trial and prompts
+    finetune: dict[str, Any] | None = None  # saved by `finetune`: its mode, mask and step
 
     @property
     def is_control(self) -> bool:
@@ -59,6 +60,7 @@ class ResultRow:
             "matches": self.matches,
             "prompts": self.prompts,
             "search": self.search,
+            "finetune": self.finetune,
             "removed_rank_fraction": self.removed_rank_fraction,
             "asr": self.asr,
             "degenerate": self.degenerate,
@@ -82,6 +84,7 @@ def _fill(row: ResultRow, summary: EvaluationSummary) -> None:
     row.matches = under_test.get("matches") or row.matches
     row.prompts = under_test.get("prompts") or row.prompts
     row.search = under_test.get("search") or row.search
+    row.finetune = under_test.get("finetune") or row.finetune
     if under_test.get("removed_rank_fraction") is not None:
         row.removed_rank_fraction = float(under_test["removed_rank_fraction"])
     for result in summary.attack_results:

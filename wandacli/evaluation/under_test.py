@@ -15,7 +15,7 @@ from wandacli.config.settings import ModelSpec
 from wandacli.core.console import warn
 from wandacli.core.errors import StoreError
 from wandacli.core.naming import file_safe_name
-from wandacli.removal.apply import PROVENANCE_NAME, open_removal
+from wandacli.removal.apply import FINETUNE_KEY, PROVENANCE_NAME, open_removal
 from wandacli.removal.kinds import kind_of_mode
 
 
@@ -62,6 +62,9 @@ class ModelUnderTest:
     def method(self) -> str:
         """The reference's `prune_method` for this model: `wanda`, `wandg`,
         `wandg_set_difference`, ..., or `dense`."""
+        attack = self.removal_meta.get(FINETUNE_KEY)
+        if attack:  # a model `finetune` saved: the attack's mode
+            return f"finetune-{attack.get('mode')}"
         mode = self.removal_meta.get("mode")
         if not self.removal_meta or mode is None:
             return "dense"
@@ -97,6 +100,8 @@ class ModelUnderTest:
                 "trial": origin.get("trial"),
                 "prompts": {k: prompts.get(k) for k in ("name", "offset", "count")},
             }
+        if self.removal_meta.get(FINETUNE_KEY):  # the attack, its mask and its step
+            described["finetune"] = self.removal_meta[FINETUNE_KEY]
         if self.is_edit:  # the share of rank an edit removes, as the paper reports it
             described["removed_rank_fraction"] = self.removal_meta.get("removed_rank_fraction")
         return described

@@ -3,6 +3,8 @@
 - `asr_vs_perplexity`: one point per model under test and ASR configuration;
 - `sparsity_sweep`: ASR and perplexity against sparsity, one line per method, the random
   `--match-counts` controls dashed in their method's colour;
+- `asr_against_steps`: the fine-tuning attack's ASR against its steps, one line per attack
+  (full, a mask frozen or rewound, its random control), the transplant a point at its end;
 - `jaccard_heatmap`: per layer × module, the Jaccard index of two top sets (compare's figure).
 
 Every figure is deterministic: a fixed style (matplotlib's defaults plus the overrides below,
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from wandacli.core.metrics import metric_order, metric_parts
+from wandacli.core.metrics import metric_order, metric_parts, metric_title
 from wandacli.core.paths import PLOT_FORMATS
 from wandacli.reporting.labels import short_module_name
 from wandacli.reporting.placement import place_labels
@@ -100,8 +102,9 @@ def _method_colours(rows: Sequence[ResultRow]) -> dict[str, Any]:
 
 
 def _primary_model(rows: Sequence[ResultRow]) -> str | None:
-    """The model the masks were made for: the model of the masked rows (else of the first)."""
-    masked = [r.model for r in rows if r.method != "dense" and r.model]
+    """The model the masks were made for: the model of the masked rows (else of the first);
+    a fine-tuned model is a model of its own, never the one masks were made for."""
+    masked = [r.model for r in rows if r.method != "dense" and r.model and not r.finetune]
     if masked:
         return masked[0]
     return rows[0].model if rows else None
@@ -191,6 +194,73 @@ def asr_vs_perplexity(rows: Sequence[ResultRow], stem: Path) -> Figure | None:
     if hidden:
         caption += f" {hidden} model(s) without both ASR and perplexity are not shown."
     return Figure(stem, "Attack success rate against perplexity", caption)
+
+
+def _attack_label(attack: dict[str, Any]) -> str:
+    """full; freeze <mask>; rewind <mask>; transplant <mask> (a mask given by name or path)."""
+    mode, mask = str(attack.get("mode")), attack.get("mask")
+    return mode if not mask else f"{mode} {Path(str(mask)).name.removesuffix('.h5')}"
+
+
+def attack_curves(rows: Sequence[ResultRow]) -> dict[str, dict[str, list[tuple[int, float]]]]:
+    """What `asr_against_steps` draws: per ASR metric shown (a setting's per-sample mean
+    where it has one), per attack, its (step, ASR) points in step order, from the dense
+    model's at step 0 (the transplant: its own point only)."""
+    attacked = [r for r in rows if r.finetune and r.asr]
+    dense = next((r for r in rows if r.method == "dense" and not r.finetune and r.asr), None)
+    curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
+    for metric in _asr_metrics(attacked):
+        sampled = f"{metric}_sample_mean"
+        shown = sampled if any(sampled in r.asr for r in attacked) else metric
+        lines: dict[str, list[tuple[int, float]]] = {}
+        for row in attacked:
+            if shown in row.asr:
+                attack = row.finetune or {}
+                point = (int(attack.get("step", 0)), row.asr[shown])
+                lines.setdefault(_attack_label(attack), []).append(point)
+        for label, points in lines.items():
+            points.sort()
+            if dense is not None and shown in dense.asr and not label.startswith("transplant"):
+                points.insert(0, (0, dense.asr[shown]))
+        curves[shown] = dict(sorted(lines.items()))
+    return curves
+
+
+def asr_against_steps(rows: Sequence[ResultRow], stem: Path) -> Figure | None:
+    """The fine-tuning attack's ASR against its steps (`finetune --save-steps`): one panel per
+    ASR setting, one line per attack (`attack_curves`), the random control dashed, the
+    transplant a star."""
+    curves = attack_curves(rows)
+    if not curves:
+        return None
+    with _pyplot() as plt:
+        figure, panels = plt.subplots(
+            1, len(curves), figsize=(4.6 * len(curves), 4.2), squeeze=False, sharey=True
+        )
+        palette = plt.get_cmap("tab10")
+        for axes, (metric, lines) in zip(panels[0], curves.items(), strict=True):
+            for index, (label, points) in enumerate(lines.items()):
+                xs, ys = [p[0] for p in points], [p[1] for p in points]
+                if label.startswith("transplant"):
+                    axes.scatter(xs, ys, marker="*", s=140, color=palette(index), label=label)
+                else:
+                    style = "--" if label.split(" ")[-1].startswith("random") else "-"
+                    axes.plot(xs, ys, style, marker="o", color=palette(index), label=label)
+            axes.set_title(metric_title(metric))
+            axes.set_xlabel("fine-tuning steps")
+            axes.set_ylim(-0.05, 1.05)
+        panels[0][0].set_ylabel("attack success rate")
+        panels[0][-1].legend(loc="lower right", fontsize=8)
+        figure.tight_layout()
+        _save(figure, stem)
+        plt.close(figure)
+    caption = (
+        "The fine-tuning attack's ASR on held-out prompts after each saved step, from the "
+        "aligned model's at step 0: full fine-tuning, and with the attributed weights frozen or "
+        "rewound, beside a random mask of the same counts (dashed); a star: the attacked model "
+        "with the attributed weights transplanted back from the aligned one."
+    )
+    return Figure(stem, "Attack success rate against fine-tuning steps", caption)
 
 
 def _widen_log_axis(axes: Any, values: Sequence[float]) -> None:

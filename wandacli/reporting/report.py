@@ -67,6 +67,7 @@ def build_report(
         made = [
             figures.asr_vs_perplexity(rows, plots_dir / "asr-vs-perplexity"),
             figures.sparsity_sweep(rows, plots_dir / "sparsity-sweep"),
+            figures.asr_against_steps(rows, plots_dir / "asr-against-steps"),
         ]
         for (a, b), jaccard in comparisons:
             stem = plots_dir / f"jaccard-{file_safe_name(a)}-vs-{file_safe_name(b)}"

@@ -199,6 +199,15 @@ def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(
     for old, new in replaced.items():
         assert old in demo_config, old
         demo_config = demo_config.replace(old, new)
+    # The study's fine-tuning attack, sized for the tiny model: its pairs answered by the other
+    # tiny model, a step saved on the way.
+    prompts = tmp_path / "attack-prompts.txt"
+    prompts.write_text("".join(f"Write about subject {i}.\n" for i in range(6)))
+    demo_config += (
+        '\n[pipeline.attack]\nmask = "wanda-sd.best"\nconfigs = "multiple_nosys"\n'
+        f'[finetune]\ndata = "{prompts}"\nresponses-from = "{tiny_llama_base_dir}"\n'
+        'response-tokens = 16\nsteps = 3\nbatch-size = 1\nsave-steps = "2"\n'
+    )
     config = tmp_path / "demo.toml"
     config.write_text(demo_config, encoding="utf-8")
     command = [
@@ -214,7 +223,7 @@ def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(
         f"BIN={bin_dir}",
         "NEEDS_INSTALL=",
     ]
-    env = {**os.environ, "WANDACLI_QUIET": "1"}
+    env = {**os.environ, "WANDACLI_QUIET": "1", "WANDACLI_CACHE_DIR": str(tmp_path / "cache")}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     table = (out / "results.txt").read_text()
@@ -227,6 +236,12 @@ def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(
         "direction.best",
         "random-as-direction.best",
         "baseline-",
+        "finetune-full",
+        "finetune-full-step2",
+        "finetune-freeze",
+        "finetune-rewind",
+        "finetune-random-freeze",
+        "finetune-transplant",
     ):
         assert label in table, label
     document = (out / "results.md").read_text()
@@ -239,6 +254,7 @@ def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(
         "jaccard-wanda-safety-vs-wanda-utility",
         "search-wanda-sd",
         "search-actsvd-projection",
+        "asr-against-steps",
     ):
         for fmt in ("png", "svg"):
             assert (out / "figures" / f"{stem}.{fmt}").is_file(), stem
@@ -324,3 +340,58 @@ def test_the_pipeline_is_a_command_with_one_line_errors(cli, tmp_path):
         cli("pipeline", str(plain), "--out", str(tmp_path)), "no [pipeline] table"
     )
     assert_one_line_error(cli("pipeline", str(config)), "--out is required")
+
+
+ATTACK_PLAN = (
+    '[pipeline]\nmethods = ["wanda"]\npq = []\ntop_ratio = 0\nrandom_control = true\n'
+    'configs = "basic,multiple_nosys,gcg"\n'
+    '[[pipeline.searches]]\nname = "sd"\nscores = "wanda-safety"\n'
+    'utility_scores = "wanda-utility"\np = "0.02:0.2"\nq = "0.02:0.2"\nkeep_best = "refusal:0.5"\n'
+    '[pipeline.attack]\nmask = "sd.best"\nconfigs = "basic,multiple_nosys"\n'
+    '[finetune]\nsteps = 20\nsave-steps = "5,10"\n'
+)
+
+
+def test_the_attack_five_ways_and_its_steps(tmp_path):
+    """[pipeline.attack]: full, frozen, rewound, the random control frozen, and the transplant
+    into the fully attacked model from the study's model; the models after each saved step
+    evaluated too, in the attack's settings."""
+    config = tmp_path / "plan.toml"
+    config.write_text('model = "org/aligned"\n' + ATTACK_PLAN)
+    plan = Plan.from_config(read_config_file(config), config)
+    assert plan.attack is not None and plan.attack.save_steps == (5, 10)
+    text = makefile(plan, config, tmp_path, "w", None, "org/aligned")
+    tuned, store = tmp_path / "finetune", tmp_path / "store"
+    full = rule_for(text, tuned / "full" / "finetune.json")
+    assert "w finetune " in full and "--freeze" not in full and "--rewind" not in full
+    for row, flags, mask in (("freeze", "--freeze sd.best", "sd.best"),
+                             ("rewind", "--rewind sd.best", "sd.best"),
+                             ("random-freeze", "--freeze random-as-sd.best", "random-as-sd.best")):  # fmt: skip
+        rule = rule_for(text, tuned / row / "finetune.json")
+        assert f"{flags} --store {store}" in rule and f"{mask}.h5" in rule.splitlines()[0]
+    transplant = rule_for(text, tuned / "transplant" / "finetune.json")
+    assert f"--model {tuned / 'full'} --from org/aligned --transplant sd.best" in transplant
+    assert str(tuned / "full" / "finetune.json") in transplant.splitlines()[0]
+    for label in ("finetune-full", "finetune-full-step5", "finetune-rewind-step10",
+                  "finetune-transplant"):  # fmt: skip
+        rule = rule_for(text, tmp_path / "results" / label / "results.json")
+        assert "--configs basic,multiple_nosys " in rule, rule
+    assert (
+        f"{tuned / 'freeze-step5' / 'finetune.json'}: {tuned / 'freeze' / 'finetune.json'} ;"
+        in text
+    )
+    assert "finetune-transplant-step5" not in text
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (('mask = "sd.best"', 'mask = "nothing"'), "not a mask the study makes"),
+        (('mask = "sd.best"', 'mask = "sd.best"\nsteps = 4'), "unknown key 'steps'"),
+    ],
+)
+def test_a_bad_attack_plan_is_one_line(cli, tmp_path, change, fragment):
+    config = tmp_path / "plan.toml"
+    config.write_text('model = "org/aligned"\n' + ATTACK_PLAN.replace(*change))
+    result = cli("pipeline", str(config), "--out", str(tmp_path / "o"))
+    assert_one_line_error(result, fragment)

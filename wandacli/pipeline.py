@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from wandacli.config.compare import CompareConfig
-from wandacli.config.declare import flag_of, option
+from wandacli.config.declare import declared_fields, flag_of, option
 from wandacli.config.evaluation import AttackConfig, UtilityConfig
 from wandacli.config.outputs import ReportConfig
 from wandacli.config.score import ScoreConfig
@@ -124,6 +124,54 @@ class SearchPlan:
 
 
 @dataclass(frozen=True)
+class AttackPlan:
+    """`[pipeline.attack]`: the paper's fine-tuning attack on the study's model, five ways,
+    with `mask` (a searched point or a mask the study makes) as the attributed weights: fully
+    fine-tuned; with them frozen; with them rewound; with its random control frozen (with
+    random_control); and the fully attacked model with them transplanted back from the aligned
+    one. The attack's own options (its data, steps, --save-steps, ...) are the config's
+    [finetune] table, which every `finetune` the rules run reads."""
+
+    mask: str
+    configs: str | None = None  # eval-attack settings of the attacked models [the headline's]
+    save_steps: tuple[int, ...] = ()  # the config's [finetune] save-steps: the figure's points
+
+    @classmethod
+    def from_table(cls, table: Any, config: dict[str, Any], path: Path) -> AttackPlan:
+        from wandacli.config.finetune import FinetuneConfig
+
+        if not isinstance(table, dict) or not isinstance(table.get("mask"), str):
+            raise ConfigError(f'{path}: [pipeline.attack] needs mask = "<a mask\'s name>"')
+        unknown = sorted(set(table) - {"mask", "configs"})
+        if unknown:
+            raise ConfigError(
+                f"{path}: unknown key {unknown[0]!r} in [pipeline.attack] (its keys: mask, "
+                "configs; the attack's options go in [finetune])"
+            )
+        # The attack's steps as `finetune` reads them from the config's [finetune] table.
+        declared = next(f for f in declared_fields(FinetuneConfig) if f.name == "save_steps")
+        raw = (config.get("finetune") or {}).get(declared.declared.flag.removeprefix("--"))
+        save_steps = (
+            declared.declared.parse(raw) if raw is not None and declared.declared.parse else ()
+        )
+        configs = table.get("configs")
+        return cls(str(table["mask"]), str(configs) if configs else None, tuple(save_steps))
+
+    def runs(self, random_control: bool) -> list[tuple[str, str | None, str | None]]:
+        """(row, --freeze/--rewind/--transplant, the mask) of each attack, in the order they
+        run (the transplant reads the full attack's model)."""
+        runs: list[tuple[str, str | None, str | None]] = [
+            ("full", None, None),
+            ("freeze", "freeze", self.mask),
+            ("rewind", "rewind", self.mask),
+        ]
+        if random_control:
+            runs.append(("random-freeze", "freeze", control_name(self.mask)))
+        runs.append(("transplant", "transplant", self.mask))
+        return runs
+
+
+@dataclass(frozen=True)
 class Plan:
     """The `[pipeline]` table: what the study scores, prunes, searches and evaluates. Each
     key's default is its field's."""
@@ -139,6 +187,7 @@ class Plan:
     rank_statistics: bool = False  # actsvd on both sets (for rank edits and their search)
     mean_activations: bool = False  # mean-activations on both sets' prompts (the direction)
     searches: tuple[SearchPlan, ...] = ()
+    attack: AttackPlan | None = None  # the fine-tuning attack, five ways
     configs: str | None = None  # eval-attack settings of the dense model and searched points
     other_configs: str | None = None  # ... of every other row (controls, baselines, sweeps)
 
@@ -162,6 +211,7 @@ class Plan:
             "rank_statistics": bool,
             "mean_activations": bool,
             "searches": lambda v: tuple(SearchPlan.from_table(entry, path) for entry in v),
+            "attack": lambda v: AttackPlan.from_table(v, config, path),
         }
         try:
             values = {key: parse.get(key, str)(value) for key, value in table.items()}
@@ -216,16 +266,26 @@ class Plan:
         return names + (["random"] if self.random_control else [])
 
 
-def makefile(plan: Plan, config: Path, out: Path, wandacli: str, model: str | None) -> str:
-    """Make rules for the whole study; targets are the files each step writes."""
+def makefile(
+    plan: Plan,
+    config: Path,
+    out: Path,
+    wandacli: str,
+    model: str | None,
+    config_model: str | None = None,
+) -> str:
+    """Make rules for the whole study; targets are the files each step writes. `model`
+    overrides the config's `config_model` in every rule."""
     rules = _Rules(config, out, wandacli, model)
+    rules.config_model = config_model
     scores = rules.score_sets(plan)
     masks = rules.masks(plan, scores)
     if plan.random_control:
         rules.random_controls(plan, masks, scores)
     searched = rules.searches(plan, scores)
+    attacked = rules.attacks(plan, masks, searched) if plan.attack else []
     comparisons = rules.comparisons(plan, scores, searched)
-    evaluations = rules.evaluations(plan, masks, searched)
+    evaluations = rules.evaluations(plan, masks, searched, attacked)
     rules.report(plan, [*comparisons, *evaluations])
     return rules.text()
 
@@ -247,6 +307,8 @@ class _Rules:
         self.store, self.results = out / "store", out / "results"
         self.paths = Store(self.store)  # the store's own file names
         self.common = f"{_common('config')} {_q(config)}"
+        self.model = model
+        self.config_model: str | None = None  # the config's own `model`, where it has one
         self.model_flag = f" {_score('model')} {_q(model)}" if model else ""
         self.quiet = _common("no_progress")
         self.lines = [
@@ -365,6 +427,65 @@ class _Rules:
             self.rule(made[control], deps, command)
         return made
 
+    def attacks(
+        self, plan: Plan, masks: dict[str, Path], searched: dict[str, Path]
+    ) -> list[tuple[str, Path]]:
+        """`finetune` five ways (AttackPlan), each model saved under out/finetune/, and the
+        models after each of --save-steps beside it: (results label, model folder) of each."""
+        from wandacli.config.finetune import FinetuneConfig
+        from wandacli.training.finetune import RECORD_NAME
+
+        assert plan.attack is not None
+        removals = {**masks, **searched}
+        for name in (plan.attack.mask, control_name(plan.attack.mask)):
+            if name == plan.attack.mask or plan.random_control:
+                path = removals.get(name)
+                if path is None or path.parent.name != "masks":
+                    made = ", ".join(n for n, p in removals.items() if p.parent.name == "masks")
+                    raise ConfigError(
+                        f"{self.config}: [pipeline.attack] mask {name!r} is not a mask the "
+                        f"study makes (its masks: {made or 'none'})"
+                    )
+
+        def flag(name: str) -> str:
+            return flag_of(FinetuneConfig, name)
+
+        folder = self.out / "finetune"
+        models: list[tuple[str, Path]] = []
+        full = folder / "full"
+        for row, mode, mask in plan.attack.runs(plan.random_control):
+            out = folder / row
+            deps = [removals[mask]] if mask else []
+            extra = ""
+            if mode == "transplant":
+                aligned = self.model or self.config_model
+                if aligned is None:
+                    raise ConfigError(
+                        f"{self.config}: the transplant copies from the study's model: set "
+                        "model in the config, or pass --model"
+                    )
+                extra = f" {flag('model')} {_q(full)} {flag('from_model')} {_q(aligned)}"
+                deps.append(full / RECORD_NAME)
+            elif self.model:
+                extra = f" {flag('model')} {_q(self.model)}"
+            if mode is not None:
+                extra += f" {flag(mode)} {_q(mask)} {flag('store')} {_q(self.store)}"
+            self.rule(
+                out / RECORD_NAME,
+                deps,
+                f"{self.wandacli} finetune {self.common}{extra} {flag('out')} {_q(out)} "
+                f"{flag('overwrite')} {self.quiet}",
+            )
+            models.append((f"finetune-{row}", out))
+            if mode == "transplant":
+                continue
+            for step in plan.attack.save_steps:
+                saved = folder / f"{row}-step{step}"
+                # Written by the attack's own rule: no command of its own.
+                self.lines += [f"{saved / RECORD_NAME}: {out / RECORD_NAME} ;", ""]
+                models.append((f"finetune-{row}-step{step}", saved))
+        return models
+
     def comparisons(
         self, plan: Plan, scores: dict[str, Path], searched: dict[str, Path]
     ) -> list[Path]:
@@ -402,7 +523,11 @@ class _Rules:
         return made
 
     def evaluations(
-        self, plan: Plan, masks: dict[str, Path], searched: dict[str, Path]
+        self,
+        plan: Plan,
+        masks: dict[str, Path],
+        searched: dict[str, Path],
+        attacked: list[tuple[str, Path]],
     ) -> list[Path]:
         """eval-attack and eval-utility of the dense model, every mask, edit and searched
         point, and every baseline: the dense model and the searched points in `configs`, the
@@ -428,11 +553,21 @@ class _Rules:
             (f"baseline-{file_safe_name(b)}", [], f"{self.common} {_score('model')} {_q(b)}")
             for b in plan.baseline_models
         ]
+        # The attacked models, each in the headline's settings (the figure against steps).
+        from wandacli.training.finetune import RECORD_NAME
+
+        runs += [
+            (label, [model / RECORD_NAME], f"{self.common} {_score('model')} {_q(model)}")
+            for label, model in attacked
+        ]
+        attack_configs = (plan.attack.configs if plan.attack else None) or plan.configs
         for label, deps, flags in runs:
             folder = self.results / label
             attack, utility = folder / ATTACK_RESULTS, folder / UTILITY_RESULTS
             made += [attack, utility]
             configs = plan.configs if label in headline else plan.other_configs
+            if any(label == attacked_label for attacked_label, _ in attacked):
+                configs = attack_configs
             configs_flag = f" {flag_of(AttackConfig, 'configs')} {_q(configs)}" if configs else ""
             self.rule(
                 attack,
@@ -497,5 +632,14 @@ def pipeline_rules(request: PipelineRequest) -> str:
     """The Make rules of the study `request.config` describes."""
     from wandacli.config.files import read_config_file
 
-    plan = Plan.from_config(read_config_file(request.config), request.config)
-    return makefile(plan, request.config, request.out, request.wandacli, request.model or None)
+    config = read_config_file(request.config)
+    plan = Plan.from_config(config, request.config)
+    model = config.get("model")
+    return makefile(
+        plan,
+        request.config,
+        request.out,
+        request.wandacli,
+        request.model or None,
+        str(model) if model else None,
+    )

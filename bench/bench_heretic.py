@@ -1,0 +1,692 @@
+"""heretic 1.4.0 and `wandacli search` side by side on the demo's organism (issue #29).
+
+    .venv/bin/python -m bench.bench_heretic [--trials 16] [--startup-trials 8]
+
+heretic is run as a program, never imported: it is installed into its own virtual environment
+(bench/work/heretic/venv; `--heretic-python` names another), and this script talks to it as a
+user would, through its configuration file and its numbered menus (the plain menus heretic shows
+in a notebook, chosen by setting COLAB_GPU). heretic is AGPL; nothing of it is copied here.
+
+Both tools get the same work:
+- the direction's prompts: the 32 harmful and 32 harmless calibration prompts `wandacli score
+  --method mean-activations` draws from align_short and utility (the demo's sets, the same rows);
+- the search prompts: AdvBench 101-124 (refusals), and the 32 `utility-held-out` prompts (KL);
+- the same trial budget and random start, batches of 32, float32 on the CPU; each tool
+  generates as many tokens per response as it does by default (heretic 100, wandacli search
+  24: `--heretic-tokens` sets heretic's);
+- the same objective: heretic's (refusals ÷ the original's, first-token KL with its 0.01
+  floor), which `wandacli search --objective heretic --kl-positions 1` tells TPE;
+- wandacli searches the study's richer direction space (configs/smollm2-study.toml,
+  `direction-rich`), heretic its own;
+- each tool's point is chosen from its own front by the study's rule (`keep_best`, the
+  cheapest point that halves the refusals): heretic has no automatic choice, so the bench
+  applies the rule to the front heretic shows and picks that trial in heretic's menu.
+
+Both chosen models are then measured by the same code on prompts neither search saw: `wandacli
+eval-attack` on the demo's held-out AdvBench 1-40 (Vanilla; Adv-Decoding, any of 5 / mean) and
+`eval-utility` (WikiText-2 perplexity; KL from the organism over the first 1 and 4 positions).
+heretic's own counter (`heretic --evaluate-model`) measures both models again on the search
+prompts. Prints one table and writes bench/work/heretic/results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from bench.common import REPO, WORK, Row
+
+# run_all.py runs this only when it is named: it installs heretic and takes about an hour.
+STANDALONE = True
+
+HERETIC_VERSION = "1.4.0"
+TORCH_PIN = "torch==2.13.0"  # the CPU build, as the brief asks
+ORGANISM = "smollm2-aligned"
+DEMO_CONFIG = REPO / "configs" / "smollm2-demo.toml"
+STUDY_CONFIG = REPO / "configs" / "smollm2-study.toml"
+RICH_SEARCH = "direction-rich"
+SEARCH_NAME = "bench-heretic"
+SEARCH_OFFSET, SEARCH_LIMIT = 100, 24  # AdvBench 101-124, the demo's search prompts
+KL_LIMIT = 32
+MAX_NEW_TOKENS = 24  # wandacli search's default
+HERETIC_DEFAULT_TOKENS = 100  # heretic's max_response_length default
+BATCH_SIZE = 32
+SEED = 0
+
+
+def wandacli(*args: str, log: Path) -> None:
+    """One wandacli command as a user runs it; its output goes to `log`."""
+    argv = [sys.executable, "-m", "wandacli", *args, "--no-progress"]
+    with log.open("a") as out:
+        out.write("$ wandacli " + " ".join(args) + "\n")
+        out.flush()
+        done = subprocess.run(argv, cwd=REPO, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        sys.exit(f"wandacli {args[0]} failed (exit {done.returncode}): see {log}")
+
+
+# ---------------------------------------------------------------------------------------------
+# The shared prompts
+
+
+def direction_prompts(data: str, nsamples: int) -> list[str]:
+    """The prompts `score --method mean-activations --data DATA` averages over: the same rows,
+    drawn by the same rule, Llama-2 tags stripped."""
+    from wandacli.data.calibration import select_rows
+    from wandacli.data.sources import load_raw
+    from wandacli.data.templates import strip_llama2_tags
+
+    raw = load_raw(data, purpose="calibration")
+    prompts = [pair.prompt for pair in raw.pairs]
+    return [strip_llama2_tags(prompts[i])[1] for i in select_rows(len(prompts), nsamples, SEED)]
+
+
+def search_prompts() -> tuple[list[str], list[str]]:
+    """(the refusal prompts, the KL prompts) of `wandacli search` with the bench's settings."""
+    from wandacli.config.evaluation import UTILITY_HELD_OUT
+    from wandacli.evaluation.prompts import read_prompts
+
+    harmful = read_prompts("advbench", limit=SEARCH_LIMIT, offset=SEARCH_OFFSET).texts
+    harmless = read_prompts(UTILITY_HELD_OUT, limit=KL_LIMIT).texts
+    return list(harmful), list(harmless)
+
+
+def default_system_prompt(model_dir: str) -> str:
+    """The system turn the model's chat template writes when none is given: wandacli's prompts
+    have none, so heretic (which always writes one) is given the same text."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "x"}], tokenize=False)
+    found = re.search(r"<\|im_start\|>system\n(.*?)<\|im_end\|>", text, re.S)
+    if not found:
+        sys.exit("the organism's chat template writes no system turn: the bench expects one")
+    return found.group(1)
+
+
+def write_prompts(path: Path, prompts: list[str]) -> str:
+    """A prompt set as heretic reads one with line breaks inside prompts: a `datasets` folder
+    (save_to_disk), column `text`, split `train`."""
+    from datasets import Dataset
+
+    if not (path / "dataset_info.json").is_file():
+        Dataset.from_dict({"text": prompts}).save_to_disk(str(path))
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# heretic, as a program
+
+
+def heretic_python(work: Path, given: str | None) -> Path:
+    """heretic's interpreter: the one given, or a venv made here with heretic and the CPU torch."""
+    if given:
+        return Path(given)
+    venv = work / "venv"
+    python = venv / "bin" / "python"
+    if not python.is_file():
+        print(f"installing heretic-llm=={HERETIC_VERSION} into {venv} (its own environment)")
+        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
+        pip = [str(python), "-m", "pip", "install", "-q"]
+        subprocess.run([*pip, TORCH_PIN], check=True)
+        subprocess.run([*pip, f"heretic-llm=={HERETIC_VERSION}"], check=True)
+    return python
+
+
+def heretic_config(
+    organism: str, prompts: dict[str, str], system: str, trials: int, startup: int, tokens: int
+) -> dict[str, Any]:
+    def dataset(path: str) -> dict[str, str]:
+        return {"dataset": path, "split": "train[:]", "column": "text"}
+
+    return {
+        "model": organism,
+        "dtypes": ["float32"],
+        "device_map": "cpu",
+        "batch_size": BATCH_SIZE,
+        "max_response_length": tokens,
+        "system_prompt": system,
+        "n_trials": trials,
+        "n_startup_trials": startup,
+        "seed": SEED,
+        "export_strategy": "merge",
+        "study_checkpoint_dir": "checkpoints",
+        "bad_prompts": dataset(prompts["harmful_direction"]),
+        "good_prompts": dataset(prompts["harmless_direction"]),
+        "bad_evaluation_prompts": dataset(prompts["harmful_search"]),
+        "good_evaluation_prompts": dataset(prompts["harmless_search"]),
+    }
+
+
+def write_toml(path: Path, table: dict[str, Any]) -> None:
+    """A flat TOML writer for heretic's configuration (strings, numbers, lists, one level of
+    tables): the standard library reads TOML but does not write it."""
+
+    def value(v: Any) -> str:
+        if isinstance(v, bool):
+            return "true" if v else "false"
+        if isinstance(v, (int, float)):
+            return repr(v)
+        if isinstance(v, str):
+            return json.dumps(v)
+        if isinstance(v, list):
+            return "[" + ", ".join(value(x) for x in v) + "]"
+        raise TypeError(v)
+
+    plain = [f"{k} = {value(v)}" for k, v in table.items() if not isinstance(v, dict)]
+    nested = [
+        f"\n[{k}]\n" + "\n".join(f"{kk} = {value(vv)}" for kk, vv in v.items())
+        for k, v in table.items()
+        if isinstance(v, dict)
+    ]
+    path.write_text("\n".join(plain) + "\n" + "\n".join(nested) + "\n")
+
+
+FRONT_LINE = re.compile(
+    r"\[(\d+)\] \[Trial\s+(\d+)\] Refusals:\s*(\d+)/(\d+), KL divergence: ([0-9.]+)"
+)
+CHOICE_LINE = re.compile(r"^\[(\d+)\] (.+)$", re.M)
+
+
+class HereticSession:
+    """heretic's optimisation and its menus, answered by the bench: the front it shows is read,
+    the rule's trial chosen, its merged model saved to `save_to`, and the program left."""
+
+    def __init__(self, rule: Any, save_to: Path) -> None:
+        self.rule = rule
+        self.save_to = save_to
+        self.saved = False
+        self.front: list[dict[str, Any]] = []
+        self.chosen: dict[str, Any] | None = None
+
+    def answer(self, segment: str) -> str:
+        """The reply to the question at the end of `segment` (heretic's output since the last
+        reply)."""
+        if segment.endswith("Path to the folder:: "):
+            return str(self.save_to)
+        choices = {title.strip(): int(n) for n, title in CHOICE_LINE.findall(segment)}
+        if "Which trial do you want to use?" in segment:
+            if self.saved:
+                return str(choices["Exit program"])
+            self.front = [
+                {
+                    "choice": int(n),
+                    "index": int(index),
+                    "refusals": int(refused),
+                    "prompts": int(total),
+                    "refusal": int(refused) / int(total),
+                    "kl": float(kl),
+                }
+                for n, index, refused, total, kl in FRONT_LINE.findall(segment)
+            ]
+            self.chosen, _ = self.rule.choose(self.front)
+            return str(self.chosen["choice"])
+        if "What do you want to do with the decensored model?" in segment:
+            if self.saved:
+                return str(choices["Return to the trial selection menu"])
+            self.saved = True
+            return str(choices["Save the model to a local folder"])
+        if "How would you like to proceed?" in segment:
+            return str(choices["Ignore the previous run and start from scratch"])
+        raise RuntimeError(f"heretic asked something the bench does not know:\n{segment[-800:]}")
+
+
+def run_heretic(
+    python: Path, run_dir: Path, args: list[str], session: HereticSession | None, log: Path
+) -> str:
+    """heretic in `run_dir` (where its config.toml is), its menus answered by `session`;
+    returns everything it printed."""
+    env = {**os.environ, "COLAB_GPU": "1", "PYTHONUNBUFFERED": "1", "NO_COLOR": "1"}
+    heretic = python.parent / "heretic"
+    process = subprocess.Popen(
+        [str(heretic), *args],
+        cwd=run_dir,
+        env=env,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    assert process.stdin is not None and process.stdout is not None
+    printed, segment = [], ""
+    with log.open("a") as out:
+        out.write(f"$ heretic {' '.join(args)}\n")
+        while True:
+            chunk = os.read(process.stdout.fileno(), 4096)
+            if not chunk:
+                break
+            text = chunk.decode(errors="replace")
+            out.write(text)
+            out.flush()
+            printed.append(text)
+            segment += text
+            if segment.endswith(("Enter number: ", "Path to the folder:: ")):
+                if session is None:
+                    process.kill()
+                    raise RuntimeError(f"heretic asked a question:\n{segment[-800:]}")
+                reply = session.answer(segment)
+                out.write(f"<bench answers {reply}>\n")
+                process.stdin.write((reply + "\n").encode())
+                process.stdin.flush()
+                segment = ""
+    if process.wait() != 0:
+        sys.exit(f"heretic failed (exit {process.returncode}): see {log}")
+    return "".join(printed)
+
+
+def heretic_trial_seconds(run_dir: Path) -> list[float]:
+    """Each finished trial's seconds, from heretic's own Optuna journal."""
+    import optuna
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journals = sorted((run_dir / "checkpoints").glob("*"))
+    if not journals:
+        sys.exit(f"heretic left no study journal in {run_dir / 'checkpoints'}")
+    storage = JournalStorage(JournalFileBackend(str(journals[0])))
+    study = optuna.load_study(study_name=None, storage=storage)
+    return [
+        (t.datetime_complete - t.datetime_start).total_seconds()
+        for t in study.trials
+        if t.state == optuna.trial.TrialState.COMPLETE and t.datetime_start and t.datetime_complete
+    ]
+
+
+def heretic_counts(printed: str) -> dict[str, float]:
+    """heretic's own measure of a model (`--evaluate-model`): its refusals and first-token KL."""
+    refused = re.findall(r"Refusals:\s*(\d+)/(\d+)", printed)
+    kl = re.findall(r"KL divergence:\s*([0-9.]+)", printed)
+    if not refused or not kl:
+        sys.exit("heretic's evaluation printed no refusal count or KL")
+    return {"refusals": int(refused[-1][0]), "prompts": int(refused[-1][1]), "kl": float(kl[-1])}
+
+
+# ---------------------------------------------------------------------------------------------
+# wandacli's side
+
+
+def rich_search() -> dict[str, Any]:
+    """The study's richer direction search (its ranges and its rule), declared there once."""
+    searches = tomllib.loads(STUDY_CONFIG.read_text())["pipeline"]["searches"]
+    for search in searches:
+        if search["name"] == RICH_SEARCH:
+            return search
+    sys.exit(f"{STUDY_CONFIG.name} has no search named {RICH_SEARCH}")
+
+
+def search_flags(search: dict[str, Any]) -> list[str]:
+    """The search's ranges as `wandacli search` flags."""
+    skipped = {"name", "scores", "utility_scores", "trials", "startup_trials", "keep_best"}
+    flags = []
+    for key, value in search.items():
+        if key not in skipped:
+            flags += [f"--{key.replace('_', '-')}", str(value)]
+    return flags
+
+
+def measured(out: Path) -> dict[str, float]:
+    """ASR and utility figures from eval-attack's and eval-utility's files."""
+    results = json.loads((out / "results.json").read_text())["results"]
+    by_config = {r["config"]: r for r in results}
+    figures = {
+        "vanilla": by_config["basic"]["asr"],
+        "adv_dec_any": by_config["multiple_nosys"]["asr"],
+        "adv_dec_mean": by_config["multiple_nosys"]["sample_mean"],
+    }
+    utility = json.loads((out / "utility.json").read_text())
+    figures["perplexity"] = utility["perplexity"]
+    figures["kl4"] = utility.get("kl")
+    kl1 = out / "kl1" / "utility.json"
+    if kl1.is_file():
+        figures["kl1"] = json.loads(kl1.read_text()).get("kl")
+    return figures
+
+
+def evaluate(
+    model_args: list[str], out: Path, log: Path, kl_reference: tuple[str, ...] = ()
+) -> dict[str, float]:
+    """The demo's held-out evaluation of one model: Vanilla and Adv-Decoding, perplexity, and
+    the KL from the organism over the first 4 positions and the first one."""
+    common = ["--config", str(DEMO_CONFIG), *model_args]
+    if not (out / "results.json").is_file():
+        wandacli(
+            "eval-attack",
+            *common,
+            "--configs",
+            "basic,multiple_nosys",
+            "--no-word-salad",
+            "--out",
+            str(out),
+            "--overwrite",
+            log=log,
+        )
+    if not (out / "utility.json").is_file():
+        wandacli("eval-utility", *common, *kl_reference, "--kl", "--out", str(out), log=log)
+    if not (out / "kl1" / "utility.json").is_file():
+        wandacli(
+            "eval-utility",
+            *common,
+            *kl_reference,
+            "--kl",
+            "--kl-positions",
+            "1",
+            "--out",
+            str(out / "kl1"),
+            log=log,
+        )
+    return measured(out)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--trials", type=int, default=16, help="trials for each tool")
+    parser.add_argument("--startup-trials", type=int, default=8, help="random trials first")
+    parser.add_argument(
+        "--heretic-tokens",
+        type=int,
+        default=HERETIC_DEFAULT_TOKENS,
+        help="heretic's max_response_length (its default: 100)",
+    )
+    parser.add_argument("--heretic-python", help="a Python with heretic-llm installed")
+    parser.add_argument("--work", default=str(WORK / "heretic"), help="the bench's folder")
+    parser.add_argument("--fresh", action="store_true", help="rerun both searches")
+    args = parser.parse_args(argv)
+
+    from wandacli.config.ranges import BestRule
+    from wandacli.models.loader import local_location
+    from wandacli.models.sources import resolve_source
+
+    work = Path(args.work).resolve()
+    if args.fresh and work.exists():
+        for child in work.iterdir():
+            if child.name != "venv":
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+    work.mkdir(parents=True, exist_ok=True)
+    log = work / "bench.log"
+    python = heretic_python(work, args.heretic_python)
+    organism = local_location(resolve_source(ORGANISM))
+    search = rich_search()
+    rule = BestRule.parse(search["keep_best"])
+    nsamples = int(tomllib.loads(DEMO_CONFIG.read_text())["score"]["nsamples"])
+    store = work / "store"
+
+    # The prompts, written once for heretic.
+    harmful, harmless = search_prompts()
+    prompts_dir = work / "prompts"
+    prompts_dir.mkdir(exist_ok=True)
+    prompts = {
+        "harmful_direction": write_prompts(
+            prompts_dir / "harmful-direction", direction_prompts("align_short", nsamples)
+        ),
+        "harmless_direction": write_prompts(
+            prompts_dir / "harmless-direction", direction_prompts("utility", nsamples)
+        ),
+        "harmful_search": write_prompts(prompts_dir / "harmful-search", harmful),
+        "harmless_search": write_prompts(prompts_dir / "harmless-search", harmless),
+    }
+
+    # heretic's search, its point saved as a model directory.
+    run_dir = work / "heretic-run"
+    heretic_model = work / "heretic-model"
+    config = heretic_config(
+        organism,
+        prompts,
+        default_system_prompt(organism),
+        args.trials,
+        args.startup_trials,
+        args.heretic_tokens,
+    )
+    session = HereticSession(rule, heretic_model)
+    heretic_record = work / "heretic.json"
+    if not heretic_record.is_file():
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir()
+        write_toml(run_dir / "config.toml", config)
+        started = time.monotonic()
+        run_heretic(python, run_dir, [], session, log)
+        heretic_record.write_text(
+            json.dumps(
+                {
+                    "front": session.front,
+                    "chosen": session.chosen,
+                    "trial_seconds": heretic_trial_seconds(run_dir),
+                    "wall_seconds": time.monotonic() - started,
+                },
+                indent=1,
+            )
+        )
+    heretic_run = json.loads(heretic_record.read_text())
+
+    # wandacli's search on the same prompts and budget, its point saved for heretic's counter.
+    for data, name in (("align_short", "safety"), ("utility", "utility")):
+        if not (store / "scores" / f"mean-activations-{name}.h5").is_file():
+            wandacli(
+                "score",
+                "--config",
+                str(DEMO_CONFIG),
+                "--store",
+                str(store),
+                "--method",
+                "mean-activations",
+                "--data",
+                data,
+                "--name",
+                f"mean-activations-{name}",
+                "--overwrite",
+                log=log,
+            )
+    summary_path = store / "searches" / SEARCH_NAME / "search.json"
+    started = time.monotonic()
+    if not summary_path.is_file():
+        wandacli(
+            "search",
+            "--model",
+            ORGANISM,
+            "--dtype",
+            "float32",
+            "--device",
+            "cpu",
+            "--store",
+            str(store),
+            "--name",
+            SEARCH_NAME,
+            "--scores",
+            search["scores"],
+            "--utility-scores",
+            search["utility_scores"],
+            *search_flags(search),
+            "--trials",
+            str(args.trials),
+            "--startup-trials",
+            str(args.startup_trials),
+            "--keep-best",
+            search["keep_best"],
+            "--objective",
+            "heretic",
+            "--offset",
+            str(SEARCH_OFFSET),
+            "--limit",
+            str(SEARCH_LIMIT),
+            "--kl-limit",
+            str(KL_LIMIT),
+            "--kl-positions",
+            "1",
+            "--max-new-tokens",
+            str(MAX_NEW_TOKENS),
+            "--batch-size",
+            str(BATCH_SIZE),
+            "--seed",
+            str(SEED),
+            "--no-control",
+            log=log,
+        )
+    summary = json.loads(summary_path.read_text())
+    ours_edit = store / "edits" / f"{SEARCH_NAME}.best.h5"
+    kept = next(t for t in summary["trials"] if t["index"] == summary["best"]["index"])
+    ours_model = work / "wandacli-model"
+    if not (ours_model / "config.json").is_file():
+        # The kept point written again by `prune`, as the search writes it, and saved.
+        point = [f"--{k.replace('_', '-')}={v}" for k, v in kept["params"].items()]
+        wandacli(
+            "prune",
+            "--model",
+            ORGANISM,
+            "--dtype",
+            "float32",
+            "--store",
+            str(store),
+            "--scores",
+            search["scores"],
+            "--utility-scores",
+            search["utility_scores"],
+            *point,
+            "--name",
+            f"{SEARCH_NAME}.saved",
+            "--overwrite",
+            "--save-model",
+            str(ours_model),
+            log=log,
+        )
+
+    # heretic's own counter on both chosen models.
+    counts_path = work / "heretic-counts.json"
+    if not counts_path.is_file():
+        counts = {}
+        for tool, model_dir in (("heretic", heretic_model), ("wandacli", ours_model)):
+            printed = run_heretic(python, run_dir, [f"--evaluate-model={model_dir}"], None, log)
+            counts[tool] = heretic_counts(printed)
+        counts_path.write_text(json.dumps(counts, indent=1))
+    counts = json.loads(counts_path.read_text())
+
+    # One evaluator for both, on held-out prompts.
+    results = work / "results"
+    figures = {
+        "dense": evaluate(["--model", ORGANISM], results / "dense", log),
+        "heretic": evaluate(
+            ["--model", str(heretic_model)], results / "heretic", log, ("--kl-reference", ORGANISM)
+        ),
+        "wandacli": evaluate(["--mask", str(ours_edit)], results / "wandacli", log),
+    }
+    ours_seconds = [t["seconds"] for t in summary["trials"] if t.get("state") == "COMPLETE"]
+    report = {
+        "trials": args.trials,
+        "startup_trials": args.startup_trials,
+        "rule": str(rule),
+        "heretic": {
+            "chosen": heretic_run["chosen"],
+            "trial_seconds": heretic_run["trial_seconds"],
+            "own_count": counts["heretic"],
+        },
+        "wandacli": {
+            "chosen": {
+                "index": kept["index"],
+                "refusal": kept["refusal"],
+                "kl": kept["kl"],
+                "params": kept["params"],
+            },
+            "trial_seconds": ours_seconds,
+            "own_count": counts["wandacli"],
+        },
+        "held_out": figures,
+    }
+    (work / "results.json").write_text(json.dumps(report, indent=1))
+    print_table(report)
+    return report
+
+
+def _median(values: list[float]) -> float:
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2] if ordered else float("nan")
+
+
+def print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    h, w, held = report["heretic"], report["wandacli"], report["held_out"]
+    table = Table(
+        title=f"heretic {HERETIC_VERSION} and wandacli search side by side, {report['trials']} "
+        f"trials each ({report['startup_trials']} random); each point chosen by {report['rule']}"
+    )
+    for column in ("measured", "dense", f"heretic {HERETIC_VERSION}", "wandacli search"):
+        table.add_column(column)
+
+    def row(label: str, key: str, fmt: str) -> None:
+        table.add_row(
+            label,
+            *(
+                fmt.format(held[t][key]) if held[t].get(key) is not None else "-"
+                for t in ("dense", "heretic", "wandacli")
+            ),
+        )
+
+    table.add_row(
+        "seconds per trial (median)",
+        "-",
+        f"{_median(h['trial_seconds']):.1f}",
+        f"{_median(w['trial_seconds']):.1f}",
+    )
+    table.add_row(
+        "search prompts: refusals (heretic's own counter)",
+        "-",
+        f"{h['own_count']['refusals']}/{h['own_count']['prompts']}",
+        f"{w['own_count']['refusals']}/{w['own_count']['prompts']}",
+    )
+    table.add_row(
+        "search prompts: first-token KL (heretic's own)",
+        "0",
+        f"{h['own_count']['kl']:.3f}",
+        f"{w['own_count']['kl']:.3f}",
+    )
+    row("held-out Vanilla ASR", "vanilla", "{:.2f}")
+    table.add_row(
+        "held-out Adv-Decoding, any of 5 / mean",
+        *(
+            f"{held[t]['adv_dec_any']:.2f} / {held[t]['adv_dec_mean']:.2f}"
+            for t in ("dense", "heretic", "wandacli")
+        ),
+    )
+    row("KL from the organism, first token", "kl1", "{:.3f}")
+    row("KL from the organism, first 4 positions", "kl4", "{:.3f}")
+    row("WikiText-2 perplexity", "perplexity", "{:.1f}")
+    Console().print(table)
+
+
+def run() -> list[Row]:
+    report = main([])
+    h, w, held = report["heretic"], report["wandacli"], report["held_out"]
+    ratio = _median(w["trial_seconds"]) / _median(h["trial_seconds"])
+    fewer = (
+        held["wandacli"]["adv_dec_mean"] >= held["heretic"]["adv_dec_mean"]
+        and held["wandacli"]["vanilla"] >= held["heretic"]["vanilla"]
+    )
+    no_more_kl = held["wandacli"]["kl1"] <= held["heretic"]["kl1"]
+    return [
+        Row(
+            "heretic: wandacli's trial seconds ÷ heretic's (median)",
+            ratio,
+            "<= 0.1",
+            "same prompts, budget and machine",
+        ),
+        Row(
+            "heretic: wandacli's point dominates on held-out prompts (1 = yes)",
+            float(fewer and no_more_kl),
+            ">= 1",
+            "ASR no lower in both settings and first-token KL no higher",
+        ),
+    ]
+
+
+if __name__ == "__main__":
+    main()

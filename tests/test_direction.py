@@ -388,6 +388,43 @@ def test_per_layer_each_layers_writers_lose_their_own_streams_direction(
     assert_one_line_error(several, "--direction-per-layer removes one direction per layer")
 
 
+def test_row_norm_preserving_is_heretics_magnitude_preserving_ablation(
+    cli, means_store, tiny_llama_dir
+):
+    """`--norm-preserving 2`: each writer's rows made unit, r removed from that matrix, its
+    rows made unit again and scaled back to their norms (heretic's MPOA, exactly): every row
+    keeps its norm within 1e-6 relative; the meta says so, and a stored file reads back as
+    the same edit (its random control keeps the rows' norms too)."""
+    name, spec, dense, edited = edit_and_models(cli, means_store, tiny_llama_dir,
+                                                "--direction-layer", "1", "--norm-preserving",
+                                                "2")  # fmt: skip
+    assert name.endswith("direction-l1p-1-row-norm-preserving")
+    r = expected_direction(means_store, 1, -1).double()
+    after = {lin.key: lin.weight_matrix().detach().double() for lin in edited.loaded.linear_layers}
+    writers = set(writer_keys(dense.fingerprint, r.numel()))
+    for key in writers:
+        w = next(lin for lin in dense.linear_layers if lin.key == key).weight_matrix().double()
+        unit = w / w.norm(dim=1, keepdim=True)
+        projected = unit - torch.outer(r, r) @ unit
+        expected = projected / projected.norm(dim=1, keepdim=True) * w.norm(dim=1, keepdim=True)
+        assert torch.allclose(after[key], expected.float().double(), atol=1e-6), key
+        relative = ((after[key].norm(dim=1) - w.norm(dim=1)).abs() / w.norm(dim=1)).max()
+        assert relative <= 1e-6, (key, float(relative))
+    with EditFile(means_store / "edits" / f"{name}.h5") as stored:
+        assert "heretic" in stored.meta["norm_preserving"]
+    control = cli("prune", "--store", means_store, "--scores", "harmful", "--match-ranks", name,
+                  "--name", "rows-random", "--no-progress")  # fmt: skip
+    assert control.exit_code == 0, control.stderr
+    random_edit = load_model_under_test(spec, "rows-random", means_store)
+    for lin in random_edit.loaded.linear_layers:
+        if lin.key in writers:
+            w = next(d for d in dense.linear_layers if d.key == lin.key).weight_matrix().double()
+            got = lin.weight_matrix().detach().double().norm(dim=1)
+            assert ((got - w.norm(dim=1)).abs() / w.norm(dim=1)).max() <= 1e-6
+    bad = direction_edit(cli, means_store, "--direction-layer", "1", "--norm-preserving", "3")
+    assert_one_line_error(bad, "--norm-preserving 3")
+
+
 def test_a_norm_preserving_edit_keeps_every_column_norm(cli, means_store, tiny_llama_dir):
     """`--norm-preserving 1`: each writer column w ← ‖w‖ normalise(w − r rᵀ w), each embedding
     row likewise; the norms are kept within 1e-6 relative, the stream carries no r, and a

@@ -56,6 +56,9 @@ class EditModule:
 Formula = Callable[[torch.Tensor, dict[str, torch.Tensor], float], torch.Tensor]
 
 
+ROW_NORMS = 2  # --norm-preserving 2: heretic's rows (`_formula`)
+
+
 @dataclass(frozen=True)
 class EditShape:
     """How an edit is applied beyond its bases: the share removed (per module where the edit
@@ -63,7 +66,7 @@ class EditShape:
     loses the direction. What a stored file records and its random control matches."""
 
     scale: float = 1.0
-    norm_preserving: bool = False
+    norm_preserving: int = 0  # 0: no; 1: columns; 2: rows (heretic's), as `_formula` says
     embedding: bool = True
     module_scales: dict[str, float] | None = None
 
@@ -96,10 +99,11 @@ class EditContent:
     # orthogonal to r or to normalise(g ⊙ r) behind a norm, its bias projected. None in
     # direction edits made before it was recorded: r removed from the weights alone.
     writers: dict[str, dict[str, Any]] | None = None
-    # Norm-preserving (a direction's `--norm-preserving`): after the edit, each writer column
-    # and each embedding row rescaled to its norm before it (removal/direction.py
-    # `with_norms_of`), computed exactly from the weights as they are applied.
-    norm_preserving: bool = False
+    # Norm-preserving (a direction's `--norm-preserving`): 1, after the edit, each writer
+    # column and each embedding row rescaled to its norm before it (removal/direction.py
+    # `with_norms_of`); 2, heretic's rows (`_formula`); computed exactly from the weights as
+    # they are applied.
+    norm_preserving: int = 0
     # Whether the token embedding loses the direction too (Arditi et al.; heretic never edits
     # it).
     embedding: bool = True
@@ -154,11 +158,19 @@ def _formula(
     weight: torch.Tensor,
     bases: dict[str, torch.Tensor],
 ) -> torch.Tensor:
-    """The content's formula on one module's weight at its share, its columns rescaled to
-    their norms before it where the content preserves norms."""
+    """The content's formula on one module's weight at its share; where the content
+    preserves norms, its columns rescaled to their norms before it (1), or (2, heretic's
+    magnitude-preserving ablation) the formula applied to the weight with unit rows, whose
+    rows are then scaled back to the norms they had."""
     from wandacli.removal.direction import with_norms_of
 
-    edited = content.formula(weight, bases, module_scale(content, module))
+    scale = module_scale(content, module)
+    if content.norm_preserving == ROW_NORMS:
+        w = weight.detach().to(torch.float64)
+        norms = w.norm(dim=1, keepdim=True)
+        unit_rows = torch.where(norms > 0, w / norms.clamp_min(1e-300), w)
+        return with_norms_of(content.formula(unit_rows, bases, scale), w, dim=1)
+    edited = content.formula(weight, bases, scale)
     return with_norms_of(edited, weight, dim=0) if content.norm_preserving else edited
 
 
@@ -183,7 +195,7 @@ def apply_edit(content: EditContent, changes: WeightChanges) -> Iterator[EditMod
                 changes.embedding,
                 r,
                 content.scale,
-                norm_preserving=content.norm_preserving,
+                norm_preserving=bool(content.norm_preserving),
             )
         )
 

@@ -54,10 +54,20 @@ DIRECTIONS_RULE = (
     "the layer and position (uncentred), each signed to agree with r, orthonormal; writers "
     "W ← W − α R Rᵀ W, embedding E ← E − α (E R) Rᵀ; stored [d_model, K] at /direction"
 )
+ROW_NORM_PRESERVING_RULE = (
+    "each writer row (the d_in-sized weights of one output coordinate) normalised before the "
+    "edit, the edit applied to that matrix, its rows normalised again and scaled back to their "
+    "norms before the edit (heretic's magnitude-preserving orthogonal ablation, computed "
+    "exactly, not compressed to a low rank; the stream keeps a little of r); embedding rows "
+    "rescaled to their norms"
+)
 NORM_PRESERVING_RULE = (
     "after the edit, each writer column (the d_model-sized vector of one input feature) and "
     "each embedding row rescaled to its norm before the edit, computed exactly from the weights"
 )
+# --norm-preserving's values and the rule each records in the meta (read back by the text).
+NORM_RULE_TEXT = {1: NORM_PRESERVING_RULE, 2: ROW_NORM_PRESERVING_RULE}
+NORM_RULES = {text: value for value, text in NORM_RULE_TEXT.items()}
 PROJECTIONS = {0: "none", 1: "projected", 2: "biprojected"}
 CONTROL_RULE = (
     "a seeded random unit vector (Gaussian, normalised), removed from the writers and the "
@@ -78,6 +88,11 @@ def _projection(value: int, flag: str) -> None:
             f"{flag} {value}: use 0 (r as it is), 1 (orthogonal to the harmless mean at its "
             "layer) or 2 (biprojected: at each writer's layer too)"
         )
+
+
+def _norm_rule(value: int, flag: str) -> None:
+    if value not in (0, 1, 2):
+        raise ConfigError(f"{flag} {value}: use 0 (off), 1 (columns) or 2 (rows, heretic's)")
 
 
 def _binary(value: int, flag: str) -> None:
@@ -149,9 +164,11 @@ class DirectionSettings:
         0,
         "--norm-preserving",
         help="1: after the edit, each writer column and embedding row rescaled to its norm "
-        "before it (exactly; the stream still carries no r); 0: not [default].",
+        "before it (exactly; the stream still carries no r); 2: heretic's rows, each writer row "
+        "normalised, the edit applied, the rows scaled back to their norms (exactly; the "
+        "stream keeps a little of r); 0: not [default].",
         panel=options.DIRECTION_PANEL,
-        check=_binary,
+        check=_norm_rule,
         request_omits_default=True,
     )
     # heretic's weight of the abliteration: W ← W − α r rᵀ W (1: orthogonalised; 0.5: the
@@ -268,7 +285,7 @@ class Direction(EditKind):
         Searchable("direction_position", "--direction-position", "The refusal direction's prompt position from the end, e.g. -5:-1 [default: -1].", integer=True, check=_position_range, fixed=-1, ranged_when_fixed=True),
         Searchable("direction_scale", "--direction-scale", "The share of the refusal direction removed, e.g. 0.3:1 [default: 1, all of it].", linear=True, check=_scale_range, fixed=1.0),
         Searchable("direction_projected", "--direction-projected", "Whether r is orthogonalised against the harmless mean: 0, 1 (at its layer), 2 (biprojected), or a range such as 0:2 [default: 0].", integer=True, check=_projection_range, fixed=0),
-        Searchable("norm_preserving", "--norm-preserving", "Whether the writers' columns keep their norms: 0, 1, or 0:1 to search both [default: 0].", integer=True, check=_binary_range, fixed=0),
+        Searchable("norm_preserving", "--norm-preserving", "Whether the writers keep their norms: 0, 1 (columns), 2 (rows, heretic's), or a range such as 0:2 [default: 0].", integer=True, check=_projection_range, fixed=0),
         Searchable("directions", "--directions", "How many directions are removed at once, e.g. 1:4 [default: 1].", integer=True, check=_each_end(_count), fixed=1),
         Searchable("direction_fraction", "--direction-fraction", "The fractional part of the direction's layer, e.g. 0:0.99 (with --direction-layer, heretic's fractional index) [default: 0].", linear=True, check=_each_end(_fraction), fixed=0.0),
         Searchable("direction_per_layer", "--direction-per-layer", "Whether each layer's writers lose their own stream's direction: 0, 1, or 0:1 [default: 0].", integer=True, check=_binary_range, fixed=0),
@@ -383,7 +400,7 @@ class Direction(EditKind):
         if matched_meta.get("writers"):
             meta["writers"] = matched_meta["writers"]
         if shape.norm_preserving:
-            meta["norm_preserving"] = NORM_PRESERVING_RULE
+            meta["norm_preserving"] = NORM_RULE_TEXT[shape.norm_preserving]
         for copied in ("layer_weights", "layer_weights_rule"):
             if copied in matched_meta:
                 meta[copied] = matched_meta[copied]
@@ -397,7 +414,7 @@ class Direction(EditKind):
         scales = {k: float(m["scale"]) for k, m in modules.items() if "scale" in m}
         return EditShape(
             scale=float(meta.get("direction_scale", 1.0)),
-            norm_preserving=bool(meta.get("norm_preserving")),
+            norm_preserving=NORM_RULES.get(str(meta.get("norm_preserving")), 0),
             embedding=bool(meta.get("embedding", True)),
             module_scales=scales or None,
         )
@@ -409,7 +426,7 @@ class Direction(EditKind):
         layer = settings.direction_layer + settings.direction_fraction
         scale = f"a{settings.direction_scale:g}" if settings.direction_scale != 1.0 else ""
         projected = f"-{PROJECTIONS[settings.direction_projected]}"
-        kept = "-norm-preserving" if settings.norm_preserving else ""
+        kept = ("", "-norm-preserving", "-row-norm-preserving")[settings.norm_preserving]
         embedding = "" if settings.direction_embedding else "-writers-only"
         count = f"-k{settings.directions}" if settings.directions > 1 else ""
         count += "-per-layer" if settings.direction_per_layer else ""
@@ -542,7 +559,7 @@ class Direction(EditKind):
             keys = [key for key in keys if int(key.split("/", 1)[0]) in per_layer]
         shape = EditShape(
             scale=settings.direction_scale,
-            norm_preserving=bool(settings.norm_preserving),
+            norm_preserving=settings.norm_preserving,
             embedding=bool(settings.direction_embedding),
             module_scales={k: weights[k] for k in keys} if self.shaped(settings) else None,
         )
@@ -613,7 +630,11 @@ class Direction(EditKind):
                 else {}
             ),
             "direction_scale": settings.direction_scale,
-            **({"norm_preserving": NORM_PRESERVING_RULE} if settings.norm_preserving else {}),
+            **(
+                {"norm_preserving": NORM_RULE_TEXT[settings.norm_preserving]}
+                if settings.norm_preserving
+                else {}
+            ),
             "family": family_named(sets.fingerprint.family).name,
             "writers": treatments(sets.keys, sets.fingerprint.family),
             "mean_activations": [

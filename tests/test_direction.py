@@ -388,6 +388,22 @@ def test_per_layer_each_layers_writers_lose_their_own_streams_direction(
     assert_one_line_error(several, "--direction-per-layer removes one direction per layer")
 
 
+def assert_control_keeps_norms(cli, store, name, spec, dense, writers, *, dim):
+    """The `--match-ranks` control of a norm-preserving edit keeps the same norms (columns:
+    dim 0, rows: dim 1) within 1e-6 relative, and says so in its meta."""
+    control = cli("prune", "--store", store, "--scores", "harmful", "--match-ranks", name,
+                  "--name", f"{name}.random", "--no-progress")  # fmt: skip
+    assert control.exit_code == 0, control.stderr
+    with EditFile(store / "edits" / f"{name}.random.h5") as stored:
+        assert "norm_preserving" in stored.meta
+    random_edit = load_model_under_test(spec, f"{name}.random", store)
+    for lin in random_edit.loaded.linear_layers:
+        if lin.key in writers:
+            w = next(d for d in dense.linear_layers if d.key == lin.key).weight_matrix().double()
+            got = lin.weight_matrix().detach().double().norm(dim=dim)
+            assert ((got - w.norm(dim=dim)).abs() / w.norm(dim=dim)).max() <= 1e-6
+
+
 def test_row_norm_preserving_is_heretics_magnitude_preserving_ablation(
     cli, means_store, tiny_llama_dir
 ):
@@ -412,15 +428,7 @@ def test_row_norm_preserving_is_heretics_magnitude_preserving_ablation(
         assert relative <= 1e-6, (key, float(relative))
     with EditFile(means_store / "edits" / f"{name}.h5") as stored:
         assert "heretic" in stored.meta["norm_preserving"]
-    control = cli("prune", "--store", means_store, "--scores", "harmful", "--match-ranks", name,
-                  "--name", "rows-random", "--no-progress")  # fmt: skip
-    assert control.exit_code == 0, control.stderr
-    random_edit = load_model_under_test(spec, "rows-random", means_store)
-    for lin in random_edit.loaded.linear_layers:
-        if lin.key in writers:
-            w = next(d for d in dense.linear_layers if d.key == lin.key).weight_matrix().double()
-            got = lin.weight_matrix().detach().double().norm(dim=1)
-            assert ((got - w.norm(dim=1)).abs() / w.norm(dim=1)).max() <= 1e-6
+    assert_control_keeps_norms(cli, means_store, name, spec, dense, writers, dim=1)
     bad = direction_edit(cli, means_store, "--direction-layer", "1", "--norm-preserving", "3")
     assert_one_line_error(bad, "--norm-preserving 3")
 
@@ -455,17 +463,7 @@ def test_a_norm_preserving_edit_keeps_every_column_norm(cli, means_store, tiny_l
         assert (h[0].double() @ r).abs().max() <= 1e-5 * float(h[0].double().norm(dim=-1).max())
     with EditFile(means_store / "edits" / f"{name}.h5") as stored:
         assert "norm_preserving" in stored.meta
-    control = cli("prune", "--store", means_store, "--scores", "harmful", "--match-ranks", name,
-                  "--name", "kept-random", "--no-progress")  # fmt: skip
-    assert control.exit_code == 0, control.stderr
-    with EditFile(means_store / "edits" / "kept-random.h5") as stored:
-        assert "norm_preserving" in stored.meta
-    random_edit = load_model_under_test(spec, "kept-random", means_store)
-    for lin in random_edit.loaded.linear_layers:
-        if lin.key in writers:
-            w = next(d for d in dense.linear_layers if d.key == lin.key).weight_matrix().double()
-            got = lin.weight_matrix().detach().double().norm(dim=0)
-            assert ((got - w.norm(dim=0)).abs() / w.norm(dim=0)).max() <= 1e-6
+    assert_control_keeps_norms(cli, means_store, name, spec, dense, writers, dim=0)
 
 
 def test_a_search_tries_both_directions(cli, means_store, tiny_llama_dir, tmp_path):

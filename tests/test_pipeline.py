@@ -376,10 +376,8 @@ def test_the_attack_five_ways_and_its_steps(tmp_path):
                   "finetune-transplant"):  # fmt: skip
         rule = rule_for(text, tmp_path / "results" / label / "results.json")
         assert "--configs basic,multiple_nosys " in rule, rule
-    assert (
-        f"{tuned / 'freeze-step5' / 'finetune.json'}: {tuned / 'freeze' / 'finetune.json'} ;"
-        in text
-    )
+    step = f"{tuned / 'freeze-step5' / 'finetune.json'}: | {tuned / 'freeze' / 'finetune.json'} ;"
+    assert step in text  # after the attack by order only: written before its record
     assert "finetune-transplant-step5" not in text
 
 

@@ -481,8 +481,10 @@ class _Rules:
                 continue
             for step in plan.attack.save_steps:
                 saved = folder / f"{row}-step{step}"
-                # Written by the attack's own rule: no command of its own.
-                self.lines += [f"{saved / RECORD_NAME}: {out / RECORD_NAME} ;", ""]
+                # Written by the attack's own rule, before the attack's own record: no command
+                # of its own, and after the attack by order only (a timestamp would call it
+                # stale and evaluate it again on every run).
+                self.lines += [f"{saved / RECORD_NAME}: | {out / RECORD_NAME} ;", ""]
                 models.append((f"finetune-{row}-step{step}", saved))
         return models
 

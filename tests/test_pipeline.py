@@ -360,7 +360,7 @@ def test_the_attack_five_ways_and_its_steps(tmp_path):
     config.write_text('model = "org/aligned"\n' + ATTACK_PLAN)
     plan = Plan.from_config(read_config_file(config), config)
     assert plan.attack is not None and plan.attack.save_steps == (5, 10)
-    text = makefile(plan, config, tmp_path, "w", None, "org/aligned")
+    text = makefile(plan, config, tmp_path, "w", None)
     tuned, store = tmp_path / "finetune", tmp_path / "store"
     full = rule_for(text, tuned / "full" / "finetune.json")
     assert "w finetune " in full and "--freeze" not in full and "--rewind" not in full

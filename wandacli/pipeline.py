@@ -135,6 +135,7 @@ class AttackPlan:
     mask: str
     configs: str | None = None  # eval-attack settings of the attacked models [the headline's]
     save_steps: tuple[int, ...] = ()  # the config's [finetune] save-steps: the figure's points
+    aligned_model: str | None = None  # the config's `model`: the transplant copies from it
 
     @classmethod
     def from_table(cls, table: Any, config: dict[str, Any], path: Path) -> AttackPlan:
@@ -154,8 +155,13 @@ class AttackPlan:
         save_steps = (
             declared.declared.parse(raw) if raw is not None and declared.declared.parse else ()
         )
-        configs = table.get("configs")
-        return cls(str(table["mask"]), str(configs) if configs else None, tuple(save_steps))
+        configs, model = table.get("configs"), config.get("model")
+        return cls(
+            str(table["mask"]),
+            str(configs) if configs else None,
+            tuple(save_steps),
+            str(model) if model else None,
+        )
 
     def runs(self, random_control: bool) -> list[tuple[str, str | None, str | None]]:
         """(row, --freeze/--rewind/--transplant, the mask) of each attack, in the order they
@@ -266,18 +272,10 @@ class Plan:
         return names + (["random"] if self.random_control else [])
 
 
-def makefile(
-    plan: Plan,
-    config: Path,
-    out: Path,
-    wandacli: str,
-    model: str | None,
-    config_model: str | None = None,
-) -> str:
+def makefile(plan: Plan, config: Path, out: Path, wandacli: str, model: str | None) -> str:
     """Make rules for the whole study; targets are the files each step writes. `model`
-    overrides the config's `config_model` in every rule."""
+    overrides the config's in every rule."""
     rules = _Rules(config, out, wandacli, model)
-    rules.config_model = config_model
     scores = rules.score_sets(plan)
     masks = rules.masks(plan, scores)
     if plan.random_control:
@@ -308,7 +306,6 @@ class _Rules:
         self.paths = Store(self.store)  # the store's own file names
         self.common = f"{_common('config')} {_q(config)}"
         self.model = model
-        self.config_model: str | None = None  # the config's own `model`, where it has one
         self.model_flag = f" {_score('model')} {_q(model)}" if model else ""
         self.quiet = _common("no_progress")
         self.lines = [
@@ -458,7 +455,7 @@ class _Rules:
             deps = [removals[mask]] if mask else []
             extra = ""
             if mode == "transplant":
-                aligned = self.model or self.config_model
+                aligned = self.model or plan.attack.aligned_model
                 if aligned is None:
                     raise ConfigError(
                         f"{self.config}: the transplant copies from the study's model: set "
@@ -634,14 +631,5 @@ def pipeline_rules(request: PipelineRequest) -> str:
     """The Make rules of the study `request.config` describes."""
     from wandacli.config.files import read_config_file
 
-    config = read_config_file(request.config)
-    plan = Plan.from_config(config, request.config)
-    model = config.get("model")
-    return makefile(
-        plan,
-        request.config,
-        request.out,
-        request.wandacli,
-        request.model or None,
-        str(model) if model else None,
-    )
+    plan = Plan.from_config(read_config_file(request.config), request.config)
+    return makefile(plan, request.config, request.out, request.wandacli, request.model or None)

@@ -15,9 +15,13 @@ same config for its options, and every flag a rule writes is the flag its option
     compare  safety vs utility per method, and the methods against each other on safety; with
              mean activations the candidate directions' cosines across layers, and with rank
              statistics a searched direction's share inside the safety subspaces
+    attack   with [pipeline.attack], `finetune` five ways (full, the mask frozen, rewound, its
+             random control frozen, and transplanted back into the full attack), the models
+             after the [finetune] table's save-steps beside each
     eval     eval-attack and eval-utility on the dense model and every mask and edit, and on
              each of `baseline_models` (e.g. the model before alignment), dense: the dense
-             model and the searched points in `configs`, the rest in `other_configs`
+             model and the searched points in `configs`, the rest in `other_configs`, the
+             attacked models in the attack's `configs`
     report   one results table, the study's figures (out/figures) and out/results.md
 """
 
@@ -552,20 +556,22 @@ class _Rules:
             (f"baseline-{file_safe_name(b)}", [], f"{self.common} {_score('model')} {_q(b)}")
             for b in plan.baseline_models
         ]
-        # The attacked models, each in the headline's settings (the figure against steps).
+        # The attacked models and their saved steps, in the attack's settings (else the
+        # headline's): the figure against steps.
         from wandacli.training.finetune import RECORD_NAME
 
         runs += [
             (label, [model / RECORD_NAME], f"{self.common} {_score('model')} {_q(model)}")
             for label, model in attacked
         ]
+        attacked_labels = {label for label, _ in attacked}
         attack_configs = (plan.attack.configs if plan.attack else None) or plan.configs
         for label, deps, flags in runs:
             folder = self.results / label
             attack, utility = folder / ATTACK_RESULTS, folder / UTILITY_RESULTS
             made += [attack, utility]
             configs = plan.configs if label in headline else plan.other_configs
-            if any(label == attacked_label for attacked_label, _ in attacked):
+            if label in attacked_labels:
                 configs = attack_configs
             configs_flag = f" {flag_of(AttackConfig, 'configs')} {_q(configs)}" if configs else ""
             self.rule(

@@ -109,6 +109,10 @@ def test_transplant_copies_the_masked_weights_back(
     for key, selector in masks(masked_store).items():
         assert torch.equal(restored[key][selector], aligned[key][selector]), key
         assert torch.equal(restored[key][~selector], hit[key][~selector]), key
+    # Its provenance: made from the aligned model, at the attack's last step (report's figure).
+    provenance = json.loads((tmp_path / "restored" / "wandacli-mask.json").read_text())
+    assert provenance["dense_model"] == str(tiny_llama_dir)
+    assert provenance["finetune"]["mode"] == "transplant" and provenance["finetune"]["step"] == 3
 
 
 @pytest.mark.parametrize(

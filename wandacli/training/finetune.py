@@ -387,7 +387,7 @@ def _save(
         "versions": software_versions(),
         "finished": now_iso(),
     }
-    _save_model(loaded, config, config.out, record, result.steps)
+    _save_model(loaded, config, config.out, record, _steps_behind(config, result))
 
 
 def _save_model(
@@ -415,6 +415,17 @@ def _save_model(
         (directory / PROVENANCE_NAME).write_text(json.dumps(provenance, indent=1), encoding="utf-8")
 
     save_model_directory(loaded.model, loaded.tokenizer, out, add_record)
+
+
+def _steps_behind(config: FinetuneConfig, result: FinetuneResult) -> int:
+    """The fine-tuning steps the saved model is after: its own, or for a transplant, those of
+    the attacked model it restored (so that `report` draws it at the attack's end)."""
+    from wandacli.removal.apply import FINETUNE_KEY, read_provenance
+
+    if config.transplant is None:
+        return result.steps
+    attack = (read_provenance(Path(config.model.model)) or {}).get(FINETUNE_KEY) or {}
+    return int(attack.get("step", 0))
 
 
 def _aligned_model(loaded: Any, config: FinetuneConfig) -> str:

@@ -102,6 +102,19 @@ def template_option(help: str, panel: str) -> Any:
     return option(None, "--template", help=help, panel=panel)
 
 
+def held_out_option(default: str, kept_apart: str, panel: str) -> Any:
+    """`--held-out`: the evaluation prompts `kept_apart` must not contain (search's prompts,
+    the attack's), refused before any model loads (evaluation/prompts.py `check_no_overlap`)."""
+    return option(
+        default,
+        "--held-out",
+        metavar="<NAME[:N],...>",
+        help=f"Evaluation prompts {kept_apart} must not contain ('none' to skip the check).",
+        panel=panel,
+        request=False,
+    )
+
+
 def data_dir_option() -> Any:
     return option(None, "--data-dir", help=DATA_DIR_HELP, panel="Data", request=False)
 

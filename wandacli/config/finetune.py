@@ -16,6 +16,7 @@ from wandacli.config.declare import (
     settings_json,
     within,
 )
+from wandacli.config.evaluation import held_out_option
 from wandacli.config.settings import ModelSpec
 from wandacli.core.errors import ConfigError
 
@@ -94,15 +95,7 @@ class FinetuneConfig:
         panel=DATA_PANEL,
         check=at_least(16),
     )
-    held_out: str = option(
-        DEFAULT_ATTACK_HELD_OUT,
-        "--held-out",
-        metavar="<NAME[:N],...>",
-        help="Evaluation and search prompts the attack's prompts must not contain ('none' to "
-        "skip the check).",
-        panel=DATA_PANEL,
-        request=False,
-    )
+    held_out: str = held_out_option(DEFAULT_ATTACK_HELD_OUT, "the attack's prompts", DATA_PANEL)
     store: Path | None = option(
         None, "--store", "-s", help="Store to look the masks up in.", panel=MASK_PANEL
     )

@@ -30,6 +30,7 @@ from wandacli.config.evaluation import (
     PROMPT_TEMPLATE,
     KlSettings,
     data_dir_option,
+    held_out_option,
     prompt_column_option,
     template_option,
 )
@@ -194,14 +195,7 @@ class SearchConfig:
     limit: int = option(
         32, "--limit", help="Search prompts used.", panel=MEASURE_PANEL, check=or_more(1)
     )
-    held_out: str = option(
-        DEFAULT_HELD_OUT,
-        "--held-out",
-        metavar="<NAME[:N],...>",
-        help="Evaluation prompts the search prompts must not contain ('none' to skip the check).",
-        panel=MEASURE_PANEL,
-        request=False,
-    )
+    held_out: str = held_out_option(DEFAULT_HELD_OUT, "the search prompts", MEASURE_PANEL)
     refusal: RefusalMeasure = option(
         "generation",
         "--refusal",

@@ -127,6 +127,32 @@ def test_the_direction_edit_leaves_no_r_in_the_stream(family_model, norm_preserv
         assert after <= 1e-5 * before, (family, layer, after, before)
 
 
+def test_heretics_row_norms_are_kept_on_every_writer(family_model):
+    """`--norm-preserving 2` (heretic's rows) on every family, experts and norms after
+    sublayers included: every writer row keeps its norm within 1e-6 relative, and the stream's
+    component along r shrinks (rows rescaled, so not to zero)."""
+    family, model = family_model
+    generator = torch.Generator().manual_seed(5)
+    r = torch.randn(model.config.hidden_size, generator=generator, dtype=torch.float64)
+    r = r / r.norm()
+    ids = torch.randint(3, VOCAB, (1, 12), generator=generator)
+    dense = stream_components(model, r, ids)
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    layers = {lin.key: lin for lin in iter_linear_layers(model)}
+    before = {k: lin.weight_matrix().detach().norm(dim=1).clone() for k, lin in layers.items()}
+    try:
+        keys = remove_direction(model, r, norm_preserving=2)
+        after = {k: layers[k].weight_matrix().detach().norm(dim=1) for k in keys}
+        edited = stream_components(model, r, ids)
+    finally:
+        model.load_state_dict(original)
+    assert keys
+    for key in keys:
+        relative = ((after[key] - before[key]).abs() / before[key].clamp_min(1e-300)).max()
+        assert relative <= 1e-6, (family, key, float(relative))
+    assert sum(edited[1:]) < sum(dense[1:]), family
+
+
 def test_several_directions_leave_no_component_of_their_span(family_model):
     """`--directions 3`: three orthonormal directions (stored float32) removed as the family
     says leave no component in their span in the stream after any decoder layer."""

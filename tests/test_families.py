@@ -637,3 +637,48 @@ def test_generation_with_the_shared_prefix_equals_each_prompt_alone(family, toke
     )
     assert sampled == plain_generate(loaded, texts[:1], special, max_new_tokens=4, batch_size=3,
                                      samples=3, seed=1)  # fmt: skip
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_lora_keeps_a_frozen_mask_bitwise_on_every_family(family):
+    """`finetune --lora-rank --freeze`'s adapters on every family: a few steps, merged; every
+    masked entry is as it was, the adapted matrices moved elsewhere, and what takes no adapter
+    (an expert's slice of a 3-D parameter, a router of its own module type, norms,
+    embeddings) did not move."""
+    from wandacli.training.finetune import MaskedWeights
+    from wandacli.training.lora import LoraAdapters
+
+    torch.manual_seed(0)
+    model = build_family_model(family, VOCAB)
+    loaded = loaded_of(model)
+    generator = np.random.default_rng(3)
+    masks = {lin.key: generator.random(lin.shape) < 0.3 for lin in loaded.linear_layers}
+    frozen = MaskedWeights(loaded, SimpleNamespace(keys=list(masks), read=masks.__getitem__))
+    before = {lin.key: lin.weight_matrix().detach().clone() for lin in loaded.linear_layers}
+    others = {
+        name: p.detach().clone()
+        for name, p in model.named_parameters()
+        if id(p) not in {id(lin.weight) for lin in loaded.linear_layers}
+    }
+    lora = LoraAdapters(loaded, rank=2, alpha=4, frozen=frozen)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    ids = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(1))
+    model.train()
+    for _ in range(3):
+        logits = model(input_ids=ids, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    adapted = {id(module.get_base_layer()) for module in lora.adapted.values()}
+    lora.merge(frozen)
+    model.eval()
+    for lin in loaded.linear_layers:
+        after, chosen = lin.weight_matrix().detach(), torch.from_numpy(masks[lin.key])
+        assert torch.equal(after[chosen], before[lin.key][chosen]), lin.key
+        moved = not torch.equal(after[~chosen], before[lin.key][~chosen])
+        assert moved == (id(lin.module) in adapted), lin.key
+        assert lin.expert is None or not moved, lin.key
+    assert sum(id(lin.module) in adapted for lin in loaded.linear_layers) >= 6
+    now = dict(model.named_parameters())
+    assert all(torch.equal(now[name].detach(), value) for name, value in others.items())

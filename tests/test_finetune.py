@@ -124,6 +124,8 @@ def test_transplant_copies_the_masked_weights_back(
         (("--freeze", "nope"), "nope"),
         (("--data", "advbench"), "has no (prompt, response) pairs"),
         (("--max-tokens", "8"), "raise --max-tokens"),
+        (("--lora-alpha", "8"), "--lora-alpha scales LoRA's update: add --lora-rank"),
+        (("--lora-rank", "-1"), "--lora-rank must be 0 or more"),
     ],
 )
 def test_bad_finetune_input_is_one_line(
@@ -213,14 +215,15 @@ def test_attack_prompts_that_are_evaluated_on_are_refused(cli, tiny_llama_dir, t
     assert "--offset 200" in result.stderr
 
 
+@pytest.mark.parametrize("lora", [(), ("--lora-rank", "4")], ids=["full", "lora"])
 def test_an_interrupted_attack_resumes_bitwise_from_its_checkpoint(
-    cli, tiny_llama_dir, pairs_csv, tmp_path, monkeypatch
+    cli, tiny_llama_dir, pairs_csv, tmp_path, monkeypatch, lora
 ):
     """Killed after step 3 with a checkpoint every 2 steps, the same command resumes from step
-    2 and ends with the very weights and losses of an uninterrupted run."""
+    2 and ends with the very weights and losses of an uninterrupted run (LoRA's adapters too)."""
     import wandacli.models.supervised as supervised
 
-    args = ("--steps", "5", "--checkpoint-every", "2", "--save-steps", "1,3")
+    args = ("--steps", "5", "--checkpoint-every", "2", "--save-steps", "1,3", *lora)
     whole = finetune(cli, tiny_llama_dir, pairs_csv, tmp_path / "whole", *args)
     real_loss, calls = supervised.response_loss, []
 
@@ -283,3 +286,56 @@ def test_auto_trains_in_float32_and_bfloat16_is_warned(cli, tiny_llama_dir, pair
     made = cli("finetune", "--model", tiny_llama_dir, "--data", pairs_csv, "--out",
                tmp_path / "b", *TRAIN, "--dtype", "bfloat16")  # fmt: skip
     assert made.exit_code == 0 and "trains in float32" in " ".join(made.stderr.split())
+
+
+def other_weights(model_dir):
+    """Every parameter that is not one of the decoder's linear matrices: embeddings, norms."""
+    loaded = load_model(ModelSpec(model=str(model_dir), device="cpu", dtype="float32"))
+    linear = {id(lin.weight) for lin in loaded.linear_layers}
+    return {
+        name: p.detach().clone()
+        for name, p in loaded.model.named_parameters()
+        if id(p) not in linear
+    }
+
+
+def test_lora_trains_a_low_rank_update_of_each_matrix_and_saves_it_merged(
+    cli, tiny_llama_dir, pairs_csv, tmp_path
+):
+    """--lora-rank 2: only the adapters train (2 (in + out) numbers per matrix); the saved
+    model is W + ΔW with ΔW of rank 2 in every linear matrix, everything else as it was."""
+    made = finetune(cli, tiny_llama_dir, pairs_csv, tmp_path / "lora", "--lora-rank", "2")
+    before, after = matrices(tiny_llama_dir), matrices(tmp_path / "lora")
+    assert made["trained_parameters"] == sum(2 * sum(m.shape) for m in before.values())
+    for key, weight in before.items():
+        delta = after[key] - weight
+        assert delta.abs().max() > 0, key
+        assert int(torch.linalg.matrix_rank(delta, rtol=1e-4)) == 2, key
+    unchanged, now = other_weights(tiny_llama_dir), other_weights(tmp_path / "lora")
+    assert unchanged.keys() == now.keys()
+    assert all(torch.equal(unchanged[k], now[k]) for k in unchanged)
+    record = json.loads((tmp_path / "lora" / "finetune.json").read_text())
+    assert record["config"]["lora_rank"] == 2 and record["config"]["lora_alpha"] is None
+
+
+def test_lora_freezes_and_rewinds_by_the_merged_delta(
+    cli, tiny_llama_dir, pairs_csv, masked_store, tmp_path
+):
+    """With LoRA a mask acts on the merged delta. --rewind: the free LoRA attack's model with
+    the masked entries put back. --freeze: the masked entries kept bitwise too, but out of the
+    delta at every step, so the attack trains otherwise (its losses part from step 2 on)."""
+    lora = ("--lora-rank", "2", "--store", masked_store)
+    free = finetune(cli, tiny_llama_dir, pairs_csv, tmp_path / "free", *lora)
+    rewound = finetune(cli, tiny_llama_dir, pairs_csv, tmp_path / "rewound", *lora, "--rewind", "m")
+    frozen = finetune(cli, tiny_llama_dir, pairs_csv, tmp_path / "frozen", *lora, "--freeze", "m")
+    assert rewound["losses"] == free["losses"]
+    assert frozen["losses"][0] == free["losses"][0]  # B starts at zero: ΔW = 0 at step 1
+    assert frozen["losses"][1:] != free["losses"][1:]
+    before, trained = matrices(tiny_llama_dir), matrices(tmp_path / "free")
+    after_rewind, after_freeze = matrices(tmp_path / "rewound"), matrices(tmp_path / "frozen")
+    for key, selector in masks(masked_store).items():
+        expected = trained[key].clone()
+        expected[selector] = before[key][selector]
+        assert torch.equal(after_rewind[key], expected), key
+        assert torch.equal(after_freeze[key][selector], before[key][selector]), key
+        assert not torch.equal(after_freeze[key][~selector], before[key][~selector]), key

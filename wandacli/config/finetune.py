@@ -151,6 +151,22 @@ class FinetuneConfig:
         panel=TRAINING_PANEL,
         check=at_least(8),
     )
+    lora_rank: int = option(
+        0,
+        "--lora-rank",
+        help="Train rank-R LoRA adapters (peft) on the decoder's linear layers instead of every "
+        "weight, saved merged. A mask then acts on the merged delta: --freeze keeps its entries "
+        "out of the delta in every step, --rewind drops them after. 0: full fine-tuning.",
+        panel=TRAINING_PANEL,
+        check=or_more(0),
+    )
+    lora_alpha: int | None = option(
+        None,
+        "--lora-alpha",
+        help="LoRA's scale: the update is (alpha / R) · B A. Default: 2R.",
+        panel=TRAINING_PANEL,
+        check=at_least(1),
+    )
     checkpoint_every: int = option(
         25,
         "--checkpoint-every",
@@ -197,6 +213,8 @@ class FinetuneConfig:
             raise ConfigError("--from is --transplant's source: add --transplant MASK")
         elif self.data is None:
             raise ConfigError("--data is required: the attack's pairs (prompt, response)")
+        if self.lora_alpha is not None and not self.lora_rank:
+            raise ConfigError("--lora-alpha scales LoRA's update: add --lora-rank R")
         if self.save_steps and self.save_steps[-1] >= self.steps:
             raise ConfigError(
                 f"--save-steps {self.save_steps[-1]} is not before the last step ({self.steps}): "
@@ -209,8 +227,17 @@ class FinetuneConfig:
         sets them for the attacks beside it)."""
         if self.transplant is None:
             return []
-        given = (("--data", self.data), ("--responses-from", self.responses_from))
+        given = (
+            ("--data", self.data),
+            ("--responses-from", self.responses_from),
+            ("--lora-rank", self.lora_rank or None),
+        )
         return [flag for flag, value in given if value is not None]
+
+    @property
+    def lora_scale_alpha(self) -> int:
+        """--lora-alpha, or 2R where not given."""
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
 
     @property
     def mode(self) -> str:

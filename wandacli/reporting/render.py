@@ -308,6 +308,7 @@ def finetune_result(result: Any, as_json: bool) -> None:
         per_step = result.seconds_per_step or 0.0
         rows += [
             ("pairs", f"{result.pairs_used} ({result.pairs_too_long} too long, left out)"),
+            ("trained", f"{result.trained_parameters:,} parameters"),
             ("steps", f"{result.steps} in {result.training_seconds:.1f} s, {per_step:.2f} s each"),
             ("loss", f"{result.losses[0]:.4f} → {result.losses[-1]:.4f}"),
         ]

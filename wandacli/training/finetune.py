@@ -7,6 +7,8 @@ attribution.
                   every step and the optimiser's update on them undone after it
     --rewind M    train freely, then put M's weights back as they were before training (the
                   reference's rewind_ft_model.py)
+    --lora-rank R peft's LoRA adapters trained instead of every weight, saved merged; a mask
+                  acts on the merged delta (training/lora.py)
     --transplant M --from A
                   no training: --model with M's weights copied from A (safety restored by
                   transplanting the attributed weights back, as NLSR and Safety Neurons do)
@@ -44,6 +46,7 @@ class FinetuneResult:
     steps: int = 0
     pairs_used: int = 0
     pairs_too_long: int = 0
+    trained_parameters: int = 0  # every weight in full fine-tuning; the adapters' in LoRA
     losses: list[float] = field(default_factory=list)
     training_seconds: float = 0.0  # the steps alone (no loading, no saving)
     seconds: float = 0.0
@@ -65,6 +68,7 @@ class FinetuneResult:
             "data": self.data,
             "pairs_used": self.pairs_used,
             "pairs_too_long": self.pairs_too_long,
+            "trained_parameters": self.trained_parameters,
             "losses": self.losses,
             "saved_steps": self.saved_steps,
             "training_seconds": round(self.training_seconds, 3),
@@ -162,8 +166,6 @@ def run_finetune(
             assert data is not None
             result.data = data.source
             _train(loaded, data.pairs, config, masked, result, reporter)
-            if masked is not None and config.mode == "rewind":
-                masked.restore()
     finally:
         if mask is not None:
             mask.close()
@@ -205,9 +207,12 @@ def _train(
             f"only {len(data)} of the {len(encoded)} pairs fit in --max-tokens "
             f"{config.max_tokens}: raise --max-tokens or lower --batch-size {config.batch_size}"
         )
-    torch.manual_seed(config.seed)
-    model.requires_grad_(True)
+    torch.manual_seed(config.seed)  # the adapters' initialisation, then dropout
+    lora = _adapters(loaded, config, masked)
+    if lora is None:
+        model.requires_grad_(True)
     params = [p for p in model.parameters() if p.requires_grad]
+    result.trained_parameters = sum(p.numel() for p in params)
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     warmup = max(1, round(WARMUP_SHARE * config.steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -217,7 +222,8 @@ def _train(
     skip = checkpoint.resume(model, optimizer, scheduler, result)
     order = torch.Generator().manual_seed(config.seed)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    frozen = masked if config.mode == "freeze" else None
+    # Full fine-tuning keeps frozen weights by their gradients; LoRA by its masked delta.
+    frozen = masked if config.mode == "freeze" and lora is None else None
     model.train()
     reporter.start("finetune: steps", total=config.steps)
     reporter.advance(result.steps)
@@ -244,17 +250,38 @@ def _train(
                 result.training_seconds = time.monotonic() - started
                 reporter.advance()
                 if result.steps in config.save_steps:
-                    _save_step(loaded, config, masked, result)
+                    _save_step(loaded, config, masked, result, lora)
                 every = config.checkpoint_every
                 if every and result.steps % every == 0 and result.steps < config.steps:
                     checkpoint.write(model, optimizer, scheduler, result)
     reporter.finish()
     model.eval()
+    if lora is not None:
+        lora.merge()
     model.requires_grad_(False)
+    if masked is not None and config.mode in ("freeze", "rewind"):
+        masked.restore()  # rewound; frozen weights are already theirs (bitwise), except in LoRA
     info(
         f"finetune: {result.steps} steps in {result.training_seconds:.1f} s, loss "
         f"{result.losses[0]:.3f} → {result.losses[-1]:.3f}"
     )
+
+
+def _adapters(loaded: Any, config: FinetuneConfig, masked: MaskedWeights | None) -> Any:
+    """LoRA's adapters injected into the model (training/lora.py), or None for full
+    fine-tuning."""
+    if not config.lora_rank:
+        return None
+    from wandacli.training.lora import LoraAdapters
+
+    frozen = masked if config.mode == "freeze" else None
+    return LoraAdapters(loaded, config.lora_rank, config.lora_scale_alpha, frozen)
+
+
+def _trainable(model: Any) -> dict[str, Any]:
+    """The parameters training changes, by name: every one in full fine-tuning, the adapters'
+    in LoRA. A checkpoint holds these alone."""
+    return {name: p.detach() for name, p in model.named_parameters() if p.requires_grad}
 
 
 class TrainingCheckpoint:
@@ -293,7 +320,15 @@ class TrainingCheckpoint:
                 f"{self.directory} holds the training state of another request: rerun that "
                 "command to resume it, or delete the folder to start this one"
             )
-        model.load_state_dict(state["model"])
+        trainable = _trainable(model)
+        if set(state["trainable"]) != set(trainable):
+            raise ConfigError(
+                f"{self.directory} holds other parameters than this model trains: delete the "
+                "folder to start again"
+            )
+        with torch.no_grad():
+            for name, value in state["trainable"].items():
+                trainable[name].copy_(value)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["torch_rng"])
@@ -316,7 +351,7 @@ class TrainingCheckpoint:
             "losses": result.losses,
             "training_seconds": result.training_seconds,
             "saved_steps": result.saved_steps,
-            "model": model.state_dict(),
+            "trainable": _trainable(model),
             "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(),
             "torch_rng": torch.get_rng_state(),
@@ -333,10 +368,20 @@ class TrainingCheckpoint:
 
 
 def _save_step(
-    loaded: Any, config: FinetuneConfig, masked: MaskedWeights | None, result: FinetuneResult
+    loaded: Any,
+    config: FinetuneConfig,
+    masked: MaskedWeights | None,
+    result: FinetuneResult,
+    lora: Any | None,
 ) -> None:
     """The model after this step as the attack leaves it (its masked weights rewound where
-    --rewind), saved as OUT-stepK; training goes on from the weights as they were."""
+    --rewind; LoRA's adapters merged, the mask on their delta), saved as OUT-stepK; training
+    goes on from the weights as they were."""
+    if lora is not None:
+        restored = masked if config.mode in ("freeze", "rewind") else None
+        with lora.merged(restored):
+            _save_step(loaded, config, None, result, None)
+        return
 
     import shutil
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import multiprocessing
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,6 +74,7 @@ class ForkedProcess:
 
     def __init__(self, args: list[Any], env: dict[str, str], fault: str | None = None) -> None:
         folder = Path(tempfile.mkdtemp(prefix="wandacli-forked-"))
+        self._ended_output: tuple[str, str] | None = None
         self._out, self._err = folder / "stdout", folder / "stderr"
         self.args = [str(a) for a in args]
         self._process = _server().Process(
@@ -85,14 +87,16 @@ class ForkedProcess:
     def poll(self) -> int | None:
         if self.returncode is None and not self._process.is_alive():
             self._process.join()
-            self.returncode = self._process.exitcode
+            self._ended(self._process.exitcode)
         return self.returncode
 
     def wait(self, timeout: float | None = None) -> int:
         self._process.join(timeout)
         if self._process.exitcode is None:
             raise subprocess.TimeoutExpired(self.args, timeout or 0)
-        self.returncode = self._process.exitcode
+        if self.returncode is None:
+            self._ended(self._process.exitcode)
+        assert self.returncode is not None
         return self.returncode
 
     def send_signal(self, number: int) -> None:
@@ -105,9 +109,22 @@ class ForkedProcess:
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
-    def output(self) -> tuple[str, str]:
+    def _read(self) -> tuple[str, str]:
         read = lambda path: path.read_text(encoding="utf-8") if path.exists() else ""  # noqa: E731
         return read(self._out), read(self._err)
+
+    def _ended(self, code: int | None) -> None:
+        """The process is over: its output kept here and its folder removed (thousands of runs
+        would otherwise leave thousands of folders in /tmp)."""
+        self.returncode = code
+        self._ended_output = self._read()
+        shutil.rmtree(self._out.parent, ignore_errors=True)
+
+    def output(self) -> tuple[str, str]:
+        """What the process wrote: so far, or all of it once it has ended."""
+        if self.poll() is not None and self._ended_output is not None:
+            return self._ended_output
+        return self._read()
 
     def communicate(self, timeout: float | None = None) -> tuple[str, str]:
         self.wait(timeout)

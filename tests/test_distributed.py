@@ -226,7 +226,7 @@ def recording_group(rank: int = 0, device: str = "cuda:0"):
     same values: a sum doubles them."""
     import torch
 
-    from wandacli.scoring.distributed import Distributed
+    from wandacli.core.distributed import Distributed
 
     class RecordingGroup(Distributed):
         def _to_group(self, tensor):
@@ -250,7 +250,7 @@ def recording_group(rank: int = 0, device: str = "cuda:0"):
 def test_tensors_off_the_groups_device_go_through_it_in_chunks(monkeypatch):
     import torch
 
-    from wandacli.scoring import distributed
+    from wandacli.core import distributed
 
     monkeypatch.setattr(distributed, "STAGING_ELEMENTS", 4)
     group = recording_group(device="cuda:0")
@@ -343,3 +343,37 @@ def test_the_loss_under_a_device_map_indexes_the_head_with_a_cpu_index(tiny_llam
     assert [device.type for device in model.seen] == ["cpu"]
     expected = loaded.model(input_ids=input_ids, labels=labels, use_cache=False).loss
     torch.testing.assert_close(loss.as_subclass(torch.Tensor), expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_two_processes_fine_tune_as_one(cli, tiny_llama_dir, pairs_csv, tmp_path):
+    """`torchrun ... finetune --freeze`: two processes, each on half of every batch, take the
+    steps one process takes on the whole batch (up to the order of the sums); the frozen
+    weights stay bitwise; rank 0 alone saves and reports."""
+    from tests.test_finetune import masks, matrices
+
+    store = tmp_path / "store"
+    for args in (
+        ["score", "--method", "magnitude", "--model", tiny_llama_dir, "--store", store,
+         "--device", "cpu", "--no-progress"],
+        ["prune", "--store", store, "--scores", "magnitude", "--sparsity-ratio", "0.3",
+         "--name", "m", "--no-progress"],
+    ):  # fmt: skip
+        assert cli(*args).exit_code == 0
+    attack = ["finetune", "--model", str(tiny_llama_dir), "--data", str(pairs_csv), "--steps",
+              "3", "--batch-size", "4", "--lr", "0.01", "--device", "cpu", "--no-progress",
+              "--store", str(store), "--freeze", "m", "--json"]  # fmt: skip
+    single = cli(*attack, "--out", tmp_path / "one")
+    assert single.exit_code == 0, single.stderr
+    done = torchrun([*attack, "--out", str(tmp_path / "two")])
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count('"processes"') == 1  # one report, rank 0's
+    one, two = json.loads(single.stdout), json.loads(done.stdout[done.stdout.index("{") :])
+    assert two["processes"] == 2 and one["processes"] == 1
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=1e-4)
+    before, a, b = matrices(tiny_llama_dir), matrices(tmp_path / "one"), matrices(tmp_path / "two")
+    for key, selector in masks(store).items():
+        torch.testing.assert_close(b[key], a[key], rtol=1e-4, atol=1e-6)
+        assert torch.equal(b[key][selector], before[key][selector]), key
+    refused = torchrun([*attack[:-1], "--batch-size", "1", "--out", str(tmp_path / "x")])
+    assert refused.returncode != 0 and "split across 2 processes" in refused.stderr

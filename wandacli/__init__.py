@@ -4,6 +4,7 @@ The package in folders by concern, bottom to top; each imports only from those b
 (tests/test_architecture.py checks this on every import, function-level ones included):
 
     core/        errors, console, atomic files and directories, fingerprints, memory, paths,
+                 the process group of a multi-process run,
                  the file-safe naming rule, provenance, the metric and judge names, the
                  reference's constants
     config/      each option declared once (declare.py), frozen settings per command, TOML files
@@ -11,7 +12,7 @@ The package in folders by concern, bottom to top; each imports only from those b
     data/        calibration and evaluation sets: named sources, files, templates, prompt masking
     models/      the one loader (sources, GGUF conversion, from_pretrained), decoder layers, the organism
     methods/     one file per attribution method (wanda, wandg, magnitude, random, actsvd) and their base
-    scoring/     the generic score run (resume, sample loop, checkpoints) and data parallelism
+    scoring/     the generic score run (resume, sample loop, checkpoints)
     removal/     what to remove: one module per kind (removal/kinds/, a registry), the one
                  in-memory form every removal takes and the one way it reaches a model, the
                  prune runs that write masks and edits, the selection and rank math

@@ -17,8 +17,8 @@ from typer.core import TyperCommand, TyperGroup
 from wandacli import __version__
 from wandacli.config.files import config_path_from_args, default_map, read_config_file
 from wandacli.core.console import console
+from wandacli.core.distributed import rank_prefix
 from wandacli.core.errors import Terminated, WandacliError
-from wandacli.scoring.distributed import rank_prefix
 
 # Exit codes: 2 for usage and input errors (click's convention), 130/143 for SIGINT/SIGTERM.
 EXIT_USAGE = 2

@@ -13,7 +13,8 @@ from wandacli.reporting import render
 def _run(config: FinetuneConfig, *, reporter: Any, command_line: list[str]) -> Any:
     from wandacli.training.finetune import run_finetune
 
-    return run_finetune(config, reporter=reporter, command_line=command_line)
+    result = run_finetune(config, reporter=reporter, command_line=command_line)
+    return result if result.rank == 0 else None  # one report for a multi-process run
 
 
 finetune = settings_command(

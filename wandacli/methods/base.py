@@ -31,7 +31,7 @@ from wandacli.store.schema import SCORES_FORMAT
 
 
 class Collective(Protocol):
-    """The process group as a method sees it (scoring.distributed.Distributed implements it)."""
+    """The process group as a method sees it (core.distributed.Distributed implements it)."""
 
     @property
     def is_main(self) -> bool: ...

@@ -44,8 +44,18 @@ def warmup_then_linear_decay(steps: int, warmup_steps: int) -> Callable[[int], f
     return schedule
 
 
-def response_loss(model: Any, batch: list[Encoded], pad_id: int) -> Any:
-    """Mean cross-entropy over the batch's response tokens, with logits computed only there."""
+def response_tokens(batch: list[Encoded]) -> int:
+    """How many response tokens the batch's loss counts (the labels after the first position
+    that are not IGNORE_INDEX)."""
+    return sum(sum(1 for label in labels[1:] if label != IGNORE_INDEX) for _, labels in batch)
+
+
+def response_loss(
+    model: Any, batch: list[Encoded], pad_id: int, *, out_of: int | None = None
+) -> Any:
+    """Mean cross-entropy over the batch's response tokens, with logits computed only there;
+    with `out_of`, their summed cross-entropy divided by that count instead (one process's
+    share of a batch split across processes, `out_of` the whole batch's response tokens)."""
     import torch
 
     width = max(len(ids) for ids, _ in batch)
@@ -61,7 +71,10 @@ def response_loss(model: Any, batch: list[Encoded], pad_id: int) -> Any:
     targets = labels[:, 1:].to(hidden.device)
     counted = targets.ne(IGNORE_INDEX)
     logits = model.get_output_embeddings()(hidden[:, :-1][counted])
-    return torch.nn.functional.cross_entropy(logits.float(), targets[counted])
+    if out_of is None:
+        return torch.nn.functional.cross_entropy(logits.float(), targets[counted])
+    summed = torch.nn.functional.cross_entropy(logits.float(), targets[counted], reduction="sum")
+    return summed / out_of
 
 
 _BUCKET_BATCHES = 8  # batches sorted by length together: less padding, order still random

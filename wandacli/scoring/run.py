@@ -21,6 +21,7 @@ import torch
 
 from wandacli.config.score import ScoreConfig, score_request
 from wandacli.config.settings import DEFAULT_SEQLEN_CAP, ModelSpec
+from wandacli.core import distributed
 from wandacli.core.console import NullReporter, Reporter, info, warn
 from wandacli.core.durable import (
     check_free_space,
@@ -48,7 +49,6 @@ from wandacli.models.layers import LinearLayer
 from wandacli.models.loader import load_model
 from wandacli.models.pretrained import LoadedModel, model_max_length
 from wandacli.models.sources import DTYPES
-from wandacli.scoring import distributed
 from wandacli.scoring.result import ScoreResult
 from wandacli.store.assemble import assemble, format_non_finite
 from wandacli.store.files import open_finished_scores

@@ -15,6 +15,14 @@ attribution.
 
 The result is a model directory that `eval-attack --model` and `eval-utility --model` take,
 with `finetune.json` beside its weights saying how it was made.
+
+Several GPUs: `torchrun --nproc-per-node N -m wandacli finetune ...` (or `accelerate launch`)
+trains data-parallel (core/distributed.py). Every process holds the model and draws the same
+batches from the seed; each takes every N-th pair of a batch, its loss the summed cross-entropy
+of its pairs over the whole batch's response tokens, and the gradients are summed across the
+processes before each step: the step one process takes on the whole batch, up to the order of
+the sums. Rank 0 generates the pairs, writes the checkpoints and saves the models. A model too
+large for one GPU is spread over several by one process with --device-map instead.
 """
 
 from __future__ import annotations
@@ -51,6 +59,8 @@ class FinetuneResult:
     training_seconds: float = 0.0  # the steps alone (no loading, no saving)
     seconds: float = 0.0
     peak_memory_bytes: int = 0
+    processes: int = 1  # torchrun's processes, each training on its share of every batch
+    rank: int = 0  # this process's (rank 0 reports)
     data: dict[str, Any] = field(default_factory=dict)  # where the pairs came from
     saved_steps: list[str] = field(default_factory=list)  # --save-steps' model directories
 
@@ -75,6 +85,7 @@ class FinetuneResult:
             "seconds": round(self.seconds, 3),
             "seconds_per_step": self.seconds_per_step,
             "peak_memory_bytes": self.peak_memory_bytes,
+            "processes": self.processes,
         }
 
 
@@ -132,13 +143,54 @@ def run_finetune(
     reporter: Reporter | None = None,
     command_line: list[str] | None = None,
 ) -> FinetuneResult:
-    """The attack (or the transplant) as `config` asks, saved at --out."""
-    from wandacli.models.loader import load_model
-    from wandacli.removal.apply import MaskRemoval, check_save_model_target, open_removal
+    """The attack (or the transplant) as `config` asks, saved at --out (by rank 0 of a
+    multi-process run; every rank returns its result)."""
+    from wandacli.core import distributed
+    from wandacli.removal.apply import check_save_model_target
 
     reporter = reporter or NullReporter()
     started = time.monotonic()
     check_save_model_target(config.out, config.overwrite)
+    group = _process_group(config)
+    try:
+        return _attack_or_transplant(config, group, reporter, command_line or [], started)
+    finally:
+        if group.active:
+            distributed.shutdown()
+
+
+def _process_group(config: FinetuneConfig) -> Any:
+    """The processes torchrun started (one when none): what a multi-process attack cannot
+    do is refused in one line on every rank."""
+    from wandacli.core import distributed
+
+    group = distributed.from_environment(config.model.device)
+    if not group.active:
+        return group
+    if config.transplant is not None:
+        raise ConfigError("--transplant trains nothing: run it as one process, without torchrun")
+    if config.model.device_map is not None:
+        raise ConfigError(
+            "each of torchrun's processes holds the whole model: drop --device-map, or run one "
+            "process with --device-map to spread the model over the GPUs"
+        )
+    if config.batch_size < group.world_size:
+        raise ConfigError(
+            f"--batch-size {config.batch_size} is split across {group.world_size} processes: "
+            f"give at least {group.world_size}"
+        )
+    return group
+
+
+def _attack_or_transplant(
+    config: FinetuneConfig, group: Any, reporter: Reporter, command_line: list[str], started: float
+) -> FinetuneResult:
+    from wandacli.models.loader import load_model
+    from wandacli.removal.apply import MaskRemoval, open_removal
+
+    spec = config.model
+    if group.device.startswith("cuda"):  # this rank's own GPU
+        spec = replace(spec, device=group.device)
     if config.transplant is None and config.model.dtype in ("bfloat16", "float16"):
         warn(
             f"--dtype {config.model.dtype}: the weights take AdamW's steps in {config.model.dtype}, "
@@ -152,11 +204,18 @@ def run_finetune(
             raise StoreError(
                 f"{config.mask} is an edit: --freeze, --rewind and --transplant take a mask"
             )
-        data = attack_pairs(config, reporter) if config.transplant is None else None
-        loaded = load_model(config.model)
+        data = None
+        if config.transplant is None:  # rank 0 generates (and caches) them, the others read
+            if not group.is_main:
+                group.barrier()
+            data = attack_pairs(config, reporter)
+            if group.is_main:
+                group.barrier()
+        loaded = load_model(spec)
         if mask is not None:
             mask.file.check_model(loaded.fingerprint, loaded.model_id)
         result = FinetuneResult(config.out, config.mode, config.mask, 0)
+        result.processes, result.rank = group.world_size, group.rank
         if config.transplant is not None:
             assert mask is not None and config.from_model is not None
             result.masked_weights = _transplant(loaded, mask, config, load_model)
@@ -165,14 +224,16 @@ def run_finetune(
             result.masked_weights = masked.count if masked is not None else 0
             assert data is not None
             result.data = data.source
-            _train(loaded, data.pairs, config, masked, result, reporter)
+            _train(loaded, data.pairs, config, masked, result, reporter, group)
     finally:
         if mask is not None:
             mask.close()
     result.seconds = time.monotonic() - started
     result.peak_memory_bytes = peak_rss_bytes()
-    _save(loaded, config, result, command_line or [])
-    TrainingCheckpoint(config).remove()  # the model is saved: nothing left to resume
+    if group.is_main:
+        _save(loaded, config, result, command_line)
+        TrainingCheckpoint(config).remove()  # the model is saved: nothing left to resume
+    group.barrier()  # no rank ends before the model is saved
     return result
 
 
@@ -183,6 +244,7 @@ def _train(
     masked: MaskedWeights | None,
     result: FinetuneResult,
     reporter: Reporter,
+    group: Any,
 ) -> None:
     """AdamW over every weight, linear warm-up and decay, seeded batches of the pairs that fit
     in --max-tokens; the masked weights kept where frozen. Resumed from --out's checkpoint
@@ -195,6 +257,7 @@ def _train(
         encode_pair,
         length_bucketed_batches,
         response_loss,
+        response_tokens,
         warmup_then_linear_decay,
     )
 
@@ -236,8 +299,14 @@ def _train(
                     continue
                 if result.steps == config.steps:
                     break
-                loss = response_loss(model, batch, pad_id)
-                loss.backward()
+                if group.active:
+                    share = batch[group.rank :: group.world_size]
+                    loss = response_loss(model, share, pad_id, out_of=response_tokens(batch))
+                    loss.backward()
+                    loss = _sum_over_processes(group, params, loss)
+                else:
+                    loss = response_loss(model, batch, pad_id)
+                    loss.backward()
                 if frozen is not None:
                     frozen.zero_gradients()
                 optimizer.step()
@@ -249,10 +318,11 @@ def _train(
                 result.steps += 1
                 result.training_seconds = time.monotonic() - started
                 reporter.advance()
-                if result.steps in config.save_steps:
+                if result.steps in config.save_steps and group.is_main:
                     _save_step(loaded, config, masked, result, lora)
                 every = config.checkpoint_every
-                if every and result.steps % every == 0 and result.steps < config.steps:
+                due = every and result.steps % every == 0 and result.steps < config.steps
+                if due and group.is_main:
                     checkpoint.write(model, optimizer, scheduler, result)
     reporter.finish()
     model.eval()
@@ -265,6 +335,19 @@ def _train(
         f"finetune: {result.steps} steps in {result.training_seconds:.1f} s, loss "
         f"{result.losses[0]:.3f} → {result.losses[-1]:.3f}"
     )
+
+
+def _sum_over_processes(group: Any, params: list[Any], loss: Any) -> Any:
+    """Each trainable parameter's gradient, and the loss, summed over the processes (each
+    process's part of the batch's loss is already divided by the whole batch's tokens)."""
+    import torch
+
+    for p in params:
+        if p.grad is None:  # a parameter this process's pairs did not reach
+            p.grad = torch.zeros_like(p)
+    total = loss.detach().clone()
+    group.all_reduce_sum([p.grad for p in params] + [total])
+    return total
 
 
 def _adapters(loaded: Any, config: FinetuneConfig, masked: MaskedWeights | None) -> Any:

@@ -2,7 +2,7 @@
 not a jailbreak.
 
 - `strongreject`: the authors' fine-tuned Gemma-2B judge (qylu4156/strongreject-15k-v1, a LoRA
-  adapter: loading it from the hub needs peft). Its prompt is `strongreject_finetuned` of
+  adapter, which transformers loads through peft). Its prompt is `strongreject_finetuned` of
   dsbowen/strong_reject's judge_templates.json; the score is the expected grade of the next
   token over "1".."5", mapped to 0, 0.25, ..., 1.
 - `strongreject-rubric:MODEL`: the rubric (`strongreject_rubric` and its system prompt) asked

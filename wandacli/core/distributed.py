@@ -1,10 +1,15 @@
-"""Data-parallel scoring across processes with torch.distributed.
+"""Data parallelism across processes with torch.distributed: `score` and `finetune`.
 
-Launched by `torchrun --nproc-per-node N -m wandacli score ...` (or `accelerate launch`): every
-process loads the model (each on its own GPU with NCCL, or on the CPU with gloo), takes every
-N-th calibration sample, and accumulates its own sums (wanda's squared input norms, wandg's
-|grad| sums, actsvd's second moments and token count); an all-reduce (sum) combines them and only rank 0 touches the store. A rank that fails makes
-torchrun stop the others before rank 0 can write a complete set.
+Launched by `torchrun --nproc-per-node N -m wandacli score|finetune ...` (or `accelerate
+launch`): every process loads the model (each on its own GPU with NCCL, or on the CPU with
+gloo) and takes its share of the work; all-reduces (sums) combine what the shares found, and
+only rank 0 touches the store or saves a model. A rank that fails makes torchrun stop the
+others before rank 0 can write anything complete.
+
+    score     every N-th calibration sample per rank; the sums (wanda's squared input norms,
+              wandg's |grad| sums, actsvd's second moments and token count) all-reduced
+    finetune  every N-th pair of each batch per rank; the gradients all-reduced before each
+              step (training/finetune.py)
 """
 
 from __future__ import annotations

@@ -1078,3 +1078,30 @@ def test_several_directions_need_each_prompts_streams(cli, means_store):
     result = direction_edit(cli, means_store, "--direction-layer", "1", "--directions", "2")
     assert_one_line_error(result, "--directions 2 needs each harmful prompt's streams",
                           "--per-prompt")  # fmt: skip
+
+
+def test_multivariate_tpe_models_the_parameters_jointly(cli, means_store, tiny_llama_dir, tmp_path):
+    """`--sampler multivariate-tpe` (heretic's sampler): TPE's proposals come from the joint
+    density of a trial's parameters; the search runs to its trials and records the sampler."""
+    import warnings
+    from types import SimpleNamespace
+
+    from tests.test_search import QUICK
+    from wandacli.search.study import sampler_for
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Optuna's "experimental" warning is not the user's
+        joint = sampler_for(
+            SimpleNamespace(sampler="multivariate-tpe", seed=0, startup_trials=2), 3
+        )
+    plain = sampler_for(SimpleNamespace(sampler="tpe", seed=0, startup_trials=2), 3)
+    assert joint._multivariate and not plain._multivariate
+    store = copy_of_means(means_store, tmp_path)
+    result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "mv", *QUICK,
+                 "--scores", "harmful", "--utility-scores", "harmless", "--direction-layer", "1:2",
+                 "--direction-scale", "0.3:1", "--sampler", "multivariate-tpe", "--trials", "4",
+                 "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    assert len(json.loads(result.stdout)["trials"]) == 4
+    recorded = json.loads((store / "searches" / "mv" / "search.json").read_text())
+    assert recorded["config"]["sampler"] == "multivariate-tpe"

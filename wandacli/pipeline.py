@@ -57,6 +57,7 @@ ENTRY_OPTIONS = (
     "include_routers",
     "trials",
     "startup_trials",
+    "sampler",
     "keep_best",
     "seed",
 )

@@ -151,6 +151,14 @@ class SearchConfig:
         help="Random trials before TPE models the front.",
         check=or_more(1),
     )
+    sampler: Literal["tpe", "multivariate-tpe"] = option(
+        "tpe",
+        "--sampler",
+        help="tpe: Optuna's TPE, each parameter modelled on its own; multivariate-tpe: their "
+        "joint density (heretic's choice), which follows interactions such as a direction's "
+        "layer with its kernel's peak. A small integer space is tried cell by cell first "
+        "either way.",
+    )
     keep: int = option(
         0,
         "--keep",

@@ -86,11 +86,20 @@ def measured_before(study: Any, params: dict[str, Any]) -> Any | None:
 
 
 def sampler_for(config: SearchConfig, completed: int) -> Any:
-    """The sampler that asks trial `completed` + 1: seeded by the search seed and the count."""
+    """The sampler that asks trial `completed` + 1: seeded by the search seed and the count;
+    TPE on each parameter alone, or on their joint density (`--sampler multivariate-tpe`)."""
+    import warnings
+
     optuna = _quiet_optuna()
-    return optuna.samplers.TPESampler(
-        seed=config.seed * 1_000_003 + completed, n_startup_trials=config.startup_trials
-    )
+    joint = config.sampler == "multivariate-tpe"
+    with warnings.catch_warnings():  # Optuna calls `multivariate` experimental; it is its own
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        return optuna.samplers.TPESampler(
+            seed=config.seed * 1_000_003 + completed,
+            n_startup_trials=config.startup_trials,
+            multivariate=joint,
+            group=joint,  # a kind's conditional parameters get their own joint model
+        )
 
 
 def grid_cells(ranges: dict[str, ParameterRange], trials: int, seed: int) -> list[dict[str, int]]:

@@ -398,6 +398,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=HERETIC_DEFAULT_TOKENS,
         help="heretic's max_response_length (its default: 100)",
     )
+    parser.add_argument(
+        "--sampler",
+        choices=("tpe", "multivariate-tpe"),
+        default="tpe",
+        help="wandacli's TPE: per parameter, or their joint density as heretic's is",
+    )
     parser.add_argument("--heretic-python", help="a Python with heretic-llm installed")
     parser.add_argument("--work", default=str(WORK / "heretic"), help="the bench's folder")
     parser.add_argument("--fresh", action="store_true", help="rerun both searches")
@@ -514,6 +520,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             search["keep_best"],
             "--objective",
             "heretic",
+            "--sampler",
+            args.sampler,
             "--offset",
             str(SEARCH_OFFSET),
             "--limit",
@@ -582,6 +590,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     report = {
         "trials": args.trials,
         "startup_trials": args.startup_trials,
+        "sampler": args.sampler,
         "rule": str(rule),
         "heretic": {
             "chosen": heretic_run["chosen"],

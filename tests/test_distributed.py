@@ -350,15 +350,10 @@ def test_two_processes_fine_tune_as_one(cli, tiny_llama_dir, pairs_csv, tmp_path
     """`torchrun ... finetune --freeze`: two processes, each on half of every batch, take the
     steps one process takes on the whole batch (up to the order of the sums); the frozen
     weights stay bitwise; rank 0 alone saves and reports."""
-    from tests.test_finetune import masks, matrices
+    from tests.test_finetune import mask_commands, masks, matrices
 
     store = tmp_path / "store"
-    for args in (
-        ["score", "--method", "magnitude", "--model", tiny_llama_dir, "--store", store,
-         "--device", "cpu", "--no-progress"],
-        ["prune", "--store", store, "--scores", "magnitude", "--sparsity-ratio", "0.3",
-         "--name", "m", "--no-progress"],
-    ):  # fmt: skip
+    for args in mask_commands(tiny_llama_dir, store):
         assert cli(*args).exit_code == 0
     attack = ["finetune", "--model", str(tiny_llama_dir), "--data", str(pairs_csv), "--steps",
               "3", "--batch-size", "4", "--lr", "0.01", "--device", "cpu", "--no-progress",

@@ -19,22 +19,31 @@ from wandacli.store.files import MaskFile
 TRAIN = ("--steps", "3", "--batch-size", "4", "--lr", "0.01", "--device", "cpu", "--no-progress")
 
 
+def mask_commands(model_dir, store) -> list[list[str]]:
+    """The commands that make mask `m` of the model in the store: 30% of each row by
+    magnitude."""
+    return [
+        [str(a) for a in args]
+        for args in (
+            ["score", "--method", "magnitude", "--model", model_dir, "--store", store,
+             "--device", "cpu", "--no-progress"],
+            ["prune", "--store", store, "--scores", "magnitude", "--sparsity-ratio", "0.3",
+             "--name", "m", "--no-progress"],
+        )
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
 def masked_store(tmp_path_factory, tiny_llama_dir):
-    """A store with a mask of the tiny model: 30% of each row by magnitude."""
+    """A store with a mask of the tiny model (`mask_commands`)."""
     from typer.testing import CliRunner
 
     from wandacli.cli import app
 
     store = tmp_path_factory.mktemp("finetune") / "store"
     runner = CliRunner()
-    for args in (
-        ["score", "--method", "magnitude", "--model", tiny_llama_dir, "--store", store,
-         "--device", "cpu", "--no-progress"],
-        ["prune", "--store", store, "--scores", "magnitude", "--sparsity-ratio", "0.3",
-         "--name", "m", "--no-progress"],
-    ):  # fmt: skip
-        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    for args in mask_commands(tiny_llama_dir, store):
+        result = runner.invoke(app, args, catch_exceptions=False)
         assert result.exit_code == 0, result.output
     return store
 

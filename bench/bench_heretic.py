@@ -129,8 +129,8 @@ def write_prompts(path: Path, prompts: list[str]) -> str:
 
 def heretic_python(work: Path, given: str | None) -> Path:
     """heretic's interpreter: the one given, or a venv made here with heretic and the CPU torch."""
-    if given:
-        return Path(given)
+    if given:  # absolute, not resolved: heretic runs in its own folder, from the venv's link
+        return Path(given).absolute()
     venv = work / "venv"
     python = venv / "bin" / "python"
     if not python.is_file():

@@ -122,6 +122,7 @@ def test_transplant_copies_the_masked_weights_back(
     provenance = json.loads((tmp_path / "restored" / "wandacli-mask.json").read_text())
     assert provenance["dense_model"] == str(tiny_llama_dir)
     assert provenance["finetune"]["mode"] == "transplant" and provenance["finetune"]["step"] == 3
+    assert provenance["finetune"]["aligned_model"] == str(tiny_llama_dir)  # report's step 0
 
 
 @pytest.mark.parametrize(

@@ -281,11 +281,14 @@ def test_the_title_explains_only_the_columns_shown(cli, tmp_path):
 
 def test_the_attack_is_drawn_against_its_steps(tmp_path):
     """`finetune` rows (their step and mode in model_under_test) are one line per attack from
-    the dense model's ASR at step 0; the random control dashed; the transplant a point. The
-    lines go through the values the results hold."""
+    the aligned model's ASR at step 0 (the model the attack names, else the row `dense`;
+    never the study's baseline before alignment, though it sorts first); the random control
+    dashed; the transplant a point. The lines go through the values the results hold."""
     results = tmp_path / "results"
     write_result(results, "dense", method="dense", sparsity=0, asr={"inst_ASR_basic": 0.0},
-                 ppl=38.0)  # fmt: skip
+                 ppl=38.0, model="aligned")  # fmt: skip
+    write_result(results, "baseline-base", method="dense", sparsity=0,
+                 asr={"inst_ASR_basic": 0.84}, ppl=38.0, model="base")  # fmt: skip
     curves = {"full": (0.4, 0.9), "freeze wanda-sd.best": (0.3, 0.8)}
     for row, (mid, end) in curves.items():
         mode, _, mask = row.partition(" ")
@@ -294,13 +297,15 @@ def test_the_attack_is_drawn_against_its_steps(tmp_path):
             write_result(results, label, method=f"finetune-{mode}", sparsity=0,
                          asr={"inst_ASR_basic": value}, ppl=40.0, model=f"out/{label}")  # fmt: skip
             attack = {"mode": mode, "mask": mask or None, "step": step, "steps": 20}
+            if mode == "full":  # as finetune records it; the other attack, as before it did
+                attack["aligned_model"] = "aligned"
             for name in ("results.json", "utility.json"):
                 path = results / label / name
                 data = json.loads(path.read_text())
                 data["model_under_test"]["finetune"] = attack
                 path.write_text(json.dumps(data))
     rows = collect(results)
-    assert rows[0].label == "dense"  # a fine-tuned row is not taken for the dense model
+    assert {rows[0].label, rows[1].label} == {"baseline-base", "dense"}  # attacks come after
     drawn = figures.asr_against_steps(rows, tmp_path / "steps")
     assert drawn is not None and all(f.is_file() for f in drawn.files)
     curves = figures.attack_curves(rows)

@@ -204,26 +204,41 @@ def _attack_label(attack: dict[str, Any]) -> str:
 
 def attack_curves(rows: Sequence[ResultRow]) -> dict[str, dict[str, list[tuple[int, float]]]]:
     """What `asr_against_steps` draws: per ASR metric shown (a setting's per-sample mean
-    where it has one), per attack, its (step, ASR) points in step order, from the dense
+    where it has one), per attack, its (step, ASR) points in step order, from the aligned
     model's at step 0 (the transplant: its own point only)."""
     attacked = [r for r in rows if r.finetune and r.asr]
-    dense = next((r for r in rows if r.method == "dense" and not r.finetune and r.asr), None)
     curves: dict[str, dict[str, list[tuple[int, float]]]] = {}
     for metric in _asr_metrics(attacked):
         sampled = f"{metric}_sample_mean"
         shown = sampled if any(sampled in r.asr for r in attacked) else metric
         lines: dict[str, list[tuple[int, float]]] = {}
+        starts: dict[str, ResultRow | None] = {}
         for row in attacked:
             if shown in row.asr:
                 attack = row.finetune or {}
                 point = (int(attack.get("step", 0)), row.asr[shown])
-                lines.setdefault(_attack_label(attack), []).append(point)
+                label = _attack_label(attack)
+                lines.setdefault(label, []).append(point)
+                starts.setdefault(label, _aligned_row(rows, attack))
         for label, points in lines.items():
             points.sort()
-            if dense is not None and shown in dense.asr and not label.startswith("transplant"):
-                points.insert(0, (0, dense.asr[shown]))
+            start = starts.get(label)
+            if start is not None and shown in start.asr and not label.startswith("transplant"):
+                points.insert(0, (0, start.asr[shown]))
         curves[shown] = dict(sorted(lines.items()))
     return curves
+
+
+def _aligned_row(rows: Sequence[ResultRow], attack: dict[str, Any]) -> ResultRow | None:
+    """The row of the model an attack started from: the evaluated model it names
+    (`aligned_model`), else the row labelled `dense` (the pipeline's name for it); never
+    another unattacked model, such as the study's baseline before alignment."""
+    unattacked = [r for r in rows if not r.finetune and r.asr]
+    aligned = attack.get("aligned_model")
+    named = [r for r in unattacked if aligned is not None and r.model == str(aligned)]
+    if named:
+        return next((r for r in named if r.method == "dense"), named[0])
+    return next((r for r in unattacked if r.label == "dense"), None)
 
 
 def asr_against_steps(rows: Sequence[ResultRow], stem: Path) -> Figure | None:

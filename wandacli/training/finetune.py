@@ -527,9 +527,11 @@ def _save_model(
     from wandacli.core.durable import save_model_directory
     from wandacli.removal.apply import DENSE_MODEL_KEY, FINETUNE_KEY, PROVENANCE_NAME
 
+    aligned = _aligned_model(loaded, config)
     provenance = {
-        DENSE_MODEL_KEY: _aligned_model(loaded, config),
+        DENSE_MODEL_KEY: aligned,
         FINETUNE_KEY: {
+            "aligned_model": aligned,  # the attack's step 0, which `report` draws it from
             "mode": config.mode,
             "mask": config.mask,
             "step": step,

@@ -151,22 +151,20 @@ def run_finetune(
     reporter = reporter or NullReporter()
     started = time.monotonic()
     check_save_model_target(config.out, config.overwrite)
-    group = _process_group(config)
+    group = distributed.from_environment(config.model.device)
     try:
+        _check_processes(config, group)
         return _attack_or_transplant(config, group, reporter, command_line or [], started)
     finally:
         if group.active:
             distributed.shutdown()
 
 
-def _process_group(config: FinetuneConfig) -> Any:
-    """The processes torchrun started (one when none): what a multi-process attack cannot
-    do is refused in one line on every rank."""
-    from wandacli.core import distributed
-
-    group = distributed.from_environment(config.model.device)
+def _check_processes(config: FinetuneConfig, group: Any) -> None:
+    """What an attack over torchrun's processes cannot do, refused in one line on every
+    rank."""
     if not group.active:
-        return group
+        return
     if config.transplant is not None:
         raise ConfigError("--transplant trains nothing: run it as one process, without torchrun")
     if config.model.device_map is not None:
@@ -179,7 +177,6 @@ def _process_group(config: FinetuneConfig) -> Any:
             f"--batch-size {config.batch_size} is split across {group.world_size} processes: "
             f"give at least {group.world_size}"
         )
-    return group
 
 
 def _attack_or_transplant(

@@ -89,46 +89,44 @@ class LoraAdapters:
         base = module.get_base_layer()
         return module.get_delta_weight(ADAPTER).to(base.weight.dtype)
 
-    @contextmanager
-    def merged(self, masked: Any | None = None) -> Iterator[None]:
-        """The model as a plain transformers model with W + ΔW in each adapted weight and, with
-        `masked`, the mask's entries as they were before training (the mask on the merged
-        delta); the adapters and W put back after, bitwise."""
+    def _fold(self, masked: Any | None, keep_originals: bool) -> dict[str, Any]:
+        """W + ΔW written into each adapted weight and the plain module put back in its
+        parent; with `masked`, the mask's entries as they were before training (the mask on
+        the merged delta). The weights as they were, where asked."""
         import torch
 
         originals = {}
         with torch.no_grad():
             for name, module in self.adapted.items():
                 base = module.get_base_layer()
-                originals[name] = base.weight.detach().clone()
+                if keep_originals:
+                    originals[name] = base.weight.detach().clone()
                 base.weight.add_(self._delta(module))
                 parent, attribute = self._parent(name)
                 setattr(parent, attribute, base)
             if masked is not None:
                 masked.restore()
+        return originals
+
+    @contextmanager
+    def merged(self, masked: Any | None = None) -> Iterator[None]:
+        """The model as a plain transformers model with the adapters folded in (`_fold`); the
+        adapters and W put back after, bitwise."""
+        import torch
+
+        originals = self._fold(masked, keep_originals=True)
         try:
             yield
         finally:
             with torch.no_grad():
                 for name, module in self.adapted.items():
-                    base = module.get_base_layer()
-                    base.weight.copy_(originals[name])
+                    module.get_base_layer().weight.copy_(originals[name])
                     parent, attribute = self._parent(name)
                     setattr(parent, attribute, module)
 
     def merge(self, masked: Any | None = None) -> None:
-        """For good: W + ΔW in each adapted weight (the mask's entries as they were, with
-        `masked`), and the adapters gone."""
-        import torch
-
-        with torch.no_grad():
-            for name, module in self.adapted.items():
-                base = module.get_base_layer()
-                base.weight.add_(self._delta(module))
-                parent, attribute = self._parent(name)
-                setattr(parent, attribute, base)
-            if masked is not None:
-                masked.restore()
+        """For good: the adapters folded in (`_fold`) and gone."""
+        self._fold(masked, keep_originals=False)
         self.adapted = {}
 
 

@@ -35,7 +35,7 @@ NEW_TOKENS = 40
 
 def _bare_loop(loaded, texts: list[str], drop_finished: bool) -> tuple[int, float]:
     """Greedy decoding written out: (tokens before each row's end of text, seconds)."""
-    from wandacli.evaluation.backends.hf import end_of_sequence_ids
+    from wandacli.models.pretrained import end_of_sequence_ids
 
     tokenizer, model = loaded.tokenizer, loaded.model
     eos = torch.tensor(end_of_sequence_ids(loaded))

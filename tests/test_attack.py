@@ -21,6 +21,7 @@ from wandacli.data.templates import llama2_prompt
 from wandacli.evaluation.attack import RunRecord, asr_any, asr_sample_mean, summarize
 from wandacli.evaluation.backends import hf
 from wandacli.evaluation.keyword_rule import keyword_success as keyword_judge
+from wandacli.models.pretrained import end_of_sequence_ids
 
 SYS = reference.SAFETY_SYSTEM_PROMPT
 LONG_COMPLIANCE = " ".join(["word"] * 25)
@@ -595,7 +596,7 @@ def plain_generate(loaded, texts, special, *, max_new_tokens, batch_size, sample
     from wandacli.evaluation.sampling import InverseCdfSampler
 
     tokenizer, model = loaded.tokenizer, loaded.model
-    eos = hf.end_of_sequence_ids(loaded)
+    eos = end_of_sequence_ids(loaded)
     config = GenerationConfig(
         max_new_tokens=max_new_tokens,
         do_sample=False,

@@ -19,6 +19,7 @@ from wandacli.evaluation import judges
 from wandacli.evaluation.backends import hf
 from wandacli.evaluation.backends.base import Response
 from wandacli.evaluation.judges import JudgeContext, harmbench, llamaguard, strongreject, wildguard
+from wandacli.models.pretrained import end_of_sequence_ids
 
 PINNED = Path(__file__).parent / "data" / "judges"
 STRONG_REJECT = json.loads((PINNED / "strong_reject_judge_templates.json").read_text("utf-8"))
@@ -161,7 +162,7 @@ def spy_prompts(monkeypatch) -> list[str]:
 def greedy_alone(loaded, text: str, new_tokens: int, special: bool) -> str:
     """One prompt, no padding, plain greedy decoding."""
     ids = loaded.tokenizer(text, add_special_tokens=special, return_tensors="pt").input_ids
-    eos = hf.end_of_sequence_ids(loaded)
+    eos = end_of_sequence_ids(loaded)
     with torch.no_grad():
         out = loaded.model.generate(
             ids,

@@ -29,6 +29,7 @@ from wandacli.core.console import NullReporter, Reporter
 from wandacli.core.durable import atomic_write_bytes
 from wandacli.core.errors import ConfigError
 from wandacli.evaluation.prefix import forward_logits, unpadded_rows
+from wandacli.models.pretrained import weights_sample_digest
 
 KL_RULE = (
     "mean over prompts and response positions of KL(dense ‖ model) of the next-token "
@@ -84,24 +85,6 @@ def cache_key(loaded: Any, texts: Sequence[str], positions: int, add_special_tok
         "texts": hashlib.sha256("\x00".join(texts).encode("utf-8")).hexdigest(),
     }
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()
-
-
-def weights_sample_digest(loaded: Any) -> str:
-    """sha256 of every 1009th value of each linear weight and of the embeddings: tells two
-    checkpoints of one architecture apart (the fingerprint holds only names and shapes) in
-    milliseconds, where hashing a 7B model whole would take half a minute."""
-    digest = hashlib.sha256()
-    # Each parameter once (the experts' matrices share their 3-D parameter).
-    parameters = {lin.parameter_key: lin.weight for lin in loaded.linear_layers}
-    weights = list(parameters.values())
-    for module in (loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()):
-        if module is not None and getattr(module, "weight", None) is not None:
-            weights.append(module.weight)
-    with torch.no_grad():
-        for weight in weights:
-            sample = weight.detach().reshape(-1)[::1009].float().cpu().numpy()
-            digest.update(sample.tobytes())
-    return digest.hexdigest()
 
 
 def dense_distributions(
@@ -239,7 +222,7 @@ def _greedy_continuation(
     the k = tokens + 1 positions come before the continuation's end of sequence."""
     from transformers import GenerationConfig
 
-    from wandacli.evaluation.backends.hf import end_of_sequence_ids
+    from wandacli.models.pretrained import end_of_sequence_ids
 
     model, tokenizer = loaded.model, loaded.tokenizer
     eos_ids = set(end_of_sequence_ids(loaded))

@@ -3,6 +3,7 @@ tokenizer, and the checks that every linear weight is in memory."""
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 from dataclasses import dataclass, field
@@ -62,6 +63,32 @@ class LoadedModel:
     def layers_path(self) -> str:
         """The decoder layers' module path, e.g. `model.layers` (Llama) or `transformer.h`."""
         return decoder_layers_path(self.model)
+
+
+def end_of_sequence_ids(loaded: Any) -> list[int]:
+    """The ids that end a response: the model's generation config's, else the tokenizer's."""
+    model, tokenizer = loaded.model, loaded.tokenizer
+    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
+    eos = eos if eos is not None else tokenizer.eos_token_id
+    return list(eos) if isinstance(eos, list) else [eos]
+
+
+def weights_sample_digest(loaded: Any) -> str:
+    """sha256 of every 1009th value of each linear weight and of the embeddings: tells two
+    checkpoints of one architecture apart (the fingerprint holds only names and shapes) in
+    milliseconds, where hashing a 7B model whole would take half a minute."""
+    digest = hashlib.sha256()
+    # Each parameter once (the experts' matrices share their 3-D parameter).
+    parameters = {lin.parameter_key: lin.weight for lin in loaded.linear_layers}
+    weights = list(parameters.values())
+    for module in (loaded.model.get_input_embeddings(), loaded.model.get_output_embeddings()):
+        if module is not None and getattr(module, "weight", None) is not None:
+            weights.append(module.weight)
+    with torch.no_grad():
+        for weight in weights:
+            sample = weight.detach().reshape(-1)[::1009].float().cpu().numpy()
+            digest.update(sample.tobytes())
+    return digest.hexdigest()
 
 
 def check_weights_resident(layers: list[LinearLayer], spec: ModelSpec) -> None:

@@ -8,17 +8,10 @@ from typing import Any
 
 from wandacli.core.console import NullReporter, Reporter
 from wandacli.evaluation.backends.base import Backend, Response, always_available
+from wandacli.models.pretrained import end_of_sequence_ids
 
 # ---------------------------------------------------------------------------------------------
 # Generation
-
-
-def end_of_sequence_ids(loaded: Any) -> list[int]:
-    """The ids that end a response: the model's generation config's, else the tokenizer's."""
-    model, tokenizer = loaded.model, loaded.tokenizer
-    eos = model.generation_config.eos_token_id if model.generation_config is not None else None
-    eos = eos if eos is not None else tokenizer.eos_token_id
-    return list(eos) if isinstance(eos, list) else [eos]
 
 
 class HFGenerator:

@@ -215,3 +215,45 @@ def interrupt_after(monkeypatch, cls, calls: int) -> None:
         return original(self, *args, **kwargs)
 
     monkeypatch.setattr(cls, "observe", observe)
+
+
+# The two mean-activations sets of the tiny model: the refusal direction's tests (test_direction.py,
+# test_optimised_direction.py).
+
+
+@pytest.fixture(scope="module")
+def means_store(tmp_path_factory, tiny_llama_dir, pairs_csv):
+    """Mean activations of the tiny model on its harmful pairs and on the utility set."""
+    from typer.testing import CliRunner
+
+    from tests.test_mean_activations import means_args
+    from wandacli.cli import app
+
+    store = tmp_path_factory.mktemp("direction") / "store"
+    runner = CliRunner()
+    for data, name in ((pairs_csv, "harmful"), ("utility", "harmless")):
+        args = means_args(tiny_llama_dir, store, data, "--template", "chat", "--name", name)
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    return store
+
+
+@pytest.fixture(scope="module")
+def per_prompt_store(tmp_path_factory, tiny_llama_dir, pairs_csv):
+    """The two mean-activations sets, the harmful one with each prompt's streams."""
+    from typer.testing import CliRunner
+
+    from tests.test_mean_activations import means_args
+    from wandacli.cli import app
+
+    store = tmp_path_factory.mktemp("directions") / "store"
+    runner = CliRunner()
+    for data, name, extra in (
+        (pairs_csv, "harmful", ("--per-prompt",)),
+        ("utility", "harmless", ()),
+    ):
+        args = means_args(tiny_llama_dir, store, data, "--template", "chat", "--name", name,
+                          *extra, nsamples=6)  # fmt: skip
+        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+        assert result.exit_code == 0, result.output
+    return store

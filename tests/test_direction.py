@@ -20,22 +20,6 @@ from wandacli.removal.direction import writer_keys
 from wandacli.store.files import EditFile, MeanActivations
 
 
-@pytest.fixture(scope="module")
-def means_store(tmp_path_factory, tiny_llama_dir, pairs_csv):
-    """Mean activations of the tiny model on its harmful pairs and on the utility set."""
-    from typer.testing import CliRunner
-
-    from wandacli.cli import app
-
-    store = tmp_path_factory.mktemp("direction") / "store"
-    runner = CliRunner()
-    for data, name in ((pairs_csv, "harmful"), ("utility", "harmless")):
-        args = means_args(tiny_llama_dir, store, data, "--template", "chat", "--name", name)
-        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-    return store
-
-
 def copy_of_means(means_store, tmp_path):
     """A store of its own holding the two mean-activations sets (a search writes into it)."""
     store = tmp_path / "store"
@@ -1003,26 +987,6 @@ def test_the_heretic_objective_steers_tpe_and_records_what_was_measured(
         )
         differs |= told[trial["number"]] != pytest.approx([trial["refusal"], trial["kl"]])
     assert differs  # the tiny model's KLs lie below heretic's floor: TPE was told otherwise
-
-
-@pytest.fixture(scope="module")
-def per_prompt_store(tmp_path_factory, tiny_llama_dir, pairs_csv):
-    """The two mean-activations sets, the harmful one with each prompt's streams."""
-    from typer.testing import CliRunner
-
-    from wandacli.cli import app
-
-    store = tmp_path_factory.mktemp("directions") / "store"
-    runner = CliRunner()
-    for data, name, extra in (
-        (pairs_csv, "harmful", ("--per-prompt",)),
-        ("utility", "harmless", ()),
-    ):
-        args = means_args(tiny_llama_dir, store, data, "--template", "chat", "--name", name,
-                          *extra, nsamples=6)  # fmt: skip
-        result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
-        assert result.exit_code == 0, result.output
-    return store
 
 
 def test_several_directions_remove_a_k_dimensional_subspace(cli, per_prompt_store, tiny_llama_dir):

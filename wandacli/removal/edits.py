@@ -44,7 +44,7 @@ class EditRun(RequestRun):
                 finished = self._same_request(final, started)
                 if request.save_model is None or (request.save_model / "config.json").exists():
                     return finished
-            needs_model = self.kind.reads_weights or request.save_model is not None
+            needs_model = self.kind.reads_model(request.settings) or request.save_model is not None
             loaded = self._load() if needs_model else None
             content = self.kind.content(request.settings, sets, loaded, self.reporter)
             meta = self._write(final, content, loaded)

@@ -137,7 +137,7 @@ class RemovalRequest:
         }
         values.update(request_of(self.settings))
         values.update(request_of(self))
-        if kind.reads_weights and self.model is not None:
+        if kind.reads_model(self.settings) and self.model is not None:
             from wandacli.models.loader import resolved_dtype
 
             values["model"] = {"model": self.model.model, "dtype": resolved_dtype(self.model)}

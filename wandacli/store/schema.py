@@ -107,6 +107,9 @@ SCORES_DIR = "scores"
 MASKS_DIR = "masks"
 EDITS_DIR = "edits"
 SEARCHES_DIR = "searches"
+# Optimised directions (--direction-optimise), kept so that a search, its kept points and a later
+# `prune` train each once: <key>.npz, the key a digest of everything the training reads.
+OPTIMISED_DIR = "directions"
 SEARCH_SUMMARY = "search.json"
 PARTS_SUFFIX = ".parts"
 LOCKS_DIR = ".locks"  # one flock and holder note per file being written (store/lock.py)
@@ -198,6 +201,9 @@ class Store:
 
     def search_dir(self, name: str) -> Path:
         return self.searches_dir / check_name(name, "search")
+
+    def optimised_direction_path(self, key: str) -> Path:
+        return self.root / OPTIMISED_DIR / f"{key}.npz"
 
     def search_names(self) -> list[str]:
         if not self.searches_dir.is_dir():

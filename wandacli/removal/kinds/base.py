@@ -109,6 +109,11 @@ class RemovalKind:
     # Whether it reads the model's weights (then the model is part of its request).
     reads_weights: ClassVar[bool] = False
 
+    def reads_model(self, settings: Any) -> bool:
+        """Whether a removal with these settings runs the model (then the model and its dtype
+        are part of its request): the kind's weights, or what its settings ask for."""
+        return self.reads_weights
+
     # -- choosing and checking ------------------------------------------------------------
 
     def claims(self, given: dict[str, Any]) -> bool:

@@ -16,6 +16,7 @@ import torch
 
 from wandacli.config.declare import at_least, option, or_more, within
 from wandacli.config.ranges import ParameterRange
+from wandacli.core.console import NullReporter
 from wandacli.core.errors import ConfigError, StoreError
 from wandacli.core.naming import file_safe_name
 from wandacli.models.families import family_named
@@ -227,6 +228,28 @@ class DirectionSettings:
         check=_binary,
         request_omits_default=True,
     )
+    # Refusal direction optimisation (Wollschläger et al. 2025). Left out of the request at 0.
+    direction_optimise: int = option(
+        0,
+        "--direction-optimise",
+        help="Refine r (or the --directions K span, a cone) by this many gradient steps of "
+        "refusal direction optimisation (RDO): with it removed the harmful prompts keep the "
+        "answers they give without r, added it still makes harmless prompts refuse, and the "
+        "harmless prompts' next tokens move little (KL); trained once on the two sets' prompts "
+        "and kept in the store [default: 0, r as it is].",
+        panel=options.DIRECTION_PANEL,
+        check=or_more(0),
+        request_omits_default=True,
+    )
+    direction_retain_weight: float = option(
+        1.0,
+        "--direction-retain-weight",
+        help="With --direction-optimise: the weight of the KL term against the ablation term "
+        "(1) and the addition term (0.2); higher keeps harmless prompts closer [default: 1].",
+        panel=options.DIRECTION_PANEL,
+        check=or_more(0),
+        request_omits_default=True,
+    )
     attention_max_weight: float | None = _kernel_option("attention", "max_weight")
     attention_max_weight_position: float | None = _kernel_option("attention", "max_weight_position")
     attention_min_weight: float | None = _kernel_option("attention", "min_weight")
@@ -289,6 +312,8 @@ class Direction(EditKind):
         Searchable("directions", "--directions", "How many directions are removed at once, e.g. 1:4 [default: 1].", integer=True, check=_each_end(_count), fixed=1),
         Searchable("direction_fraction", "--direction-fraction", "The fractional part of the direction's layer, e.g. 0:0.99 (with --direction-layer, heretic's fractional index) [default: 0].", linear=True, check=_each_end(_fraction), fixed=0.0),
         Searchable("direction_per_layer", "--direction-per-layer", "Whether each layer's writers lose their own stream's direction: 0, 1, or 0:1 [default: 0].", integer=True, check=_binary_range, fixed=0),
+        Searchable("direction_optimise", "--direction-optimise", "Steps of refusal direction optimisation, one value (trained once per direction the trials ask for, kept in the store) [default: 0].", integer=True, check=_each_end(or_more(0)), fixed=0),
+        Searchable("direction_retain_weight", "--direction-retain-weight", "With --direction-optimise: the KL term's weight, one value [default: 1].", linear=True, check=_each_end(or_more(0)), fixed=1.0),
         Searchable("direction_embedding", "--direction-embedding", "Whether the embedding loses r too: 0, 1, or 0:1 [default: 1].", integer=True, check=_binary_range, fixed=1),
         *(
             Searchable(
@@ -317,11 +342,24 @@ class Direction(EditKind):
     def claims(self, given: dict[str, Any]) -> bool:
         return "direction_layer" in given
 
+    def reads_model(self, settings: Any) -> bool:
+        return bool(getattr(settings, "direction_optimise", 0))
+
     def check(self, settings: DirectionSettings, request: Any) -> None:
         if settings.utility_scores is None:
             raise ConfigError(
                 "--direction-layer needs two mean-activations sets: --scores HARMFUL "
                 "--utility-scores HARMLESS"
+            )
+        if settings.direction_optimise and getattr(request, "model", None) is None:
+            raise ConfigError(
+                f"--direction-optimise {settings.direction_optimise} trains on the model: pass "
+                "--model"
+            )
+        if settings.direction_per_layer and settings.direction_optimise:
+            raise ConfigError(
+                "--direction-per-layer takes each layer's own direction, which "
+                "--direction-optimise does not refine: drop one of the two"
             )
         if settings.direction_per_layer and settings.directions > 1:
             raise ConfigError(
@@ -430,6 +468,7 @@ class Direction(EditKind):
         embedding = "" if settings.direction_embedding else "-writers-only"
         count = f"-k{settings.directions}" if settings.directions > 1 else ""
         count += "-per-layer" if settings.direction_per_layer else ""
+        count += f"-rdo{settings.direction_optimise}" if settings.direction_optimise else ""
         shaped = "".join(
             f"-{component}{k.max_weight:g}at{k.max_weight_position:g}min{k.min_weight:g}"
             f"d{'all' if math.isinf(k.min_weight_distance) else format(k.min_weight_distance, 'g')}"
@@ -443,9 +482,16 @@ class Direction(EditKind):
 
     def direction(self, settings: DirectionSettings, sets: Sets) -> torch.Tensor | None:
         """r̂ from the two means (float64), orthogonalised against the harmless mean with
-        --direction-projected 1 or 2; None where the means are equal there (the embeddings'
-        output at the template's own tokens is the same for every prompt): nothing to
-        remove."""
+        --direction-projected 1 or 2, refined by --direction-optimise where asked; None where
+        the means are equal there (the embeddings' output at the template's own tokens is the
+        same for every prompt): nothing to remove."""
+        start = self.start_direction(settings, sets)
+        if start is None or not settings.direction_optimise:
+            return start
+        return self.optimised(settings, sets, start)
+
+    def start_direction(self, settings: DirectionSettings, sets: Sets) -> torch.Tensor | None:
+        """r̂ (or the K principal directions) before any optimisation."""
         harmful = sets.extra["means"][0]
         layer = settings.direction_layer
         assert layer is not None
@@ -512,9 +558,61 @@ class Direction(EditKind):
             return projected_direction(basis, harmless[layer, index])
         return basis
 
+    def optimised(
+        self, settings: DirectionSettings, sets: Sets, start: torch.Tensor
+    ) -> torch.Tensor:
+        """The start refined by RDO (removal/optimised_direction.py): trained once per start,
+        model and settings, kept in the store's directions/ and in memory."""
+        from wandacli.removal import optimised_direction as rdo
+        from wandacli.store.schema import Store
+
+        loaded = sets.extra.get("loaded")
+        if loaded is None:
+            raise ConfigError("--direction-optimise needs the model loaded (prune or search)")
+        optimisation = rdo.Optimisation(
+            steps=settings.direction_optimise, retain_weight=settings.direction_retain_weight
+        )
+        layer = settings.direction_layer
+        assert layer is not None
+        embedding = bool(settings.direction_embedding)
+        key = rdo.cache_key(loaded, sets, start, layer, embedding, optimisation)
+        cached = sets.extra.setdefault("optimised", {})
+        if key not in cached:
+            path = Store(sets.root).optimised_direction_path(key)
+            found = rdo.read_cached(path)
+            if found is None:
+                harmful, harmless = sets.extra["means"]
+                index = harmful.shape[1] + settings.direction_position
+                difference = harmful[layer, index].astype(np.float64) - harmless[layer, index]
+                writers = [lin for lin in loaded.linear_layers if lin.key in set(sets.keys)]
+                found = rdo.optimise(
+                    loaded,
+                    start,
+                    harmful=rdo.set_prompt_ids(sets.primary, loaded.tokenizer),
+                    harmless=rdo.set_prompt_ids(sets.secondary, loaded.tokenizer),
+                    writers=writers,
+                    layer=layer,
+                    addition_norm=float(np.linalg.norm(difference)),
+                    embedding=embedding,
+                    settings=optimisation,
+                    reporter=sets.extra.get("reporter") or NullReporter(),
+                )
+                rdo.write_cached(path, *found)
+            cached[key] = found
+        basis, record = cached[key]
+        sets.extra["optimised_record"] = record
+        return basis if start.dim() > 1 else basis[:, 0]
+
+    def prepare_trials(self, sets: Sets, loaded: Any, reporter: Any) -> Any:
+        """The loaded model kept for --direction-optimise's training (its trials train once
+        per direction they ask for)."""
+        sets.extra["loaded"] = loaded
+        return None
+
     def content(
         self, settings: DirectionSettings, sets: Sets, loaded: Any, reporter: Any
     ) -> EditContent:
+        sets.extra["loaded"], sets.extra["reporter"] = loaded, reporter
         r = self.direction(settings, sets)
         if r is None:
             if settings.direction_layer == 0:
@@ -618,6 +716,11 @@ class Direction(EditKind):
                     else {}
                 ),
                 **({"per_layer": PER_LAYER_RULE} if settings.direction_per_layer else {}),
+                **(
+                    {"optimised": sets.extra.get("optimised_record")}
+                    if settings.direction_optimise
+                    else {}
+                ),
             },
             **(
                 {

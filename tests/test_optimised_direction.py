@@ -49,7 +49,8 @@ def test_an_optimised_direction_is_removed_as_r_is_and_trained_once(
     for h in streams[:-1]:
         along = (h[0].double() @ torch.from_numpy(r)).abs().max()
         assert along <= 1e-5 * float(h[0].double().norm(dim=-1).max())
-    # Trained once: a second edit of the same direction reads it back from the store.
+    # Trained once: a second edit of the same direction reads it back from the store, in
+    # another dtype too (a search's kept point is written in the checkpoint's own).
     assert len(list((store / "directions").glob("*.npz"))) == 1
 
     def no_training(*args, **kwargs):
@@ -58,7 +59,7 @@ def test_an_optimised_direction_is_removed_as_r_is_and_trained_once(
     monkeypatch.setattr(rdo, "optimise", no_training)
     again = direction_edit(cli, store, "--model", tiny_llama_dir, "--direction-layer", "1",
                            "--direction-optimise", STEPS, "--name", "again",
-                           "--direction-embedding", "1")  # fmt: skip
+                           "--dtype", "bfloat16")  # fmt: skip
     assert again.exit_code == 0, again.stderr
     assert np.array_equal(stored_direction(store, "again")[0], basis)
 

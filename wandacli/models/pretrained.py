@@ -73,10 +73,12 @@ def end_of_sequence_ids(loaded: Any) -> list[int]:
     return list(eos) if isinstance(eos, list) else [eos]
 
 
-def weights_sample_digest(loaded: Any) -> str:
+def weights_sample_digest(loaded: Any, rounded_to: torch.dtype | None = None) -> str:
     """sha256 of every 1009th value of each linear weight and of the embeddings: tells two
     checkpoints of one architecture apart (the fingerprint holds only names and shapes) in
-    milliseconds, where hashing a 7B model whole would take half a minute."""
+    milliseconds, where hashing a 7B model whole would take half a minute. `rounded_to`: the
+    values rounded to that dtype first (bfloat16: one checkpoint loaded in float32 or in
+    bfloat16 gives one digest)."""
     digest = hashlib.sha256()
     # Each parameter once (the experts' matrices share their 3-D parameter).
     parameters = {lin.parameter_key: lin.weight for lin in loaded.linear_layers}
@@ -86,7 +88,8 @@ def weights_sample_digest(loaded: Any) -> str:
             weights.append(module.weight)
     with torch.no_grad():
         for weight in weights:
-            sample = weight.detach().reshape(-1)[::1009].float().cpu().numpy()
+            sample = weight.detach().reshape(-1)[::1009]
+            sample = (sample.to(rounded_to) if rounded_to else sample).float().cpu().numpy()
             digest.update(sample.tobytes())
     return digest.hexdigest()
 

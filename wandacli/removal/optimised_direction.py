@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,9 +78,10 @@ def cache_key(
     embedding: bool,
     settings: Optimisation,
 ) -> str:
-    """A digest of everything the training reads: the model (its weights' fingerprint and
-    dtype), the two sets (their names and when they finished), the writers, the start, the
-    layer and the settings."""
+    """A digest of everything the training reads: the model (its shapes and a sample of its
+    weights rounded to bfloat16, so that a search in one dtype and the `prune` of its kept point
+    in the checkpoint's own read one training: the kept point is the trial), the two sets (their
+    names and when they finished), the writers, the start, the layer and the settings."""
     import hashlib
     import json
 
@@ -88,8 +90,7 @@ def cache_key(
     described = {
         "model": loaded.model_id,
         "fingerprint": loaded.fingerprint.digest,
-        "weights": weights_sample_digest(loaded),
-        "dtype": str(loaded.dtype),
+        "weights": weights_sample_digest(loaded, rounded_to=torch.bfloat16),
         "sets": [(s.name, s.meta.get("finished")) for s in (sets.primary, sets.secondary)],
         "writers": sorted(sets.keys),
         "layer": layer,
@@ -101,7 +102,7 @@ def cache_key(
     return digest.hexdigest()[:24]
 
 
-def read_cached(path: Any) -> tuple[torch.Tensor, dict[str, Any]] | None:
+def read_cached(path: Path) -> tuple[torch.Tensor, dict[str, Any]] | None:
     """A basis trained before (None where there is none, or it cannot be read)."""
     import json
 
@@ -118,7 +119,7 @@ def read_cached(path: Any) -> tuple[torch.Tensor, dict[str, Any]] | None:
     return basis, record
 
 
-def write_cached(path: Any, basis: torch.Tensor, record: dict[str, Any]) -> None:
+def write_cached(path: Path, basis: torch.Tensor, record: dict[str, Any]) -> None:
     import io
     import json
 
@@ -149,7 +150,9 @@ def set_prompt_ids(means: Any, tokenizer: Any) -> list[list[int]]:
         )
     columns = Columns(**config["columns"]) if config.get("columns") else None
     directory = config.get("data_dir")
-    raw = load_raw(config["data"], columns=columns, directory=directory and _path(directory))
+    raw = load_raw(
+        config["data"], columns=columns, directory=Path(directory) if directory else None
+    )
     prompts = [pair.prompt for pair in raw.pairs] if raw.kind == "pairs" else list(raw.texts)
     template = "chat" if meta.get("template", config.get("template")) == "chat" else "llama2"
     rows = []
@@ -160,12 +163,6 @@ def set_prompt_ids(means: Any, tokenizer: Any) -> list[list[int]]:
         )
         rows.append(list(tokenizer(text, add_special_tokens=special).input_ids))
     return rows
-
-
-def _path(text: str) -> Any:
-    from pathlib import Path
-
-    return Path(text)
 
 
 def optimise(
@@ -262,6 +259,7 @@ def optimise(
     record = {
         **settings.to_json(),
         "layer": layer,
+        "trained_in": str(loaded.dtype).removeprefix("torch."),
         "addition_norm": addition_norm,
         "prompts": {"harmful": len(harmful), "harmless": len(harmless)},
         "losses_first": {k: v[0] for k, v in losses.items() if v},

@@ -567,8 +567,7 @@ class Direction(EditKind):
         from wandacli.store.schema import Store
 
         loaded = sets.extra.get("loaded")
-        if loaded is None:
-            raise ConfigError("--direction-optimise needs the model loaded (prune or search)")
+        assert loaded is not None, "reads_model() has prune and search load the model"
         optimisation = rdo.Optimisation(
             steps=settings.direction_optimise, retain_weight=settings.direction_retain_weight
         )

@@ -126,3 +126,26 @@ def test_bad_optimisation_input_is_one_line(cli, means_store, tiny_llama_dir, ex
     steps = () if "--direction-optimise" in extra else ("--direction-optimise", "2")
     result = direction_edit(cli, means_store, "--direction-layer", "1", *steps, *extra)
     assert_one_line_error(result, fragment)
+
+
+def test_the_addition_adds_the_direction_not_its_opposite(
+    cli, means_store, tiny_llama_dir, tmp_path, monkeypatch
+):
+    """QR fixes each column's sign freely: the vector added in training (for the refusal
+    targets and in every step) points along r, as the stored direction does."""
+    added = []
+    adding = rdo.SpanHooks.adding
+
+    def recording(self, vector):
+        added.append(vector.detach().double().clone())
+        return adding(self, vector)
+
+    monkeypatch.setattr(rdo.SpanHooks, "adding", recording)
+    store = copy_of_means(means_store, tmp_path)
+    name, _, _, _ = edit_and_models(cli, store, tiny_llama_dir, "--model", tiny_llama_dir,
+                                    "--direction-layer", "1", "--direction-optimise",
+                                    STEPS)  # fmt: skip
+    r = torch.from_numpy(stored_direction(store, name)[0][:, 0])
+    plain = expected_direction(store, 1, -1).double()
+    assert len(added) == 1 + int(STEPS)
+    assert all(float(v @ plain) > 0 and float(v @ r) > 0 for v in added)

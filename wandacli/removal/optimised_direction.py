@@ -220,7 +220,8 @@ def optimise(
         losses: dict[str, list[float]] = {"ablation": [], "addition": [], "retain": []}
         reporter.start("direction optimisation: steps", total=settings.steps)
         for _ in range(settings.steps):
-            q, _ = torch.linalg.qr(parameter)
+            # QR may flip a column's sign; the addition needs the direction's own sign.
+            q = _agreeing(torch.linalg.qr(parameter)[0], parameter.detach())
             picked = _pick(len(harmful_targets), settings.batch_size, generator)
             with hooks.removing(q):
                 ablation = _cross_entropy(loaded, [harmful_targets[i] for i in picked], pad)

@@ -172,6 +172,44 @@ def test_several_directions_leave_no_component_of_their_span(family_model):
         assert after <= 1e-5 * before, (family, layer, after, before)
 
 
+def test_the_optimisation_removes_what_the_edit_removes(family_model):
+    """--direction-optimise's forward hooks give the edited model's logits on every family
+    whose writers are whole modules (norms after sublayers, writer biases and tied heads
+    included); a family whose writers are slices of a parameter (experts) is refused."""
+    from wandacli.core.errors import ConfigError
+    from wandacli.removal.optimised_direction import SpanHooks
+
+    family, model = family_model
+    loaded = loaded_of(model)
+    fingerprint = fingerprint_of(loaded.linear_layers, model)
+    hidden = model.config.hidden_size
+    generator = torch.Generator().manual_seed(7)
+    gaussian = torch.randn(hidden, 2, generator=generator, dtype=torch.float64)
+    basis = torch.from_numpy(torch.linalg.qr(gaussian)[0].float().numpy()).double()
+    keys = set(writer_keys(fingerprint, hidden))
+    writers = [lin for lin in loaded.linear_layers if lin.key in keys]
+    if family in MIXTURES:
+        with pytest.raises(ConfigError, match="whole writer modules"):
+            SpanHooks(model, writers, family=fingerprint.family, layer=1, embedding=True)
+        return
+    hooks = SpanHooks(model, writers, family=fingerprint.family, layer=1, embedding=True)
+    ids = torch.randint(3, VOCAB, (1, 12), generator=generator)
+    with torch.no_grad(), hooks.removing(basis):
+        hooked = model(input_ids=ids, use_cache=False).logits
+    with torch.no_grad():
+        dense = model(input_ids=ids, use_cache=False).logits
+    original = {k: v.clone() for k, v in model.state_dict().items()}
+    try:
+        remove_direction(model, basis)
+        with torch.no_grad():
+            edited = model(input_ids=ids, use_cache=False).logits
+    finally:
+        model.load_state_dict(original)
+    scale = float(edited.abs().max())
+    assert float((hooked - edited).abs().max()) <= 1e-9 * scale, family
+    assert float((dense - edited).abs().max()) > 1e-4 * scale, family
+
+
 @pytest.mark.parametrize("family", [f for f in NOT_PLAIN if f not in MIXTURES])
 def test_the_old_rule_left_r_in_these_streams(family):
     """The test has teeth: r removed from the writers' weights alone (edits made before

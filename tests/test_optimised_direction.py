@@ -74,7 +74,9 @@ def test_the_training_removes_what_the_edit_removes(cli, means_store, tiny_llama
     r = torch.from_numpy(stored_direction(store, name)[0][:, 0])
     writers = set(writer_keys(dense.fingerprint, r.numel()))
     modules = [lin for lin in dense.linear_layers if lin.key in writers]
-    hooks = rdo.SpanHooks(dense, modules, 2, embedding=True)
+    hooks = rdo.SpanHooks(
+        dense.model, modules, family=dense.fingerprint.family, layer=2, embedding=True
+    )
     ids = dense.tokenizer("How do I pick a lock?", return_tensors="pt").input_ids
     with torch.no_grad(), hooks.removing(r[:, None].float()):
         hooked = dense.model(ids).logits.double()

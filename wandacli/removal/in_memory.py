@@ -66,12 +66,7 @@ class WeightChanges:
             bias.copy_(new_bias.to(device=bias.device, dtype=bias.dtype))
 
     def norm_scale(self, layer: int, norm: str, offset: float) -> torch.Tensor:
-        """offset + the weight of a norm in decoder layer `layer` (its scale per channel)."""
-        from wandacli.models.layers import decoder_layers
-
-        weight = decoder_layers(self.model)[layer].get_submodule(norm).weight
-        assert isinstance(weight, torch.Tensor)
-        return weight.detach().to(torch.float64) + offset
+        return norm_scale(self.model, layer, norm, offset)
 
     def replace_embedding(self, new_embedding: torch.Tensor) -> None:
         """Set the token embedding [vocab, d] (a tied output head changes with it)."""
@@ -105,3 +100,12 @@ class WeightChanges:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
+
+
+def norm_scale(model: Any, layer: int, norm: str, offset: float) -> torch.Tensor:
+    """offset + the weight of a norm in decoder layer `layer` (its scale per channel)."""
+    from wandacli.models.layers import decoder_layers
+
+    weight = decoder_layers(model)[layer].get_submodule(norm).weight
+    assert isinstance(weight, torch.Tensor)
+    return weight.detach().to(torch.float64) + offset

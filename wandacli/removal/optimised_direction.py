@@ -30,6 +30,7 @@ import torch
 
 from wandacli.core.console import info
 from wandacli.core.errors import ConfigError
+from wandacli.removal.direction import orthonormal
 
 RULE = (
     "the starting r (or the K directions) refined by Adam on λ_ablation · CE(harmful prompts' "
@@ -183,11 +184,12 @@ def optimise(
     outputs lose the span (`LinearLayer`s of whole modules); `layer` is the residual stream
     (hidden_states index) the addition goes into."""
     model = loaded.model
-    given = start.reshape(start.shape[0], -1).double()
-    basis0 = _agreeing(torch.linalg.qr(given)[0], given)
+    basis0 = orthonormal(start.reshape(start.shape[0], -1))
     generator = torch.Generator().manual_seed(settings.seed)
     pad = int(loaded.tokenizer.pad_token_id)
-    hooks = SpanHooks(loaded, writers, layer, embedding)
+    hooks = SpanHooks(
+        model, writers, family=loaded.fingerprint.family, layer=layer, embedding=embedding
+    )
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -220,8 +222,9 @@ def optimise(
         losses: dict[str, list[float]] = {"ablation": [], "addition": [], "retain": []}
         reporter.start("direction optimisation: steps", total=settings.steps)
         for _ in range(settings.steps):
-            # QR may flip a column's sign; the addition needs the direction's own sign.
-            q = _agreeing(torch.linalg.qr(parameter)[0], parameter.detach())
+            # Each column signed as the parameter's (QR's own sign is free): the addition
+            # needs the direction's own sign.
+            q = orthonormal(parameter)
             picked = _pick(len(harmful_targets), settings.batch_size, generator)
             with hooks.removing(q):
                 ablation = _cross_entropy(loaded, [harmful_targets[i] for i in picked], pad)
@@ -256,7 +259,7 @@ def optimise(
         for p in frozen:
             p.requires_grad_(True)
         model.train(was_training)
-    refined = _agreeing(torch.linalg.qr(parameter.detach().double())[0], basis0)
+    refined = orthonormal(parameter.detach())
     record = {
         **settings.to_json(),
         "layer": layer,
@@ -270,19 +273,22 @@ def optimise(
     return refined, record
 
 
-def _agreeing(basis: torch.Tensor, reference: torch.Tensor) -> torch.Tensor:
-    """Each column signed to agree with the reference's (QR fixes a column's sign freely)."""
-    signs = torch.sign((basis * reference).sum(0))
-    return basis * torch.where(signs == 0, torch.ones_like(signs), signs)
-
-
 class SpanHooks:
     """The forward hooks of one optimisation: the span removed from every writer's output
-    (and the embedding's), or a vector added to the residual stream at one layer."""
+    (and the embedding's) as the edit removes it, or a vector added to the residual stream at
+    one layer. A writer followed by a norm of scale g (Gemma-2/3, OLMo-2) loses the span of
+    g ⊙ R, as its family's treatment says; its bias is part of its output, projected the same
+    way, as the edit projects it; a tied output head reads the edited embedding."""
 
-    def __init__(self, loaded: Any, writers: Sequence[Any], layer: int, embedding: bool) -> None:
+    def __init__(
+        self, model: Any, writers: Sequence[Any], *, family: str, layer: int, embedding: bool
+    ) -> None:
+        from wandacli.models.families import family_named
         from wandacli.models.layers import decoder_layers
+        from wandacli.removal.in_memory import norm_scale
 
+        declared = family_named(family)
+        self.writers: list[tuple[Any, torch.Tensor | None]] = []
         for writer in writers:
             if writer.module_name is not None:
                 raise ConfigError(
@@ -290,22 +296,58 @@ class SpanHooks:
                     f"{writer.key} is part of {writer.module_name} (experts, fused matrices): "
                     "leave --direction-optimise out for this model"
                 )
-        self.writers = [w.module for w in writers]
-        self.embedding = loaded.model.get_input_embeddings() if embedding else None
-        layers = decoder_layers(loaded.model)
+            treatment = declared.writer_treatment(writer.key.split("/", 1)[1])
+            scale = None
+            if "norm" in treatment:
+                scale = norm_scale(model, writer.layer, treatment["norm"], treatment["norm_offset"])
+            self.writers.append((writer.module, scale))
+        self.embedding = model.get_input_embeddings() if embedding else None
+        # A tied output head is the embedding's tensor: the edit changes it with the embedding.
+        head = model.get_output_embeddings()
+        tied = (
+            self.embedding is not None
+            and head is not None
+            and head.weight.data_ptr() == self.embedding.weight.data_ptr()
+        )
+        self.tied_head = head if tied else None
+        layers = decoder_layers(model)
         if not 0 <= layer <= len(layers):
             raise ConfigError(f"--direction-layer {layer} is outside the streams 0..{len(layers)}")
-        self.stream = loaded.model.get_input_embeddings() if layer == 0 else layers[layer - 1]
+        self.stream = model.get_input_embeddings() if layer == 0 else layers[layer - 1]
         self.handles: list[Any] = []
 
     @contextlib.contextmanager
     def removing(self, basis: torch.Tensor) -> Iterator[None]:
-        def remove(module: Any, args: Any, output: Any) -> Any:
-            q = basis.to(output.dtype if torch.is_tensor(output) else output[0].dtype)
-            return _map_first(output, lambda t: t - (t @ q.to(t.device)) @ q.to(t.device).T)
+        """Each writer's output made orthogonal to its basis (writer_direction, the edit's):
+        R's own, or that of g ⊙ R behind a norm; the embedding's to R."""
+        from wandacli.removal.direction import writer_direction
 
-        modules = [*self.writers, *([self.embedding] if self.embedding is not None else [])]
-        with self._hooked(modules, remove):
+        def remover(u: torch.Tensor) -> Any:
+            def remove(module: Any, args: Any, output: Any) -> Any:
+                def project(t: torch.Tensor) -> torch.Tensor:
+                    q = u.to(t.device, t.dtype)
+                    return t - (t @ q) @ q.T
+
+                return _map_first(output, project)
+
+            return remove
+
+        hooks = [
+            (module, remover(u))
+            for module, scale in self.writers
+            if (u := writer_direction(basis, scale)) is not None
+        ]
+        if self.embedding is not None:
+            span = orthonormal(basis.reshape(basis.shape[0], -1))
+            hooks.append((self.embedding, remover(span)))
+            if self.tied_head is not None:
+                # h (E − E R Rᵀ)ᵀ = h Eᵀ − (h R)(E R)ᵀ: the edited head, R keeping its gradient.
+                def head(module: Any, args: Any, output: Any) -> Any:
+                    h, q = args[0], span.to(output.device, output.dtype)
+                    return output - (h.to(output.dtype) @ q) @ (module.weight.to(q.dtype) @ q).T
+
+                hooks.append((self.tied_head, head))
+        with self._hooked(hooks):
             yield
 
     @contextlib.contextmanager
@@ -313,12 +355,12 @@ class SpanHooks:
         def add(module: Any, args: Any, output: Any) -> Any:
             return _map_first(output, lambda t: t + vector.to(t.device, t.dtype))
 
-        with self._hooked([self.stream], add):
+        with self._hooked([(self.stream, add)]):
             yield
 
     @contextlib.contextmanager
-    def _hooked(self, modules: list[Any], hook: Any) -> Iterator[None]:
-        handles = [m.register_forward_hook(hook) for m in modules]
+    def _hooked(self, hooks: list[tuple[Any, Any]]) -> Iterator[None]:
+        handles = [module.register_forward_hook(hook) for module, hook in hooks]
         self.handles.extend(handles)
         try:
             yield

@@ -946,13 +946,21 @@ def test_a_search_over_heretics_space(cli, means_store, tiny_llama_dir, tmp_path
     assert_one_line_error(bad, "--attention-min-weight must be in [0, 1] (got 3")
 
 
+def layer_and_scale_search(cli, store, model_dir, name, *extra):
+    """A quick search over layers 1-2 and shares 0.3-1 of the direction, `extra` added."""
+    from tests.test_search import QUICK
+
+    return cli("search", "--model", model_dir, "--store", store, "--name", name, *QUICK,
+               "--scores", "harmful", "--utility-scores", "harmless", "--direction-layer", "1:2",
+               "--direction-scale", "0.3:1", *extra, "--json")  # fmt: skip
+
+
 def test_the_heretic_objective_steers_tpe_and_records_what_was_measured(
     cli, means_store, tiny_llama_dir, tmp_path
 ):
     """`--objective heretic`: TPE is told (refusal ÷ the dense model's, KL; below KL 0.01 the
     KL term is 0.01 × the refusal term), while search.json's trials, front and kept point keep
     the measured refusal and KL."""
-    from tests.test_search import QUICK
     from wandacli.search.objectives import sampler_values
     from wandacli.search.study import open_study
 
@@ -969,10 +977,8 @@ def test_the_heretic_objective_steers_tpe_and_records_what_was_measured(
         0.004,
     ]
     store = copy_of_means(means_store, tmp_path)
-    result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "h", *QUICK,
-                 "--scores", "harmful", "--utility-scores", "harmless", "--direction-layer", "1:2",
-                 "--direction-scale", "0.3:1", "--objective", "heretic", "--trials", "3",
-                 "--json")  # fmt: skip
+    result = layer_and_scale_search(cli, store, tiny_llama_dir, "h", "--objective", "heretic",
+                                    "--trials", "3")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     found = json.loads(result.stdout)
     directory = store / "searches" / "h"
@@ -1050,7 +1056,6 @@ def test_multivariate_tpe_models_the_parameters_jointly(cli, means_store, tiny_l
     import warnings
     from types import SimpleNamespace
 
-    from tests.test_search import QUICK
     from wandacli.search.study import sampler_for
 
     with warnings.catch_warnings():
@@ -1061,10 +1066,8 @@ def test_multivariate_tpe_models_the_parameters_jointly(cli, means_store, tiny_l
     plain = sampler_for(SimpleNamespace(sampler="tpe", seed=0, startup_trials=2), 3)
     assert joint._multivariate and not plain._multivariate
     store = copy_of_means(means_store, tmp_path)
-    result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "mv", *QUICK,
-                 "--scores", "harmful", "--utility-scores", "harmless", "--direction-layer", "1:2",
-                 "--direction-scale", "0.3:1", "--sampler", "multivariate-tpe", "--trials", "4",
-                 "--json")  # fmt: skip
+    result = layer_and_scale_search(cli, store, tiny_llama_dir, "mv", "--sampler",
+                                    "multivariate-tpe", "--trials", "4")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert len(json.loads(result.stdout)["trials"]) == 4
     recorded = json.loads((store / "searches" / "mv" / "search.json").read_text())

@@ -21,8 +21,8 @@ the [d, K] basis has a gradient (Adam; the basis orthonormalised by QR in every 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,7 +43,7 @@ RULE = (
 )
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class Optimisation:
     """How the direction is refined: its steps, Adam's learning rate, the three losses'
     weights, the targets' length and the prompts per loss and step."""
@@ -58,17 +58,7 @@ class Optimisation:
     seed: int = 0
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "steps": self.steps,
-            "learning_rate": self.learning_rate,
-            "ablation_weight": self.ablation_weight,
-            "addition_weight": self.addition_weight,
-            "retain_weight": self.retain_weight,
-            "target_tokens": self.target_tokens,
-            "batch_size": self.batch_size,
-            "seed": self.seed,
-            "rule": RULE,
-        }
+        return {**dataclasses.asdict(self), "rule": RULE}
 
 
 def cache_key(
@@ -382,7 +372,7 @@ def _map_first(output: Any, change: Any) -> Any:
     return (change(output[0]), *output[1:])
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class _Target:
     prompt: list[int]
     response: list[int]  # never empty: at least the first generated token

@@ -322,6 +322,20 @@ def rich_search() -> dict[str, Any]:
     sys.exit(f"{STUDY_CONFIG.name} has no search named {RICH_SEARCH}")
 
 
+def optimised_search(search: dict[str, Any], steps: int, layer: int) -> dict[str, Any]:
+    """The study's space with one direction, at `layer`, refined by RDO: what would start
+    another training fixed (another layer, a fraction, each layer's own direction, a projected
+    start, the embedding left out), so that RDO trains once, before the first trial."""
+    return search | {
+        "direction_layer": f"{layer}:{layer}",
+        "direction_fraction": "0:0",
+        "direction_per_layer": "0:0",
+        "direction_projected": "0:0",
+        "direction_embedding": "1:1",
+        "direction_optimise": f"{steps}:{steps}",
+    }
+
+
 def search_flags(search: dict[str, Any]) -> list[str]:
     """The search's ranges as `wandacli search` flags."""
     skipped = {"name", "scores", "utility_scores", "trials", "startup_trials", "keep_best"}
@@ -404,6 +418,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default="tpe",
         help="wandacli's TPE: per parameter, or their joint density as heretic's is",
     )
+    parser.add_argument(
+        "--optimise",
+        type=int,
+        default=0,
+        metavar="STEPS",
+        help="wandacli's direction refined by RDO (--direction-optimise STEPS) at one layer "
+        "(--optimise-layer), the kernels and norms searched as the study's space has them",
+    )
+    parser.add_argument("--optimise-layer", type=int, default=25, help="RDO's direction layer")
     parser.add_argument("--heretic-python", help="a Python with heretic-llm installed")
     parser.add_argument("--work", default=str(WORK / "heretic"), help="the bench's folder")
     parser.add_argument("--fresh", action="store_true", help="rerun both searches")
@@ -423,6 +446,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     python = heretic_python(work, args.heretic_python)
     organism = local_location(resolve_source(ORGANISM))
     search = rich_search()
+    if args.optimise:
+        search = optimised_search(search, args.optimise, args.optimise_layer)
     rule = BestRule.parse(search["keep_best"])
     nsamples = int(tomllib.loads(DEMO_CONFIG.read_text())["score"]["nsamples"])
     store = work / "store"
@@ -591,6 +616,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "trials": args.trials,
         "startup_trials": args.startup_trials,
         "sampler": args.sampler,
+        "optimise": {"steps": args.optimise, "layer": args.optimise_layer}
+        if args.optimise
+        else None,
         "rule": str(rule),
         "heretic": {
             "chosen": heretic_run["chosen"],

@@ -736,3 +736,28 @@ def test_requests_record_the_dtype_used_and_a_resume_in_another_is_refused(
         cli, tiny_llama_dir, store, "sd", *SET_DIFFERENCE, "--trials", "1", "--no-control"
     )
     assert again.exit_code == 0, again.stderr
+
+
+def test_a_search_logs_the_preparation_its_kind_makes(
+    cli, sets_store, means_store, tiny_llama_dir, tmp_path, monkeypatch
+):
+    """In a log, a search names what it computes once before its trials: a mask search ranks
+    the stored scores, a projection decomposes every module; a direction search prepares
+    nothing worth a line, and says nothing of it (it once said it ranked 0 sets)."""
+    monkeypatch.setenv("WANDACLI_PROGRESS_SECONDS", "0")
+    quick = [a for a in QUICK if a != "--no-progress"]
+    direction = ("--scores", "harmful", "--utility-scores", "harmless", "--direction-layer", "1:2")
+    for sets, space, said in (
+        (sets_store, SET_DIFFERENCE, "search: ranking the stored scores: done, "),
+        (sets_store, PROJECTION, "search: every module's eigenbases: done, "),
+        (means_store, direction, None),
+    ):
+        store = copy_store(sets, tmp_path / space[1])
+        result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "s",
+                     *quick, *space, "--trials", "1")  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        lines = result.stderr.splitlines()
+        if said is None:
+            assert not [line for line in lines if line.startswith("search: ")], lines
+        else:
+            assert any(line.startswith(said) for line in lines), lines

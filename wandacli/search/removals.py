@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wandacli.core.console import Reporter
+from wandacli.core.console import NullReporter, Reporter
 from wandacli.removal.content import (
     EditContent,
     EditShape,
@@ -120,16 +120,18 @@ class TrialRemovals:
     def prepare(self, loaded: Any, reporter: Reporter) -> None:
         """Rank the scores (masks) or decompose every module (edits), once."""
         self.sets.primary.check_model(loaded.fingerprint, loaded.model_id)
-        reporter.start(
-            "search: ranking the stored sets",
+        preparation = self.kind.preparation
+        shown = reporter if preparation is not None else NullReporter()
+        shown.start(
+            f"search: {preparation}",
             total=len(self.keys) * (2 if self.sets.secondary is not None else 1),
         )
         if isinstance(self.kind, MaskKind):
             bounds = {name: chosen.high for name, chosen in self.config.searched().items()}
-            self._prepared = self.kind.presorted_rankings(self.sets, bounds, reporter.advance)
+            self._prepared = self.kind.presorted_rankings(self.sets, bounds, shown.advance)
         else:
-            self._prepared = self.kind.prepare_trials(self.sets, loaded, reporter)
-        reporter.finish()
+            self._prepared = self.kind.prepare_trials(self.sets, loaded, shown)
+        shown.finish()
 
     # -- a trial -------------------------------------------------------------------------
 

@@ -108,6 +108,9 @@ class RemovalKind:
     modes: ClassVar[tuple[str, ...]] = ()
     # Whether it reads the model's weights (then the model is part of its request).
     reads_weights: ClassVar[bool] = False
+    # What `prepare_trials` does once before a search's trials, as its progress says it, with
+    # one step per stored set and matrix (None: nothing worth a progress bar).
+    preparation: ClassVar[str | None] = None
 
     def reads_model(self, settings: Any) -> bool:
         """Whether a removal with these settings runs the model (then the model and its dtype
@@ -304,6 +307,7 @@ class MaskKind(RemovalKind):
     per_row: ClassVar[bool] = False
     # Options a search fixes for this kind (the top of a score set prunes the highest).
     search_fixed: ClassVar[dict[str, Any]] = {}
+    preparation: ClassVar[str | None] = "ranking the stored scores"
 
     def mode(self, settings: Any) -> str:
         return self.name

@@ -58,6 +58,7 @@ REFERENCE = ("rank_neg", "rank_pos")
 
 class Projection(RankEditKind):
     name = "orthogonal-projection"
+    preparation = "every module's eigenbases"
     title = "the orthogonal projection"
     selector = "--safety-ranks/--utility-ranks or --rank-neg/--rank-pos"
     settings = ProjectionSettings

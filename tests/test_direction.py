@@ -995,6 +995,49 @@ def test_the_heretic_objective_steers_tpe_and_records_what_was_measured(
     assert differs  # the tiny model's KLs lie below heretic's floor: TPE was told otherwise
 
 
+def test_the_keep_best_objective_tells_tpe_the_rule(cli, means_store, tiny_llama_dir, tmp_path):
+    """`--objective keep-best`: TPE is told the rule's other objective alone, with the rule's
+    limit as each trial's constraint (measured − limit, ≤ 0 within it); search.json keeps the
+    measured refusal and KL and the rule's point is kept. Resuming under another rule, or
+    asking for the objective without a rule, is refused in one line."""
+    from wandacli.config.ranges import BestRule
+    from wandacli.search.objectives import limit_excess, sampler_values
+    from wandacli.search.study import open_study
+
+    rule = BestRule.parse("kl:0.05")
+    measured = {"refusal": 0.25, "kl": 0.2}
+    assert sampler_values(measured, "keep-best", None, rule) == [0.25]
+    assert limit_excess(measured, rule) == pytest.approx(0.15)
+    store = copy_of_means(means_store, tmp_path)
+    missing = layer_and_scale_search(cli, store, tiny_llama_dir, "k", "--objective", "keep-best")
+    assert_one_line_error(missing, "--objective keep-best", "--keep-best OBJECTIVE:LIMIT")
+    result = layer_and_scale_search(cli, store, tiny_llama_dir, "k", "--objective", "keep-best",
+                                    "--keep-best", "kl:0.05", "--trials", "4")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    found = json.loads(result.stdout)
+    directory = store / "searches" / "k"
+    study = open_study(directory, 1)
+    assert len(study.directions) == 1
+    told = {t.number: t for t in study.get_trials() if t.values}
+    assert len(told) == 4
+    for trial in found["trials"]:
+        frozen = told[trial["number"]]
+        assert frozen.values == pytest.approx([trial["refusal"]])
+        assert frozen.constraints == {"kl:0.05": pytest.approx(trial["kl"] - 0.05)}
+    recorded = json.loads((directory / "search.json").read_text())
+    assert "kl ≤ 0.05" in recorded["objectives"]["sampler"]
+    within = [t for t in recorded["front"] if t["kl"] <= 0.05]
+    expected = (
+        min(within, key=lambda t: (t["refusal"], t["kl"], t["index"]))
+        if within
+        else min(recorded["front"], key=lambda t: (t["kl"], t["refusal"], t["index"]))
+    )
+    assert recorded["best"]["index"] == expected["index"]
+    other = layer_and_scale_search(cli, store, tiny_llama_dir, "k", "--objective", "keep-best",
+                                   "--keep-best", "kl:0.5", "--trials", "5")  # fmt: skip
+    assert_one_line_error(other, "started with other settings", "TPE was told")
+
+
 def test_several_directions_remove_a_k_dimensional_subspace(cli, per_prompt_store, tiny_llama_dir):
     """`--directions 3`: the top 3 principal directions of h_i − μ_harmless at the layer and
     position, orthonormal, the first signed with r; every writer loses R Rᵀ W and the stream
@@ -1048,6 +1091,31 @@ def test_several_directions_need_each_prompts_streams(cli, means_store):
     result = direction_edit(cli, means_store, "--direction-layer", "1", "--directions", "2")
     assert_one_line_error(result, "--directions 2 needs each harmful prompt's streams",
                           "--per-prompt")  # fmt: skip
+
+
+def test_the_gp_sampler_runs_a_search_and_a_constrained_one(
+    cli, means_store, tiny_llama_dir, tmp_path
+):
+    """`--sampler gp`: Optuna's Gaussian-process sampler, told that the measures are
+    deterministic, proposes the trials after the random ones; under `--objective keep-best`
+    it optimises the rule's other objective with the limit as a constraint."""
+    from types import SimpleNamespace
+
+    import optuna
+
+    from wandacli.search.study import sampler_for
+
+    gp = sampler_for(SimpleNamespace(sampler="gp", seed=0, startup_trials=2), 3)
+    assert isinstance(gp, optuna.samplers.GPSampler) and gp._deterministic
+    store = copy_of_means(means_store, tmp_path)
+    for name, extra in (("gp", ()), ("gpk", ("--objective", "keep-best", "--keep-best", "kl:1"))):
+        result = layer_and_scale_search(cli, store, tiny_llama_dir, name, "--sampler", "gp",
+                                        "--trials", "4", *extra)  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        trials = json.loads(result.stdout)["trials"]
+        assert [t["state"] for t in trials] == ["COMPLETE"] * 4
+        recorded = json.loads((store / "searches" / name / "search.json").read_text())
+        assert recorded["config"]["sampler"] == "gp"
 
 
 def test_multivariate_tpe_models_the_parameters_jointly(cli, means_store, tiny_llama_dir, tmp_path):

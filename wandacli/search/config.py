@@ -151,13 +151,14 @@ class SearchConfig:
         help="Random trials before TPE models the front.",
         check=or_more(1),
     )
-    sampler: Literal["tpe", "multivariate-tpe"] = option(
+    sampler: Literal["tpe", "multivariate-tpe", "gp"] = option(
         "tpe",
         "--sampler",
         help="tpe: Optuna's TPE, each parameter modelled on its own; multivariate-tpe: their "
         "joint density (heretic's choice), which follows interactions such as a direction's "
-        "layer with its kernel's peak. A small integer space is tried cell by cell first "
-        "either way.",
+        "layer with its kernel's peak; gp: Optuna's Gaussian-process sampler (expected "
+        "hypervolume improvement; constrained expected improvement under --objective "
+        "keep-best). A small integer space is tried cell by cell first either way.",
     )
     keep: int = option(
         0,
@@ -221,12 +222,15 @@ class SearchConfig:
     kl_settings: KlSettings = nested(KlSettings)
     # What TPE is told of each trial (search/objectives.py `sampler_values`); the front, the
     # kept points and search.json keep the measured refusal and KL either way.
-    objective: Literal["wandacli", "heretic"] = option(
+    objective: Literal["wandacli", "heretic", "keep-best"] = option(
         "wandacli",
         "--objective",
         help="wandacli: TPE minimises the refusal rate and the KL as measured; heretic: "
         "heretic's terms, refusals ÷ the dense model's and KL, the KL term replaced by "
-        "0.01 × the refusal term below a KL of 0.01 (so doing nothing is not optimal).",
+        "0.01 × the refusal term below a KL of 0.01 (so doing nothing is not optimal); "
+        "keep-best: TPE minimises --keep-best's other objective with its limit as a "
+        "constraint, spending the trials near the point that will be kept rather than along "
+        "the whole front.",
         panel=MEASURE_PANEL,
     )
     batch_size: int = option(
@@ -304,6 +308,11 @@ class SearchConfig:
             raise ConfigError(
                 "--select reference scores whole directions, as the reference does: drop "
                 "--direction-scale"
+            )
+        if self.objective == "keep-best" and self.keep_best is None:
+            raise ConfigError(
+                "--objective keep-best steers TPE towards the point --keep-best keeps: give "
+                "--keep-best OBJECTIVE:LIMIT, e.g. refusal:0.5"
             )
         if kind.name == "ratio" and self.utility_scores is not None:
             raise ConfigError("--ratio searches the top of --scores alone: drop --utility-scores")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from wandacli.config.ranges import BestRule
 from wandacli.core.console import Reporter
 from wandacli.evaluation.divergence import DenseDistributions, dense_distributions, kl_divergence
 from wandacli.evaluation.prompts import PromptSet, model_texts, template_for
@@ -85,15 +86,42 @@ HERETIC_RULE = (
 )
 
 
+def sampler_rule(objective: str, rule: BestRule | None) -> str | None:
+    """What TPE is told, in words, where it is not the measured refusal and KL."""
+    if objective == "heretic":
+        return HERETIC_RULE
+    if objective == "keep-best" and rule is not None:
+        return (
+            f"TPE told the {rule.other} alone, with {rule.objective} ≤ {rule.limit:g} (the "
+            "--keep-best rule) as a constraint: Optuna's constrained TPE, which models the "
+            "trials within the limit first and the rest by how far they exceed it"
+        )
+    return None
+
+
 def sampler_values(
-    measured: dict[str, float], objective: str, dense: dict[str, Any] | None
+    measured: dict[str, float],
+    objective: str,
+    dense: dict[str, Any] | None,
+    rule: BestRule | None = None,
 ) -> list[float]:
-    """What TPE is told of a trial, in OBJECTIVES' order: the measured refusal and KL
-    (`wandacli`), or heretic's terms of them (`heretic`)."""
+    """What TPE is told of a trial: the measured refusal and KL in OBJECTIVES' order
+    (`wandacli`), heretic's terms of them (`heretic`), or the rule's other objective alone
+    (`keep-best`: its limit is a constraint, `limit_excess`)."""
     refusal, kl = measured["refusal"], measured["kl"]
+    if objective == "keep-best":
+        if rule is None:
+            raise ValueError("the keep-best objective needs the --keep-best rule")
+        return [measured[rule.other]]
     if objective != "heretic":
         return [refusal, kl]
     original = float((dense or {}).get("refusal") or 0.0)
     ratio = refusal / original if original > 0 else refusal
     kl_term = kl / HERETIC_KL_SCALE if kl >= HERETIC_KL_FLOOR else HERETIC_KL_FLOOR * ratio
     return [ratio, kl_term]
+
+
+def limit_excess(measured: dict[str, float], rule: BestRule) -> float:
+    """`keep-best`'s constraint on a trial: how far its measured value exceeds the rule's
+    limit (≤ 0: within it; Optuna's constrained TPE models those trials first)."""
+    return measured[rule.objective] - rule.limit

@@ -32,7 +32,12 @@ from wandacli.evaluation.prompts import (
 from wandacli.removal.in_memory import WeightChanges
 from wandacli.search import study as studies
 from wandacli.search.config import SearchConfig, best_name
-from wandacli.search.objectives import HERETIC_RULE, Objectives, sampler_values
+from wandacli.search.objectives import (
+    Objectives,
+    limit_excess,
+    sampler_rule,
+    sampler_values,
+)
 from wandacli.search.removals import TrialRemovals, amount_name, prune_config_for
 from wandacli.store.files import store_root_for
 from wandacli.store.lock import writer_lock
@@ -194,7 +199,9 @@ class SearchRun:
         # refused even when this process is killed before its first trial ends.
         _write_summary(summary_path, summary)
         ran = self._trials(removals, loaded, objectives, summary, summary_path, directory)
-        summary.trials = studies.trial_records(studies.open_study(directory))
+        summary.trials = studies.trial_records(
+            studies.open_study(directory, studies.told_objectives(config))
+        )
         summary.front = _front(summary.trials, config)
         if config.control and summary.front:
             summary.control = self._control(
@@ -237,7 +244,7 @@ class SearchRun:
         summary.objectives = {
             "refusal": _refusal_rule(config),
             "kl": KL_RULE + f" (k = {config.kl_settings.kl_positions})",
-            **({"sampler": HERETIC_RULE} if config.objective == "heretic" else {}),
+            **({"sampler": told} if (told := _sampler_rule(config)) else {}),
         }
         summary.other.update(
             {
@@ -262,7 +269,7 @@ class SearchRun:
         """Trials until `--trials` are complete, each written as soon as it is measured; how
         many this run measured or took from an earlier identical trial."""
         config = self.config
-        study = studies.open_study(directory)
+        study = studies.open_study(directory, studies.told_objectives(config))
         ran = 0
         kept_message = f"completed trials are kept in {directory}; the same command resumes"
         cells = studies.grid_cells(config.searched(), config.trials, config.seed)
@@ -297,7 +304,14 @@ class SearchRun:
                 trial.set_user_attr("removal_seconds", round(built, 3))
                 for name in studies.OBJECTIVES:  # as measured, whatever TPE is told
                     trial.set_user_attr(name, values[name])
-                study.tell(trial, sampler_values(values, config.objective, summary.dense))
+                if config.objective == "keep-best" and config.keep_best is not None:
+                    trial.set_constraint(
+                        str(config.keep_best), limit_excess(values, config.keep_best)
+                    )
+                study.tell(
+                    trial,
+                    sampler_values(values, config.objective, summary.dense, config.keep_best),
+                )
                 self.reporter.advance()
                 self.reporter.finish()
                 ran += 1
@@ -410,6 +424,9 @@ class SearchRun:
         if measured_by is not None and measured_by != _refusal_rule(self.config):
             # Trials measured by another rule (an older version's) are not comparable.
             differences.append("its trials measured refusals by an older keyword rule")
+        told = previous.objectives.get("sampler")
+        if told is not None and told != _sampler_rule(self.config):  # e.g. another --keep-best
+            differences.append(f"TPE was told {told}")
         if differences:
             raise StoreError(
                 f"search {self.config.name!r} in {root} was started with other settings "
@@ -426,6 +443,10 @@ def _front(trials: list[dict[str, Any]], config: SearchConfig) -> list[dict[str,
     amount = amount_name(config)
     measured = [t for t in trials if t.get(amount, 1.0) != 0 and "measured_as" not in t]
     return studies.pareto_front(measured)
+
+
+def _sampler_rule(config: SearchConfig) -> str | None:
+    return sampler_rule(config.objective, config.keep_best)
 
 
 def _refusal_rule(config: SearchConfig) -> str:

@@ -45,9 +45,16 @@ def _recover_journal(path: Path) -> None:
             handle.truncate(keep)
 
 
-def open_study(directory: Path) -> Any:
-    """The study in DIR/journal.log, created when new; trials left running by a killed process
-    are marked failed (they are not counted and their parameters are asked again)."""
+def told_objectives(config: SearchConfig) -> int:
+    """How many values TPE is told of a trial: the refusal and the KL, or under `--objective
+    keep-best` the rule's other objective alone (its limit is a constraint)."""
+    return 1 if config.objective == "keep-best" else len(OBJECTIVES)
+
+
+def open_study(directory: Path, objectives: int = len(OBJECTIVES)) -> Any:
+    """The study in DIR/journal.log, created when new, minimising `objectives` values; trials
+    left running by a killed process are marked failed (they are not counted and their
+    parameters are asked again)."""
     optuna = _quiet_optuna()
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
@@ -62,7 +69,7 @@ def open_study(directory: Path) -> Any:
     study = optuna.create_study(
         study_name=STUDY_NAME,
         storage=storage,
-        directions=["minimize"] * len(OBJECTIVES),
+        directions=["minimize"] * objectives,
         load_if_exists=True,
     )
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
@@ -87,15 +94,26 @@ def measured_before(study: Any, params: dict[str, Any]) -> Any | None:
 
 def sampler_for(config: SearchConfig, completed: int) -> Any:
     """The sampler that asks trial `completed` + 1: seeded by the search seed and the count;
-    TPE on each parameter alone, or on their joint density (`--sampler multivariate-tpe`)."""
+    TPE on each parameter alone, on their joint density (`--sampler multivariate-tpe`), or a
+    Gaussian process over them all (`--sampler gp`)."""
     import warnings
 
     optuna = _quiet_optuna()
-    joint = config.sampler == "multivariate-tpe"
-    with warnings.catch_warnings():  # Optuna calls `multivariate` experimental; it is its own
+    seed = config.seed * 1_000_003 + completed
+    with warnings.catch_warnings():  # Optuna calls these options experimental; they are its own
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        if config.sampler == "gp":
+            # A trial's measures are deterministic (greedy decoding, fixed prompts): the GP
+            # interpolates them instead of modelling noise.
+            return optuna.samplers.GPSampler(
+                seed=seed,
+                n_startup_trials=config.startup_trials,
+                deterministic_objective=True,
+                warn_independent_sampling=False,
+            )
+        joint = config.sampler == "multivariate-tpe"
         return optuna.samplers.TPESampler(
-            seed=config.seed * 1_000_003 + completed,
+            seed=seed,
             n_startup_trials=config.startup_trials,
             multivariate=joint,
             group=joint,  # a kind's conditional parameters get their own joint model
@@ -164,9 +182,9 @@ def pareto_front(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 def measured_values(trial: Any) -> dict[str, float]:
     """A complete trial's refusal and KL as measured (its user attributes; TPE may have been
-    told heretic's terms of them), or as told where it predates the record."""
-    told = dict(zip(OBJECTIVES, trial.values, strict=True))
-    return {name: float(trial.user_attrs.get(name, told[name])) for name in OBJECTIVES}
+    told heretic's terms of them, or one of them), or as told where it predates the record."""
+    told = dict(zip(OBJECTIVES, trial.values, strict=False))
+    return {name: float(trial.user_attrs.get(name, told.get(name))) for name in OBJECTIVES}
 
 
 def trial_records(study: Any) -> list[dict[str, Any]]:

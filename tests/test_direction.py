@@ -1098,7 +1098,8 @@ def test_the_gp_sampler_runs_a_search_and_a_constrained_one(
 ):
     """`--sampler gp`: Optuna's Gaussian-process sampler, told that the measures are
     deterministic, proposes the trials after the random ones; under `--objective keep-best`
-    it optimises the rule's other objective with the limit as a constraint."""
+    it optimises the rule's other objective with the limit as a constraint. Each trial's
+    seconds include its proposal (a GP's takes seconds), recorded apart too."""
     from types import SimpleNamespace
 
     import optuna
@@ -1114,6 +1115,9 @@ def test_the_gp_sampler_runs_a_search_and_a_constrained_one(
         assert result.exit_code == 0, result.stderr
         trials = json.loads(result.stdout)["trials"]
         assert [t["state"] for t in trials] == ["COMPLETE"] * 4
+        for trial in trials:  # a trial's time counts its proposal, as heretic's does
+            parts = trial["proposal_seconds"] + trial["removal_seconds"]
+            assert trial["proposal_seconds"] >= 0 and trial["seconds"] >= parts
         recorded = json.loads((store / "searches" / name / "search.json").read_text())
         assert recorded["config"]["sampler"] == "gp"
 

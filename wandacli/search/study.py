@@ -103,6 +103,7 @@ def sampler_for(config: SearchConfig, completed: int) -> Any:
     with warnings.catch_warnings():  # Optuna calls these options experimental; they are its own
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if config.sampler == "gp":
+            _import_quietly("optuna._gp.batched_lbfgsb")
             # A trial's measures are deterministic (greedy decoding, fixed prompts): the GP
             # interpolates them instead of modelling noise.
             return optuna.samplers.GPSampler(
@@ -118,6 +119,22 @@ def sampler_for(config: SearchConfig, completed: int) -> Any:
             multivariate=joint,
             group=joint,  # a kind's conditional parameters get their own joint model
         )
+
+
+def _import_quietly(module: str) -> None:
+    """Import one of Optuna's modules with its log at ERROR: the GP's optimiser says, as it is
+    imported, that an optional package (greenlet) might make its proposals faster; a note on
+    speed, not on the search, in the middle of the search's output."""
+    import contextlib
+    import importlib
+
+    optuna = _quiet_optuna()
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        with contextlib.suppress(ImportError):  # a private module: gone in another version
+            importlib.import_module(module)
+    finally:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
 def grid_cells(ranges: dict[str, ParameterRange], trials: int, seed: int) -> list[dict[str, int]]:

@@ -27,6 +27,12 @@ eval-attack` on the demo's held-out AdvBench 1-40 (Vanilla; Adv-Decoding, any of
 `eval-utility` (WikiText-2 perplexity; KL from the organism over the first 1 and 4 positions).
 heretic's own counter (`heretic --evaluate-model`) measures both models again on the search
 prompts. Prints one table and writes bench/work/heretic/results.json.
+
+Variations, each in a `--work` folder of its own (heretic's run can be copied in and reused):
+`--space heretic` cuts wandacli's space to heretic's; `--sampler` and `--objective` choose what
+proposes wandacli's trials and what it is told; `--optimise STEPS` refines the direction by RDO;
+`--seed` reseeds both searches; `--recount-kl KL` counts wandacli's front points up to KL with
+heretic's counter too, and prints both fronts in that one measure.
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ KL_LIMIT = 32
 MAX_NEW_TOKENS = 24  # wandacli search's default
 HERETIC_DEFAULT_TOKENS = 100  # heretic's max_response_length default
 BATCH_SIZE = 32
-SEED = 0
+SEED = 0  # the direction prompts, drawn as `score` draws them; --seed's default
 
 
 def wandacli(*args: str, log: Path) -> None:
@@ -143,7 +149,13 @@ def heretic_python(work: Path, given: str | None) -> Path:
 
 
 def heretic_config(
-    organism: str, prompts: dict[str, str], system: str, trials: int, startup: int, tokens: int
+    organism: str,
+    prompts: dict[str, str],
+    system: str,
+    trials: int,
+    startup: int,
+    tokens: int,
+    seed: int,
 ) -> dict[str, Any]:
     def dataset(path: str) -> dict[str, str]:
         return {"dataset": path, "split": "train[:]", "column": "text"}
@@ -157,7 +169,7 @@ def heretic_config(
         "system_prompt": system,
         "n_trials": trials,
         "n_startup_trials": startup,
-        "seed": SEED,
+        "seed": seed,
         "export_strategy": "merge",
         "study_checkpoint_dir": "checkpoints",
         "bad_prompts": dataset(prompts["harmful_direction"]),
@@ -336,6 +348,17 @@ def optimised_search(search: dict[str, Any], steps: int, layer: int) -> dict[str
     }
 
 
+def heretic_space(search: dict[str, Any]) -> dict[str, Any]:
+    """The study's space cut to heretic's: the options heretic fixes fixed as it fixes them
+    (the direction projected against the harmless mean, rows' norms kept, the embedding left
+    alone), its scopes (one direction or each layer's own), layers and kernels searched."""
+    return search | {
+        "direction_projected": "1:1",
+        "norm_preserving": "2:2",
+        "direction_embedding": "0:0",
+    }
+
+
 def search_flags(search: dict[str, Any]) -> list[str]:
     """The search's ranges as `wandacli search` flags."""
     skipped = {"name", "scores", "utility_scores", "trials", "startup_trials", "keep_best"}
@@ -414,9 +437,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     parser.add_argument(
         "--sampler",
-        choices=("tpe", "multivariate-tpe"),
+        choices=("tpe", "multivariate-tpe", "gp"),
         default="tpe",
-        help="wandacli's TPE: per parameter, or their joint density as heretic's is",
+        help="wandacli's sampler: TPE per parameter, their joint density as heretic's is, or "
+        "a Gaussian process",
+    )
+    parser.add_argument(
+        "--objective",
+        choices=("heretic", "keep-best", "wandacli"),
+        default="heretic",
+        help="what wandacli's TPE is told (search --objective): heretic's terms, or the "
+        "rule's KL with its refusal limit as a constraint",
     )
     parser.add_argument(
         "--optimise",
@@ -427,6 +458,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "(--optimise-layer), the kernels and norms searched as the study's space has them",
     )
     parser.add_argument("--optimise-layer", type=int, default=25, help="RDO's direction layer")
+    parser.add_argument(
+        "--space",
+        choices=("study", "heretic"),
+        default="study",
+        help="wandacli's space: the study's richer one, or cut to heretic's (what heretic "
+        "fixes fixed as it fixes it)",
+    )
+    parser.add_argument(
+        "--recount-kl",
+        type=float,
+        default=0.0,
+        metavar="KL",
+        help="also count wandacli's front points with a first-token KL up to KL by heretic's "
+        "own counter (each saved and measured by `heretic --evaluate-model`, about two "
+        "minutes a point), so that both fronts are compared in one measure",
+    )
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=SEED,
+        help="both searches' seed: their random trials and their samplers' proposals",
+    )
     parser.add_argument("--heretic-python", help="a Python with heretic-llm installed")
     parser.add_argument("--work", default=str(WORK / "heretic"), help="the bench's folder")
     parser.add_argument("--fresh", action="store_true", help="rerun both searches")
@@ -446,6 +499,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     python = heretic_python(work, args.heretic_python)
     organism = local_location(resolve_source(ORGANISM))
     search = rich_search()
+    if args.space == "heretic":
+        search = heretic_space(search)
     if args.optimise:
         search = optimised_search(search, args.optimise, args.optimise_layer)
     rule = BestRule.parse(search["keep_best"])
@@ -477,6 +532,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.trials,
         args.startup_trials,
         args.heretic_tokens,
+        args.seed,
     )
     session = HereticSession(rule, heretic_model)
     heretic_record = work / "heretic.json"
@@ -544,7 +600,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "--keep-best",
             search["keep_best"],
             "--objective",
-            "heretic",
+            args.objective,
             "--sampler",
             args.sampler,
             "--offset",
@@ -560,7 +616,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "--batch-size",
             str(BATCH_SIZE),
             "--seed",
-            str(SEED),
+            str(args.seed),
             "--no-control",
             log=log,
         )
@@ -569,28 +625,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kept = next(t for t in summary["trials"] if t["index"] == summary["best"]["index"])
     ours_model = work / "wandacli-model"
     if not (ours_model / "config.json").is_file():
-        # The kept point written again by `prune`, as the search writes it, and saved.
-        point = [f"--{k.replace('_', '-')}={v}" for k, v in kept["params"].items()]
-        wandacli(
-            "prune",
-            "--model",
-            ORGANISM,
-            "--dtype",
-            "float32",
-            "--store",
-            str(store),
-            "--scores",
-            search["scores"],
-            "--utility-scores",
-            search["utility_scores"],
-            *point,
-            "--name",
-            f"{SEARCH_NAME}.saved",
-            "--overwrite",
-            "--save-model",
-            str(ours_model),
-            log=log,
-        )
+        save_point(store, search, kept, f"{SEARCH_NAME}.saved", ours_model, log)
 
     # heretic's own counter on both chosen models.
     counts_path = work / "heretic-counts.json"
@@ -601,6 +636,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             counts[tool] = heretic_counts(printed)
         counts_path.write_text(json.dumps(counts, indent=1))
     counts = json.loads(counts_path.read_text())
+    recounted = (
+        recount_front(
+            python,
+            run_dir,
+            store,
+            search,
+            summary["front"],
+            args.recount_kl,
+            work,
+            log,
+            {kept["index"]: counts["wandacli"]},
+        )
+        if args.recount_kl
+        else None
+    )
 
     # One evaluator for both, on held-out prompts.
     results = work / "results"
@@ -616,6 +666,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "trials": args.trials,
         "startup_trials": args.startup_trials,
         "sampler": args.sampler,
+        "objective": args.objective,
+        "seed": args.seed,
+        "space": args.space,
         "optimise": {"steps": args.optimise, "layer": args.optimise_layer}
         if args.optimise
         else None,
@@ -637,9 +690,84 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         },
         "held_out": figures,
     }
+    if recounted is not None:
+        report["fronts_by_heretic_counter"] = {
+            "heretic": [
+                {"index": p["index"], "refusals": p["refusals"], "kl": p["kl"]}
+                for p in heretic_run["front"]
+            ],
+            "wandacli": recounted,
+        }
     (work / "results.json").write_text(json.dumps(report, indent=1))
     print_table(report)
     return report
+
+
+def save_point(
+    store: Path, search: dict[str, Any], point: dict[str, Any], name: str, to: Path, log: Path
+) -> None:
+    """A search's point written again by `prune`, as the search writes it, and saved as a
+    model directory."""
+    params = [f"--{k.replace('_', '-')}={v}" for k, v in point["params"].items()]
+    wandacli(
+        "prune",
+        "--model",
+        ORGANISM,
+        "--dtype",
+        "float32",
+        "--store",
+        str(store),
+        "--scores",
+        search["scores"],
+        "--utility-scores",
+        search["utility_scores"],
+        *params,
+        "--name",
+        name,
+        "--overwrite",
+        "--save-model",
+        str(to),
+        log=log,
+    )
+
+
+def recount_front(
+    python: Path,
+    run_dir: Path,
+    store: Path,
+    search: dict[str, Any],
+    front: list[dict[str, Any]],
+    kl_limit: float,
+    work: Path,
+    log: Path,
+    known: dict[int, dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """wandacli's front points up to `kl_limit` counted by heretic's own counter (kept in
+    front-counts.json, one point at a time, so a rerun goes on where it stopped; `known`:
+    points already counted, the kept one)."""
+    path = work / "front-counts.json"
+    counted: dict[str, Any] = json.loads(path.read_text()) if path.is_file() else {}
+    for point in front:
+        key = str(point["index"])
+        if point["kl"] > kl_limit or key in counted:
+            continue
+        if point["index"] in known:
+            counted[key] = known[point["index"]] | {
+                "search_refusal": point["refusal"],
+                "search_kl": point["kl"],
+            }
+            continue
+        model = work / "front-model"
+        shutil.rmtree(model, ignore_errors=True)
+        save_point(store, search, point, f"{SEARCH_NAME}.t{key}", model, log)
+        printed = run_heretic(python, run_dir, [f"--evaluate-model={model}"], None, log)
+        shutil.rmtree(model)  # 0.5 GB a point
+        counted[key] = heretic_counts(printed) | {
+            "search_refusal": point["refusal"],
+            "search_kl": point["kl"],
+        }
+        path.write_text(json.dumps(counted, indent=1))
+    return [{"index": int(k)} | v for k, v in sorted(counted.items(), key=lambda kv: kv[1]["kl"])]
 
 
 def _median(values: list[float]) -> float:
@@ -698,6 +826,36 @@ def print_table(report: dict[str, Any]) -> None:
     row("KL from the organism, first 4 positions", "kl4", "{:.3f}")
     row("WikiText-2 perplexity", "perplexity", "{:.1f}")
     Console().print(table)
+    fronts = report.get("fronts_by_heretic_counter")
+    if fronts:
+        Console().print(front_table(fronts))
+
+
+def front_table(fronts: dict[str, list[dict[str, Any]]]) -> Any:
+    """Both fronts in one measure, heretic's counter (refusals on the search prompts, first-
+    token KL), by KL; a point is marked where a point of the other tool dominates it."""
+    from rich.table import Table
+
+    def dominated(point: dict[str, Any], by: list[dict[str, Any]]) -> bool:
+        return any(
+            o["refusals"] <= point["refusals"]
+            and o["kl"] <= point["kl"]
+            and (o["refusals"] < point["refusals"] or o["kl"] < point["kl"])
+            for o in by
+        )
+
+    table = Table(
+        title="both fronts by heretic's counter (search prompts); * dominated by the other"
+    )
+    for column in ("tool", "trial", "refusals", "first-token KL"):
+        table.add_column(column)
+    tools = ("heretic", "wandacli")
+    points = [(tool, p) for tool in tools for p in fronts[tool]]
+    for tool, point in sorted(points, key=lambda tp: tp[1]["kl"]):
+        other = fronts[tools[1 - tools.index(tool)]]
+        mark = "*" if dominated(point, other) else ""
+        table.add_row(tool, str(point["index"]), f"{point['refusals']}{mark}", f"{point['kl']:.3f}")
+    return table
 
 
 def run() -> list[Row]:

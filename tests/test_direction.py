@@ -1035,7 +1035,7 @@ def test_the_keep_best_objective_tells_tpe_the_rule(cli, means_store, tiny_llama
     assert recorded["best"]["index"] == expected["index"]
     other = layer_and_scale_search(cli, store, tiny_llama_dir, "k", "--objective", "keep-best",
                                    "--keep-best", "kl:0.5", "--trials", "5")  # fmt: skip
-    assert_one_line_error(other, "started with other settings", "TPE was told")
+    assert_one_line_error(other, "started with other settings", "sampler was told another")
 
 
 def test_several_directions_remove_a_k_dimensional_subspace(cli, per_prompt_store, tiny_llama_dir):

@@ -87,14 +87,14 @@ HERETIC_RULE = (
 
 
 def sampler_rule(objective: str, rule: BestRule | None) -> str | None:
-    """What TPE is told, in words, where it is not the measured refusal and KL."""
+    """What the sampler is told, in words, where it is not the measured refusal and KL."""
     if objective == "heretic":
         return HERETIC_RULE
     if objective == "keep-best" and rule is not None:
         return (
-            f"TPE told the {rule.other} alone, with {rule.objective} ≤ {rule.limit:g} (the "
-            "--keep-best rule) as a constraint: Optuna's constrained TPE, which models the "
-            "trials within the limit first and the rest by how far they exceed it"
+            f"the sampler told the {rule.other} alone, with {rule.objective} ≤ {rule.limit:g} "
+            "(the --keep-best rule) each trial's constraint: Optuna's constrained sampling, "
+            "the trials within the limit modelled first and the rest by how far they exceed it"
         )
     return None
 

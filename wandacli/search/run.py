@@ -429,7 +429,7 @@ class SearchRun:
             differences.append("its trials measured refusals by an older keyword rule")
         told = previous.objectives.get("sampler")
         if told is not None and told != _sampler_rule(self.config):  # e.g. another --keep-best
-            differences.append(f"TPE was told {told}")
+            differences.append("its sampler was told another objective (objectives.sampler)")
         if differences:
             raise StoreError(
                 f"search {self.config.name!r} in {root} was started with other settings "

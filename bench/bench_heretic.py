@@ -661,6 +661,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ),
         "wandacli": evaluate(["--mask", str(ours_edit)], results / "wandacli", log),
     }
+    # The rule on heretic's counter for both: wandacli's recounted front point it chooses.
+    same_counter = None
+    if recounted:
+        point, _ = rule.choose(
+            [
+                {"index": p["index"], "refusal": p["refusals"] / p["prompts"], "kl": p["kl"]}
+                for p in recounted
+            ]
+        )
+        same_counter = next(p for p in recounted if p["index"] == point["index"])
+        edit = store / "edits" / f"{SEARCH_NAME}.t{point['index']}.h5"
+        figures["wandacli_same_counter"] = (
+            figures["wandacli"]
+            if point["index"] == kept["index"]
+            else evaluate(["--mask", str(edit)], results / f"wandacli-t{point['index']}", log)
+        )
     ours_seconds = [t["seconds"] for t in summary["trials"] if t.get("state") == "COMPLETE"]
     report = {
         "trials": args.trials,
@@ -687,6 +703,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             },
             "trial_seconds": ours_seconds,
             "own_count": counts["wandacli"],
+            "same_counter": same_counter,
         },
         "held_out": figures,
     }
@@ -784,43 +801,44 @@ def print_table(report: dict[str, Any]) -> None:
         title=f"heretic {HERETIC_VERSION} and wandacli search side by side, {report['trials']} "
         f"trials each ({report['startup_trials']} random); each point chosen by {report['rule']}"
     )
-    for column in ("measured", "dense", f"heretic {HERETIC_VERSION}", "wandacli search"):
-        table.add_column(column)
+    # (column, its held-out figures, its count by heretic's counter, its trial seconds)
+    columns = [
+        ("dense", "dense", None, None),
+        (f"heretic {HERETIC_VERSION}", "heretic", h["own_count"], h["trial_seconds"]),
+        ("wandacli search", "wandacli", w["own_count"], w["trial_seconds"]),
+    ]
+    if w.get("same_counter"):
+        label = f"wandacli, {report['rule']} on heretic's counter"
+        columns.append((label, "wandacli_same_counter", w["same_counter"], w["trial_seconds"]))
+    table.add_column("measured")
+    for column in columns:
+        table.add_column(column[0])
 
     def row(label: str, key: str, fmt: str) -> None:
         table.add_row(
             label,
             *(
-                fmt.format(held[t][key]) if held[t].get(key) is not None else "-"
-                for t in ("dense", "heretic", "wandacli")
+                fmt.format(held[c[1]][key]) if held[c[1]].get(key) is not None else "-"
+                for c in columns
             ),
         )
 
     table.add_row(
         "seconds per trial (median)",
-        "-",
-        f"{_median(h['trial_seconds']):.1f}",
-        f"{_median(w['trial_seconds']):.1f}",
+        *(f"{_median(c[3]):.1f}" if c[3] else "-" for c in columns),
     )
     table.add_row(
         "search prompts: refusals (heretic's own counter)",
-        "-",
-        f"{h['own_count']['refusals']}/{h['own_count']['prompts']}",
-        f"{w['own_count']['refusals']}/{w['own_count']['prompts']}",
+        *(f"{c[2]['refusals']}/{c[2]['prompts']}" if c[2] else "-" for c in columns),
     )
     table.add_row(
         "search prompts: first-token KL (heretic's own)",
-        "0",
-        f"{h['own_count']['kl']:.3f}",
-        f"{w['own_count']['kl']:.3f}",
+        *(f"{c[2]['kl']:.3f}" if c[2] else "0" for c in columns),
     )
     row("held-out Vanilla ASR", "vanilla", "{:.2f}")
     table.add_row(
         "held-out Adv-Decoding, any of 5 / mean",
-        *(
-            f"{held[t]['adv_dec_any']:.2f} / {held[t]['adv_dec_mean']:.2f}"
-            for t in ("dense", "heretic", "wandacli")
-        ),
+        *(f"{held[c[1]]['adv_dec_any']:.2f} / {held[c[1]]['adv_dec_mean']:.2f}" for c in columns),
     )
     row("KL from the organism, first token", "kl1", "{:.3f}")
     row("KL from the organism, first 4 positions", "kl4", "{:.3f}")

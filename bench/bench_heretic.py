@@ -425,6 +425,15 @@ def evaluate(
 # ---------------------------------------------------------------------------------------------
 
 
+def search_choices(field: str) -> tuple[str, ...]:
+    """The values `wandacli search` accepts for one of its options (its Literal type)."""
+    import typing
+
+    from wandacli.search.config import SearchConfig
+
+    return typing.get_args(typing.get_type_hints(SearchConfig)[field])
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=16, help="trials for each tool")
@@ -435,20 +444,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=HERETIC_DEFAULT_TOKENS,
         help="heretic's max_response_length (its default: 100)",
     )
-    parser.add_argument(
-        "--sampler",
-        choices=("tpe", "multivariate-tpe", "gp"),
-        default="tpe",
-        help="wandacli's sampler: TPE per parameter, their joint density as heretic's is, or "
-        "a Gaussian process",
-    )
-    parser.add_argument(
-        "--objective",
-        choices=("heretic", "keep-best", "wandacli"),
-        default="heretic",
-        help="what wandacli's TPE is told (search --objective): heretic's terms, or the "
-        "rule's KL with its refusal limit as a constraint",
-    )
+    # wandacli search's own choices, declared there once (search/config.py).
+    for flag, default, what in (
+        ("--sampler", "tpe", "wandacli's sampler (search --sampler)"),
+        ("--objective", "heretic", "what wandacli's sampler is told (search --objective)"),
+    ):
+        parser.add_argument(flag, choices=search_choices(flag[2:]), default=default, help=what)
     parser.add_argument(
         "--optimise",
         type=int,

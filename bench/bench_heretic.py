@@ -877,16 +877,30 @@ def front_table(fronts: dict[str, list[dict[str, Any]]]) -> Any:
     return table
 
 
+# What `bench/run_all.py bench_heretic` runs: the README's table.
+README_RUN = [
+    "--trials",
+    "32",
+    "--startup-trials",
+    "12",
+    "--space",
+    "heretic",
+    "--recount-kl",
+    "0.3",
+]
+
+
 def run() -> list[Row]:
-    report = main([])
+    report = main(README_RUN)
     h, w, held = report["heretic"], report["wandacli"], report["held_out"]
     ratio = _median(w["trial_seconds"]) / _median(h["trial_seconds"])
-    fewer = (
-        held["wandacli"]["adv_dec_mean"] >= held["heretic"]["adv_dec_mean"]
-        and held["wandacli"]["vanilla"] >= held["heretic"]["vanilla"]
-    )
-    no_more_kl = held["wandacli"]["kl1"] <= held["heretic"]["kl1"]
-    return [
+
+    def dominates(ours: dict[str, float]) -> bool:
+        theirs = held["heretic"]
+        fewer = ours["adv_dec_mean"] >= theirs["adv_dec_mean"]
+        return fewer and ours["vanilla"] >= theirs["vanilla"] and ours["kl1"] <= theirs["kl1"]
+
+    rows = [
         Row(
             "heretic: wandacli's trial seconds ÷ heretic's (median)",
             ratio,
@@ -895,11 +909,21 @@ def run() -> list[Row]:
         ),
         Row(
             "heretic: wandacli's point dominates on held-out prompts (1 = yes)",
-            float(fewer and no_more_kl),
+            float(dominates(held["wandacli"])),
             ">= 1",
             "ASR no lower in both settings and first-token KL no higher",
         ),
     ]
+    if "wandacli_same_counter" in held:
+        rows.append(
+            Row(
+                "heretic: wandacli's point by the rule on heretic's counter dominates (1 = yes)",
+                float(dominates(held["wandacli_same_counter"])),
+                ">= 1",
+                "the same rule and counter for both points (--recount-kl)",
+            )
+        )
+    return rows
 
 
 if __name__ == "__main__":

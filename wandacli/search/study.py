@@ -46,8 +46,8 @@ def _recover_journal(path: Path) -> None:
 
 
 def told_objectives(config: SearchConfig) -> int:
-    """How many values TPE is told of a trial: the refusal and the KL, or under `--objective
-    keep-best` the rule's other objective alone (its limit is a constraint)."""
+    """How many values the sampler is told of a trial: the refusal and the KL, or under
+    `--objective keep-best` the rule's other objective alone (its limit is a constraint)."""
     return 1 if config.objective == "keep-best" else len(OBJECTIVES)
 
 

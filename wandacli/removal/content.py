@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from wandacli.removal.in_memory import WeightChanges
+from wandacli.removal.in_memory import WeightChanges, writer_norm_scale
 
 
 @dataclass
@@ -209,9 +209,7 @@ def _remove_from_writer(
     from wandacli.removal.direction import projected_bias, writer_direction
 
     lin = changes.layers[module.key]
-    norm_scale = None
-    if "norm" in treatment:
-        norm_scale = changes.norm_scale(lin.layer, treatment["norm"], treatment["norm_offset"])
+    norm_scale = writer_norm_scale(changes.model, lin.layer, treatment)
     u = writer_direction(torch.from_numpy(module.bases["remove"]), norm_scale)
     if u is None:
         return

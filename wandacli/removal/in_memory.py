@@ -65,9 +65,6 @@ class WeightChanges:
             self._remember(key + _BIAS, None, bias.detach())
             bias.copy_(new_bias.to(device=bias.device, dtype=bias.dtype))
 
-    def norm_scale(self, layer: int, norm: str, offset: float) -> torch.Tensor:
-        return norm_scale(self.model, layer, norm, offset)
-
     def replace_embedding(self, new_embedding: torch.Tensor) -> None:
         """Set the token embedding [vocab, d] (a tied output head changes with it)."""
         with torch.no_grad():
@@ -102,10 +99,14 @@ class WeightChanges:
         self.restore()
 
 
-def norm_scale(model: Any, layer: int, norm: str, offset: float) -> torch.Tensor:
-    """offset + the weight of a norm in decoder layer `layer` (its scale per channel)."""
+def writer_norm_scale(model: Any, layer: int, treatment: dict[str, Any]) -> torch.Tensor | None:
+    """The scale g of the norm that follows a writer of decoder layer `layer`, where its
+    family's treatment names one (offset + the norm's weight, per channel); None where none
+    does. The edit and RDO's training hooks both read it here."""
     from wandacli.models.layers import decoder_layers
 
-    weight = decoder_layers(model)[layer].get_submodule(norm).weight
+    if "norm" not in treatment:
+        return None
+    weight = decoder_layers(model)[layer].get_submodule(treatment["norm"]).weight
     assert isinstance(weight, torch.Tensor)
-    return weight.detach().to(torch.float64) + offset
+    return weight.detach().to(torch.float64) + treatment["norm_offset"]

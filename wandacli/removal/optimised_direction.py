@@ -275,7 +275,7 @@ class SpanHooks:
     ) -> None:
         from wandacli.models.families import family_named
         from wandacli.models.layers import decoder_layers
-        from wandacli.removal.in_memory import norm_scale
+        from wandacli.removal.in_memory import writer_norm_scale
 
         declared = family_named(family)
         self.writers: list[tuple[Any, torch.Tensor | None]] = []
@@ -287,10 +287,7 @@ class SpanHooks:
                     "leave --direction-optimise out for this model"
                 )
             treatment = declared.writer_treatment(writer.key.split("/", 1)[1])
-            scale = None
-            if "norm" in treatment:
-                scale = norm_scale(model, writer.layer, treatment["norm"], treatment["norm_offset"])
-            self.writers.append((writer.module, scale))
+            self.writers.append((writer.module, writer_norm_scale(model, writer.layer, treatment)))
         self.embedding = model.get_input_embeddings() if embedding else None
         # A tied output head is the embedding's tensor: the edit changes it with the embedding.
         head = model.get_output_embeddings()
@@ -328,7 +325,8 @@ class SpanHooks:
             if (u := writer_direction(basis, scale)) is not None
         ]
         if self.embedding is not None:
-            span = orthonormal(basis.reshape(basis.shape[0], -1))
+            span = writer_direction(basis, None)  # R itself, orthonormal, [d, K]
+            assert span is not None
             hooks.append((self.embedding, remover(span)))
             if self.tied_head is not None:
                 # h (E − E R Rᵀ)ᵀ = h Eᵀ − (h R)(E R)ᵀ: the edited head, R keeping its gradient.

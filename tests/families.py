@@ -51,12 +51,14 @@ MIXTURES = ("mixtral", "qwen2_moe", "qwen3_moe")
 NOT_PLAIN = ("gemma2", "gemma3_text", "olmo2", "gpt_neox", "mixtral", "qwen2_moe", "qwen3_moe")
 
 
-def build_family_model(family: str, vocab_size: int, seed: int = 0):
-    """A tiny random model of `family`, norms and biases perturbed, in eval mode."""
+def build_family_model(family: str, vocab_size: int, seed: int = 0, layers: int = 2):
+    """A tiny random model of `family` with `layers` decoder layers, norms and biases
+    perturbed, in eval mode."""
     import transformers
 
     class_name, extra = FAMILY_CONFIGS[family]
-    config = getattr(transformers, class_name)(vocab_size=vocab_size, **(COMMON | extra))
+    values = COMMON | extra | {"num_hidden_layers": layers}
+    config = getattr(transformers, class_name)(vocab_size=vocab_size, **values)
     torch.manual_seed(seed)
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     if family in MIXTURES:

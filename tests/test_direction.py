@@ -1144,3 +1144,36 @@ def test_multivariate_tpe_models_the_parameters_jointly(cli, means_store, tiny_l
     assert len(json.loads(result.stdout)["trials"]) == 4
     recorded = json.loads((store / "searches" / "mv" / "search.json").read_text())
     assert recorded["config"]["sampler"] == "multivariate-tpe"
+
+
+def test_a_trial_above_the_embedding_is_measured_from_its_first_changed_layer(
+    cli, means_store, tiny_llama_dir, tmp_path, monkeypatch
+):
+    """Kernels that reach only the last layer, the embedding left alone: the search says it
+    runs each trial's KL from there, and measures every trial as the whole pass does (the same
+    search with the streams unusable)."""
+    from tests.test_search import QUICK
+    from wandacli.evaluation import divergence, lower_layers
+
+    def search(name):
+        return cli("search", "--model", tiny_llama_dir, "--store", store, "--name", name, *QUICK,
+                   "--scores", "harmful", "--utility-scores", "harmless", "--direction-layer",
+                   "1:1", "--direction-embedding", "0:0", "--attention-max-weight-position",
+                   "1:1", "--attention-min-weight-distance", "0:0", "--mlp-max-weight-position",
+                   "1:1", "--mlp-min-weight-distance", "0:0", "--direction-scale", "0.5:1",
+                   "--trials", "3", "--json")  # fmt: skip
+
+    store = copy_of_means(means_store, tmp_path)
+    shortcut = search("up")
+    assert shortcut.exit_code == 0, shortcut.stderr
+    assert "KL: each trial's pass starts at its first changed layer" in shortcut.stderr
+    unusable = lower_layers.RecordedStreams([], usable=False, why_not="off")
+    monkeypatch.setattr(divergence, "record_streams", lambda *a, **k: unusable)
+    whole = search("whole")
+    assert "KL: the whole pass on every trial (off)" in whole.stderr
+
+    def measured(result):
+        return [(t["params"], t["refusal"], t["kl"]) for t in json.loads(result.stdout)["trials"]]
+
+    assert measured(shortcut) == measured(whole)
+    assert all(kl > 0 for _, _, kl in measured(whole))

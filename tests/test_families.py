@@ -720,3 +720,59 @@ def test_lora_keeps_a_frozen_mask_bitwise_on_every_family(family):
     assert sum(id(lin.module) in adapted for lin in loaded.linear_layers) >= 6
     now = dict(model.named_parameters())
     assert all(torch.equal(now[name].detach(), value) for name, value in others.items())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_kl_from_the_first_changed_layer_equals_the_whole_pass(family, tokenizer):
+    """The search measures a trial that leaves the embedding and the lower layers alone from
+    its first changed layer, on the dense stream recorded there (evaluation/lower_layers.py):
+    on every family (sliding windows, softcapping, parallel residuals, experts) the KL equals
+    the whole pass's, and the lower layers' matrices do not run."""
+    import copy
+
+    from wandacli.evaluation.divergence import dense_distributions, kl_divergence, recorded_streams
+    from wandacli.evaluation.prompts import model_texts, read_prompts
+
+    own_tokenizer = copy.deepcopy(tokenizer)
+    own_tokenizer.pad_token = own_tokenizer.eos_token
+    model = build_family_model(family, len(tokenizer), layers=4).double()
+    loaded = loaded_of(model)
+    loaded.tokenizer = own_tokenizer
+    loaded.input_device = torch.device("cpu")
+    loaded.fingerprint = fingerprint_of(loaded.linear_layers, model)
+    loaded.model_id, loaded.dtype = family, torch.float64
+    texts, special = model_texts(own_tokenizer, read_prompts("utility", limit=7).texts, "chat")
+    dense = dense_distributions(
+        loaded, texts, positions=2, add_special_tokens=special, batch_size=3
+    )
+    streams = recorded_streams(loaded, dense)
+    assert streams.usable, streams.why_not
+    assert streams.layers == [1, 2, 3]
+    assert len(streams.batches) == len(dense.batches) >= 2
+
+    layers = decoder_layers(model)
+    ran = set()
+    for index, layer in enumerate(layers):
+        for module in layer.modules():
+            if isinstance(module, torch.nn.Linear):
+                module.register_forward_hook(lambda *_, index=index: ran.add(index))
+    generator = torch.Generator().manual_seed(3)
+    for first in (2, 3):
+        with WeightChanges(loaded) as changes:
+            for lin in loaded.linear_layers:
+                if lin.layer >= first:
+                    matrix = lin.weight_matrix().detach()
+                    noise = torch.randn(matrix.shape, generator=generator, dtype=matrix.dtype)
+                    changes.replace(lin.key, matrix + 0.2 * noise)
+            assert changes.unchanged_below() == first
+            whole = kl_divergence(loaded, dense)
+            ran.clear()
+            shortcut = kl_divergence(
+                loaded, dense, streams=streams, unchanged_below=changes.unchanged_below()
+            )
+        assert whole > 1e-4
+        assert shortcut == pytest.approx(whole, rel=1e-9, abs=0)
+        assert min(ran) == first  # the prefix's pass and the suffixes' both started there
+    assert kl_divergence(loaded, dense, streams=streams, unchanged_below=4) == pytest.approx(
+        0.0, abs=1e-12
+    )

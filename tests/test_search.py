@@ -559,6 +559,89 @@ def test_refusal_measures_equal_the_unshared_computation(peaked_model_dir):
     assert score == pytest.approx(expected / len(texts), rel=1e-4, abs=1e-6)
 
 
+def test_a_refusal_rate_stopped_at_each_phrase_counts_the_same(peaked_model_dir, monkeypatch):
+    """The search's refusal rate stops a response at its first refusal phrase (it is a refusal
+    whatever follows), and a batch once each of its responses has one or has ended: the same
+    rate as the whole responses, each stopped response the start of its whole one."""
+    from wandacli.core import reference
+    from wandacli.evaluation.keyword_rule import has_refusal_phrase
+    from wandacli.evaluation.prompts import model_texts, read_prompts
+    from wandacli.evaluation.refusal import refusal_rate
+
+    loaded = loaded_model(peaked_model_dir)
+    prompts = read_prompts("advbench", offset=100, limit=8).texts
+    texts, special = model_texts(loaded.tokenizer, prompts, "chat")
+
+    def rate_and_responses(stop):
+        return refusal_rate(loaded, texts, add_special_tokens=special, max_new_tokens=8,
+                            batch_size=4, stop_at_phrase=stop)  # fmt: skip
+
+    _, first = rate_and_responses(False)
+    # The tiny model's own openings as "refusal phrases": half its responses refuse.
+    monkeypatch.setattr(reference, "REFUSAL_PHRASES", tuple({r.text[:4] for r in first[::2]}))
+    rate, whole = rate_and_responses(False)
+    stopped_rate, stopped = rate_and_responses(True)
+    assert 0 < rate < 1
+    assert stopped_rate == rate
+    for full, cut in zip(whole, stopped, strict=True):
+        assert full.text.startswith(cut.text)
+        if not has_refusal_phrase(full.text):
+            assert cut == full
+    assert sum(map(len, (r.text for r in stopped))) < sum(map(len, (r.text for r in whole)))
+
+
+def test_a_family_whose_lower_layers_cannot_be_skipped_gets_the_whole_pass(peaked_model_dir):
+    """The pass from a layer up is checked on the dense model first: where a layer reads what a
+    lower one left (here a hook carrying layer 0's output to the last), the check fails, says
+    why, and the KL is the whole pass's."""
+    from wandacli.evaluation.divergence import (
+        dense_distributions,
+        kl_divergence,
+        recorded_streams,
+    )
+    from wandacli.evaluation.prompts import model_texts, read_prompts
+    from wandacli.models.layers import decoder_layers
+
+    loaded = loaded_model(peaked_model_dir)
+    layers = decoder_layers(loaded.model)
+    carried = {}
+    layers[0].register_forward_hook(lambda _m, _a, out: carried.update(out=out))
+    layers[-1].register_forward_hook(lambda _m, _a, out: out + carried["out"])
+    texts, special = model_texts(loaded.tokenizer, read_prompts("utility", limit=4).texts, "chat")
+    dense = dense_distributions(loaded, texts, positions=1, add_special_tokens=special)
+    streams = recorded_streams(loaded, dense)
+    assert not streams.usable
+    assert "moved the logits" in streams.why_not
+    assert streams.start_for(len(layers) - 1) is None
+    with WeightChanges(loaded) as changes:
+        top = [lin for lin in loaded.linear_layers if lin.layer == len(layers) - 1][0]
+        changes.replace(top.key, top.weight_matrix().detach() * 1.5)
+        whole = kl_divergence(loaded, dense)
+        assert (
+            kl_divergence(loaded, dense, streams=streams, unchanged_below=changes.unchanged_below())
+            == whole
+            > 0
+        )
+
+
+def test_weight_changes_say_what_they_left_alone(peaked_model_dir):
+    """`unchanged_below`: the layer count untouched, the lowest changed layer, 0 once the
+    embedding changed (it feeds every layer); restored, untouched again."""
+    loaded = loaded_model(peaked_model_dir)
+    count = 1 + max(lin.layer for lin in loaded.linear_layers)
+    by_layer = {lin.layer: lin for lin in loaded.linear_layers}
+    with WeightChanges(loaded) as changes:
+        assert changes.unchanged_below() == count
+        changes.zero(by_layer[1].key, np.eye(*by_layer[1].shape, dtype=bool))
+        assert changes.unchanged_below() == 1
+        changes.replace(by_layer[0].key, by_layer[0].weight_matrix().detach() * 2)
+        assert changes.unchanged_below() == 0
+        changes.replace_embedding(loaded.model.get_input_embeddings().weight.detach() * 2)
+        assert changes.unchanged_below() == 0
+        changes.restore()
+        assert changes.unchanged_below() == count
+
+
 def test_a_search_on_the_refusal_score(cli, sets_store, tiny_llama_dir, tmp_path):
     store = copy_store(sets_store, tmp_path)
     result = search(

@@ -28,7 +28,8 @@ from wandacli.config.evaluation import KL_POSITIONS
 from wandacli.core.console import NullReporter, Reporter
 from wandacli.core.durable import atomic_write_bytes
 from wandacli.core.errors import ConfigError
-from wandacli.evaluation.prefix import forward_logits, unpadded_rows
+from wandacli.evaluation.lower_layers import RecordedStreams, record_streams
+from wandacli.evaluation.prefix import PassPlan, forward_logits, unpadded_rows
 from wandacli.models.pretrained import weights_sample_digest
 
 KL_RULE = (
@@ -113,16 +114,32 @@ def dense_distributions(
 
 
 def kl_divergence(
-    loaded: Any, dense: DenseDistributions, *, reporter: Reporter | None = None
+    loaded: Any,
+    dense: DenseDistributions,
+    *,
+    reporter: Reporter | None = None,
+    streams: RecordedStreams | None = None,
+    unchanged_below: int = 0,
 ) -> float:
-    """Mean KL(dense ‖ model) in nats over the valid (prompt, position) pairs."""
+    """Mean KL(dense ‖ model) in nats over the valid (prompt, position) pairs. With `streams`
+    (recorded on the dense model for these batches) and a model whose embedding and layers
+    below `unchanged_below` are the dense model's, each pass starts at the highest recorded
+    layer there (evaluation/lower_layers.py)."""
+    from wandacli.models.layers import decoder_layers
+
     reporter = reporter or NullReporter()
+    start = streams.start_for(unchanged_below) if streams is not None else None
+    layers = decoder_layers(loaded.model) if start is not None else None
     total = 0.0
     counted = 0
     reporter.start("KL: prompts", total=dense.prompts)
-    for batch in dense.batches:
+    for index, batch in enumerate(dense.batches):
         log_probs = _position_log_probs(
-            loaded, batch.input_ids, batch.attention_mask, dense.positions
+            loaded,
+            batch.input_ids,
+            batch.attention_mask,
+            dense.positions,
+            plan=streams.plan(layers, index, start) if streams is not None else None,
         )
         reference = batch.log_probs
         if log_probs.shape[-1] != reference.shape[-1]:
@@ -140,6 +157,13 @@ def kl_divergence(
     reporter.finish()
     # Rounding can leave a hair below zero where the distributions are equal.
     return max(total / counted, 0.0) if counted else 0.0
+
+
+def recorded_streams(loaded: Any, dense: DenseDistributions) -> RecordedStreams:
+    """The dense model's streams entering its layers on the KL's batches (call this before a
+    mask or edit is applied), for `kl_divergence(..., streams=)`."""
+    batches = [(batch.input_ids, batch.attention_mask) for batch in dense.batches]
+    return record_streams(loaded, batches, dense.positions)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -258,12 +282,16 @@ def _greedy_continuation(
 
 
 def _position_log_probs(
-    loaded: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, positions: int
+    loaded: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    positions: int,
+    plan: PassPlan | None = None,
 ) -> torch.Tensor:
     """Log-probabilities [b, k, vocab] float32 at the last k positions, on the CPU (the
     batch's shared prefix, the chat template's opening, computed once: evaluation/prefix.py)."""
     rows = unpadded_rows(input_ids, attention_mask)
-    logits = forward_logits(loaded, rows, positions, int(loaded.tokenizer.pad_token_id))
+    logits = forward_logits(loaded, rows, positions, int(loaded.tokenizer.pad_token_id), plan=plan)
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 

@@ -15,9 +15,10 @@ trial on a changed model.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -63,35 +64,61 @@ def prefixed_batch(rows: Sequence[Sequence[int]], prefix_length: int, pad_id: in
     return PrefixedBatch(prefix, ids, mask, positions)
 
 
-def prefix_cache(model: Any, prefix: torch.Tensor, batch: int, device: Any) -> Any:
+class PassPlan(Protocol):
+    """How one batch's two passes run, where not as the whole model: a recording of the layers'
+    inputs, or a pass from a layer up (evaluation/lower_layers.py)."""
+
+    def prefix(self) -> contextlib.AbstractContextManager[Any]:
+        """What the prefix's pass runs under."""
+        ...
+
+    def prefix_cache(self, cache: Any) -> Any:
+        """The prefix's cache as the suffixes' pass is to read it."""
+        ...
+
+    def suffix(self) -> contextlib.AbstractContextManager[Any]:
+        """What the suffixes' pass runs under."""
+        ...
+
+
+def prefix_cache(
+    model: Any, prefix: torch.Tensor, batch: int, device: Any, plan: PassPlan | None = None
+) -> Any:
     """The prefix's keys and values, repeated for `batch` rows (a fresh cache each call: a
     forward pass or generate appends to it); None for an empty prefix."""
     if prefix.shape[1] == 0:
         return None
     from wandacli.models.pretrained import output_cache
 
-    with torch.no_grad():
+    with torch.no_grad(), plan.prefix() if plan else contextlib.nullcontext():
         cache = output_cache(model(input_ids=prefix.to(device), use_cache=True))
+    if plan is not None:
+        cache = plan.prefix_cache(cache)
     cache.batch_repeat_interleave(batch)
     return cache
 
 
 def forward_logits(
-    loaded: Any, rows: Sequence[Sequence[int]], positions: int, pad_id: int
+    loaded: Any,
+    rows: Sequence[Sequence[int]],
+    positions: int,
+    pad_id: int,
+    *,
+    plan: PassPlan | None = None,
 ) -> torch.Tensor:
     """Logits [b, positions, vocab] at the last `positions` tokens of each row, the rows'
-    shared prefix computed once."""
+    shared prefix computed once; both passes run as `plan` says, where one is given."""
     from wandacli.models.pretrained import accepts_logits_to_keep, cache_keyword
 
     model = loaded.model
     prefix_length = shared_prefix_length(rows, keep=positions)
     batch = prefixed_batch(rows, prefix_length, pad_id)
     device = loaded.input_device
-    cache = prefix_cache(model, batch.prefix, len(rows), device)
+    cache = prefix_cache(model, batch.prefix, len(rows), device, plan)
     keep: dict[str, Any] = {"logits_to_keep": positions} if accepts_logits_to_keep(model) else {}
     if cache is not None:
         keep[cache_keyword(model)] = cache
-    with torch.no_grad():
+    with torch.no_grad(), plan.suffix() if plan else contextlib.nullcontext():
         logits = model(
             input_ids=batch.suffix_ids.to(device),
             attention_mask=batch.attention_mask.to(device),

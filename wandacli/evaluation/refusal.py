@@ -21,7 +21,7 @@ import torch
 
 from wandacli.core.console import NullReporter, Reporter
 from wandacli.evaluation.backends.base import Response
-from wandacli.evaluation.keyword_rule import keyword_success
+from wandacli.evaluation.keyword_rule import has_refusal_phrase, keyword_success
 
 # How refusals open: Llama-2-7b-chat's refusals (the shipped safety set, which the demo's
 # organism learnt) start "I cannot", "I apologize", "As a responsible AI"; other chat models
@@ -43,9 +43,13 @@ def refusal_rate(
     max_new_tokens: int,
     batch_size: int,
     reporter: Reporter | None = None,
+    stop_at_phrase: bool = False,
 ) -> tuple[float, list[Response]]:
     """(share of greedy responses the keyword rule calls refusals, the responses), generated
-    as eval-attack generates them (each batch's shared prefix computed once)."""
+    as eval-attack generates them (each batch's shared prefix computed once). `stop_at_phrase`:
+    a response stops at its first refusal phrase (it is a refusal whatever follows), a batch
+    when each of its responses has one or has ended; the rate is the same, the responses of
+    refusals shorter."""
     from wandacli.evaluation.backends.hf import HFGenerator
 
     reporter = reporter or NullReporter()
@@ -54,7 +58,12 @@ def refusal_rate(
     )
     reporter.start("refusal: prompts", total=len(texts))
     generated = generator.generate(
-        texts, add_special_tokens=add_special_tokens, samples=1, sampling=False, seed=0
+        texts,
+        add_special_tokens=add_special_tokens,
+        samples=1,
+        sampling=False,
+        seed=0,
+        decided=has_refusal_phrase if stop_at_phrase else None,
     )
     reporter.finish()
     responses = [group[0] for group in generated]

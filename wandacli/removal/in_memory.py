@@ -24,8 +24,12 @@ class WeightChanges:
         self.embedding = loaded.model.get_input_embeddings().weight
         self.undo = undo
         self._undo: list[tuple[str, Any, torch.Tensor]] = []
+        self._lowest_changed: int | None = None  # a decoder layer's index; -1: the embedding
 
     def _remember(self, key: str, index: Any, saved: torch.Tensor) -> None:
+        layer = -1 if key == _EMBEDDING else self.layers[key.removesuffix(_BIAS)].layer
+        if self._lowest_changed is None or layer < self._lowest_changed:
+            self._lowest_changed = layer
         if self.undo:
             self._undo.append((key, index, saved.clone()))
 
@@ -73,8 +77,19 @@ class WeightChanges:
                 new_embedding.to(device=self.embedding.device, dtype=self.embedding.dtype)
             )
 
+    def unchanged_below(self) -> int:
+        """The first decoder layer with a change: the embedding and every layer below it are
+        as they were (0 where the embedding changed; the layer count where nothing did)."""
+        from wandacli.models.layers import decoder_layers
+
+        if self._lowest_changed is None:
+            return len(decoder_layers(self.model))
+        return max(self._lowest_changed, 0)
+
     def restore(self) -> None:
         """Every weight as it was, in the reverse order of the changes."""
+        if self.undo:
+            self._lowest_changed = None
         with torch.no_grad():
             while self._undo:
                 key, index, saved = self._undo.pop()

@@ -8,8 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from wandacli.config.ranges import BestRule
-from wandacli.core.console import Reporter
-from wandacli.evaluation.divergence import DenseDistributions, dense_distributions, kl_divergence
+from wandacli.core.console import Reporter, info
+from wandacli.evaluation.divergence import (
+    DenseDistributions,
+    dense_distributions,
+    kl_divergence,
+    recorded_streams,
+)
+from wandacli.evaluation.lower_layers import describe
 from wandacli.evaluation.prompts import PromptSet, model_texts, template_for
 from wandacli.evaluation.refusal import refusal_rate, refusal_score
 from wandacli.search.config import SearchConfig
@@ -40,6 +46,9 @@ class Objectives:
             loaded.tokenizer, kl_prompts.texts, self.template
         )
         self.dense_kl = self.dense(self.kl_texts, config.kl_settings.kl_positions, self.kl_special)
+        # A trial that leaves the lower layers alone starts the KL's pass above them.
+        self.streams = recorded_streams(loaded, self.dense_kl)
+        info(describe(self.streams))
 
     def dense(self, texts: list[str], positions: int, special: bool) -> DenseDistributions:
         """The dense model's next-token distributions on `texts` (cached in the search's
@@ -69,11 +78,17 @@ class Objectives:
             add_special_tokens=self.special,
             max_new_tokens=config.max_new_tokens,
             batch_size=config.batch_size,
+            stop_at_phrase=True,  # only the rate is kept
         )
         return rate
 
-    def measure(self) -> dict[str, float]:
-        return {"refusal": self.refusal(), "kl": kl_divergence(self.loaded, self.dense_kl)}
+    def measure(self, unchanged_below: int = 0) -> dict[str, float]:
+        """Both objectives of the model as it is now; `unchanged_below`: its embedding and
+        layers below that index are the dense model's (`WeightChanges.unchanged_below`)."""
+        kl = kl_divergence(
+            self.loaded, self.dense_kl, streams=self.streams, unchanged_below=unchanged_below
+        )
+        return {"refusal": self.refusal(), "kl": kl}
 
 
 # heretic 1.4.0's objective (../REFERENCE: "Objectives"): refusals ÷ the original's refusals and

@@ -298,7 +298,7 @@ class SearchRun:
                     with WeightChanges(loaded) as changes:
                         applied = removals.apply(params, changes)
                         built = time.monotonic() - proposed
-                        values = objectives.measure()
+                        values = objectives.measure(changes.unchanged_below())
                     amount_key, amount = applied.amount_name, applied.amount
                 trial.set_user_attr("index", completed)
                 trial.set_user_attr(amount_key, amount)
@@ -341,7 +341,7 @@ class SearchRun:
             applied = removals.apply(best["params"], changes)
             changes.restore()
             removals.apply_control(applied, changes, self.config.seed)
-            values = objectives.measure()
+            values = objectives.measure(changes.unchanged_below())
         return {
             "of_index": best["index"],
             "params": best["params"],

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +35,7 @@ class HFGenerator:
         sampling: bool,
         seed: int,
         temperature: float = 1.0,
+        decided: Callable[[str], bool] | None = None,
     ) -> list[list[Response]]:
         """For each text, `samples` continuations (greedy, or sampled at `temperature` with a
         seed per batch: top-k and top-p off, as vLLM's defaults; evaluation/sampling.py draws).
@@ -43,9 +44,14 @@ class HFGenerator:
         shared prefix is computed once and its keys and values repeated along the batch, each
         prompt's own tokens fed after it (evaluation/prefix.py), the same computation as the
         whole prompts left-padded, up to float rounding. The sampled setting's rows are each
-        prompt repeated `samples` times."""
+        prompt repeated `samples` times.
+
+        `decided`: a row whose text so far it holds true of needs no more tokens (padding
+        follows), and a batch whose rows are all decided or ended stops: the search's refusal
+        rate, where a refusal phrase once generated is in the response whatever follows. The
+        responses of such rows end there."""
         import torch
-        from transformers import GenerationConfig, LogitsProcessorList
+        from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
         from wandacli.evaluation.prefix import prefix_cache, prefixed_batch, shared_prefix_length
         from wandacli.evaluation.sampling import InverseCdfSampler
@@ -78,12 +84,14 @@ class HFGenerator:
             extra = {cache_keyword(model): cache} if cache is not None else {}
             # Same samples for the same batches on every run.
             sampler = [InverseCdfSampler(temperature, seed + start)] if sampling else []
+            stops = [_Decided(tokenizer, batch.full_ids.shape[1], decided)] if decided else []
             with torch.no_grad():
                 output = model.generate(
                     input_ids=batch.full_ids.to(device),
                     attention_mask=batch.attention_mask.to(device),
                     generation_config=generation_config,
                     logits_processor=LogitsProcessorList(sampler),
+                    stopping_criteria=StoppingCriteriaList(stops),
                     **extra,
                 )
             new_tokens = output[:, batch.full_ids.shape[1] :].cpu()
@@ -98,6 +106,24 @@ class HFGenerator:
 
     def close(self) -> None:
         """Nothing to release: the model belongs to the model under test."""
+
+
+class _Decided:
+    """A stopping criterion (transformers' protocol: one bool a row): the row's new text so far
+    satisfies `decided`."""
+
+    def __init__(self, tokenizer: Any, prompt_width: int, decided: Callable[[str], bool]) -> None:
+        self.tokenizer = tokenizer
+        self.prompt_width = prompt_width
+        self.decided = decided
+
+    def __call__(self, input_ids: Any, scores: Any, **kwargs: Any) -> Any:
+        import torch
+
+        texts = self.tokenizer.batch_decode(
+            input_ids[:, self.prompt_width :], skip_special_tokens=True
+        )
+        return torch.tensor([self.decided(t) for t in texts], device=input_ids.device)
 
 
 def _start(config: Any, under_test: Any, out: Path, reporter: Reporter) -> HFGenerator:

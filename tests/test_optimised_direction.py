@@ -151,3 +151,31 @@ def test_the_addition_adds_the_direction_not_its_opposite(
     plain = expected_direction(store, 1, -1).double()
     assert len(added) == 1 + int(STEPS)
     assert all(float(v @ plain) > 0 and float(v @ r) > 0 for v in added)
+
+
+@pytest.mark.parametrize("command", ["prune", "search"])
+def test_experts_are_refused_before_the_model_loads(
+    cli, means_store, tmp_path, tokenizer, monkeypatch, command
+):
+    """RDO's hooks project whole writer modules: a model whose expert writers are slices of a
+    3-D parameter is refused from its config, in one line, before any weight is read."""
+    from tests.conftest import save_model
+    from tests.families import build_family_model
+    from wandacli.models import loader
+
+    experts_dir = save_model(
+        build_family_model("mixtral", len(tokenizer)), tokenizer, tmp_path / "mixtral"
+    )
+
+    def no_loading(*_args, **_kwargs):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(loader, "load_pretrained", no_loading)
+    args = ["--store", means_store, "--scores", "harmful", "--utility-scores", "harmless",
+            "--model", experts_dir, "--device", "cpu", "--name", "x", "--no-progress"]  # fmt: skip
+    if command == "prune":
+        result = cli("prune", *args, "--direction-layer", "1", "--direction-optimise", "2")
+    else:
+        result = cli("search", *args, "--direction-layer", "1:1", "--direction-optimise", "2:2",
+                     "--trials", "1")  # fmt: skip
+    assert_one_line_error(result, "mlp.experts.0.down_proj is part of mlp.experts")

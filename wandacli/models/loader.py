@@ -65,6 +65,7 @@ class ModelStructure:
     layers_path: str
     transposed: frozenset[str]  # keys of Conv1D layers (weights stored [in, out])
     layers: list[LinearLayer]  # on the meta device: where each matrix sits in its parameter
+    hidden_size: int  # the residual stream's width (the embedding's)
 
 
 def model_structure(spec: ModelSpec) -> ModelStructure:
@@ -92,6 +93,7 @@ def model_structure(spec: ModelSpec) -> ModelStructure:
         layers_path=decoder_layers_path(skeleton),
         transposed=frozenset(lin.key for lin in layers if lin.transposed),
         layers=layers,
+        hidden_size=int(skeleton.get_input_embeddings().weight.shape[-1]),
     )
 
 

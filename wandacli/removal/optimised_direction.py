@@ -43,6 +43,16 @@ RULE = (
 )
 
 
+def sliced_writer(writer: Any) -> ConfigError:
+    """The refusal of a writer that is a slice of a parameter (an expert's matrix): the
+    training's hooks project whole modules' outputs."""
+    return ConfigError(
+        f"--direction-optimise removes the span from whole writer modules; {writer.key} is "
+        f"part of {writer.module_name} (experts, fused matrices): leave --direction-optimise "
+        "out for this model"
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Optimisation:
     """How the direction is refined: its steps, Adam's learning rate, the three losses'
@@ -281,11 +291,7 @@ class SpanHooks:
         self.writers: list[tuple[Any, torch.Tensor | None]] = []
         for writer in writers:
             if writer.module_name is not None:
-                raise ConfigError(
-                    f"--direction-optimise removes the span from whole writer modules; "
-                    f"{writer.key} is part of {writer.module_name} (experts, fused matrices): "
-                    "leave --direction-optimise out for this model"
-                )
+                raise sliced_writer(writer)
             treatment = declared.writer_treatment(writer.key.split("/", 1)[1])
             self.writers.append((writer.module, writer_norm_scale(model, writer.layer, treatment)))
         self.embedding = model.get_input_embeddings() if embedding else None

@@ -98,7 +98,7 @@ class TrialRemovals:
         )
         self.sets = self.kind.open(template, root)
         try:
-            self.kind.check_ranges(config.searched(), self.sets)
+            self.kind.check_ranges(config.searched(), self.sets, config.model)
         except BaseException:
             self.close()
             raise

@@ -166,8 +166,11 @@ class RemovalKind:
     def search_name(self) -> str:
         return self.searched_as or self.name
 
-    def check_ranges(self, ranges: dict[str, ParameterRange], sets: Sets) -> None:
-        """A search's ranges checked against the sets (a rank within every module's)."""
+    def check_ranges(
+        self, ranges: dict[str, ParameterRange], sets: Sets, model: Any = None
+    ) -> None:
+        """A search's ranges checked against the sets (a rank within every module's) and,
+        where a range trains on it, the model (its config alone: nothing loads)."""
 
     def prepare_trials(self, sets: Sets, loaded: Any, reporter: Any) -> Any:
         """What every trial of a search needs, computed once (None: nothing)."""

@@ -356,6 +356,8 @@ class Direction(EditKind):
                 f"--direction-optimise {settings.direction_optimise} trains on the model: pass "
                 "--model"
             )
+        if settings.direction_optimise:
+            _check_whole_writers(request.model)
         if settings.direction_per_layer and settings.direction_optimise:
             raise ConfigError(
                 "--direction-per-layer takes each layer's own direction, which "
@@ -745,8 +747,13 @@ class Direction(EditKind):
             ],
         }
 
-    def check_ranges(self, ranges: dict[str, ParameterRange], sets: Sets) -> None:
-        """The ranges within the sets' streams and positions."""
+    def check_ranges(
+        self, ranges: dict[str, ParameterRange], sets: Sets, model: Any = None
+    ) -> None:
+        """The ranges within the sets' streams and positions; a model RDO can train on."""
+        optimise = ranges.get("direction_optimise")
+        if optimise is not None and optimise.high > 0 and model is not None:
+            _check_whole_writers(model)
         streams, positions = sets.fingerprint.num_layers + 1, sets.primary.positions
         if ranges["direction_layer"].high > streams - 1:
             raise ConfigError(
@@ -867,3 +874,18 @@ def _describe_means(means: Any, role: str) -> dict[str, Any]:
 
 
 KIND = Direction()
+
+
+def _check_whole_writers(model: Any) -> None:
+    """RDO's training hooks project whole writer modules' outputs: a model whose writers are
+    slices of one parameter (experts in transformers 5) is refused from its config alone,
+    before any weight loads."""
+    from wandacli.models.loader import model_structure
+    from wandacli.removal.direction import writer_keys
+    from wandacli.removal.optimised_direction import sliced_writer
+
+    structure = model_structure(model)
+    writers = set(writer_keys(structure.fingerprint, structure.hidden_size))
+    for lin in structure.layers:
+        if lin.key in writers and lin.module_name is not None:
+            raise sliced_writer(lin)

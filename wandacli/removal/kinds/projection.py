@@ -148,7 +148,9 @@ class Projection(RankEditKind):
 
     # -- a search's trials --------------------------------------------------------------
 
-    def check_ranges(self, ranges: dict[str, ParameterRange], sets: Sets) -> None:
+    def check_ranges(
+        self, ranges: dict[str, ParameterRange], sets: Sets, model: Any = None
+    ) -> None:
         """A rank range must fit every module it edits: one line naming the first that not."""
         shapes = sets.fingerprint.shapes
         for key in sets.keys:

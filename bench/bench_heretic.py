@@ -32,7 +32,8 @@ Variations, each in a `--work` folder of its own (heretic's run can be copied in
 `--space heretic` cuts wandacli's space to heretic's; `--sampler` and `--objective` choose what
 proposes wandacli's trials and what it is told; `--optimise STEPS` refines the direction by RDO;
 `--seed` reseeds both searches; `--recount-kl KL` counts wandacli's front points up to KL with
-heretic's counter too, and prints both fronts in that one measure.
+heretic's counter too, and prints both fronts in that one measure; `--wandacli-trials N` gives
+wandacli another budget (as many trials as fit in heretic's wall time, say).
 """
 
 from __future__ import annotations
@@ -439,6 +440,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--trials", type=int, default=16, help="trials for each tool")
     parser.add_argument("--startup-trials", type=int, default=8, help="random trials first")
     parser.add_argument(
+        "--wandacli-trials",
+        type=int,
+        metavar="N",
+        help="wandacli's budget where it is not heretic's (--trials): e.g. as many trials as fit "
+        "in heretic's wall time",
+    )
+    parser.add_argument(
         "--heretic-tokens",
         type=int,
         default=HERETIC_DEFAULT_TOKENS,
@@ -595,7 +603,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             search["utility_scores"],
             *search_flags(search),
             "--trials",
-            str(args.trials),
+            str(args.wandacli_trials or args.trials),
             "--startup-trials",
             str(args.startup_trials),
             "--keep-best",
@@ -681,6 +689,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ours_seconds = [t["seconds"] for t in summary["trials"] if t.get("state") == "COMPLETE"]
     report = {
         "trials": args.trials,
+        "wandacli_trials": args.wandacli_trials or args.trials,
         "startup_trials": args.startup_trials,
         "sampler": args.sampler,
         "objective": args.objective,
@@ -800,7 +809,8 @@ def print_table(report: dict[str, Any]) -> None:
     h, w, held = report["heretic"], report["wandacli"], report["held_out"]
     table = Table(
         title=f"heretic {HERETIC_VERSION} and wandacli search side by side, {report['trials']} "
-        f"trials each ({report['startup_trials']} random); each point chosen by {report['rule']}"
+        f"trials for heretic, {report.get('wandacli_trials', report['trials'])} for wandacli "
+        f"({report['startup_trials']} random); each point chosen by {report['rule']}"
     )
     # (column, its held-out figures, its count by heretic's counter, its trial seconds)
     columns = [

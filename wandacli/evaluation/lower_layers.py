@@ -203,8 +203,10 @@ def record_streams(
     tokens = sum(int(ids.numel()) for ids, _ in batches)
     per_layer = tokens * int(embedding.shape[-1]) * embedding.element_size()
     wanted = layers_to_record(len(layers), per_layer, budget)
-    if not wanted or not batches:
+    if not wanted:
         return _unusable("the model has one decoder layer")
+    if not batches:
+        return _unusable("no prompts")
     recorded = RecordedStreams(wanted, len(layers))
     pad_id = int(loaded.tokenizer.pad_token_id)
     whole = None

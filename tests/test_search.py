@@ -642,6 +642,36 @@ def test_weight_changes_say_what_they_left_alone(peaked_model_dir):
         assert changes.unchanged_below() == count
 
 
+def test_a_mask_search_records_the_lower_layers_only_where_a_trial_can_skip_them(
+    cli, sets_store, tiny_llama_dir, tmp_path, monkeypatch
+):
+    """A set difference over every layer changes layer 0 on every trial: nothing is recorded,
+    and the log says why. Over layer 1 only, each trial's KL starts there, and measures what
+    the whole pass measures (the same search without the recording)."""
+    store = copy_store(sets_store, tmp_path)
+    every = search(cli, tiny_llama_dir, store, "every", *SET_DIFFERENCE, "--trials", "2", "--json")
+    assert every.exit_code == 0, every.stderr
+    assert "KL: the whole pass on every trial (every trial changes the embedding or layer 0)" in (
+        every.stderr
+    )
+    upper = search(cli, tiny_llama_dir, store, "upper", *SET_DIFFERENCE, "--layers", "1",
+                   "--trials", "2", "--json")  # fmt: skip
+    assert upper.exit_code == 0, upper.stderr
+    assert "KL: each trial's pass starts at its first changed layer" in upper.stderr
+    from wandacli.evaluation import divergence, lower_layers
+
+    unusable = lower_layers.RecordedStreams([], usable=False, why_not="off")
+    monkeypatch.setattr(divergence, "record_streams", lambda *a, **k: unusable)
+    whole = search(cli, tiny_llama_dir, store, "whole", *SET_DIFFERENCE, "--layers", "1",
+                   "--trials", "2", "--json")  # fmt: skip
+
+    def measured(result):
+        return [(t["params"], t["refusal"], t["kl"]) for t in json.loads(result.stdout)["trials"]]
+
+    assert measured(upper) == measured(whole)
+    assert all(kl > 0 for _, _, kl in measured(upper))
+
+
 def test_a_search_on_the_refusal_score(cli, sets_store, tiny_llama_dir, tmp_path):
     store = copy_store(sets_store, tmp_path)
     result = search(

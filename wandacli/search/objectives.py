@@ -15,7 +15,7 @@ from wandacli.evaluation.divergence import (
     kl_divergence,
     recorded_streams,
 )
-from wandacli.evaluation.lower_layers import describe
+from wandacli.evaluation.lower_layers import RecordedStreams, describe
 from wandacli.evaluation.prompts import PromptSet, model_texts, template_for
 from wandacli.evaluation.refusal import refusal_rate, refusal_score
 from wandacli.search.config import SearchConfig
@@ -33,6 +33,7 @@ class Objectives:
         kl_prompts: PromptSet,
         directory: Path,
         reporter: Reporter,
+        record_streams: bool = True,
     ) -> None:
         self.config = config
         self.loaded = loaded
@@ -46,8 +47,15 @@ class Objectives:
             loaded.tokenizer, kl_prompts.texts, self.template
         )
         self.dense_kl = self.dense(self.kl_texts, config.kl_settings.kl_positions, self.kl_special)
-        # A trial that leaves the lower layers alone starts the KL's pass above them.
-        self.streams = recorded_streams(loaded, self.dense_kl)
+        # A trial that leaves the lower layers alone starts the KL's pass above them; where no
+        # trial can, nothing is recorded (one KL pass and up to 2 GiB of host memory saved).
+        self.streams = (
+            recorded_streams(loaded, self.dense_kl)
+            if record_streams
+            else RecordedStreams(
+                [], usable=False, why_not="every trial changes the embedding or layer 0"
+            )
+        )
         info(describe(self.streams))
 
     def dense(self, texts: list[str], positions: int, special: bool) -> DenseDistributions:

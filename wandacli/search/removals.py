@@ -112,6 +112,10 @@ class TrialRemovals:
         """The two mean-activations sets' means (the refusal direction)."""
         return self.sets.extra["means"]
 
+    def may_leave_lower_layers(self) -> bool:
+        """Whether some trial may leave the embedding and layer 0 as they are (the kind says)."""
+        return self.kind.may_leave_lower_layers(self.config.searched(), self.keys)
+
     def close(self) -> None:
         self.sets.close()
 

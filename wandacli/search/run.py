@@ -181,7 +181,13 @@ class SearchRun:
         loaded = load_model(config.model)
         removals.prepare(loaded, self.reporter)
         objectives = Objectives(
-            config, loaded, search_prompts, kl_prompts, directory, self.reporter
+            config,
+            loaded,
+            search_prompts,
+            kl_prompts,
+            directory,
+            self.reporter,
+            record_streams=removals.may_leave_lower_layers(),
         )
         self._record(summary, search_prompts, kl_prompts, objectives, loaded)
         if summary.dense is None:

@@ -166,6 +166,12 @@ class RemovalKind:
     def search_name(self) -> str:
         return self.searched_as or self.name
 
+    def may_leave_lower_layers(self, ranges: dict[str, ParameterRange], keys: list[str]) -> bool:
+        """Whether a trial may leave the embedding and decoder layer 0 as they are, so that its
+        KL can run from a higher layer (evaluation/lower_layers.py): here, where none of the
+        matrices `keys` ("<layer>/<module>") is in layer 0."""
+        return min((int(key.split("/", 1)[0]) for key in keys), default=0) >= 1
+
     def check_ranges(
         self, ranges: dict[str, ParameterRange], sets: Sets, model: Any = None
     ) -> None:

@@ -747,6 +747,12 @@ class Direction(EditKind):
             ],
         }
 
+    def may_leave_lower_layers(self, ranges: dict[str, ParameterRange], keys: list[str]) -> bool:
+        """Where some trials leave the embedding alone (`--direction-embedding 0` or 0:1), a
+        kernel may leave the lower layers too."""
+        embedding = ranges.get("direction_embedding")
+        return embedding is not None and embedding.low == 0
+
     def check_ranges(
         self, ranges: dict[str, ParameterRange], sets: Sets, model: Any = None
     ) -> None:

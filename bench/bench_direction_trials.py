@@ -53,17 +53,7 @@ def search(store: Any, name: str, trials: int, *, whole: bool) -> dict[str, Any]
     """The search in-process (`whole`: the lower layers run and the responses run out)."""
     from typer.testing import CliRunner
 
-    from bench.bench_heretic import (
-        BATCH_SIZE,
-        KL_LIMIT,
-        MAX_NEW_TOKENS,
-        ORGANISM,
-        SEARCH_LIMIT,
-        SEARCH_OFFSET,
-        heretic_space,
-        rich_search,
-        search_flags,
-    )
+    from bench.bench_heretic import MEASURES, ORGANISM, heretic_space, rich_search, search_flags
     from wandacli.cli import app
     from wandacli.evaluation import divergence, lower_layers
     from wandacli.search import objectives
@@ -73,15 +63,13 @@ def search(store: Any, name: str, trials: int, *, whole: bool) -> dict[str, Any]
     args = ["search", "--model", ORGANISM, "--dtype", "float32", "--device", "cpu", "--store",
             str(store), "--name", name, "--scores", space["scores"], "--utility-scores",
             space["utility_scores"], *search_flags(space), "--trials", str(trials),
-            "--startup-trials", str(trials), "--objective", "heretic", "--offset",
-            str(SEARCH_OFFSET), "--limit", str(SEARCH_LIMIT), "--kl-limit", str(KL_LIMIT),
-            "--kl-positions", "1", "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size",
-            str(BATCH_SIZE), "--seed", "0", "--no-control", "--no-progress", "--json"]  # fmt: skip
+            "--startup-trials", str(trials), "--objective", "heretic", *MEASURES, "--seed", "0",
+            "--no-control", "--no-progress", "--json"]  # fmt: skip
     with ExitStack() as patches:
         if whole:
-            unusable = lower_layers.RecordedStreams([], usable=False, why_not="the bench's whole")
+            whole_pass = lower_layers.unusable("the bench's whole measure")
             patches.enter_context(
-                mock.patch.object(divergence, "record_streams", lambda *a, **k: unusable)
+                mock.patch.object(divergence, "record_streams", lambda *a, **k: whole_pass)
             )
             rate = objectives.refusal_rate
             patches.enter_context(

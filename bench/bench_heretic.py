@@ -68,6 +68,13 @@ MAX_NEW_TOKENS = 24  # wandacli search's default
 HERETIC_DEFAULT_TOKENS = 100  # heretic's max_response_length default
 BATCH_SIZE = 32
 SEED = 0  # the direction prompts, drawn as `score` draws them; --seed's default
+# wandacli search's prompts and measures, as heretic's are set: refusals on AdvBench 101-124
+# in 24 tokens, the first-token KL on 32 harmless prompts, batches of 32.
+MEASURES = [
+    "--offset", str(SEARCH_OFFSET), "--limit", str(SEARCH_LIMIT), "--kl-limit", str(KL_LIMIT),
+    "--kl-positions", "1", "--max-new-tokens", str(MAX_NEW_TOKENS), "--batch-size",
+    str(BATCH_SIZE),
+]  # fmt: skip
 
 
 def wandacli(*args: str, log: Path) -> None:
@@ -612,18 +619,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.objective,
             "--sampler",
             args.sampler,
-            "--offset",
-            str(SEARCH_OFFSET),
-            "--limit",
-            str(SEARCH_LIMIT),
-            "--kl-limit",
-            str(KL_LIMIT),
-            "--kl-positions",
-            "1",
-            "--max-new-tokens",
-            str(MAX_NEW_TOKENS),
-            "--batch-size",
-            str(BATCH_SIZE),
+            *MEASURES,
             "--seed",
             str(args.seed),
             "--no-control",

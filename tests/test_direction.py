@@ -1152,8 +1152,7 @@ def test_a_trial_above_the_embedding_is_measured_from_its_first_changed_layer(
     """Kernels that reach only the last layer, the embedding left alone: the search says it
     runs each trial's KL from there, and measures every trial as the whole pass does (the same
     search with the streams unusable)."""
-    from tests.test_search import QUICK
-    from wandacli.evaluation import divergence, lower_layers
+    from tests.test_search import QUICK, measured_trials, whole_pass_only
 
     def search(name):
         return cli("search", "--model", tiny_llama_dir, "--store", store, "--name", name, *QUICK,
@@ -1167,13 +1166,8 @@ def test_a_trial_above_the_embedding_is_measured_from_its_first_changed_layer(
     shortcut = search("up")
     assert shortcut.exit_code == 0, shortcut.stderr
     assert "KL: each trial's pass starts at its first changed layer" in shortcut.stderr
-    unusable = lower_layers.RecordedStreams([], usable=False, why_not="off")
-    monkeypatch.setattr(divergence, "record_streams", lambda *a, **k: unusable)
+    whole_pass_only(monkeypatch)
     whole = search("whole")
     assert "KL: the whole pass on every trial (off)" in whole.stderr
-
-    def measured(result):
-        return [(t["params"], t["refusal"], t["kl"]) for t in json.loads(result.stdout)["trials"]]
-
-    assert measured(shortcut) == measured(whole)
-    assert all(kl > 0 for _, _, kl in measured(whole))
+    assert measured_trials(shortcut) == measured_trials(whole)
+    assert all(kl > 0 for _, _, kl in measured_trials(whole))

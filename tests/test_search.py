@@ -642,6 +642,18 @@ def test_weight_changes_say_what_they_left_alone(peaked_model_dir):
         assert changes.unchanged_below() == count
 
 
+def whole_pass_only(monkeypatch) -> None:
+    """Searches record no streams (evaluation/lower_layers.py): every KL by the whole pass."""
+    from wandacli.evaluation import divergence, lower_layers
+
+    monkeypatch.setattr(divergence, "record_streams", lambda *a, **k: lower_layers.unusable("off"))
+
+
+def measured_trials(result) -> list[tuple]:
+    """A `search --json` run's trials: (parameters, refusal, KL)."""
+    return [(t["params"], t["refusal"], t["kl"]) for t in json.loads(result.stdout)["trials"]]
+
+
 def test_a_mask_search_records_the_lower_layers_only_where_a_trial_can_skip_them(
     cli, sets_store, tiny_llama_dir, tmp_path, monkeypatch
 ):
@@ -658,18 +670,11 @@ def test_a_mask_search_records_the_lower_layers_only_where_a_trial_can_skip_them
                    "--trials", "2", "--json")  # fmt: skip
     assert upper.exit_code == 0, upper.stderr
     assert "KL: each trial's pass starts at its first changed layer" in upper.stderr
-    from wandacli.evaluation import divergence, lower_layers
-
-    unusable = lower_layers.RecordedStreams([], usable=False, why_not="off")
-    monkeypatch.setattr(divergence, "record_streams", lambda *a, **k: unusable)
+    whole_pass_only(monkeypatch)
     whole = search(cli, tiny_llama_dir, store, "whole", *SET_DIFFERENCE, "--layers", "1",
                    "--trials", "2", "--json")  # fmt: skip
-
-    def measured(result):
-        return [(t["params"], t["refusal"], t["kl"]) for t in json.loads(result.stdout)["trials"]]
-
-    assert measured(upper) == measured(whole)
-    assert all(kl > 0 for _, _, kl in measured(upper))
+    assert measured_trials(upper) == measured_trials(whole)
+    assert all(kl > 0 for _, _, kl in measured_trials(upper))
 
 
 def test_a_search_on_the_refusal_score(cli, sets_store, tiny_llama_dir, tmp_path):

@@ -204,9 +204,9 @@ def record_streams(
     per_layer = tokens * int(embedding.shape[-1]) * embedding.element_size()
     wanted = layers_to_record(len(layers), per_layer, budget)
     if not wanted:
-        return _unusable("the model has one decoder layer")
+        return unusable("the model has one decoder layer")
     if not batches:
-        return _unusable("no prompts")
+        return unusable("no prompts")
     recorded = RecordedStreams(wanted, len(layers))
     pad_id = int(loaded.tokenizer.pad_token_id)
     whole = None
@@ -225,14 +225,15 @@ def record_streams(
         # A family whose layers cannot be skipped fails in its own way (a layer returning a
         # tuple, a cache another layer fills): each means the whole pass.
         except Exception as exc:  # noqa: BLE001
-            return _unusable(f"the pass from layer {start} failed ({type(exc).__name__})")
+            return unusable(f"the pass from layer {start} failed ({type(exc).__name__})")
         difference = float((shortcut - whole).abs().max())
         if difference > CHECK_TOLERANCE * float(whole.abs().max()):
-            return _unusable(f"the pass from layer {start} moved the logits by {difference:.3g}")
+            return unusable(f"the pass from layer {start} moved the logits by {difference:.3g}")
     return recorded
 
 
-def _unusable(why: str) -> RecordedStreams:
+def unusable(why: str) -> RecordedStreams:
+    """Streams that are never used: each trial measured by the whole pass, for `why`."""
     return RecordedStreams([], usable=False, why_not=why)
 
 

@@ -15,7 +15,7 @@ from wandacli.evaluation.divergence import (
     kl_divergence,
     recorded_streams,
 )
-from wandacli.evaluation.lower_layers import RecordedStreams, describe
+from wandacli.evaluation.lower_layers import describe, unusable
 from wandacli.evaluation.prompts import PromptSet, model_texts, template_for
 from wandacli.evaluation.refusal import refusal_rate, refusal_score
 from wandacli.search.config import SearchConfig
@@ -52,9 +52,7 @@ class Objectives:
         self.streams = (
             recorded_streams(loaded, self.dense_kl)
             if record_streams
-            else RecordedStreams(
-                [], usable=False, why_not="every trial changes the embedding or layer 0"
-            )
+            else unusable("every trial changes the embedding or layer 0")
         )
         info(describe(self.streams))
 

@@ -14,7 +14,7 @@ the same seed, every trial random, so that both measure the same trials:
 - the whole measure: every layer on every trial, every response to its 24 tokens.
 
 Prints the seconds of each, their ratio, whether every trial measured the same, and the trial
-against heretic's 28.5 s (bench_heretic's median on this machine, 2026-12-05).
+against heretic's 27.4 s (bench_heretic's median on this machine, run 12, 2026-12-05).
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from unittest import mock
 from bench.common import REPORT_ONLY, WORK, Row
 
 # bench_heretic's median seconds a heretic 1.4.0 trial on this machine (2 cores, float32, its
-# 100-token responses), 2026-12-05 (docs/demo-and-study.md, runs 5 and 9).
-HERETIC_TRIAL_SECONDS = 28.5
+# 100-token responses), 2026-12-05 (docs/demo-and-study.md, run 12).
+HERETIC_TRIAL_SECONDS = 27.4
 
 
 def store_with_means() -> Any:
@@ -115,7 +115,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
             f"the same values: {same}",
         ),
         Row(
-            "direction trial ÷ heretic's (28.5 s, bench_heretic)",
+            "direction trial ÷ heretic's (27.4 s, bench_heretic run 12)",
             median / HERETIC_TRIAL_SECONDS,
             REPORT_ONLY,
             f"median {median:.2f} s (issue #29's goal: <= 0.1)",

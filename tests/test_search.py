@@ -677,25 +677,56 @@ def test_a_mask_search_records_the_lower_layers_only_where_a_trial_can_skip_them
     assert all(kl > 0 for _, _, kl in measured_trials(upper))
 
 
-def test_a_search_on_the_refusal_score(cli, sets_store, tiny_llama_dir, tmp_path):
+def test_a_search_on_the_refusal_score_counts_its_front_by_generation(
+    cli, sets_store, tiny_llama_dir, tmp_path
+):
+    """`--refusal score` measures each trial without generating; then the dense model and each
+    front point are counted by generation, as a generation search measures the same trial,
+    and --keep-best chooses on those counts. A rerun counts nothing again."""
+    from wandacli.config.ranges import BestRule
+    from wandacli.search import study as studies
+
     store = copy_store(sets_store, tmp_path)
-    result = search(
-        cli,
-        tiny_llama_dir,
-        store,
-        "s",
-        *SET_DIFFERENCE,
-        "--trials",
-        "2",
-        "--refusal",
-        "score",
-        "--json",
-    )
-    assert result.exit_code == 0, result.stderr
-    found = json.loads(result.stdout)
-    assert all(isinstance(t["refusal"], float) for t in found["trials"])
+    random_trials = (*SET_DIFFERENCE, "--trials", "4", "--startup-trials", "4", "--json")
+    scored = search(cli, tiny_llama_dir, store, "s", *random_trials, "--refusal", "score",
+                    "--keep-best", "refusal:0.5")  # fmt: skip
+    assert scored.exit_code == 0, scored.stderr
+    assert "counting" in scored.stderr and "by generation" in scored.stderr
+    generated = search(cli, tiny_llama_dir, store, "g", *random_trials)
+    assert generated.exit_code == 0, generated.stderr
     summary = json.loads((store / "searches" / "s" / "search.json").read_text())
     assert "log-odds" in summary["objectives"]["refusal"]
+    assert "responses" in summary["objectives"]["counted_refusal"]
+    rates = {t["index"]: t["refusal"] for t in json.loads(generated.stdout)["trials"]}
+    for point in summary["front"]:
+        assert point["counted_refusal"] == rates[point["index"]]
+    assert summary["dense"]["counted_refusal"] == json.loads(generated.stdout)["dense"]["refusal"]
+    in_counts = [p | {"refusal": p["counted_refusal"]} for p in summary["front"]]
+    assert [p["index"] for p in summary["counted_front"]] == [
+        p["index"] for p in studies.pareto_front(in_counts)
+    ]
+    chosen, _ = BestRule.parse("refusal:0.5").choose(summary["counted_front"])
+    assert summary["best"]["index"] == chosen["index"]
+    again = search(cli, tiny_llama_dir, store, "s", *random_trials, "--refusal", "score",
+                   "--keep-best", "refusal:0.5")  # fmt: skip
+    assert again.exit_code == 0, again.stderr
+    assert "counting" not in again.stderr
+
+
+@pytest.mark.parametrize(
+    ("extra", "named"),
+    [
+        (("--objective", "heretic"), "--objective heretic"),
+        (("--objective", "keep-best", "--keep-best", "refusal:0.5"), "--keep-best refusal:0.5"),
+    ],
+)
+def test_a_refusal_score_where_a_rate_is_needed_is_one_line(
+    cli, sets_store, tiny_llama_dir, tmp_path, extra, named
+):
+    store = copy_store(sets_store, tmp_path)
+    result = search(cli, tiny_llama_dir, store, "s", *SET_DIFFERENCE, "--refusal", "score", *extra)
+    assert_one_line_error(result, named, "--refusal generation")
+    assert not (store / "searches").exists()
 
 
 # ---------------------------------------------------------------------------------------------

@@ -437,6 +437,9 @@ def search_result(result: SearchResult, as_json: bool) -> None:
         table.add_column(name, justify="right")
     table.add_column(amount_title, justify="right")
     table.add_column("refusal" if measure == "generation" else "refusal score", justify="right")
+    counted = measure == "score"  # the front's points also counted by generation
+    if counted:
+        table.add_column("refusal, counted", justify="right")
     table.add_column("KL", justify="right")
 
     def value(v: Any, integer: bool = False) -> str:
@@ -452,6 +455,8 @@ def search_result(result: SearchResult, as_json: bool) -> None:
         size = entry.get(amount)
         cells.append(f"{size:.3%}" if isinstance(size, float) else "-")
         cells.append(value(entry.get("refusal")))
+        if counted:
+            cells.append(value(entry.get("counted_refusal")))
         cells.append(value(entry.get("kl")))
         table.add_row(*cells, style=style)
 

@@ -209,13 +209,16 @@ class SearchConfig:
         "generation",
         "--refusal",
         help="generation: share of short greedy responses with a refusal phrase; score: "
-        "log-odds of a refusal token, no generation.",
+        "log-odds of a refusal token at the first response position, no generation (about "
+        "half a trial's time); the front's points are then counted by generation, and "
+        "--keep-best chooses on those counts.",
         panel=MEASURE_PANEL,
     )
     max_new_tokens: int = option(
         24,
         "--max-new-tokens",
-        help="Tokens per search response (--refusal generation).",
+        help="Tokens per search response (--refusal generation; with --refusal score, "
+        "per response of the front's count).",
         panel=MEASURE_PANEL,
         check=or_more(1),
     )
@@ -313,6 +316,22 @@ class SearchConfig:
             raise ConfigError(
                 "--objective keep-best steers TPE towards the point --keep-best keeps: give "
                 "--keep-best OBJECTIVE:LIMIT, e.g. refusal:0.5"
+            )
+        if self.refusal == "score" and self.objective == "heretic":
+            raise ConfigError(
+                "--objective heretic divides refusals by the dense model's, which a refusal "
+                "score (log-odds) cannot be: give --refusal generation, or --objective wandacli"
+            )
+        if (
+            self.refusal == "score"
+            and self.objective == "keep-best"
+            and self.keep_best is not None
+            and self.keep_best.objective == "refusal"
+        ):
+            raise ConfigError(
+                f"--objective keep-best with --keep-best {self.keep_best} bounds each trial's "
+                "refusal rate, which --refusal score does not measure: give --refusal "
+                "generation, or --objective wandacli"
             )
         if kind.name == "ratio" and self.utility_scores is not None:
             raise ConfigError("--ratio searches the top of --scores alone: drop --utility-scores")

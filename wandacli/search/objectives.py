@@ -70,20 +70,25 @@ class Objectives:
         )
 
     def refusal(self) -> float:
-        config, loaded = self.config, self.loaded
-        if config.refusal == "score":
+        """The trial's refusal as `--refusal` measures it."""
+        if self.config.refusal == "score":
             return refusal_score(
-                loaded,
+                self.loaded,
                 self.refusal_texts,
                 add_special_tokens=self.special,
-                batch_size=config.batch_size,
+                batch_size=self.config.batch_size,
             )
+        return self.refusal_rate()
+
+    def refusal_rate(self) -> float:
+        """The share of greedy responses the keyword rule calls refusals (`--refusal
+        generation`'s measure, and the count of a scored front's points)."""
         rate, _ = refusal_rate(
-            loaded,
+            self.loaded,
             self.refusal_texts,
             add_special_tokens=self.special,
-            max_new_tokens=config.max_new_tokens,
-            batch_size=config.batch_size,
+            max_new_tokens=self.config.max_new_tokens,
+            batch_size=self.config.batch_size,
             stop_at_phrase=True,  # only the rate is kept
         )
         return rate

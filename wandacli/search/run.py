@@ -209,6 +209,8 @@ class SearchRun:
             studies.open_study(directory, studies.told_objectives(config))
         )
         summary.front = _front(summary.trials, config)
+        if config.refusal == "score" and summary.front:
+            self._count_front(summary, summary_path, removals, loaded, objectives)
         if config.control and summary.front:
             summary.control = self._control(
                 summary.control, summary.front, removals, loaded, objectives
@@ -249,6 +251,7 @@ class SearchRun:
         }
         summary.objectives = {
             "refusal": _refusal_rule(config),
+            **({"counted_refusal": _rate_rule(config)} if config.refusal == "score" else {}),
             "kl": KL_RULE + f" (k = {config.kl_settings.kl_positions})",
             **({"sampler": told} if (told := _sampler_rule(config)) else {}),
         }
@@ -330,6 +333,34 @@ class SearchRun:
                 _write_summary(summary_path, summary)
         return ran
 
+    def _count_front(
+        self,
+        summary: SearchSummary,
+        summary_path: Path,
+        removals: TrialRemovals,
+        loaded: Any,
+        objectives: Objectives,
+    ) -> None:
+        """`--refusal score`: the dense model and each front point counted by generation too
+        (`counted_refusal`), each count written as it is made, so a rerun counts only new
+        points; `counted_front` is the front in those counts, which --keep-best chooses from."""
+        counts = summary.other.setdefault(COUNTED, {})
+        if summary.dense is not None and "counted_refusal" not in summary.dense:
+            summary.dense["counted_refusal"] = objectives.refusal_rate()
+        new = [point for point in summary.front if str(point["index"]) not in counts]
+        if new:
+            info(f"counting {len(new)} new front point(s) by generation (--refusal score)")
+        for point in new:
+            with WeightChanges(loaded) as changes:
+                removals.apply(point["params"], changes)
+                counts[str(point["index"])] = objectives.refusal_rate()
+            _write_summary(summary_path, summary)
+        for point in summary.front:
+            point["counted_refusal"] = counts[str(point["index"])]
+        summary.other["counted_front"] = studies.pareto_front(
+            [_counted(point) for point in summary.front]
+        )
+
     def _control(
         self,
         previous: dict[str, Any] | None,
@@ -386,7 +417,10 @@ class SearchRun:
         rule = self.config.keep_best
         if rule is None or not front:
             return None
+        if self.config.refusal == "score":  # a rate's limit: chosen on the front's counts
+            front = summary.other["counted_front"]
         point, within = rule.choose(front)
+        point = next(p for p in summary.front if p["index"] == point["index"])
         name = best_name(self.config.name)
         moved = (summary.best or {}).get("index") != point["index"]
         self.write_point(point, name, directory, summary, overwrite=moved, rule=str(rule))
@@ -419,6 +453,7 @@ class SearchRun:
             "trial": point["index"],
             "params": point["params"],
             "refusal": point["refusal"],
+            **({"counted_refusal": point["counted_refusal"]} if "counted_refusal" in point else {}),
             "kl": point["kl"],
             "prompts": summary.prompts,
         } | ({"rule": rule} if rule else {})
@@ -454,6 +489,15 @@ def _front(trials: list[dict[str, Any]], config: SearchConfig) -> list[dict[str,
     return studies.pareto_front(measured)
 
 
+# search.json's counts of a scored front's points by generation, by trial index.
+COUNTED = "front_counts"
+
+
+def _counted(point: dict[str, Any]) -> dict[str, Any]:
+    """A scored front point in its count by generation (its score kept as `score`)."""
+    return point | {"refusal": point["counted_refusal"], "score": point["refusal"]}
+
+
 def _sampler_rule(config: SearchConfig) -> str | None:
     return sampler_rule(config.objective, config.keep_best)
 
@@ -461,6 +505,10 @@ def _sampler_rule(config: SearchConfig) -> str | None:
 def _refusal_rule(config: SearchConfig) -> str:
     if config.refusal == "score":
         return "mean log-odds of a refusal token at the first response position (no generation)"
+    return _rate_rule(config)
+
+
+def _rate_rule(config: SearchConfig) -> str:
     return (
         f"share of greedy {config.max_new_tokens}-token responses that are refusals by the "
         f"keyword rule ({KEYWORD_RULE})"

@@ -11,7 +11,8 @@ Both tools get the same work:
 - the direction's prompts: the 32 harmful and 32 harmless calibration prompts `wandacli score
   --method mean-activations` draws from align_short and utility (the demo's sets, the same rows);
 - the search prompts: AdvBench 101-124 (refusals), and the 32 `utility-held-out` prompts (KL);
-- the same trial budget and random start, batches of 32, float32 on the CPU; each tool
+- the same trial budget and random start, batches of 32, float32 on the CPU (`--dtype
+  bfloat16`: both in bfloat16, about twice as fast on a CPU with bfloat16 arithmetic); each tool
   generates as many tokens per response as it does by default (heretic 100, wandacli search
   24: `--heretic-tokens` sets heretic's);
 - the same objective: heretic's (refusals ÷ the original's, first-token KL with its 0.01
@@ -23,7 +24,8 @@ Both tools get the same work:
   applies the rule to the front heretic shows and picks that trial in heretic's menu.
 
 Both chosen models are then measured by the same code on prompts neither search saw: `wandacli
-eval-attack` on the demo's held-out AdvBench 1-40 (Vanilla; Adv-Decoding, any of 5 / mean) and
+eval-attack` on the demo's held-out AdvBench 1-40 (Vanilla; Adv-Decoding, any of 5 / mean;
+`--held-out 100`: the reference's 1-100), compared prompt by prompt (exact McNemar), and
 `eval-utility` (WikiText-2 perplexity; KL from the organism over the first 1 and 4 positions).
 heretic's own counter (`heretic --evaluate-model`) measures both models again on the search
 prompts. Prints one table and writes bench/work/heretic/results.json.
@@ -40,6 +42,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
@@ -64,6 +67,8 @@ RICH_SEARCH = "direction-rich"
 SEARCH_NAME = "bench-heretic"
 SEARCH_OFFSET, SEARCH_LIMIT = 100, 24  # AdvBench 101-124, the demo's search prompts
 KL_LIMIT = 32
+# eval-attack's held-out prompts in the demo's config: AdvBench 1-40.
+DEMO_HELD_OUT = int(tomllib.loads(DEMO_CONFIG.read_text())["eval-attack"]["limit"])
 MAX_NEW_TOKENS = 24  # wandacli search's default
 HERETIC_DEFAULT_TOKENS = 100  # heretic's max_response_length default
 BATCH_SIZE = 32
@@ -164,13 +169,14 @@ def heretic_config(
     startup: int,
     tokens: int,
     seed: int,
+    dtype: str,
 ) -> dict[str, Any]:
     def dataset(path: str) -> dict[str, str]:
         return {"dataset": path, "split": "train[:]", "column": "text"}
 
     return {
         "model": organism,
-        "dtypes": ["float32"],
+        "dtypes": [dtype],
         "device_map": "cpu",
         "batch_size": BATCH_SIZE,
         "max_response_length": tokens,
@@ -395,16 +401,71 @@ def measured(out: Path) -> dict[str, float]:
     return figures
 
 
+# eval-attack's files of the two held-out measures: Vanilla (one greedy response a prompt) and
+# Adv-Decoding (5 sampled responses a prompt).
+HELD_OUT_FILES = {"vanilla": "inst_basic.jsonl", "adv_dec_any": "inst_multiple_nosys.jsonl"}
+
+
+def successes_by_prompt(out: Path, measure: str) -> dict[int, bool]:
+    """Per held-out prompt, whether any of its responses is an attack success."""
+    found: dict[int, bool] = {}
+    with (out / HELD_OUT_FILES[measure]).open() as lines:
+        for line in lines:
+            row = json.loads(line)
+            found[row["question_id"]] = found.get(row["question_id"], False) or bool(
+                row["attack_success"]
+            )
+    return found
+
+
+def exact_mcnemar(only_first: int, only_second: int) -> float:
+    """Two-sided exact McNemar p-value: the chance, were both models equally likely to break a
+    prompt, of a split of the discordant prompts at least this uneven."""
+    n = only_first + only_second
+    if n == 0:
+        return 1.0
+    tail = sum(math.comb(n, k) for k in range(min(only_first, only_second) + 1)) / 2**n
+    return min(1.0, 2 * tail)
+
+
+def paired_held_out(first: Path, second: Path) -> dict[str, dict[str, float]]:
+    """The held-out attack measures of two models compared prompt by prompt (the same prompts):
+    how many prompts only the first broke, how many only the second, and the exact McNemar
+    p-value of that split. 40 prompts tell apart only large differences: this says whether a
+    difference in ASR is more than the prompts' draw."""
+    compared = {}
+    for measure in HELD_OUT_FILES:
+        a, b = successes_by_prompt(first, measure), successes_by_prompt(second, measure)
+        if a.keys() != b.keys():
+            raise ValueError(f"{first} and {second} were evaluated on different prompts")
+        only_a = sum(a[q] and not b[q] for q in a)
+        only_b = sum(b[q] and not a[q] for q in a)
+        compared[measure] = {
+            "only_first": only_a,
+            "only_second": only_b,
+            "prompts": len(a),
+            "p": exact_mcnemar(only_a, only_b),
+        }
+    return compared
+
+
 def evaluate(
-    model_args: list[str], out: Path, log: Path, kl_reference: tuple[str, ...] = ()
+    model_args: list[str],
+    out: Path,
+    log: Path,
+    held_out: int,
+    kl_reference: tuple[str, ...] = (),
 ) -> dict[str, float]:
-    """The demo's held-out evaluation of one model: Vanilla and Adv-Decoding, perplexity, and
-    the KL from the organism over the first 4 positions and the first one."""
+    """The demo's held-out evaluation of one model: Vanilla and Adv-Decoding on AdvBench
+    1-`held_out`, perplexity, and the KL from the organism over the first 4 positions and the
+    first one."""
     common = ["--config", str(DEMO_CONFIG), *model_args]
     if not (out / "results.json").is_file():
         wandacli(
             "eval-attack",
             *common,
+            "--limit",
+            str(held_out),
             "--configs",
             "basic,multiple_nosys",
             "--no-word-salad",
@@ -463,6 +524,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     for flag, default, what in (
         ("--sampler", "tpe", "wandacli's sampler (search --sampler)"),
         ("--objective", "heretic", "what wandacli's sampler is told (search --objective)"),
+        (
+            "--refusal",
+            "generation",
+            "how wandacli measures a trial's refusal (search --refusal; "
+            "score: no generation, the front counted by generation; with --objective wandacli)",
+        ),
     ):
         parser.add_argument(flag, choices=search_choices(flag[2:]), default=default, help=what)
     parser.add_argument(
@@ -496,10 +563,27 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=SEED,
         help="both searches' seed: their random trials and their samplers' proposals",
     )
+    parser.add_argument(
+        "--held-out",
+        type=int,
+        default=DEMO_HELD_OUT,
+        metavar="N",
+        help="the attack's held-out prompts: AdvBench 1-N (the demo's 40; the reference's 100 "
+        "tell smaller differences apart)",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16"),
+        default="float32",
+        help="both tools' dtype for the searches, the saved points and heretic's counter",
+    )
     parser.add_argument("--heretic-python", help="a Python with heretic-llm installed")
     parser.add_argument("--work", default=str(WORK / "heretic"), help="the bench's folder")
     parser.add_argument("--fresh", action="store_true", help="rerun both searches")
     args = parser.parse_args(argv)
+    if not 0 < args.held_out <= SEARCH_OFFSET:
+        parser.error(f"--held-out {args.held_out}: give 1-{SEARCH_OFFSET} (the search's prompts "
+                     f"start at AdvBench {SEARCH_OFFSET + 1})")  # fmt: skip
 
     from wandacli.config.ranges import BestRule
     from wandacli.models.loader import local_location
@@ -549,6 +633,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         args.startup_trials,
         args.heretic_tokens,
         args.seed,
+        args.dtype,
     )
     session = HereticSession(rule, heretic_model)
     heretic_record = work / "heretic.json"
@@ -597,7 +682,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "--model",
             ORGANISM,
             "--dtype",
-            "float32",
+            args.dtype,
             "--device",
             "cpu",
             "--store",
@@ -617,6 +702,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             search["keep_best"],
             "--objective",
             args.objective,
+            "--refusal",
+            args.refusal,
             "--sampler",
             args.sampler,
             *MEASURES,
@@ -630,7 +717,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     kept = next(t for t in summary["trials"] if t["index"] == summary["best"]["index"])
     ours_model = work / "wandacli-model"
     if not (ours_model / "config.json").is_file():
-        save_point(store, search, kept, f"{SEARCH_NAME}.saved", ours_model, log)
+        save_point(store, search, kept, f"{SEARCH_NAME}.saved", ours_model, log, args.dtype)
 
     # heretic's own counter on both chosen models.
     counts_path = work / "heretic-counts.json"
@@ -647,24 +734,31 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             run_dir,
             store,
             search,
-            summary["front"],
+            summary.get("counted_front") or summary["front"],  # a scored front: its counts
             args.recount_kl,
             work,
             log,
             {kept["index"]: counts["wandacli"]},
+            args.dtype,
         )
         if args.recount_kl
         else None
     )
 
     # One evaluator for both, on held-out prompts.
-    results = work / "results"
+    # The demo's 40 held-out prompts in results/, another count in a folder of its own.
+    results = work / ("results" if args.held_out == DEMO_HELD_OUT else f"results-{args.held_out}")
+    folders = {"heretic": results / "heretic", "wandacli": results / "wandacli"}
     figures = {
-        "dense": evaluate(["--model", ORGANISM], results / "dense", log),
+        "dense": evaluate(["--model", ORGANISM], results / "dense", log, args.held_out),
         "heretic": evaluate(
-            ["--model", str(heretic_model)], results / "heretic", log, ("--kl-reference", ORGANISM)
+            ["--model", str(heretic_model)],
+            folders["heretic"],
+            log,
+            args.held_out,
+            ("--kl-reference", ORGANISM),
         ),
-        "wandacli": evaluate(["--mask", str(ours_edit)], results / "wandacli", log),
+        "wandacli": evaluate(["--mask", str(ours_edit)], folders["wandacli"], log, args.held_out),
     }
     # The rule on heretic's counter for both: wandacli's recounted front point it chooses.
     same_counter = None
@@ -677,11 +771,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
         same_counter = next(p for p in recounted if p["index"] == point["index"])
         edit = store / "edits" / f"{SEARCH_NAME}.t{point['index']}.h5"
-        figures["wandacli_same_counter"] = (
-            figures["wandacli"]
-            if point["index"] == kept["index"]
-            else evaluate(["--mask", str(edit)], results / f"wandacli-t{point['index']}", log)
-        )
+        if point["index"] == kept["index"]:
+            folders["wandacli_same_counter"] = folders["wandacli"]
+            figures["wandacli_same_counter"] = figures["wandacli"]
+        else:
+            folders["wandacli_same_counter"] = results / f"wandacli-t{point['index']}"
+            figures["wandacli_same_counter"] = evaluate(
+                ["--mask", str(edit)], folders["wandacli_same_counter"], log, args.held_out
+            )
     ours_seconds = [t["seconds"] for t in summary["trials"] if t.get("state") == "COMPLETE"]
     report = {
         "trials": args.trials,
@@ -689,7 +786,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "startup_trials": args.startup_trials,
         "sampler": args.sampler,
         "objective": args.objective,
+        "refusal": args.refusal,
         "seed": args.seed,
+        "dtype": args.dtype,
+        "held_out_prompts": args.held_out,
         "space": args.space,
         "optimise": {"steps": args.optimise, "layer": args.optimise_layer}
         if args.optimise
@@ -712,6 +812,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "same_counter": same_counter,
         },
         "held_out": figures,
+        # Each wandacli point against heretic's, prompt by prompt (first: heretic); the point
+        # chosen on heretic's counter once, where it is not the kept one.
+        "paired_with_heretic": {
+            column: paired_held_out(folders["heretic"], folder)
+            for column, folder in folders.items()
+            if column == "wandacli" or column != "heretic" and folder != folders["wandacli"]
+        },
     }
     if recounted is not None:
         report["fronts_by_heretic_counter"] = {
@@ -727,17 +834,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 def save_point(
-    store: Path, search: dict[str, Any], point: dict[str, Any], name: str, to: Path, log: Path
+    store: Path,
+    search: dict[str, Any],
+    point: dict[str, Any],
+    name: str,
+    to: Path,
+    log: Path,
+    dtype: str,
 ) -> None:
-    """A search's point written again by `prune`, as the search writes it, and saved as a
-    model directory."""
+    """A search's point written again by `prune`, as the search writes it (in the search's
+    dtype), and saved as a model directory."""
     params = [f"--{k.replace('_', '-')}={v}" for k, v in point["params"].items()]
     wandacli(
         "prune",
         "--model",
         ORGANISM,
         "--dtype",
-        "float32",
+        dtype,
         "--store",
         str(store),
         "--scores",
@@ -764,6 +877,7 @@ def recount_front(
     work: Path,
     log: Path,
     known: dict[int, dict[str, Any]],
+    dtype: str,
 ) -> list[dict[str, Any]]:
     """wandacli's front points up to `kl_limit` counted by heretic's own counter (kept in
     front-counts.json, one point at a time, so a rerun goes on where it stopped; `known`:
@@ -782,7 +896,7 @@ def recount_front(
             continue
         model = work / "front-model"
         shutil.rmtree(model, ignore_errors=True)
-        save_point(store, search, point, f"{SEARCH_NAME}.t{key}", model, log)
+        save_point(store, search, point, f"{SEARCH_NAME}.t{key}", model, log, dtype)
         printed = run_heretic(python, run_dir, [f"--evaluate-model={model}"], None, log)
         shutil.rmtree(model)  # 0.5 GB a point
         counted[key] = heretic_counts(printed) | {
@@ -851,9 +965,25 @@ def print_table(report: dict[str, Any]) -> None:
     row("KL from the organism, first 4 positions", "kl4", "{:.3f}")
     row("WikiText-2 perplexity", "perplexity", "{:.1f}")
     Console().print(table)
+    for column, compared in report.get("paired_with_heretic", {}).items():
+        print(paired_line(column, compared))
     fronts = report.get("fronts_by_heretic_counter")
     if fronts:
         Console().print(front_table(fronts))
+
+
+def paired_line(column: str, compared: dict[str, dict[str, float]]) -> str:
+    """One line: a wandacli point against heretic's on the held-out prompts, prompt by prompt."""
+    names = {"vanilla": "Vanilla", "adv_dec_any": "Adv-Decoding (any of 5)"}
+    parts = [
+        f"{names[measure]}: {c['only_first']} broken by heretic alone, {c['only_second']} by "
+        f"wandacli alone (exact McNemar p = {c['p']:.2f})"
+        for measure, c in compared.items()
+    ]
+    return (
+        f"held out, {column} against heretic, of {next(iter(compared.values()))['prompts']} "
+        f"prompts: " + "; ".join(parts)
+    )
 
 
 def front_table(fronts: dict[str, list[dict[str, Any]]]) -> Any:

@@ -1,20 +1,23 @@
 """A direction search's trial on the demo's organism, the work it can skip skipped, against the
 whole measure (issue #29: a trial at most a tenth of heretic's), side by side in one run:
 
-    .venv/bin/python -m bench.bench_direction_trials [--trials 12]
+    .venv/bin/python -m bench.bench_direction_trials [--trials 12] [--dtype bfloat16]
 
-Both runs are the same search in heretic's space (bench_heretic's `--space heretic`: the
-study's `direction-rich` ranges with what heretic fixes fixed), with bench_heretic's prompts and
-measures (AdvBench 101-124, 24 tokens; 32 `utility-held-out` prompts, first-token KL), float32,
-the same seed, every trial random, so that both measure the same trials:
+The runs are the same search in heretic's space (bench_heretic's `--space heretic`: the study's
+`direction-rich` ranges with what heretic fixes fixed), with bench_heretic's prompts and
+measures (AdvBench 101-124, 24 tokens; 32 `utility-held-out` prompts, first-token KL), float32
+(or `--dtype`), the same seed, every trial random, so that all measure the same trials:
 
 - as `wandacli search` runs it: each trial's KL from its first changed layer on the dense
   stream recorded there (evaluation/lower_layers.py), each response stopped at its first
   refusal phrase and each batch once all are decided (evaluation/refusal.py);
-- the whole measure: every layer on every trial, every response to its 24 tokens.
+- the whole measure: every layer on every trial, every response to its 24 tokens;
+- the floor of a trial: `--refusal score` (no generation, the refusal-direction paper's
+  score) beside the same KL, which is what is left once nothing is generated.
 
-Prints the seconds of each, their ratio, whether every trial measured the same, and the trial
-against heretic's 27.4 s (bench_heretic's median on this machine, run 12, 2026-12-05).
+Prints the seconds of each, the ratio of the first two, whether they measured every trial the
+same, and each trial against heretic's in the same dtype (bench_heretic's median on this
+machine: float32 27.4 s, run 12; bfloat16, run 14).
 """
 
 from __future__ import annotations
@@ -30,9 +33,9 @@ from unittest import mock
 
 from bench.common import REPORT_ONLY, WORK, Row
 
-# bench_heretic's median seconds a heretic 1.4.0 trial on this machine (2 cores, float32, its
-# 100-token responses), 2026-12-05 (docs/demo-and-study.md, run 12).
-HERETIC_TRIAL_SECONDS = 27.4
+# bench_heretic's median seconds a heretic 1.4.0 trial on this machine (2 cores, its 100-token
+# responses), by dtype: float32 run 12, bfloat16 run 14 (2026-12-05, docs/demo-and-study.md).
+HERETIC_TRIAL_SECONDS = {"float32": 27.4, "bfloat16": 20.7}
 
 
 def store_with_means() -> Any:
@@ -49,8 +52,11 @@ def store_with_means() -> Any:
     return store
 
 
-def search(store: Any, name: str, trials: int, *, whole: bool) -> dict[str, Any]:
-    """The search in-process (`whole`: the lower layers run and the responses run out)."""
+def search(
+    store: Any, name: str, trials: int, dtype: str, *, whole: bool, refusal: str = "generation"
+) -> dict[str, Any]:
+    """The search in-process (`whole`: the lower layers run and the responses run out;
+    `refusal`: search --refusal)."""
     from typer.testing import CliRunner
 
     from bench.bench_heretic import MEASURES, ORGANISM, heretic_space, rich_search, search_flags
@@ -60,11 +66,11 @@ def search(store: Any, name: str, trials: int, *, whole: bool) -> dict[str, Any]
 
     shutil.rmtree(store / "searches" / name, ignore_errors=True)
     space = heretic_space(rich_search())
-    args = ["search", "--model", ORGANISM, "--dtype", "float32", "--device", "cpu", "--store",
+    args = ["search", "--model", ORGANISM, "--dtype", dtype, "--device", "cpu", "--store",
             str(store), "--name", name, "--scores", space["scores"], "--utility-scores",
             space["utility_scores"], *search_flags(space), "--trials", str(trials),
             "--startup-trials", str(trials), "--objective", "heretic", *MEASURES, "--seed", "0",
-            "--no-control", "--no-progress", "--json"]  # fmt: skip
+            "--no-control", "--no-progress", "--json", "--refusal", refusal]  # fmt: skip
     with ExitStack() as patches:
         if whole:
             whole_pass = lower_layers.unusable("the bench's whole measure")
@@ -88,38 +94,52 @@ def search(store: Any, name: str, trials: int, *, whole: bool) -> dict[str, Any]
 def main(argv: list[str] | None = None) -> list[Row]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--trials", type=int, default=12, help="random trials in each run")
+    parser.add_argument("--dtype", choices=tuple(HERETIC_TRIAL_SECONDS), default="float32")
     args = parser.parse_args(argv)
     store = store_with_means()
-    skipping = search(store, "skipping", args.trials, whole=False)
-    whole = search(store, "whole", args.trials, whole=True)
+    skipping = search(store, "skipping", args.trials, args.dtype, whole=False)
+    whole = search(store, "whole", args.trials, args.dtype, whole=True)
+    # The floor of a trial: no generation at all (the refusal-direction paper's score).
+    scored = search(store, "no-generation", args.trials, args.dtype, whole=False, refusal="score")
 
     def measured(found: dict[str, Any]) -> list[tuple[Any, ...]]:
         return [(t["params"], t["refusal"], t["kl"]) for t in found["trials"]]
 
+    def seconds(found: dict[str, Any]) -> list[float]:
+        return [t["seconds"] for t in found["trials"]]
+
     same = measured(skipping) == measured(whole)
-    fast = [t["seconds"] for t in skipping["trials"]]
-    slow = [t["seconds"] for t in whole["trials"]]
-    median = statistics.median(fast)
-    print(f"{'trial':>5} {'refusal':>8} {'KL':>8} {'whole s':>8} {'skipping s':>10}")
-    for trial, seconds in zip(skipping["trials"], slow, strict=True):
+    fast, slow, floor = seconds(skipping), seconds(whole), seconds(scored)
+    print(f"{'trial':>5} {'refusal':>8} {'KL':>8} {'whole s':>8} {'skipping s':>10} "
+          f"{'score':>7} {'no-generation s':>15}")  # fmt: skip
+    for trial, slow_s, score in zip(skipping["trials"], slow, scored["trials"], strict=True):
         print(f"{trial['index']:>5} {trial['refusal']:>8.3f} {trial['kl']:>8.4f} "
-              f"{seconds:>8.2f} {trial['seconds']:>10.2f}")  # fmt: skip
-    print(f"median {statistics.median(slow):.2f} s whole, {median:.2f} s skipping; every "
-          f"trial measured the same: {same}")  # fmt: skip
+              f"{slow_s:>8.2f} {trial['seconds']:>10.2f} {score['refusal']:>7.2f} "
+              f"{score['seconds']:>15.2f}")  # fmt: skip
+    print(f"median {statistics.median(slow):.2f} s whole, {statistics.median(fast):.2f} s "
+          f"skipping, {statistics.median(floor):.2f} s with no generation; every trial "
+          f"measured the same whole and skipping: {same}")  # fmt: skip
+    heretic = HERETIC_TRIAL_SECONDS[args.dtype]
+
+    def against_heretic(label: str, times: list[float]) -> Row:
+        median = statistics.median(times)
+        return Row(
+            f"direction trial ({label}, {args.dtype}) ÷ heretic's ({heretic} s, bench_heretic)",
+            median / heretic,
+            REPORT_ONLY,
+            f"median {median:.2f} s (issue #29's goal: <= 0.1)",
+        )
+
     return [
         Row(
-            "direction trial: skipping ÷ the whole measure (the same trials)",
+            f"direction trial: skipping ÷ the whole measure (the same trials, {args.dtype})",
             sum(fast) / sum(slow),
             "<= 1",
             f"{sum(fast):.1f} s against {sum(slow):.1f} s over {len(fast)} trials; "
             f"the same values: {same}",
         ),
-        Row(
-            "direction trial ÷ heretic's (27.4 s, bench_heretic run 12)",
-            median / HERETIC_TRIAL_SECONDS,
-            REPORT_ONLY,
-            f"median {median:.2f} s (issue #29's goal: <= 0.1)",
-        ),
+        against_heretic("search's refusal rate", fast),
+        against_heretic("--refusal score, no generation", floor),
     ]
 
 

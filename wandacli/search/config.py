@@ -209,9 +209,9 @@ class SearchConfig:
         "generation",
         "--refusal",
         help="generation: share of short greedy responses with a refusal phrase; score: "
-        "log-odds of a refusal token at the first response position, no generation (about "
-        "half a trial's time); the front's points are then counted by generation, and "
-        "--keep-best chooses on those counts.",
+        "log-odds of a refusal token at the first response position, no generation (a "
+        "cheaper trial); the front's points are then counted by generation, and --keep-best "
+        "chooses on those counts.",
         panel=MEASURE_PANEL,
     )
     max_new_tokens: int = option(

@@ -66,10 +66,13 @@ def search(
 
     shutil.rmtree(store / "searches" / name, ignore_errors=True)
     space = heretic_space(rich_search())
+    # Every trial is random, so what TPE would be told changes nothing; heretic's objective
+    # divides refusal rates, which a score is not.
+    objective = "heretic" if refusal == "generation" else "wandacli"
     args = ["search", "--model", ORGANISM, "--dtype", dtype, "--device", "cpu", "--store",
             str(store), "--name", name, "--scores", space["scores"], "--utility-scores",
             space["utility_scores"], *search_flags(space), "--trials", str(trials),
-            "--startup-trials", str(trials), "--objective", "heretic", *MEASURES, "--seed", "0",
+            "--startup-trials", str(trials), "--objective", objective, *MEASURES, "--seed", "0",
             "--no-control", "--no-progress", "--json", "--refusal", refusal]  # fmt: skip
     with ExitStack() as patches:
         if whole:

@@ -406,16 +406,18 @@ def measured(out: Path) -> dict[str, float]:
 HELD_OUT_FILES = {"vanilla": "inst_basic.jsonl", "adv_dec_any": "inst_multiple_nosys.jsonl"}
 
 
-def successes_by_prompt(out: Path, measure: str) -> dict[int, bool]:
-    """Per held-out prompt, whether any of its responses is an attack success."""
-    found: dict[int, bool] = {}
-    with (out / HELD_OUT_FILES[measure]).open() as lines:
-        for line in lines:
-            row = json.loads(line)
-            found[row["question_id"]] = found.get(row["question_id"], False) or bool(
-                row["attack_success"]
-            )
-    return found
+def successes_by_prompt(out: Path, measure: str) -> list[bool]:
+    """Per held-out prompt, whether any of its responses is an attack success, read as
+    eval-attack reads its own runs (`RunRecord.fill`)."""
+    from wandacli.evaluation.attack import RunRecord, read_rows
+
+    path = out / HELD_OUT_FILES[measure]
+    rows = read_rows(path) or []
+    record = RunRecord.from_run_name(path.stem)
+    prompts = 1 + max((int(row["question_id"]) for row in rows), default=-1)
+    if record is None or not record.fill(rows, prompts):
+        raise ValueError(f"{path} is not a complete eval-attack run")
+    return [bool(max(row)) for row in record.success]
 
 
 def exact_mcnemar(only_first: int, only_second: int) -> float:
@@ -436,10 +438,10 @@ def paired_held_out(first: Path, second: Path) -> dict[str, dict[str, float]]:
     compared = {}
     for measure in HELD_OUT_FILES:
         a, b = successes_by_prompt(first, measure), successes_by_prompt(second, measure)
-        if a.keys() != b.keys():
+        if len(a) != len(b):
             raise ValueError(f"{first} and {second} were evaluated on different prompts")
-        only_a = sum(a[q] and not b[q] for q in a)
-        only_b = sum(b[q] and not a[q] for q in a)
+        only_a = sum(x and not y for x, y in zip(a, b, strict=True))
+        only_b = sum(y and not x for x, y in zip(a, b, strict=True))
         compared[measure] = {
             "only_first": only_a,
             "only_second": only_b,

@@ -713,6 +713,22 @@ def test_a_search_on_the_refusal_score_counts_its_front_by_generation(
     assert "counting" not in again.stderr
 
 
+def test_a_scored_search_with_no_point_within_its_rule_names_the_nearest_count(
+    cli, sets_store, tiny_llama_dir, tmp_path
+):
+    """The nearest point's warning gives its refusal as the rule judged it: the count by
+    generation, not the score."""
+    store = copy_store(sets_store, tmp_path)
+    trials = ("--trials", "3", "--startup-trials", "3")
+    rule = ("--refusal", "score", "--keep-best", "refusal:-1")
+    result = search(cli, tiny_llama_dir, store, "s", *SET_DIFFERENCE, *trials, *rule)
+    assert result.exit_code == 0, result.stderr
+    summary = json.loads((store / "searches" / "s" / "search.json").read_text())
+    nearest = next(p for p in summary["counted_front"] if p["index"] == summary["best"]["index"])
+    assert summary["best"]["within_limit"] is False
+    assert f"(refusal {nearest['refusal']:.3g})" in " ".join(result.stderr.split())
+
+
 @pytest.mark.parametrize(
     ("extra", "named"),
     [

@@ -417,17 +417,17 @@ class SearchRun:
         rule = self.config.keep_best
         if rule is None or not front:
             return None
-        if self.config.refusal == "score":  # a rate's limit: chosen on the front's counts
-            front = summary.other["counted_front"]
-        point, within = rule.choose(front)
-        point = next(p for p in summary.front if p["index"] == point["index"])
+        # A rate's limit: a scored search chooses on its front's counts by generation.
+        choices = summary.other["counted_front"] if self.config.refusal == "score" else front
+        chosen, within = rule.choose(choices)
+        point = next(p for p in summary.front if p["index"] == chosen["index"])
         name = best_name(self.config.name)
         moved = (summary.best or {}).get("index") != point["index"]
         self.write_point(point, name, directory, summary, overwrite=moved, rule=str(rule))
         if not within:
             warn(
                 f"no front point has {rule.objective} ≤ {rule.limit:g}: kept the nearest, trial "
-                f"{point['index']} ({rule.objective} {point[rule.objective]:.3g}) as {name}"
+                f"{point['index']} ({rule.objective} {chosen[rule.objective]:.3g}) as {name}"
             )
         else:
             info(f"kept trial {point['index']} as {name} ({rule})")

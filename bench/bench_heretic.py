@@ -28,7 +28,8 @@ eval-attack` on the demo's held-out AdvBench 1-40 (Vanilla; Adv-Decoding, any of
 `--held-out 100`: the reference's 1-100), compared prompt by prompt (exact McNemar), and
 `eval-utility` (WikiText-2 perplexity; KL from the organism over the first 1 and 4 positions).
 heretic's own counter (`heretic --evaluate-model`) measures both models again on the search
-prompts. Prints one table and writes bench/work/heretic/results.json.
+prompts. Prints one table and writes bench/work/heretic/results.json (`--held-out N`:
+results-N.json).
 
 Variations, each in a `--work` folder of its own (heretic's run can be copied in and reused):
 `--space heretic` cuts wandacli's space to heretic's; `--sampler` and `--objective` choose what
@@ -750,6 +751,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     # One evaluator for both, on held-out prompts.
     # The demo's 40 held-out prompts in results/, another count in a folder of its own.
     results = work / ("results" if args.held_out == DEMO_HELD_OUT else f"results-{args.held_out}")
+    report_path = results.with_suffix(".json")  # results.json, or results-N.json beside results-N
     folders = {"heretic": results / "heretic", "wandacli": results / "wandacli"}
     figures = {
         "dense": evaluate(["--model", ORGANISM], results / "dense", log, args.held_out),
@@ -830,7 +832,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             ],
             "wandacli": recounted,
         }
-    (work / "results.json").write_text(json.dumps(report, indent=1))
+    report_path.write_text(json.dumps(report, indent=1))
     print_table(report)
     return report
 

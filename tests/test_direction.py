@@ -801,10 +801,13 @@ def test_layer_zero_is_explained_not_blamed_on_the_prompts(cli, means_store):
                           "choose a layer of 1 or more")  # fmt: skip
 
 
-def test_a_small_space_is_tried_cell_by_cell_before_tpe(cli, means_store, tiny_llama_dir, tmp_path):
+@pytest.mark.parametrize("fixed", [(), ("--direction-scale", "0.7:0.7")])
+def test_a_small_space_is_tried_cell_by_cell_before_tpe(
+    cli, means_store, tiny_llama_dir, tmp_path, fixed
+):
     """Every (layer, position) cell of a space the trials can cover is tried once, in a seeded
     order, before TPE proposes: a small grid has no untried cell left, where TPE alone may
-    miss the best one."""
+    miss the best one. A float fixed at one value is no axis of the grid."""
     from tests.test_search import QUICK
     from wandacli.config.ranges import ParameterRange
     from wandacli.search.study import grid_cells
@@ -813,7 +816,7 @@ def test_a_small_space_is_tried_cell_by_cell_before_tpe(cli, means_store, tiny_l
     result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "grid", *QUICK,
                  "--scores", "harmful", "--utility-scores", "harmless", "--direction-layer", "1:2",
                  "--direction-position=-2:-1", "--trials", "5", "--keep-best", "refusal:2",
-                 "--json")  # fmt: skip
+                 *fixed, "--json")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     trials = json.loads(result.stdout)["trials"]
     first = [
@@ -825,6 +828,9 @@ def test_a_small_space_is_tried_cell_by_cell_before_tpe(cli, means_store, tiny_l
     assert grid_cells(layers, 5, 0) == []
     assert grid_cells({"p": ParameterRange(0.1, 0.2, False)}, 50, 0) == []
     assert len(grid_cells(layers, 9, 0)) == 9
+    scale = {"direction_scale": ParameterRange(0.7, 0.7, False)}
+    cells = grid_cells(layers | scale, 9, 0)
+    assert len(cells) == 9 and all(cell["direction_scale"] == 0.7 for cell in cells)
 
 
 def writer_matrices(loaded):

@@ -142,17 +142,24 @@ def grid_cells(ranges: dict[str, ParameterRange], trials: int, seed: int) -> lis
     try them all (every range integer, at most `trials` cells); else none. TPE, from a few
     random startup trials, can leave cells of such a space untried that a grid would not (the
     study's 24 trials over 80 cells never tried the demo's best); so a small space is tried
-    cell by cell first, and TPE proposes the rest."""
+    cell by cell first, and TPE proposes the rest. A range fixed at one value (`LO` = `HI`, a
+    float too) is no axis of the space: each cell carries its value."""
     import itertools
     import math
     import random
 
-    if not ranges or not all(r.integer for r in ranges.values()):
+    varying = {name: r for name, r in ranges.items() if r.low != r.high}
+    if not varying or not all(r.integer for r in varying.values()):
         return []
-    axes = [range(int(r.low), int(r.high) + 1) for r in ranges.values()]
+    axes = [range(int(r.low), int(r.high) + 1) for r in varying.values()]
     if math.prod(len(axis) for axis in axes) > trials:
         return []
-    cells = [dict(zip(ranges, values, strict=True)) for values in itertools.product(*axes)]
+    fixed = {
+        name: int(r.low) if r.integer else r.low
+        for name, r in ranges.items()
+        if name not in varying
+    }
+    cells = [fixed | dict(zip(varying, values, strict=True)) for values in itertools.product(*axes)]
     random.Random(seed).shuffle(cells)
     return cells
 

@@ -137,7 +137,7 @@ def _import_quietly(module: str) -> None:
         optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
-def grid_cells(ranges: dict[str, ParameterRange], trials: int, seed: int) -> list[dict[str, int]]:
+def grid_cells(ranges: dict[str, ParameterRange], trials: int, seed: int) -> list[dict[str, float]]:
     """Every cell of a small integer space, in a seeded order, when the search's trials can
     try them all (every range integer, at most `trials` cells); else none. TPE, from a few
     random startup trials, can leave cells of such a space untried that a grid would not (the
@@ -164,7 +164,7 @@ def grid_cells(ranges: dict[str, ParameterRange], trials: int, seed: int) -> lis
     return cells
 
 
-def next_untried_cell(cells: list[dict[str, int]], study: Any) -> dict[str, int] | None:
+def next_untried_cell(cells: list[dict[str, float]], study: Any) -> dict[str, float] | None:
     """The first cell no complete trial has measured (None: all of them have)."""
     tried = [dict(t.params) for t in complete_trials(study)]
     return next((cell for cell in cells if cell not in tried), None)

@@ -678,6 +678,63 @@ def test_generation_with_the_shared_prefix_equals_each_prompt_alone(family, toke
 
 
 @pytest.mark.parametrize("family", FAMILIES)
+def test_a_decided_row_leaves_the_batch_and_the_others_get_their_own_tokens(family, tokenizer):
+    """The search's refusal rate drops a row from the batch, its keys and values with it, once
+    the row is decided (here: three distinct characters): on every family each row's response is
+    the one transformers' generate gives the prompt alone, unpadded, stopped by the same
+    criterion; and the rows leave at different steps."""
+    import copy
+
+    from transformers import GenerationConfig, StoppingCriteriaList
+
+    from wandacli.evaluation.backends.hf import HFGenerator, _Decided, decoded_responses
+    from wandacli.evaluation.prompts import model_texts, read_prompts
+    from wandacli.models.pretrained import end_of_sequence_ids
+
+    own_tokenizer = copy.deepcopy(tokenizer)
+    own_tokenizer.pad_token = own_tokenizer.eos_token
+    texts, special = model_texts(own_tokenizer, read_prompts("advbench", limit=6).texts, "chat")
+
+    def decided(text):  # true at a step that depends on the row's text
+        return len(set(text)) >= 3
+
+    def each_alone(model):
+        """Each prompt's response alone, unpadded, stopped by `decided`; and its steps."""
+        eos = end_of_sequence_ids(SimpleNamespace(model=model, tokenizer=own_tokenizer))
+        config = GenerationConfig(max_new_tokens=6, do_sample=False,
+                                  pad_token_id=own_tokenizer.pad_token_id, eos_token_id=eos)  # fmt: skip
+        responses, steps = [], []
+        for text in texts:
+            ids = own_tokenizer(text, return_tensors="pt", add_special_tokens=special).input_ids
+            with torch.no_grad():
+                output = model.generate(input_ids=ids, generation_config=config,
+                                        stopping_criteria=StoppingCriteriaList(
+                                            [_Decided(own_tokenizer, ids.shape[1], decided)]))  # fmt: skip
+            row = output[0, ids.shape[1] :].tolist()
+            responses += decoded_responses(own_tokenizer, [row], set(eos))
+            steps.append(len(row))
+        return responses, steps
+
+    # Random weights at the first scale where the rows leave at different steps (a tiny random
+    # model often answers every prompt alike).
+    for scale in (0.1, 0.3, 1.0, 3.0):
+        model = build_family_model(family, len(tokenizer)).double().eval()
+        generator = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * scale)
+        alone, steps = each_alone(model)
+        if min(steps) < max(steps):
+            break
+    loaded = SimpleNamespace(model=model, tokenizer=own_tokenizer, input_device=torch.device("cpu"))
+    live = HFGenerator(loaded, max_new_tokens=6, batch_size=6).generate(
+        texts, add_special_tokens=special, samples=1, sampling=False, seed=0, decided=decided
+    )
+    assert [group[0] for group in live] == alone
+    assert min(steps) < max(steps)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
 def test_lora_keeps_a_frozen_mask_bitwise_on_every_family(family):
     """`finetune --lora-rank --freeze`'s adapters on every family: a few steps, merged; every
     masked entry is as it was, the adapted matrices moved elsewhere, and what takes no adapter

@@ -82,27 +82,98 @@ class HFGenerator:
             batch = prefixed_batch(rows, shared_prefix_length(rows), int(tokenizer.pad_token_id))
             cache = prefix_cache(model, batch.prefix, len(rows), device)
             extra = {cache_keyword(model): cache} if cache is not None else {}
-            # Same samples for the same batches on every run.
-            sampler = [InverseCdfSampler(temperature, seed + start)] if sampling else []
-            stops = [_Decided(tokenizer, batch.full_ids.shape[1], decided)] if decided else []
-            with torch.no_grad():
-                output = model.generate(
-                    input_ids=batch.full_ids.to(device),
-                    attention_mask=batch.attention_mask.to(device),
-                    generation_config=generation_config,
-                    logits_processor=LogitsProcessorList(sampler),
-                    stopping_criteria=StoppingCriteriaList(stops),
-                    **extra,
-                )
-            new_tokens = output[:, batch.full_ids.shape[1] :].cpu()
+            if decided is not None and not sampling:
+                new_rows = self._greedy_live_rows(batch, cache, decided, eos_ids)
+            else:
+                # Same samples for the same batches on every run.
+                sampler = [InverseCdfSampler(temperature, seed + start)] if sampling else []
+                stops = [_Decided(tokenizer, batch.full_ids.shape[1], decided)] if decided else []
+                with torch.no_grad():
+                    output = model.generate(
+                        input_ids=batch.full_ids.to(device),
+                        attention_mask=batch.attention_mask.to(device),
+                        generation_config=generation_config,
+                        logits_processor=LogitsProcessorList(sampler),
+                        stopping_criteria=StoppingCriteriaList(stops),
+                        **extra,
+                    )
+                new_rows = [r.tolist() for r in output[:, batch.full_ids.shape[1] :].cpu()]
             for index in range(len(chunk)):
-                generated = [
-                    r.tolist() for r in new_tokens[index * samples : (index + 1) * samples]
-                ]
+                generated = new_rows[index * samples : (index + 1) * samples]
                 results.append(decoded_responses(tokenizer, generated, eos_ids))
                 self.generated_tokens += sum(tokens_before_eos(row, eos_ids) for row in generated)
             self.reporter.advance(len(chunk))
         return results
+
+    def _greedy_live_rows(
+        self,
+        batch: Any,
+        cache: Any,
+        decided: Callable[[str], bool],
+        eos_ids: set[int | None],
+    ) -> list[list[int]]:
+        """Greedy decoding of one batch in which a row leaves the batch (its keys and values
+        with it) once it has ended or `decided` holds of its text: `generate` would carry it to
+        the end as padding, each step costing as many rows as the batch began with. The live
+        rows' tokens are `generate`'s greedy ones (the same positions, masks and argmax of
+        float32 logits). Each row's own ids come back, up to its end (`generate` pads them to
+        the batch's last step)."""
+        import torch
+
+        from wandacli.models.pretrained import accepts_logits_to_keep, cache_keyword, output_cache
+
+        model, tokenizer = self.loaded.model, self.loaded.tokenizer
+        device = self.loaded.input_device
+        pad = int(tokenizer.pad_token_id)
+        keyword = cache_keyword(model)
+        keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+        rows = batch.suffix_ids.shape[0]
+        tokens = torch.full((rows, self.max_new_tokens), pad, dtype=torch.long)
+        lengths = [self.max_new_tokens] * rows
+        live = torch.arange(rows)
+        mask = batch.attention_mask.to(device)
+        position = batch.position_ids[:, -1:].to(device)
+        with torch.no_grad():
+            output = model(
+                input_ids=batch.suffix_ids.to(device),
+                attention_mask=mask,
+                position_ids=batch.position_ids.to(device),
+                use_cache=True,
+                **({keyword: cache} if cache is not None else {}),
+                **keep_last,
+            )
+            steps = 0
+            while True:
+                chosen = output.logits[:, -1, :].float().argmax(-1)
+                tokens[live, steps] = chosen.cpu()
+                steps += 1
+                going = [
+                    int(token) not in eos_ids
+                    and not decided(tokenizer.decode(tokens[row, :steps], skip_special_tokens=True))
+                    for token, row in zip(chosen.tolist(), live.tolist(), strict=True)
+                ]
+                for row, goes in zip(live.tolist(), going, strict=True):
+                    if not goes:
+                        lengths[row] = steps
+                if steps == self.max_new_tokens or not any(going):
+                    break
+                cache = output_cache(output)
+                if not all(going):
+                    kept = torch.tensor(going).nonzero().squeeze(1)
+                    cache.batch_select_indices(kept.to(device))
+                    live, chosen = live[kept], chosen[kept.to(chosen.device)]
+                    mask, position = mask[kept.to(device)], position[kept.to(device)]
+                mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
+                position = position + 1
+                output = model(
+                    input_ids=chosen[:, None].to(device),
+                    attention_mask=mask,
+                    position_ids=position,
+                    use_cache=True,
+                    **{keyword: cache},
+                    **keep_last,
+                )
+        return [tokens[row, :length].tolist() for row, length in enumerate(lengths)]
 
     def close(self) -> None:
         """Nothing to release: the model belongs to the model under test."""

@@ -139,7 +139,7 @@ def _import_quietly(module: str) -> None:
 
 def grid_cells(ranges: dict[str, ParameterRange], trials: int, seed: int) -> list[dict[str, float]]:
     """Every cell of a small integer space, in a seeded order, when the search's trials can
-    try them all (every range integer, at most `trials` cells); else none. TPE, from a few
+    try them all (every range that varies an integer, at most `trials` cells); else none. TPE, from a few
     random startup trials, can leave cells of such a space untried that a grid would not (the
     study's 24 trials over 80 cells never tried the demo's best); so a small space is tried
     cell by cell first, and TPE proposes the rest. A range fixed at one value (`LO` = `HI`, a

@@ -159,10 +159,12 @@ class HFGenerator:
                     break
                 cache = output_cache(output)
                 if not all(going):
+                    # Indices on the CPU index a tensor on any device: a cache spread over
+                    # several GPUs (device_map) keeps each layer where it is.
                     kept = torch.tensor(going).nonzero().squeeze(1)
-                    cache.batch_select_indices(kept.to(device))
-                    live, chosen = live[kept], chosen[kept.to(chosen.device)]
-                    mask, position = mask[kept.to(device)], position[kept.to(device)]
+                    cache.batch_select_indices(kept)
+                    live, chosen = live[kept], chosen[kept]
+                    mask, position = mask[kept], position[kept]
                 mask = torch.cat([mask, mask.new_ones((mask.shape[0], 1))], 1)
                 position = position + 1
                 output = model(

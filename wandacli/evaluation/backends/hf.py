@@ -46,10 +46,10 @@ class HFGenerator:
         whole prompts left-padded, up to float rounding. The sampled setting's rows are each
         prompt repeated `samples` times.
 
-        `decided`: a row whose text so far it holds true of needs no more tokens (padding
-        follows), and a batch whose rows are all decided or ended stops: the search's refusal
-        rate, where a refusal phrase once generated is in the response whatever follows. The
-        responses of such rows end there."""
+        `decided`: a row whose text so far it holds true of needs no more tokens (greedy: it
+        leaves the batch, `_greedy_live_rows`; sampled: padding follows), and a batch whose rows
+        are all decided or ended stops: the search's refusal rate, where a refusal phrase once
+        generated is in the response whatever follows. The responses of such rows end there."""
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
@@ -81,10 +81,10 @@ class HFGenerator:
             rows = [row for row in chunk for _ in range(samples)]
             batch = prefixed_batch(rows, shared_prefix_length(rows), int(tokenizer.pad_token_id))
             cache = prefix_cache(model, batch.prefix, len(rows), device)
-            extra = {cache_keyword(model): cache} if cache is not None else {}
             if decided is not None and not sampling:
                 new_rows = self._greedy_live_rows(batch, cache, decided, eos_ids)
             else:
+                extra = {cache_keyword(model): cache} if cache is not None else {}
                 # Same samples for the same batches on every run.
                 sampler = [InverseCdfSampler(temperature, seed + start)] if sampling else []
                 stops = [_Decided(tokenizer, batch.full_ids.shape[1], decided)] if decided else []

@@ -848,3 +848,59 @@ def test_the_kl_from_the_first_changed_layer_on_cuda_in_bfloat16(family, tokeniz
     """As on the CPU, with the GPU's kernels in bfloat16 (the check on the dense model passes;
     the KL within bfloat16's reordered sums of the whole pass's)."""
     kl_from_the_first_changed_layer(family, tokenizer, "cuda", torch.bfloat16, 1e-2)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_batches_that_open_alike_run_their_opening_once(family, tokenizer, monkeypatch):
+    """A measure's batches of prompts in one template open alike (the template's opening): the
+    KL, the refusal score and greedy generation run that shared prefix once per measure,
+    not once per batch, and get what running it per batch gets, bit for bit, on every family."""
+    import copy
+
+    from wandacli.evaluation import prefix as prefix_module
+    from wandacli.evaluation.backends.hf import HFGenerator
+    from wandacli.evaluation.divergence import dense_distributions, kl_divergence
+    from wandacli.evaluation.prompts import model_texts, read_prompts
+    from wandacli.evaluation.refusal import refusal_score
+
+    own_tokenizer = copy.deepcopy(tokenizer)
+    own_tokenizer.pad_token = own_tokenizer.eos_token
+    model = build_family_model(family, len(tokenizer), layers=3).double()
+    loaded = loaded_of(model)
+    loaded.tokenizer = own_tokenizer
+    loaded.input_device = torch.device("cpu")
+    loaded.fingerprint = fingerprint_of(loaded.linear_layers, model)
+    loaded.model_id, loaded.dtype = family, torch.float64
+    texts, special = model_texts(own_tokenizer, read_prompts("utility", limit=7).texts, "chat")
+    dense = dense_distributions(loaded, texts, positions=1, add_special_tokens=special,
+                                batch_size=2)  # fmt: skip
+    with WeightChanges(loaded) as changes:
+        for lin in loaded.linear_layers:
+            matrix = lin.weight_matrix().detach()
+            changes.replace(lin.key, matrix * 1.3)
+
+        # A prefix's pass is the one given its tokens alone: no mask, no positions, no cache.
+        prefix_passes = []
+        alone = {"input_ids", "use_cache", "logits_to_keep"}
+        model.register_forward_pre_hook(
+            lambda _m, _args, kwargs: prefix_passes.append(1) if set(kwargs) <= alone else None,
+            with_kwargs=True,
+        )
+
+        def measures():
+            prefix_passes.clear()
+            kl = kl_divergence(loaded, dense)
+            score = refusal_score(loaded, texts, add_special_tokens=special, batch_size=2)
+            responses = HFGenerator(loaded, max_new_tokens=3, batch_size=2).generate(
+                texts, add_special_tokens=special, samples=1, sampling=False, seed=0
+            )
+            return (kl, score, responses), len(prefix_passes)
+
+        shared, shared_passes = measures()
+        monkeypatch.setattr(prefix_module.SharedPrefixes, "get", lambda self, prefix: None)
+        per_batch, per_batch_passes = measures()
+    assert shared[0] > 1e-6
+    assert shared == per_batch
+    batches = len(dense.batches) + 2 * -(-len(texts) // 2)
+    assert per_batch_passes == batches
+    assert shared_passes < batches

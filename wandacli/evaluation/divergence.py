@@ -29,7 +29,7 @@ from wandacli.core.console import NullReporter, Reporter
 from wandacli.core.durable import atomic_write_bytes
 from wandacli.core.errors import ConfigError
 from wandacli.evaluation.lower_layers import RecordedStreams, record_streams
-from wandacli.evaluation.prefix import PassPlan, forward_logits, unpadded_rows
+from wandacli.evaluation.prefix import PassPlan, SharedPrefixes, forward_logits, unpadded_rows
 from wandacli.models.pretrained import weights_sample_digest
 
 KL_RULE = (
@@ -130,6 +130,7 @@ def kl_divergence(
     reporter = reporter or NullReporter()
     start = streams.start_for(unchanged_below) if streams is not None else None
     layers = decoder_layers(loaded.model) if start is not None else None
+    shared = SharedPrefixes()  # the batches' common opening, run once on these weights
     total = 0.0
     counted = 0
     reporter.start("KL: prompts", total=dense.prompts)
@@ -140,6 +141,7 @@ def kl_divergence(
             batch.attention_mask,
             dense.positions,
             plan=streams.plan(layers, index, start) if streams is not None else None,
+            shared=shared,
         )
         reference = batch.log_probs
         if log_probs.shape[-1] != reference.shape[-1]:
@@ -287,11 +289,13 @@ def _position_log_probs(
     attention_mask: torch.Tensor,
     positions: int,
     plan: PassPlan | None = None,
+    shared: SharedPrefixes | None = None,
 ) -> torch.Tensor:
     """Log-probabilities [b, k, vocab] float32 at the last k positions, on the CPU (the
     batch's shared prefix, the chat template's opening, computed once: evaluation/prefix.py)."""
     rows = unpadded_rows(input_ids, attention_mask)
-    logits = forward_logits(loaded, rows, positions, int(loaded.tokenizer.pad_token_id), plan=plan)
+    pad_id = int(loaded.tokenizer.pad_token_id)
+    logits = forward_logits(loaded, rows, positions, pad_id, plan=plan, shared=shared)
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 

@@ -16,6 +16,7 @@ trial on a changed model.
 from __future__ import annotations
 
 import contextlib
+import copy
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -81,19 +82,50 @@ class PassPlan(Protocol):
         ...
 
 
+class SharedPrefixes:
+    """The prefixes' keys and values one measure has computed, by the prefix's tokens: its
+    batches whose prompts open alike (the chat template's opening) run that prefix once. A
+    cache is the model's as its weights are now, so one lives as long as one measure of one
+    trial; never beside a plan that records (it records each batch's own passes)."""
+
+    def __init__(self) -> None:
+        self._caches: dict[tuple[int, ...], Any] = {}
+
+    def get(self, prefix: torch.Tensor) -> Any:
+        """A fresh copy of the cache computed for these tokens, or None."""
+        cached = self._caches.get(tuple(prefix[0].tolist()))
+        return None if cached is None else copy.deepcopy(cached)
+
+    def keep(self, prefix: torch.Tensor, cache: Any) -> None:
+        self._caches[tuple(prefix[0].tolist())] = copy.deepcopy(cache)
+
+
 def prefix_cache(
-    model: Any, prefix: torch.Tensor, batch: int, device: Any, plan: PassPlan | None = None
+    model: Any,
+    prefix: torch.Tensor,
+    batch: int,
+    device: Any,
+    plan: PassPlan | None = None,
+    shared: SharedPrefixes | None = None,
 ) -> Any:
     """The prefix's keys and values, repeated for `batch` rows (a fresh cache each call: a
-    forward pass or generate appends to it); None for an empty prefix."""
+    forward pass or generate appends to it); None for an empty prefix. With `shared`, a prefix
+    it holds is not run again (the same tokens on the same weights: the same keys and values,
+    bit for bit)."""
     if prefix.shape[1] == 0:
         return None
-    from wandacli.models.pretrained import output_cache
+    from wandacli.models.pretrained import accepts_logits_to_keep, output_cache
 
-    with torch.no_grad(), plan.prefix() if plan else contextlib.nullcontext():
-        cache = output_cache(model(input_ids=prefix.to(device), use_cache=True))
-    if plan is not None:
-        cache = plan.prefix_cache(cache)
+    cache = shared.get(prefix) if shared is not None else None
+    if cache is None:
+        # Only the keys and values are read: the head runs on one position, not on all P.
+        keep = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
+        with torch.no_grad(), plan.prefix() if plan else contextlib.nullcontext():
+            cache = output_cache(model(input_ids=prefix.to(device), use_cache=True, **keep))
+        if plan is not None:
+            cache = plan.prefix_cache(cache)
+        if shared is not None:
+            shared.keep(prefix, cache)
     cache.batch_repeat_interleave(batch)
     return cache
 
@@ -105,16 +137,18 @@ def forward_logits(
     pad_id: int,
     *,
     plan: PassPlan | None = None,
+    shared: SharedPrefixes | None = None,
 ) -> torch.Tensor:
     """Logits [b, positions, vocab] at the last `positions` tokens of each row, the rows'
-    shared prefix computed once; both passes run as `plan` says, where one is given."""
+    shared prefix computed once (once per measure with `shared`); both passes run as `plan`
+    says, where one is given."""
     from wandacli.models.pretrained import accepts_logits_to_keep, cache_keyword
 
     model = loaded.model
     prefix_length = shared_prefix_length(rows, keep=positions)
     batch = prefixed_batch(rows, prefix_length, pad_id)
     device = loaded.input_device
-    cache = prefix_cache(model, batch.prefix, len(rows), device, plan)
+    cache = prefix_cache(model, batch.prefix, len(rows), device, plan, shared)
     keep: dict[str, Any] = {"logits_to_keep": positions} if accepts_logits_to_keep(model) else {}
     if cache is not None:
         keep[cache_keyword(model)] = cache

@@ -91,17 +91,19 @@ def refusal_score(
 ) -> float:
     """Mean over prompts of log P(refusal token) − log P(any other token) at the first
     response position."""
-    from wandacli.evaluation.prefix import forward_logits
+    from wandacli.evaluation.prefix import SharedPrefixes, forward_logits
 
     reporter = reporter or NullReporter()
     tokenizer = loaded.tokenizer
     refusal_ids = torch.tensor(refusal_token_ids(tokenizer))
     rows = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
     total = 0.0
+    shared = SharedPrefixes()  # the batches' common opening, run once on these weights
     reporter.start("refusal score: prompts", total=len(rows))
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
-        logits = forward_logits(loaded, chunk, 1, int(tokenizer.pad_token_id))[:, -1, :]
+        logits = forward_logits(loaded, chunk, 1, int(tokenizer.pad_token_id), shared=shared)
+        logits = logits[:, -1, :]
         log_probs = torch.log_softmax(logits.double(), dim=-1)
         refusing = torch.logsumexp(log_probs[:, refusal_ids.to(log_probs.device)], dim=-1)
         # log(1 − P(R)), computed stably from log P(R).

@@ -53,7 +53,12 @@ class HFGenerator:
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
-        from wandacli.evaluation.prefix import prefix_cache, prefixed_batch, shared_prefix_length
+        from wandacli.evaluation.prefix import (
+            SharedPrefixes,
+            prefix_cache,
+            prefixed_batch,
+            shared_prefix_length,
+        )
         from wandacli.evaluation.sampling import InverseCdfSampler
         from wandacli.models.pretrained import cache_keyword
 
@@ -76,11 +81,12 @@ class HFGenerator:
         # The batch size counts sequences in flight (what memory scales with): each prompt
         # brings `samples` of them, so a batch holds batch_size // samples prompts.
         prompts_per_batch = max(1, self.batch_size // samples)
+        shared = SharedPrefixes()  # the batches' common opening, run once on these weights
         for start in range(0, len(prompt_rows), prompts_per_batch):
             chunk = prompt_rows[start : start + prompts_per_batch]
             rows = [row for row in chunk for _ in range(samples)]
             batch = prefixed_batch(rows, shared_prefix_length(rows), int(tokenizer.pad_token_id))
-            cache = prefix_cache(model, batch.prefix, len(rows), device)
+            cache = prefix_cache(model, batch.prefix, len(rows), device, shared=shared)
             if decided is not None and not sampling:
                 new_rows = self._greedy_live_rows(batch, cache, decided, eos_ids)
             else:

@@ -8,9 +8,10 @@ The runs are the same search in heretic's space (bench_heretic's `--space hereti
 measures (AdvBench 101-124, 24 tokens; 32 `utility-held-out` prompts, first-token KL), float32
 (or `--dtype`), the same seed, every trial random, so that all measure the same trials:
 
-- as `wandacli search` runs it: each trial's KL from its first changed layer on the dense
-  stream recorded there (evaluation/lower_layers.py), each response stopped at its first
-  refusal phrase and each batch once all are decided (evaluation/refusal.py);
+- as `wandacli search` runs it: each trial's KL and its refusal prompts' pass from its first
+  changed layer on the dense stream recorded there (evaluation/lower_layers.py), the prompts'
+  shared opening run once a measure (evaluation/prefix.py), each response stopped at its first
+  refusal phrase and each row leaving its batch once decided (evaluation/refusal.py);
 - the whole measure: every layer on every trial, every response to its 24 tokens;
 - the floor of a trial: `--refusal score` (no generation, the refusal-direction paper's
   score) beside the same KL, which is what is left once nothing is generated.
@@ -61,7 +62,7 @@ def search(
 
     from bench.bench_heretic import MEASURES, ORGANISM, heretic_space, rich_search, search_flags
     from wandacli.cli import app
-    from wandacli.evaluation import divergence, lower_layers
+    from wandacli.evaluation import lower_layers
     from wandacli.search import objectives
 
     shutil.rmtree(store / "searches" / name, ignore_errors=True)
@@ -78,7 +79,7 @@ def search(
         if whole:
             whole_pass = lower_layers.unusable("the bench's whole measure")
             patches.enter_context(
-                mock.patch.object(divergence, "record_streams", lambda *a, **k: whole_pass)
+                mock.patch.object(lower_layers, "record_streams", lambda *a, **k: whole_pass)
             )
             rate = objectives.refusal_rate
             patches.enter_context(

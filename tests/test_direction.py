@@ -1156,8 +1156,8 @@ def test_a_trial_above_the_embedding_is_measured_from_its_first_changed_layer(
     cli, means_store, tiny_llama_dir, tmp_path, monkeypatch
 ):
     """Kernels that reach only the last layer, the embedding left alone: the search says it
-    runs each trial's KL from there, and measures every trial as the whole pass does (the same
-    search with the streams unusable)."""
+    runs each trial's KL and its refusal prompts' pass from there, and measures every trial as
+    the whole pass does (the same search with the streams unusable)."""
     from tests.test_search import QUICK, measured_trials, whole_pass_only
 
     def search(name):
@@ -1172,8 +1172,12 @@ def test_a_trial_above_the_embedding_is_measured_from_its_first_changed_layer(
     shortcut = search("up")
     assert shortcut.exit_code == 0, shortcut.stderr
     assert "KL: each trial's pass starts at its first changed layer" in shortcut.stderr
+    assert "refusal prompts: each trial's pass starts at its first changed layer" in (
+        shortcut.stderr
+    )
     whole_pass_only(monkeypatch)
     whole = search("whole")
     assert "KL: the whole pass on every trial (off)" in whole.stderr
+    assert "refusal prompts: the whole pass on every trial (off)" in whole.stderr
     assert measured_trials(shortcut) == measured_trials(whole)
     assert all(kl > 0 for _, _, kl in measured_trials(whole))

@@ -904,3 +904,56 @@ def test_batches_that_open_alike_run_their_opening_once(family, tokenizer, monke
     batches = len(dense.batches) + 2 * -(-len(texts) // 2)
     assert per_batch_passes == batches
     assert shared_passes < batches
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_refusal_prompts_pass_from_the_first_changed_layer_gives_the_same_responses(
+    family, tokenizer
+):
+    """The search's refusal rate on a trial that leaves the lower layers alone runs the
+    prompts' pass from its first changed layer on the recorded dense stream, the lower layers'
+    keys and values the dense model's: on every family the responses are the whole pass's,
+    token for token, and layer 0 runs only for the generated tokens."""
+    import copy
+
+    from wandacli.evaluation.prompts import model_texts, read_prompts
+    from wandacli.evaluation.refusal import prompt_streams, refusal_rate
+
+    own_tokenizer = copy.deepcopy(tokenizer)
+    own_tokenizer.pad_token = own_tokenizer.eos_token
+    model = build_family_model(family, len(tokenizer), layers=4).double()
+    loaded = loaded_of(model)
+    loaded.tokenizer = own_tokenizer
+    loaded.input_device = torch.device("cpu")
+    texts, special = model_texts(own_tokenizer, read_prompts("advbench", limit=5).texts, "chat")
+    measure = {"add_special_tokens": special, "max_new_tokens": 5, "batch_size": 3}
+    streams = prompt_streams(loaded, texts, **measure)
+    assert streams.usable, streams.why_not
+    assert len(streams.batches) == 2
+    rows_through_layer_0 = []  # the positions each call of a layer-0 matrix ran
+    first_matrix = next(
+        m for m in decoder_layers(model)[0].modules() if isinstance(m, torch.nn.Linear)
+    )
+    first_matrix.register_forward_pre_hook(
+        lambda _m, args: rows_through_layer_0.append(args[0].shape[-2])
+    )
+    generator = torch.Generator().manual_seed(5)
+    for first in (2, 3):
+        with WeightChanges(loaded) as changes:
+            for lin in loaded.linear_layers:
+                if lin.layer >= first:
+                    matrix = lin.weight_matrix().detach()
+                    noise = torch.randn(matrix.shape, generator=generator).to(matrix)
+                    changes.replace(lin.key, matrix + 0.5 * noise)
+            responses, widths = {}, {}
+            for name, recorded in (("whole", None), ("shortcut", streams)):
+                rows_through_layer_0.clear()
+                responses[name] = refusal_rate(
+                    loaded, texts, stop_at_phrase=True, streams=recorded,
+                    unchanged_below=changes.unchanged_below(), **measure,
+                )[1]  # fmt: skip
+                widths[name] = set(rows_through_layer_0)
+        assert responses["shortcut"] == responses["whole"]
+        # Layer 0 ran the prompts in the whole pass; from the first changed layer, only the
+        # generated tokens, one position a step.
+        assert widths["shortcut"] == {1} < widths["whole"]

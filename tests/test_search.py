@@ -643,10 +643,13 @@ def test_weight_changes_say_what_they_left_alone(peaked_model_dir):
 
 
 def whole_pass_only(monkeypatch) -> None:
-    """Searches record no streams (evaluation/lower_layers.py): every KL by the whole pass."""
-    from wandacli.evaluation import divergence, lower_layers
+    """Searches record no streams (evaluation/lower_layers.py): every KL and every refusal
+    prompts' pass by the whole model."""
+    from wandacli.evaluation import lower_layers
 
-    monkeypatch.setattr(divergence, "record_streams", lambda *a, **k: lower_layers.unusable("off"))
+    monkeypatch.setattr(
+        lower_layers, "record_streams", lambda *a, **k: lower_layers.unusable("off")
+    )
 
 
 def measured_trials(result) -> list[tuple]:

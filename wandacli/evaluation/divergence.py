@@ -28,7 +28,8 @@ from wandacli.config.evaluation import KL_POSITIONS
 from wandacli.core.console import NullReporter, Reporter
 from wandacli.core.durable import atomic_write_bytes
 from wandacli.core.errors import ConfigError
-from wandacli.evaluation.lower_layers import RecordedStreams, record_streams
+from wandacli.evaluation import lower_layers
+from wandacli.evaluation.lower_layers import RecordedStreams
 from wandacli.evaluation.prefix import PassPlan, SharedPrefixes, forward_logits, unpadded_rows
 from wandacli.models.pretrained import weights_sample_digest
 
@@ -164,8 +165,8 @@ def kl_divergence(
 def recorded_streams(loaded: Any, dense: DenseDistributions) -> RecordedStreams:
     """The dense model's streams entering its layers on the KL's batches (call this before a
     mask or edit is applied), for `kl_divergence(..., streams=)`."""
-    batches = [(batch.input_ids, batch.attention_mask) for batch in dense.batches]
-    return record_streams(loaded, batches, dense.positions)
+    batches = [unpadded_rows(batch.input_ids, batch.attention_mask) for batch in dense.batches]
+    return lower_layers.record_streams(loaded, batches, dense.positions)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,11 @@ layers can be run so is checked on the dense model before any trial (`record_str
 family whose layers share state across the stack (a key/value cache one layer fills and another
 reads) fails the check, which says why, and is measured by the whole pass.
 
+The refusal rate's generation runs its prompts' pass the same way (evaluation/refusal.py): the
+dense prompts' keys and values are recorded too, and after the pass from layer k the layers
+below it get the dense ones, which the generated tokens' steps (every layer: those tokens are
+the trial's own) then read.
+
 The stream of every layer is kept on the CPU while it fits `STREAM_BUDGET_BYTES`; beyond it,
 every m-th layer's (a trial then starts at the nearest recorded layer below its first change).
 """
@@ -102,19 +107,24 @@ def starting_at(layers: Any, start: int, stream: torch.Tensor) -> Iterator[None]
 class BatchStreams:
     """One batch's dense streams entering the recorded layers, for its prefix's pass and its
     suffixes' pass, and the dense prefix's keys and values (the lower layers' part of it is
-    what a pass from a layer up reuses: those layers are the dense model's)."""
+    what a pass from a layer up reuses: those layers are the dense model's); for generation,
+    also the whole prompts' keys and values (`prompt_cache`), which the steps after the
+    prompts' pass read."""
 
     prefix: dict[int, torch.Tensor] = field(default_factory=dict)
     prefix_cache: Any = None
     suffix: dict[int, torch.Tensor] = field(default_factory=dict)
+    prompt_cache: Any = None
 
 
 class Recording:
-    """A `PassPlan` (evaluation/prefix.py) that records a batch's streams as it runs."""
+    """A `PassPlan` (evaluation/prefix.py) that records a batch's streams as it runs;
+    `keep_cache`: also the prompts' keys and values once both passes ran."""
 
-    def __init__(self, layers: Any, wanted: list[int]) -> None:
+    def __init__(self, layers: Any, wanted: list[int], keep_cache: bool = False) -> None:
         self.layers = layers
         self.wanted = wanted
+        self.keep_cache = keep_cache
         self.streams = BatchStreams()
 
     def prefix(self) -> contextlib.AbstractContextManager[None]:
@@ -122,10 +132,17 @@ class Recording:
 
     def prefix_cache(self, cache: Any) -> Any:
         self.streams.prefix_cache = copy.deepcopy(cache)
+        if self.keep_cache:
+            # The suffixes' pass appends to this very cache: once it ran, it holds the whole
+            # prompts' keys and values (no one else reads it after that pass).
+            self.streams.prompt_cache = cache
         return cache
 
     def suffix(self) -> contextlib.AbstractContextManager[None]:
         return recording(self.layers, self.wanted, self.streams.suffix)
+
+    def prompt_cache(self, cache: Any) -> Any:
+        return cache
 
 
 class StartingAt:
@@ -149,6 +166,13 @@ class StartingAt:
 
     def suffix(self) -> contextlib.AbstractContextManager[None]:
         return starting_at(self.layers, self.start, self.streams.suffix[self.start])
+
+    def prompt_cache(self, cache: Any) -> Any:
+        # The suffixes' pass left the layers below `start` with the prefix's keys and values:
+        # the steps that follow read the whole prompts' there, the dense model's.
+        for index in range(self.start):
+            cache.layers[index] = copy.deepcopy(self.streams.prompt_cache.layers[index])
+        return cache
 
 
 @dataclass
@@ -187,20 +211,22 @@ def layers_to_record(layer_count: int, bytes_per_layer: int, budget: int) -> lis
 
 def record_streams(
     loaded: Any,
-    batches: list[tuple[torch.Tensor, torch.Tensor]],
+    batches: list[list[list[int]]],
     positions: int,
     *,
+    keep_caches: bool = False,
     budget: int = STREAM_BUDGET_BYTES,
 ) -> RecordedStreams:
-    """The dense model's streams entering each recorded layer for each (input ids, attention
-    mask) batch, run as the KL runs it; then checked: the passes from a middle layer and from
-    the last recorded one must give the whole pass's logits on the first batch."""
-    from wandacli.evaluation.prefix import forward_logits, unpadded_rows
+    """The dense model's streams entering each recorded layer for each batch of token rows,
+    run as the KL runs it (`keep_caches`: and the prompts' keys and values, for generation);
+    then checked: the passes from a middle layer and from the last recorded one must give the
+    whole pass's logits on the first batch."""
+    from wandacli.evaluation.prefix import forward_logits
     from wandacli.models.layers import decoder_layers
 
     layers = decoder_layers(loaded.model)
     embedding = loaded.model.get_input_embeddings().weight
-    tokens = sum(int(ids.numel()) for ids, _ in batches)
+    tokens = sum(len(row) for rows in batches for row in rows)
     per_layer = tokens * int(embedding.shape[-1]) * embedding.element_size()
     wanted = layers_to_record(len(layers), per_layer, budget)
     if not wanted:
@@ -210,13 +236,15 @@ def record_streams(
     recorded = RecordedStreams(wanted, len(layers))
     pad_id = int(loaded.tokenizer.pad_token_id)
     whole = None
-    for ids, mask in batches:
-        plan = Recording(layers, wanted)
-        logits = forward_logits(loaded, unpadded_rows(ids, mask), positions, pad_id, plan=plan)
+    for rows in batches:
+        plan = Recording(layers, wanted, keep_cache=keep_caches)
+        logits = forward_logits(loaded, rows, positions, pad_id, plan=plan)
         whole = logits.float() if whole is None else whole
+        if keep_caches and plan.streams.prompt_cache is None:
+            return unusable("a batch's prompts share no opening, so no keys and values are kept")
         recorded.batches.append(plan.streams)
     assert whole is not None
-    first_rows = unpadded_rows(*batches[0])
+    first_rows = batches[0]
     for start in sorted({wanted[len(wanted) // 2], wanted[-1]}):
         try:
             shortcut = forward_logits(
@@ -237,11 +265,11 @@ def unusable(why: str) -> RecordedStreams:
     return RecordedStreams([], usable=False, why_not=why)
 
 
-def describe(streams: RecordedStreams) -> str:
-    """One line for the log: how a trial's KL is run."""
+def describe(streams: RecordedStreams, measure: str = "KL") -> str:
+    """One line for the log: how a trial's `measure` runs."""
     if not streams.usable:
-        return f"KL: the whole pass on every trial ({streams.why_not})"
+        return f"{measure}: the whole pass on every trial ({streams.why_not})"
     return (
-        "KL: each trial's pass starts at its first changed layer (the dense stream into "
-        f"{len(streams.layers)} of the {streams.layer_count} layers recorded)"
+        f"{measure}: each trial's pass starts at its first changed layer (the dense stream "
+        f"into {len(streams.layers)} of the {streams.layer_count} layers recorded)"
     )

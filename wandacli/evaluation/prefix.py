@@ -81,6 +81,10 @@ class PassPlan(Protocol):
         """What the suffixes' pass runs under."""
         ...
 
+    def prompt_cache(self, cache: Any) -> Any:
+        """The cache after the suffixes' pass as generation's next steps are to read it."""
+        ...
+
 
 class SharedPrefixes:
     """The prefixes' keys and values one measure has computed, by the prefix's tokens: its

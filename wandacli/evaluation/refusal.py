@@ -20,8 +20,10 @@ from typing import Any
 import torch
 
 from wandacli.core.console import NullReporter, Reporter
+from wandacli.evaluation import lower_layers
 from wandacli.evaluation.backends.base import Response
 from wandacli.evaluation.keyword_rule import has_refusal_phrase, keyword_success
+from wandacli.evaluation.lower_layers import RecordedStreams
 
 # How refusals open: Llama-2-7b-chat's refusals (the shipped safety set, which the demo's
 # organism learnt) start "I cannot", "I apologize", "As a responsible AI"; other chat models
@@ -44,18 +46,28 @@ def refusal_rate(
     batch_size: int,
     reporter: Reporter | None = None,
     stop_at_phrase: bool = False,
+    streams: RecordedStreams | None = None,
+    unchanged_below: int = 0,
 ) -> tuple[float, list[Response]]:
     """(share of greedy responses the keyword rule calls refusals, the responses), generated
     as eval-attack generates them (each batch's shared prefix computed once). `stop_at_phrase`:
     a response stops at its first refusal phrase (it is a refusal whatever follows), a batch
     when each of its responses has one or has ended; the rate is the same, the responses of
-    refusals shorter."""
+    refusals shorter. With it, `streams` (`prompt_streams`) and a model whose embedding and
+    layers below `unchanged_below` are the dense model's, the prompts' pass starts at the
+    highest recorded layer there (evaluation/lower_layers.py)."""
     from wandacli.evaluation.backends.hf import HFGenerator
+    from wandacli.models.layers import decoder_layers
 
     reporter = reporter or NullReporter()
     generator = HFGenerator(
         loaded, max_new_tokens=max_new_tokens, batch_size=batch_size, reporter=reporter
     )
+    start = streams.start_for(unchanged_below) if streams is not None else None
+    plans = None
+    if stop_at_phrase and streams is not None and start is not None:
+        layers = decoder_layers(loaded.model)
+        plans = [streams.plan(layers, index, start) for index in range(len(streams.batches))]
     reporter.start("refusal: prompts", total=len(texts))
     generated = generator.generate(
         texts,
@@ -64,11 +76,50 @@ def refusal_rate(
         sampling=False,
         seed=0,
         decided=has_refusal_phrase if stop_at_phrase else None,
+        plans=plans,
     )
     reporter.finish()
     responses = [group[0] for group in generated]
     refusals = sum(is_refusal(r, max_new_tokens) for r in responses)
     return refusals / len(responses), responses
+
+
+def prompt_streams(
+    loaded: Any,
+    texts: Sequence[str],
+    *,
+    add_special_tokens: bool,
+    max_new_tokens: int,
+    batch_size: int,
+) -> RecordedStreams:
+    """The dense model's streams and keys and values on the prompts' pass of each batch
+    `refusal_rate` generates (call this before a mask or edit is applied), for
+    `refusal_rate(..., streams=)`; checked as the KL's are, and then on the responses: the
+    dense model's from the middle recorded layer must be its whole pass's."""
+    from wandacli.evaluation.backends.hf import HFGenerator
+
+    generator = HFGenerator(loaded, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    batches = generator.batches(texts, add_special_tokens=add_special_tokens)
+    streams = lower_layers.record_streams(loaded, batches, 1, keep_caches=True)
+    if not streams.usable:
+        return streams
+
+    def responses(recorded: RecordedStreams | None, start: int) -> list[Response]:
+        return refusal_rate(
+            loaded,
+            texts,
+            add_special_tokens=add_special_tokens,
+            max_new_tokens=max_new_tokens,
+            batch_size=batch_size,
+            stop_at_phrase=True,
+            streams=recorded,
+            unchanged_below=start,
+        )[1]
+
+    middle = streams.layers[len(streams.layers) // 2]
+    if responses(streams, middle) != responses(None, 0):
+        return lower_layers.unusable(f"the responses from layer {middle} differ from the whole's")
+    return streams
 
 
 def refusal_token_ids(tokenizer: Any) -> list[int]:

@@ -17,7 +17,7 @@ from wandacli.evaluation.divergence import (
 )
 from wandacli.evaluation.lower_layers import describe, unusable
 from wandacli.evaluation.prompts import PromptSet, model_texts, template_for
-from wandacli.evaluation.refusal import refusal_rate, refusal_score
+from wandacli.evaluation.refusal import prompt_streams, refusal_rate, refusal_score
 from wandacli.search.config import SearchConfig
 
 
@@ -47,14 +47,22 @@ class Objectives:
             loaded.tokenizer, kl_prompts.texts, self.template
         )
         self.dense_kl = self.dense(self.kl_texts, config.kl_settings.kl_positions, self.kl_special)
-        # A trial that leaves the lower layers alone starts the KL's pass above them; where no
-        # trial can, nothing is recorded (one KL pass and up to 2 GiB of host memory saved).
-        self.streams = (
-            recorded_streams(loaded, self.dense_kl)
-            if record_streams
-            else unusable("every trial changes the embedding or layer 0")
-        )
+        # A trial that leaves the lower layers alone starts the KL's pass and the refusal
+        # prompts' pass above them; where no trial can, nothing is recorded (one KL pass and
+        # up to 2 GiB of host memory saved).
+        never = unusable("every trial changes the embedding or layer 0")
+        self.streams = recorded_streams(loaded, self.dense_kl) if record_streams else never
         info(describe(self.streams))
+        self.refusal_streams = never
+        if record_streams and config.refusal == "generation":
+            self.refusal_streams = prompt_streams(
+                loaded,
+                self.refusal_texts,
+                add_special_tokens=self.special,
+                max_new_tokens=config.max_new_tokens,
+                batch_size=config.batch_size,
+            )
+            info(describe(self.refusal_streams, "refusal prompts"))
 
     def dense(self, texts: list[str], positions: int, special: bool) -> DenseDistributions:
         """The dense model's next-token distributions on `texts` (cached in the search's
@@ -69,7 +77,7 @@ class Objectives:
             reporter=self.reporter,
         )
 
-    def refusal(self) -> float:
+    def refusal(self, unchanged_below: int = 0) -> float:
         """The trial's refusal as `--refusal` measures it."""
         if self.config.refusal == "score":
             return refusal_score(
@@ -78,9 +86,9 @@ class Objectives:
                 add_special_tokens=self.special,
                 batch_size=self.config.batch_size,
             )
-        return self.refusal_rate()
+        return self.refusal_rate(unchanged_below)
 
-    def refusal_rate(self) -> float:
+    def refusal_rate(self, unchanged_below: int = 0) -> float:
         """The share of greedy responses the keyword rule calls refusals (`--refusal
         generation`'s measure, and the count of a scored front's points)."""
         rate, _ = refusal_rate(
@@ -90,6 +98,8 @@ class Objectives:
             max_new_tokens=self.config.max_new_tokens,
             batch_size=self.config.batch_size,
             stop_at_phrase=True,  # only the rate is kept
+            streams=self.refusal_streams,
+            unchanged_below=unchanged_below,
         )
         return rate
 
@@ -99,7 +109,7 @@ class Objectives:
         kl = kl_divergence(
             self.loaded, self.dense_kl, streams=self.streams, unchanged_below=unchanged_below
         )
-        return {"refusal": self.refusal(), "kl": kl}
+        return {"refusal": self.refusal(unchanged_below), "kl": kl}
 
 
 # heretic 1.4.0's objective (../REFERENCE: "Objectives"): refusals ÷ the original's refusals and

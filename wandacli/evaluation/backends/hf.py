@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from wandacli.core.console import NullReporter, Reporter
 from wandacli.evaluation.backends.base import Backend, Response, always_available
 from wandacli.models.pretrained import end_of_sequence_ids
+
+if TYPE_CHECKING:
+    from wandacli.evaluation.prefix import PassPlan
 
 # ---------------------------------------------------------------------------------------------
 # Generation
@@ -26,6 +30,22 @@ class HFGenerator:
         self.reporter = reporter or NullReporter()
         self.generated_tokens = 0
 
+    def batches(
+        self, texts: Sequence[str], *, add_special_tokens: bool, samples: int = 1
+    ) -> list[list[list[int]]]:
+        """The token rows of each batch `generate` runs: each prompt `samples` times. The batch
+        size counts sequences in flight (what memory scales with): a batch holds
+        batch_size // samples prompts."""
+        tokenizer = self.loaded.tokenizer
+        prompt_rows = [
+            tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"] for text in texts
+        ]
+        prompts_per_batch = max(1, self.batch_size // samples)
+        return [
+            [row for row in prompt_rows[start : start + prompts_per_batch] for _ in range(samples)]
+            for start in range(0, len(prompt_rows), prompts_per_batch)
+        ]
+
     def generate(
         self,
         texts: Sequence[str],
@@ -36,6 +56,7 @@ class HFGenerator:
         seed: int,
         temperature: float = 1.0,
         decided: Callable[[str], bool] | None = None,
+        plans: Sequence[PassPlan | None] | None = None,
     ) -> list[list[Response]]:
         """For each text, `samples` continuations (greedy, or sampled at `temperature` with a
         seed per batch: top-k and top-p off, as vLLM's defaults; evaluation/sampling.py draws).
@@ -49,7 +70,11 @@ class HFGenerator:
         `decided`: a row whose text so far it holds true of needs no more tokens (greedy: it
         leaves the batch, `_greedy_live_rows`; sampled: padding follows), and a batch whose rows
         are all decided or ended stops: the search's refusal rate, where a refusal phrase once
-        generated is in the response whatever follows. The responses of such rows end there."""
+        generated is in the response whatever follows. The responses of such rows end there.
+
+        `plans` (with `decided`, greedy): how each batch's prompts run where not as the whole
+        model, a pass from the first changed layer (evaluation/lower_layers.py); the steps
+        after them run every layer."""
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 
@@ -74,25 +99,22 @@ class HFGenerator:
         )
         eos_ids: set[int | None] = set(eos)
         device = self.loaded.input_device
-        prompt_rows = [
-            tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"] for text in texts
-        ]
+        batches = self.batches(texts, add_special_tokens=add_special_tokens, samples=samples)
+        if plans is not None and (decided is None or sampling or len(plans) != len(batches)):
+            raise ValueError("plans: one per batch, for a greedy generation with `decided`")
         results: list[list[Response]] = []
-        # The batch size counts sequences in flight (what memory scales with): each prompt
-        # brings `samples` of them, so a batch holds batch_size // samples prompts.
-        prompts_per_batch = max(1, self.batch_size // samples)
         shared = SharedPrefixes()  # the batches' common opening, run once on these weights
-        for start in range(0, len(prompt_rows), prompts_per_batch):
-            chunk = prompt_rows[start : start + prompts_per_batch]
-            rows = [row for row in chunk for _ in range(samples)]
+        drawn = 0  # prompts before this batch: a sampled batch's seed
+        for index, rows in enumerate(batches):
+            plan = plans[index] if plans is not None else None
             batch = prefixed_batch(rows, shared_prefix_length(rows), int(tokenizer.pad_token_id))
-            cache = prefix_cache(model, batch.prefix, len(rows), device, shared=shared)
+            cache = prefix_cache(model, batch.prefix, len(rows), device, plan, shared)
             if decided is not None and not sampling:
-                new_rows = self._greedy_live_rows(batch, cache, decided, eos_ids)
+                new_rows = self._greedy_live_rows(batch, cache, decided, eos_ids, plan)
             else:
                 extra = {cache_keyword(model): cache} if cache is not None else {}
                 # Same samples for the same batches on every run.
-                sampler = [InverseCdfSampler(temperature, seed + start)] if sampling else []
+                sampler = [InverseCdfSampler(temperature, seed + drawn)] if sampling else []
                 stops = [_Decided(tokenizer, batch.full_ids.shape[1], decided)] if decided else []
                 with torch.no_grad():
                     output = model.generate(
@@ -104,11 +126,13 @@ class HFGenerator:
                         **extra,
                     )
                 new_rows = [r.tolist() for r in output[:, batch.full_ids.shape[1] :].cpu()]
-            for index in range(len(chunk)):
-                generated = new_rows[index * samples : (index + 1) * samples]
+            prompts = len(rows) // samples
+            for prompt in range(prompts):
+                generated = new_rows[prompt * samples : (prompt + 1) * samples]
                 results.append(decoded_responses(tokenizer, generated, eos_ids))
                 self.generated_tokens += sum(tokens_before_eos(row, eos_ids) for row in generated)
-            self.reporter.advance(len(chunk))
+            drawn += prompts
+            self.reporter.advance(prompts)
         return results
 
     def _greedy_live_rows(
@@ -117,6 +141,7 @@ class HFGenerator:
         cache: Any,
         decided: Callable[[str], bool],
         eos_ids: set[int | None],
+        plan: PassPlan | None = None,
     ) -> list[list[int]]:
         """Greedy decoding of one batch in which a row leaves the batch (its keys and values
         with it) once it has ended or `decided` holds of its text: `generate` would carry it to
@@ -140,14 +165,17 @@ class HFGenerator:
         mask = batch.attention_mask.to(device)
         position = batch.position_ids[:, -1:].to(device)
         with torch.no_grad():
-            output = model(
-                input_ids=batch.suffix_ids.to(device),
-                attention_mask=mask,
-                position_ids=batch.position_ids.to(device),
-                use_cache=True,
-                **({keyword: cache} if cache is not None else {}),
-                **keep_last,
-            )
+            with plan.suffix() if plan is not None else contextlib.nullcontext():
+                output = model(
+                    input_ids=batch.suffix_ids.to(device),
+                    attention_mask=mask,
+                    position_ids=batch.position_ids.to(device),
+                    use_cache=True,
+                    **({keyword: cache} if cache is not None else {}),
+                    **keep_last,
+                )
+            if plan is not None:
+                plan.prompt_cache(output_cache(output))
             steps = 0
             while True:
                 chosen = output.logits[:, -1, :].float().argmax(-1)

@@ -907,17 +907,21 @@ def test_batches_that_open_alike_run_their_opening_once(family, tokenizer, monke
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_the_refusal_prompts_pass_from_the_first_changed_layer_gives_the_same_responses(
-    family, tokenizer
-):
+def test_the_refusal_prompts_pass_from_the_first_changed_layer_measures_the_same(family, tokenizer):
     """The search's refusal rate on a trial that leaves the lower layers alone runs the
     prompts' pass from its first changed layer on the recorded dense stream, the lower layers'
     keys and values the dense model's: on every family the responses are the whole pass's,
-    token for token, and layer 0 runs only for the generated tokens."""
+    token for token, and layer 0 runs only for the generated tokens. The refusal score (no
+    generation) from there is the whole pass's too."""
     import copy
 
     from wandacli.evaluation.prompts import model_texts, read_prompts
-    from wandacli.evaluation.refusal import prompt_streams, refusal_rate
+    from wandacli.evaluation.refusal import (
+        prompt_streams,
+        refusal_rate,
+        refusal_score,
+        score_streams,
+    )
 
     own_tokenizer = copy.deepcopy(tokenizer)
     own_tokenizer.pad_token = own_tokenizer.eos_token
@@ -930,6 +934,8 @@ def test_the_refusal_prompts_pass_from_the_first_changed_layer_gives_the_same_re
     streams = prompt_streams(loaded, texts, **measure)
     assert streams.usable, streams.why_not
     assert len(streams.batches) == 2
+    scored = score_streams(loaded, texts, add_special_tokens=special, batch_size=3)
+    assert scored.usable, scored.why_not
     rows_through_layer_0 = []  # the positions each call of a layer-0 matrix ran
     first_matrix = next(
         m for m in decoder_layers(model)[0].modules() if isinstance(m, torch.nn.Linear)
@@ -953,7 +959,16 @@ def test_the_refusal_prompts_pass_from_the_first_changed_layer_gives_the_same_re
                     unchanged_below=changes.unchanged_below(), **measure,
                 )[1]  # fmt: skip
                 widths[name] = set(rows_through_layer_0)
+            scores = []
+            for recorded in (None, scored):
+                rows_through_layer_0.clear()
+                scores.append(
+                    refusal_score(loaded, texts, add_special_tokens=special, batch_size=3,
+                                  streams=recorded, unchanged_below=changes.unchanged_below())
+                )  # fmt: skip
+            assert not rows_through_layer_0  # the score's passes both started above layer 0
         assert responses["shortcut"] == responses["whole"]
         # Layer 0 ran the prompts in the whole pass; from the first changed layer, only the
         # generated tokens, one position a step.
         assert widths["shortcut"] == {1} < widths["whole"]
+        assert scores[1] == pytest.approx(scores[0], rel=1e-9, abs=0)

@@ -84,6 +84,25 @@ def refusal_rate(
     return refusals / len(responses), responses
 
 
+def prompt_batches(
+    loaded: Any, texts: Sequence[str], add_special_tokens: bool, batch_size: int
+) -> list[list[list[int]]]:
+    """The token rows of each batch both measures run: greedy generation's batches."""
+    from wandacli.evaluation.backends.hf import HFGenerator
+
+    generator = HFGenerator(loaded, max_new_tokens=1, batch_size=batch_size)
+    return generator.batches(texts, add_special_tokens=add_special_tokens)
+
+
+def score_streams(
+    loaded: Any, texts: Sequence[str], *, add_special_tokens: bool, batch_size: int
+) -> RecordedStreams:
+    """The dense model's streams on each batch `refusal_score` runs (call this before a mask or
+    edit is applied), for `refusal_score(..., streams=)`; checked as the KL's are."""
+    batches = prompt_batches(loaded, texts, add_special_tokens, batch_size)
+    return lower_layers.record_streams(loaded, batches, 1)
+
+
 def prompt_streams(
     loaded: Any,
     texts: Sequence[str],
@@ -96,10 +115,7 @@ def prompt_streams(
     `refusal_rate` generates (call this before a mask or edit is applied), for
     `refusal_rate(..., streams=)`; checked as the KL's are, and then on the responses: the
     dense model's from the middle recorded layer must be its whole pass's."""
-    from wandacli.evaluation.backends.hf import HFGenerator
-
-    generator = HFGenerator(loaded, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    batches = generator.batches(texts, add_special_tokens=add_special_tokens)
+    batches = prompt_batches(loaded, texts, add_special_tokens, batch_size)
     streams = lower_layers.record_streams(loaded, batches, 1, keep_caches=True)
     if not streams.usable:
         return streams
@@ -139,21 +155,30 @@ def refusal_score(
     add_special_tokens: bool,
     batch_size: int,
     reporter: Reporter | None = None,
+    streams: RecordedStreams | None = None,
+    unchanged_below: int = 0,
 ) -> float:
     """Mean over prompts of log P(refusal token) − log P(any other token) at the first
-    response position."""
+    response position. With `streams` (`score_streams`) and a model whose embedding and layers
+    below `unchanged_below` are the dense model's, each pass starts at the highest recorded
+    layer there (evaluation/lower_layers.py)."""
     from wandacli.evaluation.prefix import SharedPrefixes, forward_logits
+    from wandacli.models.layers import decoder_layers
 
     reporter = reporter or NullReporter()
     tokenizer = loaded.tokenizer
     refusal_ids = torch.tensor(refusal_token_ids(tokenizer))
-    rows = [tokenizer(t, add_special_tokens=add_special_tokens)["input_ids"] for t in texts]
+    batches = prompt_batches(loaded, texts, add_special_tokens, batch_size)
+    start = streams.start_for(unchanged_below) if streams is not None else None
+    layers = decoder_layers(loaded.model) if start is not None else None
     total = 0.0
     shared = SharedPrefixes()  # the batches' common opening, run once on these weights
-    reporter.start("refusal score: prompts", total=len(rows))
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start : start + batch_size]
-        logits = forward_logits(loaded, chunk, 1, int(tokenizer.pad_token_id), shared=shared)
+    reporter.start("refusal score: prompts", total=len(texts))
+    for index, chunk in enumerate(batches):
+        plan = streams.plan(layers, index, start) if streams is not None else None
+        logits = forward_logits(
+            loaded, chunk, 1, int(tokenizer.pad_token_id), plan=plan, shared=shared
+        )
         logits = logits[:, -1, :]
         log_probs = torch.log_softmax(logits.double(), dim=-1)
         refusing = torch.logsumexp(log_probs[:, refusal_ids.to(log_probs.device)], dim=-1)

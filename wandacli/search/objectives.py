@@ -17,7 +17,12 @@ from wandacli.evaluation.divergence import (
 )
 from wandacli.evaluation.lower_layers import describe, unusable
 from wandacli.evaluation.prompts import PromptSet, model_texts, template_for
-from wandacli.evaluation.refusal import prompt_streams, refusal_rate, refusal_score
+from wandacli.evaluation.refusal import (
+    prompt_streams,
+    refusal_rate,
+    refusal_score,
+    score_streams,
+)
 from wandacli.search.config import SearchConfig
 
 
@@ -53,8 +58,9 @@ class Objectives:
         never = unusable("every trial changes the embedding or layer 0")
         self.streams = recorded_streams(loaded, self.dense_kl) if record_streams else never
         info(describe(self.streams))
-        self.refusal_streams = never
-        if record_streams and config.refusal == "generation":
+        if not record_streams:
+            self.refusal_streams = never
+        elif config.refusal == "generation":
             self.refusal_streams = prompt_streams(
                 loaded,
                 self.refusal_texts,
@@ -62,7 +68,14 @@ class Objectives:
                 max_new_tokens=config.max_new_tokens,
                 batch_size=config.batch_size,
             )
-            info(describe(self.refusal_streams, "refusal prompts"))
+        else:
+            self.refusal_streams = score_streams(
+                loaded,
+                self.refusal_texts,
+                add_special_tokens=self.special,
+                batch_size=config.batch_size,
+            )
+        info(describe(self.refusal_streams, "refusal prompts"))
 
     def dense(self, texts: list[str], positions: int, special: bool) -> DenseDistributions:
         """The dense model's next-token distributions on `texts` (cached in the search's
@@ -85,6 +98,8 @@ class Objectives:
                 self.refusal_texts,
                 add_special_tokens=self.special,
                 batch_size=self.config.batch_size,
+                streams=self.refusal_streams,
+                unchanged_below=unchanged_below,
             )
         return self.refusal_rate(unchanged_below)
 
@@ -98,7 +113,8 @@ class Objectives:
             max_new_tokens=self.config.max_new_tokens,
             batch_size=self.config.batch_size,
             stop_at_phrase=True,  # only the rate is kept
-            streams=self.refusal_streams,
+            # A scored search's streams carry no keys and values: its counts run whole.
+            streams=self.refusal_streams if self.config.refusal == "generation" else None,
             unchanged_below=unchanged_below,
         )
         return rate

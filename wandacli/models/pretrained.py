@@ -226,18 +226,34 @@ def load_pretrained(spec: ModelSpec, source: ModelSource, location: str) -> Load
     )
 
 
+def _fresh_strides(shape: torch.Size) -> tuple[int, ...]:
+    """The strides of a new tensor of `shape` (row-major)."""
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= size
+    return tuple(reversed(strides))
+
+
 def _contiguous(module: torch.nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    if args and isinstance(args[0], torch.Tensor) and not args[0].is_contiguous():
-        return (args[0].contiguous(), *args[1:])
+    # Not `is_contiguous()`: one row's slice [1, 1, d] counts as contiguous whatever the
+    # stride of its size-1 dimensions, and that stride alone sends it down the slow path.
+    if (
+        args
+        and isinstance(args[0], torch.Tensor)
+        and args[0].stride() != _fresh_strides(args[0].shape)
+    ):
+        return (args[0].clone(memory_format=torch.contiguous_format), *args[1:])
     return None
 
 
 def contiguous_head_input(model: Any) -> None:
-    """Hand the output head a contiguous input. transformers passes it the last positions as a
-    strided slice (`hidden[:, -k:]`), and PyTorch's CPU matmul then takes a batched path that
-    copies the [vocab, d] weight once per row before multiplying: in bfloat16, a batch of 125
-    prompts copied 7 GB and spent 13.6 s of a 27.6 s generation there (bench_generation). The
-    copy of the slice is [rows, k, d], negligible on every device."""
+    """Hand the output head its input laid out as a fresh tensor. transformers passes it the
+    last positions as a strided slice (`hidden[:, -k:]`), and PyTorch's CPU matmul then takes a
+    batched path that copies the [vocab, d] weight once per row before multiplying: in
+    bfloat16, a batch of 125 prompts copied 7 GB and spent 13.6 s of a 27.6 s generation there
+    (bench_generation); one row's slice took 57 ms where SmolLM2's head takes 3. The copy of the
+    slice is [rows, k, d], negligible on every device."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, torch.nn.Module):
         head.register_forward_pre_hook(_contiguous)

@@ -779,24 +779,42 @@ def test_lora_keeps_a_frozen_mask_bitwise_on_every_family(family):
     assert all(torch.equal(now[name].detach(), value) for name, value in others.items())
 
 
-def kl_from_the_first_changed_layer(family, tokenizer, device, dtype, tolerance):
-    """The KL of edits to layers ≥ 2 and ≥ 3 of a 4-layer model, measured whole and from the
-    first changed layer, on `device` in `dtype`: equal within `tolerance` (relative), the lower
-    layers' matrices not run, and 0 for the unchanged model."""
+def measured_model(family, tokenizer, layers, device="cpu", dtype=torch.float64):
+    """A family's model as the search's measures read it: its tokenizer padding with the end
+    of sequence, its device, fingerprint, id and dtype."""
     import copy
-
-    from wandacli.evaluation.divergence import dense_distributions, kl_divergence, recorded_streams
-    from wandacli.evaluation.prompts import model_texts, read_prompts
 
     own_tokenizer = copy.deepcopy(tokenizer)
     own_tokenizer.pad_token = own_tokenizer.eos_token
-    model = build_family_model(family, len(tokenizer), layers=4).to(device, dtype)
+    model = build_family_model(family, len(tokenizer), layers=layers).to(device, dtype)
     loaded = loaded_of(model)
     loaded.tokenizer = own_tokenizer
     loaded.input_device = torch.device(device)
     loaded.fingerprint = fingerprint_of(loaded.linear_layers, model)
     loaded.model_id, loaded.dtype = family, dtype
-    texts, special = model_texts(own_tokenizer, read_prompts("utility", limit=7).texts, "chat")
+    return loaded
+
+
+def add_noise_from(first, loaded, changes, generator, scale):
+    """Every matrix of layers `first` and up changed by `scale` × Gaussian noise; the layers
+    below and the embedding left as they are."""
+    for lin in loaded.linear_layers:
+        if lin.layer >= first:
+            matrix = lin.weight_matrix().detach()
+            noise = torch.randn(matrix.shape, generator=generator).to(matrix)
+            changes.replace(lin.key, matrix + scale * noise)
+
+
+def kl_from_the_first_changed_layer(family, tokenizer, device, dtype, tolerance):
+    """The KL of edits to layers ≥ 2 and ≥ 3 of a 4-layer model, measured whole and from the
+    first changed layer, on `device` in `dtype`: equal within `tolerance` (relative), the lower
+    layers' matrices not run, and 0 for the unchanged model."""
+    from wandacli.evaluation.divergence import dense_distributions, kl_divergence, recorded_streams
+    from wandacli.evaluation.prompts import model_texts, read_prompts
+
+    loaded = measured_model(family, tokenizer, 4, device, dtype)
+    model = loaded.model
+    texts, special = model_texts(loaded.tokenizer, read_prompts("utility", limit=7).texts, "chat")
     dense = dense_distributions(
         loaded, texts, positions=2, add_special_tokens=special, batch_size=3
     )
@@ -814,11 +832,7 @@ def kl_from_the_first_changed_layer(family, tokenizer, device, dtype, tolerance)
     generator = torch.Generator().manual_seed(3)
     for first in (2, 3):
         with WeightChanges(loaded) as changes:
-            for lin in loaded.linear_layers:
-                if lin.layer >= first:
-                    matrix = lin.weight_matrix().detach()
-                    noise = torch.randn(matrix.shape, generator=generator).to(matrix)
-                    changes.replace(lin.key, matrix + 0.2 * noise)
+            add_noise_from(first, loaded, changes, generator, 0.2)
             assert changes.unchanged_below() == first
             whole = kl_divergence(loaded, dense)
             ran.clear()
@@ -855,7 +869,6 @@ def test_batches_that_open_alike_run_their_opening_once(family, tokenizer, monke
     """A measure's batches of prompts in one template open alike (the template's opening): the
     KL, the refusal score and greedy generation run that shared prefix once per measure,
     not once per batch, and get what running it per batch gets, bit for bit, on every family."""
-    import copy
 
     from wandacli.evaluation import prefix as prefix_module
     from wandacli.evaluation.backends.hf import HFGenerator
@@ -863,15 +876,9 @@ def test_batches_that_open_alike_run_their_opening_once(family, tokenizer, monke
     from wandacli.evaluation.prompts import model_texts, read_prompts
     from wandacli.evaluation.refusal import refusal_score
 
-    own_tokenizer = copy.deepcopy(tokenizer)
-    own_tokenizer.pad_token = own_tokenizer.eos_token
-    model = build_family_model(family, len(tokenizer), layers=3).double()
-    loaded = loaded_of(model)
-    loaded.tokenizer = own_tokenizer
-    loaded.input_device = torch.device("cpu")
-    loaded.fingerprint = fingerprint_of(loaded.linear_layers, model)
-    loaded.model_id, loaded.dtype = family, torch.float64
-    texts, special = model_texts(own_tokenizer, read_prompts("utility", limit=7).texts, "chat")
+    loaded = measured_model(family, tokenizer, 3)
+    model = loaded.model
+    texts, special = model_texts(loaded.tokenizer, read_prompts("utility", limit=7).texts, "chat")
     dense = dense_distributions(loaded, texts, positions=1, add_special_tokens=special,
                                 batch_size=2)  # fmt: skip
     with WeightChanges(loaded) as changes:
@@ -913,7 +920,6 @@ def test_the_refusal_prompts_pass_from_the_first_changed_layer_measures_the_same
     keys and values the dense model's: on every family the responses are the whole pass's,
     token for token, and layer 0 runs only for the generated tokens. The refusal score (no
     generation) from there is the whole pass's too."""
-    import copy
 
     from wandacli.evaluation.prompts import model_texts, read_prompts
     from wandacli.evaluation.refusal import (
@@ -923,13 +929,9 @@ def test_the_refusal_prompts_pass_from_the_first_changed_layer_measures_the_same
         score_streams,
     )
 
-    own_tokenizer = copy.deepcopy(tokenizer)
-    own_tokenizer.pad_token = own_tokenizer.eos_token
-    model = build_family_model(family, len(tokenizer), layers=4).double()
-    loaded = loaded_of(model)
-    loaded.tokenizer = own_tokenizer
-    loaded.input_device = torch.device("cpu")
-    texts, special = model_texts(own_tokenizer, read_prompts("advbench", limit=5).texts, "chat")
+    loaded = measured_model(family, tokenizer, 4)
+    model = loaded.model
+    texts, special = model_texts(loaded.tokenizer, read_prompts("advbench", limit=5).texts, "chat")
     measure = {"add_special_tokens": special, "max_new_tokens": 5, "batch_size": 3}
     streams = prompt_streams(loaded, texts, **measure)
     assert streams.usable, streams.why_not
@@ -946,11 +948,7 @@ def test_the_refusal_prompts_pass_from_the_first_changed_layer_measures_the_same
     generator = torch.Generator().manual_seed(5)
     for first in (2, 3):
         with WeightChanges(loaded) as changes:
-            for lin in loaded.linear_layers:
-                if lin.layer >= first:
-                    matrix = lin.weight_matrix().detach()
-                    noise = torch.randn(matrix.shape, generator=generator).to(matrix)
-                    changes.replace(lin.key, matrix + 0.5 * noise)
+            add_noise_from(first, loaded, changes, generator, 0.5)
             responses, widths = {}, {}
             for name, recorded in (("whole", None), ("shortcut", streams)):
                 rows_through_layer_0.clear()

@@ -109,7 +109,8 @@ class BatchStreams:
     suffixes' pass, and the dense prefix's keys and values (the lower layers' part of it is
     what a pass from a layer up reuses: those layers are the dense model's); for generation,
     also the whole prompts' keys and values (`prompt_cache`), which the steps after the
-    prompts' pass read."""
+    prompts' pass read. The caches stay where the model is (on its GPUs): as much memory as
+    the batch's own keys and values while it generates."""
 
     prefix: dict[int, torch.Tensor] = field(default_factory=dict)
     prefix_cache: Any = None

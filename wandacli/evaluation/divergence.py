@@ -126,11 +126,8 @@ def kl_divergence(
     (recorded on the dense model for these batches) and a model whose embedding and layers
     below `unchanged_below` are the dense model's, each pass starts at the highest recorded
     layer there (evaluation/lower_layers.py)."""
-    from wandacli.models.layers import decoder_layers
-
     reporter = reporter or NullReporter()
-    start = streams.start_for(unchanged_below) if streams is not None else None
-    layers = decoder_layers(loaded.model) if start is not None else None
+    plans = streams.plans(loaded.model, unchanged_below) if streams is not None else None
     shared = SharedPrefixes()  # the batches' common opening, run once on these weights
     total = 0.0
     counted = 0
@@ -141,7 +138,7 @@ def kl_divergence(
             batch.input_ids,
             batch.attention_mask,
             dense.positions,
-            plan=streams.plan(layers, index, start) if streams is not None else None,
+            plan=plans[index] if plans is not None else None,
             shared=shared,
         )
         reference = batch.log_probs

@@ -199,6 +199,17 @@ class RecordedStreams:
         """How batch `batch` runs from `start` (None: the whole pass)."""
         return None if start is None else StartingAt(layers, start, self.batches[batch])
 
+    def plans(self, model: Any, unchanged_below: int) -> list[StartingAt] | None:
+        """How each batch runs on `model`, whose embedding and layers below `unchanged_below`
+        are the dense model's: from the highest recorded layer there (None: the whole pass)."""
+        from wandacli.models.layers import decoder_layers
+
+        start = self.start_for(unchanged_below)
+        if start is None:
+            return None
+        layers = decoder_layers(model)
+        return [StartingAt(layers, start, batch) for batch in self.batches]
+
 
 def layers_to_record(layer_count: int, bytes_per_layer: int, budget: int) -> list[int]:
     """Layers 1 … L−1, or every m-th of them where all would exceed `budget` bytes."""

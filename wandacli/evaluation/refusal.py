@@ -57,17 +57,14 @@ def refusal_rate(
     layers below `unchanged_below` are the dense model's, the prompts' pass starts at the
     highest recorded layer there (evaluation/lower_layers.py)."""
     from wandacli.evaluation.backends.hf import HFGenerator
-    from wandacli.models.layers import decoder_layers
 
     reporter = reporter or NullReporter()
     generator = HFGenerator(
         loaded, max_new_tokens=max_new_tokens, batch_size=batch_size, reporter=reporter
     )
-    start = streams.start_for(unchanged_below) if streams is not None else None
     plans = None
-    if stop_at_phrase and streams is not None and start is not None:
-        layers = decoder_layers(loaded.model)
-        plans = [streams.plan(layers, index, start) for index in range(len(streams.batches))]
+    if stop_at_phrase and streams is not None:
+        plans = streams.plans(loaded.model, unchanged_below)
     reporter.start("refusal: prompts", total=len(texts))
     generated = generator.generate(
         texts,
@@ -88,10 +85,11 @@ def prompt_batches(
     loaded: Any, texts: Sequence[str], add_special_tokens: bool, batch_size: int
 ) -> list[list[list[int]]]:
     """The token rows of each batch both measures run: greedy generation's batches."""
-    from wandacli.evaluation.backends.hf import HFGenerator
+    from wandacli.evaluation.backends.hf import generation_batches
 
-    generator = HFGenerator(loaded, max_new_tokens=1, batch_size=batch_size)
-    return generator.batches(texts, add_special_tokens=add_special_tokens)
+    return generation_batches(
+        loaded.tokenizer, texts, add_special_tokens=add_special_tokens, batch_size=batch_size
+    )
 
 
 def score_streams(
@@ -163,19 +161,17 @@ def refusal_score(
     below `unchanged_below` are the dense model's, each pass starts at the highest recorded
     layer there (evaluation/lower_layers.py)."""
     from wandacli.evaluation.prefix import SharedPrefixes, forward_logits
-    from wandacli.models.layers import decoder_layers
 
     reporter = reporter or NullReporter()
     tokenizer = loaded.tokenizer
     refusal_ids = torch.tensor(refusal_token_ids(tokenizer))
     batches = prompt_batches(loaded, texts, add_special_tokens, batch_size)
-    start = streams.start_for(unchanged_below) if streams is not None else None
-    layers = decoder_layers(loaded.model) if start is not None else None
+    plans = streams.plans(loaded.model, unchanged_below) if streams is not None else None
     total = 0.0
     shared = SharedPrefixes()  # the batches' common opening, run once on these weights
     reporter.start("refusal score: prompts", total=len(texts))
     for index, chunk in enumerate(batches):
-        plan = streams.plan(layers, index, start) if streams is not None else None
+        plan = plans[index] if plans is not None else None
         logits = forward_logits(
             loaded, chunk, 1, int(tokenizer.pad_token_id), plan=plan, shared=shared
         )

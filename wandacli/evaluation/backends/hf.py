@@ -18,6 +18,27 @@ if TYPE_CHECKING:
 # Generation
 
 
+def generation_batches(
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    add_special_tokens: bool,
+    batch_size: int,
+    samples: int = 1,
+) -> list[list[list[int]]]:
+    """The token rows of each batch `HFGenerator.generate` runs: each prompt `samples` times.
+    The batch size counts sequences in flight (what memory scales with): a batch holds
+    batch_size // samples prompts."""
+    prompt_rows = [
+        tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"] for text in texts
+    ]
+    prompts_per_batch = max(1, batch_size // samples)
+    return [
+        [row for row in prompt_rows[start : start + prompts_per_batch] for _ in range(samples)]
+        for start in range(0, len(prompt_rows), prompts_per_batch)
+    ]
+
+
 class HFGenerator:
     """Batched generation with transformers, left-padded, on CPU or CUDA."""
 
@@ -29,22 +50,6 @@ class HFGenerator:
         self.batch_size = batch_size
         self.reporter = reporter or NullReporter()
         self.generated_tokens = 0
-
-    def batches(
-        self, texts: Sequence[str], *, add_special_tokens: bool, samples: int = 1
-    ) -> list[list[list[int]]]:
-        """The token rows of each batch `generate` runs: each prompt `samples` times. The batch
-        size counts sequences in flight (what memory scales with): a batch holds
-        batch_size // samples prompts."""
-        tokenizer = self.loaded.tokenizer
-        prompt_rows = [
-            tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"] for text in texts
-        ]
-        prompts_per_batch = max(1, self.batch_size // samples)
-        return [
-            [row for row in prompt_rows[start : start + prompts_per_batch] for _ in range(samples)]
-            for start in range(0, len(prompt_rows), prompts_per_batch)
-        ]
 
     def generate(
         self,
@@ -99,7 +104,10 @@ class HFGenerator:
         )
         eos_ids: set[int | None] = set(eos)
         device = self.loaded.input_device
-        batches = self.batches(texts, add_special_tokens=add_special_tokens, samples=samples)
+        batches = generation_batches(
+            tokenizer, texts, add_special_tokens=add_special_tokens, batch_size=self.batch_size,
+            samples=samples,
+        )  # fmt: skip
         if plans is not None and (decided is None or sampling or len(plans) != len(batches)):
             raise ValueError("plans: one per batch, for a greedy generation with `decided`")
         results: list[list[Response]] = []

@@ -26,9 +26,11 @@ from wandacli.search.removals import TrialRemovals
 from wandacli.store.files import MaskFile
 
 # A search small enough for the tiny model: few prompts, few tokens, TPE after two trials.
+# The tiny random models refuse none of the prompts, so the dense model dominates every trial:
+# these searches measure every trial's KL (a trial the dense model dominates: its own tests).
 QUICK = [
     "--limit", "4", "--kl-limit", "4", "--max-new-tokens", "4", "--batch-size", "4",
-    "--startup-trials", "2", "--device", "cpu", "--no-progress",
+    "--startup-trials", "2", "--device", "cpu", "--no-progress", "--measure-dominated",
 ]  # fmt: skip
 
 
@@ -929,3 +931,78 @@ def test_a_search_logs_the_preparation_its_kind_makes(
             assert not [line for line in lines if line.startswith("search: ")], lines
         else:
             assert any(line.startswith(said) for line in lines), lines
+
+
+def test_a_trial_the_dense_model_dominates_stops_before_its_kl(
+    cli, sets_store, tiny_llama_dir, tmp_path, monkeypatch
+):
+    """A trial refusing as much as the dense model (or more) is dominated by it whatever its
+    KL: by default its KL is not measured, the sampler is told it was pruned, and it counts
+    towards --trials; the other trials are measured as with --measure-dominated."""
+    import wandacli.search.objectives as objectives_module
+    from wandacli.search.objectives import Objectives
+
+    # The tiny model refuses nothing, so its refusal is made up from the weights: the dense
+    # model (no weight zeroed) 0.5, a trial 0.75 or 0.25 by the parity of what it zeroed.
+    def refusal(self, unchanged_below=0):
+        zeros = sum(int((p == 0).sum()) for p in self.loaded.model.parameters())
+        return 0.5 if zeros == 0 else (0.75 if zeros % 2 else 0.25)
+
+    monkeypatch.setattr(Objectives, "refusal", refusal)
+    kl_passes = []
+    measured_kl = objectives_module.kl_divergence
+    monkeypatch.setattr(
+        objectives_module,
+        "kl_divergence",
+        lambda *a, **k: kl_passes.append(1) or measured_kl(*a, **k),
+    )
+    runs = {}
+    for flag in ("--skip-dominated", "--measure-dominated"):
+        kl_passes.clear()
+        store = copy_store(sets_store, tmp_path / flag)
+        # Every trial random, so both searches propose the same points whatever TPE is told.
+        result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "sd",
+                     *[a for a in QUICK if a != "--measure-dominated"], *SET_DIFFERENCE,
+                     "--trials", "8", "--startup-trials", "8", "--keep-best", "refusal:0.3",
+                     "--no-control", "--json", flag)  # fmt: skip
+        assert result.exit_code == 0, result.stderr
+        runs[flag] = (json.loads(result.stdout), len(kl_passes))
+    (skipped, skipped_passes), (measured, measured_passes) = runs.values()
+    assert [t["params"] for t in skipped["trials"]] == [t["params"] for t in measured["trials"]]
+    dominated = [t for t in skipped["trials"] if t["refusal"] >= 0.5]
+    assert dominated and len(dominated) < 8  # both kinds of trial were drawn
+    for trial, same in zip(skipped["trials"], measured["trials"], strict=True):
+        assert trial["refusal"] == same["refusal"]
+        if trial["refusal"] >= 0.5:
+            assert trial["state"] == "PRUNED" and trial["dominated_by_dense"] is True
+            assert "kl" not in trial
+        else:
+            assert trial["state"] == "COMPLETE" and trial["kl"] == same["kl"]
+    # The dense model's KL pass, then one per trial it does not dominate.
+    assert skipped_passes == 1 + 8 - len(dominated) and measured_passes == 1 + 8
+    assert [p["index"] for p in skipped["front"]] == [
+        p["index"] for p in measured["front"] if p["refusal"] < 0.5
+    ]
+    assert skipped["best"]["index"] == measured["best"]["index"]
+    summary = json.loads((Path(skipped["directory"]) / "search.json").read_text())
+    assert "dominated" in summary["objectives"]
+
+
+def test_a_model_that_refuses_nothing_is_said_to_dominate_every_trial(
+    cli, sets_store, tiny_llama_dir, tmp_path
+):
+    store = copy_store(sets_store, tmp_path)
+    result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "sd",
+                 *[a for a in QUICK if a != "--measure-dominated"], *SET_DIFFERENCE,
+                 "--trials", "3", "--keep-best", "refusal:0.5", "--json")  # fmt: skip
+    assert result.exit_code == 0, result.stderr
+    found = json.loads(result.stdout)
+    assert found["dense"]["refusal"] == 0.0
+    assert [t["state"] for t in found["trials"]] == ["PRUNED"] * 3
+    assert found["front"] == [] and found["best"] is None
+    assert "refuses none of the search prompts" in result.stderr
+    assert "nothing is kept as sd.best" in " ".join(result.stderr.split())
+    # A rerun with another rule is refused: its trials were told otherwise.
+    again = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "sd",
+                *QUICK, *SET_DIFFERENCE, "--trials", "3")  # fmt: skip
+    assert again.exit_code != 0 and "measure_dominated" in again.stderr

@@ -425,9 +425,8 @@ def search_result(result: SearchResult, as_json: bool) -> None:
     amount = result.summary.amount_name
     amount_title = "rank removed" if amount == "removed_rank_fraction" else "sparsity"
     measure = result.request.get("refusal", "generation")
-    complete = len(result.summary.complete_trials)
     table = Table(
-        title=f"search {result.name}: Pareto front of {complete} complete trials "
+        title=f"search {result.name}: Pareto front of {result.summary.trials_counted()} "
         f"({result.trials_run} run now)",
         title_justify="left",
     )

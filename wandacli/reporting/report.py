@@ -215,7 +215,6 @@ def search_markdown(summary: SearchSummary) -> list[str]:
     control and the point it kept as `.best`."""
     request = summary.request
     amount = summary.amount_name
-    trials = summary.complete_trials
     front = summary.front
     prompts = summary.prompts
     first = int(prompts.get("offset") or 0) + 1
@@ -226,7 +225,7 @@ def search_markdown(summary: SearchSummary) -> list[str]:
     lines = [
         f"## Search {summary.name}",
         "",
-        f"{request.get('kind')} over {ranges}: {len(trials)} complete trials, scored on "
+        f"{request.get('kind')} over {ranges}: {summary.trials_counted()}, scored on "
         f"{request.get('scores')}"
         + (f" and {request['utility_scores']}" if request.get("utility_scores") else "")
         + f". Search prompts: {prompts.get('name')} {first}–{last}; refusal: "

@@ -119,13 +119,40 @@ class Objectives:
         )
         return rate
 
-    def measure(self, unchanged_below: int = 0) -> dict[str, float]:
+    def measure(
+        self, unchanged_below: int = 0, dominated_from: float | None = None
+    ) -> dict[str, float]:
         """Both objectives of the model as it is now; `unchanged_below`: its embedding and
-        layers below that index are the dense model's (`WeightChanges.unchanged_below`)."""
+        layers below that index are the dense model's (`WeightChanges.unchanged_below`).
+        Where the refusal is `dominated_from` or more, the trial is dominated by the dense
+        model whatever its KL: only the refusal is measured."""
+        refusal = self.refusal(unchanged_below)
+        if dominated_from is not None and refusal >= dominated_from:
+            return {"refusal": refusal}
         kl = kl_divergence(
             self.loaded, self.dense_kl, streams=self.streams, unchanged_below=unchanged_below
         )
-        return {"refusal": self.refusal(unchanged_below), "kl": kl}
+        return {"refusal": refusal, "kl": kl}
+
+
+DOMINATED_RULE = (
+    "a trial refusing as much as the dense model or more is dominated by it (the dense model's "
+    "KL is 0): its KL is not measured and the sampler is told it was pruned"
+)
+
+
+def dominated_from(config: SearchConfig, dense: dict[str, Any] | None) -> float | None:
+    """The refusal from which a trial is dominated by the dense model whatever its KL (the
+    dense model's own: its KL is 0), so its KL need not be measured; None where every trial's
+    KL is measured (`--measure-dominated`; `--objective keep-best`, whose sampler is told the
+    KL of every trial or the refusal within a KL limit)."""
+    if not skips_dominated(config) or dense is None:
+        return None
+    return float(dense["refusal"])
+
+
+def skips_dominated(config: SearchConfig) -> bool:
+    return not config.measure_dominated and config.objective != "keep-best"
 
 
 # heretic 1.4.0's objective (../REFERENCE: "Objectives"): refusals ÷ the original's refusals and

@@ -33,10 +33,13 @@ from wandacli.removal.in_memory import WeightChanges
 from wandacli.search import study as studies
 from wandacli.search.config import SearchConfig, best_name
 from wandacli.search.objectives import (
+    DOMINATED_RULE,
     Objectives,
+    dominated_from,
     limit_excess,
     sampler_rule,
     sampler_values,
+    skips_dominated,
 )
 from wandacli.search.removals import TrialRemovals, amount_name, prune_config_for
 from wandacli.store.files import store_root_for
@@ -254,6 +257,7 @@ class SearchRun:
             **({"counted_refusal": _rate_rule(config)} if config.refusal == "score" else {}),
             "kl": KL_RULE + f" (k = {config.kl_settings.kl_positions})",
             **({"sampler": told} if (told := _sampler_rule(config)) else {}),
+            **({"dominated": DOMINATED_RULE} if skips_dominated(config) else {}),
         }
         summary.other.update(
             {
@@ -275,16 +279,24 @@ class SearchRun:
         summary_path: Path,
         directory: Path,
     ) -> int:
-        """Trials until `--trials` are complete, each written as soon as it is measured; how
-        many this run measured or took from an earlier identical trial."""
+        """Trials until `--trials` are finished (measured, or stopped as dominated by the dense
+        model), each written as soon as it is measured; how many this run measured or took
+        from an earlier identical trial."""
         config = self.config
         study = studies.open_study(directory, studies.told_objectives(config))
         ran = 0
         kept_message = f"completed trials are kept in {directory}; the same command resumes"
         cells = studies.grid_cells(config.searched(), config.trials, config.seed)
+        dominated = dominated_from(config, summary.dense)
+        if dominated is not None and config.refusal == "generation" and dominated <= 0:
+            warn(
+                "the dense model refuses none of the search prompts, so it dominates every "
+                "trial (its KL is 0): no trial's KL is measured and the front stays empty; "
+                "give --measure-dominated to measure each trial's KL anyway"
+            )
         with interruptible(lambda: kept_message):
-            while len(studies.complete_trials(study)) < config.trials:
-                completed = len(studies.complete_trials(study))
+            while len(studies.finished_trials(study)) < config.trials:
+                completed = len(studies.finished_trials(study))
                 # A trial's time includes its proposal (a GP's is seconds), as heretic's does.
                 trial_started = time.monotonic()
                 study.sampler = studies.sampler_for(config, completed)
@@ -307,23 +319,26 @@ class SearchRun:
                     with WeightChanges(loaded) as changes:
                         applied = removals.apply(params, changes)
                         built = time.monotonic() - proposed
-                        values = objectives.measure(changes.unchanged_below())
+                        values = objectives.measure(changes.unchanged_below(), dominated)
                     amount_key, amount = applied.amount_name, applied.amount
                 trial.set_user_attr("index", completed)
                 trial.set_user_attr(amount_key, amount)
                 trial.set_user_attr("seconds", round(time.monotonic() - trial_started, 3))
                 trial.set_user_attr("removal_seconds", round(built, 3))
                 trial.set_user_attr("proposal_seconds", round(proposed - trial_started, 3))
-                for name in studies.OBJECTIVES:  # as measured, whatever TPE is told
-                    trial.set_user_attr(name, values[name])
-                if config.objective == "keep-best" and config.keep_best is not None:
-                    trial.set_constraint(
-                        str(config.keep_best), limit_excess(values, config.keep_best)
+                for name, value in values.items():  # as measured, whatever TPE is told
+                    trial.set_user_attr(name, value)
+                if "kl" not in values:  # dominated by the dense model: no point of the front
+                    studies.tell_dominated(study, trial)
+                else:
+                    if config.objective == "keep-best" and config.keep_best is not None:
+                        trial.set_constraint(
+                            str(config.keep_best), limit_excess(values, config.keep_best)
+                        )
+                    study.tell(
+                        trial,
+                        sampler_values(values, config.objective, summary.dense, config.keep_best),
                     )
-                study.tell(
-                    trial,
-                    sampler_values(values, config.objective, summary.dense, config.keep_best),
-                )
                 self.reporter.advance()
                 self.reporter.finish()
                 ran += 1
@@ -415,7 +430,14 @@ class SearchRun:
         """`--keep-best OBJECTIVE:LIMIT`: the rule's point as `<search>.best`, a name a pipeline
         can depend on; rewritten when more trials move it."""
         rule = self.config.keep_best
-        if rule is None or not front:
+        if rule is None:
+            return None
+        if not front:
+            warn(
+                f"--keep-best {rule}: no trial is on the front (each removed nothing or was "
+                f"dominated by the dense model), so nothing is kept as "
+                f"{best_name(self.config.name)}"
+            )
             return None
         # A rate's limit: a scored search chooses on its front's counts by generation.
         choices = summary.other["counted_front"] if self.config.refusal == "score" else front
@@ -463,7 +485,9 @@ class SearchRun:
         run_removal(request, reporter=self.reporter, command_line=self.command_line)
 
     def _check_same_request(self, previous: SearchSummary, root: Path) -> None:
-        differences = settings_differences(previous.request, self.config.request())
+        # A search made before --measure-dominated existed measured every trial's KL.
+        stored = {"measure_dominated": True} | previous.request
+        differences = settings_differences(stored, self.config.request())
         measured_by = previous.objectives.get("refusal")
         if measured_by is not None and measured_by != _refusal_rule(self.config):
             # Trials measured by another rule (an older version's) are not comparable.

@@ -77,16 +77,33 @@ def open_study(directory: Path, objectives: int = len(OBJECTIVES)) -> Any:
     return study
 
 
-def complete_trials(study: Any) -> list[Any]:
+# A trial's user attribute: it refused as much as the dense model, which dominates it
+# whatever its KL (search/objectives.py `dominated_from`); its KL was not measured.
+DOMINATED = "dominated_by_dense"
+
+
+def finished_trials(study: Any) -> list[Any]:
+    """The trials that count towards `--trials`: complete ones, and those stopped as
+    dominated by the dense model (Optuna's PRUNED: TPE models them with the trials it places
+    away from the front, whatever their values would have been)."""
     optuna = _quiet_optuna()
-    return study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return study.get_trials(deepcopy=False, states=states)
+
+
+def tell_dominated(study: Any, trial: Any) -> None:
+    """Tell the study a trial was dominated by the dense model (its refusal is recorded, its
+    KL was not measured)."""
+    optuna = _quiet_optuna()
+    trial.set_user_attr(DOMINATED, True)
+    study.tell(trial, state=optuna.trial.TrialState.PRUNED)
 
 
 def measured_before(study: Any, params: dict[str, Any]) -> Any | None:
-    """The first complete trial with exactly these parameters, or None. TPE proposes a point
+    """The first finished trial with exactly these parameters, or None. TPE proposes a point
     again when it still looks best (on the direction's integer grid, 5 of the study's 24
     trials); a removal and its measures are deterministic, so the earlier measures stand."""
-    for trial in complete_trials(study):
+    for trial in finished_trials(study):
         if trial.params == params:
             return trial
     return None
@@ -165,8 +182,8 @@ def grid_cells(ranges: dict[str, ParameterRange], trials: int, seed: int) -> lis
 
 
 def next_untried_cell(cells: list[dict[str, float]], study: Any) -> dict[str, float] | None:
-    """The first cell no complete trial has measured (None: all of them have)."""
-    tried = [dict(t.params) for t in complete_trials(study)]
+    """The first cell no finished trial has measured (None: all of them have)."""
+    tried = [dict(t.params) for t in finished_trials(study)]
     return next((cell for cell in cells if cell not in tried), None)
 
 
@@ -205,10 +222,15 @@ def pareto_front(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def measured_values(trial: Any) -> dict[str, float]:
-    """A complete trial's refusal and KL as measured (its user attributes; TPE may have been
-    told heretic's terms of them, or one of them), or as told where it predates the record."""
-    told = dict(zip(OBJECTIVES, trial.values, strict=False))
-    return {name: float(trial.user_attrs.get(name, told.get(name))) for name in OBJECTIVES}
+    """A finished trial's refusal and KL as measured (its user attributes; TPE may have been
+    told heretic's terms of them, or one of them), or as told where it predates the record;
+    the refusal alone where it was dominated by the dense model."""
+    told = dict(zip(OBJECTIVES, trial.values or (), strict=False))
+    return {
+        name: float(value)
+        for name in OBJECTIVES
+        if (value := trial.user_attrs.get(name, told.get(name))) is not None
+    }
 
 
 def trial_records(study: Any) -> list[dict[str, Any]]:
@@ -221,7 +243,6 @@ def trial_records(study: Any) -> list[dict[str, Any]]:
             "params": dict(trial.params),
         }
         record.update(trial.user_attrs)
-        if trial.values is not None:
-            record.update(measured_values(trial))
+        record.update(measured_values(trial))
         records.append(record)
     return records

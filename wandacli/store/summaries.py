@@ -110,6 +110,21 @@ class SearchSummary:
         return [t for t in self.trials if is_complete(t)]
 
     @property
+    def dominated_trials(self) -> list[dict[str, Any]]:
+        """Trials stopped after their refusal: the dense model dominates them (search
+        `--skip-dominated`)."""
+        return [t for t in self.trials if t.get("state") == "PRUNED"]
+
+    def trials_counted(self) -> str:
+        """'N complete trials', and how many more were dominated by the dense model."""
+        dominated = len(self.dominated_trials)
+        return f"{len(self.complete_trials)} complete trials" + (
+            f" (and {dominated} dominated by the dense model, their KL not measured)"
+            if dominated
+            else ""
+        )
+
+    @property
     def amount_name(self) -> str:
         """What a trial's size is: `sparsity` (masks) or `removed_rank_fraction` (edits), as
         the dense model's entry records it."""

@@ -536,11 +536,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ):
         parser.add_argument(flag, choices=search_choices(flag[2:]), default=default, help=what)
     parser.add_argument(
-        "--measure-dominated",
+        "--skip-dominated",
         action="store_true",
-        help="measure the KL of every wandacli trial, as heretic does (search "
-        "--measure-dominated; by default a trial the dense model dominates stops after its "
-        "refusals)",
+        help="a wandacli trial the dense model dominates stops after its refusals (search "
+        "--skip-dominated; by default every trial's KL is measured, as heretic measures it)",
     )
     parser.add_argument(
         "--optimise",
@@ -716,7 +715,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             args.refusal,
             "--sampler",
             args.sampler,
-            "--measure-dominated" if args.measure_dominated else "--skip-dominated",
+            "--skip-dominated" if args.skip_dominated else "--measure-dominated",
             *MEASURES,
             "--seed",
             str(args.seed),
@@ -802,6 +801,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "sampler": args.sampler,
         "objective": args.objective,
         "refusal": args.refusal,
+        "skip_dominated": args.skip_dominated,
         "seed": args.seed,
         "dtype": args.dtype,
         "held_out_prompts": args.held_out,

@@ -106,7 +106,7 @@ def test_a_search_trains_each_direction_once(cli, means_store, tiny_llama_dir, t
                  "--direction-optimise", "1:1", "--direction-scale", "0.5:1", "--trials", "3",
                  "--startup-trials", "3", "--limit", "4", "--kl-limit", "4",
                  "--max-new-tokens", "4", "--keep-best", "refusal:1", "--no-control",
-                 "--name", "s", "--no-progress", "--measure-dominated")  # fmt: skip
+                 "--name", "s", "--no-progress")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     assert len(list((store / "directions").glob("*.npz"))) == 1
     summary = json.loads((store / "searches" / "s" / "search.json").read_text())

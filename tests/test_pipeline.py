@@ -194,8 +194,7 @@ def test_demo_pipeline_runs_end_to_end_with_a_tiny_model(
         "trials = 12                 ": "trials = 2                  ",
         "startup_trials = 6          ": "startup_trials = 1          ",
         "limit = 40": "limit = 10",
-        # The tiny model refuses nothing: every trial's KL measured, or no front.
-        "limit = 24 ": "limit = 4\nkl-limit = 4\nmax-new-tokens = 4\nmeasure-dominated = true ",
+        "limit = 24 ": "limit = 4\nkl-limit = 4\nmax-new-tokens = 4 ",
     }
     for old, new in replaced.items():
         assert old in demo_config, old

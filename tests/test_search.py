@@ -26,11 +26,9 @@ from wandacli.search.removals import TrialRemovals
 from wandacli.store.files import MaskFile
 
 # A search small enough for the tiny model: few prompts, few tokens, TPE after two trials.
-# The tiny random models refuse none of the prompts, so the dense model dominates every trial:
-# these searches measure every trial's KL (a trial the dense model dominates: its own tests).
 QUICK = [
     "--limit", "4", "--kl-limit", "4", "--max-new-tokens", "4", "--batch-size", "4",
-    "--startup-trials", "2", "--device", "cpu", "--no-progress", "--measure-dominated",
+    "--startup-trials", "2", "--device", "cpu", "--no-progress",
 ]  # fmt: skip
 
 
@@ -962,8 +960,7 @@ def test_a_trial_the_dense_model_dominates_stops_before_its_kl(
         store = copy_store(sets_store, tmp_path / flag)
         # Every trial random, so both searches propose the same points whatever TPE is told.
         result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "sd",
-                     *[a for a in QUICK if a != "--measure-dominated"], *SET_DIFFERENCE,
-                     "--trials", "8", "--startup-trials", "8", "--keep-best", "refusal:0.3",
+                     *QUICK, *SET_DIFFERENCE, "--trials", "8", "--startup-trials", "8", "--keep-best", "refusal:0.3",
                      "--no-control", "--json", flag)  # fmt: skip
         assert result.exit_code == 0, result.stderr
         runs[flag] = (json.loads(result.stdout), len(kl_passes))
@@ -993,8 +990,8 @@ def test_a_model_that_refuses_nothing_is_said_to_dominate_every_trial(
 ):
     store = copy_store(sets_store, tmp_path)
     result = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "sd",
-                 *[a for a in QUICK if a != "--measure-dominated"], *SET_DIFFERENCE,
-                 "--trials", "3", "--keep-best", "refusal:0.5", "--json")  # fmt: skip
+                 *QUICK, *SET_DIFFERENCE, "--trials", "3", "--keep-best", "refusal:0.5",
+                 "--skip-dominated", "--json")  # fmt: skip
     assert result.exit_code == 0, result.stderr
     found = json.loads(result.stdout)
     assert found["dense"]["refusal"] == 0.0
@@ -1002,7 +999,7 @@ def test_a_model_that_refuses_nothing_is_said_to_dominate_every_trial(
     assert found["front"] == [] and found["best"] is None
     assert "refuses none of the search prompts" in result.stderr
     assert "nothing is kept as sd.best" in " ".join(result.stderr.split())
-    # A rerun with another rule is refused: its trials were told otherwise.
+    # A rerun measuring every trial is refused: its trials were told otherwise.
     again = cli("search", "--model", tiny_llama_dir, "--store", store, "--name", "sd",
                 *QUICK, *SET_DIFFERENCE, "--trials", "3")  # fmt: skip
     assert again.exit_code != 0 and "measure_dominated" in again.stderr

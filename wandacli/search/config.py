@@ -236,15 +236,13 @@ class SearchConfig:
         "the whole front.",
         panel=MEASURE_PANEL,
     )
-    # Searches made before this option measured every trial (search/run.py reads an absent
-    # value so).
     measure_dominated: bool = option(
-        False,
+        True,
         "--measure-dominated/--skip-dominated",
         help="--skip-dominated: a trial that refuses as much as the dense model (or more) is "
         "dominated by it whatever its KL, so its KL is not measured and the sampler is told "
-        "it was pruned (not where the front is); --measure-dominated: measure every trial's "
-        "KL, as heretic does (and as --objective keep-best always does).",
+        "it was pruned (not where the front is); by default every trial's KL is measured, "
+        "as heretic measures it (--objective keep-best always does).",
         panel=MEASURE_PANEL,
     )
     batch_size: int = option(

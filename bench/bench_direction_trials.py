@@ -13,12 +13,14 @@ measures (AdvBench 101-124, 24 tokens; 32 `utility-held-out` prompts, first-toke
   shared opening run once a measure (evaluation/prefix.py), each response stopped at its first
   refusal phrase and each row leaving its batch once decided (evaluation/refusal.py);
 - the whole measure: every layer on every trial, every response to its 24 tokens;
+- as `wandacli search` runs it with the KL's batches padded to their longest prompt, as
+  before they were packed (evaluation/prefix.py);
 - the floor of a trial: `--refusal score` (no generation, the refusal-direction paper's
   score) beside the same KL, which is what is left once nothing is generated.
 
-Prints the seconds of each, the ratio of the first two, whether they measured every trial the
-same, and each trial against heretic's in the same dtype (bench_heretic's median on this
-machine: float32 27.4 s, run 12; bfloat16, run 14).
+Prints the seconds of each, the ratios of the first to the second and to the third, whether
+they measured every trial the same, and each trial against heretic's in the same dtype
+(bench_heretic's median on this machine: float32 27.4 s, run 12; bfloat16, run 14).
 """
 
 from __future__ import annotations
@@ -54,15 +56,23 @@ def store_with_means() -> Any:
 
 
 def search(
-    store: Any, name: str, trials: int, dtype: str, *, whole: bool, refusal: str = "generation"
+    store: Any,
+    name: str,
+    trials: int,
+    dtype: str,
+    *,
+    whole: bool,
+    refusal: str = "generation",
+    padded: bool = False,
 ) -> dict[str, Any]:
     """The search in-process (`whole`: the lower layers run and the responses run out;
-    `refusal`: search --refusal)."""
+    `refusal`: search --refusal; `padded`: the KL's batches padded, as before they were
+    packed)."""
     from typer.testing import CliRunner
 
     from bench.bench_heretic import MEASURES, ORGANISM, heretic_space, rich_search, search_flags
     from wandacli.cli import app
-    from wandacli.evaluation import lower_layers
+    from wandacli.evaluation import divergence, lower_layers
     from wandacli.search import objectives
 
     shutil.rmtree(store / "searches" / name, ignore_errors=True)
@@ -76,6 +86,10 @@ def search(
             "--startup-trials", str(trials), "--objective", objective, *MEASURES, "--seed", "0",
             "--no-control", "--no-progress", "--json", "--refusal", refusal]  # fmt: skip
     with ExitStack() as patches:
+        if padded:
+            patches.enter_context(
+                mock.patch.object(divergence, "packing_unsupported", lambda *a: "the bench")
+            )
         if whole:
             whole_pass = lower_layers.unusable("the bench's whole measure")
             patches.enter_context(
@@ -102,6 +116,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = parser.parse_args(argv)
     store = store_with_means()
     skipping = search(store, "skipping", args.trials, args.dtype, whole=False)
+    # The same trials with the KL's batches padded to their longest prompt (before packing).
+    padded = search(store, "padded", args.trials, args.dtype, whole=False, padded=True)
     whole = search(store, "whole", args.trials, args.dtype, whole=True)
     # The floor of a trial: no generation at all (the refusal-direction paper's score).
     scored = search(store, "no-generation", args.trials, args.dtype, whole=False, refusal="score")
@@ -114,6 +130,14 @@ def main(argv: list[str] | None = None) -> list[Row]:
 
     same = measured(skipping) == measured(whole)
     fast, slow, floor = seconds(skipping), seconds(whole), seconds(scored)
+    # Packed and padded batches round differently in bfloat16: the KLs agree to its rounding.
+    kl_moved = max(
+        abs(ours["kl"] - theirs["kl"]) / max(theirs["kl"], 1e-12)
+        for ours, theirs in zip(skipping["trials"], padded["trials"], strict=True)
+    )
+    same_refusals = [t["refusal"] for t in skipping["trials"]] == [
+        t["refusal"] for t in padded["trials"]
+    ]
     print(f"{'trial':>5} {'refusal':>8} {'KL':>8} {'whole s':>8} {'skipping s':>10} "
           f"{'score':>7} {'no-generation s':>15}")  # fmt: skip
     for trial, slow_s, score in zip(skipping["trials"], slow, scored["trials"], strict=True):
@@ -135,6 +159,13 @@ def main(argv: list[str] | None = None) -> list[Row]:
         )
 
     return [
+        Row(
+            f"direction trial: the KL's batches packed ÷ padded (the same trials, {args.dtype})",
+            sum(fast) / sum(seconds(padded)),
+            "<= 1",
+            f"{sum(fast):.1f} s against {sum(seconds(padded)):.1f} s over {len(fast)} trials; "
+            f"the same refusals: {same_refusals}; KLs {kl_moved:.1e} apart (relative, at most)",
+        ),
         Row(
             f"direction trial: skipping ÷ the whole measure (the same trials, {args.dtype})",
             sum(fast) / sum(slow),

@@ -9,6 +9,7 @@ computation written here."""
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import numpy as np
@@ -862,6 +863,67 @@ def test_the_kl_from_the_first_changed_layer_on_cuda_in_bfloat16(family, tokeniz
     """As on the CPU, with the GPU's kernels in bfloat16 (the check on the dense model passes;
     the KL within bfloat16's reordered sums of the whole pass's)."""
     kl_from_the_first_changed_layer(family, tokenizer, "cuda", torch.bfloat16, 1e-2)
+
+
+def packed_as_alone(family, tokenizer, monkeypatch, device, dtype, tolerance):
+    """The KL's dense distributions with packed batches (some row holding two prompts or
+    more) equal each prompt's alone, and a trial's KL the padded batches', within `tolerance`
+    (relative)."""
+    from wandacli.evaluation import divergence
+    from wandacli.evaluation import prefix as prefix_module
+    from wandacli.evaluation.prefix import forward_logits, unpadded_rows
+    from wandacli.evaluation.prompts import model_texts, read_prompts
+
+    loaded = measured_model(family, tokenizer, 3, device, dtype)
+    texts, special = model_texts(loaded.tokenizer, read_prompts("utility", limit=7).texts, "chat")
+    layouts = []  # (prompts, rows) of each packed pass
+    packed_batch = prefix_module.packed_batch
+
+    def laid_out(rows, *args):
+        batch = packed_batch(rows, *args)
+        layouts.append((len(rows), batch.ids.shape[0]))
+        return batch
+
+    monkeypatch.setattr(prefix_module, "packed_batch", laid_out)
+
+    dense = divergence.dense_distributions(
+        loaded, texts, positions=2, add_special_tokens=special, batch_size=8
+    )
+    assert dense.packed, dense.why_not_packed
+    assert any(rows < prompts for prompts, rows in layouts)  # a row holds two prompts or more
+    pad = int(loaded.tokenizer.pad_token_id)
+    for batch in dense.batches:
+        for row, log_probs in zip(
+            unpadded_rows(batch.input_ids, batch.attention_mask), batch.log_probs, strict=True
+        ):
+            alone = torch.log_softmax(forward_logits(loaded, [row], 2, pad)[0].float(), -1).cpu()
+            atol = tolerance * float(alone.abs().max())
+            assert torch.allclose(log_probs, alone, rtol=0, atol=atol)
+    padded = dataclasses.replace(dense, packed=False)
+    with WeightChanges(loaded) as changes:
+        add_noise_from(1, loaded, changes, torch.Generator().manual_seed(0), 0.3)
+        trial = divergence.kl_divergence(loaded, dense)
+        assert trial > 1e-4
+        assert trial == pytest.approx(divergence.kl_divergence(loaded, padded), rel=tolerance)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompts_laid_end_to_end_are_each_computed_as_alone(family, tokenizer, monkeypatch):
+    """The KL's batches lay their prompts end to end in rows, none longer than the longest
+    (evaluation/prefix.py): on every family each prompt's distributions are the ones it gets
+    in a batch of its own, and a trial's KL is the padded batches' KL. Gemma-2's eager
+    attention takes its softmax in float32, so there they agree to float32's rounding."""
+    exact = family != "gemma2"
+    packed_as_alone(family, tokenizer, monkeypatch, "cpu", torch.float64, 1e-12 if exact else 1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("family", FAMILIES)
+def test_prompts_laid_end_to_end_on_cuda_in_bfloat16(family, tokenizer, monkeypatch):
+    """As on the CPU, with the GPU's kernels in bfloat16: the check on the dense model lets
+    the packed batches through, and they agree with each prompt alone to bfloat16's rounding."""
+    packed_as_alone(family, tokenizer, monkeypatch, "cuda", torch.bfloat16, 5e-2)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -5,6 +5,7 @@ store untouched."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -622,6 +623,77 @@ def test_a_family_whose_lower_layers_cannot_be_skipped_gets_the_whole_pass(peake
             == whole
             > 0
         )
+
+
+def test_a_model_whose_prompts_would_read_each_other_gets_padded_batches(
+    peaked_model_dir, monkeypatch
+):
+    """Prompts laid end to end in a row are checked on the dense model first (the first
+    batch packed against padded): where one prompt reads another (here the mask lets every
+    token read the whole row before it), the check fails, says why, and every batch is padded
+    as before packing."""
+    from wandacli.evaluation import prefix as prefix_module
+    from wandacli.evaluation.divergence import dense_distributions, describe_layout
+    from wandacli.evaluation.prompts import model_texts, read_prompts
+
+    loaded = loaded_model(peaked_model_dir)
+    texts, special = model_texts(loaded.tokenizer, read_prompts("utility", limit=7).texts, "chat")
+
+    def distributions():
+        return dense_distributions(
+            loaded, texts, positions=1, add_special_tokens=special, batch_size=8
+        )
+
+    packed = distributions()
+    assert packed.packed
+    assert describe_layout(packed).startswith("KL: each batch's prompts laid end to end")
+    packed_batch = prefix_module.packed_batch
+
+    def reading_the_row(*args):
+        batch = packed_batch(*args)
+        width, prefix = batch.ids.shape[1], batch.prefix.shape[1]
+        causal = torch.ones((width, prefix + width), dtype=torch.bool).tril(prefix)
+        return dataclasses.replace(batch, readable=causal.expand_as(batch.readable))
+
+    monkeypatch.setattr(prefix_module, "packed_batch", reading_the_row)
+    padded = distributions()
+    assert not padded.packed
+    assert "the packed pass moved the dense distributions by" in padded.why_not_packed
+    assert describe_layout(padded).startswith("KL: each batch padded to its longest prompt (")
+    # The padded batches are the ones packing never touches: the same distributions.
+    assert len(padded.batches) > 1
+    ours = torch.cat([b.log_probs for b in padded.batches])
+    theirs = torch.cat([b.log_probs for b in packed.batches])
+    order = [
+        tuple(row)
+        for b in padded.batches
+        for row in prefix_module.unpadded_rows(b.input_ids, b.attention_mask)
+    ]
+    assert order == [
+        tuple(row)
+        for b in packed.batches
+        for row in prefix_module.unpadded_rows(b.input_ids, b.attention_mask)
+    ]
+    assert torch.allclose(ours, theirs, rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("setting", "value", "why"),
+    [
+        ("_attn_implementation", "flash_attention_2", "its attention (flash_attention_2)"),
+        ("layer_types", ["full_attention", "linear_attention"], "of kind linear_attention"),
+        ("sliding_window", 16, "longer than its sliding window (16)"),
+    ],
+)
+def test_what_cannot_read_prompts_end_to_end_is_said(peaked_model_dir, setting, value, why):
+    """Attention that takes no 4-D mask, layers that carry state along a row, and a sliding
+    window shorter than a prompt each keep the KL's batches padded, and say so."""
+    from wandacli.evaluation.prefix import packing_unsupported
+
+    model = loaded_model(peaked_model_dir).model
+    assert packing_unsupported(model, 40) is None
+    setattr(model.config, setting, value)
+    assert why in (packing_unsupported(model, 40) or "")
 
 
 def test_weight_changes_say_what_they_left_alone(peaked_model_dir):

@@ -30,14 +30,20 @@ from wandacli.core.durable import atomic_write_bytes
 from wandacli.core.errors import ConfigError
 from wandacli.evaluation import lower_layers
 from wandacli.evaluation.lower_layers import RecordedStreams
-from wandacli.evaluation.prefix import PassPlan, SharedPrefixes, forward_logits, unpadded_rows
+from wandacli.evaluation.prefix import (
+    PassPlan,
+    SharedPrefixes,
+    forward_logits,
+    packing_unsupported,
+    unpadded_rows,
+)
 from wandacli.models.pretrained import weights_sample_digest
 
 KL_RULE = (
     "mean over prompts and response positions of KL(dense ‖ model) of the next-token "
     "distributions, in nats; positions 2..k read the dense model's greedy continuation"
 )
-_CACHE_VERSION = 4  # 4: continuations that every row ended early are padded to k
+_CACHE_VERSION = 5  # 5: batches packed (evaluation/prefix.py) where the model allows it
 
 
 @dataclass
@@ -60,6 +66,9 @@ class DenseDistributions:
 
     batches: list[DenseBatch]
     key: str  # what the cache file is keyed by (sha256)
+    # Whether every pass lays its prompts end to end (evaluation/prefix.py), and why not.
+    packed: bool = False
+    why_not_packed: str = ""
 
     @property
     def positions(self) -> int:
@@ -140,6 +149,7 @@ def kl_divergence(
             dense.positions,
             plan=plans[index] if plans is not None else None,
             shared=shared,
+            packed=dense.packed,
         )
         reference = batch.log_probs
         if log_probs.shape[-1] != reference.shape[-1]:
@@ -159,11 +169,18 @@ def kl_divergence(
     return max(total / counted, 0.0) if counted else 0.0
 
 
+def describe_layout(dense: DenseDistributions) -> str:
+    """One line for the log: how the KL's batches are laid out."""
+    if dense.packed:
+        return "KL: each batch's prompts laid end to end, no padding (evaluation/prefix.py)"
+    return f"KL: each batch padded to its longest prompt ({dense.why_not_packed})"
+
+
 def recorded_streams(loaded: Any, dense: DenseDistributions) -> RecordedStreams:
     """The dense model's streams entering its layers on the KL's batches (call this before a
     mask or edit is applied), for `kl_divergence(..., streams=)`."""
     batches = [unpadded_rows(batch.input_ids, batch.attention_mask) for batch in dense.batches]
-    return lower_layers.record_streams(loaded, batches, dense.positions)
+    return lower_layers.record_streams(loaded, batches, dense.positions, packed=dense.packed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -185,22 +202,58 @@ def _compute_dense(
     encoded = [
         tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"] for text in texts
     ]
-    by_length = sorted(range(len(texts)), key=lambda i: len(encoded[i]))  # stable
+    by_length = [encoded[i] for i in sorted(range(len(texts)), key=lambda i: len(encoded[i]))]
+    why_not = (
+        packing_unsupported(loaded.model, len(by_length[-1]) + positions - 1)
+        if by_length
+        else "no prompts"
+    )
+    if why_not is None:
+        batches = _dense_batches(loaded, by_length, positions, batch_size, True, reporter)
+        why_not = _packing_differs(loaded, batches[0], positions)
+        if why_not is None:
+            return DenseDistributions(batches, key, packed=True)
+    batches = _dense_batches(loaded, by_length, positions, batch_size, False, reporter)
+    return DenseDistributions(batches, key, packed=False, why_not_packed=why_not)
+
+
+def _dense_batches(
+    loaded: Any,
+    by_length: list[list[int]],
+    positions: int,
+    batch_size: int,
+    packed: bool,
+    reporter: Reporter,
+) -> list[DenseBatch]:
     batches = []
-    reporter.start("KL: the dense model's distributions", total=len(texts))
-    for chosen in _length_batches([len(encoded[i]) for i in by_length], batch_size):
-        rows = [encoded[by_length[i]] for i in chosen]
-        input_ids, attention_mask = _left_padded(rows, tokenizer.pad_token_id)
+    reporter.start("KL: the dense model's distributions", total=len(by_length))
+    # Packed, a batch costs its real tokens whatever their lengths: batch_size prompts each.
+    for chosen in _length_batches([len(r) for r in by_length], batch_size, padding=not packed):
+        rows = [by_length[i] for i in chosen]
+        input_ids, attention_mask = _left_padded(rows, loaded.tokenizer.pad_token_id)
         valid = torch.ones((len(rows), positions), dtype=torch.bool)
         if positions > 1:
             input_ids, attention_mask, valid = _greedy_continuation(
                 loaded, input_ids, attention_mask, positions - 1
             )
-        log_probs = _position_log_probs(loaded, input_ids, attention_mask, positions)
+        log_probs = _position_log_probs(loaded, input_ids, attention_mask, positions, packed=packed)
         batches.append(DenseBatch(input_ids, attention_mask, log_probs, valid))
         reporter.advance(len(rows))
     reporter.finish()
-    return DenseDistributions(batches, key)
+    return batches
+
+
+def _packing_differs(loaded: Any, batch: DenseBatch, positions: int) -> str | None:
+    """Why the packed pass is not the padded one on this batch (None: it is, up to the
+    rounding of the model's dtype): a model that lets one prompt see another fails here."""
+    padded = _position_log_probs(loaded, batch.input_ids, batch.attention_mask, positions)
+    # KL(padded ‖ packed) in nats a position, within one epsilon of the dtype (float32 1e-7,
+    # bfloat16 8e-3; the organism's packed and padded bfloat16 passes differ by 2e-3).
+    moved = float((padded.exp() * (padded - batch.log_probs)).sum(-1).mean())
+    allowed = torch.finfo(loaded.model.get_input_embeddings().weight.dtype).eps
+    if moved > allowed:
+        return f"the packed pass moved the dense distributions by {moved:.3g} nats"
+    return None
 
 
 # Padding a batch may add, as a share of its real tokens: long prompts go in batches of their
@@ -208,16 +261,18 @@ def _compute_dense(
 PADDING_ALLOWED = 0.25
 
 
-def _length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+def _length_batches(lengths: list[int], batch_size: int, padding: bool = True) -> list[list[int]]:
     """Consecutive indices of length-sorted prompts: at most `batch_size` prompts a batch, and
-    a new batch where the next prompt would pad the batch beyond PADDING_ALLOWED."""
+    (`padding`: the batch is padded to its longest) a new batch where the next prompt would pad
+    the batch beyond PADDING_ALLOWED."""
     batches: list[list[int]] = []
     current: list[int] = []
     real = 0
     for index, length in enumerate(lengths):
         padded = (len(current) + 1) * length
         if current and (
-            len(current) == batch_size or padded > (1 + PADDING_ALLOWED) * (real + length)
+            len(current) == batch_size
+            or (padding and padded > (1 + PADDING_ALLOWED) * (real + length))
         ):
             batches.append(current)
             current, real = [], 0
@@ -288,19 +343,27 @@ def _position_log_probs(
     positions: int,
     plan: PassPlan | None = None,
     shared: SharedPrefixes | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
     """Log-probabilities [b, k, vocab] float32 at the last k positions, on the CPU (the
-    batch's shared prefix, the chat template's opening, computed once: evaluation/prefix.py)."""
+    batch's shared prefix, the chat template's opening, computed once; `packed`: its prompts
+    laid end to end: evaluation/prefix.py)."""
     rows = unpadded_rows(input_ids, attention_mask)
     pad_id = int(loaded.tokenizer.pad_token_id)
-    logits = forward_logits(loaded, rows, positions, pad_id, plan=plan, shared=shared)
+    logits = forward_logits(
+        loaded, rows, positions, pad_id, plan=plan, shared=shared, packed=packed
+    )
     return torch.log_softmax(logits.float(), dim=-1).cpu()
 
 
 def _write_cache(path: Path, dense: DenseDistributions) -> None:
     import io
 
-    arrays: dict[str, Any] = {"key": np.array(dense.key)}
+    arrays: dict[str, Any] = {
+        "key": np.array(dense.key),
+        "packed": np.array(dense.packed),
+        "why_not_packed": np.array(dense.why_not_packed),
+    }
     for index, batch in enumerate(dense.batches):
         arrays[f"input_ids_{index}"] = batch.input_ids.numpy()
         arrays[f"attention_mask_{index}"] = batch.attention_mask.numpy()
@@ -331,6 +394,10 @@ def _read_cache(path: Path, key: str) -> DenseDistributions | None:
                     )
                 )
                 index += 1
-            return DenseDistributions(batches, key) if batches else None
+            if not batches:
+                return None
+            return DenseDistributions(
+                batches, key, bool(data["packed"]), str(data["why_not_packed"])
+            )
     except (OSError, ValueError, KeyError):
         return None

@@ -228,10 +228,11 @@ def record_streams(
     *,
     keep_caches: bool = False,
     budget: int = STREAM_BUDGET_BYTES,
+    packed: bool = False,
 ) -> RecordedStreams:
     """The dense model's streams entering each recorded layer for each batch of token rows,
-    run as the KL runs it (`keep_caches`: and the prompts' keys and values, for generation);
-    then checked: the passes from a middle layer and from the last recorded one must give the
+    run as the KL runs it (`keep_caches`: and the prompts' keys and values, for generation;
+    `packed`: each batch's prompts laid end to end, evaluation/prefix.py); then checked: the passes from a middle layer and from the last recorded one must give the
     whole pass's logits on the first batch."""
     from wandacli.evaluation.prefix import forward_logits
     from wandacli.models.layers import decoder_layers
@@ -250,7 +251,7 @@ def record_streams(
     whole = None
     for rows in batches:
         plan = Recording(layers, wanted, keep_cache=keep_caches)
-        logits = forward_logits(loaded, rows, positions, pad_id, plan=plan)
+        logits = forward_logits(loaded, rows, positions, pad_id, plan=plan, packed=packed)
         whole = logits.float() if whole is None else whole
         if keep_caches and plan.streams.prompt_cache is None:
             return unusable("a batch's prompts share no opening, so no keys and values are kept")
@@ -260,7 +261,12 @@ def record_streams(
     for start in sorted({wanted[len(wanted) // 2], wanted[-1]}):
         try:
             shortcut = forward_logits(
-                loaded, first_rows, positions, pad_id, plan=recorded.plan(layers, 0, start)
+                loaded,
+                first_rows,
+                positions,
+                pad_id,
+                plan=recorded.plan(layers, 0, start),
+                packed=packed,
             ).float()
         # A family whose layers cannot be skipped fails in its own way (a layer returning a
         # tuple, a cache another layer fills): each means the whole pass.

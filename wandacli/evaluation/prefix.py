@@ -11,6 +11,14 @@ once, repeats its cache along the batch, and feeds only the suffixes:
 which is the same computation as the whole prompt, left-padded, up to float rounding. Used by
 the search's measures (KL, refusal rate, refusal score), which run the same prompts once per
 trial on a changed model.
+
+Packed (`forward_logits(..., packed=True)`, the KL's passes): the suffixes are laid end to end
+in a few rows, none longer than the longest suffix, instead of one row each padded to the
+longest of its batch. A 4-D mask lets each token read the prefix and the tokens of its own
+prompt before it, and each prompt's positions continue the prefix as above, so every prompt is
+computed as alone; a batch then costs its real tokens (the utility prompts padded to their
+batches' longest were a quarter more) in one pass over the weights. `packing_unsupported` says
+which models cannot be run so.
 """
 
 from __future__ import annotations
@@ -63,6 +71,123 @@ def prefixed_batch(rows: Sequence[Sequence[int]], prefix_length: int, pad_id: in
     mask = torch.cat([torch.ones((len(rows), prefix_length), dtype=torch.long), suffix_mask], 1)
     positions = prefix_length + (suffix_mask.cumsum(-1) - 1).clamp_min(0)
     return PrefixedBatch(prefix, ids, mask, positions)
+
+
+@dataclass
+class PackedBatch:
+    """One batch's suffixes laid end to end in rows after the shared prefix."""
+
+    prefix: torch.Tensor  # [1, P]
+    ids: torch.Tensor  # [R, S]: each row left-padded, its prompts one after another
+    readable: torch.Tensor  # [R, 1, S, P + S] bool: the keys each query reads
+    position_ids: torch.Tensor  # [R, S]
+    reads: torch.Tensor  # [b * positions, 2]: (row, column) read for each prompt, in order
+
+
+def packed_rows(lengths: Sequence[int], capacity: int) -> list[list[int]]:
+    """Indices of `lengths` in rows of at most `capacity` tokens, longest first, each into the
+    first row it fits (first-fit decreasing: few rows, little padding)."""
+    rows: list[list[int]] = []
+    loads: list[int] = []
+    for index in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        for row, load in enumerate(loads):
+            if load + lengths[index] <= capacity:
+                rows[row].append(index)
+                loads[row] += lengths[index]
+                break
+        else:
+            rows.append([index])
+            loads.append(lengths[index])
+    return rows
+
+
+def packed_batch(
+    rows: Sequence[Sequence[int]], prefix_length: int, pad_id: int, positions: int
+) -> PackedBatch:
+    suffixes = [list(r[prefix_length:]) for r in rows]
+    lengths = [len(s) for s in suffixes]
+    layout = packed_rows(lengths, max(lengths))
+    width = max(sum(lengths[i] for i in row) for row in layout)
+    ids = torch.full((len(layout), width), pad_id, dtype=torch.long)
+    position_ids = torch.zeros((len(layout), width), dtype=torch.long)
+    readable = torch.zeros((len(layout), 1, width, prefix_length + width), dtype=torch.bool)
+    # A padding position reads itself only: a query that reads nothing gives NaN, which the
+    # real tokens would then multiply by their zero weight for it.
+    diagonal = torch.arange(width)
+    readable[:, 0, diagonal, prefix_length + diagonal] = True
+    reads = torch.zeros((len(rows), positions, 2), dtype=torch.long)
+    for row, members in enumerate(layout):
+        start = width - sum(lengths[i] for i in members)
+        for index in members:
+            end = start + lengths[index]
+            ids[row, start:end] = torch.tensor(suffixes[index], dtype=torch.long)
+            position_ids[row, start:end] = prefix_length + torch.arange(lengths[index])
+            readable[row, 0, start:end, :prefix_length] = True
+            readable[row, 0, start:end, prefix_length + start : prefix_length + end] = torch.tril(
+                torch.ones((lengths[index], lengths[index]), dtype=torch.bool)
+            )
+            reads[index, :, 0] = row
+            reads[index, :, 1] = torch.arange(end - positions, end)
+            start = end
+    prefix = torch.tensor([list(rows[0][:prefix_length])], dtype=torch.long)
+    return PackedBatch(prefix, ids, readable, position_ids, reads.reshape(-1, 2))
+
+
+# The attention implementations a mask of prompts laid end to end reaches as it is: a boolean
+# mask (True: read) for SDPA, an additive one for the eager path. Flash attention and flex
+# attention take none of either.
+_PACKED_MASKS = ("sdpa", "eager")
+# Layers that attend within a row and nothing else: a recurrent or linear-attention layer
+# would carry one prompt's state into the next.
+_PACKED_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+def packing_unsupported(model: Any, longest: int) -> str | None:
+    """Why `model` cannot read prompts laid end to end in one row, the longest `longest` tokens
+    with its prefix (None: it can). The caller checks the result on the model as well."""
+    implementation = getattr(model.config, "_attn_implementation", None)
+    if implementation not in _PACKED_MASKS:
+        return f"its attention ({implementation}) takes no mask for prompts laid end to end"
+    text = model.config.get_text_config() if hasattr(model.config, "get_text_config") else None
+    text = text or model.config
+    layer_types = set(getattr(text, "layer_types", None) or ())
+    if layer_types - _PACKED_LAYER_TYPES:
+        kinds = ", ".join(sorted(layer_types - _PACKED_LAYER_TYPES))
+        return f"its layers of kind {kinds} carry state along a row"
+    # One mask serves every layer: a sliding window must reach over every prompt anyway.
+    window = getattr(text, "sliding_window", None)
+    if window and longest > int(window):
+        return f"a prompt of {longest} tokens is longer than its sliding window ({window})"
+    return None
+
+
+def _packed_mask(model: Any, readable: torch.Tensor) -> torch.Tensor:
+    if model.config._attn_implementation == "sdpa":
+        return readable
+    dtype = model.get_input_embeddings().weight.dtype
+    return torch.zeros(readable.shape, dtype=dtype).masked_fill(~readable, torch.finfo(dtype).min)
+
+
+@contextlib.contextmanager
+def _head_reads_only(model: Any, reads: torch.Tensor) -> Any:
+    """The output head computes the read positions only: [1, n, hidden] in (row, column)
+    order instead of every position of every row (the family's own forward still applies
+    what follows the head, a final soft cap say)."""
+    head = model.get_output_embeddings()
+    if head is None:
+        yield
+        return
+
+    def gather(_module: Any, args: tuple[Any, ...]) -> tuple[Any, ...]:
+        hidden = args[0]
+        rows, columns = reads[:, 0].to(hidden.device), reads[:, 1].to(hidden.device)
+        return (hidden[rows, columns].unsqueeze(0), *args[1:])
+
+    handle = head.register_forward_pre_hook(gather)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 class PassPlan(Protocol):
@@ -142,10 +267,14 @@ def forward_logits(
     *,
     plan: PassPlan | None = None,
     shared: SharedPrefixes | None = None,
+    packed: bool = False,
 ) -> torch.Tensor:
     """Logits [b, positions, vocab] at the last `positions` tokens of each row, the rows'
     shared prefix computed once (once per measure with `shared`); both passes run as `plan`
-    says, where one is given."""
+    says, where one is given; `packed`: the suffixes laid end to end (see the module's text;
+    only where `packing_unsupported` found no reason against it)."""
+    if packed:
+        return _packed_logits(loaded, rows, positions, pad_id, plan, shared)
     from wandacli.models.pretrained import accepts_logits_to_keep, cache_keyword
 
     model = loaded.model
@@ -165,6 +294,38 @@ def forward_logits(
             **keep,
         ).logits
     return logits[:, -positions:, :]
+
+
+def _packed_logits(
+    loaded: Any,
+    rows: Sequence[Sequence[int]],
+    positions: int,
+    pad_id: int,
+    plan: PassPlan | None,
+    shared: SharedPrefixes | None,
+) -> torch.Tensor:
+    from wandacli.models.pretrained import cache_keyword
+
+    model = loaded.model
+    batch = packed_batch(rows, shared_prefix_length(rows, keep=positions), pad_id, positions)
+    device = loaded.input_device
+    cache = prefix_cache(model, batch.prefix, batch.ids.shape[0], device, plan, shared)
+    extra: dict[str, Any] = {} if cache is None else {cache_keyword(model): cache}
+    with (
+        torch.no_grad(),
+        plan.suffix() if plan else contextlib.nullcontext(),
+        _head_reads_only(model, batch.reads),
+    ):
+        logits = model(
+            input_ids=batch.ids.to(device),
+            attention_mask=_packed_mask(model, batch.readable).to(device),
+            position_ids=batch.position_ids.to(device),
+            use_cache=cache is not None,
+            **extra,
+        ).logits
+    if logits.shape[:2] == batch.ids.shape:  # a head the hook did not reach: every position
+        logits = logits[batch.reads[:, 0], batch.reads[:, 1]]
+    return logits.reshape(len(rows), positions, -1)
 
 
 def unpadded_rows(input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[list[int]]:

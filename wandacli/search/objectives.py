@@ -12,6 +12,7 @@ from wandacli.core.console import Reporter, info
 from wandacli.evaluation.divergence import (
     DenseDistributions,
     dense_distributions,
+    describe_layout,
     kl_divergence,
     recorded_streams,
 )
@@ -52,6 +53,7 @@ class Objectives:
             loaded.tokenizer, kl_prompts.texts, self.template
         )
         self.dense_kl = self.dense(self.kl_texts, config.kl_settings.kl_positions, self.kl_special)
+        info(describe_layout(self.dense_kl))
         # A trial that leaves the lower layers alone starts the KL's pass and the refusal
         # prompts' pass above them; where no trial can, nothing is recorded (one KL pass and
         # up to 2 GiB of host memory saved).

@@ -232,8 +232,9 @@ def record_streams(
 ) -> RecordedStreams:
     """The dense model's streams entering each recorded layer for each batch of token rows,
     run as the KL runs it (`keep_caches`: and the prompts' keys and values, for generation;
-    `packed`: each batch's prompts laid end to end, evaluation/prefix.py); then checked: the passes from a middle layer and from the last recorded one must give the
-    whole pass's logits on the first batch."""
+    `packed`: each batch's prompts laid end to end, evaluation/prefix.py); then checked: the
+    passes from a middle layer and from the last recorded one must give the whole pass's
+    logits on the first batch."""
     from wandacli.evaluation.prefix import forward_logits
     from wandacli.models.layers import decoder_layers
 

@@ -660,7 +660,7 @@ def test_a_model_whose_prompts_would_read_each_other_gets_padded_batches(
     assert not padded.packed
     assert "the packed pass moved the dense distributions by" in padded.why_not_packed
     assert describe_layout(padded).startswith("KL: each batch padded to its longest prompt (")
-    # The padded batches are the ones packing never touches: the same distributions.
+    # Padded, the same prompts in the same order get the packed pass's distributions.
     assert len(padded.batches) > 1
     ours = torch.cat([b.log_probs for b in padded.batches])
     theirs = torch.cat([b.log_probs for b in packed.batches])

@@ -677,6 +677,46 @@ def test_a_model_whose_prompts_would_read_each_other_gets_padded_batches(
     assert torch.allclose(ours, theirs, rtol=0, atol=1e-4)
 
 
+def test_a_measured_model_that_cannot_read_packed_rows_gets_padded_ones(
+    peaked_model_dir, monkeypatch
+):
+    """The KL of another model than the dense one (`eval-utility --kl-reference`) against
+    packed dense distributions: where the measured model cannot read prompts end to end, its
+    batches are padded, and its KL is the packed model's to float rounding."""
+    from wandacli.evaluation import prefix as prefix_module
+    from wandacli.evaluation.divergence import dense_distributions, kl_divergence
+    from wandacli.evaluation.prompts import model_texts, read_prompts
+
+    dense_model = loaded_model(peaked_model_dir)
+    texts, special = model_texts(
+        dense_model.tokenizer, read_prompts("utility", limit=7).texts, "chat"
+    )
+    dense = dense_distributions(
+        dense_model, texts, positions=1, add_special_tokens=special, batch_size=8
+    )
+    assert dense.packed
+    measured = loaded_model(peaked_model_dir)
+    measured.model.config.sliding_window = 8  # Llama's attention ignores it; packing may not
+    packed_passes = []
+    packed_batch = prefix_module.packed_batch
+    monkeypatch.setattr(
+        prefix_module, "packed_batch", lambda *a: packed_passes.append(1) or packed_batch(*a)
+    )
+    for loaded in (dense_model, measured):
+        by_layer = {lin.layer: lin for lin in loaded.linear_layers}
+        with WeightChanges(loaded) as changes:
+            changes.replace(by_layer[1].key, by_layer[1].weight_matrix().detach() * 1.5)
+            if loaded is dense_model:
+                packed_kl = kl_divergence(loaded, dense)
+                assert packed_passes
+                packed_passes.clear()
+            else:
+                padded_kl = kl_divergence(loaded, dense)
+    assert not packed_passes
+    assert padded_kl > 1e-3
+    assert padded_kl == pytest.approx(packed_kl, rel=1e-4)
+
+
 @pytest.mark.parametrize(
     ("setting", "value", "why"),
     [

@@ -79,6 +79,11 @@ class DenseDistributions:
         return sum(int(b.log_probs.shape[0]) for b in self.batches)
 
     @property
+    def longest(self) -> int:
+        """The longest row's tokens: a prompt and its continuation."""
+        return max(int(b.attention_mask.sum(-1).max()) for b in self.batches)
+
+    @property
     def counted_positions(self) -> int:
         return sum(int(b.valid.sum()) for b in self.batches)
 
@@ -137,6 +142,11 @@ def kl_divergence(
     layer there (evaluation/lower_layers.py)."""
     reporter = reporter or NullReporter()
     plans = streams.plans(loaded.model, unchanged_below) if streams is not None else None
+    # The model measured may be another than the dense one (`eval-utility --kl-reference`):
+    # it reads packed batches only where it can too (its padded pass is the same computation).
+    packed = dense.packed and (
+        streams is not None or packing_unsupported(loaded.model, dense.longest) is None
+    )
     shared = SharedPrefixes()  # the batches' common opening, run once on these weights
     total = 0.0
     counted = 0
@@ -149,7 +159,7 @@ def kl_divergence(
             dense.positions,
             plan=plans[index] if plans is not None else None,
             shared=shared,
-            packed=dense.packed,
+            packed=packed,
         )
         reference = batch.log_probs
         if log_probs.shape[-1] != reference.shape[-1]:

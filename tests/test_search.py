@@ -625,6 +625,16 @@ def test_a_family_whose_lower_layers_cannot_be_skipped_gets_the_whole_pass(peake
         )
 
 
+def mixed_length_distributions(loaded):
+    """The dense KL distributions of 7 utility prompts, 62 to 205 tokens in the chat template,
+    in one batch: packed, some rows hold two prompts or more."""
+    from wandacli.evaluation.divergence import dense_distributions
+    from wandacli.evaluation.prompts import model_texts, read_prompts
+
+    texts, special = model_texts(loaded.tokenizer, read_prompts("utility", limit=7).texts, "chat")
+    return dense_distributions(loaded, texts, positions=1, add_special_tokens=special, batch_size=8)
+
+
 def test_a_model_whose_prompts_would_read_each_other_gets_padded_batches(
     peaked_model_dir, monkeypatch
 ):
@@ -633,18 +643,10 @@ def test_a_model_whose_prompts_would_read_each_other_gets_padded_batches(
     token read the whole row before it), the check fails, says why, and every batch is padded
     as before packing."""
     from wandacli.evaluation import prefix as prefix_module
-    from wandacli.evaluation.divergence import dense_distributions, describe_layout
-    from wandacli.evaluation.prompts import model_texts, read_prompts
+    from wandacli.evaluation.divergence import describe_layout
 
     loaded = loaded_model(peaked_model_dir)
-    texts, special = model_texts(loaded.tokenizer, read_prompts("utility", limit=7).texts, "chat")
-
-    def distributions():
-        return dense_distributions(
-            loaded, texts, positions=1, add_special_tokens=special, batch_size=8
-        )
-
-    packed = distributions()
+    packed = mixed_length_distributions(loaded)
     assert packed.packed
     assert describe_layout(packed).startswith("KL: each batch's prompts laid end to end")
     packed_batch = prefix_module.packed_batch
@@ -656,7 +658,7 @@ def test_a_model_whose_prompts_would_read_each_other_gets_padded_batches(
         return dataclasses.replace(batch, readable=causal.expand_as(batch.readable))
 
     monkeypatch.setattr(prefix_module, "packed_batch", reading_the_row)
-    padded = distributions()
+    padded = mixed_length_distributions(loaded)
     assert not padded.packed
     assert "the packed pass moved the dense distributions by" in padded.why_not_packed
     assert describe_layout(padded).startswith("KL: each batch padded to its longest prompt (")
@@ -684,16 +686,10 @@ def test_a_measured_model_that_cannot_read_packed_rows_gets_padded_ones(
     packed dense distributions: where the measured model cannot read prompts end to end, its
     batches are padded, and its KL is the packed model's to float rounding."""
     from wandacli.evaluation import prefix as prefix_module
-    from wandacli.evaluation.divergence import dense_distributions, kl_divergence
-    from wandacli.evaluation.prompts import model_texts, read_prompts
+    from wandacli.evaluation.divergence import kl_divergence
 
     dense_model = loaded_model(peaked_model_dir)
-    texts, special = model_texts(
-        dense_model.tokenizer, read_prompts("utility", limit=7).texts, "chat"
-    )
-    dense = dense_distributions(
-        dense_model, texts, positions=1, add_special_tokens=special, batch_size=8
-    )
+    dense = mixed_length_distributions(dense_model)
     assert dense.packed
     measured = loaded_model(peaked_model_dir)
     measured.model.config.sliding_window = 8  # Llama's attention ignores it; packing may not

@@ -167,16 +167,19 @@ def kl_divergence(
                 f"the model's output has {log_probs.shape[-1]} tokens, the dense model's "
                 f"{reference.shape[-1]}: the KL compares distributions over one vocabulary"
             )
-        # Σ_v p (log p − log q), in float64: the sum over 50k tokens of small differences.
-        per_position = (reference.exp().double() * (reference.double() - log_probs.double())).sum(
-            -1
-        )
+        per_position = _kl_per_position(reference, log_probs)
         total += float(per_position[batch.valid].sum())
         counted += int(batch.valid.sum())
         reporter.advance(int(batch.input_ids.shape[0]))
     reporter.finish()
     # Rounding can leave a hair below zero where the distributions are equal.
     return max(total / counted, 0.0) if counted else 0.0
+
+
+def _kl_per_position(reference: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+    """KL(reference ‖ model) at each position, from log-probabilities over the last dim:
+    Σ_v p (log p − log q) in float64, the sum over 50k tokens of small differences."""
+    return (reference.exp().double() * (reference.double() - log_probs.double())).sum(-1)
 
 
 def describe_layout(dense: DenseDistributions) -> str:
@@ -259,7 +262,7 @@ def _packing_differs(loaded: Any, batch: DenseBatch, positions: int) -> str | No
     padded = _position_log_probs(loaded, batch.input_ids, batch.attention_mask, positions)
     # KL(padded ‖ packed) in nats a position, within one epsilon of the dtype (float32 1e-7,
     # bfloat16 8e-3; the organism's packed and padded bfloat16 passes differ by 2e-3).
-    moved = float((padded.exp() * (padded - batch.log_probs)).sum(-1).mean())
+    moved = float(_kl_per_position(padded, batch.log_probs).mean())
     allowed = torch.finfo(loaded.model.get_input_embeddings().weight.dtype).eps
     if moved > allowed:
         return f"the packed pass moved the dense distributions by {moved:.3g} nats"
